@@ -1,0 +1,35 @@
+"""Typed errors that dyadiq raises for problems a user can fix.
+
+Every user-facing failure is one of these subclasses, with a message that says what is wrong and
+what to do. The CLI prints the message and exits with a non-zero status instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DyadiqError(Exception):
+    """Base class of every error dyadiq raises on bad input."""
+
+
+class ModelLoadError(DyadiqError):
+    """The model file cannot be read, parsed or validated."""
+
+
+class UnsupportedModelError(DyadiqError):
+    """The model parses but uses ops or features dyadiq does not handle (all listed at once)."""
+
+
+class CalibrationDataError(DyadiqError):
+    """Calibration data is missing, empty, mismatched with the model inputs, or not finite."""
+
+
+class OutputPathError(DyadiqError):
+    """The output location would overwrite the input or cannot be written."""
+
+
+class ZooError(DyadiqError):
+    """A zoo model or its data cannot be materialised on this machine."""
+
+
+class ConfigError(DyadiqError):
+    """An option or plan is invalid."""

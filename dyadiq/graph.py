@@ -1,0 +1,131 @@
+"""The graph every pass works on: an onnx-graphsurgeon Graph with stable node ids and op kinds.
+
+A node's id is its name, made unique and non-empty once at import (``{op_type}_{index}`` for
+unnamed or duplicate names). Passes key their reports and plans by these ids; nodes a rewrite
+inserts get names derived from the id of the node they serve, so ids of imported nodes never
+change. The op kind of each node comes from :mod:`dyadiq.op_facts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.op_facts import OpFacts, OpKind, facts, onnx_op_kind
+
+
+@dataclass
+class QGraph:
+    """A model under quantization: the gs graph plus what import learned about it."""
+
+    graph: gs.Graph
+    opset: int
+    source: str = "<memory>"
+    notes: list[str] = field(default_factory=list)
+
+    # --- nodes -------------------------------------------------------------------------------
+    def nodes(self) -> Iterator[gs.Node]:
+        return iter(self.graph.nodes)
+
+    def node(self, node_id: str) -> gs.Node:
+        for node in self.graph.nodes:
+            if node.name == node_id:
+                return node
+        raise KeyError(f"no node with id {node_id!r}")
+
+    def node_ids(self) -> list[str]:
+        return [node.name for node in self.graph.nodes]
+
+    @staticmethod
+    def kind(node: gs.Node) -> OpKind:
+        kind = onnx_op_kind(node.domain or "", node.op)
+        if kind is None:  # import refuses such graphs, so this means a pass inserted one
+            raise UnsupportedModelError(f"node {node.name} has unsupported op {node.op}")
+        return kind
+
+    @classmethod
+    def facts(cls, node: gs.Node) -> OpFacts:
+        return facts(cls.kind(node))
+
+    def weight(self, node: gs.Node) -> gs.Constant | None:
+        """The node's constant weight tensor, or None (e.g. activation x activation MatMul)."""
+        index = self.facts(node).weight_input
+        if index is None or index >= len(node.inputs):
+            return None
+        tensor = node.inputs[index]
+        return tensor if isinstance(tensor, gs.Constant) else None
+
+    def weighted_layers(self) -> list[gs.Node]:
+        """Quantizable nodes with a constant weight: the layers a precision plan covers."""
+        return [
+            n for n in self.graph.nodes if self.facts(n).quantizable and self.weight(n) is not None
+        ]
+
+    def consumers(self, tensor: gs.Tensor) -> list[gs.Node]:
+        return list(tensor.outputs)
+
+    def producer(self, tensor: gs.Tensor) -> gs.Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    # --- tensors -----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.graph.tensors()  # type: ignore[no-any-return]
+
+    def input_specs(self) -> dict[str, tuple[np.dtype, tuple[int | str | None, ...]]]:
+        """Graph inputs: name -> (dtype, shape with str/None for dynamic dims)."""
+        return {
+            t.name: (np.dtype(t.dtype), tuple(t.shape or ()))
+            for t in self.graph.inputs
+            if isinstance(t, gs.Variable)
+        }
+
+    # --- conversion --------------------------------------------------------------------------
+    def to_onnx(self) -> onnx.ModelProto:
+        self.graph.cleanup().toposort()
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        model.ir_version = max(model.ir_version, 8)
+        return model
+
+    def copy(self) -> QGraph:
+        """New nodes and tensors; constant arrays are shared, so rewrites replace, never edit."""
+        return QGraph(self.graph.copy(), self.opset, self.source, list(self.notes))
+
+
+
+def weight_channel_axis(node: gs.Node) -> int:
+    """Output-channel axis of a node's weight, resolving attributes such as Gemm's transB."""
+    kind = QGraph.kind(node)
+    axis = facts(kind).channel_axis
+    if axis is None:
+        raise ValueError(f"{node.op} has no weight channel axis")
+    if kind is OpKind.GEMM:
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return axis
+
+
+def assign_stable_ids(graph: gs.Graph) -> None:
+    """Give every node a unique, non-empty name: its id for the rest of the pipeline."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        name = node.name
+        if not name or name in seen:
+            name = f"{node.op}_{index}"
+            while name in seen:
+                name += "_"
+            node.name = name
+        seen.add(name)
+
+
+def make_constant(name: str, array: np.ndarray) -> gs.Constant:
+    """A graph constant; 4-bit arrays go through onnx's own packing (gs mis-sizes them)."""
+    if array.dtype.itemsize == 1 and array.dtype.name in ("int4", "uint4"):
+        from onnx import numpy_helper
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(array, name)))
+    return gs.Constant(name, array)

@@ -1,0 +1,152 @@
+"""The one table of op facts that every pass consults.
+
+Frontends map an ONNX ``(domain, op_type)`` to an :class:`OpKind` once; passes ask
+:data:`OP_FACTS` what the kind means for quantization instead of comparing op-type strings.
+An op that is absent from :data:`ONNX_OP_KINDS` is unsupported: the frontend lists all of
+them in one error before doing anything else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class OpKind(enum.Enum):
+    # Layers with weights: the ones whose precision a plan chooses.
+    CONV = "Conv"
+    CONV_TRANSPOSE = "ConvTranspose"
+    GEMM = "Gemm"
+    MATMUL = "MatMul"
+    # Elementwise arithmetic.
+    ADD = "Add"
+    SUB = "Sub"
+    MUL = "Mul"
+    DIV = "Div"
+    POW = "Pow"
+    SQRT = "Sqrt"
+    EXP = "Exp"
+    ERF = "Erf"
+    TANH = "Tanh"
+    NEG = "Neg"
+    ABS = "Abs"
+    RECIPROCAL = "Reciprocal"
+    MIN = "Min"
+    MAX = "Max"
+    WHERE = "Where"
+    EQUAL = "Equal"
+    # Activations.
+    RELU = "Relu"
+    CLIP = "Clip"
+    LEAKY_RELU = "LeakyRelu"
+    PRELU = "PRelu"
+    SIGMOID = "Sigmoid"
+    HARD_SIGMOID = "HardSigmoid"
+    HARD_SWISH = "HardSwish"
+    GELU = "Gelu"
+    SOFTMAX = "Softmax"
+    # Normalisation.
+    BATCH_NORM = "BatchNormalization"
+    LAYER_NORM = "LayerNormalization"
+    # Pooling and reductions.
+    MAXPOOL = "MaxPool"
+    AVGPOOL = "AveragePool"
+    GLOBAL_AVGPOOL = "GlobalAveragePool"
+    GLOBAL_MAXPOOL = "GlobalMaxPool"
+    REDUCE_MEAN = "ReduceMean"
+    REDUCE_SUM = "ReduceSum"
+    REDUCE_MAX = "ReduceMax"
+    # Data movement.
+    RESHAPE = "Reshape"
+    FLATTEN = "Flatten"
+    TRANSPOSE = "Transpose"
+    SQUEEZE = "Squeeze"
+    UNSQUEEZE = "Unsqueeze"
+    CONCAT = "Concat"
+    SPLIT = "Split"
+    SLICE = "Slice"
+    GATHER = "Gather"
+    PAD = "Pad"
+    RESIZE = "Resize"
+    EXPAND = "Expand"
+    TILE = "Tile"
+    IDENTITY = "Identity"
+    DROPOUT = "Dropout"
+    # Shape plumbing and constants (folded away by simplification when inputs are static).
+    SHAPE = "Shape"
+    CAST = "Cast"
+    CONSTANT = "Constant"
+    CONSTANT_OF_SHAPE = "ConstantOfShape"
+    RANGE = "Range"
+    # Quantization ops that dyadiq itself inserts (accepted on import so a QDQ model re-imports).
+    QUANTIZE_LINEAR = "QuantizeLinear"
+    DEQUANTIZE_LINEAR = "DequantizeLinear"
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    """What an op kind means for quantization.
+
+    quantizable: the op has an integer implementation, so its float activation inputs (and
+        its output) are quantized when the op is.
+    weight_input / bias_input: positions of the constant weight and bias, when the op has them.
+    channel_axis: the weight's output-channel axis for per-channel scales (Gemm depends on
+        ``transB``; see :func:`dyadiq.graph.weight_channel_axis`).
+    shares_input_scale: the output keeps the input's quantization parameters exactly (pure data
+        movement or order-preserving selection), so no new range is calibrated for it.
+    fusable_activation: a following quantized layer can absorb this activation into its clip
+        bounds, so the tensor between them is never quantized.
+    """
+
+    quantizable: bool = False
+    weight_input: int | None = None
+    bias_input: int | None = None
+    channel_axis: int | None = None
+    shares_input_scale: bool = False
+    fusable_activation: bool = False
+
+    @property
+    def has_weight(self) -> bool:
+        return self.weight_input is not None
+
+
+_NOT_QUANTIZABLE = OpFacts()
+_SHARES = OpFacts(quantizable=True, shares_input_scale=True)
+
+OP_FACTS: dict[OpKind, OpFacts] = {kind: _NOT_QUANTIZABLE for kind in OpKind}
+OP_FACTS.update(
+    {
+        OpKind.CONV: OpFacts(quantizable=True, weight_input=1, bias_input=2, channel_axis=0),
+        OpKind.CONV_TRANSPOSE: OpFacts(
+            quantizable=True, weight_input=1, bias_input=2, channel_axis=1
+        ),
+        OpKind.GEMM: OpFacts(quantizable=True, weight_input=1, bias_input=2, channel_axis=0),
+        OpKind.MATMUL: OpFacts(quantizable=True, weight_input=1, channel_axis=-1),
+        OpKind.ADD: OpFacts(quantizable=True),
+        OpKind.MUL: OpFacts(quantizable=True),
+        OpKind.CONCAT: OpFacts(quantizable=True, shares_input_scale=True),
+        OpKind.AVGPOOL: OpFacts(quantizable=True),
+        OpKind.GLOBAL_AVGPOOL: OpFacts(quantizable=True),
+        OpKind.MAXPOOL: _SHARES,
+        OpKind.GLOBAL_MAXPOOL: _SHARES,
+        OpKind.RESHAPE: _SHARES,
+        OpKind.FLATTEN: _SHARES,
+        OpKind.TRANSPOSE: _SHARES,
+        OpKind.SQUEEZE: _SHARES,
+        OpKind.UNSQUEEZE: _SHARES,
+        OpKind.RELU: OpFacts(fusable_activation=True),
+        OpKind.CLIP: OpFacts(fusable_activation=True),
+    }
+)
+
+# ONNX (domain, op_type) -> kind. The default domain is spelled "" as in ModelProto.
+ONNX_OP_KINDS: dict[tuple[str, str], OpKind] = {("", kind.value): kind for kind in OpKind}
+
+
+def onnx_op_kind(domain: str, op_type: str) -> OpKind | None:
+    """The kind of an ONNX op, or None when dyadiq does not support it."""
+    return ONNX_OP_KINDS.get(("" if domain == "ai.onnx" else domain, op_type))
+
+
+def facts(kind: OpKind) -> OpFacts:
+    return OP_FACTS[kind]

@@ -1,0 +1,219 @@
+"""ONNX frontend: a model file or ModelProto in, a validated, simplified :class:`QGraph` out.
+
+Steps, each with a typed error a user can act on:
+1. read the protobuf (refusing external-data paths that escape the model's folder);
+2. scan every node and list all unsupported ops in one error;
+3. ``onnx.checker``;
+4. promote weights held in ``Constant`` nodes to initializers;
+5. optionally fix dynamic input dims, then simplify (onnxsim: constant folding, shape
+   inference) - a simplifier failure is recorded in the graph's notes and shape inference
+   alone is used instead;
+6. import into onnx-graphsurgeon and assign stable node ids.
+The input file is only ever read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from dyadiq.errors import ModelLoadError, UnsupportedModelError
+from dyadiq.graph import QGraph, assign_stable_ids
+from dyadiq.op_facts import onnx_op_kind
+
+log = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike[str] | onnx.ModelProto
+
+
+def read_model(source: ModelSource) -> tuple[onnx.ModelProto, str]:
+    """Parse a model and load its external data safely. Returns (model, description)."""
+    if isinstance(source, onnx.ModelProto):
+        return source, "<ModelProto>"
+    path = Path(source)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file is empty: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from exc
+    if not model.graph.node and not model.graph.input:
+        raise ModelLoadError(f"{path} parsed but holds no graph (is it really an ONNX model?)")
+    _load_external_data(model, path.parent.resolve())
+    return model, str(path)
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    escaping: list[str] = []
+    missing: list[str] = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        target = (base_dir / info.location).resolve()
+        if not target.is_relative_to(base_dir):
+            escaping.append(f"{tensor.name} -> {info.location}")
+        elif not target.is_file():
+            missing.append(f"{tensor.name} -> {info.location}")
+    if escaping:
+        raise ModelLoadError(
+            "refusing external data outside the model's folder "
+            f"({base_dir}): " + "; ".join(escaping)
+        )
+    if missing:
+        raise ModelLoadError("external data files not found: " + "; ".join(missing))
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read external data: {exc}") from exc
+
+
+def find_unsupported_ops(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """``"domain::op" -> node names`` for every node dyadiq cannot handle, subgraphs included."""
+    unsupported: dict[str, list[str]] = {}
+
+    def scan(graph: onnx.GraphProto) -> None:
+        for index, node in enumerate(graph.node):
+            if onnx_op_kind(node.domain, node.op_type) is None:
+                key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+                unsupported.setdefault(key, []).append(node.name or f"#{index}")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    scan(attr.g)
+
+    scan(model.graph)
+    return unsupported
+
+
+def _raise_if_unsupported(model: onnx.ModelProto, where: str) -> None:
+    unsupported = find_unsupported_ops(model)
+    if unsupported:
+        listing = ", ".join(
+            f"{op} x{len(names)} (e.g. {names[0]})" for op, names in sorted(unsupported.items())
+        )
+        raise UnsupportedModelError(
+            f"{where} uses {len(unsupported)} unsupported op type(s): {listing}"
+        )
+
+
+def _check(model: onnx.ModelProto, where: str) -> None:
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"{where} fails onnx.checker: {exc}") from exc
+
+
+def promote_constant_nodes(model: onnx.ModelProto) -> int:
+    """Move tensor-valued ``Constant`` nodes into initializers (PP-OCR stores weights so)."""
+    keep: list[onnx.NodeProto] = []
+    promoted = 0
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            promoted += 1
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return promoted
+
+
+def _fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
+    by_name = {i.name: i for i in model.graph.input}
+    unknown = sorted(set(shapes) - set(by_name))
+    if unknown:
+        raise ModelLoadError(
+            f"--input-shape names {unknown} are not model inputs; inputs are {sorted(by_name)}"
+        )
+    for name, dims in shapes.items():
+        tensor_type = by_name[name].type.tensor_type
+        if len(tensor_type.shape.dim) not in (0, len(dims)):
+            raise ModelLoadError(
+                f"input {name} has rank {len(tensor_type.shape.dim)}, got shape {list(dims)}"
+            )
+        del tensor_type.shape.dim[:]
+        for d in dims:
+            tensor_type.shape.dim.add().dim_value = int(d)
+
+
+def _simplify(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    try:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+        if ok:
+            return simplified
+        notes.append("onnxsim could not verify its result; used shape inference only")
+    except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++ for many reasons
+        notes.append(f"onnxsim failed ({type(exc).__name__}: {exc}); used shape inference only")
+    log.warning(notes[-1])
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ModelLoadError(f"shape inference failed: {exc}") from exc
+
+
+def load_onnx(
+    source: ModelSource,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    simplify: bool = True,
+) -> QGraph:
+    """Import an ONNX model into a :class:`QGraph` (see the module docstring for the steps)."""
+    original, where = read_model(source)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)  # never edit the caller's proto
+    _raise_if_unsupported(model, where)
+    _check(model, where)
+    notes: list[str] = []
+    promoted = promote_constant_nodes(model)
+    if promoted:
+        notes.append(f"promoted {promoted} Constant node(s) to initializers")
+    if input_shapes:
+        _fix_input_shapes(model, input_shapes)
+    model = _simplify(model, notes) if simplify else onnx.shape_inference.infer_shapes(model)
+    _raise_if_unsupported(model, f"{where} after simplification")
+    opset = next(
+        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
+    )
+    graph = gs.import_onnx(model)
+    assign_stable_ids(graph)
+    return QGraph(graph=graph, opset=opset, source=where, notes=notes)
+
+
+def op_histogram(graph: QGraph) -> Counter[str]:
+    return Counter(node.op for node in graph.nodes())
+
+
+def upgrade_opset(graph: QGraph, target: int) -> QGraph:
+    """Convert a graph to ``target`` opset (e.g. 21 for int4 QDQ); node ids are kept."""
+    if graph.opset >= target:
+        return graph
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(graph.to_onnx(), target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise UnsupportedModelError(
+            f"cannot convert the model from opset {graph.opset} to {target}: {exc}"
+        ) from exc
+    converted = onnx.shape_inference.infer_shapes(converted, data_prop=True)
+    upgraded = gs.import_onnx(converted)
+    assign_stable_ids(upgraded)
+    notes = [*graph.notes, f"converted from opset {graph.opset} to {target}"]
+    return QGraph(upgraded, target, graph.source, notes)

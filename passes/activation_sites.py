@@ -1,0 +1,150 @@
+"""Analysis: which activation tensors a plan quantizes, and which must share a scale.
+
+Rules (onnxruntime's QDQ layout, so its kernels can fuse the result):
+- a quantized op (a weighted layer in the plan, or a non-weighted quantizable op such as Add,
+  Mul, pooling, activation x activation MatMul, Concat) quantizes its float activation inputs
+  and its output;
+- when that output's only consumer is a fusable activation (Relu, Clip with constant bounds),
+  the activation's output is quantized instead, so the bounds become the quantizer's range;
+- scale-sharing ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) whose input is
+  quantized get a quantized output in the same scale group; Concat puts all its inputs and its
+  output in one group. A group is calibrated over the union of its members' ranges.
+The bit-width of a group is the largest activation width any consumer in the plan asks for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from dyadiq.graph import QGraph
+from dyadiq.op_facts import OpKind
+from dyadiq.plan import PrecisionPlan
+
+
+@dataclass(frozen=True)
+class ActivationSites:
+    tensors: tuple[str, ...]  # quantized float tensors, in graph order
+    group_of: Mapping[str, int]  # tensor -> scale group
+    group_bits: Mapping[int, int]
+    fused_activations: Mapping[str, str]  # layer id -> id of the activation it absorbs
+    float_layers: tuple[tuple[str, str], ...] = field(default=())  # (node id, reason)
+
+    def groups(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for tensor in self.tensors:
+            out.setdefault(self.group_of[tensor], []).append(tensor)
+        return out
+
+
+def _is_float_activation(tensor: gs.Tensor) -> bool:
+    return (
+        isinstance(tensor, gs.Variable)
+        and tensor.dtype is not None
+        and np.dtype(tensor.dtype) == np.float32
+    )
+
+
+def _has_constant_bounds(node: gs.Node) -> bool:
+    if QGraph.kind(node) is not OpKind.CLIP:
+        return True
+    return all(isinstance(t, gs.Constant) or t.name == "" for t in node.inputs[1:])
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def add(self, x: str) -> None:
+        self.parent.setdefault(x, x)
+
+    def find(self, x: str) -> str:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.add(a)
+        self.add(b)
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _data_inputs(graph: QGraph, node: gs.Node) -> list[gs.Tensor]:
+    """Inputs that carry activations (not the weight, bias or shape operands)."""
+    facts = graph.facts(node)
+    kind = graph.kind(node)
+    if kind in (OpKind.RESHAPE, OpKind.SQUEEZE, OpKind.UNSQUEEZE):
+        return node.inputs[:1]
+    skip = {facts.weight_input, facts.bias_input} if graph.weight(node) is not None else set()
+    return [t for i, t in enumerate(node.inputs) if i not in skip]
+
+
+def _is_quantized_op(graph: QGraph, node: gs.Node, plan: PrecisionPlan) -> bool:
+    facts = graph.facts(node)
+    if not facts.quantizable or facts.shares_input_scale and graph.kind(node) is not OpKind.CONCAT:
+        return False
+    if graph.weight(node) is not None:
+        return node.name in plan.layers
+    return node.name not in plan.excluded
+
+
+def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites:
+    plan.validate_for(graph)
+    graph.graph.toposort()
+    uf = _UnionFind()
+    order: list[str] = []
+    fused: dict[str, str] = {}
+    graph_outputs = {t.name for t in graph.graph.outputs}
+
+    def mark(tensor: gs.Tensor) -> bool:
+        if not _is_float_activation(tensor):
+            return False
+        if tensor.name not in uf.parent:
+            uf.add(tensor.name)
+            order.append(tensor.name)
+        return True
+
+    float_layers = [
+        (n.name, "excluded by the plan" if n.name in plan.excluded else "not in the plan")
+        for n in graph.weighted_layers()
+        if n.name not in plan.layers
+    ]
+    for node in graph.nodes():
+        kind = graph.kind(node)
+        facts = graph.facts(node)
+        if _is_quantized_op(graph, node, plan):
+            inputs = [t for t in _data_inputs(graph, node) if mark(t)]
+            output = node.outputs[0]
+            consumers = output.outputs
+            if (
+                len(consumers) == 1
+                and output.name not in graph_outputs
+                and graph.facts(consumers[0]).fusable_activation
+                and _has_constant_bounds(consumers[0])
+                and kind is not OpKind.CONCAT
+            ):
+                fused[node.name] = consumers[0].name
+                output = consumers[0].outputs[0]
+            if mark(output) and kind is OpKind.CONCAT:
+                for tensor in inputs:
+                    uf.union(tensor.name, output.name)
+        elif facts.shares_input_scale and node.inputs and node.inputs[0].name in uf.parent:
+            if mark(node.outputs[0]):
+                uf.union(node.outputs[0].name, node.inputs[0].name)
+
+    roots: dict[str, int] = {}
+    group_of = {t: roots.setdefault(uf.find(t), len(roots)) for t in order}
+    tensors = graph.tensors()
+    group_bits: dict[int, int] = {}
+    for name in order:
+        wanted = [
+            plan.layers[c.name].act_bits if c.name in plan.layers else plan.default_act_bits
+            for c in tensors[name].outputs
+        ] or [plan.default_act_bits]
+        gid = group_of[name]
+        group_bits[gid] = max(group_bits.get(gid, 0), *wanted)
+    return ActivationSites(tuple(order), group_of, group_bits, fused, tuple(float_layers))
