@@ -74,7 +74,7 @@ class QGraph:
 
     # --- tensors -----------------------------------------------------------------------------
     def tensors(self) -> dict[str, gs.Tensor]:
-        return self.graph.tensors()  # type: ignore[no-any-return]
+        return self.graph.tensors()
 
     def input_specs(self) -> dict[str, tuple[np.dtype, tuple[int | str | None, ...]]]:
         """Graph inputs: name -> (dtype, shape with str/None for dynamic dims)."""
@@ -94,7 +94,6 @@ class QGraph:
     def copy(self) -> QGraph:
         """New nodes and tensors; constant arrays are shared, so rewrites replace, never edit."""
         return QGraph(self.graph.copy(), self.opset, self.source, list(self.notes))
-
 
 
 def weight_channel_axis(node: gs.Node) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -188,16 +187,10 @@ def load_onnx(
         _fix_input_shapes(model, input_shapes)
     model = _simplify(model, notes) if simplify else onnx.shape_inference.infer_shapes(model)
     _raise_if_unsupported(model, f"{where} after simplification")
-    opset = next(
-        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
-    )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = gs.import_onnx(model)
     assign_stable_ids(graph)
     return QGraph(graph=graph, opset=opset, source=where, notes=notes)
-
-
-def op_histogram(graph: QGraph) -> Counter[str]:
-    return Counter(node.op for node in graph.nodes())
 
 
 def upgrade_opset(graph: QGraph, target: int) -> QGraph:

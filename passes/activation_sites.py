@@ -85,7 +85,9 @@ def _data_inputs(graph: QGraph, node: gs.Node) -> list[gs.Tensor]:
 
 def _is_quantized_op(graph: QGraph, node: gs.Node, plan: PrecisionPlan) -> bool:
     facts = graph.facts(node)
-    if not facts.quantizable or facts.shares_input_scale and graph.kind(node) is not OpKind.CONCAT:
+    if not facts.quantizable or (
+        facts.shares_input_scale and graph.kind(node) is not OpKind.CONCAT
+    ):
         return False
     if graph.weight(node) is not None:
         return node.name in plan.layers
@@ -132,9 +134,13 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
             if mark(output) and kind is OpKind.CONCAT:
                 for tensor in inputs:
                     uf.union(tensor.name, output.name)
-        elif facts.shares_input_scale and node.inputs and node.inputs[0].name in uf.parent:
-            if mark(node.outputs[0]):
-                uf.union(node.outputs[0].name, node.inputs[0].name)
+        elif (
+            facts.shares_input_scale
+            and node.inputs
+            and node.inputs[0].name in uf.parent
+            and mark(node.outputs[0])
+        ):
+            uf.union(node.outputs[0].name, node.inputs[0].name)
 
     roots: dict[str, int] = {}
     group_of = {t: roots.setdefault(uf.find(t), len(roots)) for t in order}

@@ -93,7 +93,9 @@ def _insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, q: ActQuant) ->
             graph.outputs[i] = restored
 
 
-def _quantize_weight(graph: gs.Graph, node: gs.Node, index: int, bits: int) -> tuple[gs.Constant, int]:
+def _quantize_weight(
+    graph: gs.Graph, node: gs.Node, index: int, bits: int
+) -> tuple[gs.Constant, int]:
     weight = node.inputs[index]
     axis = weight_channel_axis(node) % weight.values.ndim
     wq = quantize_weight_per_channel(np.asarray(weight.values, np.float32), bits, axis)

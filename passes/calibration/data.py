@@ -141,7 +141,8 @@ def open_source(
         return _reader_batches(source)
     if isinstance(source, Mapping):
         raise CalibrationDataError(
-            "calibration data must be an iterable of feed dicts, not a single dict: wrap it in a list"
+            "calibration data must be an iterable of feed dicts, not a single dict: "
+            "wrap it in a list"
         )
     return (dict(batch) for batch in source)
 
@@ -163,7 +164,10 @@ def check_batch(index: int, feeds: Mapping[str, Any], specs: InputSpecs) -> Feed
     for name, (dtype, shape) in specs.items():
         array = np.asarray(feeds[name])
         if array.dtype != dtype:
-            if np.can_cast(array.dtype, dtype, casting="same_kind") and array.dtype.kind == dtype.kind:
+            if (
+                np.can_cast(array.dtype, dtype, casting="same_kind")
+                and array.dtype.kind == dtype.kind
+            ):
                 array = array.astype(dtype)
             else:
                 raise CalibrationDataError(

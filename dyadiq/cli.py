@@ -1,0 +1,244 @@
+"""``dyadiq`` command line: inspect, quantize, eval, zoo.
+
+Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dyadiq.errors import ConfigError, DyadiqError
+
+console = Console()
+
+
+def _parse_shapes(values: Sequence[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for item in values:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError as exc:
+            raise ConfigError(f"--input-shape wants NAME=1x3x224x224, got {item!r}") from exc
+    return shapes
+
+
+# --- inspect ---------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.inspection import describe
+
+    graph = load_onnx(args.model, input_shapes=_parse_shapes(args.input_shape))
+    summary = describe(graph)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    console.print(
+        f"[bold]{graph.source}[/] opset {graph.opset}, {summary['parameters']:,} parameters"
+    )
+    for note in graph.notes:
+        console.print(f"  note: {note}")
+    ops = Table("op", "count", title="ops")
+    for op, count in summary["op_counts"].items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+    layers = Table("id", "op", "params", "quantizable", "why", title="layers")
+    for row in summary["layers"]:
+        layers.add_row(
+            row["id"],
+            row["op"],
+            str(row["params"]),
+            "yes" if row["quantizable"] else "no",
+            row["reason"],
+        )
+    console.print(layers)
+    return 0
+
+
+# --- quantize --------------------------------------------------------------------------------
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dyadiq.passes.calibration.observers import RangeMethod
+    from dyadiq.pipeline import CalibrationConfig, quantize
+
+    artifacts = None
+    if args.zoo:
+        from dyadiq import zoo
+
+        artifacts = zoo.get(args.zoo)
+        model_path = artifacts.model_path
+    elif args.model:
+        model_path = Path(args.model)
+    else:
+        raise ConfigError("give a MODEL.onnx or --zoo NAME (see `dyadiq zoo list`)")
+    if args.calib:
+        calibration: Any = args.calib
+    elif artifacts is not None:
+        calibration = list(artifacts.calibration_batches(args.calib_limit))
+    else:
+        raise ConfigError(
+            "calibration data is required: --calib FOLDER (.npz/.npy files, or images with "
+            "--calib-preset)"
+        )
+    config = CalibrationConfig(
+        method=RangeMethod(args.calibrator),
+        percentile=args.percentile,
+        limit=args.calib_limit,
+        image_preset=args.calib_preset,
+    )
+    result = quantize(
+        model_path,
+        Path(args.output),
+        calibration,
+        weight_bits=args.wbits,
+        act_bits=args.abits,
+        act_signed=args.act_dtype == "int8",
+        exclude=frozenset(args.exclude),
+        config=config,
+        input_shapes=_parse_shapes(args.input_shape) or None,
+    )
+    out = Path(args.output)
+    report = json.loads((out / "report.json").read_text())
+    if artifacts is not None and not args.no_eval:
+        report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
+        from dyadiq.io import write_text_atomic
+
+        write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    _print_summary(report, result.plan.to_json(), out)
+    return 0
+
+
+def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
+    from dyadiq.evaluation import evaluate
+
+    models = {f"dyadiq W{args.wbits}A{args.abits}": out / "model.qdq.onnx"}
+    if args.compare_ort:
+        from dyadiq.ort_baseline import quantize_static_baseline
+
+        ort_path = out / "ort_quantize_static.qdq.onnx"
+        quantize_static_baseline(artifacts.model_path, ort_path, calibration)
+        models["onnxruntime quantize_static W8A8"] = ort_path
+    return evaluate(artifacts, models, limit=args.eval_limit)
+
+
+def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> None:
+    sizes = report["sizes"]
+    console.print(
+        f"[bold green]quantized[/] {report['source']}: "
+        f"{len(plan['layers'])} layers, {report['quantized_activation_tensors']} activation "
+        f"tensors in {report['scale_groups']} scale groups, "
+        f"{report['calibration_batches']} calibration batches"
+    )
+    console.print(
+        f"  weights {sizes['quantized_weight_bytes_packed']:,} B packed; model file "
+        f"{sizes['float_model_bytes']:,} B float -> {sizes['qdq_model_bytes']:,} B QDQ; "
+        f"{report['timings']['total_s']:.1f} s"
+    )
+    if report["float_layers"]:
+        console.print(f"  kept in float: {', '.join(f['id'] for f in report['float_layers'])}")
+    metrics = report.get("metrics")
+    if metrics:
+        names = sorted({k for m in metrics.values() for k in m})
+        table = Table("model", *names, title="evaluation (held-out data)")
+        for model, values in metrics.items():
+            table.add_row(model, *(f"{values[k]:.4f}" if k in values else "" for k in names))
+        console.print(table)
+    console.print(f"  wrote {out / 'model.qdq.onnx'}, {out / 'plan.json'}, {out / 'report.json'}")
+
+
+# --- eval ------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dyadiq import zoo
+    from dyadiq.evaluation import evaluate
+
+    artifacts = zoo.get(args.zoo)
+    metrics = evaluate(artifacts, {Path(m).name: Path(m) for m in args.models}, limit=args.limit)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+# --- zoo -------------------------------------------------------------------------------------
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from dyadiq import zoo
+
+    if args.zoo_command == "list":
+        table = Table("name", "task", "labels", "description")
+        for entry in zoo.list_models():
+            table.add_row(entry.name, entry.task.value, str(entry.has_labels), entry.description)
+        console.print(table)
+        return 0
+    artifacts = zoo.get(args.name)
+    console.print(f"{args.name}: {artifacts.model_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyadiq", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list layers, op counts, parameters, quantizability")
+    p.add_argument("model")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="quantize a model (uniform formats in this release)")
+    p.add_argument("model", nargs="?", help="float ONNX model (or use --zoo)")
+    p.add_argument("--zoo", help="quantize a zoo model with its own calibration/eval data")
+    p.add_argument("-o", "--output", required=True, help="output folder (never the input's)")
+    p.add_argument("--calib", help="folder of .npz/.npy batches or images")
+    p.add_argument("--calib-preset", help="image preprocessing preset for an image folder")
+    p.add_argument("--calib-limit", type=int, help="use at most this many calibration batches")
+    p.add_argument(
+        "--calibrator", default="minmax", choices=["minmax", "percentile", "mse", "entropy"]
+    )
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (per channel)")
+    p.add_argument("--abits", type=int, default=8, choices=[4, 8], help="activation bits")
+    p.add_argument("--act-dtype", default="uint8", choices=["uint8", "int8"])
+    p.add_argument("--exclude", action="append", default=[], metavar="NODE_ID")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
+    p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
+    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="score models against a zoo model's float original")
+    p.add_argument("--zoo", required=True)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("zoo", help="real pretrained models and their data")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    zsub.add_parser("list")
+    g = zsub.add_parser("get")
+    g.add_argument("name")
+    p.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except DyadiqError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""What ``dyadiq inspect`` reports: op counts, parameters and per-node quantizability."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import onnx_graphsurgeon as gs
+
+from dyadiq.graph import QGraph
+
+
+def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
+    """Whether dyadiq quantizes a node, and the reason in words."""
+    facts = graph.facts(node)
+    if facts.quantizable and graph.weight(node) is not None:
+        return True, "weighted layer: per-channel weights and quantized inputs"
+    if facts.quantizable and facts.has_weight:
+        return True, "no constant weight: both operands quantized as activations"
+    if facts.shares_input_scale:
+        return True, "data movement: output shares its input's scale"
+    if facts.quantizable:
+        return True, "integer op on quantized activations"
+    if facts.fusable_activation:
+        return False, "activation: fused into the producing layer's quantizer bounds"
+    return False, f"{node.op} has no integer kernel here: runs in float between DQ and Q"
+
+
+def describe(graph: QGraph) -> dict[str, Any]:
+    constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    layers = []
+    for node in graph.nodes():
+        ok, reason = quantizability(graph, node)
+        weight = graph.weight(node)
+        layers.append(
+            {
+                "id": node.name,
+                "op": node.op,
+                "params": int(weight.values.size) if weight is not None else 0,
+                "quantizable": ok,
+                "reason": reason,
+            }
+        )
+    return {
+        "source": graph.source,
+        "opset": graph.opset,
+        "parameters": int(sum(c.values.size for c in constants.values())),
+        "op_counts": dict(Counter(node.op for node in graph.nodes()).most_common()),
+        "weighted_layers": len(graph.weighted_layers()),
+        "layers": layers,
+        "notes": graph.notes,
+    }

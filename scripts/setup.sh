@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh Debian machine: the Debian packages that hold the zoo's real data,
+# a virtual environment cached under the home directory (linked as ./.venv), and dyadiq itself.
+#   scripts/setup.sh        runtime + zoo extras
+#   scripts/setup.sh dev    also the test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="zoo"
+[ "${1:-}" = "dev" ] && extras="dev"
+
+need=()
+[ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -d /usr/share/doc/opencv-doc/examples/data ] || need+=(opencv-doc)
+[ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "setup: please run: sudo apt-get install ${need[*]}" >&2
+  fi
+fi
+
+venv="${DYADIQ_VENV:-$HOME/.cache/dyadiq/venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv" >&2
+  mkdir -p "$(dirname "$venv")"
+  python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+fi
+if [ -e .venv ] && [ ! -L .venv ]; then
+  echo "setup: ./.venv exists and is not the cached venv; leaving it, using $venv" >&2
+else
+  ln -sfn "$venv" .venv
+fi
+stamp="$venv/.dyadiq-$(sha256sum pyproject.toml | cut -c1-16)-$extras-$(pwd | sha256sum | cut -c1-8)"
+if [ ! -e "$stamp" ]; then
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
+    | grep -v "^WARNING: Location" >&2 || true
+  "$venv/bin/python" -c "import dyadiq.pipeline" && touch "$stamp"
+fi
+"$venv/bin/python" -c "import dyadiq.pipeline"
