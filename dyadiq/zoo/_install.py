@@ -126,7 +126,11 @@ def constants_to_initializers(model: Any) -> int:
     moved = 0
     for node in graph.node:
         attrs = {a.name: a for a in node.attribute}
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and set(attrs) == {"value"}:
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and set(attrs) == {"value"}
+        ):
             tensor = attrs["value"].t
             tensor.name = node.output[0]
             graph.initializer.append(tensor)

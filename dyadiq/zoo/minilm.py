@@ -97,7 +97,9 @@ def _export(dst: pathlib.Path) -> None:
 def materialise(cache: pathlib.Path) -> pathlib.Path:
     dst = cache / f"minilm-{VERSION}.onnx"
     if not dst.is_file():
-        log.warning("zoo: exporting all-MiniLM-L6-v2 to %s (once; needs %s)", dst, TORCH_REQUIREMENT)
+        log.warning(
+            "zoo: exporting all-MiniLM-L6-v2 to %s (once; needs %s)", dst, TORCH_REQUIREMENT
+        )
         _export(dst)
     else:
         weights_dir()  # the tokenizer still comes from the package

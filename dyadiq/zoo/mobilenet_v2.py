@@ -268,12 +268,22 @@ def load_image(name: str) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8) if arr.max() <= 1.0 else arr.astype(np.uint8)
+        arr = (
+            (np.clip(arr, 0, 1) * 255).astype(np.uint8)
+            if arr.max() <= 1.0
+            else arr.astype(np.uint8)
+        )
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def preprocess(rgb: np.ndarray, *, short_side: int = RESIZE, top: float = 0.5, left: float = 0.5,
-               flip: bool = False) -> np.ndarray:
+def preprocess(
+    rgb: np.ndarray,
+    *,
+    short_side: int = RESIZE,
+    top: float = 0.5,
+    left: float = 0.5,
+    flip: bool = False,
+) -> np.ndarray:
     """Resize the short side to ``short_side``, crop 224x224 at relative offsets ``top``/``left``
     (0.5 = center crop), optionally flip, normalise with ImageNet mean/std -> 1x3x224x224."""
     from PIL import Image
@@ -308,14 +318,16 @@ def _crops(names: tuple[str, ...], seed: int, per_image: int, random: bool) -> I
             )
 
 
-def load_crops(names: tuple[str, ...], *, seed: int, per_image: int, random: bool = True
-               ) -> list[np.ndarray]:
+def load_crops(
+    names: tuple[str, ...], *, seed: int, per_image: int, random: bool = True
+) -> list[np.ndarray]:
     return list(_crops(names, seed, per_image, random))
 
 
 def calibration_batches(limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    for k, x in enumerate(_crops(CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_CROPS_PER_IMAGE,
-                                 True)):
+    for k, x in enumerate(
+        _crops(CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_CROPS_PER_IMAGE, True)
+    ):
         if limit is not None and k >= limit:
             return
         yield {INPUT_NAME: x}
@@ -324,8 +336,9 @@ def calibration_batches(limit: int | None = None) -> Iterator[dict[str, np.ndarr
 def evaluation_batches(
     limit: int | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    for k, x in enumerate(_crops(EVALUATION_IMAGES, EVALUATION_SEED, EVALUATION_CROPS_PER_IMAGE,
-                                 True)):
+    for k, x in enumerate(
+        _crops(EVALUATION_IMAGES, EVALUATION_SEED, EVALUATION_CROPS_PER_IMAGE, True)
+    ):
         if limit is not None and k >= limit:
             return
         yield {INPUT_NAME: x}, None

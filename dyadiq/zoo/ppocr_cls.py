@@ -114,7 +114,9 @@ def render_line(rng: np.random.Generator, text: str, *, hard: bool) -> np.ndarra
     if rng.random() < 0.2:  # light text on a dark background
         bg, fg = 255 - bg, 255 - fg
     img = Image.new("RGB", (w, h), tuple(int(v) for v in bg))
-    ImageDraw.Draw(img).text((pad_x - left, pad_y - top), text, font=font, fill=tuple(int(v) for v in fg))
+    ImageDraw.Draw(img).text(
+        (pad_x - left, pad_y - top), text, font=font, fill=tuple(int(v) for v in fg)
+    )
     if hard:
         if rng.random() < 0.7:
             img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
@@ -123,8 +125,12 @@ def render_line(rng: np.random.Generator, text: str, *, hard: bool) -> np.ndarra
             small = img.resize((max(1, int(w * f)), max(1, int(h * f))), Image.Resampling.BILINEAR)
             img = small.resize((w, h), Image.Resampling.BILINEAR)
         angle = float(rng.uniform(-4, 4))
-        img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False,
-                         fillcolor=tuple(int(v) for v in bg))
+        img = img.rotate(
+            angle,
+            resample=Image.Resampling.BILINEAR,
+            expand=False,
+            fillcolor=tuple(int(v) for v in bg),
+        )
     arr = np.asarray(img, dtype=np.float32)
     if hard:
         arr = arr + rng.normal(0.0, float(rng.uniform(3, 14)), size=arr.shape)

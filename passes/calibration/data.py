@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,6 +24,7 @@ Feeds = dict[str, np.ndarray]
 InputSpecs = Mapping[str, tuple[np.dtype, tuple[int | str | None, ...]]]
 
 
+@runtime_checkable
 class CalibrationDataReader(Protocol):
     def get_next(self) -> Mapping[str, np.ndarray] | None: ...
 
@@ -65,14 +66,13 @@ def _imagenet(image: Any) -> np.ndarray:
     img = image.convert("RGB")
     w, h = img.size
     scale = 256 / min(w, h)
-    img = img.resize((max(224, round(w * scale)), max(224, round(h * scale))), Image.BILINEAR)
+    img = img.resize((max(224, round(w * scale)), max(224, round(h * scale))), Image.Resampling.BILINEAR)
     w, h = img.size
     left, top = (w - 224) // 2, (h - 224) // 2
-    x = np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
-    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array(
-        [0.229, 0.224, 0.225], np.float32
-    )
-    return x.transpose(2, 0, 1)[None]
+    pixels = np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
 
 
 def _ppocr_cls(image: Any) -> np.ndarray:
@@ -81,7 +81,7 @@ def _ppocr_cls(image: Any) -> np.ndarray:
     img = image.convert("RGB")
     w, h = img.size
     new_w = min(192, max(1, round(48 * w / h)))
-    img = img.resize((new_w, 48), Image.BILINEAR)
+    img = img.resize((new_w, 48), Image.Resampling.BILINEAR)
     x = np.zeros((48, 192, 3), np.float32)
     x[:, :new_w] = (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
     return x.transpose(2, 0, 1)[None]
@@ -90,7 +90,7 @@ def _ppocr_cls(image: Any) -> np.ndarray:
 def _gray28(image: Any) -> np.ndarray:
     from PIL import Image
 
-    img = image.convert("L").resize((28, 28), Image.BILINEAR)
+    img = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
     return (np.asarray(img, np.float32) / 255.0)[None, None]
 
 
@@ -137,7 +137,7 @@ def open_source(
                 f"(--calib-preset, one of {sorted(IMAGE_PRESETS)})"
             )
         return _numpy_folder_batches(folder, input_names)
-    if hasattr(source, "get_next"):
+    if isinstance(source, CalibrationDataReader):
         return _reader_batches(source)
     if isinstance(source, Mapping):
         raise CalibrationDataError(
