@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dyadiq.errors import ConfigError, DyadiqError
@@ -43,7 +44,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     console.print(
-        f"[bold]{graph.source}[/] opset {graph.opset}, {summary['parameters']:,} parameters"
+        f"[bold]{escape(graph.source)}[/] opset {graph.opset}, {summary['parameters']:,} parameters"
     )
     for note in graph.notes:
         console.print(f"  note: {note}")
@@ -147,11 +148,18 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
     metrics = report.get("metrics")
     if metrics:
         names = sorted({k for m in metrics.values() for k in m})
-        table = Table("model", *names, title="evaluation (held-out data)")
-        for model, values in metrics.items():
-            table.add_row(model, *(f"{values[k]:.4f}" if k in values else "" for k in names))
+        table = Table("metric", *metrics, title="evaluation on held-out data")
+        for name in names:
+            cells = [_fmt(m.get(name)) for m in metrics.values()]
+            table.add_row(name, *cells)
         console.print(table)
     console.print(f"  wrote {out / 'model.qdq.onnx'}, {out / 'plan.json'}, {out / 'report.json'}")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.4f}"
 
 
 # --- eval ------------------------------------------------------------------------------------
@@ -236,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DyadiqError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}"
+        )
         return 2
 
 

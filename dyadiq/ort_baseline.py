@@ -13,6 +13,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import version_converter
+
+PER_CHANNEL_MIN_OPSET = 13
 
 
 class OrtCalibrator(enum.Enum):
@@ -34,6 +38,10 @@ class _ListReader:
         raise NotImplementedError
 
 
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def quantize_static_baseline(
     model_path: Path,
     output_path: Path,
@@ -52,8 +60,16 @@ def quantize_static_baseline(
 
     batches = [dict(b) for b in calibration]
     with tempfile.TemporaryDirectory() as tmp:
+        source = Path(model_path)
+        model = onnx.load(str(source))
+        if _default_opset(model) < PER_CHANNEL_MIN_OPSET:
+            # quantize_static writes per-axis DequantizeLinear, which needs opset 13, without
+            # converting the model itself: an opset-11 model (PP-OCR) comes out invalid.
+            model = version_converter.convert_version(model, PER_CHANNEL_MIN_OPSET)
+            source = Path(tmp) / "opset13.onnx"
+            onnx.save(model, str(source))
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(output_path),

@@ -18,6 +18,7 @@ import pathlib
 import shlex
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +27,10 @@ from dyadiq.zoo.fashion_cnn import MEAN, STD, load_idx, preprocess
 SEED = 20240611
 
 
-def build_model():  # type: ignore[no-untyped-def]
+def build_model() -> Any:
     import torch.nn as nn
 
-    def block(cin: int, cout: int) -> list[nn.Module]:
+    def block(cin: int, cout: int) -> list[Any]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
     return nn.Sequential(
@@ -54,7 +55,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    import torch.nn.functional as F
+    import torch.nn.functional as nnf
 
     torch.manual_seed(SEED)
     np.random.seed(SEED)
@@ -97,8 +98,10 @@ def main() -> int:
             xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
             dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
             pad_value = float((0.0 - MEAN) / STD)
-            xb = F.pad(xb, (2, 2, 2, 2), value=pad_value)[:, :, 2 + dy : 30 + dy, 2 + dx : 30 + dx]
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.05)
+            xb = nnf.pad(xb, (2, 2, 2, 2), value=pad_value)[
+                :, :, 2 + dy : 30 + dy, 2 + dx : 30 + dx
+            ]
+            loss = nnf.cross_entropy(model(xb), yb, label_smoothing=0.05)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -150,6 +150,15 @@ def _fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
             tensor_type.shape.dim.add().dim_value = int(d)
 
 
+def _clear_invalid_dims(model: onnx.ModelProto) -> None:
+    """Turn negative dim values (some exporters write -1 for "dynamic") into unknown dims."""
+    graph = model.graph
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+
+
 def _simplify(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     try:
         import onnxsim
@@ -183,6 +192,7 @@ def load_onnx(
     promoted = promote_constant_nodes(model)
     if promoted:
         notes.append(f"promoted {promoted} Constant node(s) to initializers")
+    _clear_invalid_dims(model)
     if input_shapes:
         _fix_input_shapes(model, input_shapes)
     model = _simplify(model, notes) if simplify else onnx.shape_inference.infer_shapes(model)

@@ -394,7 +394,51 @@ BAD_FOLDERS: dict[str, tuple[str, Callable[[Path], Path], str | None, tuple[str,
         "no-such-preset",
         ("unknown image preset 'no-such-preset'", "imagenet"),
     ),
+    "corrupt_npz": (
+        "tiny_cnn_path",
+        lambda p: _file_folder(p, "batch_000.npz", b"not a zip archive"),
+        None,
+        ("cannot read calibration file", "batch_000.npz"),
+    ),
+    "corrupt_npy": (
+        "tiny_cnn_path",
+        lambda p: _file_folder(p, "batch_000.npy", b"\x93NUMPY garbage"),
+        None,
+        ("cannot read calibration file", "batch_000.npy"),
+    ),
+    "pickled_npz": (
+        "tiny_cnn_path",
+        lambda p: _npz_folder(p, "b.npz", x=np.array([{"a": 1}], dtype=object)),
+        None,
+        ("cannot read calibration file", "b.npz", "without object arrays"),
+    ),
+    "npy_named_npz": (
+        "tiny_cnn_path",
+        lambda p: _npy_as_npz_folder(p, "b.npz", np.zeros(TINY_INPUT_SHAPE, np.float32)),
+        None,
+        ("cannot read calibration file", "not a .npz archive"),
+    ),
 }
+
+
+def _file_folder(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(data)
+    return folder
+
+
+def _npz_folder(folder: Path, name: str, **arrays: np.ndarray) -> Path:
+    folder.mkdir(parents=True)
+    np.savez(folder / name, **arrays)
+    return folder
+
+
+def _npy_as_npz_folder(folder: Path, name: str, array: np.ndarray) -> Path:
+    """``.npy`` content under a ``.npz`` name."""
+    folder.mkdir(parents=True)
+    with open(folder / name, "wb") as handle:
+        np.save(handle, array)
+    return folder
 
 
 def _npy_folder(folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
@@ -613,3 +657,12 @@ def test_bad_input_shape_option(tiny_cnn_path: Path, capsys: pytest.CaptureFixtu
         ModelLoadError,
         "are not model inputs",
     )
+
+
+def test_cli_error_message_is_printed_verbatim(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "models[v2]"
+    folder.mkdir()
+    path = folder / "missing.onnx"
+    assert_cli_error(capsys, ["inspect", str(path)], ModelLoadError, "models[v2]")

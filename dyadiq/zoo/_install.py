@@ -29,7 +29,8 @@ def cache_dir() -> pathlib.Path:
 
 
 def _pip_install_if_missing(module: str, requirement: str, no_deps: bool) -> None:
-    if importlib.util.find_spec(module) is None:
+    # find_spec("a.b") imports "a" and raises when it is missing: look at the top level only.
+    if importlib.util.find_spec(module.partition(".")[0]) is None:
         cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
         if no_deps:
             cmd.append("--no-deps")

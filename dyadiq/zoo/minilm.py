@@ -54,8 +54,9 @@ def _export(dst: pathlib.Path) -> None:
     path = weights_dir()
     bert = transformers.AutoModel.from_pretrained(str(path), attn_implementation="eager")
     bert.eval()
+    module_base: Any = torch.nn.Module  # torch may be untyped/absent for mypy
 
-    class Embedder(torch.nn.Module):  # type: ignore[misc, name-defined]
+    class Embedder(module_base):
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner

@@ -108,6 +108,7 @@ SANITY_LABELS: dict[str, tuple[int, ...]] = {
 
 def _build_torch_model(torch: Any) -> Any:
     nn = torch.nn
+    module_base: Any = torch.nn.Module  # torch may be untyped/absent for mypy
 
     def conv_bn(cin: int, cout: int, k: int, stride: int, groups: int = 1) -> Any:
         return nn.Sequential(
@@ -116,7 +117,7 @@ def _build_torch_model(torch: Any) -> Any:
             nn.ReLU6(inplace=True),
         )
 
-    class InvertedResidual(nn.Module):  # type: ignore[misc, name-defined]
+    class InvertedResidual(module_base):
         def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
             super().__init__()
             hidden = cin * expand
@@ -134,7 +135,7 @@ def _build_torch_model(torch: Any) -> Any:
         def forward(self, x: Any) -> Any:
             return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
-    class MobileNetV2(nn.Module):  # type: ignore[misc, name-defined]
+    class MobileNetV2(module_base):
         def __init__(self) -> None:
             super().__init__()
             settings = [
@@ -182,7 +183,8 @@ def _export(dst: pathlib.Path) -> None:
     if expected != got:
         raise ZooError(
             "MobileNetV2 state dict does not match the definition: missing "
-            f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}; report this bug"
+            f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}; "
+            "report this bug"
         )
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -66,8 +66,8 @@ def fonts() -> tuple[pathlib.Path, ...]:
     )
     if not found:
         raise ZooError(
-            f"no DejaVu fonts in {FONT_DIR}; install them with `sudo apt-get install fonts-dejavu-core "
-            "fonts-dejavu-extra`"
+            f"no DejaVu fonts in {FONT_DIR}; install them with "
+            "`sudo apt-get install fonts-dejavu-core fonts-dejavu-extra`"
         )
     return found
 
@@ -81,7 +81,7 @@ def preprocess(bgr: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     h, w = bgr.shape[:2]
-    resized_w = min(WIDTH, int(math.ceil(HEIGHT * w / float(h))))
+    resized_w = min(WIDTH, math.ceil(HEIGHT * w / float(h)))
     img = Image.fromarray(bgr).resize((resized_w, HEIGHT), Image.Resampling.BILINEAR)
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
     x = (x - 0.5) / 0.5
@@ -104,7 +104,7 @@ def render_line(rng: np.random.Generator, text: str, *, hard: bool) -> np.ndarra
     font_path = fonts()[int(rng.integers(len(fonts())))]
     size = int(rng.integers(12, 24) if hard else rng.integers(22, 40))
     font = ImageFont.truetype(str(font_path), size)
-    left, top, right, bottom = font.getbbox(text)
+    left, top, right, bottom = (int(v) for v in font.getbbox(text))
     pad_x = int(rng.integers(2, max(3, size // 2)))
     pad_y = int(rng.integers(1, max(2, size // 3)))
     w, h = right - left + 2 * pad_x, bottom - top + 2 * pad_y
@@ -131,7 +131,7 @@ def render_line(rng: np.random.Generator, text: str, *, hard: bool) -> np.ndarra
             expand=False,
             fillcolor=tuple(int(v) for v in bg),
         )
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.float64)
     if hard:
         arr = arr + rng.normal(0.0, float(rng.uniform(3, 14)), size=arr.shape)
     return np.clip(arr, 0, 255).astype(np.uint8)[:, :, ::-1].copy()  # RGB -> BGR like cv2

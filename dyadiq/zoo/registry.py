@@ -111,13 +111,13 @@ class ZooArtifacts:
 
     def calibration_batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Deterministic calibration feeds; ``limit`` caps the number of samples."""
-        return _module(self.model.name).calibration_batches(limit)  # type: ignore[no-any-return]
+        return _module(self.model.name).calibration_batches(limit)
 
     def evaluation_batches(
         self, limit: int | None = None
     ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Held-out ``(feeds, labels or None)``, disjoint from calibration; ``limit`` = samples."""
-        return _module(self.model.name).evaluation_batches(limit)  # type: ignore[no-any-return]
+        return _module(self.model.name).evaluation_batches(limit)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ dtypes, static dims and finiteness, with errors that name the batch and the inpu
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -37,21 +38,37 @@ def _reader_batches(reader: CalibrationDataReader) -> Iterator[Feeds]:
         yield dict(batch)
 
 
+def _load_numpy(path: Path) -> Any:
+    """``np.load`` without pickles; unreadable files become a :class:`CalibrationDataError`."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {key: loaded[key] for key in loaded.files}
+        if path.suffix.lower() == ".npz":
+            raise ValueError("it holds a single .npy array, not a .npz archive")
+        return loaded
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise CalibrationDataError(
+            f"cannot read calibration file {path}: {exc} (expected a .npz/.npy file of numeric "
+            "arrays written by numpy.savez/numpy.save, without object arrays)"
+        ) from exc
+
+
 def _numpy_folder_batches(folder: Path, input_names: list[str]) -> Iterator[Feeds]:
     npz = sorted(folder.glob("*.npz"))
     npy = sorted(folder.glob("*.npy"))
     if npz:
         for path in npz:
-            with np.load(path, allow_pickle=False) as archive:
-                yield {key: archive[key] for key in archive.files}
+            yield _load_numpy(path)
         return
     by_stem = {p.stem: p for p in npy}
     if npy and set(input_names) <= set(by_stem):
-        yield {name: np.load(by_stem[name], allow_pickle=False) for name in input_names}
+        yield {name: _load_numpy(by_stem[name]) for name in input_names}
         return
     if npy and len(input_names) == 1:
         for path in npy:
-            yield {input_names[0]: np.load(path, allow_pickle=False)}
+            yield {input_names[0]: _load_numpy(path)}
         return
     if npy:
         raise CalibrationDataError(
@@ -87,17 +104,18 @@ def _ppocr_cls(image: Any) -> np.ndarray:
     return x.transpose(2, 0, 1)[None]
 
 
-def _gray28(image: Any) -> np.ndarray:
+def _fashion_mnist(image: Any) -> np.ndarray:
     from PIL import Image
 
     img = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
-    return (np.asarray(img, np.float32) / 255.0)[None, None]
+    x = (np.asarray(img, np.float32) / 255.0 - 0.286) / 0.353  # the zoo CNN's training stats
+    return x[None, None].astype(np.float32)
 
 
 IMAGE_PRESETS: dict[str, Callable[[Any], np.ndarray]] = {
     "imagenet": _imagenet,  # resize 256, centre crop 224, ImageNet mean/std, NCHW
     "ppocr-cls": _ppocr_cls,  # height 48, width <= 192 right-padded, (x/255 - 0.5)/0.5
-    "gray28": _gray28,  # Fashion-MNIST style: 28x28 grey, x/255
+    "fashion-mnist": _fashion_mnist,  # 28x28 grey, (x/255 - 0.286)/0.353
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
