@@ -119,6 +119,7 @@ def _worker(spec_path: Path) -> None:
         result["dyadiq_timings"] = report.get("timings")
         result["calibration_batches"] = report.get("calibration_batches")
     result["peak_rss_mib"] = _peak_rss_mib()
+    result["peak_above_imports_mib"] = result["peak_rss_mib"] - result["rss_after_imports_mib"]
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -143,7 +144,10 @@ def run_quantization(
     spec = {**spec, "result": str(work / "result.json")}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [sys.executable, "-m", "benchmarks.baseline", "--worker", str(spec_path)]
     stderr_path = work / "stderr.txt"
     record: dict[str, Any] = {
@@ -229,14 +233,14 @@ def _evaluate(
 
     try:
         return evaluate(artifacts, candidates, limit=limit), {}
-    except Exception as exc:  # noqa: BLE001 - a broken candidate must not end the benchmark
+    except Exception as exc:
         log.warning("  joint evaluation failed (%s); evaluating one by one", exc)
     metrics: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
     for name, path in candidates.items():
         try:
             out = evaluate(artifacts, {name: path}, limit=limit)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors[name] = f"evaluation failed: {exc}"
             continue
         metrics.setdefault("float", out["float"])
@@ -597,7 +601,9 @@ def write_results(data: dict[str, Any], output_dir: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__)
     p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
-    p.add_argument("--quick", action="store_true", help="smoke test: fashion_cnn, 2000 eval samples")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: fashion_cnn, 2000 eval samples"
+    )
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--work-dir", type=Path, default=None, help="keep quantized models here")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluation samples per model")
@@ -651,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         for name in args.models:
             try:
                 data["models"][name] = benchmark_model(name, work, args)
-            except Exception as exc:  # noqa: BLE001 - one broken model must not lose the others
+            except Exception as exc:
                 log.exception("model %s failed", name)
                 data["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             data["total_wall_s"] = time.perf_counter() - start

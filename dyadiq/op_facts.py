@@ -126,6 +126,10 @@ class OpFacts:
         movement or order-preserving selection), so no new range is calibrated for it.
     fusable_activation: a following quantized layer can absorb this activation into its clip
         bounds, so the tensor between them is never quantized.
+    needs_quantized_inputs: an elementwise op that is quantized only when every non-constant
+        input already comes out of a quantized op. Quantizing an Add that mixes in a float
+        tensor of another range (an attention mask of -1e4, a transformer's residual stream
+        after LayerNorm) forces one 8-bit scale over both and wipes out the smaller one.
     """
 
     quantizable: bool = False
@@ -134,6 +138,7 @@ class OpFacts:
     channel_axis: int | None = None
     shares_input_scale: bool = False
     fusable_activation: bool = False
+    needs_quantized_inputs: bool = False
 
     @property
     def has_weight(self) -> bool:
@@ -152,8 +157,8 @@ OP_FACTS.update(
         ),
         OpKind.GEMM: OpFacts(quantizable=True, weight_input=1, bias_input=2, channel_axis=0),
         OpKind.MATMUL: OpFacts(quantizable=True, weight_input=1, channel_axis=-1),
-        OpKind.ADD: OpFacts(quantizable=True),
-        OpKind.MUL: OpFacts(quantizable=True),
+        OpKind.ADD: OpFacts(quantizable=True, needs_quantized_inputs=True),
+        OpKind.MUL: OpFacts(quantizable=True, needs_quantized_inputs=True),
         OpKind.CONCAT: OpFacts(quantizable=True, shares_input_scale=True),
         OpKind.AVGPOOL: OpFacts(quantizable=True),
         OpKind.GLOBAL_AVGPOOL: OpFacts(quantizable=True),

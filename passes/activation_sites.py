@@ -1,9 +1,10 @@
 """Analysis: which activation tensors a plan quantizes, and which must share a scale.
 
 Rules (onnxruntime's QDQ layout, so its kernels can fuse the result):
-- a quantized op (a weighted layer in the plan, or a non-weighted quantizable op such as Add,
-  Mul, pooling, activation x activation MatMul, Concat) quantizes its float activation inputs
-  and its output;
+- a quantized op (a weighted layer in the plan, or a non-weighted quantizable op such as
+  pooling, activation x activation MatMul, Concat) quantizes its float activation inputs and
+  its output; elementwise Add/Mul only when every non-constant input comes out of a quantized
+  op (a residual Add between two convs, not an attention-mask Add);
 - when that output's only consumer is a fusable activation (Relu, Clip with constant bounds),
   the activation's output is quantized instead, so the bounds become the quantizer's range;
 - scale-sharing ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) whose input is
@@ -100,6 +101,7 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
     uf = _UnionFind()
     order: list[str] = []
     fused: dict[str, str] = {}
+    quantized_outputs: set[str] = set()  # produced by a quantized op, or shared from one
     graph_outputs = {t.name for t in graph.graph.outputs}
 
     def mark(tensor: gs.Tensor) -> bool:
@@ -118,6 +120,11 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
     for node in graph.nodes():
         kind = graph.kind(node)
         facts = graph.facts(node)
+        variable_inputs = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        if facts.needs_quantized_inputs and not all(
+            t.name in quantized_outputs for t in variable_inputs
+        ):
+            continue
         if _is_quantized_op(graph, node, plan):
             inputs = [t for t in _data_inputs(graph, node) if mark(t)]
             output = node.outputs[0]
@@ -131,9 +138,11 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
             ):
                 fused[node.name] = consumers[0].name
                 output = consumers[0].outputs[0]
-            if mark(output) and kind is OpKind.CONCAT:
-                for tensor in inputs:
-                    uf.union(tensor.name, output.name)
+            if mark(output):
+                quantized_outputs.add(output.name)
+                if kind is OpKind.CONCAT:
+                    for tensor in inputs:
+                        uf.union(tensor.name, output.name)
         elif (
             facts.shares_input_scale
             and node.inputs
@@ -141,6 +150,7 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
             and mark(node.outputs[0])
         ):
             uf.union(node.outputs[0].name, node.inputs[0].name)
+            quantized_outputs.add(node.outputs[0].name)
 
     roots: dict[str, int] = {}
     group_of = {t: roots.setdefault(uf.find(t), len(roots)) for t in order}

@@ -81,6 +81,9 @@ def collect_statistics(
         "calibrating",
         total=limit,
     ):
+        if not names:  # nothing to observe; still validate every batch
+            batches += 1
+            continue
         try:
             values = sess.run(names, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
