@@ -207,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-preset", help="image preprocessing preset for an image folder")
     p.add_argument("--calib-limit", type=int, help="use at most this many calibration batches")
     p.add_argument(
-        "--calibrator", default="minmax", choices=["minmax", "percentile", "mse", "entropy"]
+        "--calibrator",
+        default="percentile",
+        choices=["minmax", "percentile", "mse", "entropy"],
+        help="activation range estimator (default percentile 99.99; minmax suits transformers)",
     )
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (per channel)")

@@ -38,7 +38,7 @@ INT4_OPSET = 21
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    method: RangeMethod = RangeMethod.MINMAX
+    method: RangeMethod = RangeMethod.PERCENTILE
     percentile: float = 99.99
     limit: int | None = None  # batches
     image_preset: str | None = None

@@ -131,6 +131,9 @@ def entropy_range(hist: RunningHistogram, bits: int = 8) -> tuple[float, float]:
     half = hist.bins // 2
     # Fold the signed histogram onto |x|: bin i of `absolute` covers [i*w, (i+1)*w].
     absolute = counts[half:] + counts[:half][::-1]
+    # Exact zeros (half of every post-ReLU tensor) are represented exactly by any quantizer;
+    # left in, their spike dominates the KL and drags the threshold far too low.
+    absolute[0] = 0.0
     levels = 2 ** (bits - 1)
     width = hist.half_range / half
     best_kl, best_t = np.inf, absolute.size
