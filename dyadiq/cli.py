@@ -247,9 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DyadiqError as exc:
-        Console(stderr=True).print(
-            f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}"
-        )
+        Console(stderr=True).print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}")
         return 2
 
 

@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--train-limit", type=int, help="train on the first N images only (a smoke run)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -63,6 +66,8 @@ def main() -> int:
     data = pathlib.Path(args.data)
     x_train = torch.from_numpy(preprocess(load_idx(data / "train-images-idx3-ubyte.gz")))
     y_train = torch.from_numpy(load_idx(data / "train-labels-idx1-ubyte.gz").astype(np.int64))
+    if args.train_limit:
+        x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
     x_test = torch.from_numpy(preprocess(load_idx(data / "t10k-images-idx3-ubyte.gz")))
     y_test = torch.from_numpy(load_idx(data / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
 

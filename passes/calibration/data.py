@@ -83,7 +83,8 @@ def _imagenet(image: Any) -> np.ndarray:
     img = image.convert("RGB")
     w, h = img.size
     scale = 256 / min(w, h)
-    img = img.resize((max(224, round(w * scale)), max(224, round(h * scale))), Image.Resampling.BILINEAR)
+    size = (max(224, round(w * scale)), max(224, round(h * scale)))
+    img = img.resize(size, Image.Resampling.BILINEAR)
     w, h = img.size
     left, top = (w - 224) // 2, (h - 224) // 2
     pixels = np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0

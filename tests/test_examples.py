@@ -1,0 +1,53 @@
+"""Every script in examples/ runs here (the training script in a one-epoch smoke mode)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from dyadiq.zoo._install import ensure_torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.realmodel
+def test_python_api_example(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import quantize_with_python_api as example
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    metrics = example.main(tmp_path)
+    assert metrics["W8A8"]["accuracy"] > 0.9
+    assert metrics["W4A8"]["accuracy"] > 0.85
+
+
+@pytest.mark.realmodel
+def test_training_script_smoke(tmp_path):
+    ensure_torch()  # installs the local CPU wheel when missing, as the zoo does
+    subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "train_fashion_cnn.py"),
+            "--epochs",
+            "1",
+            "--train-limit",
+            "512",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    session = ort.InferenceSession(str(tmp_path / "fashion_cnn.onnx"))
+    assert session.get_inputs()[0].shape[1:] == [1, 28, 28]
+
+
+def test_every_example_is_tested():
+    tested = {"quantize_with_python_api.py", "train_fashion_cnn.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
