@@ -161,6 +161,7 @@ def evaluate(
     Returns metrics per model name: :func:`classification_metrics` (with ``accuracy`` when the
     zoo model has labels) or :func:`embedding_metrics`, each plus ``samples``.
     """
+    from dyadiq.progress import track
     from dyadiq.zoo import Task
 
     if "float" in models:
@@ -170,7 +171,8 @@ def evaluate(
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     labels: list[np.ndarray] = []
     has_labels = True
-    for feeds, lab in artifacts.evaluation_batches(limit):
+    batches = artifacts.evaluation_batches(limit)
+    for feeds, lab in track(batches, f"evaluating {len(sessions)} models", total=None):
         for name, sess in sessions.items():
             outputs[name].append(_run(sess, feeds, name))
         if lab is None:

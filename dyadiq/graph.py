@@ -108,16 +108,23 @@ def weight_channel_axis(node: gs.Node) -> int:
 
 
 def assign_stable_ids(graph: gs.Graph) -> None:
-    """Give every node a unique, non-empty name: its id for the rest of the pipeline."""
-    seen: set[str] = set()
+    """Give every node a unique, non-empty name: its id for the rest of the pipeline.
+
+    Names that are already unique are kept, so re-importing a graph (after an opset
+    conversion that inserts unnamed nodes) never renames a node a plan refers to.
+    """
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    taken = {name for name, n in counts.items() if name and n == 1}
     for index, node in enumerate(graph.nodes):
-        name = node.name
-        if not name or name in seen:
-            name = f"{node.op}_{index}"
-            while name in seen:
-                name += "_"
-            node.name = name
-        seen.add(name)
+        if node.name and counts[node.name] == 1:
+            continue
+        name = f"{node.op}_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
 
 
 def make_constant(name: str, array: np.ndarray) -> gs.Constant:

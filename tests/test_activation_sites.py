@@ -55,3 +55,22 @@ def test_activation_bits_follow_the_consumer_layer():
     # f feeds the 4-bit-activation Gemm, but r/p/f are one group: the group takes the widest.
     assert sites.group_bits[sites.group_of["f"]] == 8
     assert sites.group_bits[sites.group_of["y"]] == 8
+
+
+def test_stable_ids_keep_unique_names_and_never_collide():
+    import onnx_graphsurgeon as gs
+
+    from dyadiq.graph import assign_stable_ids
+
+    x = gs.Variable("x", np.float32, [1])
+    nodes = [
+        gs.Node("Relu", "", inputs=[x], outputs=[gs.Variable("a", np.float32, [1])]),
+        gs.Node("Relu", "Relu_0", inputs=[x], outputs=[gs.Variable("b", np.float32, [1])]),
+        gs.Node("Relu", "dup", inputs=[x], outputs=[gs.Variable("c", np.float32, [1])]),
+        gs.Node("Relu", "dup", inputs=[x], outputs=[gs.Variable("d", np.float32, [1])]),
+    ]
+    graph = gs.Graph(nodes=nodes, inputs=[x])
+    assign_stable_ids(graph)
+    names = [n.name for n in graph.nodes]
+    assert names[1] == "Relu_0"  # an existing unique name is never taken away
+    assert len(set(names)) == 4 and all(names)
