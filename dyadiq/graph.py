@@ -107,6 +107,19 @@ def weight_channel_axis(node: gs.Node) -> int:
     return axis
 
 
+def activation_bounds(node: gs.Node) -> tuple[float, float]:
+    """The real interval a Relu or Clip node clamps to (constant bounds only)."""
+    if QGraph.kind(node) is OpKind.RELU:
+        return 0.0, np.inf
+    bounds = [-np.inf, np.inf]
+    if "min" in node.attrs:  # opset < 11 keeps bounds as attributes
+        bounds = [float(node.attrs["min"]), float(node.attrs.get("max", np.inf))]
+    for i, tensor in enumerate(node.inputs[1:3]):
+        if isinstance(tensor, gs.Constant):
+            bounds[i] = float(np.asarray(tensor.values).reshape(()))
+    return bounds[0], bounds[1]
+
+
 def assign_stable_ids(graph: gs.Graph) -> None:
     """Give every node a unique, non-empty name: its id for the rest of the pipeline.
 

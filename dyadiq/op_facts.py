@@ -169,6 +169,8 @@ OP_FACTS.update(
         OpKind.TRANSPOSE: _SHARES,
         OpKind.SQUEEZE: _SHARES,
         OpKind.UNSQUEEZE: _SHARES,
+        OpKind.HARD_SIGMOID: OpFacts(quantizable=True),  # affine + clip: dyadic
+        OpKind.HARD_SWISH: OpFacts(quantizable=True),  # fixed-point gate, see integerize
         OpKind.RELU: OpFacts(fusable_activation=True),
         OpKind.CLIP: OpFacts(fusable_activation=True),
     }

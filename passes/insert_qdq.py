@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from dyadiq.graph import QGraph, make_constant, weight_channel_axis
+from dyadiq.graph import QGraph, activation_bounds, make_constant, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.plan import PrecisionPlan
@@ -39,18 +39,6 @@ def _code_dtype(bits: int, signed: bool) -> np.dtype:
     if bits <= 4:
         return np.dtype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
     return np.dtype(np.int8 if signed else np.uint8)
-
-
-def _clip_bounds(node: gs.Node) -> tuple[float, float]:
-    if QGraph.kind(node) is OpKind.RELU:
-        return 0.0, np.inf
-    bounds = [-np.inf, np.inf]
-    if "min" in node.attrs:  # opset < 11 keeps bounds as attributes
-        bounds = [float(node.attrs["min"]), float(node.attrs.get("max", np.inf))]
-    for i, tensor in enumerate(node.inputs[1:3]):
-        if isinstance(tensor, gs.Constant):
-            bounds[i] = float(np.asarray(tensor.values).reshape(()))
-    return bounds[0], bounds[1]
 
 
 def group_quantizers(
@@ -143,7 +131,7 @@ def _quantize_bias(
 
 
 def _remove_implied_activation(graph: QGraph, layer: gs.Node, act: gs.Node, q: ActQuant) -> bool:
-    lo, hi = _clip_bounds(act)
+    lo, hi = activation_bounds(act)
     rep_lo, rep_hi = q.representable_range()
     if not (lo <= rep_lo and rep_hi <= hi):
         return False

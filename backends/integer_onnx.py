@@ -1,0 +1,244 @@
+"""Integer-only ONNX backend: an :class:`IntegerProgram` as standard ONNX ops.
+
+Only default-domain ops: ConvInteger / MatMulInteger (int32 accumulation), integer Add / Sub /
+Mul, Cast, Clip, ReduceSum, MaxPool and an exact floor shift. ONNX's BitShift is unsigned only,
+so the arithmetic shift of a signed int64 ``t`` (|t| < 2^62) is written as
+
+    (t + 2^62) as uint64 >> k, back to int64, minus 2^62 >> k
+
+which equals floor(t / 2^k) exactly because 2^62 is a multiple of 2^k. No float op runs
+between the input's QuantizeLinear and the outputs' DequantizeLinear except listed float
+islands. Stock onnxruntime runs the result; it must equal the reference interpreter bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dyadiq import integer_program as ip
+from dyadiq.errors import DyadiqError
+
+OFFSET = 1 << 62
+OPSET = 21
+
+
+class _Builder:
+    def __init__(self, program: ip.IntegerProgram) -> None:
+        self.program = program
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.counter = 0
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}__{self.counter}"
+
+    def const(self, hint: str, value: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str, **attrs: object) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def cast(self, x: str, to: int) -> str:
+        return self.node("Cast", [x], "cast", to=to)
+
+    def centered(self, codes: str, zero_point: int) -> str:
+        wide = self.cast(codes, TensorProto.INT64)
+        if zero_point == 0:
+            return wide
+        return self.node("Sub", [wide, self.const("zp", np.int64(zero_point))], "centered")
+
+    def channel(self, values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+        shape = [1] * ndim
+        if values.size > 1:
+            shape[axis % ndim] = values.size
+        return values.astype(np.int64).reshape(shape)
+
+    def shift(self, t: str, mult: np.ndarray, shift: np.ndarray, ndim: int, axis: int) -> str:
+        """(t * m + 2^(k-1)) >> k for int64 t, as an exact floor shift (module docstring)."""
+        m = self.channel(np.atleast_1d(mult), ndim, axis)
+        k = self.channel(np.atleast_1d(shift), ndim, axis)
+        rounding = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
+        product = self.node("Mul", [t, self.const("m", m)], "scaled")
+        biased = self.node("Add", [product, self.const("round", rounding + OFFSET)], "biased")
+        unsigned = self.cast(biased, TensorProto.UINT64)
+        shifted = self.node(
+            "BitShift", [unsigned, self.const("k", k.astype(np.uint64))], "shifted", direction="RIGHT"
+        )
+        signed = self.cast(shifted, TensorProto.INT64)
+        return self.node("Sub", [signed, self.const("unbias", OFFSET >> k)], "floor")
+
+    def finish(self, t: str, zero_point: int, lo: int, hi: int, output: str) -> None:
+        """Add the zero point, clip to [lo, hi] and cast to the output's code type."""
+        shifted = self.node("Add", [t, self.const("zp", np.int64(zero_point))], "zp")
+        clipped = self.node(
+            "Clip",
+            [shifted, self.const("lo", np.int64(lo)), self.const("hi", np.int64(hi))],
+            "clip",
+        )
+        to = TensorProto.INT8 if self.program.quant[output].signed else TensorProto.UINT8
+        self.nodes.append(helper.make_node("Cast", [clipped], [output], name=output, to=to))
+
+    def requant(self, acc: str, rq: ip.Requant, ndim: int, output: str) -> None:
+        self.finish(self.shift(acc, rq.mult, rq.shift, ndim, rq.axis), rq.zero_point, rq.lo, rq.hi, output)
+
+    def zero_point_const(self, codes: str) -> str:
+        q = self.program.quant[codes]
+        return self.const("xzp", np.array(q.zero_point, np.int8 if q.signed else np.uint8))
+
+    def ndim(self, codes: str) -> int:
+        return len(self.program.shapes[codes])
+
+
+def _lower(b: _Builder, op: ip.IntOp) -> None:
+    q = b.program.quant
+    if isinstance(op, ip.QuantizeInput | ip.Quantize):
+        qo = q[op.output]
+        scale = b.const("scale", np.float32(qo.scale))
+        zp = b.zero_point_const(op.output)
+        b.nodes.append(helper.make_node("QuantizeLinear", [op.input, scale, zp], [op.output], name=op.output))
+    elif isinstance(op, ip.Dequantize):
+        qi = q[op.input]
+        scale = b.const("scale", np.float32(qi.scale))
+        zp = b.zero_point_const(op.input)
+        b.nodes.append(helper.make_node("DequantizeLinear", [op.input, scale, zp], [op.output], name=op.output))
+    elif isinstance(op, ip.Conv):
+        weight = b.const("weight", op.weight.astype(np.int8))
+        acc = b.node(
+            "ConvInteger",
+            [op.input, weight, b.zero_point_const(op.input)],
+            "conv",
+            strides=list(op.strides),
+            pads=list(op.pads),
+            dilations=list(op.dilations),
+            group=op.group,
+        )
+        acc = b.cast(acc, TensorProto.INT64)
+        if op.bias is not None:
+            acc = b.node("Add", [acc, b.const("bias", op.bias.astype(np.int64).reshape(1, -1, 1, 1))], "biased_acc")
+        b.requant(acc, op.requant, 4, op.output)
+    elif isinstance(op, ip.MatMul):
+        if op.weight is not None:
+            rhs, rhs_zp = b.const("weight", op.weight.astype(np.int8)), b.const("wzp", np.int8(0))
+        else:
+            assert op.weight_input is not None
+            rhs, rhs_zp = op.weight_input, b.zero_point_const(op.weight_input)
+        acc = b.node("MatMulInteger", [op.input, rhs, b.zero_point_const(op.input), rhs_zp], "matmul")
+        acc = b.cast(acc, TensorProto.INT64)
+        if op.bias is not None:
+            acc = b.node("Add", [acc, b.const("bias", op.bias.astype(np.int64))], "biased_acc")
+        b.requant(acc, op.requant, b.ndim(op.output), op.output)
+    elif isinstance(op, ip.Add):
+        ndim = b.ndim(op.output)
+        terms = [
+            b.shift(b.centered(name, zp), np.array(m), np.array(k), ndim, 1)
+            for name, zp, m, k in zip(op.inputs, op.zero_points, op.mults, op.shifts, strict=True)
+        ]
+        total = b.node("Add", terms, "sum")
+        b.finish(total, op.zero_point, op.lo, op.hi, op.output)
+    elif isinstance(op, ip.Mul):
+        a = b.centered(op.inputs[0], op.zero_points[0])
+        c = b.centered(op.inputs[1], op.zero_points[1])
+        b.requant(b.node("Mul", [a, c], "product"), op.requant, b.ndim(op.output), op.output)
+    elif isinstance(op, ip.GlobalAvgPool):
+        v = b.centered(op.input, op.input_zero_point)
+        total = b.node("ReduceSum", [v, b.const("axes", np.array([2, 3], np.int64))], "sum", keepdims=1)
+        b.requant(total, op.requant, 4, op.output)
+    elif isinstance(op, ip.HardSigmoid):
+        rq = op.requant
+        v = b.centered(op.input, op.input_zero_point)
+        affine = b.shift(v, rq.mult, rq.shift, b.ndim(op.output), rq.axis)
+        b.finish(affine, rq.zero_point + op.offset, rq.lo, rq.hi, op.output)
+    elif isinstance(op, ip.HardSwish):
+        ndim = b.ndim(op.output)
+        v = b.centered(op.input, op.input_zero_point)
+        one = 1 << op.frac_bits
+        gate = b.shift(v, np.array(op.gate_mult), np.array(op.gate_shift), ndim, 1)
+        gate = b.node("Add", [gate, b.const("half", np.int64(one >> 1))], "gate")
+        gate = b.node("Clip", [gate, b.const("zero", np.int64(0)), b.const("one", np.int64(one))], "gate_clip")
+        b.requant(b.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
+    elif isinstance(op, ip.MaxPool):
+        b.nodes.append(
+            helper.make_node(
+                "MaxPool", [op.input], [op.output], name=op.output,
+                kernel_shape=list(op.kernel), strides=list(op.strides), pads=list(op.pads),
+            )
+        )
+    elif isinstance(op, ip.Clip):
+        dtype = np.int8 if q[op.output].signed else np.uint8
+        b.nodes.append(
+            helper.make_node(
+                "Clip",
+                [op.input, b.const("lo", np.array(op.lo, dtype)), b.const("hi", np.array(op.hi, dtype))],
+                [op.output],
+                name=op.output,
+            )
+        )
+    elif isinstance(op, ip.Reshape):
+        shape = b.const("shape", np.array(op.shape, np.int64))
+        b.nodes.append(helper.make_node("Reshape", [op.input, shape], [op.output], name=op.output))
+    elif isinstance(op, ip.Transpose):
+        b.nodes.append(helper.make_node("Transpose", [op.input], [op.output], name=op.output, perm=list(op.perm)))
+    elif isinstance(op, ip.Concat):
+        b.nodes.append(helper.make_node("Concat", list(op.inputs), [op.output], name=op.output, axis=op.axis))
+    elif isinstance(op, ip.FloatIsland):
+        b.nodes.extend(op.nodes)
+        b.initializers.extend(op.initializers)
+    else:  # pragma: no cover - the union is closed
+        raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
+
+
+_ONNX_TYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
+}
+
+
+def _dims(shape: tuple[int, ...]) -> list[int | str]:
+    return ["N" if (i == 0 and d == 0) else d for i, d in enumerate(shape)]
+
+
+def export_integer_onnx(program: ip.IntegerProgram, *, integer_outputs: bool = True) -> onnx.ModelProto:
+    """The ONNX model; ``integer_outputs`` also exposes each output's codes as ``NAME_codes``."""
+    if program.opset > OPSET:
+        raise DyadiqError(f"float islands need opset {program.opset} > {OPSET}")
+    b = _Builder(program)
+    for op in program.ops:
+        _lower(b, op)
+    inputs = [
+        helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], _dims(shape))
+        for name, (dtype, shape) in program.inputs.items()
+    ]
+    def output_dims(name: str) -> list[int | str] | None:
+        codes = program.int_outputs.get(name)
+        return _dims(program.shapes[codes]) if codes is not None else None
+
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, output_dims(name))
+        for name in program.outputs
+    ]
+    if integer_outputs:
+        for name, codes in program.int_outputs.items():
+            alias = f"{name}_codes"
+            b.nodes.append(helper.make_node("Identity", [codes], [alias], name=alias))
+            dtype = TensorProto.INT8 if program.quant[codes].signed else TensorProto.UINT8
+            outputs.append(helper.make_tensor_value_info(alias, dtype, output_dims(name)))
+    graph = helper.make_graph(b.nodes, "dyadiq_integer", inputs, outputs, b.initializers)
+    # Float islands keep the source graph's op versions; integer ops need opset >= 16
+    # (BitShift on uint64, Clip on int64): ops stable from the island's opset up to 21.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(program.opset, 16))])
+    model.producer_name = "dyadiq"
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise DyadiqError(f"internal error: the integer model fails onnx.checker: {exc}") from exc
+    return model

@@ -1,0 +1,234 @@
+"""The integer program: what an integer-only model computes, independent of any backend.
+
+It is a topologically ordered list of integer ops over named integer tensors. Each integer
+tensor carries the quantizer (:class:`ActQuant`) that maps its codes to reals, but no op ever
+uses a scale at run time: every real factor has been turned into a dyadic ``Requant`` at
+construction. The reference interpreter (:mod:`dyadiq.reference_interpreter`) defines the
+semantics; backends (integer ONNX, TVM, microcontroller C) lower this same program and are
+checked bit for bit against the reference.
+
+Float islands are explicit: ``Dequantize`` -> a float ONNX subgraph -> ``Quantize``, and the
+program lists them, so "fully integer" is a property one can check (``float_ops`` is empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from dyadiq.quantizers import ActQuant
+
+
+@dataclass(frozen=True)
+class Requant:
+    """``clip(((acc * m + 2^(k-1)) >> k) + zero_point, lo, hi)``, m and k per channel."""
+
+    mult: np.ndarray  # int64, shape (C,) or (1,)
+    shift: np.ndarray  # int64, same shape
+    zero_point: int
+    lo: int
+    hi: int
+    axis: int = 1  # channel axis of the accumulator the per-channel values apply to
+
+
+@dataclass(frozen=True)
+class QuantizeInput:
+    """Float input -> codes: round-half-even(x / s) + z, saturated (ONNX QuantizeLinear)."""
+
+    output: str
+    input: str  # float tensor name
+
+
+@dataclass(frozen=True)
+class Conv:
+    output: str
+    input: str
+    input_zero_point: int
+    weight: np.ndarray  # int8 codes (b-bit values in an int8 container), OIHW
+    bias: np.ndarray | None  # int32 at scale s_x * s_w[c]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+    requant: Requant
+    weight_bits: int = 8
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """``(x - zx) @ (w - zw) + bias``; ``weight`` is a constant [K, N] or another tensor."""
+
+    output: str
+    input: str
+    input_zero_point: int
+    requant: Requant
+    weight: np.ndarray | None = None  # int8 [K, N] for a weighted layer
+    weight_input: str | None = None  # activation x activation (attention)
+    weight_zero_point: int = 0
+    bias: np.ndarray | None = None
+    weight_bits: int = 8
+
+
+@dataclass(frozen=True)
+class Add:
+    """Residual add: both inputs rescaled to the output scale dyadically, then summed."""
+
+    output: str
+    inputs: tuple[str, str]
+    zero_points: tuple[int, int]
+    mults: tuple[int, int]
+    shifts: tuple[int, int]
+    zero_point: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Mul:
+    """``requant((a - za) * (b - zb))`` with broadcasting (SE blocks, hard-swish gates)."""
+
+    output: str
+    inputs: tuple[str, str]
+    zero_points: tuple[int, int]
+    requant: Requant
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool:
+    """Sum over H, W of (x - z); 1/N is folded into the dyadic multiplier."""
+
+    output: str
+    input: str
+    input_zero_point: int
+    requant: Requant
+
+
+@dataclass(frozen=True)
+class HardSigmoid:
+    """``clip(alpha * x + beta, 0, 1)``: an affine map (dyadic) plus a constant, clipped."""
+
+    output: str
+    input: str
+    input_zero_point: int
+    requant: Requant  # multiplier alpha * s_x / s_y; lo/hi encode the 0 and 1 bounds
+    offset: int  # round(beta / s_y)
+
+
+@dataclass(frozen=True)
+class HardSwish:
+    """``x * clip(x/6 + 1/2, 0, 1)`` in fixed point with ``frac_bits`` fractional bits.
+
+    gate = clip(requant(v; s_x * 2^F / 6) + 2^(F-1), 0, 2^F),  v = q_x - z_x
+    y = requant(v * gate; s_x / (2^F * s_y)) + z_y
+    """
+
+    output: str
+    input: str
+    input_zero_point: int
+    gate_mult: int
+    gate_shift: int
+    frac_bits: int
+    requant: Requant
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    output: str
+    input: str
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Clip:
+    output: str
+    input: str
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Reshape:
+    output: str
+    input: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Transpose:
+    output: str
+    input: str
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Concat:
+    output: str
+    inputs: tuple[str, ...]
+    axis: int
+
+
+@dataclass(frozen=True)
+class Dequantize:
+    """Codes -> float at a float island's entry or a model output."""
+
+    output: str  # float tensor name
+    input: str
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Float island output -> codes (round half to even, as ONNX QuantizeLinear)."""
+
+    output: str
+    input: str  # float tensor name
+
+
+@dataclass(frozen=True)
+class FloatIsland:
+    """Float ONNX nodes run as they are, between Dequantize and Quantize ops."""
+
+    nodes: tuple[onnx.NodeProto, ...]
+    initializers: tuple[onnx.TensorProto, ...]
+    inputs: tuple[str, ...]  # float tensor names it reads
+    outputs: tuple[str, ...]  # float tensor names it produces
+
+
+IntOp = (
+    QuantizeInput
+    | Conv
+    | MatMul
+    | Add
+    | Mul
+    | GlobalAvgPool
+    | HardSigmoid
+    | HardSwish
+    | MaxPool
+    | Clip
+    | Reshape
+    | Transpose
+    | Concat
+    | Dequantize
+    | Quantize
+    | FloatIsland
+)
+
+
+@dataclass
+class IntegerProgram:
+    ops: list[IntOp]
+    quant: dict[str, ActQuant]  # every integer tensor -> its quantizer
+    shapes: dict[str, tuple[int, ...]]
+    inputs: dict[str, tuple[np.dtype, tuple[int, ...]]]  # model (float or int) inputs
+    outputs: list[str]  # model outputs (float, after Dequantize)
+    int_outputs: dict[str, str] = field(default_factory=dict)  # output -> its integer codes
+    float_ops: list[str] = field(default_factory=list)  # "op_type node_id" run in float
+    notes: list[str] = field(default_factory=list)
+    opset: int = 21  # of the float islands' nodes, copied from the source graph
+
+    def code_dtype(self, tensor: str) -> np.dtype:
+        q = self.quant[tensor]
+        return np.dtype(np.int8 if q.signed else np.uint8)

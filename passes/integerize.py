@@ -1,0 +1,470 @@
+"""Rewrite: a calibrated, planned graph -> an :class:`IntegerProgram` (HAWQ-V3 dyadic).
+
+Preconditions: BatchNorm folded, hard-swish canonicalized, and the activation quantizers of the
+QDQ simulator computed for the same plan (``insert_qdq``), so that the integer model quantizes
+exactly the tensors the simulator quantizes, with the same scales and zero points.
+
+Per op (v = q - z, the zero-point-free codes):
+- weighted Conv / Gemm / MatMul: acc = sum(v_x * q_w) + q_b  (int32, q_b = round(b/(s_x s_w)));
+  y = clip(requant(acc; s_x s_w[c] / s_y) + z_y, lo, hi), fused Relu/Clip bounds in lo/hi;
+- Add: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y;  Mul: requant(v_a v_b; s_a s_b/s_y);
+- GlobalAveragePool: requant(sum_hw v; s_x / (H W s_y));  HardSigmoid, HardSwish in fixed point;
+- MaxPool, Reshape-likes, Transpose, Concat: on codes (they share one scale).
+Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
+Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from dyadiq import integer_program as ip
+from dyadiq.dyadic import dyadic
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
+from dyadiq.op_facts import OpKind
+from dyadiq.passes.activation_sites import ActivationSites
+from dyadiq.plan import PrecisionPlan
+from dyadiq.quantizers import ActQuant, quantize_weight_per_channel
+
+HARD_SWISH_FRAC_BITS = 15
+INT32_LIMIT = 2**31 - 1
+
+
+class AccumulatorOverflowError(UnsupportedModelError):
+    """A layer's int32 accumulator could overflow for some input."""
+
+
+def _requant(
+    multiplier: float | np.ndarray, out: ActQuant, axis: int = 1, bounds: tuple[int, int] | None = None
+) -> ip.Requant:
+    mult, shift = dyadic(multiplier)
+    lo, hi = bounds if bounds is not None else (out.qmin, out.qmax)
+    return ip.Requant(mult, shift, out.zero_point, lo, hi, axis)
+
+
+def _code_bounds(out: ActQuant, real_lo: float, real_hi: float) -> tuple[int, int]:
+    """Integer clip bounds for a real interval, as Q(clip(x)) = clip(Q(x), Q(lo), Q(hi))."""
+    lo, hi = out.qmin, out.qmax
+    if np.isfinite(real_lo):
+        lo = max(lo, int(np.round(real_lo / out.scale)) + out.zero_point)
+    if np.isfinite(real_hi):
+        hi = min(hi, int(np.round(real_hi / out.scale)) + out.zero_point)
+    return lo, hi
+
+
+def _static_shape(tensor: gs.Tensor) -> tuple[int, ...]:
+    """Static dims; a dynamic leading (batch) dim becomes 0, ONNX Reshape's "copy" marker."""
+    dims = []
+    for i, d in enumerate(tensor.shape or ()):
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        elif i == 0:
+            dims.append(0)
+        else:
+            raise UnsupportedModelError(f"tensor {tensor.name} has a dynamic dim {d} at axis {i}")
+    return tuple(dims)
+
+
+class _Integerizer:
+    def __init__(
+        self,
+        graph: QGraph,
+        plan: PrecisionPlan,
+        sites: ActivationSites,
+        params: Mapping[str, ActQuant],
+    ) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.sites = sites
+        self.params = params
+        self.ops: list[ip.IntOp] = []
+        self.quant: dict[str, ActQuant] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.int_name: dict[str, str] = {}
+        self.float_ready: set[str] = set()
+        self.float_ops: list[str] = []
+        self.absorbed = set(sites.fused_activations.values())
+
+    # --- tensor availability -----------------------------------------------------------------
+    def codes(self, tensor: gs.Tensor) -> str:
+        """The integer codes of a quantized float tensor, quantizing a float value if needed."""
+        name = tensor.name
+        if name in self.int_name:
+            return self.int_name[name]
+        if name not in self.params or name not in self.float_ready:
+            raise UnsupportedModelError(f"internal: {name} has no integer form")
+        codes = f"{name}_q"
+        self.quant[codes] = self.params[name]
+        self.shapes[codes] = _static_shape(tensor)
+        graph_inputs = {t.name for t in self.graph.graph.inputs}
+        op_type = ip.QuantizeInput if name in graph_inputs else ip.Quantize
+        self.ops.append(op_type(codes, name))
+        self.int_name[name] = codes
+        return codes
+
+    def real(self, tensor: gs.Tensor) -> str:
+        """The float value of a tensor, dequantizing integer codes if needed."""
+        name = tensor.name
+        if name not in self.float_ready:
+            self.ops.append(ip.Dequantize(name, self.int_name[name]))
+            self.float_ready.add(name)
+        return name
+
+    def define(self, tensor: gs.Tensor) -> tuple[str, ActQuant]:
+        """Declare the integer codes an op produces for the quantized tensor ``tensor``."""
+        codes = f"{tensor.name}_q"
+        self.int_name[tensor.name] = codes
+        self.quant[codes] = self.params[tensor.name]
+        self.shapes[codes] = _static_shape(tensor)
+        return codes, self.params[tensor.name]
+
+    def q(self, tensor: gs.Tensor) -> ActQuant:
+        return self.params[tensor.name]
+
+    # --- dispatch ----------------------------------------------------------------------------
+    def run(self) -> ip.IntegerProgram:
+        g = self.graph.graph
+        g.toposort()
+        for tensor in g.inputs:
+            self.float_ready.add(tensor.name)
+        self._check_overflow()
+        for node in g.nodes:
+            if node.name in self.absorbed:
+                continue
+            if not self._lower(node):
+                self._float(node)
+        outputs = [t.name for t in g.outputs]
+        int_outputs = {}
+        for name in outputs:
+            if name in self.int_name:
+                int_outputs[name] = self.int_name[name]
+                if name not in self.float_ready:
+                    self.ops.append(ip.Dequantize(name, self.int_name[name]))
+        inputs = {
+            t.name: (np.dtype(t.dtype), _static_shape(t)) for t in g.inputs if isinstance(t, gs.Variable)
+        }
+        return ip.IntegerProgram(
+            self.ops,
+            self.quant,
+            self.shapes,
+            inputs,
+            outputs,
+            int_outputs,
+            self.float_ops,
+            opset=self.graph.opset,
+        )
+
+    def _quantized(self, *tensors: gs.Tensor) -> bool:
+        return all(t.name in self.params for t in tensors)
+
+    def _lower(self, node: gs.Node) -> bool:
+        kind = self.graph.kind(node)
+        weight = self.graph.weight(node)
+        if weight is not None and kind in (OpKind.CONV, OpKind.GEMM, OpKind.MATMUL):
+            if node.name not in self.plan.layers:
+                return False
+            return self._weighted(node, kind, weight)
+        data = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        out = node.outputs[0]
+        if not data or not self._quantized(*data, out):
+            return False
+        if kind is OpKind.MATMUL and len(data) == 2:
+            return self._act_matmul(node)
+        lowering = {
+            OpKind.ADD: self._add,
+            OpKind.MUL: self._mul,
+            OpKind.GLOBAL_AVGPOOL: self._gap,
+            OpKind.HARD_SIGMOID: self._hard_sigmoid,
+            OpKind.HARD_SWISH: self._hard_swish,
+            OpKind.MAXPOOL: self._maxpool,
+            OpKind.CONCAT: self._concat,
+            OpKind.TRANSPOSE: self._transpose,
+            OpKind.RESHAPE: self._reshape,
+            OpKind.FLATTEN: self._reshape,
+            OpKind.SQUEEZE: self._reshape,
+            OpKind.UNSQUEEZE: self._reshape,
+            OpKind.RELU: self._clip,
+            OpKind.CLIP: self._clip,
+        }.get(kind)
+        return lowering(node) if lowering is not None else False
+
+    def _float(self, node: gs.Node) -> None:
+        inputs = [self.real(t) for t in node.inputs if isinstance(t, gs.Variable) and t.name]
+        initializers = tuple(
+            OnnxExporter.export_tensor_proto(t) for t in node.inputs if isinstance(t, gs.Constant)
+        )
+        proto = OnnxExporter.export_node(node)
+        outputs = tuple(t.name for t in node.outputs)
+        self.ops.append(ip.FloatIsland((proto,), initializers, tuple(inputs), outputs))
+        self.float_ready.update(outputs)
+        self.float_ops.append(f"{node.op} {node.name}")
+
+    # --- weighted layers ---------------------------------------------------------------------
+    def _layer_output(self, node: gs.Node) -> tuple[gs.Tensor, tuple[float, float]]:
+        act_id = self.sites.fused_activations.get(node.name)
+        if act_id is None:
+            return node.outputs[0], (-np.inf, np.inf)
+        act = self.graph.node(act_id)
+        return act.outputs[0], activation_bounds(act)
+
+    def _quantized_weight(self, node: gs.Node, weight: gs.Constant, kind: OpKind) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+        bits = self.plan.layers[node.name].weight_bits
+        wq = quantize_weight_per_channel(
+            np.asarray(weight.values, np.float32), bits, weight_channel_axis(node)
+        )
+        codes = wq.values
+        if kind is OpKind.GEMM and weight_channel_axis(node) == 0:
+            codes = codes.T  # stored [N, K] (transB): the integer MatMul wants [K, N]
+        facts = self.graph.facts(node)
+        bias = None
+        if facts.bias_input is not None and facts.bias_input < len(node.inputs):
+            b = node.inputs[facts.bias_input]
+            if isinstance(b, gs.Constant):
+                s_x = self.q(node.inputs[0]).scale
+                scales = wq.scales.astype(np.float32) * np.float32(s_x)
+                bias = np.round(np.asarray(b.values, np.float64) / scales).astype(np.int64)
+        return np.ascontiguousarray(codes), wq.scales, bias, bits
+
+    def _weighted(self, node: gs.Node, kind: OpKind, weight: gs.Constant) -> bool:
+        x = node.inputs[0]
+        out, (real_lo, real_hi) = self._layer_output(node)
+        if not self._quantized(x, out):
+            return False
+        if kind is OpKind.GEMM and (
+            int(node.attrs.get("transA", 0))
+            or float(node.attrs.get("alpha", 1.0)) != 1.0
+            or float(node.attrs.get("beta", 1.0)) != 1.0
+        ):
+            return False
+        codes, w_scales, bias, bits = self._quantized_weight(node, weight, kind)
+        if bias is not None:
+            bias = bias.astype(np.int32)
+        x_codes = self.codes(x)
+        qx = self.q(x)
+        out_codes, qy = self.define(out)
+        bounds = _code_bounds(qy, real_lo, real_hi)
+        multiplier = qx.scale * w_scales.astype(np.float64) / qy.scale
+        if kind is OpKind.CONV:
+            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                raise UnsupportedModelError(f"{node.name}: auto_pad is not supported; simplify first")
+            spatial = codes.ndim - 2
+            if spatial != 2:
+                return False
+            self.ops.append(
+                ip.Conv(
+                    out_codes,
+                    x_codes,
+                    qx.zero_point,
+                    codes,
+                    bias,
+                    tuple(node.attrs.get("strides", [1] * spatial)),
+                    tuple(node.attrs.get("pads", [0] * 2 * spatial)),
+                    tuple(node.attrs.get("dilations", [1] * spatial)),
+                    int(node.attrs.get("group", 1)),
+                    _requant(multiplier, qy, axis=1, bounds=bounds),
+                    bits,
+                )
+            )
+        else:
+            self.ops.append(
+                ip.MatMul(
+                    out_codes,
+                    x_codes,
+                    qx.zero_point,
+                    _requant(multiplier, qy, axis=-1, bounds=bounds),
+                    weight=codes,
+                    bias=bias,
+                    weight_bits=bits,
+                )
+            )
+        return True
+
+    def _check_overflow(self) -> None:
+        """Bound |acc| over all inputs: sum_k |q_w[c, k]| * max|v_x| + |q_b[c]| < 2^31."""
+        risky = []
+        for layer_id in self.plan.layers:
+            node = self.graph.node(layer_id)
+            weight = self.graph.weight(node)
+            x = node.inputs[0]
+            if weight is None or x.name not in self.params:
+                continue
+            kind = self.graph.kind(node)
+            codes, _, bias, _ = self._quantized_weight(node, weight, kind)
+            qx = self.params[x.name]
+            vmax = max(abs(qx.qmin - qx.zero_point), abs(qx.qmax - qx.zero_point))
+            per_channel = (
+                np.abs(codes.astype(np.int64)).reshape(codes.shape[0], -1).sum(axis=1)
+                if kind is OpKind.CONV
+                else np.abs(codes.astype(np.int64)).sum(axis=0)
+            )
+            bound = per_channel * vmax + (np.abs(bias) if bias is not None else 0)
+            if bound.max() > INT32_LIMIT:
+                risky.append(f"{layer_id} (worst-case |acc| {int(bound.max()):,})")
+        if risky:
+            raise AccumulatorOverflowError(
+                "int32 accumulators could overflow in: " + "; ".join(risky)
+                + ". Lower the weight or activation bits of these layers, or keep them in float."
+            )
+
+    # --- activation ops ----------------------------------------------------------------------
+    def _act_matmul(self, node: gs.Node) -> bool:
+        a, b = node.inputs[0], node.inputs[1]
+        qa, qb = self.q(a), self.q(b)
+        a_codes, b_codes = self.codes(a), self.codes(b)
+        out_codes, qy = self.define(node.outputs[0])
+        self.ops.append(
+            ip.MatMul(
+                out_codes,
+                a_codes,
+                qa.zero_point,
+                _requant(qa.scale * qb.scale / qy.scale, qy, axis=-1),
+                weight_input=b_codes,
+                weight_zero_point=qb.zero_point,
+            )
+        )
+        return True
+
+    def _add(self, node: gs.Node) -> bool:
+        a, b = node.inputs[0], node.inputs[1]
+        if not self._quantized(a, b):
+            return False  # a constant operand: runs in float (bias adds fuse in a later pass)
+        qa, qb = self.q(a), self.q(b)
+        a_codes, b_codes = self.codes(a), self.codes(b)
+        out_codes, qy = self.define(node.outputs[0])
+        ma, ka = dyadic(qa.scale / qy.scale)
+        mb, kb = dyadic(qb.scale / qy.scale)
+        self.ops.append(
+            ip.Add(
+                out_codes,
+                (a_codes, b_codes),
+                (qa.zero_point, qb.zero_point),
+                (int(ma[0]), int(mb[0])),
+                (int(ka[0]), int(kb[0])),
+                qy.zero_point,
+                qy.qmin,
+                qy.qmax,
+            )
+        )
+        return True
+
+    def _mul(self, node: gs.Node) -> bool:
+        a, b = node.inputs[0], node.inputs[1]
+        if not self._quantized(a, b):
+            return False
+        qa, qb = self.q(a), self.q(b)
+        a_codes, b_codes = self.codes(a), self.codes(b)
+        out_codes, qy = self.define(node.outputs[0])
+        rq = _requant(qa.scale * qb.scale / qy.scale, qy)
+        self.ops.append(ip.Mul(out_codes, (a_codes, b_codes), (qa.zero_point, qb.zero_point), rq))
+        return True
+
+    def _gap(self, node: gs.Node) -> bool:
+        x = node.inputs[0]
+        shape = _static_shape(x)
+        count = int(np.prod(shape[2:]))
+        qx = self.q(x)
+        x_codes = self.codes(x)
+        out_codes, qy = self.define(node.outputs[0])
+        rq = _requant(qx.scale / (count * qy.scale), qy)
+        self.ops.append(ip.GlobalAvgPool(out_codes, x_codes, qx.zero_point, rq))
+        return True
+
+    def _hard_sigmoid(self, node: gs.Node) -> bool:
+        x = node.inputs[0]
+        alpha = float(node.attrs.get("alpha", 0.2))
+        beta = float(node.attrs.get("beta", 0.5))
+        qx = self.q(x)
+        x_codes = self.codes(x)
+        out_codes, qy = self.define(node.outputs[0])
+        bounds = _code_bounds(qy, 0.0, 1.0)
+        rq = _requant(alpha * qx.scale / qy.scale, qy, bounds=bounds)
+        offset = int(np.round(beta / qy.scale))
+        self.ops.append(ip.HardSigmoid(out_codes, x_codes, qx.zero_point, rq, offset))
+        return True
+
+    def _hard_swish(self, node: gs.Node) -> bool:
+        x = node.inputs[0]
+        qx = self.q(x)
+        x_codes = self.codes(x)
+        out_codes, qy = self.define(node.outputs[0])
+        frac = HARD_SWISH_FRAC_BITS
+        gm, gk = dyadic(qx.scale * 2**frac / 6.0)
+        rq = _requant(qx.scale / (2**frac * qy.scale), qy)
+        self.ops.append(
+            ip.HardSwish(out_codes, x_codes, qx.zero_point, int(gm[0]), int(gk[0]), frac, rq)
+        )
+        return True
+
+    def _same_scale(self, node: gs.Node, tensors: list[gs.Tensor]) -> bool:
+        q = {self.q(t) for t in tensors}
+        if len(q) != 1:
+            raise UnsupportedModelError(f"internal: {node.name} inputs/outputs differ in scale")
+        return True
+
+    def _maxpool(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        if int(node.attrs.get("ceil_mode", 0)) or any(d != 1 for d in node.attrs.get("dilations", [1])):
+            return False
+        self._same_scale(node, [x, out])
+        kernel = tuple(node.attrs["kernel_shape"])
+        x_codes = self.codes(x)
+        out_codes, _ = self.define(out)
+        self.ops.append(
+            ip.MaxPool(
+                out_codes,
+                x_codes,
+                kernel,
+                tuple(node.attrs.get("strides", [1] * len(kernel))),
+                tuple(node.attrs.get("pads", [0] * 2 * len(kernel))),
+            )
+        )
+        return True
+
+    def _concat(self, node: gs.Node) -> bool:
+        self._same_scale(node, [*node.inputs, node.outputs[0]])
+        inputs = tuple(self.codes(t) for t in node.inputs)
+        out_codes, _ = self.define(node.outputs[0])
+        self.ops.append(ip.Concat(out_codes, inputs, int(node.attrs.get("axis", 0))))
+        return True
+
+    def _transpose(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        self._same_scale(node, [x, out])
+        x_codes = self.codes(x)
+        out_codes, _ = self.define(out)
+        perm = tuple(node.attrs.get("perm", range(len(x.shape or ()))[::-1]))
+        self.ops.append(ip.Transpose(out_codes, x_codes, perm))
+        return True
+
+    def _reshape(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        self._same_scale(node, [x, out])
+        x_codes = self.codes(x)
+        out_codes, _ = self.define(out)
+        self.ops.append(ip.Reshape(out_codes, x_codes, _static_shape(out)))
+        return True
+
+    def _clip(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        if self.q(x) != self.q(out):
+            return False  # a different output scale needs a requantization: run it in float
+        lo, hi = _code_bounds(self.q(out), *activation_bounds(node))
+        x_codes = self.codes(x)
+        out_codes, _ = self.define(out)
+        self.ops.append(ip.Clip(out_codes, x_codes, lo, hi))
+        return True
+
+
+def integerize(
+    graph: QGraph,
+    plan: PrecisionPlan,
+    sites: ActivationSites,
+    params: Mapping[str, ActQuant],
+) -> ip.IntegerProgram:
+    """Build the integer program for ``plan`` (see the module docstring)."""
+    return _Integerizer(graph, plan, sites, params).run()
