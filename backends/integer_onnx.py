@@ -189,7 +189,8 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         b.nodes.append(helper.make_node("Concat", list(op.inputs), [op.output], name=op.output, axis=op.axis))
     elif isinstance(op, ip.FloatIsland):
         b.nodes.extend(op.nodes)
-        b.initializers.extend(op.initializers)
+        known = {t.name for t in b.initializers}
+        b.initializers.extend(t for t in op.initializers if t.name not in known)
     else:  # pragma: no cover - the union is closed
         raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
 
@@ -218,9 +219,8 @@ def export_integer_onnx(program: ip.IntegerProgram, *, integer_outputs: bool = T
         helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], _dims(shape))
         for name, (dtype, shape) in program.inputs.items()
     ]
-    def output_dims(name: str) -> list[int | str] | None:
-        codes = program.int_outputs.get(name)
-        return _dims(program.shapes[codes]) if codes is not None else None
+    def output_dims(name: str) -> list[int | str]:
+        return _dims(program.shapes[name])
 
     outputs = [
         helper.make_tensor_value_info(name, TensorProto.FLOAT, output_dims(name))

@@ -69,6 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dyadiq.passes.calibration.observers import RangeMethod
     from dyadiq.pipeline import CalibrationConfig, quantize
+    from dyadiq.plan import PrecisionPlan
 
     artifacts = None
     if args.zoo:
@@ -105,6 +106,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         exclude=frozenset(args.exclude),
         config=config,
         input_shapes=_parse_shapes(args.input_shape) or None,
+        plan=PrecisionPlan.load(Path(args.plan)) if args.plan else None,
+        integer=args.integer,
     )
     out = Path(args.output)
     report = json.loads((out / "report.json").read_text())
@@ -120,7 +123,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
     from dyadiq.evaluation import evaluate
 
-    models = {f"dyadiq W{args.wbits}A{args.abits}": out / "model.qdq.onnx"}
+    label = "dyadiq plan" if args.plan else f"dyadiq W{args.wbits}A{args.abits}"
+    models = {label: out / "model.qdq.onnx"}
+    if args.integer:
+        models[f"{label} integer"] = out / "model.int.onnx"
     if args.compare_ort:
         from dyadiq.ort_baseline import quantize_static_baseline
 
@@ -143,6 +149,16 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
         f"{sizes['float_model_bytes']:,} B float -> {sizes['qdq_model_bytes']:,} B QDQ; "
         f"{report['timings']['total_s']:.1f} s"
     )
+    integer = report.get("integer")
+    if integer:
+        exact = integer.get("bit_exact_vs_reference", {})
+        agreement = integer.get("qdq_vs_integer", {})
+        console.print(
+            f"  integer model: {'fully integer' if integer['fully_integer'] else 'float ops: '}"
+            f"{', '.join(integer['float_ops'])}; bit-exact vs reference "
+            f"{exact.get('exact_outputs', 0)}/{exact.get('outputs', 0)} outputs; "
+            f"QDQ vs integer max {agreement.get('max_output_diff_lsb', float('nan')):.1f} LSB"
+        )
     if report["float_layers"]:
         console.print(f"  kept in float: {', '.join(f['id'] for f in report['float_layers'])}")
     metrics = report.get("metrics")
@@ -153,7 +169,10 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
             cells = [_fmt(m.get(name)) for m in metrics.values()]
             table.add_row(name, *cells)
         console.print(table)
-    console.print(f"  wrote {out / 'model.qdq.onnx'}, {out / 'plan.json'}, {out / 'report.json'}")
+    written = ["model.qdq.onnx", "plan.json", "report.json"]
+    if integer:
+        written.insert(1, "model.int.onnx")
+    console.print(f"  wrote {', '.join(str(out / name) for name in written)}")
 
 
 def _fmt(value: float | None) -> str:
@@ -218,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-dtype", default="uint8", choices=["uint8", "int8"])
     p.add_argument("--exclude", action="append", default=[], metavar="NODE_ID")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
+    p.add_argument(
+        "--integer",
+        action="store_true",
+        help="also write model.int.onnx: integer-only (dyadic), verified bit-exact",
+    )
     p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
     p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")

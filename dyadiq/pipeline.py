@@ -9,30 +9,37 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from dyadiq.backends.onnx_qdq import write_qdq
+from dyadiq.backends.integer_onnx import export_integer_onnx
+from dyadiq.backends.onnx_qdq import export_qdq, write_qdq
+from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.frontends.onnx_frontend import ModelSource, load_onnx, read_model, upgrade_opset
 from dyadiq.graph import QGraph
-from dyadiq.io import prepare_output_dir, write_text_atomic
+from dyadiq.integer_program import IntegerProgram
+from dyadiq.io import prepare_output_dir, save_model_atomic, write_text_atomic
 from dyadiq.passes.activation_sites import ActivationSites, find_activation_sites
 from dyadiq.passes.calibration.collector import (
     CalibrationStatistics,
     StatisticsRequest,
     collect_statistics,
 )
-from dyadiq.passes.calibration.data import CalibrationSource
+from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RangeMethod, estimate_range
+from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
+from dyadiq.passes.fold_batch_norm import fold_batch_norm
 from dyadiq.passes.insert_qdq import QDQResult, insert_qdq
+from dyadiq.passes.integerize import integerize
 from dyadiq.plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
 
-QDQ_MIN_OPSET = 13  # per-axis DequantizeLinear
+QDQ_MIN_OPSET = 14  # per-axis DequantizeLinear (13), HardSwish (14)
 INT4_OPSET = 21
 
 
@@ -53,6 +60,7 @@ class QuantizeResult:
     qdq: QDQResult
     statistics: CalibrationStatistics
     model: onnx.ModelProto | None = None
+    program: IntegerProgram | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,10 +78,22 @@ def calibrated_ranges(
     }
 
 
-def prepare_graph(graph: QGraph, plan: PrecisionPlan) -> QGraph:
-    """Upgrade the opset when the plan's formats need a newer one."""
-    target = INT4_OPSET if plan.uses_4bit_types else QDQ_MIN_OPSET
-    return upgrade_opset(graph, target)
+def prepare_graph(graph: QGraph, *, needs_int4: bool = False) -> QGraph:
+    """Float rewrites every backend wants: opset upgrade, BN folding, hard-swish as one op.
+
+    Returns a new graph; node ids of weighted layers are unchanged, so plans made on either
+    graph apply to both.
+    """
+    target = INT4_OPSET if needs_int4 else QDQ_MIN_OPSET
+    prepared = upgrade_opset(graph, target)
+    prepared = prepared.copy() if prepared is graph else prepared
+    folded = fold_batch_norm(prepared)
+    if folded.folded:
+        prepared.notes.append(f"folded {len(folded.folded)} BatchNorm/Mul/Add node(s)")
+    swish = canonicalize_hard_swish(prepared)
+    if swish.rewritten:
+        prepared.notes.append(f"rewrote {len(swish.rewritten)} nodes into HardSwish")
+    return prepared
 
 
 def quantize_graph(
@@ -85,7 +105,7 @@ def quantize_graph(
     """Calibrate and insert QDQ for ``plan``; returns the simulator graph and what it used."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    graph = prepare_graph(graph, plan)
+    graph = prepare_graph(graph, needs_int4=plan.uses_4bit_types)
     sites = find_activation_sites(graph, plan)
     request = StatisticsRequest(frozenset(sites.tensors), bins=config.bins)
     statistics = collect_statistics(
@@ -99,6 +119,37 @@ def quantize_graph(
     return QuantizeResult(graph, plan, sites, qdq, statistics, timings=timings)
 
 
+def _check_batches(
+    calibration: CalibrationSource, graph: QGraph, image_preset: str | None, count: int
+) -> list[dict[str, Any]]:
+    """A few calibration batches to verify the integer model on (re-reading the source)."""
+    if isinstance(calibration, Sequence) and not isinstance(calibration, str):
+        return [dict(b) for b in list(calibration)[:count]]
+    if isinstance(calibration, str | Path):
+        specs = graph.input_specs()
+        return list(validated_batches(calibration, specs, image_preset=image_preset, limit=count))
+    return []
+
+
+def build_integer(
+    result: QuantizeResult, check_batches: list[dict[str, Any]]
+) -> tuple[IntegerProgram, onnx.ModelProto, dict[str, Any]]:
+    """Integerize a quantized result, export it, and verify it against the reference."""
+    program = integerize(result.graph, result.plan, result.sites, result.qdq.act_params)
+    model = export_integer_onnx(program)
+    report: dict[str, Any] = {
+        "float_ops": program.float_ops,
+        "fully_integer": not program.float_ops,
+        "weights_stored_as": "int8 containers (codes of 2..8 bits)",
+        "check_batches": len(check_batches),
+    }
+    if check_batches:
+        report["bit_exact_vs_reference"] = bit_exactness(program, model, check_batches)
+        qdq_model = result.model if result.model is not None else export_qdq(result.qdq.graph)
+        report["qdq_vs_integer"] = simulation_agreement(program, qdq_model, model, check_batches)
+    return program, model, report
+
+
 def quantize(
     model: ModelSource,
     output_dir: Path,
@@ -110,16 +161,29 @@ def quantize(
     exclude: frozenset[str] = frozenset(),
     config: CalibrationConfig = CalibrationConfig(),
     input_shapes: dict[str, list[int]] | None = None,
+    plan: PrecisionPlan | None = None,
+    integer: bool = False,
+    check_batches: int = 8,
 ) -> QuantizeResult:
-    """Uniform quantization of a model file; writes plan.json, model.qdq.onnx, report.json."""
+    """Quantize a model file; writes plan.json, model.qdq.onnx, report.json and, with
+    ``integer``, model.int.onnx (verified bit-exact against the reference interpreter).
+
+    ``plan`` (e.g. a mixed-precision plan.json) replaces the uniform plan made from
+    ``weight_bits`` / ``act_bits`` / ``exclude``.
+    """
     inputs = [Path(model)] if not isinstance(model, onnx.ModelProto) else []
     out = prepare_output_dir(output_dir, *inputs)
     t0 = time.perf_counter()
     graph = load_onnx(model, input_shapes=input_shapes)
     load_s = time.perf_counter() - t0
-    plan = PrecisionPlan.uniform(
-        graph, weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed, exclude=exclude
-    )
+    if plan is None:
+        plan = PrecisionPlan.uniform(
+            graph,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            act_signed=act_signed,
+            exclude=exclude,
+        )
     result = quantize_graph(graph, plan, calibration, config)
     result.timings["load_s"] = load_s
     plan.save(out / "plan.json")
@@ -127,7 +191,15 @@ def quantize(
     result.model = write_qdq(result.qdq.graph, out / "model.qdq.onnx")
     result.timings["export_s"] = time.perf_counter() - t
     float_bytes = read_model(model)[0].ByteSize()
-    write_text_atomic(out / "report.json", json.dumps(build_report(result, float_bytes), indent=2))
+    report = build_report(result, float_bytes)
+    if integer:
+        t = time.perf_counter()
+        batches = _check_batches(calibration, graph, config.image_preset, check_batches)
+        result.program, int_model, report["integer"] = build_integer(result, batches)
+        save_model_atomic(int_model, out / "model.int.onnx")
+        report["sizes"]["integer_model_bytes"] = int_model.ByteSize()
+        result.timings["integer_s"] = time.perf_counter() - t
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     return result
 
 

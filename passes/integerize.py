@@ -133,12 +133,17 @@ class _Integerizer:
         for tensor in g.inputs:
             self.float_ready.add(tensor.name)
         self._check_overflow()
+        layer_of = {act: layer for layer, act in self.sites.fused_activations.items()}
+        lowered: set[str] = set()
         for node in g.nodes:
-            if node.name in self.absorbed:
-                continue
-            if not self._lower(node):
+            if node.name in self.absorbed and layer_of[node.name] in lowered:
+                continue  # its bounds are the lowered layer's clip
+            if self._lower(node):
+                lowered.add(node.name)
+            else:
                 self._float(node)
         outputs = [t.name for t in g.outputs]
+        self.shapes.update({t.name: _static_shape(t) for t in g.outputs})
         int_outputs = {}
         for name in outputs:
             if name in self.int_name:

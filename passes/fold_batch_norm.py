@@ -1,0 +1,115 @@
+"""Rewrite: fold inference BatchNormalization into the preceding Conv or Gemm.
+
+For y = BN(conv(x; W, b)) with per-channel gamma, beta, mean mu, variance var and epsilon:
+    sigma = sqrt(var + eps),  W' = W * gamma / sigma,  b' = (b - mu) * gamma / sigma + beta.
+The unfused form ``Mul(conv, a) -> Add(., c)`` with per-channel constants a, c folds the same
+way: W' = W * a, b' = b * a + c. Preconditions: the conv output has no other consumer, the
+BN/Mul/Add constants are per output channel, and the layer's weight is a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from dyadiq.graph import QGraph, weight_channel_axis
+
+
+@dataclass
+class FoldReport:
+    folded: list[str] = field(default_factory=list)  # ids of removed BN / Mul / Add nodes
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _per_channel(values: np.ndarray, channels: int, axis: int, ndim: int) -> np.ndarray | None:
+    """A constant that broadcasts per output channel, as a flat (C,) vector, or None."""
+    v = np.asarray(values, np.float64)
+    if v.size == 1:
+        return np.full(channels, float(v.reshape(())))
+    if v.size != channels:
+        return None
+    expected = [1] * ndim
+    expected[axis] = channels
+    squeezed = [d for d in v.shape]
+    if v.ndim == 1 or squeezed == expected[-v.ndim :]:
+        return v.reshape(channels)
+    return None
+
+
+def _scale_layer(graph: gs.Graph, layer: gs.Node, scale: np.ndarray, shift: np.ndarray) -> None:
+    weight = layer.inputs[1]
+    axis = weight_channel_axis(layer) % weight.values.ndim
+    shape = [1] * weight.values.ndim
+    shape[axis] = -1
+    new_w = (np.asarray(weight.values, np.float64) * scale.reshape(shape)).astype(np.float32)
+    bias = layer.inputs[2].values if len(layer.inputs) > 2 and isinstance(layer.inputs[2], gs.Constant) else np.zeros(scale.size)
+    new_b = (np.asarray(bias, np.float64) * scale + shift).astype(np.float32)
+    layer.inputs[1] = gs.Constant(f"{weight.name}_folded", new_w)
+    b_const = gs.Constant(f"{layer.name}_bias_folded", new_b)
+    if len(layer.inputs) > 2:
+        layer.inputs[2] = b_const
+    else:
+        layer.inputs.append(b_const)
+
+
+def _foldable_layer(graph: QGraph, tensor: gs.Tensor) -> gs.Node | None:
+    if not tensor.inputs or len(tensor.outputs) != 1 or tensor in graph.graph.outputs:
+        return None
+    layer = tensor.inputs[0]
+    if layer.op not in ("Conv", "Gemm") or not isinstance(layer.inputs[1], gs.Constant):
+        return None
+    if len(layer.inputs) > 2 and not isinstance(layer.inputs[2], gs.Constant):
+        return None
+    return layer
+
+
+def _bypass(node: gs.Node, layer: gs.Node) -> None:
+    result = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    layer.outputs[0] = result
+
+
+def fold_batch_norm(graph: QGraph) -> FoldReport:
+    """Fold in place (on the caller's copy of the graph)."""
+    report = FoldReport()
+    g = graph.graph
+    for node in list(g.nodes):
+        if node.op == "BatchNormalization":
+            layer = _foldable_layer(graph, node.inputs[0])
+            params = node.inputs[1:5]
+            if layer is None or not all(isinstance(p, gs.Constant) for p in params):
+                report.skipped.append((node.name, "input is not a foldable Conv/Gemm output"))
+                continue
+            if len(node.outputs) > 1 and any(t.outputs for t in node.outputs[1:]):
+                report.skipped.append((node.name, "training-mode outputs are used"))
+                continue
+            gamma, beta, mean, var = (np.asarray(p.values, np.float64) for p in params)
+            sigma = np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            scale = gamma / sigma
+            _scale_layer(g, layer, scale, beta - mean * scale)
+            _bypass(node, layer)
+            report.folded.append(node.name)
+        elif node.op == "Mul":
+            layer = _foldable_layer(graph, node.inputs[0])
+            const = node.inputs[1] if len(node.inputs) == 2 else None
+            if layer is None or not isinstance(const, gs.Constant):
+                continue
+            channels = layer.inputs[1].values.shape[weight_channel_axis(layer)]
+            ndim = len(node.inputs[0].shape or ()) or 4
+            a = _per_channel(const.values, channels, 1, ndim)
+            add = node.outputs[0].outputs[0] if len(node.outputs[0].outputs) == 1 else None
+            c = None
+            if add is not None and add.op == "Add" and isinstance(add.inputs[1], gs.Constant):
+                c = _per_channel(add.inputs[1].values, channels, 1, ndim)
+            if a is None or c is None or node.outputs[0] in g.outputs:
+                report.skipped.append((node.name, "not a per-channel Mul -> Add after a layer"))
+                continue
+            _scale_layer(g, layer, a, c)
+            _bypass(node, layer)
+            _bypass(add, layer)
+            report.folded.extend([node.name, add.name])
+    g.cleanup().toposort()
+    return report
