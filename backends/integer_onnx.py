@@ -13,6 +13,8 @@ islands. Stock onnxruntime runs the result; it must equal the reference interpre
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -35,12 +37,12 @@ class _Builder:
         self.counter += 1
         return f"{hint}__{self.counter}"
 
-    def const(self, hint: str, value: np.ndarray) -> str:
+    def const(self, hint: str, value: np.ndarray | np.generic) -> str:
         name = self.fresh(hint)
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def node(self, op: str, inputs: list[str], hint: str, **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
         out = self.fresh(hint)
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
@@ -69,7 +71,10 @@ class _Builder:
         biased = self.node("Add", [product, self.const("round", rounding + OFFSET)], "biased")
         unsigned = self.cast(biased, TensorProto.UINT64)
         shifted = self.node(
-            "BitShift", [unsigned, self.const("k", k.astype(np.uint64))], "shifted", direction="RIGHT"
+            "BitShift",
+            [unsigned, self.const("k", k.astype(np.uint64))],
+            "shifted",
+            direction="RIGHT",
         )
         signed = self.cast(shifted, TensorProto.INT64)
         return self.node("Sub", [signed, self.const("unbias", OFFSET >> k)], "floor")
@@ -86,7 +91,9 @@ class _Builder:
         self.nodes.append(helper.make_node("Cast", [clipped], [output], name=output, to=to))
 
     def requant(self, acc: str, rq: ip.Requant, ndim: int, output: str) -> None:
-        self.finish(self.shift(acc, rq.mult, rq.shift, ndim, rq.axis), rq.zero_point, rq.lo, rq.hi, output)
+        self.finish(
+            self.shift(acc, rq.mult, rq.shift, ndim, rq.axis), rq.zero_point, rq.lo, rq.hi, output
+        )
 
     def zero_point_const(self, codes: str) -> str:
         q = self.program.quant[codes]
@@ -102,12 +109,16 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         qo = q[op.output]
         scale = b.const("scale", np.float32(qo.scale))
         zp = b.zero_point_const(op.output)
-        b.nodes.append(helper.make_node("QuantizeLinear", [op.input, scale, zp], [op.output], name=op.output))
+        b.nodes.append(
+            helper.make_node("QuantizeLinear", [op.input, scale, zp], [op.output], name=op.output)
+        )
     elif isinstance(op, ip.Dequantize):
         qi = q[op.input]
         scale = b.const("scale", np.float32(qi.scale))
         zp = b.zero_point_const(op.input)
-        b.nodes.append(helper.make_node("DequantizeLinear", [op.input, scale, zp], [op.output], name=op.output))
+        b.nodes.append(
+            helper.make_node("DequantizeLinear", [op.input, scale, zp], [op.output], name=op.output)
+        )
     elif isinstance(op, ip.Conv):
         weight = b.const("weight", op.weight.astype(np.int8))
         acc = b.node(
@@ -121,7 +132,11 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         )
         acc = b.cast(acc, TensorProto.INT64)
         if op.bias is not None:
-            acc = b.node("Add", [acc, b.const("bias", op.bias.astype(np.int64).reshape(1, -1, 1, 1))], "biased_acc")
+            acc = b.node(
+                "Add",
+                [acc, b.const("bias", op.bias.astype(np.int64).reshape(1, -1, 1, 1))],
+                "biased_acc",
+            )
         b.requant(acc, op.requant, 4, op.output)
     elif isinstance(op, ip.MatMul):
         if op.weight is not None:
@@ -129,7 +144,9 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         else:
             assert op.weight_input is not None
             rhs, rhs_zp = op.weight_input, b.zero_point_const(op.weight_input)
-        acc = b.node("MatMulInteger", [op.input, rhs, b.zero_point_const(op.input), rhs_zp], "matmul")
+        acc = b.node(
+            "MatMulInteger", [op.input, rhs, b.zero_point_const(op.input), rhs_zp], "matmul"
+        )
         acc = b.cast(acc, TensorProto.INT64)
         if op.bias is not None:
             acc = b.node("Add", [acc, b.const("bias", op.bias.astype(np.int64))], "biased_acc")
@@ -148,7 +165,9 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         b.requant(b.node("Mul", [a, c], "product"), op.requant, b.ndim(op.output), op.output)
     elif isinstance(op, ip.GlobalAvgPool):
         v = b.centered(op.input, op.input_zero_point)
-        total = b.node("ReduceSum", [v, b.const("axes", np.array([2, 3], np.int64))], "sum", keepdims=1)
+        total = b.node(
+            "ReduceSum", [v, b.const("axes", np.array([2, 3], np.int64))], "sum", keepdims=1
+        )
         b.requant(total, op.requant, 4, op.output)
     elif isinstance(op, ip.HardSigmoid):
         rq = op.requant
@@ -161,13 +180,20 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         one = 1 << op.frac_bits
         gate = b.shift(v, np.array(op.gate_mult), np.array(op.gate_shift), ndim, 1)
         gate = b.node("Add", [gate, b.const("half", np.int64(one >> 1))], "gate")
-        gate = b.node("Clip", [gate, b.const("zero", np.int64(0)), b.const("one", np.int64(one))], "gate_clip")
+        gate = b.node(
+            "Clip", [gate, b.const("zero", np.int64(0)), b.const("one", np.int64(one))], "gate_clip"
+        )
         b.requant(b.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
     elif isinstance(op, ip.MaxPool):
         b.nodes.append(
             helper.make_node(
-                "MaxPool", [op.input], [op.output], name=op.output,
-                kernel_shape=list(op.kernel), strides=list(op.strides), pads=list(op.pads),
+                "MaxPool",
+                [op.input],
+                [op.output],
+                name=op.output,
+                kernel_shape=list(op.kernel),
+                strides=list(op.strides),
+                pads=list(op.pads),
             )
         )
     elif isinstance(op, ip.Clip):
@@ -175,7 +201,11 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         b.nodes.append(
             helper.make_node(
                 "Clip",
-                [op.input, b.const("lo", np.array(op.lo, dtype)), b.const("hi", np.array(op.hi, dtype))],
+                [
+                    op.input,
+                    b.const("lo", np.array(op.lo, dtype)),
+                    b.const("hi", np.array(op.hi, dtype)),
+                ],
                 [op.output],
                 name=op.output,
             )
@@ -184,9 +214,15 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         shape = b.const("shape", np.array(op.shape, np.int64))
         b.nodes.append(helper.make_node("Reshape", [op.input, shape], [op.output], name=op.output))
     elif isinstance(op, ip.Transpose):
-        b.nodes.append(helper.make_node("Transpose", [op.input], [op.output], name=op.output, perm=list(op.perm)))
+        b.nodes.append(
+            helper.make_node(
+                "Transpose", [op.input], [op.output], name=op.output, perm=list(op.perm)
+            )
+        )
     elif isinstance(op, ip.Concat):
-        b.nodes.append(helper.make_node("Concat", list(op.inputs), [op.output], name=op.output, axis=op.axis))
+        b.nodes.append(
+            helper.make_node("Concat", list(op.inputs), [op.output], name=op.output, axis=op.axis)
+        )
     elif isinstance(op, ip.FloatIsland):
         b.nodes.extend(op.nodes)
         known = {t.name for t in b.initializers}
@@ -208,7 +244,9 @@ def _dims(shape: tuple[int, ...]) -> list[int | str]:
     return ["N" if (i == 0 and d == 0) else d for i, d in enumerate(shape)]
 
 
-def export_integer_onnx(program: ip.IntegerProgram, *, integer_outputs: bool = True) -> onnx.ModelProto:
+def export_integer_onnx(
+    program: ip.IntegerProgram, *, integer_outputs: bool = True
+) -> onnx.ModelProto:
     """The ONNX model; ``integer_outputs`` also exposes each output's codes as ``NAME_codes``."""
     if program.opset > OPSET:
         raise DyadiqError(f"float islands need opset {program.opset} > {OPSET}")
@@ -219,6 +257,7 @@ def export_integer_onnx(program: ip.IntegerProgram, *, integer_outputs: bool = T
         helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], _dims(shape))
         for name, (dtype, shape) in program.inputs.items()
     ]
+
     def output_dims(name: str) -> list[int | str]:
         return _dims(program.shapes[name])
 
@@ -235,7 +274,9 @@ def export_integer_onnx(program: ip.IntegerProgram, *, integer_outputs: bool = T
     graph = helper.make_graph(b.nodes, "dyadiq_integer", inputs, outputs, b.initializers)
     # Float islands keep the source graph's op versions; integer ops need opset >= 16
     # (BitShift on uint64, Clip on int64): ops stable from the island's opset up to 21.
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(program.opset, 16))])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", max(program.opset, 16))]
+    )
     model.producer_name = "dyadiq"
     try:
         onnx.checker.check_model(model, full_check=True)

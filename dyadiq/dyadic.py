@@ -35,7 +35,7 @@ def dyadic(multiplier: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mult, shift
 
 
-def requantize(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def requantize(acc: np.ndarray, mult: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
     """``(acc * m + 2^(k-1)) >> k`` in int64; m and k broadcast against ``acc``."""
     acc = np.asarray(acc, dtype=np.int64)
     mult = np.asarray(mult, dtype=np.int64)

@@ -40,7 +40,7 @@ def _exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def conv_accumulate(v: np.ndarray, op: ip.Conv) -> np.ndarray:
     """Integer convolution of zero-point-free codes ``v`` (NCHW) with ``op.weight``."""
-    n, c, _, _ = v.shape
+    n = v.shape[0]
     o, cg, kh, kw = op.weight.shape
     top, left, bottom, right = op.pads[0], op.pads[1], op.pads[2], op.pads[3]
     v = np.pad(v, ((0, 0), (0, 0), (top, bottom), (left, right)))
@@ -203,8 +203,7 @@ def island_model(island: ip.FloatIsland, opset: int) -> onnx.ModelProto:
         onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in island.inputs
     ]
     outputs = [
-        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-        for n in island.outputs
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in island.outputs
     ]
     graph = onnx.helper.make_graph(
         list(island.nodes), "float_island", float_info, outputs, list(island.initializers)

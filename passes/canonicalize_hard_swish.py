@@ -49,7 +49,9 @@ def _other(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
     return others[0] if len(others) == 1 else None
 
 
-def _match_clip_form(clip_in_add: gs.Node, graph: gs.Graph) -> tuple[gs.Tensor, list[gs.Node], gs.Tensor] | None:
+def _match_clip_form(
+    clip_in_add: gs.Node, graph: gs.Graph
+) -> tuple[gs.Tensor, list[gs.Node], gs.Tensor] | None:
     add = clip_in_add
     x = next((t for t in add.inputs if _scalar(t) is None), None)
     if x is None or not _is(_other(add, x), 3.0):
@@ -72,7 +74,9 @@ def _match_clip_form(clip_in_add: gs.Node, graph: gs.Graph) -> tuple[gs.Tensor, 
     return x, [add, clip, mul, last], last.outputs[0]
 
 
-def _match_hard_sigmoid_form(hsig: gs.Node, graph: gs.Graph) -> tuple[gs.Tensor, list[gs.Node], gs.Tensor] | None:
+def _match_hard_sigmoid_form(
+    hsig: gs.Node, graph: gs.Graph
+) -> tuple[gs.Tensor, list[gs.Node], gs.Tensor] | None:
     alpha = float(hsig.attrs.get("alpha", 0.2))
     beta = float(hsig.attrs.get("beta", 0.5))
     if abs(alpha - 1 / 6) > _TOL or abs(beta - 0.5) > _TOL:
@@ -105,7 +109,9 @@ def canonicalize_hard_swish(graph: QGraph) -> RewriteReport:
         last.outputs.clear()
         for n in matched:
             n.inputs.clear()
-        g.nodes.append(gs.Node("HardSwish", f"{matched[0].name}/HardSwish", inputs=[x], outputs=[y]))
+        g.nodes.append(
+            gs.Node("HardSwish", f"{matched[0].name}/HardSwish", inputs=[x], outputs=[y])
+        )
         report.rewritten.extend(n.name for n in matched)
     g.cleanup().toposort()
     return report

@@ -44,7 +44,11 @@ def _scale_layer(graph: gs.Graph, layer: gs.Node, scale: np.ndarray, shift: np.n
     shape = [1] * weight.values.ndim
     shape[axis] = -1
     new_w = (np.asarray(weight.values, np.float64) * scale.reshape(shape)).astype(np.float32)
-    bias = layer.inputs[2].values if len(layer.inputs) > 2 and isinstance(layer.inputs[2], gs.Constant) else np.zeros(scale.size)
+    bias = (
+        layer.inputs[2].values
+        if len(layer.inputs) > 2 and isinstance(layer.inputs[2], gs.Constant)
+        else np.zeros(scale.size)
+    )
     new_b = (np.asarray(bias, np.float64) * scale + shift).astype(np.float32)
     layer.inputs[1] = gs.Constant(f"{weight.name}_folded", new_w)
     b_const = gs.Constant(f"{layer.name}_bias_folded", new_b)
@@ -104,7 +108,7 @@ def fold_batch_norm(graph: QGraph) -> FoldReport:
             c = None
             if add is not None and add.op == "Add" and isinstance(add.inputs[1], gs.Constant):
                 c = _per_channel(add.inputs[1].values, channels, 1, ndim)
-            if a is None or c is None or node.outputs[0] in g.outputs:
+            if a is None or c is None or add is None or node.outputs[0] in g.outputs:
                 report.skipped.append((node.name, "not a per-channel Mul -> Add after a layer"))
                 continue
             _scale_layer(g, layer, a, c)

@@ -21,7 +21,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph, activation_bounds, make_constant, weight_channel_axis
-from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ActQuant, activation_quant, quantize_weight_per_channel

@@ -40,7 +40,10 @@ class AccumulatorOverflowError(UnsupportedModelError):
 
 
 def _requant(
-    multiplier: float | np.ndarray, out: ActQuant, axis: int = 1, bounds: tuple[int, int] | None = None
+    multiplier: float | np.ndarray,
+    out: ActQuant,
+    axis: int = 1,
+    bounds: tuple[int, int] | None = None,
 ) -> ip.Requant:
     mult, shift = dyadic(multiplier)
     lo, hi = bounds if bounds is not None else (out.qmin, out.qmax)
@@ -151,7 +154,9 @@ class _Integerizer:
                 if name not in self.float_ready:
                     self.ops.append(ip.Dequantize(name, self.int_name[name]))
         inputs = {
-            t.name: (np.dtype(t.dtype), _static_shape(t)) for t in g.inputs if isinstance(t, gs.Variable)
+            t.name: (np.dtype(t.dtype), _static_shape(t))
+            for t in g.inputs
+            if isinstance(t, gs.Variable)
         }
         return ip.IntegerProgram(
             self.ops,
@@ -217,7 +222,9 @@ class _Integerizer:
         act = self.graph.node(act_id)
         return act.outputs[0], activation_bounds(act)
 
-    def _quantized_weight(self, node: gs.Node, weight: gs.Constant, kind: OpKind) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    def _quantized_weight(
+        self, node: gs.Node, weight: gs.Constant, kind: OpKind
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
         bits = self.plan.layers[node.name].weight_bits
         wq = quantize_weight_per_channel(
             np.asarray(weight.values, np.float32), bits, weight_channel_axis(node)
@@ -256,7 +263,9 @@ class _Integerizer:
         multiplier = qx.scale * w_scales.astype(np.float64) / qy.scale
         if kind is OpKind.CONV:
             if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-                raise UnsupportedModelError(f"{node.name}: auto_pad is not supported; simplify first")
+                raise UnsupportedModelError(
+                    f"{node.name}: auto_pad is not supported; simplify first"
+                )
             spatial = codes.ndim - 2
             if spatial != 2:
                 return False
@@ -312,7 +321,8 @@ class _Integerizer:
                 risky.append(f"{layer_id} (worst-case |acc| {int(bound.max()):,})")
         if risky:
             raise AccumulatorOverflowError(
-                "int32 accumulators could overflow in: " + "; ".join(risky)
+                "int32 accumulators could overflow in: "
+                + "; ".join(risky)
                 + ". Lower the weight or activation bits of these layers, or keep them in float."
             )
 
@@ -413,7 +423,9 @@ class _Integerizer:
 
     def _maxpool(self, node: gs.Node) -> bool:
         x, out = node.inputs[0], node.outputs[0]
-        if int(node.attrs.get("ceil_mode", 0)) or any(d != 1 for d in node.attrs.get("dilations", [1])):
+        if int(node.attrs.get("ceil_mode", 0)) or any(
+            d != 1 for d in node.attrs.get("dilations", [1])
+        ):
             return False
         self._same_scale(node, [x, out])
         kernel = tuple(node.attrs["kernel_shape"])
