@@ -156,7 +156,7 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
         console.print(
             f"  integer model: {'fully integer' if integer['fully_integer'] else 'float ops: '}"
             f"{', '.join(integer['float_ops'])}; bit-exact vs reference "
-            f"{exact.get('exact_outputs', 0)}/{exact.get('outputs', 0)} outputs; "
+            f"{exact.get('exact_tensors', 0)}/{exact.get('tensors', 0)} tensors; "
             f"QDQ vs integer max {agreement.get('max_output_diff_lsb', float('nan')):.1f} LSB"
         )
     if report["float_layers"]:

@@ -193,8 +193,10 @@ class FloatIsland:
 
     nodes: tuple[onnx.NodeProto, ...]
     initializers: tuple[onnx.TensorProto, ...]
-    inputs: tuple[str, ...]  # float tensor names it reads
-    outputs: tuple[str, ...]  # float tensor names it produces
+    inputs: tuple[str, ...]  # tensor names it reads (float, or e.g. int64 token ids)
+    outputs: tuple[str, ...]  # tensor names it produces
+    input_types: tuple[int, ...] = ()  # onnx.TensorProto element types, default FLOAT
+    output_types: tuple[int, ...] = ()
 
 
 IntOp = (

@@ -199,12 +199,15 @@ class ReferenceInterpreter:
 
 
 def island_model(island: ip.FloatIsland, opset: int) -> onnx.ModelProto:
-    float_info = [
-        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in island.inputs
-    ]
-    outputs = [
-        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in island.outputs
-    ]
+    def infos(names: tuple[str, ...], types: tuple[int, ...]) -> list[onnx.ValueInfoProto]:
+        types = types or (onnx.TensorProto.FLOAT,) * len(names)
+        return [
+            onnx.helper.make_tensor_value_info(n, t, None)
+            for n, t in zip(names, types, strict=True)
+        ]
+
+    float_info = infos(island.inputs, island.input_types)
+    outputs = infos(island.outputs, island.output_types)
     graph = onnx.helper.make_graph(
         list(island.nodes), "float_island", float_info, outputs, list(island.initializers)
     )
@@ -215,6 +218,7 @@ def island_session(island: ip.FloatIsland, opset: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(
         island_model(island, opset).SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

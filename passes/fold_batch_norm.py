@@ -33,7 +33,7 @@ def _per_channel(values: np.ndarray, channels: int, axis: int, ndim: int) -> np.
     expected = [1] * ndim
     expected[axis] = channels
     squeezed = [d for d in v.shape]
-    if v.ndim == 1 or squeezed == expected[-v.ndim :]:
+    if squeezed == expected[-v.ndim :]:  # a (C,) vector is per channel only on the last axis
         return v.reshape(channels)
     return None
 
@@ -49,8 +49,13 @@ def _scale_layer(graph: gs.Graph, layer: gs.Node, scale: np.ndarray, shift: np.n
         if len(layer.inputs) > 2 and isinstance(layer.inputs[2], gs.Constant)
         else np.zeros(scale.size)
     )
-    new_b = (np.asarray(bias, np.float64) * scale + shift).astype(np.float32)
-    layer.inputs[1] = gs.Constant(f"{weight.name}_folded", new_w)
+    bias = np.asarray(bias, np.float64)
+    if layer.op == "Gemm":  # Gemm adds beta * C: fold beta into the bias, then beta = 1
+        bias = bias * float(layer.attrs.get("beta", 1.0))
+        layer.attrs["beta"] = 1.0
+    new_b = (bias * scale + shift).astype(np.float32)
+    # named after the layer: two layers sharing one weight initializer each get their own
+    layer.inputs[1] = gs.Constant(f"{layer.name}_weight_folded", new_w)
     b_const = gs.Constant(f"{layer.name}_bias_folded", new_b)
     if len(layer.inputs) > 2:
         layer.inputs[2] = b_const
@@ -87,8 +92,9 @@ def fold_batch_norm(graph: QGraph) -> FoldReport:
             if layer is None or not all(isinstance(p, gs.Constant) for p in params):
                 report.skipped.append((node.name, "input is not a foldable Conv/Gemm output"))
                 continue
-            if len(node.outputs) > 1 and any(t.outputs for t in node.outputs[1:]):
-                report.skipped.append((node.name, "training-mode outputs are used"))
+            training = int(node.attrs.get("training_mode", 0))  # batch statistics, not params
+            if training or (len(node.outputs) > 1 and any(t.outputs for t in node.outputs[1:])):
+                report.skipped.append((node.name, "training mode uses batch statistics"))
                 continue
             gamma, beta, mean, var = (np.asarray(p.values, np.float64) for p in params)
             sigma = np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))

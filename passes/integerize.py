@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
@@ -71,6 +72,11 @@ def _static_shape(tensor: gs.Tensor) -> tuple[int, ...]:
         else:
             raise UnsupportedModelError(f"tensor {tensor.name} has a dynamic dim {d} at axis {i}")
     return tuple(dims)
+
+
+def _onnx_type(tensor: gs.Tensor) -> int:
+    dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+    return int(onnx.helper.np_dtype_to_tensor_dtype(dtype))
 
 
 class _Integerizer:
@@ -210,7 +216,17 @@ class _Integerizer:
         )
         proto = OnnxExporter.export_node(node)
         outputs = tuple(t.name for t in node.outputs)
-        self.ops.append(ip.FloatIsland((proto,), initializers, tuple(inputs), outputs))
+        tensors = self.graph.tensors()
+        self.ops.append(
+            ip.FloatIsland(
+                (proto,),
+                initializers,
+                tuple(inputs),
+                outputs,
+                tuple(_onnx_type(tensors[n]) for n in inputs),
+                tuple(_onnx_type(t) for t in node.outputs),
+            )
+        )
         self.float_ready.update(outputs)
         self.float_ops.append(f"{node.op} {node.name}")
 
