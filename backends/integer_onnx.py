@@ -26,12 +26,19 @@ OFFSET = 1 << 62
 OPSET = 21
 
 
+def model_opset(program: ip.IntegerProgram) -> int:
+    """Float islands keep the source graph's op versions; integer ops need opset >= 16
+    (BitShift on uint64, Clip on int64), all stable from there to 21."""
+    return max(program.opset, 16)
+
+
 class _Builder:
     def __init__(self, program: ip.IntegerProgram) -> None:
         self.program = program
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.counter = 0
+        self.opset = model_opset(program)
 
     def fresh(self, hint: str) -> str:
         self.counter += 1
@@ -184,6 +191,8 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
             "Clip", [gate, b.const("zero", np.int64(0)), b.const("one", np.int64(one))], "gate_clip"
         )
         b.requant(b.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
+    elif isinstance(op, ip.Softmax):
+        _softmax(b, op)
     elif isinstance(op, ip.MaxPool):
         b.nodes.append(
             helper.make_node(
@@ -231,6 +240,37 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
 
 
+def _softmax(b: _Builder, op: ip.Softmax) -> None:
+    """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
+    axes = b.const("axes", np.array([-1], np.int64))
+    v = b.cast(op.input, TensorProto.INT64)
+    if b.opset >= 18:
+        top = b.node("ReduceMax", [v, axes], "row_max", keepdims=1)
+    else:  # before opset 18 ReduceMax takes its axes as an attribute
+        top = b.node("ReduceMax", [v], "row_max", keepdims=1, axes=[-1])
+    d = b.node("Sub", [v, top], "d")
+    if op.upscale_bits:
+        d = b.node("Mul", [d, b.const("upscale", np.int64(1 << op.upscale_bits))], "d_fine")
+    neg = b.node("Neg", [d], "neg_d")
+    ln2 = b.const("ln2", np.int64(op.ln2_codes))
+    z = b.node("Div", [neg, ln2], "z")
+    p = b.node("Add", [d, b.node("Mul", [z, ln2], "z_ln2")], "p")
+    t = b.node("Add", [p, b.const("b", np.int64(op.b_codes))], "p_b")
+    poly = b.node("Add", [b.node("Mul", [t, t], "sq"), b.const("c", np.int64(op.c_codes))], "poly")
+    z_cap = b.node("Clip", [z, b.const("zero", np.int64(0)), b.const("cap", np.int64(30))], "z_cap")
+    e = b.node(
+        "BitShift",
+        [b.cast(poly, TensorProto.UINT64), b.cast(z_cap, TensorProto.UINT64)],
+        "exp",
+        direction="RIGHT",
+    )
+    e = b.cast(e, TensorProto.INT64)
+    total = b.node("ReduceSum", [e, axes], "row_sum", keepdims=1)
+    scaled = b.node("Mul", [e, b.const("one", np.int64(1 << op.frac_bits))], "scaled")
+    prob = b.node("Div", [scaled, total], "prob")
+    b.requant(prob, op.requant, b.ndim(op.output), op.output)
+
+
 _ONNX_TYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.int64): TensorProto.INT64,
@@ -272,8 +312,6 @@ def export_integer_onnx(
             dtype = TensorProto.INT8 if program.quant[codes].signed else TensorProto.UINT8
             outputs.append(helper.make_tensor_value_info(alias, dtype, output_dims(name)))
     graph = helper.make_graph(b.nodes, "dyadiq_integer", inputs, outputs, b.initializers)
-    # Float islands keep the source graph's op versions; integer ops need opset >= 16
-    # (BitShift on uint64, Clip on int64): ops stable from the island's opset up to 21.
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", max(program.opset, 16))]
     )

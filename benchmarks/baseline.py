@@ -63,6 +63,15 @@ ORT_SKIPS = {
         "sentences before its per-tensor threshold search (tens of GB, very slow on this machine)"
     ),
 }
+# The integer-only (dyadic) run: W8A8 with dyadiq's default calibrator (percentile), minmax on
+# MiniLM; its model.int.onnx is evaluated like every other model.
+INTEGER_METHOD = {"minilm": "minmax"}
+INTEGER_DEFAULT_METHOD = "percentile"
+# onnxruntime's quantize_dynamic (int8 weights, activations quantized at run time): the ORT
+# baseline a user would pick for a transformer.
+ORT_DYNAMIC_MODELS = ("minilm",)
+LATENCY_WARMUP = 3
+LATENCY_RUNS = 20
 MINILM_SCALING_SAMPLES = (64, 512)
 MINILM_PEAK_BOUND_MIB = 1500
 
@@ -87,7 +96,18 @@ def _npz_batches(calib_dir: Path, limit: int | None) -> Iterator[dict[str, np.nd
 def _worker(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     result: dict[str, Any] = {}
-    if spec["tool"] == "ort":
+    if spec["tool"] == "ort" and spec["method"] == "Dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        result["rss_after_imports_mib"] = _peak_rss_mib()
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(spec["model_path"], str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(str(prepared), spec["output"], weight_type=QuantType.QInt8)
+        result["wall_s"] = time.perf_counter() - t0
+    elif spec["tool"] == "ort":
         from dyadiq.ort_baseline import OrtCalibrator, quantize_static_baseline
 
         result["rss_after_imports_mib"] = _peak_rss_mib()
@@ -106,21 +126,46 @@ def _worker(spec_path: Path) -> None:
         result["rss_after_imports_mib"] = _peak_rss_mib()
         t0 = time.perf_counter()
         out_dir = Path(spec["output"]).parent
+        batches: Any = _npz_batches(Path(spec["calib_dir"]), spec["calib_limit"])
+        if spec.get("integer"):
+            # a list, so quantize() can re-read its first batches to check the integer model
+            batches = list(batches)
         quantize(
             Path(spec["model_path"]),
             out_dir,
-            _npz_batches(Path(spec["calib_dir"]), spec["calib_limit"]),
+            batches,
             weight_bits=spec["weight_bits"],
             act_bits=spec["act_bits"],
             config=CalibrationConfig(method=RangeMethod(spec["method"]), percentile=PERCENTILE),
+            integer=spec.get("integer", False),
         )
         result["wall_s"] = time.perf_counter() - t0
         report = json.loads((out_dir / "report.json").read_text())
         result["dyadiq_timings"] = report.get("timings")
         result["calibration_batches"] = report.get("calibration_batches")
+        if spec.get("integer"):
+            result["integer"] = _integer_summary(report.get("integer", {}))
     result["peak_rss_mib"] = _peak_rss_mib()
     result["peak_above_imports_mib"] = result["peak_rss_mib"] - result["rss_after_imports_mib"]
     Path(spec["result"]).write_text(json.dumps(result))
+
+
+def _integer_summary(section: dict[str, Any]) -> dict[str, Any]:
+    """The part of report.json's "integer" section the benchmark records."""
+    exact = section.get("bit_exact_vs_reference") or {}
+    agree = section.get("qdq_vs_integer") or {}
+    float_ops = section.get("float_ops")
+    return {
+        "fully_integer": section.get("fully_integer"),
+        "float_ops": len(float_ops) if isinstance(float_ops, list | dict) else float_ops,
+        "float_op_list": float_ops,
+        "check_batches": section.get("check_batches"),
+        "exact_tensors": exact.get("exact_tensors"),
+        "tensors": exact.get("tensors"),
+        "mismatches": exact.get("mismatches"),
+        "max_output_diff_lsb": agree.get("max_output_diff_lsb"),
+        "top1_agreement_qdq_vs_integer": agree.get("top1_agreement_qdq_vs_integer"),
+    }
 
 
 # --- parent: one quantization run in a watched subprocess --------------------------------------
@@ -156,6 +201,7 @@ def run_quantization(
         "weight_bits": spec.get("weight_bits", 8),
         "act_bits": spec.get("act_bits", 8),
         "calibration_limit": spec["calib_limit"],
+        "integer_only": bool(spec.get("integer", False)),
     }
     start = time.perf_counter()
     peak_seen = 0.0
@@ -190,11 +236,12 @@ def run_quantization(
         record["peak_rss_mib_observed"] = peak_seen
         Path(spec["output"]).unlink(missing_ok=True)
     log.info(
-        "  %-8s %-10s W%sA%s: %s (%.1fs, peak %.0f MiB)",
+        "  %-8s %-10s W%sA%s%s: %s (%.1fs, peak %.0f MiB)",
         record["tool"],
         record["method"],
         record["weight_bits"],
         record["act_bits"],
+        " integer" if record["integer_only"] else "",
         status,
         record.get("wall_s", record["process_wall_s"]),
         record.get("peak_rss_mib", peak_seen),
@@ -219,10 +266,12 @@ def materialise_calibration(artifacts: Any, folder: Path) -> dict[str, Any]:
     return {"batches": batches, "samples": samples, "bytes": nbytes}
 
 
-def _label(tool: str, method: str, weight_bits: int = 8, act_bits: int = 8) -> str:
+def _label(
+    tool: str, method: str, weight_bits: int = 8, act_bits: int = 8, integer: bool = False
+) -> str:
     if tool == "ort":
         return f"ort_{method.lower()}"
-    return f"dyadiq_w{weight_bits}a{act_bits}_{method}"
+    return f"dyadiq_w{weight_bits}a{act_bits}_{method}" + ("_integer" if integer else "")
 
 
 def _evaluate(
@@ -251,10 +300,14 @@ def _evaluate(
 
 
 def _best(runs: dict[str, dict[str, Any]], prefix: str, metric: str) -> str | None:
+    """Best QDQ run whose label starts with ``prefix`` (integer-only runs are not candidates)."""
     scored = [
         (r["metrics"][metric], name)
         for name, r in runs.items()
-        if name.startswith(prefix) and r.get("metrics") and metric in r["metrics"]
+        if name.startswith(prefix)
+        and not name.endswith("_integer")
+        and r.get("metrics")
+        and metric in r["metrics"]
     ]
     if not scored:
         return None
@@ -280,6 +333,41 @@ def _compare(runs: dict[str, dict[str, Any]], ours: str | None, theirs: str | No
     }
 
 
+def measure_latency(
+    artifacts: Any, models: dict[str, Path], *, runs: int, warmup: int
+) -> dict[str, Any]:
+    """Inference latency of each model on the first evaluation batch of the zoo feeds.
+
+    onnxruntime CPU sessions with 2 intra-op threads (as in the evaluation); ``warmup`` calls
+    each, then ``runs`` rounds in which every model runs once (round-robin, so load from other
+    jobs on the machine hits all models alike). Reports the median and ratios to float.
+    """
+    from dyadiq.evaluation import _run, _session
+
+    feeds, _ = next(iter(artifacts.evaluation_batches(None)))
+    sessions = {label: _session(path) for label, path in models.items()}
+    for label, sess in sessions.items():
+        for _ in range(warmup):
+            _run(sess, feeds, label)
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(runs):
+        for label, sess in sessions.items():
+            t = time.perf_counter()
+            _run(sess, feeds, label)
+            times[label].append(time.perf_counter() - t)
+    median = {label: float(np.median(ts)) * 1e3 for label, ts in times.items()}
+    base = median.get("float")
+    return {
+        "batch": int(next(iter(feeds.values())).shape[0]),
+        "threads": 2,
+        "warmup": warmup,
+        "runs": runs,
+        "median_ms": median,
+        "min_ms": {label: float(np.min(ts)) * 1e3 for label, ts in times.items()},
+        "ratio_to_float": {label: _ratio(m, base) for label, m in median.items()},
+    }
+
+
 def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq import zoo
 
@@ -294,10 +382,20 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     eval_limit = args.eval_limit
     watch = {"timeout_s": args.timeout, "mem_cap_mib": args.mem_cap_mib}
 
-    def spec(tool: str, method: str, wb: int = 8, ab: int = 8, limit: int | None = None):
-        label = _label(tool, method, wb, ab) + (f"_n{limit}" if limit is not None else "")
+    def spec(
+        tool: str,
+        method: str,
+        wb: int = 8,
+        ab: int = 8,
+        limit: int | None = None,
+        integer: bool = False,
+    ):
+        label = _label(tool, method, wb, ab, integer) + (f"_n{limit}" if limit is not None else "")
         out = work / name / label
-        output = out / "model.qdq.onnx" if tool == "dyadiq" else out / "model.onnx"
+        if tool == "dyadiq":
+            output = out / ("model.int.onnx" if integer else "model.qdq.onnx")
+        else:
+            output = out / "model.onnx"
         return label, {
             "tool": tool,
             "method": method,
@@ -307,6 +405,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
             "calib_dir": str(calib_dir),
             "calib_limit": limit,
             "output": str(output),
+            "integer": integer,
         }
 
     runs: dict[str, dict[str, Any]] = {}
@@ -317,9 +416,15 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
             log.info("  ort      %-10s %s", cal, runs[label]["status"])
             continue
         runs[label] = run_quantization(s, work / name / label / "_run", **watch)
+    if name in ORT_DYNAMIC_MODELS:
+        label, s = spec("ort", "Dynamic")
+        runs[label] = run_quantization(s, work / name / label / "_run", **watch)
     for method in DYADIQ_METHODS:
         label, s = spec("dyadiq", method)
         runs[label] = run_quantization(s, work / name / label / "_run", **watch)
+    int_method = INTEGER_METHOD.get(name, INTEGER_DEFAULT_METHOD)
+    int_label, s = spec("dyadiq", int_method, integer=True)
+    runs[int_label] = run_quantization(s, work / name / int_label / "_run", **watch)
 
     def ok(labels):
         return {lab: Path(runs[lab]["output"]) for lab in labels if runs[lab]["status"] == "ok"}
@@ -354,6 +459,41 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
 
     best_ort = _best(runs, "ort_", metric)
     best_w4 = _best(runs, "dyadiq_w4a8_", metric)
+
+    # Inference latency: float, best ORT, dyadiq QDQ and integer (same calibration), one run.
+    latency_models: dict[str, Path] = {"float": model_path}
+    roles = {"float": "float"}
+    int_run = runs[int_label]
+    if best_ort is not None:
+        latency_models[best_ort] = Path(runs[best_ort]["output"])
+        roles["ort_best"] = best_ort
+    if int_run["status"] == "ok":
+        qdq_label = int_label.removesuffix("_integer") + "_qdq"
+        latency_models[qdq_label] = Path(int_run["output"]).parent / "model.qdq.onnx"
+        latency_models[int_label] = Path(int_run["output"])
+        roles["dyadiq_qdq"] = qdq_label
+        roles["dyadiq_integer"] = int_label
+    try:
+        latency: dict[str, Any] = measure_latency(
+            artifacts, latency_models, runs=LATENCY_RUNS, warmup=LATENCY_WARMUP
+        )
+    except Exception as exc:
+        log.exception("  latency measurement failed")
+        latency = {"error": f"{type(exc).__name__}: {exc}"}
+    latency["roles"] = roles
+    if "median_ms" in latency:
+        log.info(
+            "  latency (median ms): %s",
+            ", ".join(f"{k} {v:.2f}" for k, v in latency["median_ms"].items()),
+        )
+    int_qdq = runs.get(int_label.removesuffix("_integer"), {})
+    integer_cmp = None
+    if int_run.get("metrics") and int_qdq.get("metrics"):
+        integer_cmp = {
+            "integer": int_label,
+            "qdq": int_label.removesuffix("_integer"),
+            f"{metric}_delta": int_run["metrics"][metric] - int_qdq["metrics"][metric],
+        }
     result: dict[str, Any] = {
         "model_path": str(model_path),
         "float_model_bytes": model_path.stat().st_size,
@@ -363,7 +503,14 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         "evaluation_limit": eval_limit,
         "float": metrics["float"],
         "runs": runs,
-        "best": {"ort": best_ort, "dyadiq_w8a8": best_w8, "dyadiq_w4a8": best_w4},
+        "best": {
+            "ort": best_ort,
+            "dyadiq_w8a8": best_w8,
+            "dyadiq_w4a8": best_w4,
+            "dyadiq_integer_w8a8": int_label,
+        },
+        "integer_vs_its_qdq": integer_cmp,
+        "latency": latency,
         "comparison": {
             "best_vs_best": _compare(runs, best_w8, best_ort, metric),
             "minmax_vs_minmax": _compare(
@@ -470,8 +617,33 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        return format(x, spec)
+        text = format(x, spec)
+        # a negative value that rounds to zero prints as "-0" / "-0.00": drop the sign
+        if text.startswith("-") and float(text.replace(",", "")) == 0:
+            text = text[1:]
+        return text
     return str(x)
+
+
+def _load_note(data: dict[str, Any]) -> str:
+    load = data.get("load_average") or {}
+    start = load.get("start")
+    if not start:
+        return ""
+    cpus = data["machine"].get("affinity_cpus") or data["machine"].get("nproc") or 1
+    text = "- load average (1 min) before the run " + f"{start[0]:.2f}"
+    if load.get("end"):
+        text += f", at its end {load['end'][0]:.2f}"
+    text += f", on {cpus} CPUs: "
+    if start[0] >= 0.5:
+        text += (
+            "**other jobs were running on the machine during this run**, so absolute times "
+            "and latencies are inflated and noisier than on an idle machine (ratios measured "
+            "side by side are less affected)."
+        )
+    else:
+        text += "the machine was otherwise idle at the start."
+    return text
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -482,45 +654,95 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"- date: {data['date']}; command: `{data['command']}`; total wall time "
         f"{data['total_wall_s']:.0f} s",
         f"- machine: {m['cpu_model']}, {m['nproc']} CPUs, {_fmt(m['mem_total_mib'], '.0f')} MiB; "
-        f"onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}",
-        "- ORT: `quantize_static` QDQ, per-channel int8 weights, uint8 activations. dyadiq: "
-        f"uniform per-channel weights, percentile = {PERCENTILE}. Same calibration batches for "
-        "every method; every quantization in a fresh process (time = quantization call, peak "
-        "RSS = whole process incl. imports and model load).",
+        f"onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}; git "
+        f"{_fmt(m.get('git_commit'))}{' (dirty tree)' if m.get('git_dirty') else ''}",
+        *([note] if (note := _load_note(data)) else []),
+        "- ORT: `quantize_static` QDQ, per-channel int8 weights, uint8 activations (MinMax, "
+        "Percentile, Entropy); on MiniLM also `quantize_dynamic` (int8 weights, activations "
+        'quantized at run time) as `ort_dynamic`. "best ORT" is the best of all ORT rows. '
+        f"dyadiq: uniform per-channel weights, percentile = {PERCENTILE}. Same calibration "
+        "batches for every method; every quantization in a fresh process (time = quantization "
+        "call, peak RSS = whole process incl. imports and model load).",
+        "- dyadiq integer: W8A8 with `integer=True` (percentile; minmax on MiniLM); "
+        "`model.int.onnx` (integer-only, dyadic requantization) is evaluated like every other "
+        "model. Bit-exact = integer tensors equal to dyadiq's reference interpreter on the "
+        "check batches (from report.json).",
         "",
         "## Headline",
         "",
         "| model | metric | float | best ORT | dyadiq W8A8 best | dyadiq W4A8 best | "
-        "delta (W8A8-ORT) | time ORT / dyadiq (s) | peak ORT / dyadiq (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "dyadiq integer W8A8 | bit-exact | delta W8A8 best - ORT best | "
+        "quant. time dyadiq / ORT | peak RSS dyadiq / ORT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in data["models"].items():
         if "error" in res:
-            lines.append(f"| {name} | error: {res['error']} |||||||| ")
+            lines.append(f"| {name} | error: {res['error']} |||||||||| ")
             continue
         metric = res["primary_metric"]
         runs = res["runs"]
         best = res["best"]
 
         def cell(label, metric=metric, runs=runs):
-            if label is None:
-                return "-"
+            if label is None or not runs.get(label, {}).get("metrics"):
+                status = runs.get(label, {}).get("status") if label else None
+                return "-" if not status else f"- ({status[:40]})"
             return f"{runs[label]['metrics'][metric]:.4f} ({runs[label]['method']})"
 
         bo, bd = best["ort"], best["dyadiq_w8a8"]
+        bi = best.get("dyadiq_integer_w8a8")
         cmp_ = res["comparison"]["best_vs_best"] or {}
-        times = (
-            f"{_fmt(runs[bo].get('wall_s') if bo else None, '.1f')} / "
-            f"{_fmt(runs[bd].get('wall_s') if bd else None, '.1f')}"
+        integer = runs.get(bi, {}).get("integer") or {}
+        exact = (
+            f"{integer['exact_tensors']}/{integer['tensors']}"
+            if integer.get("tensors") is not None
+            else "-"
         )
-        peaks = (
-            f"{_fmt(runs[bo].get('peak_rss_mib') if bo else None, '.0f')} / "
-            f"{_fmt(runs[bd].get('peak_rss_mib') if bd else None, '.0f')}"
-        )
+        if integer:
+            exact += (
+                " (fully integer)"
+                if integer.get("fully_integer")
+                else (f" ({_fmt(integer.get('float_ops'))} float ops)")
+            )
         lines.append(
             f"| {name} | {metric} | {res['float'][metric]:.4f} | {cell(bo)} | {cell(bd)} | "
-            f"{cell(best['dyadiq_w4a8'])} | {_fmt(cmp_.get(f'{metric}_delta'), '+.4f')} | "
-            f"{times} | {peaks} |"
+            f"{cell(best['dyadiq_w4a8'])} | {cell(bi)} | {exact} | "
+            f"{_fmt(cmp_.get(f'{metric}_delta'), '+.4f')} | "
+            f"{_fmt(cmp_.get('time_ratio'), '.2f')} | {_fmt(cmp_.get('peak_rss_ratio'), '.2f')} |"
+        )
+    lines += [
+        "",
+        "Ratios compare dyadiq's best W8A8 run with the best ORT run (quantization wall time "
+        "and peak RSS of the quantizing process).",
+        "",
+        "### Inference latency",
+        "",
+        f"{data['settings'].get('latency', '')}; ratios to the float model (lower is faster). "
+        "The dyadiq QDQ model is the one written next to the integer model (same calibration). "
+        "The integer-only model spells its requantization in int64 elementwise ops that "
+        "onnxruntime does not fuse, so it is expected to be slower than the QDQ model.",
+        "",
+        "| model | batch | float (ms) | best ORT / float | dyadiq QDQ / float | "
+        "dyadiq integer / float |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, res in data["models"].items():
+        lat = res.get("latency") if "error" not in res else None
+        if not lat or "median_ms" not in lat:
+            lines.append(f"| {name} | {_fmt((lat or {}).get('error', 'n/a'))} ||||| ")
+            continue
+        roles, ratio, med = lat["roles"], lat["ratio_to_float"], lat["median_ms"]
+
+        def lcell(role, roles=roles, ratio=ratio, med=med):
+            label = roles.get(role)
+            if label is None or label not in ratio:
+                return "-"
+            return f"{_fmt(ratio[label], '.2f')}x ({med[label]:.2f} ms)"
+
+        lines.append(
+            f"| {name} | {lat['batch']} | {med['float']:.2f} | {lcell('ort_best')} "
+            f"({roles.get('ort_best', '-')}) | {lcell('dyadiq_qdq')} | "
+            f"{lcell('dyadiq_integer')} |"
         )
     for name, res in data["models"].items():
         if "error" in res:
@@ -562,6 +784,28 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"- {key} ({c['dyadiq']} vs {c['ort']}): {res['primary_metric']} delta "
                 f"{delta:+.4f}, time ratio {_fmt(c['time_ratio'], '.2f')}, peak RSS ratio "
                 f"{_fmt(c['peak_rss_ratio'], '.2f')}, size ratio {_fmt(c['size_ratio'], '.2f')}"
+            )
+        int_label = res["best"].get("dyadiq_integer_w8a8")
+        integer = res["runs"].get(int_label, {}).get("integer")
+        if integer:
+            ic = res.get("integer_vs_its_qdq") or {}
+            lines.append(
+                f"- integer ({int_label}): fully integer {integer['fully_integer']}, float ops "
+                f"{_fmt(integer['float_ops'])}, bit-exact vs reference "
+                f"{_fmt(integer['exact_tensors'])}/{_fmt(integer['tensors'])} tensors over "
+                f"{_fmt(integer['check_batches'])} batches; QDQ vs integer: max output diff "
+                f"{_fmt(integer['max_output_diff_lsb'], '.2f')} LSB, top-1 agreement "
+                f"{_fmt(integer['top1_agreement_qdq_vs_integer'])}; {res['primary_metric']} "
+                f"integer - QDQ {_fmt(ic.get(res['primary_metric'] + '_delta'), '+.4f')}"
+            )
+        lat = res.get("latency") or {}
+        if "median_ms" in lat:
+            lines.append(
+                f"- latency (batch {lat['batch']}, median ms; ratio to float): "
+                + ", ".join(
+                    f"{k} {v:.2f} ({_fmt(lat['ratio_to_float'][k], '.2f')}x)"
+                    for k, v in lat["median_ms"].items()
+                )
             )
         scaling = res.get("memory_scaling")
         if scaling:
@@ -636,6 +880,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command.strip(),
         "machine": machine_info(),
+        "load_average": {"start": list(os.getloadavg())},
         "settings": {
             "models": args.models,
             "quick": args.quick,
@@ -643,7 +888,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "timeout_s": args.timeout,
             "mem_cap_mib": args.mem_cap_mib,
             "dyadiq_percentile": PERCENTILE,
+            "dyadiq_integer_method": {
+                n: INTEGER_METHOD.get(n, INTEGER_DEFAULT_METHOD) for n in args.models
+            },
             "ort": "quantize_static QDQ, per_channel=True, QUInt8 activations, QInt8 weights",
+            "ort_dynamic": "quantize_dynamic, QInt8 weights (per tensor), on "
+            + ", ".join(ORT_DYNAMIC_MODELS),
+            "latency": f"onnxruntime CPU, 2 threads, first evaluation batch, median of "
+            f"{LATENCY_RUNS} round-robin runs after {LATENCY_WARMUP} warm-ups",
         },
         "models": {},
     }
@@ -660,12 +912,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             except Exception as exc:
                 log.exception("model %s failed", name)
                 data["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            data["load_average"][f"after_{name}"] = list(os.getloadavg())
             data["total_wall_s"] = time.perf_counter() - start
             write_results(data, args.output_dir)  # after every model: partial results survive
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     data["total_wall_s"] = time.perf_counter() - start
+    data["load_average"]["end"] = list(os.getloadavg())
     write_results(data, args.output_dir)
     log.info("wrote %s (%.0f s)", args.output_dir / "baseline.json", data["total_wall_s"])
     return data

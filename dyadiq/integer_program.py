@@ -134,6 +134,28 @@ class HardSwish:
 
 
 @dataclass(frozen=True)
+class Softmax:
+    """I-BERT integer softmax over the last axis (input scale S, d = (q - max(q)) 2^U <= 0,
+    so that the working scale S / 2^U is fine enough for ln 2 and the polynomial):
+
+    z = floor(-d / q_ln2),  p = d + z q_ln2          (q_ln2 = floor(ln 2 2^U / S))
+    e = ((p + q_b)^2 + q_c) >> min(z, 30)            (exp(p) ~ a (p + b)^2 + c)
+    P = floor(e 2^F / sum(e)),  y = requant(P; 1 / (2^F s_y)) + z_y
+    The two floor divisions are integer divisions of non-negative values (as in I-BERT);
+    everything else is multiply, add and shift.
+    """
+
+    output: str
+    input: str
+    upscale_bits: int
+    ln2_codes: int
+    b_codes: int
+    c_codes: int
+    frac_bits: int
+    requant: Requant
+
+
+@dataclass(frozen=True)
 class MaxPool:
     output: str
     input: str
@@ -208,6 +230,7 @@ IntOp = (
     | GlobalAvgPool
     | HardSigmoid
     | HardSwish
+    | Softmax
     | MaxPool
     | Clip
     | Reshape

@@ -20,6 +20,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import requantize
 
+SOFTMAX_MAX_SHIFT = 30  # exp(-30 ln 2) < 1e-9: anything smaller is zero
+
 
 def _channel_shape(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape = [1] * ndim
@@ -87,6 +89,7 @@ class ReferenceInterpreter:
             ip.GlobalAvgPool: self._gap,
             ip.HardSigmoid: self._hard_sigmoid,
             ip.HardSwish: self._hard_swish,
+            ip.Softmax: self._softmax,
             ip.MaxPool: self._maxpool,
             ip.Clip: self._clip,
             ip.Reshape: self._reshape,
@@ -171,6 +174,16 @@ class ReferenceInterpreter:
         gate = requantize(v, op.gate_mult, op.gate_shift) + (one >> 1)
         gate = np.clip(gate, 0, one)
         self._store(env, op.output, apply_requant(v * gate, op.requant))
+
+    def _softmax(self, op: ip.Softmax, env: dict[str, np.ndarray]) -> None:
+        q = self._codes(env, op.input)
+        d = (q - q.max(axis=-1, keepdims=True)) << op.upscale_bits
+        z = (-d) // op.ln2_codes
+        p = d + z * op.ln2_codes
+        poly = (p + op.b_codes) ** 2 + op.c_codes
+        e = np.right_shift(poly, np.minimum(z, SOFTMAX_MAX_SHIFT))
+        prob = (e << op.frac_bits) // e.sum(axis=-1, keepdims=True)
+        self._store(env, op.output, apply_requant(prob, op.requant))
 
     def _maxpool(self, op: ip.MaxPool, env: dict[str, np.ndarray]) -> None:
         fill = self.program.quant[op.output].qmin

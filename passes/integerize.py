@@ -33,6 +33,8 @@ from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ActQuant, quantize_weight_per_channel
 
 HARD_SWISH_FRAC_BITS = 15
+SOFTMAX_FRAC_BITS = 16
+SOFTMAX_WORK_BITS = 10
 INT32_LIMIT = 2**31 - 1
 
 
@@ -197,6 +199,7 @@ class _Integerizer:
             OpKind.GLOBAL_AVGPOOL: self._gap,
             OpKind.HARD_SIGMOID: self._hard_sigmoid,
             OpKind.HARD_SWISH: self._hard_swish,
+            OpKind.SOFTMAX: self._softmax,
             OpKind.MAXPOOL: self._maxpool,
             OpKind.CONCAT: self._concat,
             OpKind.TRANSPOSE: self._transpose,
@@ -428,6 +431,31 @@ class _Integerizer:
         rq = _requant(qx.scale / (2**frac * qy.scale), qy)
         self.ops.append(
             ip.HardSwish(out_codes, x_codes, qx.zero_point, int(gm[0]), int(gk[0]), frac, rq)
+        )
+        return True
+
+    def _softmax(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        rank = len(x.shape or ())
+        if int(node.attrs.get("axis", -1)) % max(rank, 1) != rank - 1:
+            return False
+        qx = self.q(x)
+        # Work at a scale of at most 2^-10 so that ln 2 and the fit's constants have ~10 bits.
+        upscale = max(0, int(np.ceil(np.log2(qx.scale * 2**SOFTMAX_WORK_BITS))))
+        work = qx.scale / 2**upscale
+        if work < 2.0**-20:
+            return False  # (p + q_b)^2 2^F could leave int64: keep this softmax in float
+        ln2_codes = int(np.floor(np.log(2.0) / work))
+        # I-BERT's second-order fit exp(p) ~ 0.3585 (p + 1.353)^2 + 0.344 on (-ln 2, 0];
+        # q_c folds c into the squared term's scale a S^2.
+        b_codes = int(np.floor(1.353 / work))
+        c_codes = int(np.floor(0.344 / (0.3585 * work**2)))
+        x_codes = self.codes(x)
+        out_codes, qy = self.define(out)
+        frac = SOFTMAX_FRAC_BITS
+        rq = _requant(1.0 / (2**frac * qy.scale), qy, axis=-1)
+        self.ops.append(
+            ip.Softmax(out_codes, x_codes, upscale, ln2_codes, b_codes, c_codes, frac, rq)
         )
         return True
 

@@ -43,6 +43,7 @@ def test_quick_benchmark_fashion_cnn(tmp_path: pathlib.Path) -> None:
         "dyadiq_w8a8_mse",
         "dyadiq_w8a8_entropy",
         "dyadiq_w4a8_minmax",
+        "dyadiq_w8a8_percentile_integer",
     }
     assert expected <= set(runs)
     for label in ("ort_minmax", "dyadiq_w8a8_minmax"):
@@ -60,3 +61,22 @@ def test_quick_benchmark_fashion_cnn(tmp_path: pathlib.Path) -> None:
     cmp_ = res["comparison"]["best_vs_best"]
     assert cmp_["time_ratio"] > 0 and cmp_["peak_rss_ratio"] > 0
     assert "accuracy_delta" in cmp_
+
+    # integer-only run: evaluated like the others, bit-exact vs the reference interpreter
+    label = "dyadiq_w8a8_percentile_integer"
+    assert res["best"]["dyadiq_integer_w8a8"] == label
+    run = runs[label]
+    assert run["status"] == "ok"
+    assert abs(run["metrics"]["accuracy"] - float_acc) <= 0.02
+    integer = run["integer"]
+    assert integer["fully_integer"] is True
+    assert integer["float_ops"] == 0
+    assert integer["tensors"] > 0
+    assert integer["exact_tensors"] == integer["tensors"]
+    assert integer["top1_agreement_qdq_vs_integer"] >= 0.99
+    assert best["dyadiq_w8a8"] != label  # integer runs are not QDQ candidates
+    latency = res["latency"]
+    assert latency["runs"] >= 20 and latency["warmup"] >= 3
+    assert set(latency["roles"]) == {"float", "ort_best", "dyadiq_qdq", "dyadiq_integer"}
+    for role in latency["roles"].values():
+        assert latency["median_ms"][role] > 0 and latency["ratio_to_float"][role] > 0

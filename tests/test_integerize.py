@@ -220,3 +220,36 @@ def test_build_integer_reports_exactness_and_agreement():
     assert report["qdq_vs_integer"]["compared_rows"] == 4
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert {o.name for o in sess.get_outputs()} == {"y", "y_codes"}
+
+
+def test_integer_softmax_is_exact_and_close_to_float():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[4, 16] x) => (float[4, 10] y) {
+        l = Gemm <transB = 1> (x, w)
+        y = Softmax <axis = -1> (l)
+    }
+    """
+    rng = np.random.default_rng(10)
+    model = with_weights(text, w=rng.normal(size=(10, 16)))
+    calib = [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(8)]
+    _, program, int_model = _integer(model, calib)
+    assert program.float_ops == []
+    assert any(type(op).__name__ == "Softmax" for op in program.ops)
+    _assert_bit_exact(program, int_model, calib)
+    sess = ort.InferenceSession(int_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    softmax = next(op for op in program.ops if type(op).__name__ == "Softmax")
+    q_in, q_out = program.quant[softmax.input], program.quant[softmax.output]
+    reference = ReferenceInterpreter(program)
+    worst = 0.0
+    for feeds in calib:
+        env = reference.run(feeds)
+        logits = (env[softmax.input].astype(np.float64) - q_in.zero_point) * q_in.scale
+        exact = np.exp(logits - logits.max(-1, keepdims=True))
+        exact /= exact.sum(-1, keepdims=True)
+        got = (env[softmax.output].astype(np.float64) - q_out.zero_point) * q_out.scale
+        worst = max(worst, float(np.abs(got - exact).max()))
+        np.testing.assert_array_equal(sess.run(["y"], feeds)[0], got.astype(np.float32))
+        np.testing.assert_allclose(got.sum(axis=-1), 1.0, atol=0.03)
+    # on the same integer logits: I-BERT's exp fit plus output rounding (LSB ~ 0.004)
+    assert worst < 0.02, worst
