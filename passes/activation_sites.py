@@ -32,6 +32,7 @@ class ActivationSites:
     group_of: Mapping[str, int]  # tensor -> scale group
     group_bits: Mapping[int, int]
     fused_activations: Mapping[str, str]  # layer id -> id of the activation it absorbs
+    fused_biases: Mapping[str, str] = field(default_factory=dict)  # MatMul id -> bias Add id
     float_layers: tuple[tuple[str, str], ...] = field(default=())  # (node id, reason)
 
     def groups(self) -> dict[int, list[str]]:
@@ -84,6 +85,23 @@ def _data_inputs(graph: QGraph, node: gs.Node) -> list[gs.Tensor]:
     return [t for i, t in enumerate(node.inputs) if i not in skip]
 
 
+def _bias_add(graph: QGraph, node: gs.Node, graph_outputs: set[str]) -> gs.Node | None:
+    """A constant per-output-channel Add right after a weighted MatMul (transformers' bias)."""
+    weight = graph.weight(node)
+    if graph.kind(node) is not OpKind.MATMUL or weight is None:
+        return None
+    output = node.outputs[0]
+    if len(output.outputs) != 1 or output.name in graph_outputs:
+        return None
+    add = output.outputs[0]
+    constants = [t for t in add.inputs if isinstance(t, gs.Constant)]
+    if graph.kind(add) is not OpKind.ADD or len(constants) != 1:
+        return None
+    bias = np.asarray(constants[0].values)
+    channels = weight.values.shape[-1]
+    return add if bias.size == channels and bias.shape[-1] == channels else None
+
+
 def _is_quantized_op(graph: QGraph, node: gs.Node, plan: PrecisionPlan) -> bool:
     facts = graph.facts(node)
     if not facts.quantizable or (
@@ -101,6 +119,7 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
     uf = _UnionFind()
     order: list[str] = []
     fused: dict[str, str] = {}
+    biases: dict[str, str] = {}
     quantized_outputs: set[str] = set()  # produced by a quantized op, or shared from one
     graph_outputs = {t.name for t in graph.graph.outputs}
 
@@ -128,6 +147,10 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
         if _is_quantized_op(graph, node, plan):
             inputs = [t for t in _data_inputs(graph, node) if mark(t)]
             output = node.outputs[0]
+            bias = _bias_add(graph, node, graph_outputs) if node.name in plan.layers else None
+            if bias is not None:  # the integer layer adds it to its int32 accumulator
+                biases[node.name] = bias.name
+                output = bias.outputs[0]
             consumers = output.outputs
             if (
                 len(consumers) == 1
@@ -163,4 +186,11 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
         ] or [plan.default_act_bits]
         gid = group_of[name]
         group_bits[gid] = max(group_bits.get(gid, 0), *wanted)
-    return ActivationSites(tuple(order), group_of, group_bits, fused, tuple(float_layers))
+    return ActivationSites(
+        tensors=tuple(order),
+        group_of=group_of,
+        group_bits=group_bits,
+        fused_activations=fused,
+        fused_biases=biases,
+        float_layers=tuple(float_layers),
+    )

@@ -153,6 +153,8 @@ def insert_qdq(
     params = group_quantizers(sites, ranges, signed=plan.act_signed)
     removed = []
     for layer_id, act_id in sites.fused_activations.items():
+        if layer_id in sites.fused_biases:
+            continue  # a bias Add sits between: keep the activation as written
         layer, act = out.node(layer_id), out.node(act_id)
         if _remove_implied_activation(out, layer, act, params[act.outputs[0].name]):
             removed.append(act_id)

@@ -99,7 +99,7 @@ class _Integerizer:
         self.int_name: dict[str, str] = {}
         self.float_ready: set[str] = set()
         self.float_ops: list[str] = []
-        self.absorbed = set(sites.fused_activations.values())
+        self.absorbed = set(sites.fused_activations.values()) | set(sites.fused_biases.values())
 
     # --- tensor availability -----------------------------------------------------------------
     def codes(self, tensor: gs.Tensor) -> str:
@@ -145,6 +145,7 @@ class _Integerizer:
             self.float_ready.add(tensor.name)
         self._check_overflow()
         layer_of = {act: layer for layer, act in self.sites.fused_activations.items()}
+        layer_of.update({add: layer for layer, add in self.sites.fused_biases.items()})
         lowered: set[str] = set()
         for node in g.nodes:
             if node.name in self.absorbed and layer_of[node.name] in lowered:
@@ -235,11 +236,29 @@ class _Integerizer:
 
     # --- weighted layers ---------------------------------------------------------------------
     def _layer_output(self, node: gs.Node) -> tuple[gs.Tensor, tuple[float, float]]:
+        output = node.outputs[0]
+        bias_id = self.sites.fused_biases.get(node.name)
+        if bias_id is not None:
+            output = self.graph.node(bias_id).outputs[0]
         act_id = self.sites.fused_activations.get(node.name)
         if act_id is None:
-            return node.outputs[0], (-np.inf, np.inf)
+            return output, (-np.inf, np.inf)
         act = self.graph.node(act_id)
         return act.outputs[0], activation_bounds(act)
+
+    def _bias_values(self, node: gs.Node) -> np.ndarray | None:
+        """The float bias: the layer's own bias input, or a fused constant Add after it."""
+        facts = self.graph.facts(node)
+        if facts.bias_input is not None and facts.bias_input < len(node.inputs):
+            b = node.inputs[facts.bias_input]
+            if isinstance(b, gs.Constant):
+                return np.asarray(b.values, np.float64).reshape(-1)
+        bias_id = self.sites.fused_biases.get(node.name)
+        if bias_id is not None:
+            add = self.graph.node(bias_id)
+            const = next(t for t in add.inputs if isinstance(t, gs.Constant))
+            return np.asarray(const.values, np.float64).reshape(-1)
+        return None
 
     def _quantized_weight(
         self, node: gs.Node, weight: gs.Constant, kind: OpKind
@@ -251,14 +270,12 @@ class _Integerizer:
         codes = wq.values
         if kind is OpKind.GEMM and weight_channel_axis(node) == 0:
             codes = codes.T  # stored [N, K] (transB): the integer MatMul wants [K, N]
-        facts = self.graph.facts(node)
         bias = None
-        if facts.bias_input is not None and facts.bias_input < len(node.inputs):
-            b = node.inputs[facts.bias_input]
-            if isinstance(b, gs.Constant):
-                s_x = self.q(node.inputs[0]).scale
-                scales = wq.scales.astype(np.float32) * np.float32(s_x)
-                bias = np.round(np.asarray(b.values, np.float64) / scales).astype(np.int64)
+        values = self._bias_values(node)
+        if values is not None:
+            s_x = self.q(node.inputs[0]).scale
+            scales = wq.scales.astype(np.float32) * np.float32(s_x)
+            bias = np.round(values / scales).astype(np.int64)
         return np.ascontiguousarray(codes), wq.scales, bias, bits
 
     def _weighted(self, node: gs.Node, kind: OpKind, weight: gs.Constant) -> bool:

@@ -18,8 +18,8 @@ from dyadiq.reference_interpreter import ReferenceInterpreter
 from tests.builders import calibration, conv_relu_pool_fc, residual_concat, with_weights
 
 
-def _integer(model: onnx.ModelProto, calib, plan_fn=None):
-    graph = load_onnx(model)
+def _integer(model: onnx.ModelProto, calib, plan_fn=None, simplify=True):
+    graph = load_onnx(model, simplify=simplify)
     plan = plan_fn(graph) if plan_fn else PrecisionPlan.uniform(graph)
     result = quantize_graph(graph, plan, calib)
     program = integerize(result.graph, plan, result.sites, result.qdq.act_params)
@@ -253,3 +253,25 @@ def test_integer_softmax_is_exact_and_close_to_float():
         np.testing.assert_allclose(got.sum(axis=-1), 1.0, atol=0.03)
     # on the same integer logits: I-BERT's exp fit plus output rounding (LSB ~ 0.004)
     assert worst < 0.02, worst
+
+
+def test_matmul_bias_add_fuses_into_the_int32_accumulator():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 5, 16] x) => (float[1, 5, 8] y) {
+        m = MatMul (x, w)
+        a = Add (m, b)
+        y = Relu (a)
+    }
+    """
+    rng = np.random.default_rng(11)
+    model = with_weights(text, w=rng.normal(size=(16, 8)), b=rng.normal(size=8))
+    calib = [{"x": rng.normal(size=(1, 5, 16)).astype(np.float32)} for _ in range(6)]
+    # onnxsim would rewrite MatMul + Add into Gemm: keep the exporter's form here
+    result, program, int_model = _integer(model, calib, simplify=False)
+    assert len(result.sites.fused_biases) == 1
+    assert "m" not in result.sites.tensors  # the pre-bias product is never quantized
+    assert program.float_ops == []
+    matmul = next(op for op in program.ops if type(op).__name__ == "MatMul")
+    assert matmul.bias is not None and matmul.requant.lo == program.quant[matmul.output].zero_point
+    _assert_bit_exact(program, int_model, calib)
