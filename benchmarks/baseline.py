@@ -2,8 +2,8 @@
 
 For each zoo model the calibration batches are materialised once (``.npz`` files) and every
 method calibrates on exactly those. Each quantization runs in a fresh worker process (this
-module with ``--worker``), so its wall time and peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``
-at its end: interpreter, imports, model loading, calibration and export) are its own. The
+module with ``--worker``), so its wall time and peak RSS (``VmHWM`` at its end: interpreter,
+imports, model loading, calibration and export) are its own. The
 parent enforces a timeout and a memory cap per run by watching the worker's ``VmHWM``; a run
 that fails, times out or exceeds the cap is recorded with the reason, never fatal.
 
@@ -82,6 +82,15 @@ log = logging.getLogger("benchmarks.baseline")
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the pre-exec RSS high-water mark of
+    the forked parent copy across ``execve`` into ``ru_maxrss``, so a worker started by a big
+    parent would report at least the parent's RSS. ``VmHWM`` belongs to the new address space.
+    """
+    hwm = _vm_hwm_mib(os.getpid())
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks.baseline`` in quick mode on fashion_cnn (about 25 s)."""
+"""Smoke test of ``benchmarks.baseline`` in quick mode on fashion_cnn (about 40 s)."""
 
 from __future__ import annotations
 

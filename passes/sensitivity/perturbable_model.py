@@ -1,0 +1,176 @@
+"""The float model with every weighted layer's weight as an input, plus its loss.
+
+Analysis needs the network output for many weight settings (finite differences, one layer
+quantized, pairs quantized). Exporting the weights as graph inputs lets one onnxruntime
+session evaluate any of them without rebuilding a model. Outputs are compared with the float
+model's in a label-free loss (METHODS.md section 3):
+
+- classification: KL(p_float || p) on softmax of the logits (probability outputs are turned
+  back into logits with a log). Its gradient at the float weights is zero and its Hessian
+  in logit space is diag(p) - p p^T, so the weight Hessian is J^T (diag(p) - p p^T) J;
+- embeddings: 1/2 ||e - e_float||^2 per row, with output Hessian I.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from dyadiq.graph import QGraph
+
+
+class OutputKind(enum.Enum):
+    LOGITS = "logits"
+    PROBABILITIES = "probabilities"
+    EMBEDDING = "embedding"
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1]).astype(np.float64)
+
+
+def as_logits(output: np.ndarray, kind: OutputKind) -> np.ndarray:
+    if kind is OutputKind.PROBABILITIES:
+        return np.log(np.clip(_rows(output), 1e-12, None))
+    return _rows(output)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(logits))
+
+
+def loss(reference: np.ndarray, output: np.ndarray, kind: OutputKind) -> float:
+    """Mean per-row label-free loss of ``output`` against the float ``reference``."""
+    if kind is OutputKind.EMBEDDING:
+        return float(0.5 * np.mean(np.sum((_rows(output) - _rows(reference)) ** 2, axis=-1)))
+    log_p = log_softmax(as_logits(reference, kind))
+    log_q = log_softmax(as_logits(output, kind))
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+
+
+def output_quadratic_form(reference: np.ndarray, delta: np.ndarray, kind: OutputKind) -> float:
+    """Mean over rows of delta^T H_out delta, with H_out the loss Hessian at the reference."""
+    d = _rows(delta)
+    if kind is OutputKind.EMBEDDING:
+        return float(np.mean(np.sum(d * d, axis=-1)))
+    p = softmax(as_logits(reference, kind))
+    return float(np.mean(np.sum(p * d * d, axis=-1) - np.sum(p * d, axis=-1) ** 2))
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+class PerturbableModel:
+    """Run the float model with any weighted layer's weights replaced."""
+
+    def __init__(
+        self,
+        graph: QGraph,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        kind: OutputKind,
+        layer_ids: Sequence[str] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.batches = [dict(b) for b in batches]
+        layers = [graph.node(i) for i in layer_ids] if layer_ids else graph.weighted_layers()
+        model = graph.to_onnx()
+        self.weights: dict[str, np.ndarray] = {}
+        self.weight_input: dict[str, str] = {}
+        by_name = {t.name: t for t in model.graph.initializer}
+        for node in layers:
+            weight = graph.weight(node)
+            if weight is None or weight.name not in by_name:
+                continue
+            self.weights[node.name] = np.asarray(weight.values, np.float32)
+            self.weight_input[node.name] = weight.name
+        kept = [t for t in model.graph.initializer if t.name not in set(self.weight_input.values())]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        for layer_id, name in self.weight_input.items():
+            shape = self.weights[layer_id].shape
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+            )
+        self.session = _session(model)
+        self.output_name = self.session.get_outputs()[0].name
+        self.forward_passes = 0
+        self._stack_batches(model)
+        self.reference = self.outputs({})
+
+    def _stack_batches(self, model: onnx.ModelProto, rows: int = 16) -> None:
+        """Run many samples per call when the model tolerates a dynamic batch dimension.
+
+        Exporters often fix batch 1; making dim 0 symbolic works unless a Reshape hard-codes
+        it, which the check below (stacked == separate) detects.
+        """
+        if len(self.batches) < 2:
+            return
+        dynamic = onnx.ModelProto()
+        dynamic.CopyFrom(model)
+        for value in [*dynamic.graph.input, *dynamic.graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            if dims and value.name not in self.weight_input.values():
+                dims[0].Clear()
+                dims[0].dim_param = "batch"
+        del dynamic.graph.value_info[:]
+        weights = {self.weight_input[k]: v for k, v in self.weights.items()}
+        try:
+            session = _session(dynamic)
+            pair = {k: np.concatenate([b[k] for b in self.batches[:2]]) for k in self.batches[0]}
+            stacked = session.run([self.output_name], {**pair, **weights})[0]
+            separate = np.concatenate(
+                [
+                    self.session.run([self.output_name], {**b, **weights})[0]
+                    for b in self.batches[:2]
+                ]
+            )
+        except Exception:  # onnxruntime's own errors: a hard-coded batch dim
+            return
+        if stacked.shape != separate.shape or not np.allclose(stacked, separate, atol=1e-4):
+            return
+        flat = {k: np.concatenate([b[k] for b in self.batches]) for k in self.batches[0]}
+        total = next(iter(flat.values())).shape[0]
+        self.batches = [
+            {k: v[i : i + rows] for k, v in flat.items()} for i in range(0, total, rows)
+        ]
+        self.session = session
+
+    def outputs(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        weights = {self.weight_input[k]: v for k, v in self.weights.items()}
+        weights.update({self.weight_input[k]: v.astype(np.float32) for k, v in overrides.items()})
+        results = []
+        for feeds in self.batches:
+            results.append(self.session.run([self.output_name], {**feeds, **weights})[0])
+            self.forward_passes += 1
+        return results
+
+    def loss(self, overrides: Mapping[str, np.ndarray]) -> float:
+        outs = self.outputs(overrides)
+        pairs = zip(self.reference, outs, strict=True)
+        return float(np.mean([loss(r, o, self.kind) for r, o in pairs]))
+
+    def fisher_quadratic_form(self, layer_id: str, v: np.ndarray, epsilon: float) -> float:
+        """v^T J^T H_out J v for one layer, J v by a central finite difference."""
+        w = self.weights[layer_id]
+        plus = self.outputs({layer_id: w + epsilon * v})
+        minus = self.outputs({layer_id: w - epsilon * v})
+        values = [
+            output_quadratic_form(ref, (p - m) / (2 * epsilon), self.kind)
+            for ref, p, m in zip(self.reference, plus, minus, strict=True)
+        ]
+        return float(np.mean(values))
