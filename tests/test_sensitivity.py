@@ -43,7 +43,8 @@ def _exact_gauss_newton(w1, w2, xs):
             h = np.maximum(a, 0)
             p = softmax((w2 @ h)[None])[0]
             hess = np.diag(p) - np.outer(p, p)
-            # z = W2 relu(W1 x): dz_r/dW2[k, j] = [r == k] h_j; dz_r/dW1[i, j] = W2[r, i] 1[a_i>0] x_j
+            # z = W2 relu(W1 x): dz_r/dW2[k, j] = [r == k] h_j;
+            # dz_r/dW1[i, j] = W2[r, i] 1[a_i > 0] x_j
             j2 = np.zeros((3, 15))
             for r in range(3):
                 j2[r, r * 5 : (r + 1) * 5] = h

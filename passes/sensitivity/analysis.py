@@ -176,8 +176,12 @@ def analyze(
         hessian: dict[int, float] = {}
         if config.trace:
             epsilon = config.epsilon_rel * float(np.sqrt(np.mean(weight**2)) or 1.0)
+
+            def quadratic_form(v: np.ndarray, lid: str = layer_id, eps: float = epsilon) -> float:
+                return model.fisher_quadratic_form(lid, v, eps)
+
             total = hutchinson_trace(
-                lambda v, lid=layer_id, eps=epsilon: model.fisher_quadratic_form(lid, v, eps),
+                quadratic_form,
                 weight.shape,
                 rng=rng,
                 max_iters=config.hutchinson_max_iters,
@@ -209,18 +213,22 @@ def analyze(
     pairs: list[PairTerm] = []
     if config.pairs and config.empirical:
         pb = config.pair_bits
-        single = {}
+        single: dict[str, float] = {}
         for layer_id in model.weights:
+            measured = layers[layer_id].empirical_damage
             single[layer_id] = (
-                layers[layer_id].empirical_damage.get(pb)
-                if pb in layers[layer_id].empirical_damage
+                measured[pb]
+                if pb in measured
                 else model.loss({layer_id: quantized_weight(graph, layer_id, pb)})
             )
-        for a, b in _pairs_to_measure(list(model.weights), low_damage, config):
+        for first, second in _pairs_to_measure(list(model.weights), low_damage, config):
             both = model.loss(
-                {a: quantized_weight(graph, a, pb), b: quantized_weight(graph, b, pb)}
+                {
+                    first: quantized_weight(graph, first, pb),
+                    second: quantized_weight(graph, second, pb),
+                }
             )
-            pairs.append(PairTerm(a, b, pb, both - single[a] - single[b]))
+            pairs.append(PairTerm(first, second, pb, both - single[first] - single[second]))
     return SensitivityReport(
         layers,
         tuple(pairs),
