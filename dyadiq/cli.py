@@ -181,6 +181,74 @@ def _fmt(value: float | None) -> str:
     return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.4f}"
 
 
+# --- analyze -------------------------------------------------------------------------------
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.io import prepare_output_dir, write_text_atomic
+    from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.passes.sensitivity.analysis import (
+        SensitivityConfig,
+        analyze_cached,
+        detect_output_kind,
+    )
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
+    from dyadiq.pipeline import prepare_graph
+
+    if args.zoo:
+        from dyadiq import zoo
+
+        artifacts = zoo.get(args.zoo)
+        model_path = artifacts.model_path
+        batches = list(artifacts.calibration_batches(args.calib_limit))
+    elif args.model and args.calib:
+        model_path = Path(args.model)
+        batches = []
+    else:
+        raise ConfigError("give MODEL.onnx with --calib DATA, or --zoo NAME")
+    out = prepare_output_dir(Path(args.output), model_path)
+    graph = prepare_graph(load_onnx(model_path))
+    if not batches:
+        batches = list(
+            validated_batches(
+                args.calib,
+                graph.input_specs(),
+                image_preset=args.calib_preset,
+                limit=args.calib_limit,
+            )
+        )
+    if args.output_kind:
+        kind = OutputKind(args.output_kind)
+    else:
+        probe = PerturbableModel(graph, batches[:1], OutputKind.LOGITS)
+        kind = detect_output_kind(probe.reference)
+    config = SensitivityConfig(
+        weight_bits=tuple(int(b) for b in args.wbits.split(",")), pairs=not args.no_pairs
+    )
+    report, cached = analyze_cached(graph, batches, kind, config)
+    write_text_atomic(out / "sensitivity.json", json.dumps(report.to_json(), indent=1))
+    table = Table(
+        "layer",
+        "op",
+        "params",
+        "avg trace",
+        *(f"dL W{b}" for b in config.weight_bits),
+        title=f"sensitivity ({kind.value} loss, {report.forward_passes} forward passes, "
+        f"{report.seconds:.0f} s{', cached' if cached else ''})",
+    )
+    for layer_id, layer in report.layers.items():
+        trace = f"{layer.trace.mean:.3g}±{layer.trace.stderr:.1g}" if layer.trace else ""
+        table.add_row(
+            layer_id,
+            layer.op,
+            f"{layer.params:,}",
+            trace,
+            *(f"{layer.empirical_damage.get(b, float('nan')):.2g}" for b in config.weight_bits),
+        )
+    console.print(table)
+    console.print(f"  {len(report.pairs)} pair terms; wrote {out / 'sensitivity.json'}")
+    return 0
+
+
 # --- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from dyadiq import zoo
@@ -247,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("analyze", help="per-layer sensitivity to fewer bits (cached)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--zoo")
+    p.add_argument("--calib")
+    p.add_argument("--calib-preset")
+    p.add_argument("--calib-limit", type=int, default=8, help="calibration samples (default 8)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--wbits", default="2,3,4,6,8", help="candidate weight widths")
+    p.add_argument("--no-pairs", action="store_true", help="skip inter-layer pair terms")
+    p.add_argument("--output-kind", choices=["logits", "probabilities", "embedding"])
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("eval", help="score models against a zoo model's float original")
     p.add_argument("--zoo", required=True)

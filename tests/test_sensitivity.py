@@ -136,3 +136,47 @@ def test_empirical_damage_of_a_quadratic_regime_matches_the_hessian_prediction()
     for layer in report.layers.values():
         ratio = layer.hessian_damage[8] / layer.empirical_damage[8]
         assert 0.2 < ratio < 5  # same order: the isotropic trace model, not the exact form
+
+
+def test_cli_analyze_writes_a_report_and_reruns_from_the_cache(tmp_path, monkeypatch, capsys):
+    import json
+
+    import onnx
+
+    from dyadiq.cli import main
+
+    monkeypatch.setenv("DYADIQ_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(6)
+    model, _, _ = _mlp(rng)
+    (tmp_path / "m").mkdir()
+    onnx.save(model, str(tmp_path / "m" / "mlp.onnx"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        np.savez(calib / f"{i}.npz", x=rng.normal(size=(8, 6)).astype(np.float32))
+    args = ["analyze", str(tmp_path / "m" / "mlp.onnx"), "--calib", str(calib), "-o"]
+    assert main([*args, str(tmp_path / "a"), "--wbits", "2,8"]) == 0
+    first = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
+    assert first["output_kind"] == "logits" and len(first["layers"]) == 2
+    assert first["forward_passes"] > 0 and first["fingerprint"]
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "b"), "--wbits", "2,8"]) == 0
+    assert "cached" in capsys.readouterr().out
+    second = json.loads((tmp_path / "b" / "sensitivity.json").read_text())
+    assert second == first
+    # other settings are another cache entry
+    assert main([*args, str(tmp_path / "c"), "--wbits", "4,8", "--no-pairs"]) == 0
+    third = json.loads((tmp_path / "c" / "sensitivity.json").read_text())
+    assert third["fingerprint"] != first["fingerprint"] and third["pairs"] == []
+
+
+def test_output_kind_detection():
+    from dyadiq.passes.sensitivity.analysis import detect_output_kind
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(4, 10))
+    assert detect_output_kind([logits]) is OutputKind.LOGITS
+    assert detect_output_kind([softmax(logits)]) is OutputKind.PROBABILITIES
+    emb = rng.normal(size=(2, 384))
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    assert detect_output_kind([emb]) is OutputKind.EMBEDDING

@@ -157,6 +157,45 @@ def _pairs_to_measure(
     return sorted(chosen, key=lambda p: (order[p[0]], order[p[1]]))
 
 
+def detect_output_kind(outputs: Sequence[np.ndarray]) -> OutputKind:
+    """Probabilities if rows are non-negative and sum to 1; embeddings if rows have unit
+    norm and the output is not one row per class (rank 2, >= 64 wide); logits otherwise."""
+    rows = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs]).astype(np.float64)
+    if (rows >= 0).all() and np.allclose(rows.sum(-1), 1.0, atol=1e-3):
+        return OutputKind.PROBABILITIES
+    if rows.shape[-1] >= 64 and np.allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-3):
+        return OutputKind.EMBEDDING
+    return OutputKind.LOGITS
+
+
+def analyze_cached(
+    graph: QGraph,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    kind: OutputKind,
+    config: SensitivityConfig = SensitivityConfig(),
+) -> tuple[SensitivityReport, bool]:
+    """``analyze`` with the on-disk cache; returns (report, whether it came from the cache)."""
+    from dyadiq.passes.sensitivity import cache
+
+    settings = {**config.to_json(), "output_kind": kind.value}
+    key = cache.fingerprint(graph.to_onnx(), batches, settings)
+    cached = cache.load(key)
+    if cached is not None:
+        return cached, True
+    report = analyze(graph, batches, kind, config)
+    report = SensitivityReport(
+        report.layers,
+        report.pairs,
+        report.output_kind,
+        report.forward_passes,
+        report.seconds,
+        report.settings,
+        key,
+    )
+    cache.store(key, report)
+    return report, False
+
+
 def analyze(
     graph: QGraph,
     batches: Sequence[Mapping[str, np.ndarray]],
