@@ -1,0 +1,566 @@
+"""How well do the sensitivity proxies rank real mixed-precision damage? (EMQ-style check)
+
+For each zoo model:
+
+1. ``analyze`` runs once on a small calibration subset (weight bits 2/3/4/6/8, pair terms on);
+   its wall time and forward passes are recorded.
+2. ``--configs`` random mixed-precision weight configurations are drawn with a fixed seed: per
+   configuration a probability ``p`` of "low bits" is drawn uniformly, then each layer gets a
+   low width (2/3/4) with probability ``p`` and a high one (6/8) otherwise; activations are
+   8 bits. Configurations with every layer at 2 bits are redrawn.
+3. Each configuration becomes a real QDQ model through the pipeline's own passes
+   (``prepare_graph`` -> ``find_activation_sites`` -> ``insert_qdq`` -> ``export_qdq``). The
+   activation statistics are collected once per model, on the same calibration samples, and
+   reused for every configuration: the activation sites and ranges depend only on the
+   activation bits, which are 8 everywhere (checked per configuration; a configuration whose
+   sites differ falls back to ``quantize_graph``). The graph is prepared at the int4 opset for
+   all configurations, so every model is built the same way. Each model is evaluated on the
+   held-out split with :func:`dyadiq.evaluation.evaluate` and its damage is the drop of the
+   model's primary metric against float.
+4. For every proxy in ``PROXIES`` the predicted damage of each configuration is compared with
+   the measured damage: Kendall tau and Spearman rho (scipy.stats).
+
+Results: ``results/proxy_quality.json`` and ``proxy_quality.md``, written atomically after every
+model so that partial results survive.
+
+    .venv/bin/python -m benchmarks.proxy_quality                       # all four models
+    .venv/bin/python -m benchmarks.proxy_quality --models fashion_cnn --configs 60
+    .venv/bin/python -m benchmarks.proxy_quality --quick --output-dir /tmp/pq   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+ALL_MODELS = ("fashion_cnn", "ppocr_cls", "mobilenet_v2", "minilm")
+BITS = (2, 3, 4, 6, 8)
+LOW_BITS = (2, 3, 4)
+HIGH_BITS = (6, 8)
+SEED = 0
+OUTPUT_KIND = {
+    "fashion_cnn": "LOGITS",
+    "mobilenet_v2": "LOGITS",
+    "ppocr_cls": "PROBABILITIES",
+    "minilm": "EMBEDDING",
+}
+# metric, and how damage is derived from it: "drop" = float - config, "one_minus" = 1 - config
+DAMAGE_METRIC = {
+    "fashion_cnn": ("accuracy", "drop"),
+    "ppocr_cls": ("accuracy", "drop"),
+    "mobilenet_v2": ("top1_agreement", "one_minus"),
+    "minilm": ("mean_cosine", "one_minus"),
+}
+# Secondary, smoother metric recorded too (correlations reported for it as well).
+SECONDARY_METRIC = {
+    "fashion_cnn": "logit_cosine",
+    "ppocr_cls": "logit_cosine",
+    "mobilenet_v2": "logit_cosine",
+    "minilm": "min_cosine",
+}
+ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8, "minilm": 8}
+CALIBRATION_SAMPLES = {"fashion_cnn": 16, "ppocr_cls": 16, "mobilenet_v2": 16, "minilm": 16}
+EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 200, "mobilenet_v2": 128, "minilm": 64}
+QUICK_EVAL_SAMPLES = {"fashion_cnn": 500, "ppocr_cls": 64, "mobilenet_v2": 32, "minilm": 16}
+QUICK_ANALYSIS_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 4, "mobilenet_v2": 4, "minilm": 4}
+EVAL_CHUNK = {"minilm": 5}  # configurations per evaluate() call (sessions held at once)
+DEFAULT_EVAL_CHUNK = 10
+
+log = logging.getLogger("benchmarks.proxy_quality")
+
+
+# --- configurations ----------------------------------------------------------------------------
+
+
+def sample_configs(layer_ids: list[str], n: int, seed: int = SEED) -> list[dict[str, Any]]:
+    """``n`` random weight-width assignments spanning mild to severe (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    configs: list[dict[str, Any]] = []
+    while len(configs) < n:
+        p_low = float(rng.uniform(0.0, 1.0))
+        low = rng.uniform(size=len(layer_ids)) < p_low
+        widths = [
+            int(rng.choice(LOW_BITS)) if is_low else int(rng.choice(HIGH_BITS)) for is_low in low
+        ]
+        if all(w == 2 for w in widths):
+            continue
+        configs.append({"p_low": p_low, "bits": dict(zip(layer_ids, widths, strict=True))})
+    return configs
+
+
+# --- correlations ------------------------------------------------------------------------------
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def correlations(predicted: list[float], measured: list[float]) -> dict[str, float | None]:
+    from scipy.stats import kendalltau, spearmanr
+
+    p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+    if p.size < 3 or np.all(p == p[0]) or np.all(m == m[0]) or not np.all(np.isfinite(p)):
+        return {"kendall_tau": None, "kendall_p": None, "spearman_rho": None, "spearman_p": None}
+    tau = kendalltau(p, m)
+    rho = spearmanr(p, m)
+    return {
+        "kendall_tau": _finite_or_none(tau.statistic),
+        "kendall_p": _finite_or_none(tau.pvalue),
+        "spearman_rho": _finite_or_none(rho.statistic),
+        "spearman_p": _finite_or_none(rho.pvalue),
+    }
+
+
+# --- per model ---------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Builds QDQ models for many plans from one set of activation statistics."""
+
+    def __init__(self, model_path: Path, calibration: list[dict[str, np.ndarray]], cal_cfg: Any):
+        from dyadiq.frontends.onnx_frontend import load_onnx
+        from dyadiq.passes.activation_sites import find_activation_sites
+        from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
+        from dyadiq.pipeline import calibrated_ranges, prepare_graph
+        from dyadiq.plan import PrecisionPlan
+
+        self.raw = load_onnx(model_path)
+        self.graph = prepare_graph(self.raw, needs_int4=True)
+        self.calibration = calibration
+        self.cal_cfg = cal_cfg
+        base = PrecisionPlan.uniform(self.graph, weight_bits=8, act_bits=8)
+        self.sites = find_activation_sites(self.graph, base)
+        t = time.perf_counter()
+        request = StatisticsRequest(frozenset(self.sites.tensors), bins=cal_cfg.bins)
+        stats = collect_statistics(
+            self.graph, request, calibration, image_preset=cal_cfg.image_preset
+        )
+        self.ranges = calibrated_ranges(stats, self.sites, cal_cfg)
+        self.calibration_s = time.perf_counter() - t
+        self.fallbacks = 0
+
+    def build(self, bits: dict[str, int]) -> Any:
+        from dyadiq.backends.onnx_qdq import export_qdq
+        from dyadiq.passes.activation_sites import find_activation_sites
+        from dyadiq.passes.insert_qdq import insert_qdq
+        from dyadiq.pipeline import quantize_graph
+        from dyadiq.plan import LayerFormat, PrecisionPlan
+
+        plan = PrecisionPlan({k: LayerFormat(b, 8) for k, b in bits.items()})
+        sites = find_activation_sites(self.graph, plan)
+        if sites.tensors == self.sites.tensors and sites.group_of == self.sites.group_of:
+            qdq = insert_qdq(self.graph, plan, sites, self.ranges)
+        else:  # not expected with 8-bit activations everywhere; recalibrate to be safe
+            self.fallbacks += 1
+            qdq = quantize_graph(self.raw, plan, self.calibration, self.cal_cfg).qdq
+        return export_qdq(qdq.graph)
+
+
+def _damage(name: str, metrics: dict[str, float], reference: dict[str, float]) -> float:
+    metric, how = DAMAGE_METRIC[name]
+    if how == "drop":
+        return float(reference[metric] - metrics[metric])
+    return float(1.0 - metrics[metric])
+
+
+def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
+    import onnx
+
+    from dyadiq import zoo
+    from dyadiq.evaluation import evaluate
+    from dyadiq.passes.calibration.observers import RangeMethod
+    from dyadiq.passes.sensitivity.analysis import (
+        PROXIES,
+        SensitivityConfig,
+        analyze,
+        predict_damage,
+    )
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from dyadiq.pipeline import CalibrationConfig
+
+    t_model = time.perf_counter()
+    artifacts = zoo.get(name)
+    kind = OutputKind[OUTPUT_KIND[name]]
+    analysis_n = (QUICK_ANALYSIS_SAMPLES if args.quick else ANALYSIS_SAMPLES)[name]
+    calib_n = CALIBRATION_SAMPLES[name]
+    eval_n = args.eval_limit or (QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES)[name]
+    cal_cfg = (
+        CalibrationConfig(method=RangeMethod.MINMAX) if name == "minilm" else CalibrationConfig()
+    )
+    sens_cfg = SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED)
+    if args.hutchinson_max_iters is not None:
+        sens_cfg = dataclasses.replace(sens_cfg, hutchinson_max_iters=args.hutchinson_max_iters)
+    result: dict[str, Any] = {
+        "output_kind": kind.value,
+        "damage_metric": {
+            "metric": DAMAGE_METRIC[name][0],
+            "damage": "float - config"
+            if DAMAGE_METRIC[name][1] == "drop"
+            else "1 - config (vs float)",
+        },
+        "caps": {
+            "analysis_samples": analysis_n,
+            "calibration_samples": calib_n,
+            "evaluation_samples": eval_n,
+        },
+        "calibration": {"method": cal_cfg.method.value, "percentile": cal_cfg.percentile},
+        "sensitivity_config": sens_cfg.to_json(),
+    }
+
+    # 1. analysis, once
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.pipeline import prepare_graph
+
+    graph = prepare_graph(load_onnx(artifacts.model_path))
+    analysis_batches = list(artifacts.calibration_batches(analysis_n))
+    log.info("%s: analysing %d samples", name, analysis_n)
+    t = time.perf_counter()
+    report = analyze(graph, analysis_batches, kind, sens_cfg)
+    analysis_s = time.perf_counter() - t
+    layer_ids = list(report.layers)
+    result["analysis"] = {
+        "wall_s": analysis_s,
+        "report_seconds": report.seconds,
+        "forward_passes": report.forward_passes,
+        "layers": len(layer_ids),
+        "pairs": len(report.pairs),
+    }
+    log.info("%s: analysis %.1fs, %d forward passes", name, analysis_s, report.forward_passes)
+
+    # 2. configurations
+    configs = sample_configs(layer_ids, args.configs)
+    predicted = {p: [predict_damage(report, c["bits"], p) for c in configs] for p in PROXIES}
+
+    # 3. real QDQ models, measured damage
+    calibration = list(artifacts.calibration_batches(calib_n))
+    builder = _Builder(Path(artifacts.model_path), calibration, cal_cfg)
+    result["calibration"]["statistics_s"] = builder.calibration_s
+    measured: list[float] = []
+    secondary: list[float] = []
+    reference: dict[str, float] = {}
+    chunk = EVAL_CHUNK.get(name, DEFAULT_EVAL_CHUNK)
+    build_s = eval_s = 0.0
+    truncated = None
+    with tempfile.TemporaryDirectory(prefix=f"pq_{name}_") as tmp:
+        for start in range(0, len(configs), chunk):
+            if time.time() > deadline and len(measured) >= 10:
+                truncated = f"time budget reached after {len(measured)} configurations"
+                log.warning("%s: %s", name, truncated)
+                break
+            paths: dict[str, Path] = {}
+            t = time.perf_counter()
+            for i in range(start, min(start + chunk, len(configs))):
+                path = Path(tmp) / f"config_{i:03d}.onnx"
+                onnx.save(builder.build(configs[i]["bits"]), str(path))
+                paths[f"config_{i:03d}"] = path
+            build_s += time.perf_counter() - t
+            t = time.perf_counter()
+            metrics = evaluate(artifacts, paths, limit=eval_n)
+            eval_s += time.perf_counter() - t
+            reference = metrics["float"]
+            for key in paths:
+                measured.append(_damage(name, metrics[key], reference))
+                secondary.append(float(1.0 - metrics[key][SECONDARY_METRIC[name]]))
+                configs[int(key.split("_")[1])]["metrics"] = {
+                    k: v for k, v in metrics[key].items() if k != "samples"
+                }
+            for f in paths.values():
+                f.unlink()
+            log.info("%s: %d/%d configurations measured", name, len(measured), len(configs))
+    n = len(measured)
+    predicted = {p: v[:n] for p, v in predicted.items()}
+    table = {p: correlations(predicted[p], measured) for p in PROXIES}
+    table_secondary = {p: correlations(predicted[p], secondary) for p in PROXIES}
+    result.update(
+        {
+            "configs": n,
+            "configs_requested": len(configs),
+            "truncated": truncated,
+            "float_metrics": reference,
+            "build_s": build_s,
+            "build_fallbacks": builder.fallbacks,
+            "evaluate_s": eval_s,
+            "correlations": table,
+            "secondary_metric": {
+                "metric": SECONDARY_METRIC[name],
+                "damage": "1 - config",
+                "correlations": table_secondary,
+            },
+            "verdict": _verdict(table),
+            "measured_damage": measured,
+            "measured_secondary": secondary,
+            "predicted_damage": predicted,
+            "configurations": [
+                {"p_low": c["p_low"], "bits": c["bits"], "metrics": c.get("metrics")}
+                for c in configs[:n]
+            ],
+            "mean_bits": [float(np.mean(list(c["bits"].values()))) for c in configs[:n]],
+            "wall_s": time.perf_counter() - t_model,
+        }
+    )
+    return result
+
+
+def _verdict(table: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """Does adding pair terms help (tau), for Hessian and for the empirical proxy?"""
+
+    def tau(p: str) -> float | None:
+        return table.get(p, {}).get("kendall_tau")
+
+    def cmp(a: str, b: str) -> str | None:
+        ta, tb = tau(a), tau(b)
+        if ta is None or tb is None:
+            return None
+        return "better" if ta > tb + 1e-9 else "worse" if ta < tb - 1e-9 else "equal"
+
+    taus = {p: tau(p) for p in table}
+    valid = {p: v for p, v in taus.items() if v is not None}
+    return {
+        "hessian+pairs_vs_hessian": cmp("hessian+pairs", "hessian"),
+        "empirical+pairs_vs_empirical": cmp("empirical+pairs", "empirical"),
+        "best_proxy_by_tau": max(valid, key=lambda p: valid[p]) if valid else None,
+    }
+
+
+# --- machine info, output ----------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import scipy
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    git = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cpu_model": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "git_commit": git or None,
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+def _f(x: Any, spec: str = "+.3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [
+        "# Sensitivity proxies vs real mixed-precision damage",
+        "",
+        f"- command: `{data['command']}`",
+        f"- date: {data['date']}; total wall time {_f(data.get('total_wall_s'), '.0f')} s",
+        f"- machine: {m['cpu_model']}, {m['nproc']} CPUs; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['load_avg_start'])}"
+        + (
+            f", at end {', '.join(f'{x:.2f}' for x in data['load_avg_end'])}"
+            if data.get("load_avg_end")
+            else ""
+        ),
+        f"- configurations: seed {data['settings']['seed']}; per configuration p(low) ~ U(0, 1), "
+        f"each layer low ({'/'.join(map(str, LOW_BITS))} bits) with probability p, else high "
+        f"({'/'.join(map(str, HIGH_BITS))}); activations 8 bits",
+        "- damage: accuracy drop vs float (fashion_cnn, ppocr_cls), 1 - top-1 agreement "
+        "(mobilenet_v2), 1 - mean cosine (minilm), on the held-out split",
+        "- tau = Kendall, rho = Spearman, between predicted and measured damage over the "
+        "configurations",
+        "",
+    ]
+    if data.get("notes"):
+        lines += [f"- {n}" for n in data["notes"]] + [""]
+    lines += [
+        "| model | N | analysis s | fwd passes | "
+        + " | ".join(f"{p} tau / rho" for p in data["settings"]["proxies"])
+        + " | pairs help (Hessian)? |",
+        "|---|---:|---:|---:|" + "---|" * len(data["settings"]["proxies"]) + "---|",
+    ]
+    for name, res in data["models"].items():
+        if "error" in res or "skipped" in res:
+            lines.append(f"| {name} | {res.get('skipped') or 'error: ' + res['error']} |")
+            continue
+        cells = [
+            f"{_f(res['correlations'][p]['kendall_tau'])} / "
+            f"{_f(res['correlations'][p]['spearman_rho'])}"
+            for p in data["settings"]["proxies"]
+        ]
+        lines.append(
+            f"| {name} | {res['configs']} | {res['analysis']['wall_s']:.1f} | "
+            f"{res['analysis']['forward_passes']} | "
+            + " | ".join(cells)
+            + f" | {res['verdict']['hessian+pairs_vs_hessian']} |"
+        )
+    lines += ["", "## Details", ""]
+    for name, res in data["models"].items():
+        if "error" in res or "skipped" in res:
+            continue
+        c = res["caps"]
+        md = np.asarray(res["measured_damage"])
+        lines += [
+            f"### {name}",
+            "",
+            f"- caps: analysis {c['analysis_samples']} samples, calibration "
+            f"{c['calibration_samples']} samples (statistics collected once, "
+            f"{res['calibration']['statistics_s']:.1f} s, {res['calibration']['method']}), "
+            f"evaluation {c['evaluation_samples']} samples",
+            f"- analysis: {res['analysis']['wall_s']:.1f} s, "
+            f"{res['analysis']['forward_passes']} forward passes, "
+            f"{res['analysis']['layers']} layers, {res['analysis']['pairs']} pair terms",
+            f"- build {res['build_s']:.1f} s, evaluate {res['evaluate_s']:.1f} s, "
+            f"model total {res['wall_s']:.1f} s"
+            + (f"; truncated: {res['truncated']}" if res.get("truncated") else ""),
+            f"- float {res['damage_metric']['metric']}: "
+            f"{res['float_metrics'].get(res['damage_metric']['metric'], float('nan')):.4f}; "
+            f"measured damage min {md.min():.4f}, median {np.median(md):.4f}, "
+            f"max {md.max():.4f}; distinct values {len(set(md.tolist()))}",
+            f"- secondary damage (1 - {res['secondary_metric']['metric']}) tau: "
+            + ", ".join(
+                f"{p} {_f(v['kendall_tau'])}"
+                for p, v in res["secondary_metric"]["correlations"].items()
+            ),
+            f"- pairs vs per-layer: hessian+pairs vs hessian "
+            f"{res['verdict']['hessian+pairs_vs_hessian']}, empirical+pairs vs empirical "
+            f"{res['verdict']['empirical+pairs_vs_empirical']}; best by tau: "
+            f"{res['verdict']['best_proxy_by_tau']}",
+            "",
+        ]
+    if data.get("conclusion"):
+        lines += ["## Conclusion", "", data["conclusion"], ""]
+    return "\n".join(lines)
+
+
+def conclusion(data: dict[str, Any]) -> str:
+    rows = []
+    for name, res in data["models"].items():
+        if "verdict" not in res:
+            continue
+        t = {p: res["correlations"][p]["kendall_tau"] for p in res["correlations"]}
+        rows.append(
+            f"{name}: hessian tau {_f(t['hessian'])}, hessian+pairs {_f(t['hessian+pairs'])} "
+            f"({res['verdict']['hessian+pairs_vs_hessian']})"
+        )
+    if not rows:
+        return ""
+    better = sum(
+        1
+        for r in data["models"].values()
+        if r.get("verdict", {}).get("hessian+pairs_vs_hessian") == "better"
+    )
+    total = sum(1 for r in data["models"].values() if "verdict" in r)
+    return (
+        f"Pair-augmented Hessian beats the per-layer Hessian (Kendall tau) on {better} of "
+        f"{total} models measured. " + "; ".join(rows) + "."
+    )
+
+
+def write_results(data: dict[str, Any], output_dir: Path) -> None:
+    from dyadiq.io import write_text_atomic
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output_dir / "proxy_quality.json", json.dumps(data, indent=2) + "\n")
+    write_text_atomic(output_dir / "proxy_quality.md", render_markdown(data))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.proxy_quality", description=__doc__)
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=list(ALL_MODELS))
+    p.add_argument("--configs", type=int, default=None, help="configurations per model (60)")
+    p.add_argument("--quick", action="store_true", help="smoke test: few configs, small caps")
+    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--eval-limit", type=int, default=None, help="override evaluation samples")
+    p.add_argument(
+        "--hutchinson-max-iters", type=int, default=None, help="default: SensitivityConfig's"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-time budget: models not started within it are skipped (recorded), a model "
+        "running past it stops measuring configurations",
+    )
+    args = p.parse_args(argv)
+    if args.configs is None:
+        args.configs = 8 if args.quick else 60
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from dyadiq.passes.sensitivity.analysis import PROXIES
+
+    start = time.perf_counter()
+    deadline = time.time() + (args.budget_s if args.budget_s else 1e9)
+    argv_used = sys.argv[1:] if argv is None else argv
+    data: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.proxy_quality " + " ".join(argv_used),
+        "machine": machine_info(),
+        "settings": {
+            "models": args.models,
+            "configs": args.configs,
+            "quick": args.quick,
+            "seed": SEED,
+            "weight_bits": list(BITS),
+            "low_bits": list(LOW_BITS),
+            "high_bits": list(HIGH_BITS),
+            "act_bits": 8,
+            "hutchinson_max_iters": args.hutchinson_max_iters,
+            "budget_s": args.budget_s,
+            "proxies": list(PROXIES),
+        },
+        "notes": [],
+        "models": {},
+    }
+    order = [m for m in ALL_MODELS if m in args.models]
+    for name in order:
+        if time.time() > deadline:
+            reason = "skipped: wall-time budget exhausted before this model started"
+            data["models"][name] = {"skipped": reason}
+            data["notes"].append(f"{name} {reason}")
+        else:
+            try:
+                data["models"][name] = benchmark_model(name, args, deadline)
+            except Exception as exc:  # one model failing must not lose the others
+                log.exception("%s failed", name)
+                data["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+        data["total_wall_s"] = time.perf_counter() - start
+        data["load_avg_end"] = list(os.getloadavg())
+        data["conclusion"] = conclusion(data)
+        write_results(data, args.output_dir)
+    return data
+
+
+if __name__ == "__main__":
+    main()
