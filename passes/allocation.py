@@ -1,0 +1,175 @@
+"""Bit allocation as an integer linear program (HAWQ-V3), solved with scipy's HiGHS ``milp``.
+
+Variables x[i, f] in {0, 1}: layer i gets candidate format f; sum_f x[i, f] = 1.
+Objective: sum damage[i][f] x[i, f] + sum over pair terms c_ij(f, g) y[i, f, j, g], where the
+products y = x[i, f] x[j, g] are linearised exactly (y >= x_if + x_jg - 1, y <= x_if,
+y <= x_jg, 0 <= y <= 1 is integral whenever the x are).
+Constraints: any of total size (bytes), BOPs (MACs x weight bits x activation bits); tied
+layers (shared weights, or a plan's own grouping) take identical formats.
+An infeasible budget is an error that states the smallest feasible value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from dyadiq.errors import ConfigError
+from dyadiq.plan import LayerFormat
+
+
+@dataclass(frozen=True)
+class PairCost:
+    a: str
+    b: str
+    cost: Mapping[tuple[LayerFormat, LayerFormat], float]  # (format of a, format of b) -> cost
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    candidates: Mapping[str, Sequence[LayerFormat]]  # layer -> formats it may take
+    damage: Mapping[str, Mapping[LayerFormat, float]]
+    size_bytes: Mapping[str, Mapping[LayerFormat, float]]
+    bops: Mapping[str, Mapping[LayerFormat, float]] = field(default_factory=dict)
+    pairs: Sequence[PairCost] = ()
+    ties: Sequence[Sequence[str]] = ()
+
+    def __post_init__(self) -> None:
+        empty = [k for k, v in self.candidates.items() if not v]
+        if empty:
+            raise ConfigError(f"layers with no allowed format (contradictory pins?): {empty}")
+        for group in self.ties:
+            shared = set.intersection(*(set(self.candidates[i]) for i in group))
+            if not shared:
+                raise ConfigError(f"tied layers {list(group)} have no format in common")
+
+
+@dataclass(frozen=True)
+class Budget:
+    size_bytes: float | None = None
+    bops: float | None = None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    formats: Mapping[str, LayerFormat]
+    predicted_damage: float
+    size_bytes: float
+    bops: float
+
+
+def _totals(problem: AllocationProblem, formats: Mapping[str, LayerFormat]) -> tuple[float, float]:
+    size = sum(problem.size_bytes[i][f] for i, f in formats.items())
+    bops = sum(problem.bops.get(i, {}).get(f, 0.0) for i, f in formats.items())
+    return size, bops
+
+
+def _extreme(problem: AllocationProblem, table: Mapping[str, Mapping[LayerFormat, float]]) -> float:
+    """The smallest achievable total of a per-layer cost, honouring ties."""
+    tied = {i for group in problem.ties for i in group}
+    total = sum(
+        min(table[i][f] for f in problem.candidates[i]) for i in problem.candidates if i not in tied
+    )
+    for group in problem.ties:
+        shared = set.intersection(*(set(problem.candidates[i]) for i in group))
+        total += min(sum(table[i][f] for i in group) for f in shared)
+    return total
+
+
+def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.0) -> Allocation:
+    layers = list(problem.candidates)
+    index: dict[tuple[str, LayerFormat], int] = {}
+    for layer in layers:
+        for fmt in problem.candidates[layer]:
+            index[(layer, fmt)] = len(index)
+    pair_vars: list[tuple[int, int, float]] = []  # (x_a index, x_b index, cost)
+    for pair in problem.pairs:
+        for fa in problem.candidates.get(pair.a, ()):
+            for fb in problem.candidates.get(pair.b, ()):
+                cost = pair.cost.get((fa, fb), 0.0)
+                if cost != 0.0:
+                    pair_vars.append((index[(pair.a, fa)], index[(pair.b, fb)], cost))
+    n_x, n = len(index), len(index) + len(pair_vars)
+    c = np.zeros(n)
+    for (layer, fmt), k in index.items():
+        c[k] = problem.damage[layer][fmt]
+    for j, (_, _, cost) in enumerate(pair_vars):
+        c[n_x + j] = cost
+
+    rows: list[tuple[dict[int, float], float, float]] = []
+    for layer in layers:
+        rows.append(({index[(layer, f)]: 1.0 for f in problem.candidates[layer]}, 1.0, 1.0))
+    for group in problem.ties:
+        shared = set.intersection(*(set(problem.candidates[i]) for i in group))
+        for layer in group:
+            for fmt in set(problem.candidates[layer]) - shared:
+                rows.append(({index[(layer, fmt)]: 1.0}, 0.0, 0.0))  # not allowed in the group
+        for other in group[1:]:
+            for fmt in shared:
+                rows.append(({index[(group[0], fmt)]: 1.0, index[(other, fmt)]: -1.0}, 0.0, 0.0))
+    for j, (ka, kb, _) in enumerate(pair_vars):
+        y = n_x + j
+        rows.append(({y: 1.0, ka: -1.0, kb: -1.0}, -1.0, np.inf))  # y >= xa + xb - 1
+        rows.append(({y: 1.0, ka: -1.0}, -np.inf, 0.0))  # y <= xa
+        rows.append(({y: 1.0, kb: -1.0}, -np.inf, 0.0))  # y <= xb
+    for limit, table, name in (
+        (budget.size_bytes, problem.size_bytes, "size"),
+        (budget.bops, problem.bops, "BOPs"),
+    ):
+        if limit is None:
+            continue
+        smallest = _extreme(problem, table)
+        if smallest > limit * (1 + 1e-9):
+            raise ConfigError(
+                f"{name} budget {limit:,.0f} is infeasible: the smallest achievable {name} "
+                f"with the allowed formats is {smallest:,.0f}"
+            )
+        rows.append(({index[k]: table[k[0]][k[1]] for k in index}, -np.inf, limit))
+
+    matrix = lil_matrix((len(rows), n))
+    lower, upper = np.empty(len(rows)), np.empty(len(rows))
+    for r, (coeffs, lo, hi) in enumerate(rows):
+        for k, v in coeffs.items():
+            matrix[r, k] = v
+        lower[r], upper[r] = lo, hi
+    integrality = np.concatenate([np.ones(n_x), np.zeros(n - n_x)])
+    result = milp(
+        c,
+        constraints=LinearConstraint(matrix.tocsr(), lower, upper),
+        integrality=integrality,
+        bounds=Bounds(np.zeros(n), np.ones(n)),
+        options={"time_limit": time_limit},
+    )
+    if result.x is None:
+        raise ConfigError(f"the allocation problem has no solution: {result.message}")
+    formats = {layer: fmt for (layer, fmt), k in index.items() if result.x[k] > 0.5}
+    size, bops = _totals(problem, formats)
+    return Allocation(formats, float(result.fun), size, bops)
+
+
+def brute_force(problem: AllocationProblem, budget: Budget) -> Allocation:
+    """Exhaustive search (tests only): the optimum the ILP must reach."""
+    import itertools
+
+    layers = list(problem.candidates)
+    best: Allocation | None = None
+    for choice in itertools.product(*(problem.candidates[i] for i in layers)):
+        formats = dict(zip(layers, choice, strict=True))
+        if any(len({formats[i] for i in group}) > 1 for group in problem.ties):
+            continue
+        size, bops = _totals(problem, formats)
+        if budget.size_bytes is not None and size > budget.size_bytes:
+            continue
+        if budget.bops is not None and bops > budget.bops:
+            continue
+        damage = sum(problem.damage[i][f] for i, f in formats.items())
+        damage += sum(p.cost.get((formats[p.a], formats[p.b]), 0.0) for p in problem.pairs)
+        if best is None or damage < best.predicted_damage:
+            best = Allocation(formats, damage, size, bops)
+    if best is None:
+        raise ConfigError("no feasible allocation")
+    return best

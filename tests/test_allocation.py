@@ -1,0 +1,82 @@
+"""ILP bit allocation: optimum against brute force, ties, pairs, impossible budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dyadiq.errors import ConfigError
+from dyadiq.passes.allocation import AllocationProblem, Budget, PairCost, brute_force, solve
+from dyadiq.plan import LayerFormat
+
+FORMATS = [LayerFormat(b, 8) for b in (2, 3, 4, 6, 8)]
+
+
+def _random_problem(rng, layers=5, pairs=3, ties=()):
+    names = [f"l{i}" for i in range(layers)]
+    params = {n: int(rng.integers(100, 5000)) for n in names}
+    damage = {
+        n: {f: float(rng.uniform(0.5, 2) * 4.0 ** (-f.weight_bits)) for f in FORMATS} for n in names
+    }
+    size = {n: {f: params[n] * f.weight_bits / 8 for f in FORMATS} for n in names}
+    bops = {n: {f: params[n] * 10 * f.weight_bits * f.act_bits for f in FORMATS} for n in names}
+    pair_costs = []
+    for _ in range(pairs):
+        a, b = rng.choice(names, size=2, replace=False)
+        scale = float(rng.normal() * 0.01)
+        pair_costs.append(
+            PairCost(
+                str(a),
+                str(b),
+                {
+                    (fa, fb): scale * 2.0 ** (-fa.weight_bits - fb.weight_bits)
+                    for fa in FORMATS
+                    for fb in FORMATS
+                },
+            )
+        )
+    candidates = {n: list(FORMATS) for n in names}
+    problem = AllocationProblem(candidates, damage, size, bops, pair_costs, ties)
+    return problem, sum(params.values())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_reaches_the_brute_force_optimum(seed):
+    rng = np.random.default_rng(seed)
+    ties = (("l0", "l1"),) if seed % 2 else ()
+    problem, total_params = _random_problem(rng, ties=ties)
+    budget = Budget(size_bytes=total_params * rng.uniform(3.0, 6.0) / 8)
+    if seed >= 4:
+        budget = Budget(size_bytes=budget.size_bytes, bops=total_params * 10 * 5 * 8)
+    ilp, exact = solve(problem, budget), brute_force(problem, budget)
+    assert ilp.predicted_damage == pytest.approx(exact.predicted_damage, rel=1e-6, abs=1e-12)
+    assert ilp.size_bytes <= budget.size_bytes + 1e-6
+    for group in problem.ties:
+        assert len({ilp.formats[i] for i in group}) == 1
+
+
+def test_tighter_budget_never_lowers_damage():
+    problem, total = _random_problem(np.random.default_rng(7), layers=8, pairs=0)
+    damages = [
+        solve(problem, Budget(size_bytes=total * b / 8)).predicted_damage for b in (8, 6, 4, 3, 2)
+    ]
+    assert damages == sorted(damages)
+
+
+def test_impossible_budget_names_the_smallest_feasible_one():
+    problem, total = _random_problem(np.random.default_rng(8), pairs=0)
+    with pytest.raises(ConfigError, match="smallest achievable size") as info:
+        solve(problem, Budget(size_bytes=total * 1.5 / 8))
+    assert f"{total * 2 / 8:,.0f}" in str(info.value)
+
+
+def test_contradictory_pins_and_ties_are_errors():
+    problem, _ = _random_problem(np.random.default_rng(9), pairs=0)
+    candidates = dict(problem.candidates)
+    candidates["l0"] = [LayerFormat(8, 8)]
+    candidates["l1"] = [LayerFormat(4, 8)]
+    with pytest.raises(ConfigError, match="no format in common"):
+        AllocationProblem(candidates, problem.damage, problem.size_bytes, ties=(("l0", "l1"),))
+    candidates["l2"] = []
+    with pytest.raises(ConfigError, match="no allowed format"):
+        AllocationProblem(candidates, problem.damage, problem.size_bytes)
