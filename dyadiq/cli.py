@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dyadiq.errors import ConfigError, DyadiqError
+from dyadiq.io import write_text_atomic
 
 console = Console()
 
@@ -96,6 +97,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         limit=args.calib_limit,
         image_preset=args.calib_preset,
     )
+    plan = PrecisionPlan.load(Path(args.plan)) if args.plan else None
+    allocation_info = None
+    if args.budget:
+        plan, allocation_info = _allocate(model_path, calibration, args)
     result = quantize(
         model_path,
         Path(args.output),
@@ -106,24 +111,73 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         exclude=frozenset(args.exclude),
         config=config,
         input_shapes=_parse_shapes(args.input_shape) or None,
-        plan=PrecisionPlan.load(Path(args.plan)) if args.plan else None,
+        plan=plan,
         integer=args.integer,
     )
     out = Path(args.output)
     report = json.loads((out / "report.json").read_text())
+    if allocation_info is not None:
+        report["allocation"] = allocation_info
     if artifacts is not None and not args.no_eval:
         report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
-        from dyadiq.io import write_text_atomic
 
-        write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     _print_summary(report, result.plan.to_json(), out)
     return 0
+
+
+def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.allocation import parse_budget, problem_from_report, solve
+    from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.passes.sensitivity.analysis import (
+        SensitivityConfig,
+        analyze_cached,
+        detect_output_kind,
+    )
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
+    from dyadiq.pipeline import prepare_graph
+    from dyadiq.plan import LayerFormat, PrecisionPlan
+
+    graph = prepare_graph(load_onnx(model_path))
+    batches = list(
+        validated_batches(
+            calibration,
+            graph.input_specs(),
+            image_preset=args.calib_preset,
+            limit=args.analysis_samples,
+        )
+    )
+    probe = PerturbableModel(graph, batches[:1], OutputKind.LOGITS)
+    kind = detect_output_kind(probe.reference)
+    widths = tuple(int(b) for b in args.wbits_candidates.split(","))
+    report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
+    formats = [LayerFormat(b, args.abits) for b in widths]
+    problem = problem_from_report(graph, report, formats, args.proxy)
+    budget = parse_budget(args.budget, problem)
+    allocation = solve(problem, budget)
+    plan = PrecisionPlan(dict(allocation.formats), args.abits, args.act_dtype == "int8")
+    console.print(
+        f"  allocated {len(allocation.formats)} layers under {args.budget}: weights "
+        f"{allocation.size_bytes:,.0f} B, predicted damage {allocation.predicted_damage:.4g} "
+        f"({report.forward_passes} forward passes of analysis{', cached' if cached else ''})"
+    )
+    info = {
+        "budget": args.budget,
+        "proxy": args.proxy,
+        "predicted_damage": allocation.predicted_damage,
+        "weight_bytes": allocation.size_bytes,
+        "bops": allocation.bops,
+        "sensitivity_fingerprint": report.fingerprint,
+    }
+    return plan, info
 
 
 def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
     from dyadiq.evaluation import evaluate
 
-    label = "dyadiq plan" if args.plan else f"dyadiq W{args.wbits}A{args.abits}"
+    label = "dyadiq plan" if args.plan or args.budget else f"dyadiq W{args.wbits}A{args.abits}"
     models = {label: out / "model.qdq.onnx"}
     if args.integer:
         models[f"{label} integer"] = out / "model.int.onnx"
@@ -184,7 +238,7 @@ def _fmt(value: float | None) -> str:
 # --- analyze -------------------------------------------------------------------------------
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.io import prepare_output_dir, write_text_atomic
+    from dyadiq.io import prepare_output_dir
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
         SensitivityConfig,
@@ -306,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="NODE_ID")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224")
     p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
+    p.add_argument(
+        "--budget",
+        help="allocate per-layer weight bits by ILP: size=2MB | avg-wbits=5 | bops=0.5x",
+    )
+    p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")
+    p.add_argument(
+        "--proxy",
+        default="empirical+pairs",
+        choices=["hessian", "hessian+pairs", "empirical", "empirical+pairs"],
+        help="sensitivity model the ILP minimises",
+    )
+    p.add_argument("--analysis-samples", type=int, default=8)
     p.add_argument(
         "--integer",
         action="store_true",

@@ -19,6 +19,9 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
 from dyadiq.errors import ConfigError
+from dyadiq.graph import QGraph, weight_channel_axis
+from dyadiq.op_facts import OpKind
+from dyadiq.passes.sensitivity.analysis import SensitivityReport, predict_damage
 from dyadiq.plan import LayerFormat
 
 
@@ -173,3 +176,117 @@ def brute_force(problem: AllocationProblem, budget: Budget) -> Allocation:
     if best is None:
         raise ConfigError("no feasible allocation")
     return best
+
+
+def layer_macs(graph: QGraph, layer_id: str) -> int:
+    """Multiply-accumulates of one inference (batch dim counted as 1)."""
+    node = graph.node(layer_id)
+    weight = graph.weight(node)
+    assert weight is not None
+    out_shape = [d if isinstance(d, int) and d > 0 else 1 for d in (node.outputs[0].shape or [])]
+    if out_shape:
+        out_shape[0] = 1
+    outputs = int(np.prod(out_shape)) if out_shape else 1
+    if graph.kind(node) is OpKind.CONV:
+        return outputs * int(np.prod(weight.values.shape[1:]))
+    reduction = weight.values.shape[0] if weight_channel_axis(node) != 0 else weight.values.shape[1]
+    return outputs * int(reduction)
+
+
+def shared_weight_ties(graph: QGraph, layers: Sequence[str]) -> list[list[str]]:
+    by_weight: dict[str, list[str]] = {}
+    for layer in layers:
+        weight = graph.weight(graph.node(layer))
+        if weight is not None:
+            by_weight.setdefault(weight.name, []).append(layer)
+    return [group for group in by_weight.values() if len(group) > 1]
+
+
+def problem_from_report(
+    graph: QGraph,
+    report: SensitivityReport,
+    formats: Sequence[LayerFormat],
+    proxy: str = "empirical+pairs",
+    candidates: Mapping[str, Sequence[LayerFormat]] | None = None,
+) -> AllocationProblem:
+    """Damage from a sensitivity report (per weight width), size and BOPs from the graph."""
+    layers = list(report.layers)
+    missing = [f for f in formats if f.weight_bits not in report.layers[layers[0]].empirical_damage]
+    if missing:
+        raise ConfigError(
+            f"the sensitivity report has no data for {[f.label for f in missing]}; "
+            "rerun analyze with those widths"
+        )
+    allowed = {
+        i: list(candidates[i]) if candidates and i in candidates else list(formats) for i in layers
+    }
+    damage = {
+        i: {
+            f: predict_damage(
+                report, {**dict.fromkeys(layers, 32), i: f.weight_bits}, proxy.split("+")[0]
+            )
+            for f in allowed[i]
+        }
+        for i in layers
+    }
+    size = {i: {f: report.layers[i].params * f.weight_bits / 8 for f in allowed[i]} for i in layers}
+    macs = {i: layer_macs(graph, i) for i in layers}
+    bops = {i: {f: macs[i] * f.weight_bits * f.act_bits for f in allowed[i]} for i in layers}
+    pairs = []
+    if proxy.endswith("+pairs"):
+        for term in report.pairs:
+            la, lb = report.layers[term.a], report.layers[term.b]
+            ref_a, ref_b = la.perturbation_sq[term.bits], lb.perturbation_sq[term.bits]
+            if ref_a <= 0 or ref_b <= 0:
+                continue
+            cost = {
+                (fa, fb): term.delta
+                * float(np.sqrt(la.perturbation_sq[fa.weight_bits] / ref_a))
+                * float(np.sqrt(lb.perturbation_sq[fb.weight_bits] / ref_b))
+                for fa in allowed[term.a]
+                for fb in allowed[term.b]
+            }
+            pairs.append(PairCost(term.a, term.b, cost))
+    return AllocationProblem(allowed, damage, size, bops, pairs, shared_weight_ties(graph, layers))
+
+
+def _params(problem: AllocationProblem, layer: str) -> float:
+    fmt, nbytes = next(iter(problem.size_bytes[layer].items()))
+    return nbytes * 8 / fmt.weight_bits
+
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2}
+
+
+def parse_budget(text: str, problem: AllocationProblem) -> Budget:
+    """``size=2MB``, ``avg-wbits=5``, ``bops=0.5x`` (of all-W8A8), comma-separated."""
+    size: float | None = None
+    bops: float | None = None
+    w8 = LayerFormat(8, 8)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        value = value.strip().lower()
+        try:
+            if key == "size":
+                number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+                unit = value[len(number) :] or "b"
+                size = float(number) * _UNITS[unit]
+            elif key == "avg-wbits":
+                size = sum(_params(problem, i) for i in problem.size_bytes) * float(value) / 8
+            elif key == "bops":
+                reference = sum(
+                    problem.bops[i].get(w8, max(problem.bops[i].values())) for i in problem.bops
+                )
+                bops = float(value.rstrip("x")) * reference if value.endswith("x") else float(value)
+            elif key == "latency":
+                raise ConfigError(
+                    "latency budgets need a measured latency table from a backend; "
+                    "none is available yet (size, avg-wbits and bops are)"
+                )
+            else:
+                raise ConfigError(f"unknown budget {key!r}: use size, avg-wbits or bops")
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot read budget {item!r}: {exc}") from exc
+    if size is None and bops is None:
+        raise ConfigError("empty budget: give e.g. size=2MB, avg-wbits=5 or bops=0.5x")
+    return Budget(size, bops)

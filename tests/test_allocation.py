@@ -80,3 +80,47 @@ def test_contradictory_pins_and_ties_are_errors():
     candidates["l2"] = []
     with pytest.raises(ConfigError, match="no allowed format"):
         AllocationProblem(candidates, problem.damage, problem.size_bytes)
+
+
+def test_budgets_from_a_real_sensitivity_report_and_the_cli(tmp_path, monkeypatch, capsys):
+    import json
+
+    import onnx
+
+    from dyadiq.cli import main
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.allocation import parse_budget, problem_from_report
+    from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from tests.builders import conv_relu_pool_fc
+
+    monkeypatch.setenv("DYADIQ_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(10)
+    model = conv_relu_pool_fc(rng)
+    graph = load_onnx(model)
+    batches = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    report = analyze(graph, batches, OutputKind.LOGITS, SensitivityConfig(weight_bits=(2, 4, 8)))
+    problem = problem_from_report(graph, report, [LayerFormat(b, 8) for b in (2, 4, 8)])
+    params = 4 * 27 + 5 * 64
+    assert parse_budget("avg-wbits=4", problem).size_bytes == pytest.approx(params * 4 / 8)
+    assert parse_budget("size=1KB", problem).size_bytes == 1000
+    w8_bops = parse_budget("bops=1x", problem).bops
+    assert parse_budget("bops=0.5x", problem).bops == pytest.approx(w8_bops / 2)
+    with pytest.raises(ConfigError, match="latency"):
+        parse_budget("latency=0.7x", problem)
+    allocation = solve(problem, parse_budget("avg-wbits=4", problem))
+    assert allocation.size_bytes <= params * 4 / 8
+    # the CLI end to end, and an impossible budget that names the feasible minimum
+    (tmp_path / "m").mkdir()
+    onnx.save(model, str(tmp_path / "m" / "m.onnx"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, feeds in enumerate(batches):
+        np.savez(calib / f"{i}.npz", **feeds)
+    base = ["quantize", str(tmp_path / "m" / "m.onnx"), "--calib", str(calib)]
+    assert main([*base, "-o", str(tmp_path / "ok"), "--budget", "avg-wbits=5"]) == 0
+    saved = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert saved["allocation"]["weight_bytes"] <= params * 5 / 8
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "bad"), "--budget", "avg-wbits=1"]) == 2
+    assert "smallest achievable size" in capsys.readouterr().err

@@ -18,7 +18,6 @@ if str(REPO) not in sys.path:  # ``benchmarks`` lives at the repository root, no
 
 def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
     from benchmarks import proxy_quality
-
     from dyadiq.passes.sensitivity.analysis import PROXIES
 
     out = tmp_path / "results"

@@ -210,7 +210,11 @@ def analyze(
     low_damage: dict[str, float] = {}
     for layer_id, weight in model.weights.items():
         quantized = {b: quantized_weight(graph, layer_id, b) for b in config.weight_bits}
-        pert_sq = {b: float(np.sum((q - weight) ** 2)) for b, q in quantized.items()}
+        widths = sorted({*config.weight_bits, config.pair_bits})  # pair terms rescale by these
+        for b in widths:
+            if b not in quantized:
+                quantized[b] = quantized_weight(graph, layer_id, b)
+        pert_sq = {b: float(np.sum((quantized[b] - weight) ** 2)) for b in widths}
         trace = None
         hessian: dict[int, float] = {}
         if config.trace:
@@ -233,7 +237,8 @@ def analyze(
         empirical: dict[int, float] = {}
         snr: dict[int, float] = {}
         if config.empirical:
-            for b, q in quantized.items():
+            for b in config.weight_bits:
+                q = quantized[b]
                 outs = model.outputs({layer_id: q})
                 pairs_ro = zip(model.reference, outs, strict=True)
                 empirical[b] = float(np.mean([loss(r, o, kind) for r, o in pairs_ro]))
