@@ -128,8 +128,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
+    from dataclasses import replace
+
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.allocation import parse_budget, problem_from_report, solve
+    from dyadiq.passes.allocation import (
+        apply_overrides,
+        parse_budget,
+        problem_from_report,
+        solve,
+    )
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
         SensitivityConfig,
@@ -154,10 +161,18 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
     widths = tuple(int(b) for b in args.wbits_candidates.split(","))
     report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
     formats = [LayerFormat(b, args.abits) for b in widths]
-    problem = problem_from_report(graph, report, formats, args.proxy)
+    overrides = _overrides(args, graph)
+    candidates, floats = apply_overrides(graph, list(report.layers), formats, overrides)
+    kept = {k: v for k, v in report.layers.items() if k in candidates}
+    report = replace(
+        report, layers=kept, pairs=tuple(p for p in report.pairs if p.a in kept and p.b in kept)
+    )
+    problem = problem_from_report(graph, report, formats, args.proxy, candidates)
     budget = parse_budget(args.budget, problem)
     allocation = solve(problem, budget)
-    plan = PrecisionPlan(dict(allocation.formats), args.abits, args.act_dtype == "int8")
+    plan = PrecisionPlan(
+        dict(allocation.formats), args.abits, args.act_dtype == "int8", frozenset(floats)
+    )
     console.print(
         f"  allocated {len(allocation.formats)} layers under {args.budget}: weights "
         f"{allocation.size_bytes:,.0f} B, predicted damage {allocation.predicted_damage:.4g} "
@@ -172,6 +187,29 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
         "sensitivity_fingerprint": report.fingerprint,
     }
     return plan, info
+
+
+def _overrides(args: argparse.Namespace, graph: Any) -> Any:
+    """--pin ID_OR_PATTERN=W8A8[,W4A8] and --exclude ID, as allocation overrides."""
+    from dyadiq.passes.allocation import Overrides
+    from dyadiq.plan import LayerFormat
+
+    ids = set(graph.node_ids())
+    by_id: dict[str, tuple[LayerFormat, ...]] = {}
+    by_pattern: dict[str, tuple[LayerFormat, ...]] = {}
+    for item in args.pin:
+        target, _, labels = item.partition("=")
+        try:
+            allowed = tuple(
+                LayerFormat(int(x[1 : x.index("A")]), int(x[x.index("A") + 1 :]))
+                for x in labels.upper().split(",")
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--pin wants ID=W8A8[,W4A8], got {item!r}") from exc
+        (by_id if target in ids else by_pattern)[target] = allowed
+    for layer in args.exclude:
+        by_id[layer] = ()
+    return Overrides(by_pattern=by_pattern, by_id=by_id)
 
 
 def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
@@ -372,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sensitivity model the ILP minimises",
     )
     p.add_argument("--analysis-samples", type=int, default=8)
+    p.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="ID_OR_PATTERN=W8A8",
+        help="restrict a layer's formats under --budget (node id beats a pattern)",
+    )
     p.add_argument(
         "--integer",
         action="store_true",

@@ -290,3 +290,54 @@ def parse_budget(text: str, problem: AllocationProblem) -> Budget:
     if size is None and bops is None:
         raise ConfigError("empty budget: give e.g. size=2MB, avg-wbits=5 or bops=0.5x")
     return Budget(size, bops)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """User restrictions on the formats a layer may take.
+
+    Priority, lowest to highest: ``default`` (all layers) < ``by_kind`` (op type, e.g.
+    "Gemm") < ``by_pattern`` (fnmatch on the node id, in insertion order, later wins) <
+    ``by_id`` (one node). The most specific rule that matches a layer replaces the others
+    entirely. An empty tuple means "keep this layer in float" (it leaves the problem).
+    """
+
+    default: tuple[LayerFormat, ...] | None = None
+    by_kind: Mapping[str, tuple[LayerFormat, ...]] = field(default_factory=dict)
+    by_pattern: Mapping[str, tuple[LayerFormat, ...]] = field(default_factory=dict)
+    by_id: Mapping[str, tuple[LayerFormat, ...]] = field(default_factory=dict)
+
+    def formats_for(
+        self, layer_id: str, op_type: str, formats: Sequence[LayerFormat]
+    ) -> tuple[LayerFormat, ...]:
+        import fnmatch
+
+        chosen: tuple[LayerFormat, ...] = tuple(formats)
+        if self.default is not None:
+            chosen = self.default
+        if op_type in self.by_kind:
+            chosen = self.by_kind[op_type]
+        for pattern, allowed in self.by_pattern.items():
+            if fnmatch.fnmatchcase(layer_id, pattern):
+                chosen = allowed
+        if layer_id in self.by_id:
+            chosen = self.by_id[layer_id]
+        return chosen
+
+
+def apply_overrides(
+    graph: QGraph, layers: Sequence[str], formats: Sequence[LayerFormat], overrides: Overrides
+) -> tuple[dict[str, list[LayerFormat]], list[str]]:
+    """Per-layer candidate lists and the layers kept in float; unknown ids are an error."""
+    unknown = sorted(set(overrides.by_id) - set(layers))
+    if unknown:
+        raise ConfigError(f"overrides name layers that are not weighted layers: {unknown}")
+    candidates: dict[str, list[LayerFormat]] = {}
+    floats: list[str] = []
+    for layer in layers:
+        allowed = overrides.formats_for(layer, graph.node(layer).op, formats)
+        if allowed:
+            candidates[layer] = list(allowed)
+        else:
+            floats.append(layer)
+    return candidates, floats

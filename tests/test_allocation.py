@@ -124,3 +124,22 @@ def test_budgets_from_a_real_sensitivity_report_and_the_cli(tmp_path, monkeypatc
     capsys.readouterr()
     assert main([*base, "-o", str(tmp_path / "bad"), "--budget", "avg-wbits=1"]) == 2
     assert "smallest achievable size" in capsys.readouterr().err
+
+
+def test_override_priority_is_global_then_kind_then_pattern_then_id():
+    from dyadiq.passes.allocation import Overrides
+
+    w8, w4, w2 = LayerFormat(8, 8), LayerFormat(4, 8), LayerFormat(2, 8)
+    rules = Overrides(
+        default=(w4, w2),
+        by_kind={"Gemm": (w8,)},
+        by_pattern={"head*": (w4,), "head.fc": (w2,)},
+        by_id={"head.fc2": ()},
+    )
+    all_formats = [w8, w4, w2]
+    assert rules.formats_for("conv1", "Conv", all_formats) == (w4, w2)  # global
+    assert rules.formats_for("fc", "Gemm", all_formats) == (w8,)  # kind beats global
+    assert rules.formats_for("head.x", "Gemm", all_formats) == (w4,)  # pattern beats kind
+    assert rules.formats_for("head.fc", "Gemm", all_formats) == (w2,)  # later pattern wins
+    assert rules.formats_for("head.fc2", "Gemm", all_formats) == ()  # id beats all: float
+    assert Overrides().formats_for("any", "Conv", all_formats) == tuple(all_formats)

@@ -1,0 +1,639 @@
+"""Bit allocation: is the ILP fast, and do its plans beat a hand heuristic and random plans?
+
+1. Solver speed. A synthetic problem: 200 layers x 10 formats (W2/3/4/6/8 x A4/8), random
+   damages that fall with the bits, sizes from random parameter counts, a size budget at 5
+   average weight bits, 20 tie groups of 2-3 layers. ``solve`` wall time, median of 3; the
+   same problem with 50 random pair terms too.
+2. Per zoo model (fashion_cnn, ppocr_cls, mobilenet_v2):
+   - heuristic: uniform W4 with the first and last weighted layer at W8 (activations 8 bits);
+     its weight size S = sum(params x bits / 8);
+   - ILP: ``solve(problem_from_report(..., proxy="empirical+pairs"), Budget(size_bytes=S))``,
+     sensitivity from ``analyze_cached`` (weight bits 2/3/4/6/8; 256 samples for fashion_cnn,
+     8 for the others);
+   - random: plans with per-layer widths drawn uniformly from {2, 3, 4, 6, 8} (shared-weight
+     layers alike), kept only when their size is in [0.97 S, S] (rejection sampling, seed 0).
+   Every plan becomes a real QDQ model on the same calibration samples (256 for fashion_cnn,
+   16 otherwise) and is measured on the held-out split: accuracy (fashion_cnn on 2000 images,
+   ppocr_cls on 400), top-1 agreement with float (mobilenet_v2, 248 crops).
+
+Models are built the way ``quantize_graph`` builds them, but the activation statistics are
+collected once per model and reused: with 8-bit activations everywhere the activation sites
+and ranges do not depend on the weight widths (checked per plan; a plan whose sites differ
+falls back to ``quantize_graph``).
+
+Results: ``results/allocation.json`` and ``allocation.md``, written atomically after the
+solver part and after every model.
+
+    .venv/bin/python -m benchmarks.allocation
+    .venv/bin/python -m benchmarks.allocation --quick --output-dir /tmp/alloc   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+ALL_MODELS = ("fashion_cnn", "ppocr_cls", "mobilenet_v2")
+BITS = (2, 3, 4, 6, 8)
+SEED = 0
+PROXY = "empirical+pairs"
+WINDOW = 0.97  # random plans: size in [WINDOW * S, S]
+OUTPUT_KIND = {"fashion_cnn": "LOGITS", "mobilenet_v2": "LOGITS", "ppocr_cls": "PROBABILITIES"}
+METRIC = {"fashion_cnn": "accuracy", "ppocr_cls": "accuracy", "mobilenet_v2": "top1_agreement"}
+ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8}
+CALIBRATION_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 16, "mobilenet_v2": 16}
+EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 400, "mobilenet_v2": 248}
+QUICK_ANALYSIS_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 4, "mobilenet_v2": 4}
+QUICK_CALIBRATION_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 8, "mobilenet_v2": 8}
+QUICK_EVAL_SAMPLES = {"fashion_cnn": 500, "ppocr_cls": 64, "mobilenet_v2": 32}
+EVAL_CHUNK = 8  # models per evaluate() call (onnxruntime sessions held at once)
+SOLVER_LIMIT_S = 2.0
+
+log = logging.getLogger("benchmarks.allocation")
+
+
+# --- 1. solver speed ---------------------------------------------------------------------------
+
+
+def synthetic_problem(
+    n_layers: int = 200, n_ties: int = 20, n_pairs: int = 0, seed: int = SEED
+) -> Any:
+    """A random allocation problem shaped like a real one (see the module docstring)."""
+    from dyadiq.passes.allocation import AllocationProblem, PairCost
+    from dyadiq.plan import LayerFormat
+
+    rng = np.random.default_rng(seed)
+    formats = [LayerFormat(w, a) for w in BITS for a in (4, 8)]
+    layers = [f"layer{i:03d}" for i in range(n_layers)]
+    params = np.round(10 ** rng.uniform(2.5, 6.0, n_layers))
+    w_sens = 10 ** rng.uniform(-3.0, 1.0, n_layers)
+    a_sens = 10 ** rng.uniform(-3.0, 0.0, n_layers)
+    candidates = {i: list(formats) for i in layers}
+    damage: dict[str, dict[Any, float]] = {}
+    size: dict[str, dict[Any, float]] = {}
+    for k, i in enumerate(layers):
+        noise = rng.uniform(0.8, 1.25, len(formats))
+        damage[i] = {
+            f: float((w_sens[k] * 4.0 ** (2 - f.weight_bits) + a_sens[k] * 4.0 ** (2 - f.act_bits)))
+            * float(noise[j])
+            for j, f in enumerate(formats)
+        }
+        # keep damage monotone in each width despite the noise
+        for f in formats:
+            for g in formats:
+                if g.weight_bits >= f.weight_bits and g.act_bits >= f.act_bits:
+                    damage[i][g] = min(damage[i][g], damage[i][f])
+        size[i] = {f: float(params[k] * f.weight_bits / 8) for f in formats}
+    order = rng.permutation(n_layers)
+    ties: list[list[str]] = []
+    pos = 0
+    for _ in range(n_ties):
+        k = int(rng.integers(2, 4))
+        ties.append([layers[j] for j in order[pos : pos + k]])
+        pos += k
+    pairs = []
+    for _ in range(n_pairs):
+        a, b = rng.choice(n_layers, 2, replace=False)
+        delta = float(rng.normal(0.0, 0.5) * np.sqrt(w_sens[a] * w_sens[b]))
+        pairs.append(
+            PairCost(
+                layers[a],
+                layers[b],
+                {
+                    (fa, fb): delta * 2.0 ** (3 - fa.weight_bits) * 2.0 ** (3 - fb.weight_bits)
+                    for fa in formats
+                    for fb in formats
+                },
+            )
+        )
+    return AllocationProblem(candidates, damage, size, pairs=pairs, ties=ties)
+
+
+def time_solver(problem: Any, repeats: int = 3) -> dict[str, Any]:
+    from dyadiq.passes.allocation import parse_budget, solve
+
+    budget = parse_budget("avg-wbits=5", problem)
+    times = []
+    allocation = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        allocation = solve(problem, budget)
+        times.append(time.perf_counter() - t)
+    assert allocation is not None
+    tie_ok = all(len({allocation.formats[i] for i in g}) == 1 for g in problem.ties)
+    params = 0.0
+    for table in problem.size_bytes.values():
+        fmt, nbytes = next(iter(table.items()))
+        params += nbytes * 8 / fmt.weight_bits
+    return {
+        "layers": len(problem.candidates),
+        "formats_per_layer": len(next(iter(problem.candidates.values()))),
+        "tie_groups": len(problem.ties),
+        "pair_terms": len(problem.pairs),
+        "budget_bytes": budget.size_bytes,
+        "solve_s": times,
+        "median_s": statistics.median(times),
+        "under_limit": statistics.median(times) < SOLVER_LIMIT_S,
+        "size_bytes": allocation.size_bytes,
+        "avg_weight_bits": allocation.size_bytes * 8 / params,
+        "within_budget": allocation.size_bytes <= budget.size_bytes * (1 + 1e-9),
+        "ties_honoured": tie_ok,
+        "predicted_damage": allocation.predicted_damage,
+        "format_counts": _counts(f.label for f in allocation.formats.values()),
+    }
+
+
+def _counts(labels: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for label in labels:
+        out[label] = out.get(label, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def solver_benchmark(quick: bool) -> dict[str, Any]:
+    n, ties, pairs = (40, 5, 10) if quick else (200, 20, 50)
+    out = {}
+    for key, n_pairs in (("no_pairs", 0), ("pairs", pairs)):
+        problem = synthetic_problem(n, ties, n_pairs)
+        out[key] = time_solver(problem)
+        log.info(
+            "solver %s: %d layers, %d pairs, median %.3fs",
+            key,
+            n,
+            n_pairs,
+            out[key]["median_s"],
+        )
+    return out
+
+
+# --- 2. plans on real models -------------------------------------------------------------------
+
+
+def sample_random_plans(
+    layers: list[str],
+    params: dict[str, int],
+    ties: list[list[str]],
+    budget: float,
+    n: int,
+    seed: int = SEED,
+) -> tuple[list[dict[str, int]], dict[str, Any]]:
+    """``n`` plans, widths uniform over BITS per layer (tied layers alike), size in window."""
+    rng = np.random.default_rng(seed)
+    tied = {i for g in ties for i in g}
+    groups = [list(g) for g in ties] + [[i] for i in layers if i not in tied]
+    group_params = np.array([sum(params[i] for i in g) for g in groups], np.float64)
+    bits = np.array(BITS)
+    accepted: list[np.ndarray] = []
+    drawn = 0
+    while len(accepted) < n and drawn < 2_000_000:
+        choice = bits[rng.integers(0, len(bits), size=(20_000, len(groups)))]
+        drawn += choice.shape[0]
+        size = choice @ group_params / 8
+        ok = (size <= budget) & (size >= WINDOW * budget)
+        accepted.extend(choice[ok][: n - len(accepted)])
+    plans = [{i: int(row[k]) for k, g in enumerate(groups) for i in g} for row in accepted]
+    info = {
+        "drawn": drawn,
+        "accepted": len(plans),
+        "distinct": len({tuple(sorted(p.items())) for p in plans}),
+    }
+    return plans, info
+
+
+class _Builder:
+    """QDQ models for many plans from one set of activation statistics (see module doc)."""
+
+    def __init__(self, model_path: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+        from dyadiq.frontends.onnx_frontend import load_onnx
+        from dyadiq.passes.activation_sites import find_activation_sites
+        from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
+        from dyadiq.pipeline import CalibrationConfig, calibrated_ranges, prepare_graph
+        from dyadiq.plan import PrecisionPlan
+
+        self.raw = load_onnx(model_path)
+        self.graph = prepare_graph(self.raw, needs_int4=True)
+        self.calibration = calibration
+        self.config = CalibrationConfig()
+        base = PrecisionPlan.uniform(self.graph, weight_bits=8, act_bits=8)
+        self.sites = find_activation_sites(self.graph, base)
+        t = time.perf_counter()
+        request = StatisticsRequest(frozenset(self.sites.tensors), bins=self.config.bins)
+        stats = collect_statistics(self.graph, request, calibration)
+        self.ranges = calibrated_ranges(stats, self.sites, self.config)
+        self.calibration_s = time.perf_counter() - t
+        self.fallbacks = 0
+
+    def build(self, bits: dict[str, int]) -> Any:
+        from dyadiq.backends.onnx_qdq import export_qdq
+        from dyadiq.passes.activation_sites import find_activation_sites
+        from dyadiq.passes.insert_qdq import insert_qdq
+        from dyadiq.pipeline import quantize_graph
+        from dyadiq.plan import LayerFormat, PrecisionPlan
+
+        plan = PrecisionPlan({k: LayerFormat(b, 8) for k, b in bits.items()})
+        sites = find_activation_sites(self.graph, plan)
+        if sites.tensors == self.sites.tensors and sites.group_of == self.sites.group_of:
+            qdq = insert_qdq(self.graph, plan, sites, self.ranges)
+        else:
+            self.fallbacks += 1
+            qdq = quantize_graph(self.raw, plan, self.calibration, self.config).qdq
+        return export_qdq(qdq.graph)
+
+
+def _plan_row(bits: dict[str, int], params: dict[str, int], report: Any) -> dict[str, Any]:
+    from dyadiq.passes.sensitivity.analysis import predict_damage
+
+    size = sum(params[i] * b / 8 for i, b in bits.items())
+    return {
+        "bits": bits,
+        "size_bytes": size,
+        "avg_weight_bits": size * 8 / sum(params.values()),
+        "predicted_damage": predict_damage(report, bits, PROXY),
+    }
+
+
+def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import onnx
+
+    from dyadiq import zoo
+    from dyadiq.evaluation import evaluate
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.allocation import Budget, problem_from_report, shared_weight_ties, solve
+    from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze_cached
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from dyadiq.pipeline import prepare_graph
+    from dyadiq.plan import LayerFormat
+
+    t_model = time.perf_counter()
+    artifacts = zoo.get(name)
+    kind = OutputKind[OUTPUT_KIND[name]]
+    analysis_n = (QUICK_ANALYSIS_SAMPLES if args.quick else ANALYSIS_SAMPLES)[name]
+    calib_n = (QUICK_CALIBRATION_SAMPLES if args.quick else CALIBRATION_SAMPLES)[name]
+    eval_n = args.eval_limit or (QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES)[name]
+    metric = METRIC[name]
+
+    graph = prepare_graph(load_onnx(artifacts.model_path))
+    layers = [n.name for n in graph.weighted_layers()]
+    sens_cfg = SensitivityConfig(weight_bits=BITS, trace=args.trace)
+    t = time.perf_counter()
+    report, cached = analyze_cached(
+        graph, list(artifacts.calibration_batches(analysis_n)), kind, sens_cfg
+    )
+    analysis_s = time.perf_counter() - t
+    if list(report.layers) != layers:
+        raise RuntimeError("the sensitivity report does not cover the graph's weighted layers")
+    log.info("%s: analysis %.1fs (cached: %s)", name, analysis_s, cached)
+    params = {i: report.layers[i].params for i in layers}
+
+    heuristic = {i: 4 for i in layers}
+    heuristic[layers[0]] = heuristic[layers[-1]] = 8
+    budget = sum(params[i] * b / 8 for i, b in heuristic.items())
+
+    formats = [LayerFormat(b, 8) for b in BITS]
+    problem = problem_from_report(graph, report, formats, PROXY)
+    t = time.perf_counter()
+    allocation = solve(problem, Budget(size_bytes=budget))
+    solve_s = time.perf_counter() - t
+    ilp = {i: allocation.formats[i].weight_bits for i in layers}
+    ties = shared_weight_ties(graph, layers)
+    randoms, sampling = sample_random_plans(layers, params, ties, budget, args.random_plans)
+    log.info("%s: ILP solved in %.3fs; %s", name, solve_s, sampling)
+
+    plans = {"heuristic": heuristic, "ilp": ilp}
+    plans.update({f"random_{k:02d}": p for k, p in enumerate(randoms)})
+    rows = {key: _plan_row(bits, params, report) for key, bits in plans.items()}
+
+    # build and measure each distinct plan once
+    t = time.perf_counter()
+    builder = _Builder(Path(artifacts.model_path), list(artifacts.calibration_batches(calib_n)))
+    distinct: dict[tuple[tuple[str, int], ...], str] = {}
+    for key, bits in plans.items():
+        distinct.setdefault(tuple(sorted(bits.items())), key)
+    build_s = eval_s = 0.0
+    measured: dict[str, dict[str, float]] = {}
+    reference: dict[str, float] = {}
+    todo = list(distinct.values())
+    with tempfile.TemporaryDirectory(prefix=f"alloc_{name}_") as tmp:
+        for start in range(0, len(todo), EVAL_CHUNK):
+            paths: dict[str, Path] = {}
+            t = time.perf_counter()
+            for key in todo[start : start + EVAL_CHUNK]:
+                path = Path(tmp) / f"{key}.onnx"
+                onnx.save(builder.build(plans[key]), str(path))
+                paths[key] = path
+            build_s += time.perf_counter() - t
+            t = time.perf_counter()
+            metrics = evaluate(artifacts, paths, limit=eval_n)
+            eval_s += time.perf_counter() - t
+            reference = metrics["float"]
+            for key in paths:
+                measured[key] = {k: v for k, v in metrics[key].items() if k != "samples"}
+                paths[key].unlink()
+            log.info("%s: %d/%d plans measured", name, len(measured), len(todo))
+    for key, bits in plans.items():
+        rows[key]["metrics"] = measured[distinct[tuple(sorted(bits.items()))]]
+        rows[key]["metric"] = rows[key]["metrics"][metric]
+
+    random_metric = [rows[k]["metric"] for k in rows if k.startswith("random_")]
+    h, i = rows["heuristic"]["metric"], rows["ilp"]["metric"]
+    med = float(np.median(random_metric)) if random_metric else None
+    best = float(np.max(random_metric)) if random_metric else None
+    summary = {
+        "metric": metric,
+        "float": reference.get(metric),
+        "heuristic": h,
+        "ilp": i,
+        "random_median": med,
+        "random_best": best,
+        "random_worst": float(np.min(random_metric)) if random_metric else None,
+        "random_n": len(random_metric),
+        "ilp_beats_heuristic": i > h,
+        "ilp_ties_heuristic": i == h,
+        "ilp_beats_random_median": None if med is None else i > med,
+        "ilp_beats_random_best": None if best is None else i > best,
+        "budget_bytes": budget,
+        "ilp_size_bytes": rows["ilp"]["size_bytes"],
+        "random_size_range": [
+            min(rows[k]["size_bytes"] for k in rows if k.startswith("random_")),
+            max(rows[k]["size_bytes"] for k in rows if k.startswith("random_")),
+        ]
+        if random_metric
+        else None,
+    }
+    return {
+        "output_kind": kind.value,
+        "layers": len(layers),
+        "params": sum(params.values()),
+        "caps": {
+            "analysis_samples": analysis_n,
+            "calibration_samples": calib_n,
+            "evaluation_samples": eval_n,
+            "evaluated_samples": reference.get("samples"),
+        },
+        "sensitivity_config": sens_cfg.to_json(),
+        "analysis": {
+            "wall_s": analysis_s,
+            "cached": cached,
+            "forward_passes": report.forward_passes,
+            "pairs": len(report.pairs),
+        },
+        "ilp_solve_s": solve_s,
+        "ilp_predicted_damage": allocation.predicted_damage,
+        "random_sampling": sampling,
+        "ties": ties,
+        "calibration_s": builder.calibration_s,
+        "build_s": build_s,
+        "build_fallbacks": builder.fallbacks,
+        "evaluate_s": eval_s,
+        "distinct_plans_measured": len(todo),
+        "float_metrics": {k: v for k, v in reference.items() if k != "samples"},
+        "summary": summary,
+        "plans": rows,
+        "wall_s": time.perf_counter() - t_model,
+    }
+
+
+# --- machine info, output ----------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+    import scipy
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    git = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cpu_model": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "git_commit": git or None,
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+def _f(x: Any, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _yes(x: bool | None) -> str:
+    return "n/a" if x is None else ("yes" if x else "no")
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [
+        "# Bit allocation: ILP vs hand heuristic vs random plans",
+        "",
+        f"- command: `{data['command']}`",
+        f"- date: {data['date']}; total wall time {_f(data.get('total_wall_s'), '.0f')} s",
+        f"- machine: {m['cpu_model']}, {m['nproc']} CPUs; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['load_avg_start'])}"
+        + (
+            f", at end {', '.join(f'{x:.2f}' for x in data['load_avg_end'])}"
+            if data.get("load_avg_end")
+            else ""
+        ),
+        "",
+    ]
+    if data.get("notes"):
+        lines += [f"- {n}" for n in data["notes"]] + [""]
+    solver = data.get("solver")
+    if solver:
+        lines += [
+            "## Solver speed (synthetic problem, size budget at 5 average weight bits)",
+            "",
+            "| instance | layers x formats | tie groups | pair terms | solve s (3 runs) | "
+            f"median s | < {SOLVER_LIMIT_S:.0f} s | within budget | avg W bits |",
+            "|---|---|---:|---:|---|---:|---|---|---:|",
+        ]
+        for key, r in solver.items():
+            lines.append(
+                f"| {key} | {r['layers']} x {r['formats_per_layer']} | {r['tie_groups']} | "
+                f"{r['pair_terms']} | {', '.join(f'{t:.3f}' for t in r['solve_s'])} | "
+                f"{r['median_s']:.3f} | {_yes(r['under_limit'])} | "
+                f"{_yes(r['within_budget'] and r['ties_honoured'])} | "
+                f"{r['avg_weight_bits']:.2f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Real models",
+        "",
+        "Heuristic: W4 everywhere, first and last weighted layer W8, activations 8 bits; "
+        f"its weight size S is the budget. ILP: proxy `{PROXY}`, `Budget(size_bytes=S)`. "
+        f"Random: widths uniform over {{{', '.join(map(str, BITS))}}} per layer, size in "
+        f"[{WINDOW} S, S], seed {SEED}. Metric on the held-out split (higher is better).",
+        "",
+        "| model | metric | float | heuristic | ILP | random median | random best | "
+        "ILP > heuristic? | ILP > random median? | S (bytes) | ILP size | avg W bits (S) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for name, res in data["models"].items():
+        if "error" in res:
+            lines.append(f"| {name} | error: {res['error']} |")
+            continue
+        s = res["summary"]
+        lines.append(
+            f"| {name} | {s['metric']} | {_f(s['float'])} | {_f(s['heuristic'])} | "
+            f"{_f(s['ilp'])} | {_f(s['random_median'])} | {_f(s['random_best'])} | "
+            f"{_yes(s['ilp_beats_heuristic'])}"
+            + (" (tie)" if s["ilp_ties_heuristic"] else "")
+            + f" | {_yes(s['ilp_beats_random_median'])} | {s['budget_bytes']:,.0f} | "
+            f"{s['ilp_size_bytes']:,.0f} | {res['plans']['heuristic']['avg_weight_bits']:.2f} |"
+        )
+    lines += ["", "## Details", ""]
+    for name, res in data["models"].items():
+        if "error" in res:
+            continue
+        c, s, a = res["caps"], res["summary"], res["analysis"]
+        ilp_bits = _counts(f"W{b}" for b in res["plans"]["ilp"]["bits"].values())
+        lines += [
+            f"### {name}",
+            "",
+            f"- {res['layers']} weighted layers, {res['params']:,} weights; caps: analysis "
+            f"{c['analysis_samples']}, calibration {c['calibration_samples']}, evaluation "
+            f"{c['evaluation_samples']} samples ({_f(c['evaluated_samples'], '.0f')} evaluated)",
+            f"- analysis {a['wall_s']:.1f} s (cached: {a['cached']}), {a['forward_passes']} "
+            f"forward passes, {a['pairs']} pair terms; ILP solve {res['ilp_solve_s']:.3f} s",
+            f"- random plans: {res['random_sampling']['accepted']} accepted of "
+            f"{res['random_sampling']['drawn']:,} drawn, "
+            f"{res['random_sampling']['distinct']} distinct; sizes "
+            + (
+                f"{s['random_size_range'][0]:,.0f}..{s['random_size_range'][1]:,.0f} bytes"
+                if s["random_size_range"]
+                else "n/a"
+            )
+            + f"; random worst {_f(s['random_worst'])}",
+            f"- ILP widths: {ilp_bits}; avg {res['plans']['ilp']['avg_weight_bits']:.2f} bits",
+            f"- predicted damage ({PROXY}): heuristic "
+            f"{res['plans']['heuristic']['predicted_damage']:.4g}, ILP "
+            f"{res['plans']['ilp']['predicted_damage']:.4g}, random median "
+            + _f(
+                float(
+                    np.median(
+                        [
+                            v["predicted_damage"]
+                            for k, v in res["plans"].items()
+                            if k.startswith("random_")
+                        ]
+                    )
+                )
+                if s["random_n"]
+                else None,
+                ".4g",
+            ),
+            f"- calibration statistics {res['calibration_s']:.1f} s, build {res['build_s']:.1f} s "
+            f"({res['build_fallbacks']} fallbacks), evaluate {res['evaluate_s']:.1f} s "
+            f"({res['distinct_plans_measured']} distinct models), model total "
+            f"{res['wall_s']:.1f} s",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_results(data: dict[str, Any], output_dir: Path) -> None:
+    from dyadiq.io import write_text_atomic
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output_dir / "allocation.json", json.dumps(data, indent=2) + "\n")
+    write_text_atomic(output_dir / "allocation.md", render_markdown(data))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.allocation", description=__doc__)
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
+    p.add_argument("--random-plans", type=int, default=None, help="per model (20; quick 3)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: small solver instance, fashion_cnn only, 3 random plans, small caps",
+    )
+    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--eval-limit", type=int, default=None, help="override evaluation samples")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also run the Hutchinson trace in the analysis (the empirical proxy does not use it)",
+    )
+    args = p.parse_args(argv)
+    if args.models is None:
+        args.models = ["fashion_cnn"] if args.quick else list(ALL_MODELS)
+    if args.random_plans is None:
+        args.random_plans = 3 if args.quick else 20
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    start = time.perf_counter()
+    argv_used = sys.argv[1:] if argv is None else argv
+    data: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.allocation " + " ".join(argv_used),
+        "machine": machine_info(),
+        "settings": {
+            "models": args.models,
+            "random_plans": args.random_plans,
+            "quick": args.quick,
+            "seed": SEED,
+            "weight_bits": list(BITS),
+            "act_bits": 8,
+            "proxy": PROXY,
+            "random_window": [WINDOW, 1.0],
+            "trace": args.trace,
+        },
+        "notes": [],
+        "models": {},
+    }
+    if not args.trace:
+        data["notes"].append(
+            "sensitivity analysis without the Hutchinson trace (trace=False): the ILP's proxy "
+            f"({PROXY}) uses only empirical single-layer and pair losses"
+        )
+    t = time.perf_counter()
+    data["solver"] = solver_benchmark(args.quick)
+    data["solver_wall_s"] = time.perf_counter() - t
+    data["total_wall_s"] = time.perf_counter() - start
+    write_results(data, args.output_dir)
+    for name in [m for m in ALL_MODELS if m in args.models]:
+        try:
+            data["models"][name] = benchmark_model(name, args)
+        except Exception as exc:  # one model failing must not lose the others
+            log.exception("%s failed", name)
+            data["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+        data["total_wall_s"] = time.perf_counter() - start
+        data["load_avg_end"] = list(os.getloadavg())
+        write_results(data, args.output_dir)
+    return data
+
+
+if __name__ == "__main__":
+    main()
