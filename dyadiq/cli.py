@@ -126,17 +126,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
+def _allocation_problem(model_path: Path, calibration: Any, args: argparse.Namespace) -> Any:
+    """Sensitivity (cached) -> the ILP's problem: (graph, report, problem, floats, cached)."""
     from dataclasses import replace
 
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.allocation import (
-        apply_overrides,
-        parse_budget,
-        problem_from_report,
-        solve,
-    )
+    from dyadiq.passes.allocation import apply_overrides, problem_from_report
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
         SensitivityConfig,
@@ -145,7 +140,7 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
     )
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
     from dyadiq.pipeline import prepare_graph
-    from dyadiq.plan import LayerFormat, PrecisionPlan
+    from dyadiq.plan import LayerFormat
 
     graph = prepare_graph(load_onnx(model_path))
     batches = list(
@@ -161,15 +156,24 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
     widths = tuple(int(b) for b in args.wbits_candidates.split(","))
     report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
     formats = [LayerFormat(b, args.abits) for b in widths]
-    overrides = _overrides(args, graph)
-    candidates, floats = apply_overrides(graph, list(report.layers), formats, overrides)
+    candidates, floats = apply_overrides(
+        graph, list(report.layers), formats, _overrides(args, graph)
+    )
     kept = {k: v for k, v in report.layers.items() if k in candidates}
     report = replace(
         report, layers=kept, pairs=tuple(p for p in report.pairs if p.a in kept and p.b in kept)
     )
     problem = problem_from_report(graph, report, formats, args.proxy, candidates)
-    budget = parse_budget(args.budget, problem)
-    allocation = solve(problem, budget)
+    return graph, report, problem, floats, cached
+
+
+def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
+    from dyadiq.passes.allocation import parse_budget, solve
+    from dyadiq.plan import PrecisionPlan
+
+    _, report, problem, floats, cached = _allocation_problem(model_path, calibration, args)
+    allocation = solve(problem, parse_budget(args.budget, problem))
     plan = PrecisionPlan(
         dict(allocation.formats), args.abits, args.act_dtype == "int8", frozenset(floats)
     )
@@ -187,6 +191,52 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
         "sensitivity_fingerprint": report.fingerprint,
     }
     return plan, info
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    """Pareto frontier of a zoo model: ILP plans over a size sweep, each measured."""
+    import tempfile
+
+    from dyadiq import zoo
+    from dyadiq.backends.onnx_qdq import write_qdq
+    from dyadiq.evaluation import evaluate
+    from dyadiq.frontier import save, sweep
+    from dyadiq.io import prepare_output_dir
+    from dyadiq.passes.calibration.observers import RangeMethod
+    from dyadiq.pipeline import CalibrationConfig, quantize_graph
+    from dyadiq.plan import LayerFormat, PrecisionPlan
+
+    artifacts = zoo.get(args.zoo)
+    out = prepare_output_dir(Path(args.output), artifacts.model_path)
+    calibration = list(artifacts.calibration_batches(args.calib_limit))
+    graph, _, problem, floats, _ = _allocation_problem(artifacts.model_path, calibration, args)
+    metric_name = {"classification": "top1_agreement", "embedding": "mean_cosine"}[
+        artifacts.model.task.value
+    ]
+    config = CalibrationConfig(method=RangeMethod(args.calibrator))
+
+    def measure(formats: dict[str, LayerFormat]) -> float:
+        plan = PrecisionPlan(formats, args.abits, False, frozenset(floats))
+        result = quantize_graph(graph, plan, calibration, config)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.qdq.onnx"
+            write_qdq(result.qdq.graph, path)
+            metrics = evaluate(artifacts, {"plan": path}, limit=args.eval_limit)
+        return float(metrics["plan"][metric_name])
+
+    frontier = sweep(problem, args.points, measure)
+    save(frontier, out, metric_name)
+    table = Table("budget (B)", "size (B)", "predicted damage", metric_name, title="frontier")
+    for point in frontier:
+        table.add_row(
+            f"{point.budget_bytes:,.0f}",
+            f"{point.size_bytes:,.0f}",
+            f"{point.predicted_damage:.4g}",
+            f"{point.metric:.4f}" if point.metric is not None else "",
+        )
+    console.print(table)
+    console.print(f"  wrote {out / 'frontier.json'}, {out / 'frontier.png'}")
+    return 0
 
 
 def _overrides(args: argparse.Namespace, graph: Any) -> Any:
@@ -438,6 +488,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pairs", action="store_true", help="skip inter-layer pair terms")
     p.add_argument("--output-kind", choices=["logits", "probabilities", "embedding"])
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("frontier", help="Pareto frontier: ILP plans over a size sweep, measured")
+    p.add_argument("--zoo", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--points", type=int, default=6)
+    p.add_argument("--calib-limit", type=int, default=None)
+    p.add_argument("--calib-preset")
+    p.add_argument("--analysis-samples", type=int, default=8)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--wbits-candidates", default="2,3,4,6,8")
+    p.add_argument("--abits", type=int, default=8, choices=[4, 8])
+    p.add_argument(
+        "--proxy",
+        default="empirical+pairs",
+        choices=["hessian", "hessian+pairs", "empirical", "empirical+pairs"],
+    )
+    p.add_argument(
+        "--calibrator", default="percentile", choices=["minmax", "percentile", "mse", "entropy"]
+    )
+    p.add_argument("--pin", action="append", default=[])
+    p.add_argument("--exclude", action="append", default=[])
+    p.set_defaults(func=cmd_frontier)
 
     p = sub.add_parser("eval", help="score models against a zoo model's float original")
     p.add_argument("--zoo", required=True)

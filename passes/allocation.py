@@ -71,7 +71,7 @@ def _totals(problem: AllocationProblem, formats: Mapping[str, LayerFormat]) -> t
     return size, bops
 
 
-def _extreme(problem: AllocationProblem, table: Mapping[str, Mapping[LayerFormat, float]]) -> float:
+def smallest_total(problem: AllocationProblem, table: Mapping[str, Mapping[LayerFormat, float]]) -> float:
     """The smallest achievable total of a per-layer cost, honouring ties."""
     tied = {i for group in problem.ties for i in group}
     total = sum(
@@ -125,7 +125,7 @@ def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.
     ):
         if limit is None:
             continue
-        smallest = _extreme(problem, table)
+        smallest = smallest_total(problem, table)
         if smallest > limit * (1 + 1e-9):
             raise ConfigError(
                 f"{name} budget {limit:,.0f} is infeasible: the smallest achievable {name} "
