@@ -131,10 +131,12 @@ def time_solver(problem: Any, repeats: int = 3, time_limit: float = 60.0) -> dic
     budget = parse_budget("avg-wbits=5", problem)
     times = []
     allocation = None
+    cpu = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         allocation = solve(problem, budget, time_limit=time_limit)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         if times[-1] > 5 * SOLVER_LIMIT_S:
             break  # far over the target already: do not spend minutes repeating it
     assert allocation is not None
@@ -151,6 +153,7 @@ def time_solver(problem: Any, repeats: int = 3, time_limit: float = 60.0) -> dic
         "budget_bytes": budget.size_bytes,
         "solve_s": times,
         "median_s": statistics.median(times),
+        "cpu_s": cpu,  # process CPU time: less sensitive to other jobs on the machine
         "hit_time_limit": max(times) >= time_limit * 0.99,
         "under_limit": statistics.median(times) < SOLVER_LIMIT_S,
         "size_bytes": allocation.size_bytes,
@@ -475,14 +478,15 @@ def render_markdown(data: dict[str, Any]) -> str:
             "## Solver speed (synthetic problem, size budget at 5 average weight bits)",
             "",
             "| instance | layers x formats | tie groups | pair terms | solve s (3 runs) | "
-            f"median s | < {SOLVER_LIMIT_S:.0f} s | within budget | avg W bits |",
-            "|---|---|---:|---:|---|---:|---|---|---:|",
+            f"median s | < {SOLVER_LIMIT_S:.0f} s | CPU s (median) | within budget | avg W bits |",
+            "|---|---|---:|---:|---|---:|---|---:|---|---:|",
         ]
         for key, r in solver.items():
             lines.append(
                 f"| {key} | {r['layers']} x {r['formats_per_layer']} | {r['tie_groups']} | "
                 f"{r['pair_terms']} | {', '.join(f'{t:.3f}' for t in r['solve_s'])} | "
                 f"{r['median_s']:.3f} | {_yes(r['under_limit'])} | "
+                f"{_f(statistics.median(r['cpu_s']) if r.get('cpu_s') else None, '.3f')} | "
                 f"{_yes(r['within_budget'] and r['ties_honoured'])} | "
                 f"{r['avg_weight_bits']:.2f} |"
             )

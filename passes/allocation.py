@@ -71,7 +71,9 @@ def _totals(problem: AllocationProblem, formats: Mapping[str, LayerFormat]) -> t
     return size, bops
 
 
-def smallest_total(problem: AllocationProblem, table: Mapping[str, Mapping[LayerFormat, float]]) -> float:
+def smallest_total(
+    problem: AllocationProblem, table: Mapping[str, Mapping[LayerFormat, float]]
+) -> float:
     """The smallest achievable total of a per-layer cost, honouring ties."""
     tied = {i for group in problem.ties for i in group}
     total = sum(
