@@ -317,11 +317,19 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     allocation = solve(problem, Budget(size_bytes=budget))
     solve_s = time.perf_counter() - t
     ilp = {i: allocation.formats[i].weight_bits for i in layers}
+    # diagnostic: the same ILP without the pair terms (proxy "empirical")
+    t = time.perf_counter()
+    no_pairs = solve(
+        problem_from_report(graph, report, formats, PROXY.split("+")[0]),
+        Budget(size_bytes=budget),
+    )
+    solve_no_pairs_s = time.perf_counter() - t
+    ilp_no_pairs = {i: no_pairs.formats[i].weight_bits for i in layers}
     ties = shared_weight_ties(graph, layers)
     randoms, sampling = sample_random_plans(layers, params, ties, budget, args.random_plans)
     log.info("%s: ILP solved in %.3fs; %s", name, solve_s, sampling)
 
-    plans = {"heuristic": heuristic, "ilp": ilp}
+    plans = {"heuristic": heuristic, "ilp": ilp, "ilp_no_pairs": ilp_no_pairs}
     plans.update({f"random_{k:02d}": p for k, p in enumerate(randoms)})
     rows = {key: _plan_row(bits, params, report) for key, bits in plans.items()}
 
@@ -358,6 +366,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     random_metric = [rows[k]["metric"] for k in rows if k.startswith("random_")]
     h, i = rows["heuristic"]["metric"], rows["ilp"]["metric"]
+    i0 = rows["ilp_no_pairs"]["metric"]
     med = float(np.median(random_metric)) if random_metric else None
     best = float(np.max(random_metric)) if random_metric else None
     summary = {
@@ -369,7 +378,9 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "random_best": best,
         "random_worst": float(np.min(random_metric)) if random_metric else None,
         "random_n": len(random_metric),
+        "ilp_no_pairs": i0,
         "ilp_beats_heuristic": i > h,
+        "ilp_no_pairs_beats_heuristic": i0 > h,
         "ilp_ties_heuristic": i == h,
         "ilp_beats_random_median": None if med is None else i > med,
         "ilp_beats_random_best": None if best is None else i > best,
@@ -400,6 +411,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "pairs": len(report.pairs),
         },
         "ilp_solve_s": solve_s,
+        "ilp_no_pairs_solve_s": solve_no_pairs_s,
         "ilp_predicted_damage": allocation.predicted_damage,
         "random_sampling": sampling,
         "ties": ties,
@@ -500,8 +512,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"[{WINDOW} S, S], seed {SEED}. Metric on the held-out split (higher is better).",
         "",
         "| model | metric | float | heuristic | ILP | random median | random best | "
-        "ILP > heuristic? | ILP > random median? | S (bytes) | ILP size | avg W bits (S) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
+        "ILP > heuristic? | ILP > random median? | S (bytes) | ILP size | avg W bits (S) | "
+        "ILP without pairs |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for name, res in data["models"].items():
         if "error" in res:
@@ -514,7 +527,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{_yes(s['ilp_beats_heuristic'])}"
             + (" (tie)" if s["ilp_ties_heuristic"] else "")
             + f" | {_yes(s['ilp_beats_random_median'])} | {s['budget_bytes']:,.0f} | "
-            f"{s['ilp_size_bytes']:,.0f} | {res['plans']['heuristic']['avg_weight_bits']:.2f} |"
+            f"{s['ilp_size_bytes']:,.0f} | {res['plans']['heuristic']['avg_weight_bits']:.2f} | "
+            f"{_f(s.get('ilp_no_pairs'))} |"
         )
     lines += ["", "## Details", ""]
     for name, res in data["models"].items():
@@ -522,6 +536,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             continue
         c, s, a = res["caps"], res["summary"], res["analysis"]
         ilp_bits = _counts(f"W{b}" for b in res["plans"]["ilp"]["bits"].values())
+        no_pairs = res["plans"].get("ilp_no_pairs")
         lines += [
             f"### {name}",
             "",
@@ -540,6 +555,14 @@ def render_markdown(data: dict[str, Any]) -> str:
             )
             + f"; random worst {_f(s['random_worst'])}",
             f"- ILP widths: {ilp_bits}; avg {res['plans']['ilp']['avg_weight_bits']:.2f} bits",
+            (
+                f"- ILP without pair terms (proxy `{PROXY.split('+')[0]}`): widths "
+                f"{_counts(f'W{b}' for b in no_pairs['bits'].values())}, metric "
+                f"{_f(no_pairs['metric'])}, predicted damage ({PROXY}) "
+                f"{no_pairs['predicted_damage']:.4g}"
+                if no_pairs
+                else "- ILP without pair terms: not run"
+            ),
             f"- predicted damage ({PROXY}): heuristic "
             f"{res['plans']['heuristic']['predicted_damage']:.4g}, ILP "
             f"{res['plans']['ilp']['predicted_damage']:.4g}, random median "

@@ -99,7 +99,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     plan = PrecisionPlan.load(Path(args.plan)) if args.plan else None
     allocation_info = None
-    if args.budget:
+    if args.max_drop:
+        plan, allocation_info = _bisect(model_path, calibration, args, artifacts, Path(args.output))
+    elif args.budget:
         plan, allocation_info = _allocate(model_path, calibration, args)
     result = quantize(
         model_path,
@@ -193,36 +195,97 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
     return plan, info
 
 
-def cmd_frontier(args: argparse.Namespace) -> int:
-    """Pareto frontier of a zoo model: ILP plans over a size sweep, each measured."""
+def _primary_metric(artifacts: Any) -> str:
+    if artifacts.model.task.value == "embedding":
+        return "mean_cosine"
+    return "accuracy" if artifacts.model.has_labels else "top1_agreement"
+
+
+def _plan_measurer(
+    graph: Any, artifacts: Any, calibration: Any, floats: Any, args: argparse.Namespace, metric: str
+) -> Any:
+    """formats -> the plan's QDQ model measured on the zoo model's held-out split."""
     import tempfile
 
-    from dyadiq import zoo
     from dyadiq.backends.onnx_qdq import write_qdq
     from dyadiq.evaluation import evaluate
-    from dyadiq.frontier import save, sweep
-    from dyadiq.io import prepare_output_dir
     from dyadiq.passes.calibration.observers import RangeMethod
     from dyadiq.pipeline import CalibrationConfig, quantize_graph
-    from dyadiq.plan import LayerFormat, PrecisionPlan
+    from dyadiq.plan import PrecisionPlan
 
-    artifacts = zoo.get(args.zoo)
-    out = prepare_output_dir(Path(args.output), artifacts.model_path)
-    calibration = list(artifacts.calibration_batches(args.calib_limit))
-    graph, _, problem, floats, _ = _allocation_problem(artifacts.model_path, calibration, args)
-    metric_name = {"classification": "top1_agreement", "embedding": "mean_cosine"}[
-        artifacts.model.task.value
-    ]
     config = CalibrationConfig(method=RangeMethod(args.calibrator))
 
-    def measure(formats: dict[str, LayerFormat]) -> float:
+    def measure(formats: dict[str, Any]) -> float:
         plan = PrecisionPlan(formats, args.abits, False, frozenset(floats))
         result = quantize_graph(graph, plan, calibration, config)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.qdq.onnx"
             write_qdq(result.qdq.graph, path)
             metrics = evaluate(artifacts, {"plan": path}, limit=args.eval_limit)
-        return float(metrics["plan"][metric_name])
+        return float(metrics["plan"][metric])
+
+    return measure
+
+
+def _bisect(
+    model_path: Path, calibration: Any, args: argparse.Namespace, artifacts: Any, out: Path
+) -> tuple[Any, Any]:
+    """--max-drop: bisect the size budget until the held-out metric is within tolerance."""
+    from dyadiq.bisection import bisect_budget
+    from dyadiq.evaluation import evaluate
+    from dyadiq.io import prepare_output_dir
+    from dyadiq.plan import PrecisionPlan
+
+    if artifacts is None:
+        raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
+    text = args.max_drop.strip()
+    drop = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    graph, report, problem, floats, _ = _allocation_problem(model_path, calibration, args)
+    metric = _primary_metric(artifacts)
+    reference = evaluate(artifacts, {}, limit=args.eval_limit)["float"][metric]
+    prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
+    result = bisect_budget(
+        problem,
+        _plan_measurer(graph, artifacts, calibration, floats, args, metric),
+        threshold=reference - drop,
+        iterations=args.bisect_steps,
+        state_path=out / "bisection_state.json",
+    )
+    if result.formats is None:
+        raise ConfigError(
+            f"even the largest plan (all W8) measures below float {metric} {reference:.4f} - "
+            f"{drop:g}; no plan meets --max-drop {args.max_drop}"
+        )
+    console.print(
+        f"  --max-drop {args.max_drop}: {metric} {result.metric:.4f} (float {reference:.4f}) "
+        f"at {result.size_bytes:,.0f} B of weights after {len(result.history)} measurements"
+    )
+    plan = PrecisionPlan(result.formats, args.abits, args.act_dtype == "int8", frozenset(floats))
+    info = {
+        "max_drop": drop,
+        "metric": metric,
+        "float_metric": reference,
+        "plan_metric": result.metric,
+        "weight_bytes": result.size_bytes,
+        "history": result.history,
+        "sensitivity_fingerprint": report.fingerprint,
+    }
+    return plan, info
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    """Pareto frontier of a zoo model: ILP plans over a size sweep, each measured."""
+
+    from dyadiq import zoo
+    from dyadiq.frontier import save, sweep
+    from dyadiq.io import prepare_output_dir
+
+    artifacts = zoo.get(args.zoo)
+    out = prepare_output_dir(Path(args.output), artifacts.model_path)
+    calibration = list(artifacts.calibration_batches(args.calib_limit))
+    graph, _, problem, floats, _ = _allocation_problem(artifacts.model_path, calibration, args)
+    metric_name = _primary_metric(artifacts)
+    measure = _plan_measurer(graph, artifacts, calibration, floats, args, metric_name)
 
     frontier = sweep(problem, args.points, measure)
     save(frontier, out, metric_name)
@@ -460,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sensitivity model the ILP minimises",
     )
     p.add_argument("--analysis-samples", type=int, default=8)
+    p.add_argument(
+        "--max-drop",
+        help="accuracy mode: smallest plan within this drop of float on held-out data (0.5%%)",
+    )
+    p.add_argument("--bisect-steps", type=int, default=6)
     p.add_argument(
         "--pin",
         action="append",
