@@ -133,6 +133,7 @@ def _allocation_problem(model_path: Path, calibration: Any, args: argparse.Names
     from dataclasses import replace
 
     from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, allowed_formats
     from dyadiq.passes.allocation import apply_overrides, problem_from_report
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
@@ -161,6 +162,13 @@ def _allocation_problem(model_path: Path, calibration: Any, args: argparse.Names
     candidates, floats = apply_overrides(
         graph, list(report.layers), formats, _overrides(args, graph)
     )
+    # offer only what every target backend runs (QDQ, plus integer ONNX with --integer)
+    targets = (ONNX_QDQ, INTEGER_ONNX) if getattr(args, "integer", False) else (ONNX_QDQ,)
+    for layer, allowed in candidates.items():
+        kind = graph.kind(graph.node(layer))
+        for caps in targets:
+            allowed = allowed_formats(caps, kind, allowed)
+        candidates[layer] = allowed
     kept = {k: v for k, v in report.layers.items() if k in candidates}
     report = replace(
         report, layers=kept, pairs=tuple(p for p in report.pairs if p.a in kept and p.b in kept)

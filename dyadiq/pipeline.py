@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, validate_plan
 from dyadiq.backends.integer_onnx import export_integer_onnx
 from dyadiq.backends.onnx_qdq import export_qdq, write_qdq
 from dyadiq.consistency import bit_exactness, simulation_agreement
@@ -184,6 +185,8 @@ def quantize(
             act_signed=act_signed,
             exclude=exclude,
         )
+    plan.validate_for(graph)
+    validate_plan(plan, graph, *((ONNX_QDQ, INTEGER_ONNX) if integer else (ONNX_QDQ,)))
     result = quantize_graph(graph, plan, calibration, config)
     result.timings["load_s"] = load_s
     plan.save(out / "plan.json")

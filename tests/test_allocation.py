@@ -143,3 +143,22 @@ def test_override_priority_is_global_then_kind_then_pattern_then_id():
     assert rules.formats_for("head.fc", "Gemm", all_formats) == (w2,)  # later pattern wins
     assert rules.formats_for("head.fc2", "Gemm", all_formats) == ()  # id beats all: float
     assert Overrides().formats_for("any", "Conv", all_formats) == tuple(all_formats)
+
+
+def test_backend_capabilities_validate_plans_and_filter_candidates():
+    from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, allowed_formats, validate_plan
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.op_facts import OpKind
+    from dyadiq.plan import PrecisionPlan
+    from tests.builders import conv_relu_pool_fc
+
+    graph = load_onnx(conv_relu_pool_fc(np.random.default_rng(0)))
+    validate_plan(PrecisionPlan.uniform(graph, weight_bits=4), graph, ONNX_QDQ, INTEGER_ONNX)
+    narrow = type(ONNX_QDQ)(
+        "int8-only", frozenset({8}), frozenset({8}), ONNX_QDQ.weighted_kinds, True, "float"
+    )
+    with pytest.raises(ConfigError) as info:
+        validate_plan(PrecisionPlan.uniform(graph, weight_bits=4), graph, narrow)
+    assert str(info.value).count("int8-only") == 2  # both layers listed in one message
+    assert allowed_formats(narrow, OpKind.CONV, FORMATS) == [LayerFormat(8, 8)]
+    assert not INTEGER_ONNX.allows(OpKind.CONV_TRANSPOSE, LayerFormat(8, 8))
