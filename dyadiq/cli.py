@@ -132,8 +132,8 @@ def _allocation_problem(model_path: Path, calibration: Any, args: argparse.Names
     """Sensitivity (cached) -> the ILP's problem: (graph, report, problem, floats, cached)."""
     from dataclasses import replace
 
-    from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, allowed_formats
+    from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import apply_overrides, problem_from_report
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
