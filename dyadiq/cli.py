@@ -165,9 +165,9 @@ def _allocation_problem(model_path: Path, calibration: Any, args: argparse.Names
     # offer only what every target backend runs (QDQ, plus integer ONNX with --integer)
     targets = (ONNX_QDQ, INTEGER_ONNX) if getattr(args, "integer", False) else (ONNX_QDQ,)
     for layer, allowed in candidates.items():
-        kind = graph.kind(graph.node(layer))
+        op_kind = graph.kind(graph.node(layer))
         for caps in targets:
-            allowed = allowed_formats(caps, kind, allowed)
+            allowed = allowed_formats(caps, op_kind, allowed)
         candidates[layer] = allowed
     kept = {k: v for k, v in report.layers.items() if k in candidates}
     report = replace(
