@@ -526,9 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")
     p.add_argument(
         "--proxy",
-        default="empirical+pairs",
+        default="empirical",
         choices=["hessian", "hessian+pairs", "empirical", "empirical+pairs"],
-        help="sensitivity model the ILP minimises",
+        help="sensitivity model the ILP minimises (pair terms measured worse in "
+        "benchmarks/results/proxy_quality.md, so they are opt-in)",
     )
     p.add_argument("--analysis-samples", type=int, default=8)
     p.add_argument(
@@ -577,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abits", type=int, default=8, choices=[4, 8])
     p.add_argument(
         "--proxy",
-        default="empirical+pairs",
+        default="empirical",
         choices=["hessian", "hessian+pairs", "empirical", "empirical+pairs"],
     )
     p.add_argument(

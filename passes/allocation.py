@@ -208,7 +208,7 @@ def problem_from_report(
     graph: QGraph,
     report: SensitivityReport,
     formats: Sequence[LayerFormat],
-    proxy: str = "empirical+pairs",
+    proxy: str = "empirical",
     candidates: Mapping[str, Sequence[LayerFormat]] | None = None,
 ) -> AllocationProblem:
     """Damage from a sensitivity report (per weight width), size and BOPs from the graph."""
