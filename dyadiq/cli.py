@@ -198,6 +198,7 @@ def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> t
         "predicted_damage": allocation.predicted_damage,
         "weight_bytes": allocation.size_bytes,
         "bops": allocation.bops,
+        "proven_optimal": allocation.optimal,
         "sensitivity_fingerprint": report.fingerprint,
     }
     return plan, info

@@ -11,6 +11,7 @@ An infeasible budget is an error that states the smallest feasible value.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.sensitivity.analysis import SensitivityReport, predict_damage
 from dyadiq.plan import LayerFormat
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Allocation:
     predicted_damage: float
     size_bytes: float
     bops: float
+    optimal: bool = True  # False: HiGHS stopped at its time limit with a feasible plan
 
 
 def _totals(problem: AllocationProblem, formats: Mapping[str, LayerFormat]) -> tuple[float, float]:
@@ -153,7 +157,12 @@ def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.
         raise ConfigError(f"the allocation problem has no solution: {result.message}")
     formats = {layer: fmt for (layer, fmt), k in index.items() if result.x[k] > 0.5}
     size, bops = _totals(problem, formats)
-    return Allocation(formats, float(result.fun), size, bops)
+    optimal = result.status == 0
+    if not optimal:
+        log.warning(
+            "ILP stopped before proving optimality (%s); using its best plan", result.message
+        )
+    return Allocation(formats, float(result.fun), size, bops, optimal)
 
 
 def brute_force(problem: AllocationProblem, budget: Budget) -> Allocation:
