@@ -22,7 +22,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
@@ -582,46 +583,6 @@ def minilm_scaling(runs, spec, work: Path, watch) -> dict[str, Any]:
 # --- machine info, output ----------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_total = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    git = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpu_model": cpu,
-        "nproc": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)),
-        "mem_total_mib": mem_total,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "git_commit": git or None,
-        "git_dirty": bool(dirty),
-    }
-
-
 def _fmt(x: Any, spec: str = ".4f") -> str:
     if x is None:
         return "-"
@@ -841,11 +802,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 def write_results(data: dict[str, Any], output_dir: Path) -> None:
-    from dyadiq.io import write_text_atomic
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / "baseline.json", json.dumps(data, indent=2, default=str) + "\n")
-    write_text_atomic(output_dir / "baseline.md", render_markdown(data))
+    common.write_results(data, output_dir, "baseline", render_markdown)
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -888,7 +845,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     data: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command.strip(),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "load_average": {"start": list(os.getloadavg())},
         "settings": {
             "models": args.models,

@@ -33,12 +33,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
@@ -341,36 +340,6 @@ def _verdict(table: dict[str, dict[str, float | None]]) -> dict[str, Any]:
 # --- machine info, output ----------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-    import scipy
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    git = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpu_model": cpu,
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "git_commit": git or None,
-        "load_avg_start": list(os.getloadavg()),
-    }
-
-
 def _f(x: Any, spec: str = "+.3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -485,11 +454,7 @@ def conclusion(data: dict[str, Any]) -> str:
 
 
 def write_results(data: dict[str, Any], output_dir: Path) -> None:
-    from dyadiq.io import write_text_atomic
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / "proxy_quality.json", json.dumps(data, indent=2) + "\n")
-    write_text_atomic(output_dir / "proxy_quality.md", render_markdown(data))
+    common.write_results(data, output_dir, "proxy_quality", render_markdown)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -526,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.proxy_quality " + " ".join(argv_used),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "settings": {
             "models": args.models,
             "configs": args.configs,

@@ -1,0 +1,64 @@
+"""What every benchmark records the same way: the machine it ran on, and atomic result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _proc_field(path: str, prefix: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import scipy
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    mem = _proc_field("/proc/meminfo", "MemTotal")
+    return {
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name") or "unknown",
+        "nproc": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "mem_total_mib": int(mem.split()[0]) / 1024.0 if mem else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain")),
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+def write_results(
+    data: dict[str, Any], output_dir: Path, stem: str, render: Callable[[dict[str, Any]], str]
+) -> None:
+    """``STEM.json`` and ``STEM.md``, each written atomically (a crash leaves the old file)."""
+    from dyadiq.io import write_text_atomic
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output_dir / f"{stem}.json", json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomic(output_dir / f"{stem}.md", render(data))
