@@ -17,6 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dyadiq.cli_allocation import (
+    allocate,
+    allocation_problem,
+    bisect,
+    plan_measurer,
+    primary_metric,
+)
 from dyadiq.errors import ConfigError, DyadiqError
 from dyadiq.io import write_text_atomic
 
@@ -100,9 +107,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     plan = PrecisionPlan.load(Path(args.plan)) if args.plan else None
     allocation_info = None
     if args.max_drop:
-        plan, allocation_info = _bisect(model_path, calibration, args, artifacts, Path(args.output))
+        plan, allocation_info = bisect(model_path, calibration, args, artifacts, Path(args.output))
     elif args.budget:
-        plan, allocation_info = _allocate(model_path, calibration, args)
+        plan, allocation_info = allocate(model_path, calibration, args)
     result = quantize(
         model_path,
         Path(args.output),
@@ -128,160 +135,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allocation_problem(model_path: Path, calibration: Any, args: argparse.Namespace) -> Any:
-    """Sensitivity (cached) -> the ILP's problem: (graph, report, problem, floats, cached)."""
-    from dataclasses import replace
-
-    from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, allowed_formats
-    from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.allocation import apply_overrides, problem_from_report
-    from dyadiq.passes.calibration.data import validated_batches
-    from dyadiq.passes.sensitivity.analysis import (
-        SensitivityConfig,
-        analyze_cached,
-        detect_output_kind,
-    )
-    from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
-    from dyadiq.pipeline import prepare_graph
-    from dyadiq.plan import LayerFormat
-
-    graph = prepare_graph(load_onnx(model_path))
-    batches = list(
-        validated_batches(
-            calibration,
-            graph.input_specs(),
-            image_preset=args.calib_preset,
-            limit=args.analysis_samples,
-        )
-    )
-    probe = PerturbableModel(graph, batches[:1], OutputKind.LOGITS)
-    kind = detect_output_kind(probe.reference)
-    widths = tuple(int(b) for b in args.wbits_candidates.split(","))
-    report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
-    formats = [LayerFormat(b, args.abits) for b in widths]
-    candidates, floats = apply_overrides(
-        graph, list(report.layers), formats, _overrides(args, graph)
-    )
-    # offer only what every target backend runs (QDQ, plus integer ONNX with --integer)
-    targets = (ONNX_QDQ, INTEGER_ONNX) if getattr(args, "integer", False) else (ONNX_QDQ,)
-    for layer, allowed in candidates.items():
-        op_kind = graph.kind(graph.node(layer))
-        for caps in targets:
-            allowed = allowed_formats(caps, op_kind, allowed)
-        candidates[layer] = allowed
-    kept = {k: v for k, v in report.layers.items() if k in candidates}
-    report = replace(
-        report, layers=kept, pairs=tuple(p for p in report.pairs if p.a in kept and p.b in kept)
-    )
-    problem = problem_from_report(graph, report, formats, args.proxy, candidates)
-    return graph, report, problem, floats, cached
-
-
-def _allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
-    from dyadiq.passes.allocation import parse_budget, solve
-    from dyadiq.plan import PrecisionPlan
-
-    _, report, problem, floats, cached = _allocation_problem(model_path, calibration, args)
-    allocation = solve(problem, parse_budget(args.budget, problem))
-    plan = PrecisionPlan(
-        dict(allocation.formats), args.abits, args.act_dtype == "int8", frozenset(floats)
-    )
-    console.print(
-        f"  allocated {len(allocation.formats)} layers under {args.budget}: weights "
-        f"{allocation.size_bytes:,.0f} B, predicted damage {allocation.predicted_damage:.4g} "
-        f"({report.forward_passes} forward passes of analysis{', cached' if cached else ''})"
-    )
-    info = {
-        "budget": args.budget,
-        "proxy": args.proxy,
-        "predicted_damage": allocation.predicted_damage,
-        "weight_bytes": allocation.size_bytes,
-        "bops": allocation.bops,
-        "proven_optimal": allocation.optimal,
-        "sensitivity_fingerprint": report.fingerprint,
-    }
-    return plan, info
-
-
-def _primary_metric(artifacts: Any) -> str:
-    if artifacts.model.task.value == "embedding":
-        return "mean_cosine"
-    return "accuracy" if artifacts.model.has_labels else "top1_agreement"
-
-
-def _plan_measurer(
-    graph: Any, artifacts: Any, calibration: Any, floats: Any, args: argparse.Namespace, metric: str
-) -> Any:
-    """formats -> the plan's QDQ model measured on the zoo model's held-out split."""
-    import tempfile
-
-    from dyadiq.backends.onnx_qdq import write_qdq
-    from dyadiq.evaluation import evaluate
-    from dyadiq.passes.calibration.observers import RangeMethod
-    from dyadiq.pipeline import CalibrationConfig, quantize_graph
-    from dyadiq.plan import PrecisionPlan
-
-    config = CalibrationConfig(method=RangeMethod(args.calibrator))
-
-    def measure(formats: dict[str, Any]) -> float:
-        plan = PrecisionPlan(formats, args.abits, False, frozenset(floats))
-        result = quantize_graph(graph, plan, calibration, config)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.qdq.onnx"
-            write_qdq(result.qdq.graph, path)
-            metrics = evaluate(artifacts, {"plan": path}, limit=args.eval_limit)
-        return float(metrics["plan"][metric])
-
-    return measure
-
-
-def _bisect(
-    model_path: Path, calibration: Any, args: argparse.Namespace, artifacts: Any, out: Path
-) -> tuple[Any, Any]:
-    """--max-drop: bisect the size budget until the held-out metric is within tolerance."""
-    from dyadiq.bisection import bisect_budget
-    from dyadiq.evaluation import evaluate
-    from dyadiq.io import prepare_output_dir
-    from dyadiq.plan import PrecisionPlan
-
-    if artifacts is None:
-        raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
-    text = args.max_drop.strip()
-    drop = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    graph, report, problem, floats, _ = _allocation_problem(model_path, calibration, args)
-    metric = _primary_metric(artifacts)
-    reference = evaluate(artifacts, {}, limit=args.eval_limit)["float"][metric]
-    prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
-    result = bisect_budget(
-        problem,
-        _plan_measurer(graph, artifacts, calibration, floats, args, metric),
-        threshold=reference - drop,
-        iterations=args.bisect_steps,
-        state_path=out / "bisection_state.json",
-    )
-    if result.formats is None:
-        raise ConfigError(
-            f"even the largest plan (all W8) measures below float {metric} {reference:.4f} - "
-            f"{drop:g}; no plan meets --max-drop {args.max_drop}"
-        )
-    console.print(
-        f"  --max-drop {args.max_drop}: {metric} {result.metric:.4f} (float {reference:.4f}) "
-        f"at {result.size_bytes:,.0f} B of weights after {len(result.history)} measurements"
-    )
-    plan = PrecisionPlan(result.formats, args.abits, args.act_dtype == "int8", frozenset(floats))
-    info = {
-        "max_drop": drop,
-        "metric": metric,
-        "float_metric": reference,
-        "plan_metric": result.metric,
-        "weight_bytes": result.size_bytes,
-        "history": result.history,
-        "sensitivity_fingerprint": report.fingerprint,
-    }
-    return plan, info
-
-
 def cmd_frontier(args: argparse.Namespace) -> int:
     """Pareto frontier of a zoo model: ILP plans over a size sweep, each measured."""
 
@@ -292,9 +145,9 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     artifacts = zoo.get(args.zoo)
     out = prepare_output_dir(Path(args.output), artifacts.model_path)
     calibration = list(artifacts.calibration_batches(args.calib_limit))
-    graph, _, problem, floats, _ = _allocation_problem(artifacts.model_path, calibration, args)
-    metric_name = _primary_metric(artifacts)
-    measure = _plan_measurer(graph, artifacts, calibration, floats, args, metric_name)
+    graph, _, problem, floats, _ = allocation_problem(artifacts.model_path, calibration, args)
+    metric_name = primary_metric(artifacts)
+    measure = plan_measurer(graph, artifacts, calibration, floats, args, metric_name)
 
     frontier = sweep(problem, args.points, measure)
     save(frontier, out, metric_name)
@@ -309,29 +162,6 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"  wrote {out / 'frontier.json'}, {out / 'frontier.png'}")
     return 0
-
-
-def _overrides(args: argparse.Namespace, graph: Any) -> Any:
-    """--pin ID_OR_PATTERN=W8A8[,W4A8] and --exclude ID, as allocation overrides."""
-    from dyadiq.passes.allocation import Overrides
-    from dyadiq.plan import LayerFormat
-
-    ids = set(graph.node_ids())
-    by_id: dict[str, tuple[LayerFormat, ...]] = {}
-    by_pattern: dict[str, tuple[LayerFormat, ...]] = {}
-    for item in args.pin:
-        target, _, labels = item.partition("=")
-        try:
-            allowed = tuple(
-                LayerFormat(int(x[1 : x.index("A")]), int(x[x.index("A") + 1 :]))
-                for x in labels.upper().split(",")
-            )
-        except ValueError as exc:
-            raise ConfigError(f"--pin wants ID=W8A8[,W4A8], got {item!r}") from exc
-        (by_id if target in ids else by_pattern)[target] = allowed
-    for layer in args.exclude:
-        by_id[layer] = ()
-    return Overrides(by_pattern=by_pattern, by_id=by_id)
 
 
 def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
