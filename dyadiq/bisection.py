@@ -51,6 +51,7 @@ def bisect_budget(
             {
                 "budget": budget,
                 "size": allocation.size_bytes,
+                "bops": allocation.bops,
                 "metric": state[key],
                 "passed": state[key] >= threshold,
             }

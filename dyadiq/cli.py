@@ -167,7 +167,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
     from dyadiq.evaluation import evaluate
 
-    label = "dyadiq plan" if args.plan or args.budget else f"dyadiq W{args.wbits}A{args.abits}"
+    mixed = args.plan or args.budget or args.max_drop
+    label = "dyadiq plan" if mixed else f"dyadiq W{args.wbits}A{args.abits}"
     models = {label: out / "model.qdq.onnx"}
     if args.integer:
         models[f"{label} integer"] = out / "model.int.onnx"
