@@ -11,8 +11,11 @@ An infeasible budget is an error that states the smallest feasible value.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +92,19 @@ def smallest_total(
     return total
 
 
+@contextlib.contextmanager
+def _silenced_stdout() -> Iterator[None]:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.0) -> Allocation:
     layers = list(problem.candidates)
     index: dict[tuple[str, LayerFormat], int] = {}
@@ -146,13 +162,14 @@ def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.
             matrix[r, k] = v
         lower[r], upper[r] = lo, hi
     integrality = np.concatenate([np.ones(n_x), np.zeros(n - n_x)])
-    result = milp(
-        c,
-        constraints=LinearConstraint(matrix.tocsr(), lower, upper),
-        integrality=integrality,
-        bounds=Bounds(np.zeros(n), np.ones(n)),
-        options={"time_limit": time_limit},
-    )
+    with _silenced_stdout():  # scipy's HiGHS prints MIP diagnostics straight to fd 1
+        result = milp(
+            c,
+            constraints=LinearConstraint(matrix.tocsr(), lower, upper),
+            integrality=integrality,
+            bounds=Bounds(np.zeros(n), np.ones(n)),
+            options={"time_limit": time_limit},
+        )
     if result.x is None:
         raise ConfigError(f"the allocation problem has no solution: {result.message}")
     formats = {layer: fmt for (layer, fmt), k in index.items() if result.x[k] > 0.5}
