@@ -193,6 +193,18 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         b.requant(b.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
     elif isinstance(op, ip.Softmax):
         _softmax(b, op)
+    elif isinstance(op, ip.LeakyRelu):
+        ndim = b.ndim(op.output)
+        rq = op.requant
+        v = b.centered(op.input, op.input_zero_point)
+        zero = b.const("zero", np.int64(0))
+        positive = b.shift(b.node("Max", [v, zero], "pos"), rq.mult, rq.shift, ndim, rq.axis)
+        negative = b.shift(
+            b.node("Min", [v, zero], "neg"), op.negative_mult, op.negative_shift, ndim, rq.axis
+        )
+        b.finish(
+            b.node("Add", [positive, negative], "leaky"), rq.zero_point, rq.lo, rq.hi, op.output
+        )
     elif isinstance(op, ip.MaxPool):
         b.nodes.append(
             helper.make_node(

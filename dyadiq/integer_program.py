@@ -134,6 +134,19 @@ class HardSwish:
 
 
 @dataclass(frozen=True)
+class LeakyRelu:
+    """``requant(max(v, 0); s_x/s_y) + requant(min(v, 0); slope s_x/s_y) + z_y``, clipped;
+    the negative slope may be per channel (PRelu)."""
+
+    output: str
+    input: str
+    input_zero_point: int
+    requant: Requant  # the positive part; carries z_y, lo, hi
+    negative_mult: np.ndarray
+    negative_shift: np.ndarray
+
+
+@dataclass(frozen=True)
 class Softmax:
     """I-BERT integer softmax over the last axis (input scale S, d = (q - max(q)) 2^U <= 0,
     so that the working scale S / 2^U is fine enough for ln 2 and the polynomial):
@@ -230,6 +243,7 @@ IntOp = (
     | GlobalAvgPool
     | HardSigmoid
     | HardSwish
+    | LeakyRelu
     | Softmax
     | MaxPool
     | Clip

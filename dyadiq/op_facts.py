@@ -171,6 +171,8 @@ OP_FACTS.update(
         OpKind.UNSQUEEZE: _SHARES,
         OpKind.HARD_SIGMOID: OpFacts(quantizable=True),  # affine + clip: dyadic
         OpKind.HARD_SWISH: OpFacts(quantizable=True),  # fixed-point gate, see integerize
+        OpKind.LEAKY_RELU: OpFacts(quantizable=True),  # two dyadic slopes, see integerize
+        OpKind.PRELU: OpFacts(quantizable=True),
         # I-BERT integer exp; only on quantized logits (never on a float mask-added score).
         OpKind.SOFTMAX: OpFacts(quantizable=True, needs_quantized_inputs=True),
         OpKind.RELU: OpFacts(fusable_activation=True),

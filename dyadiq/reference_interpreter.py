@@ -90,6 +90,7 @@ class ReferenceInterpreter:
             ip.HardSigmoid: self._hard_sigmoid,
             ip.HardSwish: self._hard_swish,
             ip.Softmax: self._softmax,
+            ip.LeakyRelu: self._leaky_relu,
             ip.MaxPool: self._maxpool,
             ip.Clip: self._clip,
             ip.Reshape: self._reshape,
@@ -174,6 +175,15 @@ class ReferenceInterpreter:
         gate = requantize(v, op.gate_mult, op.gate_shift) + (one >> 1)
         gate = np.clip(gate, 0, one)
         self._store(env, op.output, apply_requant(v * gate, op.requant))
+
+    def _leaky_relu(self, op: ip.LeakyRelu, env: dict[str, np.ndarray]) -> None:
+        v = self._centered(env, op.input, op.input_zero_point)
+        rq = op.requant
+        positive = requantize(np.maximum(v, 0), rq.mult, rq.shift)
+        m = _channel_shape(op.negative_mult, v.ndim, rq.axis)
+        k = _channel_shape(op.negative_shift, v.ndim, rq.axis)
+        negative = requantize(np.minimum(v, 0), m, k)
+        self._store(env, op.output, np.clip(positive + negative + rq.zero_point, rq.lo, rq.hi))
 
     def _softmax(self, op: ip.Softmax, env: dict[str, np.ndarray]) -> None:
         q = self._codes(env, op.input)

@@ -201,6 +201,8 @@ class _Integerizer:
             OpKind.HARD_SIGMOID: self._hard_sigmoid,
             OpKind.HARD_SWISH: self._hard_swish,
             OpKind.SOFTMAX: self._softmax,
+            OpKind.LEAKY_RELU: self._leaky_relu,
+            OpKind.PRELU: self._leaky_relu,
             OpKind.MAXPOOL: self._maxpool,
             OpKind.CONCAT: self._concat,
             OpKind.TRANSPOSE: self._transpose,
@@ -448,6 +450,31 @@ class _Integerizer:
         rq = _requant(qx.scale / (2**frac * qy.scale), qy)
         self.ops.append(
             ip.HardSwish(out_codes, x_codes, qx.zero_point, int(gm[0]), int(gk[0]), frac, rq)
+        )
+        return True
+
+    def _leaky_relu(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        if self.graph.kind(node) is OpKind.LEAKY_RELU:
+            slope = np.array([float(node.attrs.get("alpha", 0.01))])
+        else:
+            tensor = node.inputs[1]
+            if not isinstance(tensor, gs.Constant):
+                return False
+            slope = np.asarray(tensor.values, np.float64)
+            channels = (x.shape or [0, 0])[1] if len(x.shape or ()) > 1 else 0
+            if slope.size not in (1, channels) or (slope.size > 1 and slope.shape[0] != channels):
+                return False  # only scalar or per-channel (C, 1, ...) slopes are dyadic here
+            slope = slope.reshape(-1)
+        if (slope < 0).any():
+            return False  # a negative slope flips signs: keep it in float
+        qx = self.q(x)
+        x_codes = self.codes(x)
+        out_codes, qy = self.define(out)
+        positive = _requant(qx.scale / qy.scale, qy)
+        negative_mult, negative_shift = dyadic(slope * qx.scale / qy.scale)
+        self.ops.append(
+            ip.LeakyRelu(out_codes, x_codes, qx.zero_point, positive, negative_mult, negative_shift)
         )
         return True
 

@@ -275,3 +275,28 @@ def test_matmul_bias_add_fuses_into_the_int32_accumulator():
     matmul = next(op for op in program.ops if type(op).__name__ == "MatMul")
     assert matmul.bias is not None and matmul.requant.lo == program.quant[matmul.output].zero_point
     _assert_bit_exact(program, int_model, calib)
+
+
+@pytest.mark.parametrize("activation", ["LeakyRelu <alpha = 0.1>", "PRelu"])
+def test_leaky_relu_and_prelu_have_dyadic_slopes(activation):
+    slope_input = ", slope" if activation == "PRelu" else ""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        a = {activation} (c{slope_input})
+        y = Conv (a, w2)
+    }}
+    """
+    rng = np.random.default_rng(12)
+    weights = {"w1": rng.normal(size=(4, 3, 3, 3)), "w2": rng.normal(size=(4, 4, 1, 1))}
+    if activation == "PRelu":
+        weights["slope"] = np.array([0.05, 0.1, 0.2, 0.3]).reshape(4, 1, 1)
+    model = with_weights(text, **weights)
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    result, program, int_model = _integer(model, calib)
+    assert program.float_ops == []
+    assert any(type(op).__name__ == "LeakyRelu" for op in program.ops)
+    _assert_bit_exact(program, int_model, calib)
+    agreement = simulation_agreement(program, export_qdq_model(result), int_model, calib)
+    assert agreement["max_output_diff_lsb"] <= 3.0
