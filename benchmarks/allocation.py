@@ -221,46 +221,6 @@ def sample_random_plans(
     return plans, info
 
 
-class _Builder:
-    """QDQ models for many plans from one set of activation statistics (see module doc)."""
-
-    def __init__(self, model_path: Path, calibration: list[dict[str, np.ndarray]]) -> None:
-        from dyadiq.frontends.onnx_frontend import load_onnx
-        from dyadiq.passes.activation_sites import find_activation_sites
-        from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
-        from dyadiq.pipeline import CalibrationConfig, calibrated_ranges, prepare_graph
-        from dyadiq.plan import PrecisionPlan
-
-        self.raw = load_onnx(model_path)
-        self.graph = prepare_graph(self.raw, needs_int4=True)
-        self.calibration = calibration
-        self.config = CalibrationConfig()
-        base = PrecisionPlan.uniform(self.graph, weight_bits=8, act_bits=8)
-        self.sites = find_activation_sites(self.graph, base)
-        t = time.perf_counter()
-        request = StatisticsRequest(frozenset(self.sites.tensors), bins=self.config.bins)
-        stats = collect_statistics(self.graph, request, calibration)
-        self.ranges = calibrated_ranges(stats, self.sites, self.config)
-        self.calibration_s = time.perf_counter() - t
-        self.fallbacks = 0
-
-    def build(self, bits: dict[str, int]) -> Any:
-        from dyadiq.backends.onnx_qdq import export_qdq
-        from dyadiq.passes.activation_sites import find_activation_sites
-        from dyadiq.passes.insert_qdq import insert_qdq
-        from dyadiq.pipeline import quantize_graph
-        from dyadiq.plan import LayerFormat, PrecisionPlan
-
-        plan = PrecisionPlan({k: LayerFormat(b, 8) for k, b in bits.items()})
-        sites = find_activation_sites(self.graph, plan)
-        if sites.tensors == self.sites.tensors and sites.group_of == self.sites.group_of:
-            qdq = insert_qdq(self.graph, plan, sites, self.ranges)
-        else:
-            self.fallbacks += 1
-            qdq = quantize_graph(self.raw, plan, self.calibration, self.config).qdq
-        return export_qdq(qdq.graph)
-
-
 def _plan_row(bits: dict[str, int], params: dict[str, int], report: Any) -> dict[str, Any]:
     from dyadiq.passes.sensitivity.analysis import predict_damage
 
@@ -282,8 +242,8 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq.passes.allocation import Budget, problem_from_report, shared_weight_ties, solve
     from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze_cached
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
-    from dyadiq.pipeline import prepare_graph
-    from dyadiq.plan import LayerFormat
+    from dyadiq.pipeline import PlanBuilder, prepare_graph
+    from dyadiq.plan import LayerFormat, PrecisionPlan
 
     t_model = time.perf_counter()
     artifacts = zoo.get(name)
@@ -293,7 +253,8 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     eval_n = args.eval_limit or (QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES)[name]
     metric = METRIC[name]
 
-    graph = prepare_graph(load_onnx(artifacts.model_path))
+    raw = load_onnx(artifacts.model_path)
+    graph = prepare_graph(raw)
     layers = [n.name for n in graph.weighted_layers()]
     sens_cfg = SensitivityConfig(weight_bits=BITS, trace=args.trace)
     t = time.perf_counter()
@@ -334,7 +295,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # build and measure each distinct plan once
     t = time.perf_counter()
-    builder = _Builder(Path(artifacts.model_path), list(artifacts.calibration_batches(calib_n)))
+    builder = PlanBuilder(raw, list(artifacts.calibration_batches(calib_n)))
     distinct: dict[tuple[tuple[str, int], ...], str] = {}
     for key, bits in plans.items():
         distinct.setdefault(tuple(sorted(bits.items())), key)
@@ -348,7 +309,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             for key in todo[start : start + EVAL_CHUNK]:
                 path = Path(tmp) / f"{key}.onnx"
-                onnx.save(builder.build(plans[key]), str(path))
+                onnx.save(builder.build(PrecisionPlan.from_weight_bits(plans[key])), str(path))
                 paths[key] = path
             build_s += time.perf_counter() - t
             t = time.perf_counter()

@@ -129,48 +129,6 @@ def correlations(predicted: list[float], measured: list[float]) -> dict[str, flo
 # --- per model ---------------------------------------------------------------------------------
 
 
-class _Builder:
-    """Builds QDQ models for many plans from one set of activation statistics."""
-
-    def __init__(self, model_path: Path, calibration: list[dict[str, np.ndarray]], cal_cfg: Any):
-        from dyadiq.frontends.onnx_frontend import load_onnx
-        from dyadiq.passes.activation_sites import find_activation_sites
-        from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
-        from dyadiq.pipeline import calibrated_ranges, prepare_graph
-        from dyadiq.plan import PrecisionPlan
-
-        self.raw = load_onnx(model_path)
-        self.graph = prepare_graph(self.raw, needs_int4=True)
-        self.calibration = calibration
-        self.cal_cfg = cal_cfg
-        base = PrecisionPlan.uniform(self.graph, weight_bits=8, act_bits=8)
-        self.sites = find_activation_sites(self.graph, base)
-        t = time.perf_counter()
-        request = StatisticsRequest(frozenset(self.sites.tensors), bins=cal_cfg.bins)
-        stats = collect_statistics(
-            self.graph, request, calibration, image_preset=cal_cfg.image_preset
-        )
-        self.ranges = calibrated_ranges(stats, self.sites, cal_cfg)
-        self.calibration_s = time.perf_counter() - t
-        self.fallbacks = 0
-
-    def build(self, bits: dict[str, int]) -> Any:
-        from dyadiq.backends.onnx_qdq import export_qdq
-        from dyadiq.passes.activation_sites import find_activation_sites
-        from dyadiq.passes.insert_qdq import insert_qdq
-        from dyadiq.pipeline import quantize_graph
-        from dyadiq.plan import LayerFormat, PrecisionPlan
-
-        plan = PrecisionPlan({k: LayerFormat(b, 8) for k, b in bits.items()})
-        sites = find_activation_sites(self.graph, plan)
-        if sites.tensors == self.sites.tensors and sites.group_of == self.sites.group_of:
-            qdq = insert_qdq(self.graph, plan, sites, self.ranges)
-        else:  # not expected with 8-bit activations everywhere; recalibrate to be safe
-            self.fallbacks += 1
-            qdq = quantize_graph(self.raw, plan, self.calibration, self.cal_cfg).qdq
-        return export_qdq(qdq.graph)
-
-
 def _damage(name: str, metrics: dict[str, float], reference: dict[str, float]) -> float:
     metric, how = DAMAGE_METRIC[name]
     if how == "drop":
@@ -224,9 +182,11 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
 
     # 1. analysis, once
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.pipeline import prepare_graph
+    from dyadiq.pipeline import PlanBuilder, prepare_graph
+    from dyadiq.plan import PrecisionPlan
 
-    graph = prepare_graph(load_onnx(artifacts.model_path))
+    raw = load_onnx(artifacts.model_path)
+    graph = prepare_graph(raw)
     analysis_batches = list(artifacts.calibration_batches(analysis_n))
     log.info("%s: analysing %d samples", name, analysis_n)
     t = time.perf_counter()
@@ -248,7 +208,7 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
 
     # 3. real QDQ models, measured damage
     calibration = list(artifacts.calibration_batches(calib_n))
-    builder = _Builder(Path(artifacts.model_path), calibration, cal_cfg)
+    builder = PlanBuilder(raw, calibration, cal_cfg)
     result["calibration"]["statistics_s"] = builder.calibration_s
     measured: list[float] = []
     secondary: list[float] = []
@@ -266,7 +226,9 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
             t = time.perf_counter()
             for i in range(start, min(start + chunk, len(configs))):
                 path = Path(tmp) / f"config_{i:03d}.onnx"
-                onnx.save(builder.build(configs[i]["bits"]), str(path))
+                onnx.save(
+                    builder.build(PrecisionPlan.from_weight_bits(configs[i]["bits"])), str(path)
+                )
                 paths[f"config_{i:03d}"] = path
             build_s += time.perf_counter() - t
             t = time.perf_counter()

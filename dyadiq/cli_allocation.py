@@ -99,23 +99,28 @@ def primary_metric(artifacts: Any) -> str:
 def plan_measurer(
     graph: Any, artifacts: Any, calibration: Any, floats: Any, args: argparse.Namespace, metric: str
 ) -> Any:
-    """formats -> the plan's QDQ model measured on the zoo model's held-out split."""
+    """formats -> the plan's QDQ model measured on the zoo model's held-out split.
+
+    All plans share one calibration pass (``PlanBuilder``): they differ in weight bits only.
+    """
     import tempfile
 
-    from dyadiq.backends.onnx_qdq import write_qdq
+    import onnx
+
     from dyadiq.evaluation import evaluate
     from dyadiq.passes.calibration.observers import RangeMethod
-    from dyadiq.pipeline import CalibrationConfig, quantize_graph
+    from dyadiq.pipeline import CalibrationConfig, PlanBuilder
     from dyadiq.plan import PrecisionPlan
 
     config = CalibrationConfig(method=RangeMethod(args.calibrator))
+    excluded = frozenset(floats)
+    builder = PlanBuilder(graph, calibration, config, act_bits=args.abits, exclude=excluded)
 
     def measure(formats: dict[str, Any]) -> float:
-        plan = PrecisionPlan(formats, args.abits, False, frozenset(floats))
-        result = quantize_graph(graph, plan, calibration, config)
+        plan = PrecisionPlan(formats, args.abits, False, excluded)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.qdq.onnx"
-            write_qdq(result.qdq.graph, path)
+            onnx.save(builder.build(plan), str(path))
             metrics = evaluate(artifacts, {"plan": path}, limit=args.eval_limit)
         return float(metrics["plan"][metric])
 

@@ -120,6 +120,53 @@ def quantize_graph(
     return QuantizeResult(graph, plan, sites, qdq, statistics, timings=timings)
 
 
+class PlanBuilder:
+    """QDQ models for many plans of one model from a single calibration pass.
+
+    Activation statistics depend on which tensors are quantized and at what width, not on
+    the weight widths; plans that differ only in weight bits (search, frontier, bisection,
+    benchmarks) therefore share one pass. A plan whose activation sites or widths differ from
+    the first one is calibrated on its own (counted in ``fallbacks``).
+    """
+
+    def __init__(
+        self,
+        graph: QGraph,
+        calibration: Sequence[dict[str, Any]],
+        config: CalibrationConfig = CalibrationConfig(),
+        *,
+        act_bits: int = 8,
+        exclude: frozenset[str] = frozenset(),
+    ) -> None:
+        self.source = graph
+        self.graph = prepare_graph(graph, needs_int4=True)
+        self.calibration = list(calibration)
+        self.config = config
+        base = PrecisionPlan.uniform(self.graph, act_bits=act_bits, exclude=exclude)
+        self.sites = find_activation_sites(self.graph, base)
+        request = StatisticsRequest(frozenset(self.sites.tensors), bins=config.bins)
+        statistics = collect_statistics(
+            self.graph, request, self.calibration, image_preset=config.image_preset
+        )
+        self.calibration_s = statistics.seconds
+        self.ranges = calibrated_ranges(statistics, self.sites, config)
+        self.fallbacks = 0
+
+    def build(self, plan: PrecisionPlan) -> onnx.ModelProto:
+        sites = find_activation_sites(self.graph, plan)
+        same = (
+            sites.tensors == self.sites.tensors
+            and sites.group_of == self.sites.group_of
+            and sites.group_bits == self.sites.group_bits
+        )
+        if same:
+            qdq = insert_qdq(self.graph, plan, sites, self.ranges)
+        else:
+            self.fallbacks += 1
+            qdq = quantize_graph(self.source, plan, self.calibration, self.config).qdq
+        return export_qdq(qdq.graph)
+
+
 def _check_batches(
     calibration: CalibrationSource, graph: QGraph, image_preset: str | None, count: int
 ) -> list[dict[str, Any]]:

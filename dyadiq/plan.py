@@ -71,6 +71,11 @@ class PrecisionPlan:
         layers = {n.name: fmt for n in graph.weighted_layers() if n.name not in exclude}
         return cls(layers, act_bits, act_signed, frozenset(exclude))
 
+    @classmethod
+    def from_weight_bits(cls, bits: Mapping[str, int], act_bits: int = 8) -> PrecisionPlan:
+        """A plan that chooses only weight widths (what search and sampling produce)."""
+        return cls({k: LayerFormat(int(b), act_bits) for k, b in bits.items()}, act_bits)
+
     def validate_for(self, graph: QGraph) -> None:
         weighted = {n.name for n in graph.weighted_layers()}
         unknown = sorted(set(self.layers) - weighted)
