@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
-from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.graph import QGraph
 from dyadiq.passes.canonicalize_hard_swish import RewriteReport, canonicalize_hard_swish
 from tests.builders import with_weights
+from tests.rewrite_checks import apply_float_pass, assert_same_outputs, op_types
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -25,15 +24,6 @@ CONSTS = {"three": np.array(3.0), "zero": np.array(0.0), "six": np.array(6.0)}
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no ORT fusion
-    sess = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return sess.run(None, feeds)
-
-
 def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Uniform on [-6, 6] (all three pieces of hard-swish) plus the knots -3, 0 and 3."""
     rng = np.random.default_rng(SEED)
@@ -69,28 +59,15 @@ def _named(model: onnx.ModelProto, *names: str) -> onnx.ModelProto:
 
 
 def _rewrite(model: onnx.ModelProto) -> tuple[QGraph, RewriteReport, onnx.ModelProto]:
-    """Load, rewrite, export; checks the output model and that the input proto is untouched."""
-    before = model.SerializeToString()
-    graph = load_onnx(model, simplify=False)
-    report = canonicalize_hard_swish(graph)
-    out = graph.to_onnx()
-    onnx.checker.check_model(out, full_check=True)
-    assert model.SerializeToString() == before, "the pass modified the caller's model proto"
-    return graph, report, out
+    return apply_float_pass(model, canonicalize_hard_swish)
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for n in model.graph.node]
+    return op_types(model)
 
 
 def _assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
-    feeds = _feeds(original)
-    expected = _run(original, feeds)
-    actual = _run(rewritten, feeds)
-    assert len(expected) == len(actual)
-    for e, a in zip(expected, actual, strict=True):
-        assert e.shape == a.shape
-        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL)
+    assert_same_outputs(original, rewritten, _feeds(original), rtol=RTOL, atol=ATOL)
 
 
 CLIP_DIV = """

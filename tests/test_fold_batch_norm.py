@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.graph import QGraph
 from dyadiq.passes.fold_batch_norm import FoldReport, fold_batch_norm
 from tests.builders import with_weights
+from tests.rewrite_checks import apply_float_pass, assert_same_outputs, op_types
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -25,15 +25,6 @@ SEED = 1234
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no ORT folding
-    sess = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return sess.run(None, feeds)
-
-
 def _feeds(model: onnx.ModelProto, seed: int = SEED) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -44,28 +35,15 @@ def _feeds(model: onnx.ModelProto, seed: int = SEED) -> dict[str, np.ndarray]:
 
 
 def _fold(model: onnx.ModelProto) -> tuple[QGraph, FoldReport, onnx.ModelProto]:
-    """Load, fold, export; checks the output model and that the input proto is untouched."""
-    before = model.SerializeToString()
-    graph = load_onnx(model, simplify=False)
-    report = fold_batch_norm(graph)
-    out = graph.to_onnx()
-    onnx.checker.check_model(out, full_check=True)
-    assert model.SerializeToString() == before, "the pass modified the caller's model proto"
-    return graph, report, out
+    return apply_float_pass(model, fold_batch_norm)
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for n in model.graph.node]
+    return op_types(model)
 
 
 def _assert_same_outputs(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
-    feeds = _feeds(original)
-    expected = _run(original, feeds)
-    actual = _run(folded, feeds)
-    assert len(expected) == len(actual)
-    for e, a in zip(expected, actual, strict=True):
-        assert e.shape == a.shape
-        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL)
+    assert_same_outputs(original, folded, _feeds(original), rtol=RTOL, atol=ATOL)
 
 
 def _bn_params(rng: np.random.Generator, c: int) -> dict[str, np.ndarray]:
