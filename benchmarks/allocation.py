@@ -53,7 +53,6 @@ SEED = 0
 PROXY = "empirical+pairs"
 WINDOW = 0.97  # random plans: size in [WINDOW * S, S]
 OUTPUT_KIND = {"fashion_cnn": "LOGITS", "mobilenet_v2": "LOGITS", "ppocr_cls": "PROBABILITIES"}
-METRIC = {"fashion_cnn": "accuracy", "ppocr_cls": "accuracy", "mobilenet_v2": "top1_agreement"}
 ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8}
 CALIBRATION_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 16, "mobilenet_v2": 16}
 EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 400, "mobilenet_v2": 248}
@@ -251,7 +250,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     analysis_n = (QUICK_ANALYSIS_SAMPLES if args.quick else ANALYSIS_SAMPLES)[name]
     calib_n = (QUICK_CALIBRATION_SAMPLES if args.quick else CALIBRATION_SAMPLES)[name]
     eval_n = args.eval_limit or (QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES)[name]
-    metric = METRIC[name]
+    metric = artifacts.model.primary_metric
 
     raw = load_onnx(artifacts.model_path)
     graph = prepare_graph(raw)

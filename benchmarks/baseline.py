@@ -42,13 +42,6 @@ ALL_MODELS = ("fashion_cnn", "mobilenet_v2", "ppocr_cls", "minilm")
 ORT_CALIBRATORS = ("MinMax", "Percentile", "Entropy")
 DYADIQ_METHODS = ("minmax", "percentile", "mse", "entropy")
 PERCENTILE = 99.99
-# The metric that ranks methods for each model (higher is better).
-PRIMARY_METRIC = {
-    "fashion_cnn": "accuracy",
-    "ppocr_cls": "accuracy",
-    "mobilenet_v2": "top1_agreement",
-    "minilm": "mean_cosine",
-}
 REPORTED_METRICS = {
     "fashion_cnn": ("accuracy", "top1_agreement"),
     "ppocr_cls": ("accuracy", "top1_agreement"),
@@ -388,7 +381,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     calib_dir = work / name / "calibration"
     calibration = materialise_calibration(artifacts, calib_dir)
     log.info("  calibration: %s", calibration)
-    metric = PRIMARY_METRIC[name]
+    metric = artifacts.model.primary_metric
     eval_limit = args.eval_limit
     watch = {"timeout_s": args.timeout, "mem_cap_mib": args.mem_cap_mib}
 

@@ -91,9 +91,7 @@ def allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tu
 
 
 def primary_metric(artifacts: Any) -> str:
-    if artifacts.model.task.value == "embedding":
-        return "mean_cosine"
-    return "accuracy" if artifacts.model.has_labels else "top1_agreement"
+    return str(artifacts.model.primary_metric)
 
 
 def plan_measurer(

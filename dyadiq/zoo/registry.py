@@ -32,6 +32,13 @@ class ZooModel:
     task: Task
     has_labels: bool
 
+    @property
+    def primary_metric(self) -> str:
+        """The metric that ranks quantized variants (higher is better)."""
+        if self.task is Task.EMBEDDING:
+            return "mean_cosine"
+        return "accuracy" if self.has_labels else "top1_agreement"
+
 
 _MODELS: tuple[tuple[ZooModel, str], ...] = (
     (
