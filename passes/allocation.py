@@ -25,7 +25,7 @@ from scipy.sparse import lil_matrix
 from dyadiq.errors import ConfigError
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.op_facts import OpKind
-from dyadiq.passes.sensitivity.analysis import SensitivityReport, predict_damage
+from dyadiq.passes.sensitivity.analysis import SensitivityReport, layer_damage, pair_damage
 from dyadiq.plan import LayerFormat
 
 log = logging.getLogger(__name__)
@@ -249,12 +249,7 @@ def problem_from_report(
         i: list(candidates[i]) if candidates and i in candidates else list(formats) for i in layers
     }
     damage = {
-        i: {
-            f: predict_damage(
-                report, {**dict.fromkeys(layers, 32), i: f.weight_bits}, proxy.split("+")[0]
-            )
-            for f in allowed[i]
-        }
+        i: {f: layer_damage(report.layers[i], f.weight_bits, proxy) for f in allowed[i]}
         for i in layers
     }
     size = {i: {f: report.layers[i].params * f.weight_bits / 8 for f in allowed[i]} for i in layers}
@@ -263,14 +258,8 @@ def problem_from_report(
     pairs = []
     if proxy.endswith("+pairs"):
         for term in report.pairs:
-            la, lb = report.layers[term.a], report.layers[term.b]
-            ref_a, ref_b = la.perturbation_sq[term.bits], lb.perturbation_sq[term.bits]
-            if ref_a <= 0 or ref_b <= 0:
-                continue
             cost = {
-                (fa, fb): term.delta
-                * float(np.sqrt(la.perturbation_sq[fa.weight_bits] / ref_a))
-                * float(np.sqrt(lb.perturbation_sq[fb.weight_bits] / ref_b))
+                (fa, fb): pair_damage(report, term, fa.weight_bits, fb.weight_bits)
                 for fa in allowed[term.a]
                 for fb in allowed[term.b]
             }

@@ -286,36 +286,37 @@ def analyze(
 PROXIES = ("hessian", "hessian+pairs", "empirical", "empirical+pairs", "snr")
 
 
-def predict_damage(report: SensitivityReport, bits: Mapping[str, int], proxy: str) -> float:
-    """Predicted damage of giving each layer ``bits[layer]`` weight bits (8 where absent).
+def layer_damage(layer: LayerSensitivity, bits: int, proxy: str) -> float:
+    """One layer's predicted damage at ``bits`` weight bits (0 when left in float)."""
+    if proxy.startswith("hessian"):
+        return layer.hessian_damage.get(bits, 0.0)
+    if proxy.startswith("empirical"):
+        return layer.empirical_damage.get(bits, 0.0)
+    if proxy == "snr":
+        return 10 ** (-layer.snr_db.get(bits, 300.0) / 10) if bits < 32 else 0.0
+    raise ValueError(f"unknown proxy {proxy!r}; choose one of {PROXIES}")
 
-    Pair terms measured at ``pair_bits`` are scaled to other widths by the product of the
+
+def pair_damage(report: SensitivityReport, pair: PairTerm, bits_a: int, bits_b: int) -> float:
+    """A pair term measured at ``pair.bits``, rescaled to other widths by the product of the
     two layers' relative perturbation norms: exact for a quadratic loss whose cross term is
-    bilinear in the two perturbations.
-    """
-    total = 0.0
-    for layer_id, layer in report.layers.items():
-        b = bits.get(layer_id, 8)
-        if proxy.startswith("hessian"):
-            total += layer.hessian_damage.get(b, 0.0)
-        elif proxy.startswith("empirical"):
-            total += layer.empirical_damage.get(b, 0.0)
-        elif proxy == "snr":
-            total += 10 ** (-layer.snr_db.get(b, 300.0) / 10) if b < 32 else 0.0
-        else:
-            raise ValueError(f"unknown proxy {proxy!r}; choose one of {PROXIES}")
+    bilinear in the two perturbations."""
+    la, lb = report.layers[pair.a], report.layers[pair.b]
+    ref_a = la.perturbation_sq.get(pair.bits, 0.0)
+    ref_b = lb.perturbation_sq.get(pair.bits, 0.0)
+    if ref_a <= 0 or ref_b <= 0:
+        return 0.0
+    scale = np.sqrt(la.perturbation_sq.get(bits_a, 0.0) / ref_a) * np.sqrt(
+        lb.perturbation_sq.get(bits_b, 0.0) / ref_b
+    )
+    return pair.delta * float(scale)
+
+
+def predict_damage(report: SensitivityReport, bits: Mapping[str, int], proxy: str) -> float:
+    """Predicted damage of giving each layer ``bits[layer]`` weight bits (8 where absent)."""
+    total = sum(layer_damage(layer, bits.get(i, 8), proxy) for i, layer in report.layers.items())
     if proxy.endswith("+pairs"):
-        for pair in report.pairs:
-            la, lb = report.layers[pair.a], report.layers[pair.b]
-            ba, bb = bits.get(pair.a, 8), bits.get(pair.b, 8)
-            ref_a, ref_b = (
-                la.perturbation_sq.get(pair.bits, 0.0),
-                lb.perturbation_sq.get(pair.bits, 0.0),
-            )
-            if ref_a <= 0 or ref_b <= 0:
-                continue
-            scale = np.sqrt(la.perturbation_sq.get(ba, 0.0) / ref_a) * np.sqrt(
-                lb.perturbation_sq.get(bb, 0.0) / ref_b
-            )
-            total += pair.delta * float(scale)
+        total += sum(
+            pair_damage(report, p, bits.get(p.a, 8), bits.get(p.b, 8)) for p in report.pairs
+        )
     return total
