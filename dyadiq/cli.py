@@ -234,9 +234,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from dyadiq.passes.sensitivity.analysis import (
         SensitivityConfig,
         analyze_cached,
-        detect_output_kind,
+        output_kind_of,
     )
-    from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
     from dyadiq.pipeline import prepare_graph
 
     if args.zoo:
@@ -261,11 +261,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 limit=args.calib_limit,
             )
         )
-    if args.output_kind:
-        kind = OutputKind(args.output_kind)
-    else:
-        probe = PerturbableModel(graph, batches[:1], OutputKind.LOGITS)
-        kind = detect_output_kind(probe.reference)
+    given = args.output_kind
+    kind = OutputKind(given) if given else output_kind_of(graph, batches)
     config = SensitivityConfig(
         weight_bits=tuple(int(b) for b in args.wbits.split(",")), pairs=not args.no_pairs
     )

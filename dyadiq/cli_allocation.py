@@ -25,9 +25,8 @@ def allocation_problem(model_path: Path, calibration: Any, args: argparse.Namesp
     from dyadiq.passes.sensitivity.analysis import (
         SensitivityConfig,
         analyze_cached,
-        detect_output_kind,
+        output_kind_of,
     )
-    from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
     from dyadiq.pipeline import prepare_graph
     from dyadiq.plan import LayerFormat
 
@@ -40,8 +39,7 @@ def allocation_problem(model_path: Path, calibration: Any, args: argparse.Namesp
             limit=args.analysis_samples,
         )
     )
-    probe = PerturbableModel(graph, batches[:1], OutputKind.LOGITS)
-    kind = detect_output_kind(probe.reference)
+    kind = output_kind_of(graph, batches)
     widths = tuple(int(b) for b in args.wbits_candidates.split(","))
     report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
     formats = [LayerFormat(b, args.abits) for b in widths]

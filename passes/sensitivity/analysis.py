@@ -168,6 +168,12 @@ def detect_output_kind(outputs: Sequence[np.ndarray]) -> OutputKind:
     return OutputKind.LOGITS
 
 
+def output_kind_of(graph: QGraph, batches: Sequence[Mapping[str, np.ndarray]]) -> OutputKind:
+    """Detect the loss to use from the float model's output on the first batch."""
+    probe = PerturbableModel(graph, batches[:1], OutputKind.LOGITS)
+    return detect_output_kind(probe.reference)
+
+
 def analyze_cached(
     graph: QGraph,
     batches: Sequence[Mapping[str, np.ndarray]],
