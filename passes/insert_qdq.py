@@ -129,7 +129,7 @@ def _quantize_bias(
     node.inputs[index] = restored
 
 
-def _remove_implied_activation(graph: QGraph, layer: gs.Node, act: gs.Node, q: ActQuant) -> bool:
+def _remove_implied_activation(layer: gs.Node, act: gs.Node, q: ActQuant) -> bool:
     lo, hi = activation_bounds(act)
     rep_lo, rep_hi = q.representable_range()
     if not (lo <= rep_lo and rep_hi <= hi):
@@ -156,7 +156,7 @@ def insert_qdq(
         if layer_id in sites.fused_biases:
             continue  # a bias Add sits between: keep the activation as written
         layer, act = out.node(layer_id), out.node(act_id)
-        if _remove_implied_activation(out, layer, act, params[act.outputs[0].name]):
+        if _remove_implied_activation(layer, act, params[act.outputs[0].name]):
             removed.append(act_id)
     g.cleanup()
     tensors = out.tensors()
