@@ -1,0 +1,410 @@
+"""Lower an :class:`IntegerProgram` to a TVM Relax module, op by op with ``relax.BlockBuilder``.
+
+The Relax ``main`` computes exactly what :mod:`dyadiq.reference_interpreter` computes:
+
+* Signature: ``main`` takes the program's float inputs (batch dimension fixed, default 1) and
+  quantizes them in the graph, ``clip(round(x / s), qmin - z, qmax - z) + z`` in float32.
+  Relax ``round`` lowers to a round-half-to-even (LLVM ``nearbyint``), the rule numpy and ONNX
+  QuantizeLinear use, and ``x / s`` is the same single IEEE division, so the codes are the
+  reference's (checked on ties in the tests). Clipping before the cast keeps an out-of-range
+  float from an undefined float->int conversion; both bounds are integers, so clipping
+  before or after rounding gives the same code.
+* It returns a tuple: first the integer codes of every program output that has them (in
+  ``program.outputs`` order; names in :func:`main_output_names` end in ``_codes``), then every
+  output dequantized to float32. Codes are what backends must reproduce bit for bit.
+* Weighted layers take the raw uint8/int8 activation codes and int8 weights (b-bit values in
+  int8 containers): the zero point is taken out algebraically,
+  ``sum (x - z) w = sum x w - z sum w``, so the accumulator needs no widened copy of the
+  activations and ``- z sum w`` folds into the bias. Padding must then pad with the code ``z``
+  (the real value 0), done by an explicit ``pad``. The accumulator is int32 when
+  ``max|code| * max_o sum|w_o|`` provably fits, int64 otherwise.
+* Everything after the accumulator is int64, as in the reference: ``(acc * m + 2^(k-1)) >> k``
+  with Relax's arithmetic right shift on signed integers (a floor), ``+ z``, clip, cast to the
+  output's code type. Multipliers are int64 constants (a plain ``relax.const`` would be int32).
+
+Float islands have no TVM lowering: the whole program is scanned first and every one of them is
+named in one :class:`UnsupportedModelError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tvm import IRModule, relax
+
+from dyadiq import integer_program as ip
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.reference_interpreter import SOFTMAX_MAX_SHIFT
+
+INT32_LIMIT = 2**31 - 1
+CODES_SUFFIX = "_codes"
+
+_LOWERABLE = (
+    ip.QuantizeInput,
+    ip.Quantize,
+    ip.Dequantize,
+    ip.Conv,
+    ip.MatMul,
+    ip.Add,
+    ip.Mul,
+    ip.GlobalAvgPool,
+    ip.HardSigmoid,
+    ip.HardSwish,
+    ip.LeakyRelu,
+    ip.Softmax,
+    ip.MaxPool,
+    ip.Clip,
+    ip.Reshape,
+    ip.Transpose,
+    ip.Concat,
+)
+
+
+def unsupported_ops(program: ip.IntegerProgram) -> list[str]:
+    """Every op of ``program`` without a TVM lowering, described for an error message."""
+    found = []
+    for op in program.ops:
+        if isinstance(op, ip.FloatIsland):
+            nodes = ", ".join(f"{n.op_type} {n.name}".strip() for n in op.nodes)
+            found.append(f"FloatIsland [{nodes}]")
+        elif not isinstance(op, _LOWERABLE):
+            found.append(type(op).__name__)
+    return found
+
+
+def static_shape(shape: Sequence[int], batch: int) -> tuple[int, ...]:
+    """The program marks a dynamic batch dimension with 0; TVM gets ``batch`` there."""
+    return tuple(batch if (i == 0 and d == 0) else int(d) for i, d in enumerate(shape))
+
+
+def main_output_names(program: ip.IntegerProgram) -> list[str]:
+    """Names of ``main``'s tuple fields, in order: output codes, then float outputs."""
+    codes = [f"{o}{CODES_SUFFIX}" for o in program.outputs if o in program.int_outputs]
+    return codes + list(program.outputs)
+
+
+def _int64(value: np.ndarray | int) -> relax.Constant:
+    return relax.const(np.asarray(value, dtype=np.int64), "int64")
+
+
+def _channel(values: np.ndarray | int, ndim: int, axis: int) -> np.ndarray:
+    """Per-channel values shaped to broadcast along ``axis`` (as the reference does)."""
+    flat = np.atleast_1d(np.asarray(values, dtype=np.int64))
+    shape = [1] * ndim
+    if flat.size > 1:
+        shape[axis % ndim] = flat.size
+    return flat.reshape(shape)
+
+
+class _Lowering:
+    """Emits one program op at a time; ``env`` maps program tensor names to Relax values."""
+
+    def __init__(self, program: ip.IntegerProgram, bb: relax.BlockBuilder) -> None:
+        self.program = program
+        self.bb = bb
+        self.env: dict[str, relax.Expr] = {}
+
+    # --- helpers -----------------------------------------------------------------------------
+    def emit(self, expr: relax.Expr) -> relax.Var:
+        return self.bb.emit(expr)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.env[name].ty.shape)
+
+    @staticmethod
+    def ndim(expr: relax.Expr) -> int:
+        return len(expr.ty.shape)
+
+    def code_dtype(self, name: str) -> str:
+        return str(self.program.code_dtype(name))
+
+    def centered(self, name: str, zero_point: int) -> relax.Var:
+        """``codes - z`` in int64."""
+        wide = self.emit(relax.op.astype(self.env[name], "int64"))
+        if zero_point == 0:
+            return wide
+        return self.emit(relax.op.subtract(wide, _int64(zero_point)))
+
+    def requantize(
+        self,
+        t: relax.Expr,
+        mult: np.ndarray | int,
+        shift: np.ndarray | int,
+        ndim: int,
+        axis: int,
+    ) -> relax.Var:
+        """``(t * m + 2^(k-1)) >> k`` on int64 ``t`` (the reference's ``requantize``)."""
+        m = _channel(mult, ndim, axis)
+        k = _channel(shift, ndim, axis)
+        rounding = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
+        product = self.emit(relax.op.multiply(t, _int64(m)))
+        biased = self.emit(relax.op.add(product, _int64(rounding)))
+        return self.emit(relax.op.right_shift(biased, _int64(k)))
+
+    def finish(self, t: relax.Expr, zero_point: int, lo: int, hi: int, output: str) -> None:
+        """``clip(t + z, lo, hi)`` cast to the output's code type, bound to ``output``."""
+        shifted = self.emit(relax.op.add(t, _int64(zero_point)))
+        clipped = self.emit(relax.op.clip(shifted, lo, hi))
+        self.env[output] = self.emit(relax.op.astype(clipped, self.code_dtype(output)))
+
+    def requant(self, acc: relax.Expr, rq: ip.Requant, ndim: int, output: str) -> None:
+        scaled = self.requantize(acc, rq.mult, rq.shift, ndim, rq.axis)
+        self.finish(scaled, rq.zero_point, rq.lo, rq.hi, output)
+
+    def accumulator_dtype(self, codes: str, weight_rows: np.ndarray) -> str:
+        """int32 when ``max|code| * sum|w|`` of the worst output channel fits, else int64."""
+        q = self.program.quant[codes]
+        largest_code = max(abs(q.qmin), abs(q.qmax))
+        bound = largest_code * int(np.abs(weight_rows.astype(np.int64)).sum(axis=1).max())
+        return "int32" if bound <= INT32_LIMIT else "int64"
+
+    # --- ops ---------------------------------------------------------------------------------
+    def quantize(self, op: ip.QuantizeInput | ip.Quantize) -> None:
+        q = self.program.quant[op.output]
+        x = self.env[op.input]
+        scaled = self.emit(relax.op.divide(x, relax.const(np.float32(q.scale), "float32")))
+        rounded = self.emit(relax.op.round(scaled))
+        bounded = self.emit(
+            relax.op.clip(rounded, float(q.qmin - q.zero_point), float(q.qmax - q.zero_point))
+        )
+        codes = self.emit(relax.op.astype(bounded, "int32"))
+        codes = self.emit(relax.op.add(codes, relax.const(np.int32(q.zero_point), "int32")))
+        self.env[op.output] = self.emit(relax.op.astype(codes, self.code_dtype(op.output)))
+
+    def dequantize(self, op: ip.Dequantize) -> None:
+        q = self.program.quant[op.input]
+        wide = self.emit(relax.op.astype(self.env[op.input], "int32"))
+        centered = self.emit(relax.op.subtract(wide, relax.const(np.int32(q.zero_point), "int32")))
+        real = self.emit(relax.op.astype(centered, "float32"))
+        scale = relax.const(np.float32(q.scale), "float32")
+        self.env[op.output] = self.emit(relax.op.multiply(real, scale))
+
+    def conv(self, op: ip.Conv) -> None:
+        if op.weight.ndim != 4:
+            raise UnsupportedModelError(
+                f"TVM lowering handles 2-D convolutions only; {op.output} has a "
+                f"{op.weight.ndim - 2}-D kernel"
+            )
+        weight = op.weight.astype(np.int8)
+        x = self.env[op.input]
+        z = op.input_zero_point
+        padding: tuple[int, ...] = tuple(op.pads)
+        if z != 0 and any(op.pads):
+            top, left, bottom, right = op.pads
+            x = self.emit(
+                relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(z))
+            )
+            padding = (0, 0, 0, 0)
+        out_dtype = self.accumulator_dtype(op.input, weight.reshape(weight.shape[0], -1))
+        acc = self.emit(
+            relax.op.nn.conv2d(
+                x,
+                relax.const(weight, "int8"),
+                strides=tuple(op.strides),
+                padding=padding,
+                dilation=tuple(op.dilations),
+                groups=op.group,
+                out_dtype=out_dtype,
+            )
+        )
+        # sum (x - z) w = sum x w - z sum w: the zero-point term joins the bias.
+        offset = -z * weight.astype(np.int64).reshape(weight.shape[0], -1).sum(axis=1)
+        if op.bias is not None:
+            offset = offset + op.bias.astype(np.int64)
+        acc = self.emit(relax.op.astype(acc, "int64"))
+        if op.bias is not None or z != 0:
+            acc = self.emit(relax.op.add(acc, _int64(offset.reshape(1, -1, 1, 1))))
+        self.requant(acc, op.requant, 4, op.output)
+
+    def matmul(self, op: ip.MatMul) -> None:
+        if op.weight is not None:
+            weight = op.weight.astype(np.int8)
+            out_dtype = self.accumulator_dtype(op.input, weight.T)
+            acc = self.emit(
+                relax.op.matmul(self.env[op.input], relax.const(weight, "int8"), out_dtype)
+            )
+            acc = self.emit(relax.op.astype(acc, "int64"))
+            offset = -op.input_zero_point * weight.astype(np.int64).sum(axis=0)
+        else:
+            assert op.weight_input is not None  # the IR's invariant: one of the two is set
+            # activation x activation: both operands centered, products and sums in int64
+            a = self.centered(op.input, op.input_zero_point)
+            b = self.centered(op.weight_input, op.weight_zero_point)
+            acc = self.emit(relax.op.matmul(a, b, "int64"))
+            offset = np.zeros(1, np.int64)
+        if op.bias is not None:
+            offset = offset + op.bias.astype(np.int64)
+        if offset.any():
+            acc = self.emit(relax.op.add(acc, _int64(offset)))
+        self.requant(acc, op.requant, self.ndim(acc), op.output)
+
+    def add(self, op: ip.Add) -> None:
+        ndim = len(self.shape(op.inputs[0]))
+        terms = [
+            self.requantize(self.centered(name, zp), m, k, ndim, 1)
+            for name, zp, m, k in zip(op.inputs, op.zero_points, op.mults, op.shifts, strict=True)
+        ]
+        total = self.emit(relax.op.add(terms[0], terms[1]))
+        self.finish(total, op.zero_point, op.lo, op.hi, op.output)
+
+    def mul(self, op: ip.Mul) -> None:
+        a = self.centered(op.inputs[0], op.zero_points[0])
+        b = self.centered(op.inputs[1], op.zero_points[1])
+        product = self.emit(relax.op.multiply(a, b))
+        self.requant(product, op.requant, self.ndim(product), op.output)
+
+    def global_avg_pool(self, op: ip.GlobalAvgPool) -> None:
+        v = self.centered(op.input, op.input_zero_point)
+        total = self.emit(relax.op.sum(v, axis=[2, 3], keepdims=True))
+        self.requant(total, op.requant, 4, op.output)
+
+    def hard_sigmoid(self, op: ip.HardSigmoid) -> None:
+        rq = op.requant
+        v = self.centered(op.input, op.input_zero_point)
+        # the reference applies the (scalar) multiplier without a channel axis
+        affine = self.requantize(v, rq.mult, rq.shift, len(self.shape(op.input)), rq.axis)
+        self.finish(affine, rq.zero_point + op.offset, rq.lo, rq.hi, op.output)
+
+    def hard_swish(self, op: ip.HardSwish) -> None:
+        ndim = len(self.shape(op.input))
+        v = self.centered(op.input, op.input_zero_point)
+        one = 1 << op.frac_bits
+        gate = self.requantize(v, op.gate_mult, op.gate_shift, ndim, 1)
+        gate = self.emit(relax.op.add(gate, _int64(one >> 1)))
+        gate = self.emit(relax.op.clip(gate, 0, one))
+        self.requant(self.emit(relax.op.multiply(v, gate)), op.requant, ndim, op.output)
+
+    def leaky_relu(self, op: ip.LeakyRelu) -> None:
+        ndim = len(self.shape(op.input))
+        rq = op.requant
+        v = self.centered(op.input, op.input_zero_point)
+        zero = _int64(0)
+        positive = self.requantize(
+            self.emit(relax.op.maximum(v, zero)), rq.mult, rq.shift, ndim, rq.axis
+        )
+        negative = self.requantize(
+            self.emit(relax.op.minimum(v, zero)), op.negative_mult, op.negative_shift, ndim, rq.axis
+        )
+        total = self.emit(relax.op.add(positive, negative))
+        self.finish(total, rq.zero_point, rq.lo, rq.hi, op.output)
+
+    def softmax(self, op: ip.Softmax) -> None:
+        """I-BERT softmax (:class:`ip.Softmax`); both divisions are floor divisions."""
+        ndim = len(self.shape(op.input))
+        q = self.emit(relax.op.astype(self.env[op.input], "int64"))
+        top = self.emit(relax.op.max(q, axis=-1, keepdims=True))
+        d = self.emit(relax.op.subtract(q, top))
+        if op.upscale_bits:
+            d = self.emit(relax.op.left_shift(d, _int64(op.upscale_bits)))
+        ln2 = _int64(op.ln2_codes)
+        z = self.emit(relax.op.floor_divide(self.emit(relax.op.negative(d)), ln2))
+        p = self.emit(relax.op.add(d, self.emit(relax.op.multiply(z, ln2))))
+        t = self.emit(relax.op.add(p, _int64(op.b_codes)))
+        poly = self.emit(relax.op.add(self.emit(relax.op.multiply(t, t)), _int64(op.c_codes)))
+        z_cap = self.emit(relax.op.minimum(z, _int64(SOFTMAX_MAX_SHIFT)))
+        e = self.emit(relax.op.right_shift(poly, z_cap))
+        total = self.emit(relax.op.sum(e, axis=[-1], keepdims=True))
+        scaled = self.emit(relax.op.left_shift(e, _int64(op.frac_bits)))
+        prob = self.emit(relax.op.floor_divide(scaled, total))
+        self.requant(prob, op.requant, ndim, op.output)
+
+    def maxpool(self, op: ip.MaxPool) -> None:
+        # TVM pads with the dtype's minimum, the reference with the output's qmin; every
+        # window holds at least one real element (ONNX pads < kernel), whose code is >= qmin,
+        # so the maxima agree.
+        self.env[op.output] = self.emit(
+            relax.op.nn.max_pool2d(
+                self.env[op.input],
+                pool_size=tuple(op.kernel),
+                strides=tuple(op.strides),
+                padding=tuple(op.pads),
+            )
+        )
+
+    def clip(self, op: ip.Clip) -> None:
+        self.env[op.output] = self.emit(relax.op.clip(self.env[op.input], op.lo, op.hi))
+
+    def reshape(self, op: ip.Reshape) -> None:
+        shape_in = self.shape(op.input)
+        # ONNX Reshape: 0 copies the input's dimension, -1 is inferred
+        target = [shape_in[i] if d == 0 else d for i, d in enumerate(op.shape)]
+        resolved = np.empty(shape_in, dtype=np.int8).reshape(target).shape
+        self.env[op.output] = self.emit(relax.op.reshape(self.env[op.input], resolved))
+
+    def transpose(self, op: ip.Transpose) -> None:
+        self.env[op.output] = self.emit(relax.op.permute_dims(self.env[op.input], list(op.perm)))
+
+    def concat(self, op: ip.Concat) -> None:
+        parts = relax.Tuple([self.env[name] for name in op.inputs])
+        self.env[op.output] = self.emit(relax.op.concat(parts, axis=op.axis))
+
+    def lower(self, op: ip.IntOp) -> None:
+        if isinstance(op, ip.QuantizeInput | ip.Quantize):
+            self.quantize(op)
+        elif isinstance(op, ip.Dequantize):
+            self.dequantize(op)
+        elif isinstance(op, ip.Conv):
+            self.conv(op)
+        elif isinstance(op, ip.MatMul):
+            self.matmul(op)
+        elif isinstance(op, ip.Add):
+            self.add(op)
+        elif isinstance(op, ip.Mul):
+            self.mul(op)
+        elif isinstance(op, ip.GlobalAvgPool):
+            self.global_avg_pool(op)
+        elif isinstance(op, ip.HardSigmoid):
+            self.hard_sigmoid(op)
+        elif isinstance(op, ip.HardSwish):
+            self.hard_swish(op)
+        elif isinstance(op, ip.LeakyRelu):
+            self.leaky_relu(op)
+        elif isinstance(op, ip.Softmax):
+            self.softmax(op)
+        elif isinstance(op, ip.MaxPool):
+            self.maxpool(op)
+        elif isinstance(op, ip.Clip):
+            self.clip(op)
+        elif isinstance(op, ip.Reshape):
+            self.reshape(op)
+        elif isinstance(op, ip.Transpose):
+            self.transpose(op)
+        elif isinstance(op, ip.Concat):
+            self.concat(op)
+        else:  # pragma: no cover - unsupported_ops() refused it before lowering started
+            raise UnsupportedModelError(f"no TVM lowering for {type(op).__name__}")
+
+
+def lower_program(program: ip.IntegerProgram, *, batch: int = 1) -> IRModule:
+    """The Relax module whose ``main`` computes ``program`` (see the module docstring).
+
+    ``batch`` replaces a dynamic batch dimension (0 in the program's shapes).
+    """
+    missing = unsupported_ops(program)
+    if missing:
+        raise UnsupportedModelError(
+            f"the TVM backend lowers integer ops only; {len(missing)} op(s) have no lowering: "
+            + "; ".join(missing)
+            + ". Quantize these layers (or exclude the model from the TVM backend)."
+        )
+    bb = relax.BlockBuilder()
+    params = [
+        relax.Var(name, relax.TensorType(static_shape(shape, batch), str(np.dtype(dtype))))
+        for name, (dtype, shape) in program.inputs.items()
+    ]
+    lowering = _Lowering(program, bb)
+    lowering.env.update(zip(program.inputs, params, strict=True))
+    with bb.function("main", params):
+        with bb.dataflow():
+            for op in program.ops:
+                lowering.lower(op)
+            codes = [
+                lowering.env[program.int_outputs[o]]
+                for o in program.outputs
+                if o in program.int_outputs
+            ]
+            floats = [lowering.env[o] for o in program.outputs]
+            result = bb.emit_output(relax.Tuple(codes + floats))
+        bb.emit_func_output(result)
+    return bb.get()
