@@ -1,0 +1,549 @@
+"""Self-contained C for microcontrollers from an :class:`IntegerProgram`.
+
+The emitted project has no runtime and no malloc: ``model.c`` holds every weight as a ``const``
+array (codes of 4 bits or fewer packed two per byte, low nibble first; wider codes as int8),
+one ``const`` parameter struct per op, and ``dq_model_run`` calls the kernels of
+``dq_kernels.c`` in program order on one static arena laid out by :mod:`memory_plan`. The
+kernels implement the reference interpreter's semantics exactly (int32 accumulation, int64
+dyadic requantization with a floor shift), so the device's output codes equal the reference's.
+
+API of the generated code (``model.h``)::
+
+    void dq_model_quantize_input(const float *x, uint8_t *codes);   /* QuantizeInput */
+    int dq_model_run(const uint8_t *codes, uint8_t *output_codes);  /* 0 on success */
+
+Codes are bytes: a signed (int8) code is stored as its two's complement byte. The outputs are
+the integer codes of the model outputs, concatenated in ``program.outputs`` order; the host
+dequantizes them (``(code - z) * s``), as the program's final Dequantize ops do.
+
+Two folds keep the hot loops short and change no result: for 1x1 convolutions and constant
+matrix products the input zero point is folded into the bias (``bias - z * sum(w)``, exact in
+int32 because there is no padding), and signed inputs are read as ``(b ^ 0x80) - (z + 128)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dyadiq import integer_program as ip
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.io import write_text_atomic
+
+from .memory_plan import ArenaPlan, plan_arena, static_shape
+
+TEMPLATES = Path(__file__).resolve().parent / "mcu_templates"
+KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
+PACKED_BITS = 4  # weights of at most this many bits are stored two per byte
+INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class LayerFlash:
+    """Constant bytes one weighted op puts in flash (what a flash budget constrains)."""
+
+    op: str  # the op's output tensor
+    weight_bits: int
+    weight_bytes: int
+    bias_bytes: int
+    requant_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.bias_bytes + self.requant_bytes
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    signed: bool
+    scale: float
+    zero_point: int
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.int8 if self.signed else np.uint8)
+
+
+@dataclass(frozen=True)
+class McuProject:
+    out_dir: Path
+    cpu: str
+    input: TensorSpec  # the codes dq_model_run reads (float input quantized by the device)
+    outputs: list[TensorSpec]  # code tensors, in program.outputs order
+    arena: ArenaPlan
+    scratch_bytes: int
+    layers: list[LayerFlash] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(o.count for o in self.outputs)
+
+    @property
+    def weight_flash_bytes(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    def decode_outputs(self, raw: np.ndarray) -> dict[str, np.ndarray]:
+        """Split ``[n, output_bytes]`` device output into code arrays ``[n, *shape]``."""
+        raw = np.asarray(raw, dtype=np.uint8).reshape(-1, self.output_bytes)
+        decoded, start = {}, 0
+        for spec in self.outputs:
+            chunk = raw[:, start : start + spec.count].view(spec.dtype)
+            decoded[spec.name] = chunk.reshape((raw.shape[0], *spec.shape))
+            start += spec.count
+        return decoded
+
+
+def weight_storage_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` weight codes of ``bits`` bits as the emitter stores them."""
+    return (count + 1) // 2 if bits <= PACKED_BITS else count
+
+
+def layer_flash_bytes(weight_count: int, out_channels: int, bits: int) -> int:
+    """Packed weights + an int32 bias + an int32 multiplier and an int8 shift per channel."""
+    return weight_storage_bytes(weight_count, bits) + out_channels * (4 + 4 + 1)
+
+
+def pack_weights(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Flattened codes as stored: int8, or two 4-bit two's complement nibbles per byte."""
+    flat = np.asarray(codes, dtype=np.int64).reshape(-1)
+    if bits > PACKED_BITS:
+        return flat.astype(np.int8)
+    limit = 2 ** (bits - 1)
+    if flat.size and (flat.min() < -limit or flat.max() >= limit):
+        raise UnsupportedModelError(f"weight codes exceed {bits} bits")
+    nibbles = (flat & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+
+
+def _c_array(ctype: str, name: str, values: np.ndarray) -> str:
+    items = [str(int(v)) for v in np.asarray(values).reshape(-1)] or ["0"]
+    lines = [", ".join(items[i : i + 24]) for i in range(0, len(items), 24)]
+    body = ",\n    ".join(lines)
+    return f"static const {ctype} {name}[{len(items)}] = {{\n    {body}\n}};\n"
+
+
+def _float_literal(value: float) -> str:
+    return float(np.float32(value)).hex() + "f"  # exact float32 value
+
+
+def _struct(fields: Mapping[str, object]) -> str:
+    return "{" + ", ".join(f".{k} = {v}" for k, v in fields.items()) + "}"
+
+
+def _prod(values: tuple[int, ...] | list[int]) -> int:
+    return int(np.prod(values, dtype=np.int64))
+
+
+class _Emitter:
+    def __init__(self, program: ip.IntegerProgram, arena: ArenaPlan) -> None:
+        self.program = program
+        self.arena = arena
+        self.decls: list[str] = []
+        self.calls: list[str] = []
+        self.layers: list[LayerFlash] = []
+        self.scratch = 1
+
+    # --- tensors -----------------------------------------------------------------------------
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return static_shape(self.program, tensor)
+
+    def signed(self, tensor: str) -> bool:
+        return self.program.quant[tensor].signed
+
+    def decode(self, tensor: str, zero_point: int) -> tuple[int, int]:
+        """(flip, zero) that turn a stored byte into ``code - zero_point``."""
+        return (0x80, zero_point + 128) if self.signed(tensor) else (0, zero_point)
+
+    def ref(self, tensor: str) -> str:
+        if tensor in self.arena.external:
+            return "input"
+        return f"(dq_arena + {self.arena.offset_of(tensor)})"
+
+    # --- constants ---------------------------------------------------------------------------
+    def requant(self, tag: str, rq: ip.Requant, channels: int) -> str:
+        mult = np.atleast_1d(rq.mult).astype(np.int64)
+        shift = np.atleast_1d(rq.shift).astype(np.int64)
+        if mult.size not in (1, channels) or shift.size != mult.size:
+            raise UnsupportedModelError(
+                f"{tag}: requant has {mult.size} multipliers for {channels} channels"
+            )
+        self.decls.append(_c_array("int32_t", f"{tag}_m", mult))
+        self.decls.append(_c_array("int8_t", f"{tag}_k", shift))
+        return _struct(
+            {
+                "mult": f"{tag}_m",
+                "shift": f"{tag}_k",
+                "per_channel": int(mult.size > 1),
+                "zero_point": rq.zero_point,
+                "lo": rq.lo,
+                "hi": rq.hi,
+            }
+        )
+
+    def weights(
+        self, tag: str, rows: np.ndarray, bits: int, bias: np.ndarray, rq: ip.Requant
+    ) -> str:
+        """Weights [out, taps] (packed) and the int32 bias; records the layer's flash bytes."""
+        if bias.min(initial=0) < INT32[0] or bias.max(initial=0) > INT32[1]:
+            raise UnsupportedModelError(f"{tag}: folded bias overflows int32")
+        packed = pack_weights(rows, bits)
+        ctype = "int8_t" if bits > PACKED_BITS else "uint8_t"
+        self.decls.append(_c_array(ctype, f"{tag}_w", packed))
+        self.decls.append(_c_array("int32_t", f"{tag}_b", bias))
+        rq_bytes = 5 * np.size(rq.mult)  # int32 multiplier + int8 shift each
+        self.layers.append(LayerFlash(tag, bits, packed.size, 4 * bias.size, rq_bytes))
+        if bits <= PACKED_BITS:
+            self.scratch = max(self.scratch, rows.shape[1])
+        return _struct({"data": f"{tag}_w", "bits": 8 if bits > PACKED_BITS else 4})
+
+    def param(self, ctype: str, tag: str, fields: Mapping[str, object]) -> str:
+        self.decls.append(f"static const {ctype} {tag} = {_struct(fields)};\n")
+        return f"&{tag}"
+
+    # --- ops ---------------------------------------------------------------------------------
+    def emit(self, step: int, op: ip.IntOp) -> None:
+        tag = f"op{step}"
+        if isinstance(op, ip.Conv):
+            self.conv(tag, op)
+        elif isinstance(op, ip.MatMul):
+            self.matmul(tag, op)
+        elif isinstance(op, ip.Add | ip.Mul):
+            self.binary(tag, op)
+        elif isinstance(op, ip.GlobalAvgPool):
+            self.global_avg_pool(tag, op)
+        elif isinstance(op, ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip):
+            self.unary(tag, op)
+        elif isinstance(op, ip.Softmax):
+            self.softmax(tag, op)
+        elif isinstance(op, ip.MaxPool):
+            self.maxpool(tag, op)
+        elif isinstance(op, ip.Transpose):
+            self.transpose(tag, op)
+        elif isinstance(op, ip.Concat):
+            self.concat(op)
+        elif not isinstance(op, ip.Reshape | ip.QuantizeInput | ip.Dequantize):
+            raise AssertionError(f"unhandled op {type(op).__name__}")  # checked up front
+
+    def conv(self, tag: str, op: ip.Conv) -> None:
+        n, cin, h, w = self.shape(op.input)
+        _, cout, oh, ow = self.shape(op.output)
+        kh, kw = op.weight.shape[2:]
+        flip, zero = self.decode(op.input, op.input_zero_point)
+        rows = op.weight.reshape(cout, -1).astype(np.int64)
+        bias = np.zeros(cout, np.int64) if op.bias is None else op.bias.astype(np.int64)
+        pointwise = (
+            (kh, kw) == (1, 1) and op.group == 1 and tuple(op.strides) == (1, 1)
+        ) and not any(op.pads)
+        if pointwise:
+            bias = bias - zero * rows.sum(axis=1)
+        rq = self.requant(tag, op.requant, cout)
+        weights = self.weights(tag, rows, op.weight_bits, bias, op.requant)
+        fields: dict[str, object] = {
+            "n": n, "cin": cin, "h": h, "w": w, "cout": cout, "oh": oh, "ow": ow,
+            "kh": kh, "kw": kw, "sh": op.strides[0], "sw": op.strides[1],
+            "dh": op.dilations[0], "dw": op.dilations[1],
+            "pad_top": op.pads[0], "pad_left": op.pads[1], "group": op.group,
+            "flip": flip, "zero": zero, "weights": weights, "bias": f"{tag}_b", "rq": rq,
+        }  # fmt: skip
+        p = self.param("dq_conv", tag, fields)
+        kernel = "dq_conv1x1" if pointwise else "dq_conv2d"
+        refs = f"{self.ref(op.input)}, {self.ref(op.output)}"
+        self.calls.append(f"{kernel}({p}, {refs}, dq_scratch);")
+
+    def matmul(self, tag: str, op: ip.MatMul) -> None:
+        a_shape, out_shape = self.shape(op.input), self.shape(op.output)
+        if op.weight is None:
+            self.matmul_activations(tag, op, a_shape, out_shape)
+            return
+        k, cols = op.weight.shape
+        flip, zero = self.decode(op.input, op.input_zero_point)
+        rows = op.weight.T.astype(np.int64)  # [cols][k]: one contiguous row per output column
+        bias = np.zeros(cols, np.int64) if op.bias is None else op.bias.astype(np.int64)
+        bias = bias - zero * rows.sum(axis=1)
+        rq = self.requant(tag, op.requant, cols)
+        weights = self.weights(tag, rows, op.weight_bits, bias, op.requant)
+        fields = {"rows": _prod(a_shape[:-1]), "k": k, "cols": cols, "flip": flip,
+                  "weights": weights, "bias": f"{tag}_b", "rq": rq}  # fmt: skip
+        p = self.param("dq_matmul", tag, fields)
+        self.calls.append(
+            f"dq_matmul_const({p}, {self.ref(op.input)}, {self.ref(op.output)}, dq_scratch);"
+        )
+
+    def matmul_activations(
+        self, tag: str, op: ip.MatMul, a_shape: tuple[int, ...], out_shape: tuple[int, ...]
+    ) -> None:
+        assert op.weight_input is not None
+        b_shape = self.shape(op.weight_input)
+        m, k = a_shape[-2:]
+        n = b_shape[-1]
+        batch, b_batch = _prod(a_shape[:-2]), _prod(b_shape[:-2])
+        if b_batch not in (1, batch) or len(a_shape) < 2 or len(b_shape) < 2:
+            raise UnsupportedModelError(f"{op.output}: MatMul broadcast {a_shape} x {b_shape}")
+        a_flip, a_zero = self.decode(op.input, op.input_zero_point)
+        b_flip, b_zero = self.decode(op.weight_input, op.weight_zero_point)
+        fields = {"batch": batch, "m": m, "k": k, "n": n, "a_flip": a_flip, "a_zero": a_zero,
+                  "b_flip": b_flip, "b_zero": b_zero, "a_batch_stride": m * k,
+                  "b_batch_stride": k * n if b_batch == batch and batch > 1 else 0,
+                  "rq": self.requant(tag, op.requant, n)}  # fmt: skip
+        p = self.param("dq_matmul_act", tag, fields)
+        refs = f"{self.ref(op.input)}, {self.ref(op.weight_input)}, {self.ref(op.output)}"
+        self.calls.append(f"dq_matmul_activations({p}, {refs});")
+
+    def binary(self, tag: str, op: ip.Add | ip.Mul) -> None:
+        out = self.shape(op.output)
+        if len(out) > 4:
+            raise UnsupportedModelError(f"{op.output}: elementwise ops of rank > 4")
+        pad = 4 - len(out)
+        shape4 = (1,) * pad + out
+        strides = [self.broadcast_strides(name, out, pad) for name in op.inputs]
+        (a_flip, a_zero), (b_flip, b_zero) = (
+            self.decode(name, z) for name, z in zip(op.inputs, op.zero_points, strict=True)
+        )
+        fields: dict[str, object] = {
+            "shape": "{" + ", ".join(map(str, shape4)) + "}",
+            "a_stride": "{" + ", ".join(map(str, strides[0])) + "}",
+            "b_stride": "{" + ", ".join(map(str, strides[1])) + "}",
+            "a_flip": a_flip, "a_zero": a_zero, "b_flip": b_flip, "b_zero": b_zero,
+        }  # fmt: skip
+        if isinstance(op, ip.Add):
+            bounds = _struct({"zero_point": op.zero_point, "lo": op.lo, "hi": op.hi})
+            fields.update(a_mult=op.mults[0], a_shift=op.shifts[0], b_mult=op.mults[1],
+                          b_shift=op.shifts[1], channel_dim=0, rq=bounds)  # fmt: skip
+            kernel = "dq_add"
+        else:
+            axis = op.requant.axis % len(out)
+            fields.update(channel_dim=axis + pad, rq=self.requant(tag, op.requant, out[axis]))
+            kernel = "dq_mul"
+        p = self.param("dq_binary", tag, fields)
+        a, b = (self.ref(name) for name in op.inputs)
+        self.calls.append(f"{kernel}({p}, {a}, {b}, {self.ref(op.output)});")
+
+    def broadcast_strides(self, name: str, out: tuple[int, ...], pad: int) -> list[int]:
+        shape = self.shape(name)
+        if len(shape) > len(out):
+            raise UnsupportedModelError(f"{name}: cannot broadcast {shape} to {out}")
+        shape = (1,) * (len(out) - len(shape)) + shape
+        contiguous = [_prod(shape[i + 1 :]) for i in range(len(shape))]
+        strides = [
+            0 if d == 1 and o != 1 else s for d, o, s in zip(shape, out, contiguous, strict=True)
+        ]
+        return [0] * pad + strides
+
+    def global_avg_pool(self, tag: str, op: ip.GlobalAvgPool) -> None:
+        n, c, h, w = self.shape(op.input)
+        flip, zero = self.decode(op.input, op.input_zero_point)
+        fields = {"outer": n, "channels": c, "inner": h * w, "flip": flip, "zero": zero,
+                  "rq": self.requant(tag, op.requant, c)}  # fmt: skip
+        p = self.param("dq_unary", tag, fields)
+        self.calls.append(f"dq_global_avg_pool({p}, {self.ref(op.input)}, {self.ref(op.output)});")
+
+    def unary(self, tag: str, op: ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip) -> None:
+        shape = self.shape(op.input)
+        axis = 0 if isinstance(op, ip.Clip) else op.requant.axis % len(shape)
+        channels = 1 if isinstance(op, ip.Clip) else shape[axis]
+        fields: dict[str, object] = {
+            "outer": _prod(shape[:axis]), "channels": channels, "inner": _prod(shape[axis + 1 :]),
+        }  # fmt: skip
+        if isinstance(op, ip.Clip):
+            flip, _ = self.decode(op.input, 0)
+            # zero 128 for signed tensors makes v the raw code, which Clip's bounds are in
+            fields.update(flip=flip, zero=128 if flip else 0,
+                          rq=_struct({"lo": op.lo, "hi": op.hi}))  # fmt: skip
+            kernel = "dq_clip"
+        else:
+            flip, zero = self.decode(op.input, op.input_zero_point)
+            if isinstance(op, ip.HardSigmoid | ip.LeakyRelu) and np.size(op.requant.mult) != 1:
+                # the reference applies these multipliers without a channel axis
+                raise UnsupportedModelError(f"{op.output}: per-channel {type(op).__name__}")
+            fields.update(flip=flip, zero=zero, rq=self.requant(tag, op.requant, channels))
+            if isinstance(op, ip.HardSigmoid):
+                fields["offset"] = op.offset
+                kernel = "dq_hard_sigmoid"
+            elif isinstance(op, ip.HardSwish):
+                fields.update(gate_mult=int(op.gate_mult), gate_shift=int(op.gate_shift),
+                              frac_bits=op.frac_bits)  # fmt: skip
+                kernel = "dq_hard_swish"
+            else:
+                neg_m = np.atleast_1d(op.negative_mult).astype(np.int64)
+                neg_k = np.atleast_1d(op.negative_shift).astype(np.int64)
+                if neg_m.size not in (1, channels):
+                    raise UnsupportedModelError(f"{op.output}: {neg_m.size} negative slopes")
+                self.decls.append(_c_array("int32_t", f"{tag}_nm", neg_m))
+                self.decls.append(_c_array("int8_t", f"{tag}_nk", neg_k))
+                fields.update(neg_mult=f"{tag}_nm", neg_shift=f"{tag}_nk",
+                              neg_per_channel=int(neg_m.size > 1))  # fmt: skip
+                kernel = "dq_leaky_relu"
+        p = self.param("dq_unary", tag, fields)
+        self.calls.append(f"{kernel}({p}, {self.ref(op.input)}, {self.ref(op.output)});")
+
+    def softmax(self, tag: str, op: ip.Softmax) -> None:
+        shape = self.shape(op.input)
+        flip, _ = self.decode(op.input, 0)
+        fields = {"rows": _prod(shape[:-1]), "len": shape[-1], "flip": flip,
+                  "upscale_bits": op.upscale_bits, "ln2_codes": op.ln2_codes,
+                  "b_codes": op.b_codes, "c_codes": op.c_codes, "frac_bits": op.frac_bits,
+                  "rq": self.requant(tag, op.requant, shape[-1])}  # fmt: skip
+        p = self.param("dq_softmax_params", tag, fields)
+        self.calls.append(f"dq_softmax({p}, {self.ref(op.input)}, {self.ref(op.output)});")
+
+    def maxpool(self, tag: str, op: ip.MaxPool) -> None:
+        n, c, h, w = self.shape(op.input)
+        _, _, oh, ow = self.shape(op.output)
+        if self.signed(op.input) != self.signed(op.output):
+            raise UnsupportedModelError(f"{op.output}: MaxPool changes signedness")
+        flip, _ = self.decode(op.input, 0)
+        fill = self.program.quant[op.output].qmin + (128 if flip else 0)
+        fields = {"n": n, "c": c, "h": h, "w": w, "oh": oh, "ow": ow, "kh": op.kernel[0],
+                  "kw": op.kernel[1], "sh": op.strides[0], "sw": op.strides[1],
+                  "pad_top": op.pads[0], "pad_left": op.pads[1], "flip": flip,
+                  "fill": fill}  # fmt: skip
+        p = self.param("dq_maxpool_params", tag, fields)
+        self.calls.append(f"dq_maxpool({p}, {self.ref(op.input)}, {self.ref(op.output)});")
+
+    def transpose(self, tag: str, op: ip.Transpose) -> None:
+        shape = self.shape(op.input)
+        if len(shape) > 4:
+            raise UnsupportedModelError(f"{op.output}: Transpose of rank > 4")
+        pad = 4 - len(shape)
+        shape4 = (1,) * pad + shape
+        perm4 = list(range(pad)) + [p % len(shape) + pad for p in op.perm]
+        self.decls.append(_c_array("int32_t", f"{tag}_shape", np.array(shape4)))
+        self.decls.append(_c_array("int32_t", f"{tag}_perm", np.array(perm4)))
+        self.calls.append(
+            f"dq_transpose4({tag}_shape, {tag}_perm, {self.ref(op.input)}, {self.ref(op.output)});"
+        )
+
+    def concat(self, op: ip.Concat) -> None:
+        out = self.shape(op.output)
+        axis = op.axis % len(out)
+        outer, dst_stride = _prod(out[:axis]), _prod(out[axis:])
+        offset = 0
+        for name in op.inputs:
+            block = _prod(self.shape(name)[axis:])
+            dst = f"{self.ref(op.output)} + {offset}"
+            self.calls.append(
+                f"dq_copy_blocks({dst}, {dst_stride}, {self.ref(name)}, {block}, {outer}, {block});"
+            )
+            offset += block
+
+
+def unsupported_ops(program: ip.IntegerProgram) -> list[str]:
+    """Every op the microcontroller backend cannot run, each with the reason."""
+    problems = []
+    quantize_inputs = [op for op in program.ops if isinstance(op, ip.QuantizeInput)]
+    if len(quantize_inputs) != 1:
+        problems.append(f"{len(quantize_inputs)} quantized inputs (exactly one is supported)")
+    outputs = {program.int_outputs.get(o, o) for o in program.outputs}
+    for op in program.ops:
+        if isinstance(op, ip.FloatIsland | ip.Quantize):
+            problems.append(f"{type(op).__name__} (float ops: {', '.join(program.float_ops)})")
+        elif isinstance(op, ip.Dequantize) and op.input not in outputs:
+            problems.append(f"Dequantize of {op.input} inside the model")
+        elif isinstance(op, ip.Conv) and (len(op.strides) != 2 or op.weight.ndim != 4):
+            problems.append(f"Conv {op.output}: only 2-d convolutions")
+    for name in outputs:
+        if name not in program.quant:
+            problems.append(f"output {name} has no integer codes")
+    return problems
+
+
+def _render_header(project_input: TensorSpec, output_bytes: int, arena: int) -> str:
+    return f"""/* Generated by dyadiq: integer-only model for microcontrollers. */
+#ifndef DQ_MODEL_H
+#define DQ_MODEL_H
+
+#include <stdint.h>
+
+#define DQ_INPUT_COUNT {project_input.count}
+#define DQ_INPUT_BYTES {project_input.count}
+#define DQ_OUTPUT_BYTES {output_bytes}
+#define DQ_ARENA_BYTES {arena}
+
+/* float input -> codes, rounding exactly as the reference (float32 x / s, half to even) */
+void dq_model_quantize_input(const float *x, uint8_t *codes);
+/* codes in, output codes out (model outputs concatenated); 0 on success */
+int dq_model_run(const uint8_t *codes, uint8_t *output_codes);
+
+#endif
+"""
+
+
+def emit_c_project(
+    program: ip.IntegerProgram, out_dir: Path, *, cpu: str = "cortex-m4"
+) -> McuProject:
+    """Write a buildable C project (sources, Makefile, linker script) for ``cpu`` to ``out_dir``."""
+    from .mcu_build import cpu_preset, write_build_files
+
+    preset = cpu_preset(cpu)
+    problems = unsupported_ops(program)
+    if problems:
+        raise UnsupportedModelError(
+            "the microcontroller backend cannot run: " + "; ".join(problems)
+        )
+    arena = plan_arena(program)
+    emitter = _Emitter(program, arena)
+    for step, op in enumerate(program.ops):
+        emitter.emit(step, op)
+    source = next(op for op in program.ops if isinstance(op, ip.QuantizeInput))
+    in_q = program.quant[source.output]
+    project_input = TensorSpec(
+        source.output, static_shape(program, source.output), in_q.signed, in_q.scale,
+        in_q.zero_point,
+    )  # fmt: skip
+    outputs = []
+    copies, offset = [], 0
+    for name in program.outputs:
+        code = program.int_outputs.get(name, name)
+        q = program.quant[code]
+        spec = TensorSpec(code, static_shape(program, code), q.signed, q.scale, q.zero_point)
+        outputs.append(spec)
+        copies.append(f"memcpy(output_codes + {offset}, {emitter.ref(code)}, {spec.count});")
+        offset += spec.count
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    body = "\n    ".join(emitter.calls + copies)
+    model_c = (
+        "/* Generated by dyadiq from an integer program; see dq_kernels.h for conventions. */\n"
+        '#include <string.h>\n\n#include "dq_kernels.h"\n#include "model.h"\n\n'
+        f"static uint8_t dq_arena[{max(arena.peak_bytes, 1)}] __attribute__((aligned(8)));\n"
+        f"static int8_t dq_scratch[{emitter.scratch}];  /* one unpacked 4-bit weight row */\n\n"
+        + "".join(emitter.decls)
+        + "\nvoid dq_model_quantize_input(const float *x, uint8_t *codes)\n{\n"
+        f"    dq_quantize_input(x, codes, {project_input.count}, {_float_literal(in_q.scale)}, "
+        f"{in_q.zero_point}, {in_q.qmin}, {in_q.qmax});\n}}\n\n"
+        "int dq_model_run(const uint8_t *input, uint8_t *output_codes)\n{\n"
+        f"    {body}\n    return 0;\n}}\n"
+    )
+    write_text_atomic(out / "model.c", model_c)
+    write_text_atomic(out / "model.h", _render_header(project_input, offset, arena.peak_bytes))
+    for name in KERNEL_SOURCES:
+        shutil.copyfile(TEMPLATES / name, out / name)
+    write_build_files(out, preset)
+    project = McuProject(
+        out, preset.name, project_input, outputs, arena, emitter.scratch, emitter.layers
+    )
+    summary = {
+        "cpu": preset.name,
+        "input": {"name": project_input.name, "shape": project_input.shape},
+        "outputs": [{"name": o.name, "shape": o.shape, "signed": o.signed} for o in outputs],
+        "arena_bytes": arena.peak_bytes,
+        "arena_lower_bound_bytes": arena.lower_bound_bytes,
+        "scratch_bytes": emitter.scratch,
+        "weight_flash_bytes": project.weight_flash_bytes,
+        "layers": [vars(layer) for layer in emitter.layers],
+    }
+    write_text_atomic(out / "model.json", json.dumps(summary, indent=2) + "\n")
+    return project

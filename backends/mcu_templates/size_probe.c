@@ -1,0 +1,12 @@
+/* The model alone (no stdio): what the application pays in flash and RAM for it. */
+#include <stdint.h>
+
+#include "model.h"
+
+static uint8_t codes[DQ_INPUT_COUNT];
+static uint8_t output[DQ_OUTPUT_BYTES];
+
+int main(void)
+{
+    return dq_model_run(codes, output) + output[0];
+}
