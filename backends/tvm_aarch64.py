@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,14 +119,11 @@ def run_many_under_qemu(
                 raise Aarch64RunError(f"feed {index}: input name {name!r} contains '/'")
     with tempfile.TemporaryDirectory(prefix="dyadiq-aarch64-") as scratch:
         folder = Path(scratch)
-        np.savez(
-            folder / "inputs.npz",
-            **{
-                f"{i}/{name}": np.asarray(a)
-                for i, feed in enumerate(feeds)
-                for name, a in feed.items()
-            },
-        )
+        # Any: numpy's stubs reject **dict[str, ndarray] in savez (allow_pickle is a keyword).
+        arrays: dict[str, Any] = {
+            f"{i}/{name}": np.asarray(a) for i, feed in enumerate(feeds) for name, a in feed.items()
+        }
+        np.savez(folder / "inputs.npz", **arrays)
         request = {
             "library": str(library),
             "function": function,

@@ -1,0 +1,177 @@
+"""TVM libraries cross-compiled for aarch64 Linux, run under qemu-user, bit-exact.
+
+The runtime comes from ``scripts/setup_aarch64.sh`` (CI runs it); when it is missing every test
+here fails with that command in the message rather than skipping. A small Relax module with
+the integer requantization chain of the integer backends (int8 conv2d with int32 accumulation,
+int64 multiply, rounding add, arithmetic right shift, clip, int8 cast) is compiled for
+``aarch64-linux-gnu`` + NEON and for the host; both must equal a numpy int64 model of the
+same arithmetic bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from dyadiq.backends.tvm_aarch64 import (
+    SETUP_COMMAND,
+    Aarch64RunError,
+    Aarch64RuntimeMissingError,
+    aarch64_runtime_available,
+    locate_aarch64_runtime,
+    run_many_under_qemu,
+    run_under_qemu,
+)
+
+if TYPE_CHECKING:
+    import tvm
+
+AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+ELF_MACHINE_AARCH64 = 183
+SHIFT = 20
+INPUT_SHAPE = (1, 3, 12, 12)
+CHANNELS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _require_runtime() -> None:
+    """Fail (not skip) with the setup command when the emulated runtime is missing."""
+    locate_aarch64_runtime()
+
+
+class SmallRequantModule:
+    """Weights and multipliers of the small module, and its numpy int64 semantics."""
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.weight = rng.integers(-128, 128, (CHANNELS, INPUT_SHAPE[1], 3, 3), dtype=np.int8)
+        # Per-channel dyadic multipliers m / 2^SHIFT, sized so that typical accumulators land
+        # inside int8 and the extremes clip on both sides.
+        self.multiplier = rng.integers(1 << 10, 1 << 12, (1, CHANNELS, 1, 1)).astype(np.int64)
+
+    def relax_module(self) -> tvm.IRModule:
+        from tvm import relax
+
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(INPUT_SHAPE, "int8"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                acc = bb.emit(
+                    relax.op.nn.conv2d(
+                        x, relax.const(self.weight, "int8"), padding=1, out_dtype="int32"
+                    )
+                )
+                wide = bb.emit(relax.op.astype(acc, "int64"))
+                scaled = bb.emit(relax.op.multiply(wide, relax.const(self.multiplier, "int64")))
+                half = relax.const(np.int64(1 << (SHIFT - 1)), "int64")
+                rounded = bb.emit(relax.op.add(scaled, half))
+                shifted = bb.emit(
+                    relax.op.right_shift(rounded, relax.const(np.int64(SHIFT), "int64"))
+                )
+                clipped = bb.emit(relax.op.clip(shifted, -128, 127))
+                codes = bb.emit(relax.op.astype(clipped, "int8"))
+                out = bb.emit_output(relax.Tuple([codes, acc]))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 codes, int32 accumulator) computed in numpy int64."""
+        padded = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+        acc = np.einsum("nchwij,ocij->nohw", windows, self.weight.astype(np.int64))
+        shifted = (acc * self.multiplier + (1 << (SHIFT - 1))) >> SHIFT  # numpy >> floors
+        codes = np.clip(shifted, -128, 127).astype(np.int8)
+        return codes, acc.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def small() -> SmallRequantModule:
+    return SmallRequantModule()
+
+
+@pytest.fixture(scope="module")
+def small_library(small: SmallRequantModule, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import tvm
+    from tvm.support import cc
+
+    executable = tvm.compile(small.relax_module(), target=tvm.target.Target(AARCH64_TARGET))
+    path = tmp_path_factory.mktemp("aarch64") / "small.so"
+    executable.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    return path
+
+
+def _inputs(count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    extremes = [np.full(INPUT_SHAPE, -128, np.int8), np.full(INPUT_SHAPE, 127, np.int8)]
+    randoms = [rng.integers(-128, 128, INPUT_SHAPE, dtype=np.int8) for _ in range(count - 2)]
+    return extremes + randoms
+
+
+def _host_outputs(small: SmallRequantModule, inputs: list[np.ndarray]) -> list[list[np.ndarray]]:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(small.relax_module(), target="llvm"), tvm.cpu())
+    return [[t.numpy() for t in vm["main"](tvm.runtime.tensor(x))] for x in inputs]
+
+
+def test_library_is_an_aarch64_elf(small_library: Path) -> None:
+    header = small_library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF"
+    assert int.from_bytes(header[18:20], "little") == ELF_MACHINE_AARCH64
+
+
+def test_small_requant_module_bit_exact_vs_numpy_and_host(
+    small: SmallRequantModule, small_library: Path
+) -> None:
+    inputs = _inputs(24)
+    emulated = run_many_under_qemu(small_library, [{"x": x} for x in inputs])
+    host = _host_outputs(small, inputs)
+    assert len(emulated) == len(inputs)
+    all_codes = []
+    largest_acc = 0
+    for x, on_arm, on_host in zip(inputs, emulated, host, strict=True):
+        codes, acc = small.reference(x)
+        assert [a.dtype for a in on_arm] == [np.dtype(np.int8), np.dtype(np.int32)]
+        assert np.array_equal(on_arm[0], codes)
+        assert np.array_equal(on_arm[1], acc)
+        assert np.array_equal(on_host[0], codes)
+        assert np.array_equal(on_host[1], acc)
+        all_codes.append(codes)
+        largest_acc = max(largest_acc, int(np.abs(acc.astype(np.int64)).max()))
+    # The check is only as good as the values it sees: accumulators beyond int16 (a narrowing
+    # NEON kernel would wrap), both clip limits, and mostly unclipped codes.
+    assert largest_acc > 1 << 16
+    stacked = np.stack(all_codes)
+    assert stacked.min() == -128 and stacked.max() == 127
+    assert np.count_nonzero((stacked > -128) & (stacked < 127)) > stacked.size // 2
+
+
+def test_single_feed(small: SmallRequantModule, small_library: Path) -> None:
+    x = _inputs(3)[2]
+    codes, acc = small.reference(x)
+    out = run_under_qemu(small_library, {"x": x})
+    assert len(out) == 2
+    assert np.array_equal(out[0], codes) and np.array_equal(out[1], acc)
+
+
+def test_wrong_input_name_is_a_typed_error(small_library: Path) -> None:
+    with pytest.raises(Aarch64RunError, match=r"missing \['x'\], unknown \['y'\]"):
+        run_under_qemu(small_library, {"y": np.zeros(INPUT_SHAPE, np.int8)})
+
+
+def test_missing_runtime_names_the_setup_command(
+    small_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYADIQ_CACHE", str(tmp_path / "empty-cache"))
+    assert not aarch64_runtime_available()
+    with pytest.raises(Aarch64RuntimeMissingError, match=SETUP_COMMAND):
+        run_under_qemu(small_library, {"x": np.zeros(INPUT_SHAPE, np.int8)})
+
+
+def test_missing_library_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(Aarch64RunError, match="no library"):
+        run_under_qemu(tmp_path / "absent.so", {"x": np.zeros(INPUT_SHAPE, np.int8)})
