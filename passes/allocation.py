@@ -369,15 +369,18 @@ def _amount(problem: AllocationProblem, resource: str, value: float) -> str:
 
 
 def infeasibility_message(problem: AllocationProblem, budget: Budget) -> str:
-    """Name every budget that cannot be met, with the smallest feasible value of each: on its
-    own and, when several budgets are given, within the other budgets."""
+    """Name every budget that cannot be met with the smallest feasible value of each: the
+    budgets below what any plan reaches on its own; or, when each is feasible alone but not
+    together, every budget with its smallest value within the others."""
     limits = budget.limits()
+
+    def fits(value: float | None, limit: float) -> bool:
+        return value is not None and value <= limit * (1 + 1e-9)
+
     parts = []
     for resource, limit in limits.items():
         alone = smallest_feasible(problem, resource)
-        joint = smallest_feasible(problem, resource, budget) if len(limits) > 1 else alone
-        fits = [v is not None and v <= limit * (1 + 1e-9) for v in (alone, joint)]
-        if all(fits):
+        if fits(alone, limit):
             continue
         text = f"{resource} budget {_amount(problem, resource, limit)} is infeasible: "
         if alone is None:
@@ -387,13 +390,21 @@ def infeasibility_message(problem: AllocationProblem, budget: Budget) -> str:
                 f"the smallest achievable {resource} with the allowed formats is "
                 f"{_amount(problem, resource, alone)}"
             )
-        if len(limits) > 1 and joint != alone:
-            text += "; within the other budgets " + (
-                f"it is {_amount(problem, resource, joint)}" if joint is not None else "none"
-            )
         parts.append(text)
-    if not parts:
-        parts.append("the budgets are feasible one by one but not together")
+    if parts:
+        return "; ".join(parts)
+    for resource, limit in limits.items():
+        joint = smallest_feasible(problem, resource, budget)
+        within = (
+            f"it is {_amount(problem, resource, joint)}"
+            if joint is not None
+            else "none (they conflict among themselves)"
+        )
+        parts.append(
+            f"{resource} budget {_amount(problem, resource, limit)} is infeasible together "
+            f"with the others: the smallest achievable {resource} within the other budgets "
+            f"{within}"
+        )
     return "; ".join(parts)
 
 
