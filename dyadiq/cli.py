@@ -350,9 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
     p.add_argument(
         "--budget",
-        help="allocate per-layer weight bits by ILP: size=2MB | avg-wbits=5 | bops=0.5x",
+        help="allocate per-layer formats by ILP, any of size=2MB, avg-wbits=5, bops=0.5x, "
+        "latency=0.7x (or 3ms with --latency-table), flash=256KB, ram=64KB (--memory-plan); "
+        "Nx is relative to all-W8A8",
     )
     p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")
+    p.add_argument(
+        "--abits-candidates",
+        help="activation widths the ILP may pick, e.g. 4,8 (needs activation damage in the "
+        "sensitivity report; otherwise activations stay at --abits)",
+    )
+    p.add_argument("--latency-table", help="a backend's measured {layer: {format: ms}} JSON")
+    p.add_argument("--memory-plan", help="live sets (+ tensor bytes, flash) JSON for ram=/flash=")
     p.add_argument(
         "--proxy",
         default="empirical",

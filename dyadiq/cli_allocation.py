@@ -40,9 +40,10 @@ def allocation_problem(model_path: Path, calibration: Any, args: argparse.Namesp
         )
     )
     kind = output_kind_of(graph, batches)
-    widths = tuple(int(b) for b in args.wbits_candidates.split(","))
+    widths = _widths(args.wbits_candidates, "--wbits-candidates")
+    act_widths = _widths(getattr(args, "abits_candidates", None) or str(args.abits), "--abits")
     report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
-    formats = [LayerFormat(b, args.abits) for b in widths]
+    formats = [LayerFormat(w, a) for w in widths for a in act_widths]
     candidates, floats = apply_overrides(
         graph, list(report.layers), formats, overrides_from_args(args, graph)
     )
@@ -57,33 +58,79 @@ def allocation_problem(model_path: Path, calibration: Any, args: argparse.Namesp
     report = replace(
         report, layers=kept, pairs=tuple(p for p in report.pairs if p.a in kept and p.b in kept)
     )
-    problem = problem_from_report(graph, report, formats, args.proxy, candidates)
+    tables = measured_tables(args)
+    problem = problem_from_report(
+        graph, report, formats, args.proxy, candidates, act_bits=args.abits, **tables
+    )
     return graph, report, problem, floats, cached
+
+
+def _widths(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{option} wants comma-separated widths like 4,8, got {text!r}") from exc
+
+
+def measured_tables(args: argparse.Namespace) -> dict[str, Any]:
+    """--latency-table FILE and --memory-plan FILE as problem_from_report's keyword args."""
+    from dyadiq.passes.allocation_costs import load_latency_table, load_memory_plan
+
+    tables: dict[str, Any] = {}
+    if getattr(args, "latency_table", None):
+        tables["latency"] = load_latency_table(Path(args.latency_table))
+    if getattr(args, "memory_plan", None):
+        memory = load_memory_plan(Path(args.memory_plan))
+        tables["ram_live_sets"] = memory.live_sets
+        tables["tensor_bytes"] = memory.tensor_bytes
+        if memory.flash is not None:
+            tables["flash"] = memory.flash
+    return tables
 
 
 def allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
-    from dyadiq.passes.allocation import parse_budget, solve
+    from dyadiq.passes.allocation import layer_table, parse_budget, solve
     from dyadiq.plan import PrecisionPlan
 
     _, report, problem, floats, cached = allocation_problem(model_path, calibration, args)
-    allocation = solve(problem, parse_budget(args.budget, problem))
+    budget = parse_budget(args.budget, problem)
+    allocation = solve(problem, budget)
     plan = PrecisionPlan(
         dict(allocation.formats), args.abits, args.act_dtype == "int8", frozenset(floats)
     )
+    extra = "".join(
+        f", {name} {value:,.4g}"
+        for name, value in (
+            ("latency", allocation.latency),
+            ("flash B", allocation.flash_bytes),
+            ("peak RAM B", allocation.peak_ram_bytes),
+        )
+        if value is not None
+    )
     console.print(
         f"  allocated {len(allocation.formats)} layers under {args.budget}: weights "
-        f"{allocation.size_bytes:,.0f} B, predicted damage {allocation.predicted_damage:.4g} "
+        f"{allocation.size_bytes:,.0f} B{extra}, predicted damage "
+        f"{allocation.predicted_damage:.4g} "
         f"({report.forward_passes} forward passes of analysis{', cached' if cached else ''})"
     )
     info = {
         "budget": args.budget,
+        "budget_limits": budget.limits(),
         "proxy": args.proxy,
         "predicted_damage": allocation.predicted_damage,
         "weight_bytes": allocation.size_bytes,
         "bops": allocation.bops,
+        "latency": allocation.latency,
+        "latency_source": problem.latency_source,
+        "flash_bytes": allocation.flash_bytes,
+        "flash_source": problem.flash_source,
+        "peak_ram_bytes": allocation.peak_ram_bytes,
+        "ram_source": problem.ram.source if problem.ram is not None else None,
+        "activation_ties": [list(g) for g in problem.act_ties],
         "proven_optimal": allocation.optimal,
         "sensitivity_fingerprint": report.fingerprint,
+        "layers": layer_table(problem, allocation),
     }
     return plan, info
 

@@ -512,10 +512,14 @@ def problem_from_report(
     allowed = {
         i: list(candidates[i]) if candidates and i in candidates else list(formats) for i in layers
     }
-    act_damage = activation_damage if activation_damage is not None else None
+    act_damage = activation_damage
     if act_damage is None:
         act_damage = report_activation_damage(report)
     act = activation_ties(graph, layers, act_bits)
+    if act_damage is None and any(f.act_bits != act_bits for f in formats):
+        log.warning(
+            "the sensitivity report has no activation damage: activations stay at A%d", act_bits
+        )
     for i in layers:
         at_default = [f for f in allowed[i] if f.act_bits == act_bits]
         if at_default and (act_damage is None or i not in act_damage):

@@ -426,3 +426,75 @@ def test_measured_tables_load_from_json(tmp_path):
         load_memory_plan(plan)
     with pytest.raises(ConfigError, match="without sizes"):
         RamModel(live_sets=(("a", "zzz"),), bytes_by_width={"a": {8: 1.0}})
+
+
+def test_cli_budgets_activation_candidates_and_measured_tables(tmp_path, monkeypatch, capsys):
+    """quantize --budget with latency / flash / RAM and --abits-candidates: the plan respects
+    every budget, tied layers share A, the integer model of the mixed plan is bit-exact, and
+    report.json carries the per-layer table."""
+    import onnx
+
+    from dyadiq import passes
+    from dyadiq.cli import main
+    from dyadiq.frontends.onnx_frontend import load_onnx
+
+    monkeypatch.setenv("DYADIQ_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(14)
+    model = _branch_model(rng)
+    conv1, conv2, conv3 = (n.name for n in load_onnx(model).weighted_layers())
+    (tmp_path / "m").mkdir()
+    onnx.save(model, str(tmp_path / "m" / "m.onnx"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        np.savez(calib / f"{i}.npz", x=rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    # until the sensitivity report carries activation damage, supply it where the ILP reads it
+    damage = {conv1: {4: 1e-4, 8: 0.0}, conv2: {4: 1e-4, 8: 0.0}, conv3: {4: 1e-4, 8: 0.0}}
+    monkeypatch.setattr(passes.allocation, "report_activation_damage", lambda report: damage)
+    latency = tmp_path / "latency.json"
+    formats = [f"W{w}A{a}" for w in (2, 3, 4, 6, 8) for a in (4, 8)]
+    table = {layer: {f: 0.6 if f.endswith("A4") else 1.0 for f in formats} for layer in damage}
+    latency.write_text(json.dumps(table))
+    memory = tmp_path / "memory.json"
+    codes = 4 * 8 * 8
+    memory.write_text(
+        json.dumps(
+            {
+                "live_sets": [["x", "r"], ["r", "c2"], ["r", "c2", "c3"], ["y"]],
+                "tensor_bytes": {
+                    "x": 192,
+                    "r": {"4": codes / 2, "8": codes},  # packed A4 codes halve r
+                    "c2": codes,
+                    "c3": codes,
+                    "y": codes,
+                },
+            }
+        )
+    )
+    base = ["quantize", str(tmp_path / "m" / "m.onnx"), "--calib", str(calib), "--integer"]
+    tables = ["--latency-table", str(latency), "--memory-plan", str(memory)]
+    budget = "bops=0.4x,latency=2.5ms,ram=640B,flash=0.6x"
+    args = [*base, "-o", str(tmp_path / "ok"), "--abits-candidates", "4,8", *tables]
+    assert main([*args, "--budget", budget]) == 0
+    out = tmp_path / "ok"
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())["layers"]
+    allocation = report["allocation"]
+    assert allocation["latency"] <= 2.5 and allocation["peak_ram_bytes"] <= 640
+    assert allocation["latency_source"] == "measured table"
+    assert allocation["activation_ties"] == [[conv2, conv3]]
+    assert plan[conv2]["act_bits"] == plan[conv3]["act_bits"] == 4  # r must shrink for RAM
+    assert allocation["peak_ram_bytes"] == 640
+    assert set(allocation["layers"]) == {conv1, conv2, conv3}
+    for layer, row in allocation["layers"].items():
+        assert row["format"] == plan[layer]["format"]
+        assert row["latency"] == table[layer][row["format"]]
+        assert {"damage", "size_bytes", "flash_bytes", "bops"} <= set(row)
+    exact = report["integer"]["bit_exact_vs_reference"]
+    assert exact["exact_tensors"] == exact["tensors"] > 0
+    # an impossible RAM budget names the smallest peak: r at A4 + c2 + c3 = 128 + 2 x 256
+    capsys.readouterr()
+    args = [*base, "-o", str(tmp_path / "bad"), "--abits-candidates", "4,8", *tables]
+    assert main([*args, "--budget", "ram=600B"]) == 2
+    error = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "smallest achievable ram with the allowed formats is 640 B" in error
