@@ -10,8 +10,9 @@ same arithmetic bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -175,3 +176,90 @@ def test_missing_runtime_names_the_setup_command(
 def test_missing_library_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(Aarch64RunError, match="no library"):
         run_under_qemu(tmp_path / "absent.so", {"x": np.zeros(INPUT_SHAPE, np.int8)})
+
+
+# --- real model: the fashion CNN lowered by the TVM backend, on real test images ----------------
+
+REAL_INPUTS = 25
+
+
+@pytest.fixture(scope="module")
+def fashion() -> tuple[Any, list[dict[str, np.ndarray]], np.ndarray]:
+    """(zoo artifacts, REAL_INPUTS single-image feeds spread over the test set's first 500
+    images, their labels)."""
+    from dyadiq import zoo
+
+    artifacts = zoo.get("fashion_cnn")
+    feeds, labels = next(iter(artifacts.evaluation_batches(500)))
+    name = next(iter(feeds))
+    picks = np.arange(REAL_INPUTS) * 20
+    assert labels is not None
+    return artifacts, [{name: feeds[name][i : i + 1]} for i in picks], labels[picks]
+
+
+def _fashion_program(artifacts: Any, plan_of: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """(integer program, plan) of ``plan_of(graph)``, calibrated on the zoo's calibration set."""
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.integerize import integerize
+    from dyadiq.pipeline import quantize_graph
+
+    graph = load_onnx(artifacts.model_path)
+    result = quantize_graph(graph, plan_of(graph), list(artifacts.calibration_batches()))
+    program = integerize(result.graph, result.plan, result.sites, result.qdq.act_params)
+    return program, result.plan
+
+
+def _uniform_w8(graph: Any) -> Any:
+    from dyadiq.plan import PrecisionPlan
+
+    return PrecisionPlan.uniform(graph, weight_bits=8, act_bits=8)
+
+
+def _mixed_w4_w8(graph: Any) -> Any:
+    """First and last layer at 8 bits, the middle ones at 4 (activations 8)."""
+    from dyadiq.plan import LayerFormat, PrecisionPlan
+
+    layers = [n.name for n in graph.weighted_layers()]
+    last = len(layers) - 1
+    return PrecisionPlan(
+        {name: LayerFormat(8 if i in (0, last) else 4, 8) for i, name in enumerate(layers)}
+    )
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize(
+    ("plan_of", "weight_bits"),
+    [(_uniform_w8, {8}), (_mixed_w4_w8, {4, 8})],
+    ids=["w8a8", "mixed_w4_w8"],
+)
+def test_fashion_cnn_on_aarch64_bit_exact_with_the_reference(
+    fashion: tuple[Any, list[dict[str, np.ndarray]], np.ndarray],
+    plan_of: Callable[[Any], Any],
+    weight_bits: set[int],
+    tmp_path: Path,
+) -> None:
+    from dyadiq.backends.tvm_build import build
+    from dyadiq.backends.tvm_lowering import CODES_SUFFIX, lower_program, main_output_names
+    from dyadiq.reference_interpreter import ReferenceInterpreter
+
+    artifacts, feeds, labels = fashion
+    program, plan = _fashion_program(artifacts, plan_of)
+    assert {f.weight_bits for f in plan.layers.values()} == weight_bits
+    assert not program.float_ops
+    library = build(lower_program(program), "aarch64", tmp_path / "tvm", program=program)
+    emulated = run_many_under_qemu(library, feeds)
+
+    reference = ReferenceInterpreter(program)
+    names = main_output_names(program)
+    predictions = []
+    for feed, outputs in zip(feeds, emulated, strict=True):
+        env = reference.run(feed)
+        assert len(outputs) == len(names)
+        for name, value in zip(names, outputs, strict=True):
+            codes_of = name.removesuffix(CODES_SUFFIX)
+            expected = env[program.int_outputs[codes_of] if name != codes_of else name]
+            assert value.dtype == expected.dtype and np.array_equal(value, expected), name
+        predictions.append(int(np.argmax(outputs[-1])))
+    # Bit-exact on inputs that matter: a working classifier, not a constant output.
+    assert np.mean(np.array(predictions) == labels) >= 0.8
+    assert len(set(predictions)) >= 5
