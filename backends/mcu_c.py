@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dyadiq import integer_program as ip
+from dyadiq.backends.capabilities import Capabilities
 from dyadiq.errors import UnsupportedModelError
+from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.io import write_text_atomic
+from dyadiq.op_facts import OpKind
+from dyadiq.plan import LayerFormat
 
 from .memory_plan import ArenaPlan, plan_arena, static_shape
 
@@ -41,6 +45,15 @@ TEMPLATES = Path(__file__).resolve().parent / "mcu_templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
 PACKED_BITS = 4  # weights of at most this many bits are stored two per byte
 INT32 = (-(2**31), 2**31 - 1)
+
+MCU_C = Capabilities(
+    name="mcu-c",
+    weight_bits=frozenset(range(2, 9)),  # <= 4 bits packed two per byte, wider as int8
+    act_bits=frozenset({4, 8}),  # one byte per code either way
+    weighted_kinds=frozenset({OpKind.CONV, OpKind.GEMM, OpKind.MATMUL}),
+    per_channel_weights=True,
+    requantization="dyadic m / 2^k per channel, int64 multiply and arithmetic shift",
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,26 @@ def weight_storage_bytes(count: int, bits: int) -> int:
 def layer_flash_bytes(weight_count: int, out_channels: int, bits: int) -> int:
     """Packed weights + an int32 bias + an int32 multiplier and an int8 shift per channel."""
     return weight_storage_bytes(weight_count, bits) + out_channels * (4 + 4 + 1)
+
+
+def flash_cost_table(
+    graph: QGraph, formats: Sequence[LayerFormat]
+) -> dict[str, dict[LayerFormat, int]]:
+    """Flash bytes of each weighted layer per format, as :func:`emit_c_project` stores them.
+
+    Plain data in the shape of ``AllocationProblem.size_bytes``: an allocator can put a flash
+    budget on the sum (the rest of the image, code and tables, does not depend on the plan).
+    """
+    table: dict[str, dict[LayerFormat, int]] = {}
+    for node in graph.weighted_layers():
+        weight = graph.weight(node)
+        assert weight is not None  # weighted_layers() has a constant weight by definition
+        values = np.asarray(weight.values)
+        channels = int(values.shape[weight_channel_axis(node)])
+        table[node.name] = {
+            fmt: layer_flash_bytes(int(values.size), channels, fmt.weight_bits) for fmt in formats
+        }
+    return table
 
 
 def pack_weights(codes: np.ndarray, bits: int) -> np.ndarray:

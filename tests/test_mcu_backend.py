@@ -17,6 +17,7 @@ from dyadiq import integer_program as ip
 from dyadiq.backends.mcu_build import ToolchainError, build, cpu_preset, find_toolchain, run_qemu
 from dyadiq.backends.mcu_c import (
     emit_c_project,
+    flash_cost_table,
     layer_flash_bytes,
     pack_weights,
     unsupported_ops,
@@ -24,6 +25,8 @@ from dyadiq.backends.mcu_c import (
 from dyadiq.backends.memory_plan import plan_arena
 from dyadiq.dyadic import dyadic
 from dyadiq.errors import ConfigError, UnsupportedModelError
+from dyadiq.frontends.onnx_frontend import load_onnx
+from dyadiq.plan import LayerFormat, PrecisionPlan
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter
 
@@ -273,10 +276,7 @@ def test_every_op_bit_exact_under_qemu(tmp_path, cpu):
 
 
 # --- real models -------------------------------------------------------------------------------
-def _mixed_plan(model_path: Path):
-    from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.plan import LayerFormat, PrecisionPlan
-
+def _mixed_plan(model_path: Path) -> PrecisionPlan:
     layers = [n.name for n in load_onnx(model_path).weighted_layers()]
     # First and last layers at 8 bits, the others at 4: a mixed W4/W8 plan.
     return PrecisionPlan(
@@ -326,26 +326,15 @@ def test_real_model_mixed_plan_bit_exact_on_m4_and_m3(tmp_path, model):
         assert (device_pred == labels).mean() == (reference_pred == labels).mean()
     assert (reference_pred == labels).mean() >= 0.5  # real predictions, not noise
     # the flash table the allocator sees matches what the emitter wrote, byte for byte
-    assert sum(layer.total for layer in project.layers) == project.weight_flash_bytes
-    assert project.weight_flash_bytes == sum(
-        layer_flash_bytes(
-            _weight_count(program, layer.op), _channels(program, layer.op), layer.weight_bits
-        )
-        for layer in project.layers
+    table = flash_cost_table(load_onnx(artifacts.model_path), list(set(plan.layers.values())))
+    assert sum(table[layer][fmt] for layer, fmt in plan.layers.items()) == (
+        project.weight_flash_bytes
     )
-
-
-def _op_by_tag(program: ip.IntegerProgram, tag: str) -> ip.Conv | ip.MatMul:
-    op = program.ops[int(tag.removeprefix("op"))]
-    assert isinstance(op, ip.Conv | ip.MatMul) and op.weight is not None
-    return op
+    four_bit = [layer for layer in project.layers if layer.weight_bits == 4]
+    assert four_bit and all(layer.weight_bytes < layer.total for layer in four_bit)
 
 
 def _weight_count(program: ip.IntegerProgram, tag: str) -> int:
-    return int(_op_by_tag(program, tag).weight.size)  # type: ignore[union-attr]
-
-
-def _channels(program: ip.IntegerProgram, tag: str) -> int:
-    op = _op_by_tag(program, tag)
-    assert op.weight is not None
-    return int(op.weight.shape[0] if isinstance(op, ip.Conv) else op.weight.shape[1])
+    op = program.ops[int(tag.removeprefix("op"))]  # the emitter tags layers by op index
+    assert isinstance(op, ip.Conv | ip.MatMul) and op.weight is not None
+    return int(op.weight.size)
