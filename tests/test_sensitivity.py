@@ -105,8 +105,9 @@ def test_analysis_report_is_consistent_and_round_trips():
     model, _, _ = _mlp(rng)
     graph = load_onnx(model, simplify=False)
     batches = [{"x": rng.normal(size=(8, 6)).astype(np.float32)} for _ in range(4)]
-    config = SensitivityConfig(weight_bits=(2, 4, 8), hutchinson_max_iters=32)
+    config = SensitivityConfig(weight_bits=(2, 4, 8), hutchinson_max_iters=32, gradients=True)
     report = analyze(graph, batches, OutputKind.LOGITS, config)
+    assert report.reverse_passes > 0 and not report.notes
     assert set(report.layers) == {n.name for n in graph.weighted_layers()}
     assert len(report.pairs) == 1  # two layers: one pair
     for layer in report.layers.values():
@@ -115,6 +116,22 @@ def test_analysis_report_is_consistent_and_round_trips():
         assert layer.hessian_damage[2] > layer.hessian_damage[4] > layer.hessian_damage[8]
         assert layer.snr_db[8] > layer.snr_db[4] > layer.snr_db[2]
         assert layer.trace is not None and layer.trace.mean > 0
+        assert layer.top_eigenvalue is not None
+        # the top eigenvalue bounds the average eigenvalue from above
+        assert layer.top_eigenvalue.mean >= layer.trace.mean
+        for proxy in ("eigen_damage", "fisher_damage", "taylor_damage", "entropy_damage"):
+            damage = getattr(layer, proxy)
+            assert damage[2] > damage[8] >= 0, proxy
+        assert layer.entropy is not None and 0 < layer.entropy <= 8
+    # activation sites: the input x feeds the first Gemm, h the second; 4 bits hurt more
+    assert {a.tensor: a.consumers for a in report.activations.values()} == {
+        "x": ("Gemm_0",),
+        "h": ("Gemm_2",),
+    }
+    for layer_id, site in (("Gemm_0", "x"), ("Gemm_2", "h")):
+        layer = report.layers[layer_id]
+        assert layer.input_activation == site
+        assert layer.activation_damage[4] > layer.activation_damage[8] > 0
     again = SensitivityReport.from_json(report.to_json())
     assert again.to_json() == report.to_json()
     low = dict.fromkeys(report.layers, 2)

@@ -7,12 +7,23 @@ For every weighted layer i and candidate weight width b, on label-free calibrati
 - empirical damage Delta L_i(b): the loss with layer i alone at b bits;
 - output SNR (dB) of that single-layer perturbation, a cheap baseline proxy;
 - inter-layer terms Delta_ij = L(Q_i, Q_j) - L(Q_i) - L(Q_j) + L(none) at ``pair_bits`` for all
-  pairs of small models, or neighbours plus pairs among the most sensitive layers otherwise.
-The report is data (JSON); :func:`predict_damage` turns it into a damage model over plans.
+  pairs of small models, or neighbours plus pairs among the most sensitive layers otherwise;
+- with ``gradients=True`` (reverse mode through TVM, ``gradient_proxies.py``): the top
+  Gauss-Newton eigenvalue lambda_i (HAWQ; damage 1/2 lambda_i ||dW||^2), the Fisher diagonal
+  (damage 1/2 sum F_jj dW_j^2) and the Taylor term |g . dW| with g the gradient of the
+  labelled cross-entropy (labels given, else the float argmax; none for embeddings);
+- feature-map entropy H_i of each layer's output (damage H_i ||dW||^2 / ||W||^2, a heuristic
+  that gives the data-only score a width dependence);
+- activation damage: the loss with one activation site alone fake-quantized to each of
+  ``activation_bits`` (``activation_probe.py``); a layer whose data input is exactly one site
+  carries that site's damage as ``activation_damage``.
+The report is data (JSON, ``SCHEMA_VERSION``); :func:`predict_damage` turns it into a damage
+model over plans.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dyadiq.graph import QGraph, weight_channel_axis
+from dyadiq.passes.sensitivity.activation_probe import ActivationProbe, ActivationSite
 from dyadiq.passes.sensitivity.estimators import Estimate, hutchinson_trace
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, loss
 from dyadiq.quantizers import quantize_weight_per_channel
@@ -41,6 +53,14 @@ class SensitivityConfig:
     trace: bool = True
     empirical: bool = True
     pairs: bool = True
+    gradients: bool = False  # eigenvalue, Fisher diagonal, Taylor: needs TVM, compiles once
+    gradient_samples: int = 8  # leading analysis samples the reverse-mode proxies use
+    eigen_max_iters: int = 20
+    eigen_rtol: float = 1e-2
+    fisher_draws: int = 4  # sampled cotangents per batch
+    entropy: bool = True
+    activations: bool = True
+    activation_bits: tuple[int, ...] = (4, 8)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -55,16 +75,35 @@ class LayerSensitivity:
     hessian_damage: Mapping[int, float] = field(default_factory=dict)
     empirical_damage: Mapping[int, float] = field(default_factory=dict)
     snr_db: Mapping[int, float] = field(default_factory=dict)
+    top_eigenvalue: Estimate | None = None  # of the Gauss-Newton block (HAWQ)
+    eigen_damage: Mapping[int, float] = field(default_factory=dict)
+    fisher_damage: Mapping[int, float] = field(default_factory=dict)
+    taylor_damage: Mapping[int, float] = field(default_factory=dict)
+    entropy: float | None = None  # bits, of the layer's output
+    entropy_damage: Mapping[int, float] = field(default_factory=dict)
+    input_activation: str | None = None  # the activation site this layer reads, if exactly one
+    activation_damage: Mapping[int, float] = field(default_factory=dict)  # that site alone
 
     def to_json(self) -> dict[str, Any]:
+        def by_bits(m: Mapping[int, float]) -> dict[str, float]:
+            return {str(b): v for b, v in m.items()}
+
         return {
             "op": self.op,
             "params": self.params,
-            "perturbation_sq": {str(b): v for b, v in self.perturbation_sq.items()},
+            "perturbation_sq": by_bits(self.perturbation_sq),
             "trace": self.trace.to_json() if self.trace else None,
-            "hessian_damage": {str(b): v for b, v in self.hessian_damage.items()},
-            "empirical_damage": {str(b): v for b, v in self.empirical_damage.items()},
-            "snr_db": {str(b): v for b, v in self.snr_db.items()},
+            "hessian_damage": by_bits(self.hessian_damage),
+            "empirical_damage": by_bits(self.empirical_damage),
+            "snr_db": by_bits(self.snr_db),
+            "top_eigenvalue": self.top_eigenvalue.to_json() if self.top_eigenvalue else None,
+            "eigen_damage": by_bits(self.eigen_damage),
+            "fisher_damage": by_bits(self.fisher_damage),
+            "taylor_damage": by_bits(self.taylor_damage),
+            "entropy": self.entropy,
+            "entropy_damage": by_bits(self.entropy_damage),
+            "input_activation": self.input_activation,
+            "activation_damage": by_bits(self.activation_damage),
         }
 
 
@@ -76,6 +115,9 @@ class PairTerm:
     delta: float
 
 
+SCHEMA_VERSION = 2  # 2: eigenvalue/Fisher/Taylor/entropy/activation fields; 1 had none
+
+
 @dataclass(frozen=True)
 class SensitivityReport:
     layers: Mapping[str, LayerSensitivity]
@@ -85,22 +127,39 @@ class SensitivityReport:
     seconds: float
     settings: Mapping[str, Any]
     fingerprint: str = ""
+    activations: Mapping[str, ActivationSite] = field(default_factory=dict)  # by tensor
+    reverse_passes: int = 0
+    notes: tuple[str, ...] = ()  # what could not be computed, and why
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "fingerprint": self.fingerprint,
+            "reverse_passes": self.reverse_passes,
+            "notes": list(self.notes),
             "output_kind": self.output_kind,
             "forward_passes": self.forward_passes,
             "seconds": self.seconds,
             "settings": dict(self.settings),
             "layers": {k: v.to_json() for k, v in self.layers.items()},
             "pairs": [p.__dict__ for p in self.pairs],
+            "activations": {t: a.to_json() for t, a in self.activations.items()},
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SensitivityReport:
+        """Raises ValueError for another schema version (the cache then recomputes)."""
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"sensitivity report schema {data.get('schema_version', 1)}, "
+                f"expected {SCHEMA_VERSION}"
+            )
+
         def bits_map(m: Mapping[str, float]) -> dict[int, float]:
             return {int(k): float(v) for k, v in m.items()}
+
+        def estimate(d: Mapping[str, Any] | None) -> Estimate | None:
+            return Estimate(d["mean"], d["stderr"], int(d["samples"])) if d else None
 
         layers = {}
         for name, d in data["layers"].items():
@@ -115,8 +174,20 @@ class SensitivityReport:
                 hessian_damage=bits_map(d["hessian_damage"]),
                 empirical_damage=bits_map(d["empirical_damage"]),
                 snr_db=bits_map(d["snr_db"]),
+                top_eigenvalue=estimate(d["top_eigenvalue"]),
+                eigen_damage=bits_map(d["eigen_damage"]),
+                fisher_damage=bits_map(d["fisher_damage"]),
+                taylor_damage=bits_map(d["taylor_damage"]),
+                entropy=None if d["entropy"] is None else float(d["entropy"]),
+                entropy_damage=bits_map(d["entropy_damage"]),
+                input_activation=d["input_activation"],
+                activation_damage=bits_map(d["activation_damage"]),
             )
         pairs = tuple(PairTerm(**p) for p in data["pairs"])
+        activations = {
+            t: ActivationSite(t, tuple(a["consumers"]), bits_map(a["damage"]))
+            for t, a in data["activations"].items()
+        }
         return cls(
             layers,
             pairs,
@@ -125,6 +196,9 @@ class SensitivityReport:
             float(data["seconds"]),
             data["settings"],
             data.get("fingerprint", ""),
+            activations,
+            int(data["reverse_passes"]),
+            tuple(data["notes"]),
         )
 
 
@@ -179,25 +253,23 @@ def analyze_cached(
     batches: Sequence[Mapping[str, np.ndarray]],
     kind: OutputKind,
     config: SensitivityConfig = SensitivityConfig(),
+    *,
+    labels: np.ndarray | None = None,
 ) -> tuple[SensitivityReport, bool]:
     """``analyze`` with the on-disk cache; returns (report, whether it came from the cache)."""
+    import hashlib
+
     from dyadiq.passes.sensitivity import cache
 
-    settings = {**config.to_json(), "output_kind": kind.value}
+    settings: dict[str, Any] = {**config.to_json(), "output_kind": kind.value}
+    if labels is not None:
+        settings["labels"] = hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()
     key = cache.fingerprint(graph.to_onnx(), batches, settings)
     cached = cache.load(key)
     if cached is not None:
         return cached, True
-    report = analyze(graph, batches, kind, config)
-    report = SensitivityReport(
-        report.layers,
-        report.pairs,
-        report.output_kind,
-        report.forward_passes,
-        report.seconds,
-        report.settings,
-        key,
-    )
+    report = analyze(graph, batches, kind, config, labels=labels)
+    report = dataclasses.replace(report, fingerprint=key)
     cache.store(key, report)
     return report, False
 
@@ -208,10 +280,37 @@ def analyze(
     kind: OutputKind,
     config: SensitivityConfig = SensitivityConfig(),
     layer_ids: Sequence[str] | None = None,
+    *,
+    labels: np.ndarray | None = None,
 ) -> SensitivityReport:
+    """``labels``: one class index per output row of ``batches`` (in order); they switch the
+    Taylor proxy's loss from cross-entropy against the float argmax to the real task loss."""
     start = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     model = PerturbableModel(graph, batches, kind, layer_ids)
+    notes: list[str] = []
+    extra: dict[str, dict[str, Any]] = {layer: {} for layer in model.weights}
+    reverse_passes = extra_forward = 0
+    if config.gradients:
+        reverse_passes, extra_forward = _gradient_statistics(
+            graph, batches, kind, config, layer_ids, labels, extra, notes
+        )
+    activations: dict[str, ActivationSite] = {}
+    if config.entropy or config.activations:
+        probe = ActivationProbe(graph, batches, kind)
+        if config.entropy:
+            for layer, value in probe.feature_entropy().items():
+                if layer in extra:
+                    extra[layer]["entropy"] = value
+        if config.activations:
+            for site in probe.activation_sites(config.activation_bits):
+                activations[site.tensor] = site
+            for layer in extra:
+                reading = [a for a in activations.values() if layer in a.consumers]
+                if len(reading) == 1:
+                    extra[layer]["input_activation"] = reading[0].tensor
+                    extra[layer]["activation_damage"] = dict(reading[0].damage)
+        extra_forward += probe.forward_passes
     layers: dict[str, LayerSensitivity] = {}
     low_damage: dict[str, float] = {}
     for layer_id, weight in model.weights.items():
@@ -259,6 +358,7 @@ def analyze(
             hessian,
             empirical,
             snr,
+            **_per_width_proxies(extra[layer_id], weight, quantized, config.weight_bits),
         )
     pairs: list[PairTerm] = []
     if config.pairs and config.empirical:
@@ -283,21 +383,120 @@ def analyze(
         layers,
         tuple(pairs),
         kind.value,
-        model.forward_passes,
+        model.forward_passes + extra_forward,
         time.perf_counter() - start,
         config.to_json(),
+        activations=activations,
+        reverse_passes=reverse_passes,
+        notes=tuple(notes),
     )
 
 
-PROXIES = ("hessian", "hessian+pairs", "empirical", "empirical+pairs", "snr")
+def _gradient_statistics(
+    graph: QGraph,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    kind: OutputKind,
+    config: SensitivityConfig,
+    layer_ids: Sequence[str] | None,
+    labels: np.ndarray | None,
+    extra: dict[str, dict[str, Any]],
+    notes: list[str],
+) -> tuple[int, int]:
+    """Top eigenvalue, Fisher diagonal and task gradient per layer into ``extra``; returns
+    (reverse passes, forward passes). A model reverse mode cannot differentiate gets a note."""
+    from dyadiq.passes.sensitivity.gradient_proxies import GradientProbe
+    from dyadiq.passes.sensitivity.vjp import VjpUnsupportedError
+
+    rng = np.random.default_rng([config.seed, 1])
+    subset = list(batches[: config.gradient_samples])
+    model = PerturbableModel(graph, subset, kind, layer_ids)
+    if labels is not None:
+        rows = sum(r.reshape(-1, r.shape[-1]).shape[0] for r in model.reference)
+        labels = np.asarray(labels).reshape(-1)[:rows]
+    probe = GradientProbe(model, graph.to_onnx())
+    try:
+        fisher = probe.fisher_diagonal(rng=rng, draws=config.fisher_draws)
+    except VjpUnsupportedError as exc:
+        notes.append(f"no eigenvalue/Fisher/Taylor proxies: {exc}")
+        return 0, model.forward_passes
+    gradient = probe.task_gradient(labels)
+    if gradient is None:
+        notes.append("no Taylor proxy: embedding outputs have no labelled task loss")
+    for layer, weight in model.weights.items():
+        epsilon = config.epsilon_rel * float(np.sqrt(np.mean(weight**2)) or 1.0)
+        extra[layer]["top_eigenvalue"] = probe.top_eigenvalue(
+            layer, epsilon, rng=rng, max_iters=config.eigen_max_iters, rtol=config.eigen_rtol
+        )
+        extra[layer]["fisher"] = fisher[layer]
+        if gradient is not None:
+            extra[layer]["gradient"] = gradient[layer]
+    return probe.reverse_passes, model.forward_passes
+
+
+def _per_width_proxies(
+    extra: Mapping[str, Any],
+    weight: np.ndarray,
+    quantized: Mapping[int, np.ndarray],
+    widths: Sequence[int],
+) -> dict[str, Any]:
+    """LayerSensitivity fields of the gradient, entropy and activation statistics."""
+    delta = {b: quantized[b].astype(np.float64) - weight for b in widths}
+    fields: dict[str, Any] = {}
+    eigen = extra.get("top_eigenvalue")
+    if eigen is not None:
+        fields["top_eigenvalue"] = eigen
+        fields["eigen_damage"] = {
+            b: 0.5 * eigen.mean * float(np.sum(d**2)) for b, d in delta.items()
+        }
+    if "fisher" in extra:
+        fields["fisher_damage"] = {
+            b: 0.5 * float(np.sum(extra["fisher"] * d**2)) for b, d in delta.items()
+        }
+    if "gradient" in extra:
+        fields["taylor_damage"] = {
+            b: abs(float(np.sum(extra["gradient"] * d))) for b, d in delta.items()
+        }
+    if "entropy" in extra:
+        norm = float(np.sum(weight.astype(np.float64) ** 2)) or 1.0
+        fields["entropy"] = extra["entropy"]
+        fields["entropy_damage"] = {
+            b: extra["entropy"] * float(np.sum(d**2)) / norm for b, d in delta.items()
+        }
+    for key in ("input_activation", "activation_damage"):
+        if key in extra:
+            fields[key] = extra[key]
+    return fields
+
+
+PROXIES = (
+    "hessian",
+    "hessian+pairs",
+    "empirical",
+    "empirical+pairs",
+    "snr",
+    "eigenvalue",
+    "fisher",
+    "taylor",
+    "entropy",
+)
+_PER_WIDTH = {
+    "eigenvalue": "eigen_damage",
+    "fisher": "fisher_damage",
+    "taylor": "taylor_damage",
+    "entropy": "entropy_damage",
+}
 
 
 def layer_damage(layer: LayerSensitivity, bits: int, proxy: str) -> float:
-    """One layer's predicted damage at ``bits`` weight bits (0 when left in float)."""
+    """One layer's predicted damage at ``bits`` weight bits (0 when left in float, or when
+    the report lacks that proxy)."""
     if proxy.startswith("hessian"):
         return layer.hessian_damage.get(bits, 0.0)
     if proxy.startswith("empirical"):
         return layer.empirical_damage.get(bits, 0.0)
+    if proxy in _PER_WIDTH:
+        values: Mapping[int, float] = getattr(layer, _PER_WIDTH[proxy])
+        return values.get(bits, 0.0)
     if proxy == "snr":
         return 10 ** (-layer.snr_db.get(bits, 300.0) / 10) if bits < 32 else 0.0
     raise ValueError(f"unknown proxy {proxy!r}; choose one of {PROXIES}")

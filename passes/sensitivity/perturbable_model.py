@@ -57,6 +57,14 @@ def loss(reference: np.ndarray, output: np.ndarray, kind: OutputKind) -> float:
     return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
 
 
+def logit_delta(reference: np.ndarray, delta: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """A change of the model output expressed in logit space (d log p = dp / p)."""
+    rows = delta.reshape(-1, delta.shape[-1]).astype(np.float64)
+    if kind is OutputKind.PROBABILITIES:
+        return rows / np.clip(reference.reshape(rows.shape), 1e-12, None)
+    return rows
+
+
 def output_quadratic_form(reference: np.ndarray, delta: np.ndarray, kind: OutputKind) -> float:
     """Mean over rows of delta^T H_out delta, with H_out the loss Hessian at the reference."""
     d = _rows(delta)
@@ -172,7 +180,11 @@ class PerturbableModel:
         plus = self.outputs({layer_id: w + epsilon * v})
         minus = self.outputs({layer_id: w - epsilon * v})
         values = [
-            output_quadratic_form(ref, (p - m) / (2 * epsilon), self.kind)
+            output_quadratic_form(
+                ref,
+                logit_delta(ref, (p.astype(np.float64) - m) / (2 * epsilon), self.kind),
+                self.kind,
+            )
             for ref, p, m in zip(self.reference, plus, minus, strict=True)
         ]
         return float(np.mean(values))

@@ -1,0 +1,237 @@
+"""Exact vector-Jacobian products u -> J^T u of a float ONNX model, by TVM Relax reverse mode.
+
+J is the Jacobian of the model's first output with respect to chosen weight tensors. The
+scalar s(W) = sum(u * f(x; W)) has gradient J^T u, so one reverse pass per cotangent u gives
+the product exactly (to float32 rounding). With the forward finite difference for J v this
+yields Gauss-Newton products H v = J^T (H_out (J v)) for power iteration, and per-sample
+gradients J^T (p - e_y) for the Fisher diagonal and the Taylor proxy.
+
+Recipe (TVM-NOTES.md "Gradients"): import with ``keep_params_in_input=True`` so weights are
+function parameters, add s in Relax, inline the imported function into it (Gradient treats
+calls as opaque and would silently return zeros), then ``relax.transform.Gradient``; compile
+once per model and input shape.
+
+Preconditions the importer or Gradient would otherwise trip over, handled here:
+- ONNX ``Clip`` with constant bounds is imported as an opaque ``call_tir`` without a gradient;
+  the model copy differentiated here spells it ``Min(Max(x, lo), hi)``, the same function;
+- ``relax.clip`` (from HardSigmoid) and ``relax.erf`` (GELU) get gradient rules registered
+  below: d clip / dx = 1 inside [lo, hi], else 0; d erf / dx = 2 / sqrt(pi) exp(-x^2).
+Ops without a gradient rule raise :class:`VjpUnsupportedError` naming them (never zeros).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from dyadiq.errors import DyadiqError
+
+
+class VjpUnsupportedError(DyadiqError):
+    """The model contains an operation reverse mode cannot differentiate."""
+
+
+_GRADIENTS_REGISTERED = False
+
+
+def _register_missing_gradients() -> None:
+    global _GRADIENTS_REGISTERED
+    if _GRADIENTS_REGISTERED:
+        return
+    import tvm
+    from tvm import relax
+    from tvm.relax.op.base import register_gradient
+
+    def clip_grad(orig_var: Any, orig_call: Any, output_grad: Any, ctx: Any) -> list[Any]:
+        x, lo, hi = orig_call.args
+        dtype = str(x.ty.dtype)
+        inside = relax.op.logical_and(
+            relax.op.greater_equal(x, relax.const(float(lo.value), dtype)),
+            relax.op.less_equal(x, relax.const(float(hi.value), dtype)),
+        )
+        zero = relax.const(0.0, dtype)
+        return [relax.op.where(inside, output_grad, zero), relax.null_value(), relax.null_value()]
+
+    def erf_grad(orig_var: Any, orig_call: Any, output_grad: Any, ctx: Any) -> list[Any]:
+        x = orig_call.args[0]
+        dtype = str(x.ty.dtype)
+        slope = relax.op.multiply(
+            relax.const(2.0 / math.sqrt(math.pi), dtype),
+            relax.op.exp(relax.op.negative(relax.op.multiply(x, x))),
+        )
+        return [relax.op.multiply(output_grad, slope)]
+
+    for name, rule in (("relax.clip", clip_grad), ("relax.erf", erf_grad)):
+        if tvm.ir.Op.get(name).get_attr("FPrimalGradient") is None:
+            register_gradient(name, rule)
+    _GRADIENTS_REGISTERED = True
+
+
+def _renamed(model: onnx.ModelProto, names: Mapping[str, str]) -> None:
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+    for tensor in model.graph.initializer:
+        tensor.name = names.get(tensor.name, tensor.name)
+    for value in model.graph.input:
+        value.name = names.get(value.name, value.name)
+
+
+def _clip_as_relus(x: str, lo: str, hi: str, output: str) -> list[onnx.NodeProto]:
+    """clip(x, lo, hi) = lo + relu(x - lo) - relu(x - hi) (for lo <= hi); either bound may be
+    absent. The importer turns ONNX Min/Max into reductions without gradient rules."""
+    make = onnx.helper.make_node
+    nodes: list[onnx.NodeProto] = []
+    current = x
+    if lo:
+        nodes += [
+            make("Sub", [x, lo], [f"{output}__above_lo"]),
+            make("Relu", [f"{output}__above_lo"], [f"{output}__relu_lo"]),
+            make("Add", [f"{output}__relu_lo", lo], [f"{output}__lo"]),
+        ]
+        current = f"{output}__lo"
+    if hi:
+        nodes += [
+            make("Sub", [x, hi], [f"{output}__above_hi"]),
+            make("Relu", [f"{output}__above_hi"], [f"{output}__relu_hi"]),
+            make("Sub", [current, f"{output}__relu_hi"], [output]),
+        ]
+    else:
+        nodes.append(make("Identity", [current], [output]))
+    return nodes
+
+
+def differentiable_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The same function with constant-bound Clip spelled with Relu (module docstring),
+    graph inputs and initializers renamed ``input_i`` / ``param_i`` (the importer rewrites
+    names such as ``onnx::Conv_36``). Returns the copy and original name -> new name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    nodes: list[onnx.NodeProto] = []
+    for node in out.graph.node:
+        bounds = [*node.input[1:3], "", ""][:2]
+        if node.op_type != "Clip" or not all(b == "" or b in constants for b in bounds):
+            nodes.append(node)
+            continue
+        nodes.extend(_clip_as_relus(node.input[0], bounds[0], bounds[1], node.output[0]))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.graph.value_info[:]
+    initializers = [t.name for t in out.graph.initializer]
+    inputs = [v.name for v in out.graph.input if v.name not in set(initializers)]
+    names = {n: f"input_{i}" for i, n in enumerate(inputs)}
+    names.update({n: f"param_{i}" for i, n in enumerate(initializers)})
+    _renamed(out, names)
+    return out, names
+
+
+class VectorJacobianProduct:
+    """J^T u for the first output of ``model`` w.r.t. the initializers ``weight_names``.
+
+    ``input_shapes`` fixes every graph input's shape; one compiled module serves all calls.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        input_shapes: Mapping[str, Sequence[int]],
+        weight_names: Sequence[str],
+    ) -> None:
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+
+        _register_missing_gradients()
+        self.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+        self.weight_names = list(weight_names)
+        copy, renamed = differentiable_copy(model)
+        self._original = {new: old for old, new in renamed.items()}
+        imported = from_onnx(
+            copy,
+            {renamed[k]: list(v) for k, v in self.input_shapes.items()},
+            keep_params_in_input=True,
+        )
+        forward = imported["main"]
+        num_inputs = int(forward.attrs["num_input"])
+        params = list(forward.params)
+        self.input_order = [self._original[p.name] for p in params[:num_inputs]]
+        by_name = {self._original[p.name]: p for p in params[num_inputs:]}
+        missing = [n for n in self.weight_names if n not in by_name]
+        if missing:
+            raise VjpUnsupportedError(f"weights not found among the imported parameters: {missing}")
+        # every other parameter (biases, clip bounds) is fed its float value, in the shape
+        # the importer gave it (it turns some one-element tensors into scalars)
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.param_order = [self._original[p.name] for p in params[num_inputs:]]
+        self.param_shapes = {
+            self._original[p.name]: tuple(int(d) for d in p.ty.shape) for p in params[num_inputs:]
+        }
+        self.constants = {n: values[n].reshape(self.param_shapes[n]) for n in self.param_order}
+        output_ty = forward.ret_ty
+        if isinstance(output_ty, relax.TupleType):
+            output_ty = output_ty.fields[0]
+        self.output_shape = tuple(int(d) for d in output_ty.shape)
+
+        builder = relax.BlockBuilder()
+        forward_gv = builder.add_func(forward.without_attr("params"), "forward")
+        args = [relax.Var(p.name, p.ty) for p in params]
+        cotangent = relax.Var("cotangent", output_ty)
+        with builder.function("vjp_target", [*args, cotangent]):
+            with builder.dataflow():
+                output = builder.emit(relax.Call(forward_gv, args))
+                if isinstance(forward.ret_ty, relax.TupleType):
+                    output = builder.emit(relax.TupleGetItem(output, 0))
+                scalar = builder.emit_output(relax.op.sum(relax.op.multiply(cotangent, output)))
+            builder.emit_func_output(scalar)
+        module = builder.get()
+        module = tvm.IRModule(
+            {"vjp_target": module["vjp_target"].inline_functions({"forward": module["forward"]})}
+        )
+        target_fn = module["vjp_target"]
+        wanted = {renamed[n] for n in self.weight_names}
+        grads_of = [v for v in target_fn.params if v.name in wanted]
+        try:
+            module = relax.transform.Gradient("vjp_target", require_grads=grads_of)(module)
+        except Exception as exc:  # TVM's TVMError: which op has no gradient rule
+            raise VjpUnsupportedError(f"reverse mode failed on this model: {exc}") from exc
+        self._grad_order = [self._original[v.name] for v in grads_of]
+        self._executable = tvm.compile(module, target=tvm.target.Target({"kind": "llvm"}))
+        self._vm = relax.VirtualMachine(self._executable, tvm.cpu())
+        self.calls = 0
+
+    def __call__(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        weights: Mapping[str, np.ndarray],
+        cotangent: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """J^T u at the given inputs and weights (initializer name -> array; unnamed weights
+        keep their float values). Returns initializer name -> gradient."""
+        import tvm
+
+        if tuple(cotangent.shape) != self.output_shape:
+            raise ValueError(f"cotangent shape {cotangent.shape} != output {self.output_shape}")
+        args = []
+        for name in self.input_order:
+            array = np.asarray(feeds[name])
+            if array.shape != self.input_shapes[name]:
+                raise ValueError(f"input {name} shape {array.shape} != {self.input_shapes[name]}")
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
+        for name in self.param_order:
+            value = weights[name] if name in weights else self.constants[name]
+            value = np.ascontiguousarray(value).reshape(self.param_shapes[name])
+            args.append(tvm.runtime.tensor(value))
+        args.append(tvm.runtime.tensor(np.ascontiguousarray(cotangent, np.float32)))
+        _, grads = self._vm["vjp_target_adjoint"](*args)
+        self.calls += 1
+        return {name: grads[i].numpy() for i, name in enumerate(self._grad_order)}
