@@ -8,7 +8,8 @@ importable) and numpy, hence this file imports nothing else and uses
 
 Protocol (all paths absolute, in one temporary folder):
   request.json  {"library": .so, "function": name, "inputs": .npz, "outputs": .npz, "count": n}
-  inputs.npz    arrays "<call>/<parameter name>" for call 0..n-1
+  inputs.npz    arrays "<call>/<parameter name>" for call 0..n-1 (split at the first "/", so
+                names may contain "/" themselves)
   outputs.npz   arrays "<call>/<output index>", written by this script (tuples flattened in
                 order); its absence after a zero exit status means the protocol broke.
 Starting Python under emulation costs seconds, so one launch serves every call of a batch.

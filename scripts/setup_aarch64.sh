@@ -24,7 +24,8 @@ debs=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstd
 host_packages=(qemu-user gcc-aarch64-linux-gnu)
 
 root="${DYADIQ_CACHE:-$HOME/.cache/dyadiq}/aarch64"
-recipe=$(printf '%s\n' "${wheels[@]}" "${debs[@]}" | sha256sum | cut -c1-16)
+layout=2  # bump when the build steps below change, so cached builds are redone
+recipe=$(printf '%s\n' "$layout" "${wheels[@]}" "${debs[@]}" | sha256sum | cut -c1-16)
 stamp="$root/.ready-$recipe"
 say() { echo "setup_aarch64: $*" >&2; }
 is_root() { [ "$(id -u)" = 0 ]; }
@@ -71,9 +72,18 @@ if [ -e "$stamp" ]; then
   exit 0
 fi
 
+# One build at a time (two test sessions may call this together); the winner's stamp ends the
+# other's wait.
+mkdir -p "$root"
+exec 9>"$root/.lock"
+flock 9
+if [ -e "$stamp" ]; then
+  say "ready: $root (built by a concurrent run)"
+  exit 0
+fi
+
 # Build into a scratch folder next to the final one and move it into place at the end, so an
 # interrupted run never leaves a half-built sysroot behind a stamp.
-mkdir -p "$root"
 work=$(mktemp -d "$root/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/debs" "$work/wheels" "$work/sysroot" "$work/site-packages"
@@ -105,6 +115,9 @@ say "pip download (manylinux_2_28_aarch64, cp311) ${wheels[*]}"
 for wheel in "$work"/wheels/*.whl; do
   "$host_python" -m zipfile -e "$wheel" "$work/site-packages"
 done
+# Runs use TVM's runtime-only mode (TVM_USE_RUNTIME_LIB=1), which never loads the 240 MB
+# compiler library: leave it out of the cache.
+rm -f "$work/site-packages/tvm/lib/libtvm_compiler.so"
 
 # Debian's python3.11-minimal ships no .pyc files (its postinst makes them): compile them here
 # with the host's Python 3.11 (same bytecode), so the first emulated run is not the slowest.
