@@ -39,6 +39,12 @@ class VjpUnsupportedError(DyadiqError):
 _GRADIENTS_REGISTERED = False
 
 
+def _prim_float(value: Any) -> float:
+    """A relax PrimValue bound (FloatImm / IntImm inside) as a Python float."""
+    inner = getattr(value, "value", value)
+    return float(getattr(inner, "value", inner))
+
+
 def _register_missing_gradients() -> None:
     global _GRADIENTS_REGISTERED
     if _GRADIENTS_REGISTERED:
@@ -46,16 +52,17 @@ def _register_missing_gradients() -> None:
     import tvm
     from tvm import relax
     from tvm.relax.op.base import register_gradient
+    from tvm.relax.op.grad import no_grad
 
     def clip_grad(orig_var: Any, orig_call: Any, output_grad: Any, ctx: Any) -> list[Any]:
         x, lo, hi = orig_call.args
         dtype = str(x.ty.dtype)
         inside = relax.op.logical_and(
-            relax.op.greater_equal(x, relax.const(float(lo.value), dtype)),
-            relax.op.less_equal(x, relax.const(float(hi.value), dtype)),
+            relax.op.greater_equal(x, relax.const(_prim_float(lo), dtype)),
+            relax.op.less_equal(x, relax.const(_prim_float(hi), dtype)),
         )
         zero = relax.const(0.0, dtype)
-        return [relax.op.where(inside, output_grad, zero), relax.null_value(), relax.null_value()]
+        return [relax.op.where(inside, output_grad, zero), no_grad(lo), no_grad(hi)]
 
     def erf_grad(orig_var: Any, orig_call: Any, output_grad: Any, ctx: Any) -> list[Any]:
         x = orig_call.args[0]
