@@ -133,6 +133,47 @@ def run_many_under_qemu(
             return [_outputs_of_call(stored, call) for call in range(len(feeds))]
 
 
+def run_model_folder_under_qemu(
+    folder: Path, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """Run an aarch64 folder written by :func:`dyadiq.backends.tvm_build.build` on each feed.
+
+    Feeds are checked against ``model.json`` here (names, shapes; values cast to the declared
+    dtype, as its own ``run_model.py`` does) before paying for an emulator launch. Returns, per
+    feed, the outputs by their ``model.json`` names (``NAME_codes`` and float ``NAME``).
+    """
+    from dyadiq.backends.tvm_build import METADATA_NAME
+
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / METADATA_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise Aarch64RunError(f"{folder} is not a built TVM model folder: {exc}") from exc
+    if info.get("target_name") != "aarch64":
+        raise Aarch64RunError(
+            f"{folder} holds a library for {info.get('target_name')!r}, not aarch64"
+        )
+    specs = info["inputs"]
+    prepared = []
+    for index, feed in enumerate(feeds):
+        expected = [spec["name"] for spec in specs]
+        if sorted(feed) != sorted(expected):
+            raise Aarch64RunError(f"feed {index} names {sorted(feed)}; the model takes {expected}")
+        args = {}
+        for spec in specs:
+            value = np.ascontiguousarray(feed[spec["name"]], dtype=spec["dtype"])
+            if list(value.shape) != spec["shape"]:
+                raise Aarch64RunError(
+                    f"feed {index}: input {spec['name']!r} has shape {list(value.shape)}, "
+                    f"the model takes {spec['shape']}"
+                )
+            args[spec["name"]] = value
+        prepared.append(args)
+    names = [spec["name"] for spec in info["outputs"]]
+    results = run_many_under_qemu(folder / info["library"], prepared)
+    return [dict(zip(names, values, strict=True)) for values in results]
+
+
 def _launch(runtime: Aarch64Runtime, request: Path, timeout_s: float) -> None:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -24,6 +24,7 @@ from dyadiq.backends.tvm_aarch64 import (
     aarch64_runtime_available,
     locate_aarch64_runtime,
     run_many_under_qemu,
+    run_model_folder_under_qemu,
     run_under_qemu,
 )
 
@@ -239,27 +240,56 @@ def test_fashion_cnn_on_aarch64_bit_exact_with_the_reference(
     tmp_path: Path,
 ) -> None:
     from dyadiq.backends.tvm_build import build
-    from dyadiq.backends.tvm_lowering import CODES_SUFFIX, lower_program, main_output_names
+    from dyadiq.backends.tvm_lowering import CODES_SUFFIX, lower_program
     from dyadiq.reference_interpreter import ReferenceInterpreter
 
     artifacts, feeds, labels = fashion
     program, plan = _fashion_program(artifacts, plan_of)
     assert {f.weight_bits for f in plan.layers.values()} == weight_bits
     assert not program.float_ops
-    library = build(lower_program(program), "aarch64", tmp_path / "tvm", program=program)
-    emulated = run_many_under_qemu(library, feeds)
+    build(lower_program(program), "aarch64", tmp_path / "tvm", program=program)
+    emulated = run_model_folder_under_qemu(tmp_path / "tvm", feeds)
 
     reference = ReferenceInterpreter(program)
-    names = main_output_names(program)
+    (output,) = program.outputs
     predictions = []
     for feed, outputs in zip(feeds, emulated, strict=True):
         env = reference.run(feed)
-        assert len(outputs) == len(names)
-        for name, value in zip(names, outputs, strict=True):
-            codes_of = name.removesuffix(CODES_SUFFIX)
-            expected = env[program.int_outputs[codes_of] if name != codes_of else name]
-            assert value.dtype == expected.dtype and np.array_equal(value, expected), name
-        predictions.append(int(np.argmax(outputs[-1])))
+        assert sorted(outputs) == sorted([output + CODES_SUFFIX, output])
+        expected = {output + CODES_SUFFIX: env[program.int_outputs[output]], output: env[output]}
+        for name, value in outputs.items():
+            assert value.dtype == expected[name].dtype, name
+            assert np.array_equal(value, expected[name]), name
+        predictions.append(int(np.argmax(outputs[output])))
     # Bit-exact on inputs that matter: a working classifier, not a constant output.
     assert np.mean(np.array(predictions) == labels) >= 0.8
     assert len(set(predictions)) >= 5
+
+
+def _model_json(folder: Path, target_name: str) -> Path:
+    """A model.json as tvm_build.build writes it, for the checks made before any launch."""
+    import json
+
+    folder.mkdir()
+    info = {
+        "library": "model.so",
+        "target_name": target_name,
+        "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "dtype": "float32"}],
+        "outputs": [{"name": "logits_codes", "shape": [1, 10], "dtype": "uint8"}],
+    }
+    (folder / "model.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_model_folder_feeds_are_checked_before_launch(tmp_path: Path) -> None:
+    folder = _model_json(tmp_path / "model", "aarch64")
+    with pytest.raises(Aarch64RunError, match=r"shape \[1, 28, 28\], the model takes"):
+        run_model_folder_under_qemu(folder, [{"input": np.zeros((1, 28, 28), np.float32)}])
+    with pytest.raises(Aarch64RunError, match=r"feed 0 names \['x'\]"):
+        run_model_folder_under_qemu(folder, [{"x": np.zeros((1, 1, 28, 28), np.float32)}])
+
+
+def test_model_folder_for_another_target_is_refused(tmp_path: Path) -> None:
+    folder = _model_json(tmp_path / "model", "x86")
+    with pytest.raises(Aarch64RunError, match="'x86', not aarch64"):
+        run_model_folder_under_qemu(folder, [{"input": np.zeros((1, 1, 28, 28), np.float32)}])
