@@ -19,7 +19,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -182,15 +182,21 @@ def build(
     out_dir: Path,
     *,
     program: ip.IntegerProgram | None = None,
+    schedule: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> Path:
     """Prepare, compile and export ``mod`` for ``TARGETS[target_name]``; returns model.so.
 
     ``program`` (the one ``mod`` was lowered from) names the outputs and records the
     quantizers in model.json; without it outputs are ``output_0``, ``output_1``, ...
+    ``schedule`` rewrites the prepared (fused) module's PrimFuncs before compilation, e.g.
+    :func:`dyadiq.backends.tvm_tuning.schedule_module`.
     """
     target = target_for(target_name)
     out = prepare_output_dir(Path(out_dir))
-    executable = compile_prepared(prepare(mod, target), target)
+    prepared = prepare(mod, target)
+    if schedule is not None:
+        prepared = schedule(prepared, target)
+    executable = compile_prepared(prepared, target)
     library = out / LIBRARY_NAME
     staging = out / f".{LIBRARY_NAME}.tmp"
     if target_name == "aarch64":

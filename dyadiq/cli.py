@@ -1,4 +1,4 @@
-"""``dyadiq`` command line: inspect, quantize, eval, zoo.
+"""``dyadiq`` command line: inspect, quantize, analyze, frontier, run, eval, zoo.
 
 Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message and exits 2.
 """
@@ -6,9 +6,11 @@ Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # --- quantize --------------------------------------------------------------------------------
+def _model_file(path: Path, stack: contextlib.ExitStack) -> Path:
+    """An ONNX file for ``path``: itself, or the ONNX translation of a saved Relax IRModule
+    (``tvm.ir.save_json``) written to a temporary folder that lives as long as ``stack``."""
+    if path.suffix != ".json":
+        return path
+    import onnx
+
+    from dyadiq.frontends.relax_frontend import load_relax_file, relax_to_onnx
+
+    model = relax_to_onnx(load_relax_file(path))
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dyadiq_relax_")))
+    onnx_path = folder / (path.stem + ".onnx")
+    onnx.save(model, str(onnx_path))
+    return onnx_path
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _quantize(args, stack)
+
+
+def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from dyadiq.passes.calibration.observers import RangeMethod
-    from dyadiq.pipeline import CalibrationConfig, quantize
+    from dyadiq.pipeline import CalibrationConfig, quantize, verification_batches
     from dyadiq.plan import PrecisionPlan
 
     artifacts = None
@@ -86,9 +109,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         artifacts = zoo.get(args.zoo)
         model_path = artifacts.model_path
     elif args.model:
-        model_path = Path(args.model)
+        model_path = _model_file(Path(args.model), stack)
     else:
-        raise ConfigError("give a MODEL.onnx or --zoo NAME (see `dyadiq zoo list`)")
+        raise ConfigError("give a MODEL.onnx (or a Relax IRModule .json) or --zoo NAME")
     if args.calib:
         calibration: Any = args.calib
     elif artifacts is not None:
@@ -121,17 +144,54 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config=config,
         input_shapes=_parse_shapes(args.input_shape) or None,
         plan=plan,
-        integer=args.integer,
+        integer=args.integer or args.target is not None,
     )
     out = Path(args.output)
     report = json.loads((out / "report.json").read_text())
     if allocation_info is not None:
         report["allocation"] = allocation_info
+    if args.target is not None:
+        from dyadiq.targets import emit_for_target, single_inputs
+
+        assert result.program is not None  # integer=True above
+        if artifacts is not None:  # real held-out inputs
+            batches = [f for f, _ in artifacts.evaluation_batches(args.check_inputs)]
+        else:
+            batches = verification_batches(
+                calibration, result.graph, config.image_preset, args.check_inputs
+            )
+        feeds = single_inputs(batches, args.check_inputs)
+        report["target"] = emit_for_target(
+            result.program,
+            args.target,
+            out / args.target,
+            feeds,
+            tune_trials=args.tune_trials,
+            tuning_db=Path(args.tuning_db) if args.tuning_db else None,
+        )
     if artifacts is not None and not args.no_eval:
         report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
 
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     _print_summary(report, result.plan.to_json(), out)
+    return 0
+
+
+# --- run -------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dyadiq.io import save_npz_atomic
+    from dyadiq.runner import run_artifact
+
+    outputs = run_artifact(Path(args.artifact), Path(args.input))
+    for name, value in outputs.items():
+        console.print(f"{escape(name)}: {value.dtype} {list(value.shape)}")
+        if value.size <= 20:
+            console.print(f"  {np.array2string(value.ravel(), max_line_width=100)}")
+    if args.output:
+        save_npz_atomic(Path(args.output), outputs)
+        console.print(f"wrote {args.output}")
     return 0
 
 
@@ -203,6 +263,24 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
             f"{', '.join(integer['float_ops'])}; bit-exact vs reference "
             f"{exact.get('exact_tensors', 0)}/{exact.get('tensors', 0)} tensors; "
             f"QDQ vs integer max {agreement.get('max_output_diff_lsb', float('nan')):.1f} LSB"
+        )
+    target = report.get("target")
+    if target:
+        exact = target.get("bit_exact_vs_reference")
+        checked = (
+            f"bit-exact vs reference on {exact['exact']}/{exact['inputs']} inputs"
+            if exact
+            else target.get("ran_on", target.get("built", ""))
+        )
+        extras = [
+            f"{key.replace('_', ' ')} {target[key]:,}"
+            for key in ("flash_bytes", "arena_bytes", "instructions_per_inference")
+            if key in target
+        ]
+        console.print(
+            f"  target {target['target']}: {checked}"
+            + (f"; {', '.join(extras)}" if extras else "")
+            + f" -> {out / target['target']}"
         )
     if report["float_layers"]:
         console.print(f"  kept in float: {', '.join(f['id'] for f in report['float_layers'])}")
@@ -387,10 +465,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write model.int.onnx: integer-only (dyadic), verified bit-exact",
     )
+    p.add_argument(
+        "--target",
+        choices=["x86", "aarch64", "cuda", "cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55"],
+        help="also compile the integer model: a TVM library (+ runner) or Cortex-M C sources "
+        "(+ ELF), written to OUT/TARGET and checked bit-exact where it can run here",
+    )
+    p.add_argument("--check-inputs", type=int, default=8, help="inputs to verify a target on")
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (TVM CPU)")
+    p.add_argument("--tuning-db", help="MetaSchedule database folder (reused, tune once)")
     p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
     p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("run", help="run a compiled target folder (OUT/x86, OUT/cortex-m4, ...)")
+    p.add_argument("artifact", help="a folder written by quantize --target")
+    p.add_argument("--input", required=True, help=".npy (the model's one input) or .npz")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("analyze", help="per-layer sensitivity to fewer bits (cached)")
     p.add_argument("model", nargs="?")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 
 from dyadiq.errors import OutputPathError
@@ -56,3 +60,10 @@ def prepare_output_dir(output_dir: Path, *inputs: Path) -> Path:
     except OSError as exc:
         raise OutputPathError(f"cannot create output folder {output_dir}: {exc}") from exc
     return out
+
+
+def save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    savez: Any = np.savez  # numpy's stubs type **arrays as its allow_pickle keyword
+    savez(buffer, **dict(arrays))
+    write_bytes_atomic(path, buffer.getvalue())

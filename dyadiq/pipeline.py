@@ -167,7 +167,7 @@ class PlanBuilder:
         return export_qdq(qdq.graph)
 
 
-def _check_batches(
+def verification_batches(
     calibration: CalibrationSource, graph: QGraph, image_preset: str | None, count: int
 ) -> list[dict[str, Any]]:
     """A few calibration batches to verify the integer model on (re-reading the source)."""
@@ -244,7 +244,7 @@ def quantize(
     report = build_report(result, float_bytes)
     if integer:
         t = time.perf_counter()
-        batches = _check_batches(calibration, graph, config.image_preset, check_batches)
+        batches = verification_batches(calibration, graph, config.image_preset, check_batches)
         result.program, int_model, report["integer"] = build_integer(result, batches)
         save_model_atomic(int_model, out / "model.int.onnx")
         report["sizes"]["integer_model_bytes"] = int_model.ByteSize()

@@ -1,0 +1,190 @@
+"""Compile a verified integer program for a deployment target and check it there.
+
+One entry point for ``dyadiq quantize --target``: TVM binaries for x86 / aarch64 Linux / CUDA
+(:mod:`dyadiq.backends.tvm_build`) and self-contained C for Cortex-M
+(:mod:`dyadiq.backends.mcu_c`). Whatever can run on this machine is run on the check inputs
+and compared bit for bit with the reference interpreter: x86 natively, aarch64 under
+qemu-user, Cortex-M under qemu-system-arm; CUDA is compiled and run only where a GPU exists.
+The returned dict is the ``target`` section of report.json and says which of these happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dyadiq.errors import ConfigError
+from dyadiq.integer_program import IntegerProgram
+from dyadiq.reference_interpreter import ReferenceInterpreter
+
+TVM_TARGETS = ("x86", "aarch64", "cuda")
+MCU_TARGETS = ("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55")
+TARGETS = TVM_TARGETS + MCU_TARGETS
+
+Feeds = Sequence[Mapping[str, np.ndarray]]
+
+
+def single_inputs(batches: Feeds, limit: int) -> list[dict[str, np.ndarray]]:
+    """Batches split into batch-1 feeds (the compiled targets take one input at a time)."""
+    rows: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        for i in range(n):
+            if len(rows) == limit:
+                return rows
+            rows.append({name: np.asarray(v)[i : i + 1] for name, v in batch.items()})
+    return rows
+
+
+def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> dict[str, Any]:
+    mismatched = [
+        i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if not np.array_equal(e, g)
+    ]
+    return {"inputs": len(expected), "exact": len(expected) - len(mismatched),
+            "mismatched_inputs": mismatched[:10]}  # fmt: skip
+
+
+def _reference_codes(program: IntegerProgram, feeds: Feeds) -> list[np.ndarray]:
+    """Each input's output codes, all outputs flattened into one uint8/int8 vector."""
+    reference = ReferenceInterpreter(program)
+    rows = []
+    for feed in feeds:
+        codes = reference.outputs(feed)
+        rows.append(np.concatenate([np.asarray(codes[o]).ravel() for o in program.outputs]))
+    return rows
+
+
+def _tvm_codes(program: IntegerProgram, outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The codes part of the lowered ``main``'s outputs (codes come first)."""
+    n = sum(1 for o in program.outputs if o in program.int_outputs)
+    return np.concatenate([np.asarray(x).ravel() for x in outputs[:n]])
+
+
+def emit_for_target(
+    program: IntegerProgram,
+    target: str,
+    out_dir: Path,
+    feeds: Feeds,
+    *,
+    tune_trials: int = 0,
+    tuning_db: Path | None = None,
+) -> dict[str, Any]:
+    """Write the target's artifacts into ``out_dir`` and check them on ``feeds`` (batch-1
+    inputs; see :func:`single_inputs`)."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    batched = [f for f in feeds if len(next(iter(f.values()))) != 1]
+    if batched:
+        raise ConfigError("emit_for_target checks batch-1 inputs: split them with single_inputs")
+    start = time.perf_counter()
+    if target in MCU_TARGETS:
+        info = _emit_mcu(program, target, out_dir, feeds)
+    else:
+        info = _emit_tvm(program, target, out_dir, feeds, tune_trials, tuning_db)
+    info["target"] = target
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    return info
+
+
+def _emit_tvm(
+    program: IntegerProgram,
+    target: str,
+    out_dir: Path,
+    feeds: Feeds,
+    tune_trials: int,
+    tuning_db: Path | None,
+) -> dict[str, Any]:
+    from dyadiq.backends import tvm_build
+    from dyadiq.backends.tvm_lowering import lower_program
+    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+
+    mod = lower_program(program)
+    sources: dict[str, str] = {}
+
+    def schedule(prepared: Any, tvm_target: Any) -> Any:
+        scheduled, report = schedule_module_with_report(
+            prepared, tvm_target, database_dir=tuning_db, trials=tune_trials
+        )
+        sources.update(report.source)
+        return scheduled
+
+    cpu = target != "cuda"
+    library = tvm_build.build(
+        mod, target, out_dir, program=program, schedule=schedule if cpu else None
+    )
+    info: dict[str, Any] = {"library": str(library), "weights_stored_as": "int8 containers"}
+    if sources:
+        counts: dict[str, int] = {}
+        for source in sources.values():
+            counts[source] = counts.get(source, 0) + 1
+        info["kernels_by_schedule_source"] = counts
+    expected = _reference_codes(program, feeds)
+    if target == "x86":
+        got = [_tvm_codes(program, list(tvm_build.run_library(library, f).values())) for f in feeds]
+        info["bit_exact_vs_reference"] = _compare(expected, got)
+    elif target == "aarch64":
+        from dyadiq.backends.tvm_aarch64 import aarch64_runtime_available, run_many_under_qemu
+
+        if aarch64_runtime_available():
+            runs = run_many_under_qemu(library, list(feeds))
+            got = [_tvm_codes(program, outputs) for outputs in runs]
+            info["bit_exact_vs_reference"] = _compare(expected, got)
+            info["ran_on"] = "qemu-aarch64 (emulated; timings meaningless)"
+        else:
+            info["ran_on"] = "not run: no aarch64 runtime here (bash scripts/setup_aarch64.sh)"
+    else:
+        import tvm
+
+        if tvm.cuda().exist:
+            got = [
+                _tvm_codes(program, list(tvm_build.run_library(library, f).values())) for f in feeds
+            ]
+            info["bit_exact_vs_reference"] = _compare(expected, got)
+        else:
+            info["ran_on"] = "not run: compiled only, no CUDA device on this machine"
+    return info
+
+
+def _emit_mcu(program: IntegerProgram, target: str, out_dir: Path, feeds: Feeds) -> dict[str, Any]:
+    from dyadiq.backends import mcu_build
+    from dyadiq.backends.mcu_c import emit_c_project
+
+    project = emit_c_project(program, out_dir, cpu=target)
+    info: dict[str, Any] = {
+        "sources": str(out_dir),
+        "arena_bytes": project.arena.peak_bytes,
+        "weights_stored_as": "int4 packed two per byte, wider codes one per byte",
+    }
+    try:
+        mcu_build.find_toolchain()
+    except mcu_build.ToolchainError as exc:
+        info["built"] = f"not built: {exc}"
+        return info
+    built = mcu_build.build(project)
+    size = built.model_size
+    info["elf"] = str(built.app_elf)
+    info["flash_bytes"] = size.flash
+    info["static_ram_bytes"] = size.static_ram
+    info["stack_bytes_estimate"] = built.stack_bytes
+    preset = mcu_build.cpu_preset(target)
+    if preset.qemu_machine is None:
+        info["ran_on"] = f"not run: QEMU has no board for {target}"
+        return info
+    (name,) = list(program.inputs)
+    inputs = np.stack([np.asarray(f[name], np.float32)[0] for f in feeds])
+    run = mcu_build.run_qemu(project, built.app_elf, inputs, count_instructions=True)
+    expected = _reference_codes(program, feeds)
+    decoded = project.decode_outputs(run.outputs)
+    got = [
+        np.concatenate([decoded[spec.name][i].ravel() for spec in project.outputs])
+        for i in range(len(feeds))
+    ]
+    info["bit_exact_vs_reference"] = _compare(expected, got)
+    info["ran_on"] = f"qemu-system-arm -M {preset.qemu_machine}"
+    if run.instructions:
+        info["instructions_per_inference"] = int(np.median(run.instructions))
+    return info

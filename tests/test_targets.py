@@ -1,0 +1,87 @@
+"""``dyadiq quantize --target`` and ``dyadiq run``: compiled artifacts checked bit for bit.
+
+The reference interpreter's output codes are the ground truth for every target; the CLI's own
+report and an independent ``dyadiq run`` of the written folder must both agree with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dyadiq.cli import main
+from dyadiq.errors import ConfigError
+from dyadiq.reference_interpreter import ReferenceInterpreter
+from dyadiq.targets import emit_for_target, single_inputs
+
+
+def _reference_codes(out: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Codes of the program the CLI built, recomputed from its written integer model's plan."""
+    from dyadiq import zoo
+    from dyadiq.pipeline import quantize
+    from dyadiq.plan import PrecisionPlan
+
+    artifacts = zoo.get("fashion_cnn")
+    plan = PrecisionPlan.load(out / "plan.json")
+    calibration = list(artifacts.calibration_batches())
+    result = quantize(artifacts.model_path, out / "again", calibration, plan=plan, integer=True)
+    assert result.program is not None
+    codes = ReferenceInterpreter(result.program).outputs(feeds)
+    return np.concatenate([np.asarray(v).ravel() for v in codes.values()])
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("target", ["x86", "cortex-m4"])
+def test_quantize_target_then_run(target: str, tmp_path: Path) -> None:
+    from dyadiq import zoo
+
+    out = tmp_path / "OUT"
+    argv = ["quantize", "--zoo", "fashion_cnn", "-o", str(out), "--no-eval"]
+    assert main([*argv, "--target", target, "--check-inputs", "20"]) == 0
+    report = json.loads((out / "report.json").read_text())["target"]
+    assert report["bit_exact_vs_reference"] == {"inputs": 20, "exact": 20, "mismatched_inputs": []}
+    if target == "cortex-m4":
+        assert 0 < report["flash_bytes"] < 64 * 1024 and report["instructions_per_inference"] > 0
+
+    feeds, _ = next(iter(zoo.get("fashion_cnn").evaluation_batches(1)))
+    x = feeds["input"][:1]
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(out / target), "--input", str(tmp_path / "x.npy"),
+                 "-o", str(tmp_path / "y.npz")]) == 0  # fmt: skip
+    with np.load(tmp_path / "y.npz") as stored:
+        codes = stored[stored.files[0]]
+    assert np.array_equal(codes.ravel(), _reference_codes(out, {"input": x}))
+
+
+def test_relax_module_file_quantizes_from_the_cli(
+    tmp_path: Path, calib_npz_folder: Path, tiny_cnn_model: onnx.ModelProto
+) -> None:
+    tvm = pytest.importorskip("tvm")
+    from tvm.relax.frontend.onnx import from_onnx
+
+    saved = tmp_path / "tiny.relax.json"
+    saved.write_text(tvm.ir.save_json(from_onnx(tiny_cnn_model, keep_params_in_input=False)))
+    out = tmp_path / "OUT"
+    argv = ["quantize", str(saved), "-o", str(out), "--calib", str(calib_npz_folder)]
+    assert main([*argv, "--target", "x86", "--check-inputs", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["integer"]["fully_integer"]
+    assert report["target"]["bit_exact_vs_reference"]["exact"] == 4
+
+
+def test_targets_refuse_batched_inputs_and_unknown_names(tmp_path: Path) -> None:
+    rows = single_inputs([{"x": np.zeros((3, 2))}, {"x": np.ones((2, 2))}], limit=4)
+    assert [r["x"].shape for r in rows] == [(1, 2)] * 4 and rows[3]["x"][0, 0] == 1
+    with pytest.raises(ConfigError, match="unknown target"):
+        emit_for_target(None, "riscv", tmp_path, [])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="batch-1"):
+        emit_for_target(None, "x86", tmp_path, [{"x": np.zeros((3, 2))}])  # type: ignore[arg-type]
+
+
+def test_run_rejects_folders_it_did_not_write(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((1, 3)))
+    assert main(["run", str(tmp_path), "--input", str(tmp_path / "x.npy")]) == 2
