@@ -7,7 +7,7 @@
 # Builds, once, under ${DYADIQ_CACHE:-$HOME/.cache/dyadiq}/aarch64:
 #   sysroot/         Debian bookworm arm64 packages (python3.11, libc, libstdc++...) unpacked
 #                    with dpkg -x (nothing is installed into the host's package database)
-#   site-packages/   aarch64 wheels of apache-tvm, apache-tvm-ffi, numpy, ml_dtypes from PyPI
+#   site-packages/   aarch64 wheels of apache-tvm (runtime only), apache-tvm-ffi, numpy from PyPI
 # and the host tools qemu-user and gcc-aarch64-linux-gnu. A stamp file records the finished
 # build, so later runs (CI) return at once without downloading anything. As root it runs
 # `dpkg --add-architecture arm64` and apt-get itself; otherwise it prints what to run.
@@ -21,7 +21,6 @@ wheels=(apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy==2.4.6
   typing_extensions==4.16.0)
 debs=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6 libgcc-s1
   libexpat1 zlib1g libffi8 libssl3 libbz2-1.0 liblzma5 libcrypt1 libuuid1)
-host_packages=(qemu-user gcc-aarch64-linux-gnu)
 
 root="${DYADIQ_CACHE:-$HOME/.cache/dyadiq}/aarch64"
 layout=2  # bump when the build steps below change, so cached builds are redone
