@@ -47,3 +47,8 @@ if [ ! -e "$stamp" ]; then
   "$venv/bin/python" -c "import dyadiq.pipeline" && touch "$stamp"
 fi
 "$venv/bin/python" -c "import dyadiq.pipeline"
+# The test suite runs aarch64 TVM libraries under qemu-user: an emulated Python + TVM runtime,
+# built once into the cache (returns at once when present).
+if [ "$extras" = "dev" ]; then
+  bash scripts/setup_aarch64.sh
+fi
