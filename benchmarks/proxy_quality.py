@@ -2,8 +2,12 @@
 
 For each zoo model:
 
-1. ``analyze`` runs once on a small calibration subset (weight bits 2/3/4/6/8, pair terms on);
-   its wall time and forward passes are recorded.
+1. ``analyze`` runs once on a small calibration subset (weight bits 2/3/4/6/8, trace, empirical
+   damage, pair terms, feature entropy); its wall time and forward passes are recorded. A
+   second ``analyze`` with ``gradients=True`` only (reverse mode through TVM: top Gauss-Newton
+   eigenvalue, Fisher diagonal, Taylor with the float argmax as labels) runs on the first
+   ``GRADIENT_SAMPLES`` of them and is timed separately (compile time included), so the
+   trace analysis' own cost stays visible.
 2. ``--configs`` random mixed-precision weight configurations are drawn with a fixed seed: per
    configuration a probability ``p`` of "low bits" is drawn uniformly, then each layer gets a
    low width (2/3/4) with probability ``p`` and a high one (6/8) otherwise; activations are
@@ -48,7 +52,7 @@ from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
-ALL_MODELS = ("fashion_cnn", "ppocr_cls", "mobilenet_v2", "minilm")
+ALL_MODELS = ("fashion_cnn", "ppocr_cls", "minilm", "mobilenet_v2")
 BITS = (2, 3, 4, 6, 8)
 LOW_BITS = (2, 3, 4)
 HIGH_BITS = (6, 8)
@@ -78,6 +82,11 @@ CALIBRATION_SAMPLES = {"fashion_cnn": 16, "ppocr_cls": 16, "mobilenet_v2": 16, "
 EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 200, "mobilenet_v2": 128, "minilm": 64}
 QUICK_EVAL_SAMPLES = {"fashion_cnn": 500, "ppocr_cls": 64, "mobilenet_v2": 32, "minilm": 16}
 QUICK_ANALYSIS_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 4, "mobilenet_v2": 4, "minilm": 4}
+# reverse passes are slow in untuned TVM (MobileNetV2: about 1.4 s per sample), so the
+# gradient proxies use fewer samples and power-iteration steps on the large models
+GRADIENT_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 8, "mobilenet_v2": 1, "minilm": 8}
+EIGEN_MAX_ITERS = {"fashion_cnn": 20, "ppocr_cls": 20, "mobilenet_v2": 3, "minilm": 10}
+QUICK_GRADIENT_SAMPLES = 16
 EVAL_CHUNK = {"minilm": 5}  # configurations per evaluate() call (sessions held at once)
 DEFAULT_EVAL_CHUNK = 10
 
@@ -160,9 +169,23 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
     cal_cfg = (
         CalibrationConfig(method=RangeMethod.MINMAX) if name == "minilm" else CalibrationConfig()
     )
-    sens_cfg = SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED)
+    sens_cfg = SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED, activations=False)
     if args.hutchinson_max_iters is not None:
         sens_cfg = dataclasses.replace(sens_cfg, hutchinson_max_iters=args.hutchinson_max_iters)
+    grad_cfg = SensitivityConfig(
+        weight_bits=BITS,
+        seed=SEED,
+        trace=False,
+        empirical=False,
+        pairs=False,
+        entropy=False,
+        activations=False,
+        gradients=True,
+        gradient_samples=min(
+            QUICK_GRADIENT_SAMPLES if args.quick else GRADIENT_SAMPLES[name], analysis_n
+        ),
+        eigen_max_iters=EIGEN_MAX_ITERS[name],
+    )
     result: dict[str, Any] = {
         "output_kind": kind.value,
         "damage_metric": {
@@ -178,6 +201,7 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
         },
         "calibration": {"method": cal_cfg.method.value, "percentile": cal_cfg.percentile},
         "sensitivity_config": sens_cfg.to_json(),
+        "gradient_config": grad_cfg.to_json(),
     }
 
     # 1. analysis, once
@@ -201,10 +225,32 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
         "pairs": len(report.pairs),
     }
     log.info("%s: analysis %.1fs, %d forward passes", name, analysis_s, report.forward_passes)
+    t = time.perf_counter()
+    grad_report = analyze(graph, analysis_batches, kind, grad_cfg)
+    result["gradient_analysis"] = {
+        "wall_s": time.perf_counter() - t,
+        "samples": grad_cfg.gradient_samples,
+        "reverse_passes": grad_report.reverse_passes,
+        "forward_passes": grad_report.forward_passes,
+        "eigen_iterations": {
+            k: v.top_eigenvalue.samples
+            for k, v in grad_report.layers.items()
+            if v.top_eigenvalue is not None
+        },
+        "notes": list(grad_report.notes),
+    }
+    log.info("%s: gradient proxies %.1fs", name, result["gradient_analysis"]["wall_s"])
+    from_gradients = {"eigenvalue", "fisher", "taylor"}
 
     # 2. configurations
     configs = sample_configs(layer_ids, args.configs)
-    predicted = {p: [predict_damage(report, c["bits"], p) for c in configs] for p in PROXIES}
+    predicted = {
+        p: [
+            predict_damage(grad_report if p in from_gradients else report, c["bits"], p)
+            for c in configs
+        ]
+        for p in PROXIES
+    }
 
     # 3. real QDQ models, measured damage
     calibration = list(artifacts.calibration_batches(calib_n))
@@ -306,6 +352,13 @@ def _f(x: Any, spec: str = "+.3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _iters(iterations: dict[str, int]) -> str:
+    if not iterations:
+        return "n/a"
+    values = list(iterations.values())
+    return f"median {int(np.median(values))}, max {max(values)}"
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
@@ -332,10 +385,10 @@ def render_markdown(data: dict[str, Any]) -> str:
     if data.get("notes"):
         lines += [f"- {n}" for n in data["notes"]] + [""]
     lines += [
-        "| model | N | analysis s | fwd passes | "
+        "| model | N | analysis s | fwd passes | gradient s | rev passes | "
         + " | ".join(f"{p} tau / rho" for p in data["settings"]["proxies"])
         + " | pairs help (Hessian)? |",
-        "|---|---:|---:|---:|" + "---|" * len(data["settings"]["proxies"]) + "---|",
+        "|---|---:|---:|---:|---:|---:|" + "---|" * len(data["settings"]["proxies"]) + "---|",
     ]
     for name, res in data["models"].items():
         if "error" in res or "skipped" in res:
@@ -349,6 +402,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {res['configs']} | {res['analysis']['wall_s']:.1f} | "
             f"{res['analysis']['forward_passes']} | "
+            f"{res['gradient_analysis']['wall_s']:.1f} | "
+            f"{res['gradient_analysis']['reverse_passes']} | "
             + " | ".join(cells)
             + f" | {res['verdict']['hessian+pairs_vs_hessian']} |"
         )
@@ -368,6 +423,13 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"- analysis: {res['analysis']['wall_s']:.1f} s, "
             f"{res['analysis']['forward_passes']} forward passes, "
             f"{res['analysis']['layers']} layers, {res['analysis']['pairs']} pair terms",
+            f"- gradient proxies (eigenvalue, Fisher, Taylor): "
+            f"{res['gradient_analysis']['wall_s']:.1f} s incl. TVM compile, "
+            f"{res['gradient_analysis']['samples']} samples, "
+            f"{res['gradient_analysis']['reverse_passes']} reverse passes, "
+            f"{res['gradient_analysis']['forward_passes']} forward passes; power-iteration "
+            f"steps per layer {_iters(res['gradient_analysis']['eigen_iterations'])}"
+            + "".join(f"; {n}" for n in res["gradient_analysis"]["notes"]),
             f"- build {res['build_s']:.1f} s, evaluate {res['evaluate_s']:.1f} s, "
             f"model total {res['wall_s']:.1f} s"
             + (f"; truncated: {res['truncated']}" if res.get("truncated") else ""),
@@ -397,9 +459,11 @@ def conclusion(data: dict[str, Any]) -> str:
         if "verdict" not in res:
             continue
         t = {p: res["correlations"][p]["kendall_tau"] for p in res["correlations"]}
+        best = res["verdict"]["best_proxy_by_tau"]
         rows.append(
             f"{name}: hessian tau {_f(t['hessian'])}, hessian+pairs {_f(t['hessian+pairs'])} "
-            f"({res['verdict']['hessian+pairs_vs_hessian']})"
+            f"({res['verdict']['hessian+pairs_vs_hessian']}); best by tau {best} "
+            f"({_f(t.get(best))})"
         )
     if not rows:
         return ""
