@@ -5,7 +5,10 @@ here fails with that command in the message rather than skipping. A small Relax 
 the integer requantization chain of the integer backends (int8 conv2d with int32 accumulation,
 int64 multiply, rounding add, arithmetic right shift, clip, int8 cast) is compiled for
 ``aarch64-linux-gnu`` + NEON and for the host; both must equal a numpy int64 model of the
-same arithmetic bit for bit.
+same arithmetic bit for bit. Then the zoo's Fashion-MNIST CNN, W8A8 and mixed W4/W8, lowered
+by ``tvm_lowering`` and built by ``tvm_build`` for aarch64, must reproduce the reference
+interpreter's output codes and float logits exactly on 25 real test images (one emulator
+launch per model).
 """
 
 from __future__ import annotations
