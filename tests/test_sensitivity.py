@@ -182,9 +182,37 @@ def test_cli_analyze_writes_a_report_and_reruns_from_the_cache(tmp_path, monkeyp
     second = json.loads((tmp_path / "b" / "sensitivity.json").read_text())
     assert second == first
     # other settings are another cache entry
-    assert main([*args, str(tmp_path / "c"), "--wbits", "4,8", "--no-pairs"]) == 0
+    assert main([*args, str(tmp_path / "c"), "--wbits", "4,8", "--no-pairs", "--gradients"]) == 0
     third = json.loads((tmp_path / "c" / "sensitivity.json").read_text())
     assert third["fingerprint"] != first["fingerprint"] and third["pairs"] == []
+    assert third["reverse_passes"] > 0 and first["reverse_passes"] == 0
+    for layer in third["layers"].values():
+        assert layer["top_eigenvalue"]["mean"] > 0 and set(layer["taylor_damage"]) == {"4", "8"}
+
+
+def test_a_cached_report_of_an_older_schema_is_recomputed(tmp_path, monkeypatch):
+    import json
+
+    from dyadiq.passes.sensitivity import cache
+    from dyadiq.passes.sensitivity.analysis import analyze_cached
+
+    monkeypatch.setenv("DYADIQ_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(8)
+    model, _, _ = _mlp(rng)
+    graph = load_onnx(model, simplify=False)
+    batches = [{"x": rng.normal(size=(8, 6)).astype(np.float32)} for _ in range(2)]
+    config = SensitivityConfig(weight_bits=(4, 8), hutchinson_max_iters=8, pairs=False)
+    report, cached = analyze_cached(graph, batches, OutputKind.LOGITS, config)
+    assert not cached
+    path = cache.cache_dir() / f"{report.fingerprint}.json"
+    old = json.loads(path.read_text())
+    del old["schema_version"], old["activations"]  # what a schema-1 report lacked
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="schema 1"):
+        SensitivityReport.from_json(old)
+    again, cached = analyze_cached(graph, batches, OutputKind.LOGITS, config)
+    assert not cached and again.to_json() == report.to_json() | {"seconds": again.seconds}
+    assert json.loads(path.read_text())["schema_version"] == 2
 
 
 def test_output_kind_detection():

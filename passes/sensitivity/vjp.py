@@ -187,7 +187,9 @@ class VectorJacobianProduct:
         output_ty = forward.ret_ty
         if isinstance(output_ty, relax.TupleType):
             output_ty = output_ty.fields[0]
-        self.output_shape = tuple(int(d) for d in output_ty.shape)
+        # a dynamically shaped output (shape None) is checked at run time by the VM instead
+        shape = getattr(output_ty, "shape", None)
+        self.output_shape = None if shape is None else tuple(int(d) for d in shape)
 
         builder = relax.BlockBuilder()
         forward_gv = builder.add_func(forward.without_attr("params"), "forward")
@@ -226,7 +228,7 @@ class VectorJacobianProduct:
         keep their float values). Returns initializer name -> gradient."""
         import tvm
 
-        if tuple(cotangent.shape) != self.output_shape:
+        if self.output_shape is not None and tuple(cotangent.shape) != self.output_shape:
             raise ValueError(f"cotangent shape {cotangent.shape} != output {self.output_shape}")
         args = []
         for name in self.input_order:
