@@ -342,7 +342,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     given = args.output_kind
     kind = OutputKind(given) if given else output_kind_of(graph, batches)
     config = SensitivityConfig(
-        weight_bits=tuple(int(b) for b in args.wbits.split(",")), pairs=not args.no_pairs
+        weight_bits=tuple(int(b) for b in args.wbits.split(",")),
+        pairs=not args.no_pairs,
+        gradients=args.gradients,
     )
     report, cached = analyze_cached(graph, batches, kind, config)
     write_text_atomic(out / "sensitivity.json", json.dumps(report.to_json(), indent=1))
@@ -495,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", default="2,3,4,6,8", help="candidate weight widths")
     p.add_argument("--no-pairs", action="store_true", help="skip inter-layer pair terms")
     p.add_argument("--output-kind", choices=["logits", "probabilities", "embedding"])
+    p.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also top Hessian eigenvalue, Fisher diagonal and Taylor proxies (TVM reverse mode)",
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("frontier", help="Pareto frontier: ILP plans over a size sweep, measured")
