@@ -52,6 +52,7 @@ def bisect_budget(
                 "budget": budget,
                 "size": allocation.size_bytes,
                 "bops": allocation.bops,
+                "latency": allocation.latency,
                 "metric": state[key],
                 "passed": state[key] >= threshold,
             }

@@ -27,6 +27,7 @@ class FrontierPoint:
     predicted_damage: float
     metric: float | None
     formats: dict[str, str]
+    latency: float | None = None  # the problem's latency table (measured, or its cost model)
 
 
 def sweep(
@@ -51,6 +52,7 @@ def sweep(
                 allocation.predicted_damage,
                 metric,
                 {k: v.label for k, v in allocation.formats.items()},
+                allocation.latency,
             )
         )
     return frontier

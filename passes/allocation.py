@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from dyadiq.passes.allocation_costs import (
     CostTable,
     RamModel,
     activation_ties,
+    as_cost_table,
     flash_estimate,
     latency_cost_model,
     layer_macs,
@@ -231,7 +232,9 @@ def resource_expressions(problem: AllocationProblem, resource: str) -> list[Expr
 class _Formulation:
     """The ILP's variables and rows: x (one per layer and format), then auxiliaries."""
 
-    def __init__(self, problem: AllocationProblem, *, with_pairs: bool) -> None:
+    def __init__(
+        self, problem: AllocationProblem, *, with_pairs: bool, linearisation: str = "marginal"
+    ) -> None:
         self.problem = problem
         self.index: dict[tuple[str, LayerFormat], int] = {}
         for layer, formats in problem.candidates.items():
@@ -244,8 +247,12 @@ class _Formulation:
         for layer, formats in problem.candidates.items():
             self.rows.append(({self.index[(layer, f)]: 1.0 for f in formats}, 1.0, 1.0))
         self._ties()
-        if with_pairs:
+        if with_pairs and linearisation == "marginal":
             self._pairs()
+        elif with_pairs and linearisation == "mccormick":
+            self._pairs_mccormick()
+        elif with_pairs:
+            raise ValueError(f"unknown linearisation {linearisation!r}")
 
     def add_variable(self, cost: float, upper: float = 1.0) -> int:
         self.cost.append(cost)
@@ -303,6 +310,21 @@ class _Formulation:
                 marginal = {y[k][m]: 1.0 for k in range(len(rows))}
                 marginal.update({self.index[(pair.b, fb[c])]: -1.0 for c in members})
                 self.rows.append((marginal, 0.0, 0.0))
+
+    def _pairs_mccormick(self) -> None:
+        """One product variable per nonzero cost with the three McCormick inequalities (the
+        first formulation; kept to measure against in benchmarks/allocation.py)."""
+        index = self.index
+        for pair in self.problem.pairs:
+            for fa in self.problem.candidates.get(pair.a, ()):
+                for fb in self.problem.candidates.get(pair.b, ()):
+                    cost = pair.cost.get((fa, fb), 0.0)
+                    if cost == 0.0:
+                        continue
+                    y, ka, kb = self.add_variable(cost), index[(pair.a, fa)], index[(pair.b, fb)]
+                    self.rows.append(({y: 1.0, ka: -1.0, kb: -1.0}, -1.0, np.inf))
+                    self.rows.append(({y: 1.0, ka: -1.0}, -np.inf, 0.0))
+                    self.rows.append(({y: 1.0, kb: -1.0}, -np.inf, 0.0))
 
     def add_budget(self, resource: str, limit: float) -> None:
         for coeffs, constant in resource_expressions(self.problem, resource):
@@ -408,7 +430,15 @@ def infeasibility_message(problem: AllocationProblem, budget: Budget) -> str:
     return "; ".join(parts)
 
 
-def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.0) -> Allocation:
+def solve(
+    problem: AllocationProblem,
+    budget: Budget,
+    *,
+    time_limit: float = 60.0,
+    linearisation: str = "marginal",
+) -> Allocation:
+    """The plan of least predicted damage within ``budget`` (pair products linearised by
+    ``linearisation``: "marginal", or "mccormick" to compare against)."""
     limits = budget.limits()
     for resource in limits:
         if not problem.has(resource):
@@ -419,7 +449,7 @@ def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.
             1 + 1e-9
         ):
             raise ConfigError(infeasibility_message(problem, budget))
-    model = _Formulation(problem, with_pairs=True)
+    model = _Formulation(problem, with_pairs=True, linearisation=linearisation)
     for (layer, fmt), k in model.index.items():
         model.cost[k] = float(problem.damage[layer][fmt])
     for resource, limit in limits.items():
@@ -487,10 +517,10 @@ def problem_from_report(
     *,
     act_bits: int = 8,
     activation_damage: Mapping[str, Mapping[int, float]] | None = None,
-    latency: CostTable | None = None,
-    flash: CostTable | None = None,
-    ram_live_sets: Sequence[Sequence[str]] | None = None,
-    tensor_bytes: Mapping[str, Mapping[int, float]] | None = None,
+    latency: Mapping[str, Mapping[Any, float]] | None = None,
+    flash: Mapping[str, Mapping[Any, float]] | None = None,
+    ram_live_sets: Sequence[Iterable[str]] | None = None,
+    tensor_bytes: Mapping[str, float | Mapping[int, float]] | None = None,
 ) -> AllocationProblem:
     """The ILP for a model: damage(layer, W w A a) = weight damage(w) + activation damage(a).
 
@@ -499,8 +529,8 @@ def problem_from_report(
     ``act_bits`` come from the activation sites. Tables: ``latency`` a backend's measured
     {layer: {format: ms}} (else the MACs x w x a cost model), ``flash`` {layer: {format:
     bytes}} (else an estimate), ``ram_live_sets`` the tensors live at each step of a static
-    schedule with ``tensor_bytes`` {tensor: {act bits: bytes}} (else graph shapes, int8
-    containers).
+    schedule with ``tensor_bytes`` {tensor: bytes or {act bits: bytes}} (else graph shapes,
+    int8 containers). Table rows may be keyed by LayerFormat or by label ("W4A8").
     """
     layers = list(report.layers)
     missing = [f for f in formats if f.weight_bits not in report.layers[layers[0]].empirical_damage]
@@ -560,7 +590,8 @@ def problem_from_report(
             pairs.append(PairCost(term.a, term.b, cost))
     ram = None
     if ram_live_sets is not None:
-        ram = ram_model(graph, ram_live_sets, tensor_bytes, act, act_bits)
+        live = [sorted(s) for s in ram_live_sets]
+        ram = ram_model(graph, live, tensor_bytes, act, act_bits)
     return AllocationProblem(
         allowed,
         damage,
@@ -569,8 +600,10 @@ def problem_from_report(
         pairs,
         shared_weight_ties(graph, layers),
         act.ties,
-        latency=dict(latency) if latency is not None else latency_cost_model(graph, allowed),
-        flash=dict(flash) if flash is not None else flash_estimate(graph, allowed),
+        latency=as_cost_table(latency)
+        if latency is not None
+        else latency_cost_model(graph, allowed),
+        flash=as_cost_table(flash) if flash is not None else flash_estimate(graph, allowed),
         ram=ram,
         latency_measured=latency is not None,
         latency_source="measured table" if latency is not None else LATENCY_COST_MODEL,

@@ -175,12 +175,14 @@ def activation_ties(graph: QGraph, layers: Sequence[str], default_act_bits: int)
 def ram_model(
     graph: QGraph,
     live_sets: Sequence[Sequence[str]],
-    tensor_bytes: Mapping[str, Mapping[int, float]] | None,
+    tensor_bytes: Mapping[str, float | Mapping[int, float]] | None,
     act: ActivationTies,
     default_act_bits: int,
 ) -> RamModel:
-    """Live sets from a backend's memory plan; a tensor's width follows the layers reading its
-    scale group. Without sizes, graph shapes at one byte per code (int8 containers)."""
+    """Live sets from a backend's memory plan (e.g. ``ArenaPlan.live_sets``); a tensor's width
+    follows the layers reading its scale group. Sizes: {tensor: bytes} (the same at every
+    width, as in int8 containers) or {tensor: {act bits: bytes}}; without them, graph shapes
+    at one byte per code."""
     reader: dict[str, str] = {}
     group_reader: dict[int, str] = {}
     for layer, reads in act.inputs.items():
@@ -190,7 +192,14 @@ def ram_model(
         if group in group_reader:
             reader[name] = group_reader[group]
     source = "memory plan"
-    if tensor_bytes is None:
+    sizes_by_width: dict[str, dict[int, float]] = {}
+    if tensor_bytes is not None:
+        for name, value in tensor_bytes.items():
+            if isinstance(value, Mapping):
+                sizes_by_width[name] = {int(k): float(v) for k, v in value.items()}
+            else:
+                sizes_by_width[name] = {default_act_bits: float(value)}
+    else:
         tensors = graph.tensors()
         sizes: dict[str, dict[int, float]] = {}
         for live in live_sets:
@@ -199,9 +208,9 @@ def ram_model(
                     raise ConfigError(f"no shape for tensor {name!r}: give its bytes")
                 shape = [d if isinstance(d, int) and d > 0 else 1 for d in tensors[name].shape]
                 sizes[name] = {default_act_bits: float(np.prod(shape))}
-        tensor_bytes, source = sizes, INT8_CONTAINER_RAM
+        sizes_by_width, source = sizes, INT8_CONTAINER_RAM
     return RamModel(
-        tuple(tuple(s) for s in live_sets), tensor_bytes, reader, default_act_bits, source
+        tuple(tuple(s) for s in live_sets), sizes_by_width, reader, default_act_bits, source
     )
 
 
@@ -224,6 +233,18 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def as_cost_table(table: Mapping[str, Mapping[Any, float]]) -> dict[str, dict[LayerFormat, float]]:
+    """A {layer: {format: value}} table keyed by LayerFormat or by label ("W4A8"), as a
+    backend's LatencyTable.layers is."""
+    return {
+        str(layer): {
+            f if isinstance(f, LayerFormat) else parse_format(str(f)): float(v)
+            for f, v in row.items()
+        }
+        for layer, row in table.items()
+    }
 
 
 def cost_table_from_json(data: Any, what: str) -> dict[str, dict[LayerFormat, float]]:

@@ -263,7 +263,9 @@ def test_marginal_linearisation_collapses_equal_rows_and_stays_exact():
     assert len(_Formulation(weight_only, with_pairs=True).cost) - x == 3 * 25
     assert len(_Formulation(general, with_pairs=True).cost) - x == 3 * 100
     for problem in (weight_only, general):
-        _check_against_brute_force_no_ram(problem, Budget(size_bytes=3000.0))
+        exact = _check_against_brute_force_no_ram(problem, Budget(size_bytes=3000.0))
+        mccormick = solve(problem, Budget(size_bytes=3000.0), linearisation="mccormick")
+        assert mccormick.predicted_damage == pytest.approx(exact.predicted_damage, rel=1e-7)
 
 
 # --- from a graph ------------------------------------------------------------------------------
@@ -390,6 +392,20 @@ def test_flash_estimate_latency_model_and_ram_from_graph_shapes():
     table = {conv1: {w4: 1.0}}
     with pytest.raises(ConfigError, match="latency table has no entry"):
         problem_from_report(graph, report, formats, latency=table)
+    # a backend's tables as they come: label-keyed latency (LatencyTable.layers), frozenset
+    # live sets and plain byte counts (ArenaPlan)
+    labelled = {i: {"W4A8": 2.0, "W8A8": 1.0} for i in (conv1, conv2, conv3)}
+    measured = problem_from_report(
+        graph,
+        report,
+        formats,
+        latency=labelled,
+        ram_live_sets=[frozenset({"r", "c2"}), frozenset({"y"})],
+        tensor_bytes={"r": 100, "c2": 50, "y": 120},
+    )
+    assert measured.latency_measured and measured.latency[conv2][w4] == 2.0
+    assert measured.ram is not None and measured.ram.peak(everything) == 150
+    assert parse_budget("latency=2.5ms", measured).latency == 2.5
 
 
 def test_measured_tables_load_from_json(tmp_path):
