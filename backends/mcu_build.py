@@ -113,7 +113,8 @@ def _makefile(preset: CpuPreset) -> str:
 # size_probe.elf (the model alone); `make run` runs the harness on inputs.bin.
 CC = arm-none-eabi-gcc
 CPU_FLAGS = {" ".join(preset.flags)}
-CFLAGS = $(CPU_FLAGS) -O2 -std=gnu99 -Wall -Wextra -ffunction-sections -fdata-sections -fstack-usage
+CFLAGS = $(CPU_FLAGS) -O2 -std=gnu99 -Wall -Wextra -ffunction-sections -fdata-sections \\
+	-fstack-usage $(EXTRA_CFLAGS)
 LDFLAGS = $(CPU_FLAGS) -nostartfiles -T link.ld -Wl,--gc-sections
 QEMU_MACHINE = {preset.qemu_machine or ""}
 MODEL_OBJS = model.o dq_kernels.o
@@ -209,10 +210,12 @@ def stack_estimate(build_dir: Path) -> int:
     return frames.get("dq_model_run", 0) + max(kernels, default=0)
 
 
-def build(project: McuProject, *, jobs: int = 1) -> BuildResult:
+def build(project: McuProject, *, jobs: int = 1, profile: bool = False) -> BuildResult:
+    """``make all``; ``profile`` builds the harness with per-op clock readings (DQ_PROFILE)."""
     tools = find_toolchain()
     out = project.out_dir
-    _run(["make", f"-j{jobs}", "all"], cwd=out)
+    _run(["make", "clean"], cwd=out)
+    _run(["make", f"-j{jobs}", "all", f"EXTRA_CFLAGS={'-DDQ_PROFILE' if profile else ''}"], cwd=out)
     return BuildResult(
         out / "app.elf", out / "size_probe.elf", elf_size(out / "size_probe.elf", tools),
         stack_estimate(out),
@@ -224,6 +227,7 @@ class QemuRun:
     outputs: np.ndarray  # uint8 [n, output_bytes], as written by the device
     ticks: list[int]  # SysTick ticks per inference
     instructions: list[int] | None  # ticks * INSNS_PER_TICK under icount, else None
+    op_ticks: list[tuple[int, str, int]]  # (step, op kind, ticks) of a DQ_PROFILE build
 
 
 def run_qemu(
@@ -255,7 +259,10 @@ def run_qemu(
         raw = np.frombuffer((work / "outputs.bin").read_bytes(), dtype=np.uint8)
     outputs = raw.reshape(batch.shape[0], project.output_bytes)
     insns = [t * INSNS_PER_TICK for t in ticks] if count_instructions else None
-    return QemuRun(outputs, ticks, insns)
+    per_op = [
+        (int(a), b, int(c)) for a, b, c in re.findall(r"dq: op (\d+) (\w+) (\d+)", result.stdout)
+    ]
+    return QemuRun(outputs, ticks, insns, per_op)
 
 
 def _run(

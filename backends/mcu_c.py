@@ -16,6 +16,10 @@ Codes are bytes: a signed (int8) code is stored as its two's complement byte. Th
 the integer codes of the model outputs, concatenated in ``program.outputs`` order; the host
 dequantizes them (``(code - z) * s``), as the program's final Dequantize ops do.
 
+Elementwise ops whose output byte is a function of the input byte alone (HardSwish,
+HardSigmoid, LeakyRelu with per-tensor constants, Clip) become a 256-byte lookup table computed
+by the reference interpreter, when the tensor is large enough for the table to pay off.
+
 Two folds keep the hot loops short and change no result: for 1x1 convolutions and constant
 matrix products the input zero point is folded into the bias (``bias - z * sum(w)``, exact in
 int32 because there is no padding), and signed inputs are read as ``(b ^ 0x80) - (z + 128)``.
@@ -38,6 +42,7 @@ from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.io import write_text_atomic
 from dyadiq.op_facts import OpKind
 from dyadiq.plan import LayerFormat
+from dyadiq.reference_interpreter import ReferenceInterpreter
 
 from .memory_plan import ArenaPlan, plan_arena, static_shape
 
@@ -45,6 +50,16 @@ TEMPLATES = Path(__file__).resolve().parent / "mcu_templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
 PACKED_BITS = 4  # weights of at most this many bits are stored two per byte
 INT32 = (-(2**31), 2**31 - 1)
+IM2COL_MIN_CHANNELS = 4  # DQ_IM2COL_MIN_CHANNELS of dq_kernels.c
+LOOKUP_MIN_ELEMENTS = 1024  # a 256-byte table in flash pays for itself from here on
+PROFILE_HOOK = """#if defined(DQ_PROFILE) /* per-op cost: the harness reads the clock after ops */
+void dq_profile_step(int32_t step, const char *op);
+#define DQ_PROFILE_STEP(step, op) dq_profile_step(step, op)
+#else
+#define DQ_PROFILE_STEP(step, op) ((void)0)
+#endif
+
+"""
 
 MCU_C = Capabilities(
     name="mcu-c",
@@ -117,14 +132,15 @@ class McuProject:
         return decoded
 
 
-def weight_storage_bytes(count: int, bits: int) -> int:
-    """Bytes of ``count`` weight codes of ``bits`` bits as the emitter stores them."""
-    return (count + 1) // 2 if bits <= PACKED_BITS else count
+def weight_storage_bytes(rows: int, length: int, bits: int) -> int:
+    """Bytes of ``rows`` rows of ``length`` codes of ``bits`` bits as the emitter stores them."""
+    return rows * ((length + 1) // 2 if bits <= PACKED_BITS else length)
 
 
 def layer_flash_bytes(weight_count: int, out_channels: int, bits: int) -> int:
     """Packed weights + an int32 bias + an int32 multiplier and an int8 shift per channel."""
-    return weight_storage_bytes(weight_count, bits) + out_channels * (4 + 4 + 1)
+    storage = weight_storage_bytes(out_channels, weight_count // out_channels, bits)
+    return storage + out_channels * (4 + 4 + 1)
 
 
 def flash_cost_table(
@@ -147,18 +163,26 @@ def flash_cost_table(
     return table
 
 
-def pack_weights(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Flattened codes as stored: int8, or two 4-bit two's complement nibbles per byte."""
-    flat = np.asarray(codes, dtype=np.int64).reshape(-1)
+def pack_weights(rows: np.ndarray, bits: int) -> np.ndarray:
+    """Codes ``[out channels, length]`` as stored: int8, or, for 4 bits and fewer, two
+    two's complement nibbles per byte (low nibble first), each row starting on a byte."""
+    codes = np.asarray(rows, dtype=np.int64)
     if bits > PACKED_BITS:
-        return flat.astype(np.int8)
+        return codes.reshape(-1).astype(np.int8)
     limit = 2 ** (bits - 1)
-    if flat.size and (flat.min() < -limit or flat.max() >= limit):
+    if codes.size and (codes.min() < -limit or codes.max() >= limit):
         raise UnsupportedModelError(f"weight codes exceed {bits} bits")
-    nibbles = (flat & 0xF).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    nibbles = (codes & 0xF).astype(np.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = np.pad(nibbles, ((0, 0), (0, 1)))
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+
+
+def _check_dyadic(tag: str, mult: np.ndarray | int, shift: np.ndarray | int) -> None:
+    """The kernels store m as int32 and rely on 0 <= k <= 31 (as :func:`dyadic` makes them)."""
+    m, k = np.atleast_1d(mult), np.atleast_1d(shift)
+    if m.min() < 0 or m.max() > INT32[1] or k.min() < 0 or k.max() > 31:
+        raise UnsupportedModelError(f"{tag}: dyadic multiplier outside int32 m, 0 <= k <= 31")
 
 
 def _c_array(ctype: str, name: str, values: np.ndarray) -> str:
@@ -209,6 +233,7 @@ class _Emitter:
     def requant(self, tag: str, rq: ip.Requant, channels: int) -> str:
         mult = np.atleast_1d(rq.mult).astype(np.int64)
         shift = np.atleast_1d(rq.shift).astype(np.int64)
+        _check_dyadic(tag, mult, shift)
         if mult.size not in (1, channels) or shift.size != mult.size:
             raise UnsupportedModelError(
                 f"{tag}: requant has {mult.size} multipliers for {channels} channels"
@@ -239,7 +264,7 @@ class _Emitter:
         rq_bytes = 5 * np.size(rq.mult)  # int32 multiplier + int8 shift each
         self.layers.append(LayerFlash(tag, bits, packed.size, 4 * bias.size, rq_bytes))
         if bits <= PACKED_BITS:
-            self.scratch = max(self.scratch, rows.shape[1])
+            self.scratch = max(self.scratch, rows.shape[1])  # an unpacked row
         return _struct({"data": f"{tag}_w", "bits": 8 if bits > PACKED_BITS else 4})
 
     def param(self, ctype: str, tag: str, fields: Mapping[str, object]) -> str:
@@ -249,6 +274,12 @@ class _Emitter:
     # --- ops ---------------------------------------------------------------------------------
     def emit(self, step: int, op: ip.IntOp) -> None:
         tag = f"op{step}"
+        before = len(self.calls)
+        self.dispatch(tag, op)
+        if len(self.calls) > before:
+            self.calls.append(f'DQ_PROFILE_STEP({step}, "{type(op).__name__}");')
+
+    def dispatch(self, tag: str, op: ip.IntOp) -> None:
         if isinstance(op, ip.Conv):
             self.conv(tag, op)
         elif isinstance(op, ip.MatMul):
@@ -293,6 +324,10 @@ class _Emitter:
         }  # fmt: skip
         p = self.param("dq_conv", tag, fields)
         kernel = "dq_conv1x1" if pointwise else "dq_conv2d"
+        if op.group == cin == cout:  # int32 accumulators of one output row + a weight row
+            self.scratch = max(self.scratch, 4 * ow + rows.shape[1])
+        elif not pointwise and cout // op.group >= IM2COL_MIN_CHANNELS:
+            self.scratch = max(self.scratch, 2 * rows.shape[1])  # an int16 im2col column
         refs = f"{self.ref(op.input)}, {self.ref(op.output)}"
         self.calls.append(f"{kernel}({p}, {refs}, dq_scratch);")
 
@@ -352,6 +387,7 @@ class _Emitter:
             "a_flip": a_flip, "a_zero": a_zero, "b_flip": b_flip, "b_zero": b_zero,
         }  # fmt: skip
         if isinstance(op, ip.Add):
+            _check_dyadic(tag, np.array(op.mults), np.array(op.shifts))
             bounds = _struct({"zero_point": op.zero_point, "lo": op.lo, "hi": op.hi})
             fields.update(a_mult=op.mults[0], a_shift=op.shifts[0], b_mult=op.mults[1],
                           b_shift=op.shifts[1], channel_dim=0, rq=bounds)  # fmt: skip
@@ -385,6 +421,11 @@ class _Emitter:
 
     def unary(self, tag: str, op: ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip) -> None:
         shape = self.shape(op.input)
+        if _prod(shape) >= LOOKUP_MIN_ELEMENTS and _one_byte_function(op):
+            self.decls.append(_c_array("uint8_t", f"{tag}_lut", lookup_table(self.program, op)))
+            refs = f"{self.ref(op.input)}, {self.ref(op.output)}"
+            self.calls.append(f"dq_lookup({tag}_lut, {_prod(shape)}, {refs});")
+            return
         axis = 0 if isinstance(op, ip.Clip) else op.requant.axis % len(shape)
         channels = 1 if isinstance(op, ip.Clip) else shape[axis]
         fields: dict[str, object] = {
@@ -406,12 +447,14 @@ class _Emitter:
                 fields["offset"] = op.offset
                 kernel = "dq_hard_sigmoid"
             elif isinstance(op, ip.HardSwish):
+                _check_dyadic(tag, op.gate_mult, op.gate_shift)
                 fields.update(gate_mult=int(op.gate_mult), gate_shift=int(op.gate_shift),
                               frac_bits=op.frac_bits)  # fmt: skip
                 kernel = "dq_hard_swish"
             else:
                 neg_m = np.atleast_1d(op.negative_mult).astype(np.int64)
                 neg_k = np.atleast_1d(op.negative_shift).astype(np.int64)
+                _check_dyadic(tag, neg_m, neg_k)
                 if neg_m.size not in (1, channels):
                     raise UnsupportedModelError(f"{op.output}: {neg_m.size} negative slopes")
                 self.decls.append(_c_array("int32_t", f"{tag}_nm", neg_m))
@@ -471,6 +514,31 @@ class _Emitter:
                 f"dq_copy_blocks({dst}, {dst_stride}, {self.ref(name)}, {block}, {outer}, {block});"
             )
             offset += block
+
+
+def _one_byte_function(op: ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip) -> bool:
+    """Whether the op's output byte depends on its input byte alone (no per-channel values)."""
+    if isinstance(op, ip.Clip):
+        return True
+    if isinstance(op, ip.LeakyRelu) and np.size(op.negative_mult) != 1:
+        return False
+    return bool(np.size(op.requant.mult) == 1)
+
+
+def lookup_table(program: ip.IntegerProgram, op: ip.IntOp) -> np.ndarray:
+    """The output byte for each of the 256 input bytes, computed by the reference interpreter
+    itself (exact by construction; the device run checks it again)."""
+    source, target = op.input, op.output  # type: ignore[union-attr]
+    codes = np.arange(256, dtype=np.uint8).view(program.code_dtype(source)).reshape(1, 256)
+    single = ip.IntegerProgram(
+        [op],
+        {source: program.quant[source], target: program.quant[target]},
+        {source: (1, 256), target: (1, 256)},
+        {},
+        [target],
+    )
+    out = ReferenceInterpreter(single).run({source: codes})[target]
+    return np.asarray(out).reshape(256).view(np.uint8)
 
 
 def unsupported_ops(program: ip.IntegerProgram) -> list[str]:
@@ -551,14 +619,15 @@ def emit_c_project(
     model_c = (
         "/* Generated by dyadiq from an integer program; see dq_kernels.h for conventions. */\n"
         '#include <string.h>\n\n#include "dq_kernels.h"\n#include "model.h"\n\n'
-        f"static uint8_t dq_arena[{max(arena.peak_bytes, 1)}] __attribute__((aligned(8)));\n"
-        f"static int8_t dq_scratch[{emitter.scratch}];  /* one unpacked 4-bit weight row */\n\n"
+        + PROFILE_HOOK
+        + f"static uint8_t dq_arena[{max(arena.peak_bytes, 1)}] __attribute__((aligned(8)));\n"
+        f"static int8_t dq_scratch[{emitter.scratch}] __attribute__((aligned(4)));\n\n"
         + "".join(emitter.decls)
         + "\nvoid dq_model_quantize_input(const float *x, uint8_t *codes)\n{\n"
         f"    dq_quantize_input(x, codes, {project_input.count}, {_float_literal(in_q.scale)}, "
         f"{in_q.zero_point}, {in_q.qmin}, {in_q.qmax});\n}}\n\n"
         "int dq_model_run(const uint8_t *input, uint8_t *output_codes)\n{\n"
-        f"    {body}\n    return 0;\n}}\n"
+        f'    DQ_PROFILE_STEP(-1, "start");\n    {body}\n    return 0;\n}}\n'
     )
     write_text_atomic(out / "model.c", model_c)
     write_text_atomic(out / "model.h", _render_header(project_input, offset, arena.peak_bytes))

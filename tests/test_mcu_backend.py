@@ -101,6 +101,7 @@ def synthetic_program(seed: int = 0) -> ip.IntegerProgram:
     c4 = b.conv("c4", c1, 6, (1, 1), bits=4, signed=True)  # unsigned in, int4, odd rows
     c5 = b.conv("c5", x, 8, (1, 1))  # signed in, int8, 1x1 with zero point folded
     c6 = b.conv("c6", c1, 4, (3, 3), bits=3)  # 3-bit codes in nibbles, no bias path below
+    c7 = b.conv("c7", x, 32, (3, 3), pads=(1, 1, 1, 1), group=8)  # im2col, 9 taps: a tail
     g = b.tensor("g", (1, 8, 1, 1), signed=False, zp=0)
     b.ops.append(ip.GlobalAvgPool(g, c1, 20, b.requant(g, 120.0 * 70, 8)))
     hs = b.tensor("hs", (1, 8, 1, 1), signed=False, zp=0)
@@ -113,6 +114,8 @@ def synthetic_program(seed: int = 0) -> ip.IntegerProgram:
     sw = b.tensor("sw", (1, 6, 10, 12), signed=False, zp=30)
     gm, gk = dyadic(0.05 * 2**10 / 6)
     b.ops.append(ip.HardSwish(sw, c4, -5, int(gm[0]), int(gk[0]), 10, b.requant(sw, 60 * 2**10)))
+    sw2 = b.tensor("sw2", (1, 32, 10, 12), signed=True, zp=-7)  # large: a lookup table
+    b.ops.append(ip.HardSwish(sw2, c7, 20, int(gm[0]), int(gk[0]), 10, b.requant(sw2, 60 * 2**10)))
     lr = b.tensor("lr", (1, 6, 10, 12), signed=True, zp=-10)
     nm, nk = dyadic(np.linspace(0.05, 0.3, 6))
     b.ops.append(ip.LeakyRelu(lr, c4, -5, b.requant(lr, 60.0), nm, nk))
@@ -153,7 +156,7 @@ def synthetic_program(seed: int = 0) -> ip.IntegerProgram:
             rq_sm,
         )
     )
-    outputs = [c1, c2, c3, c4, c5, c6, hs, m, a, sw, lr, cl, mp, mp2, t, cc, mm, ma, sm]
+    outputs = [c1, c2, c3, c4, c5, c6, c7, hs, m, a, sw, sw2, lr, cl, mp, mp2, t, cc, mm, ma, sm]
     b.ops[[op.output for op in b.ops].index(c6)] = _without_bias(b.ops, c6)
     inputs = {"x": (np.dtype(np.float32), (1, 8, 10, 12))}
     return ip.IntegerProgram(b.ops, b.quant, b.shapes, inputs, outputs)
@@ -230,14 +233,17 @@ def test_arena_reuses_memory_along_a_chain():
 
 
 def test_int4_packing_and_flash_costs():
-    codes = np.array([-8, 7, -1, 0, 3], dtype=np.int8)
-    packed = pack_weights(codes, 4)
-    assert packed.tolist() == [0x78, 0x0F, 0x03]
-    assert pack_weights(codes, 8).tolist() == codes.tolist()
+    codes = np.array([[-8, 7, -1, 0, 3]], dtype=np.int8)
+    assert pack_weights(codes, 4).tolist() == [0x78, 0x0F, 0x03]
+    assert pack_weights(codes, 8).tolist() == codes.reshape(-1).tolist()
+    # each row starts on a byte: an odd row length leaves one spare nibble per row
+    rows = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int8)
+    assert pack_weights(rows, 4).tolist() == [0x21, 0x03, 0x54, 0x06]
     with pytest.raises(UnsupportedModelError):
-        pack_weights(np.array([9], dtype=np.int8), 4)
+        pack_weights(np.array([[9]], dtype=np.int8), 4)
     assert layer_flash_bytes(100, 10, 4) == 50 + 90
     assert layer_flash_bytes(100, 10, 8) == 100 + 90
+    assert layer_flash_bytes(2 * 25, 2, 4) == 2 * 13 + 18
 
 
 def test_unsupported_programs_are_refused_with_reasons(tmp_path):
@@ -258,7 +264,9 @@ def test_unsupported_programs_are_refused_with_reasons(tmp_path):
 def test_every_op_bit_exact_under_qemu(tmp_path, cpu):
     program = synthetic_program()
     project = emit_c_project(program, tmp_path / cpu, cpu=cpu)
-    assert "malloc" not in (tmp_path / cpu / "model.c").read_text()
+    model_c = (tmp_path / cpu / "model.c").read_text()
+    assert "malloc" not in model_c
+    assert "dq_lookup(" in model_c and "dq_hard_swish(" in model_c  # both HardSwish paths
     built = build(project, jobs=2)
     inputs = synthetic_inputs(6)
     run = run_qemu(project, built.app_elf, inputs, timeout_s=120)

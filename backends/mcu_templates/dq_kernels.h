@@ -5,7 +5,8 @@
  * signed tensors (b ^ 0x80 = s + 128), flip = 0 and zero = z for unsigned ones, so one kernel
  * serves both. Every rescale is the reference's dyadic requantization
  * (acc * m + 2^(k-1)) >> k in int64 with an arithmetic (floor) shift.
- * Layout is NCHW; weights are int8, or 4-bit codes packed two per byte (low nibble first). */
+ * Layout is NCHW; weights are int8, or 4-bit codes packed two per byte (low nibble first).
+ * On cores with the DSP extension (__ARM_FEATURE_DSP) the im2col convolution uses SMLAD. */
 #ifndef DQ_KERNELS_H
 #define DQ_KERNELS_H
 
@@ -19,7 +20,8 @@ typedef struct {
 } dq_requant;
 
 typedef struct {
-    const void *data;      /* int8_t[count], or uint8_t[(count + 1) / 2] when bits == 4 */
+    const void *data;      /* one row per output channel: int8_t[rows][len], or, when bits ==
+                            * 4, uint8_t[rows][(len + 1) / 2] (rows start on a byte) */
     int32_t bits;          /* 8 or 4 */
 } dq_weights;
 
@@ -77,6 +79,9 @@ typedef struct {
     dq_requant rq;
 } dq_softmax_params;
 
+/* scratch (4-byte aligned): an unpacked 4-bit weight row, int8[len]; dq_conv2d needs an int16
+ * im2col column (2 * taps bytes) when cout / group >= 4, and int32[ow] accumulators followed
+ * by the unpacked row when depthwise (group == cin == cout) */
 void dq_conv2d(const dq_conv *p, const uint8_t *x, uint8_t *y, int8_t *scratch);
 void dq_conv1x1(const dq_conv *p, const uint8_t *x, uint8_t *y, int8_t *scratch);
 void dq_matmul_const(const dq_matmul *p, const uint8_t *x, uint8_t *y, int8_t *scratch);
@@ -88,6 +93,8 @@ void dq_hard_sigmoid(const dq_unary *p, const uint8_t *x, uint8_t *y);
 void dq_hard_swish(const dq_unary *p, const uint8_t *x, uint8_t *y);
 void dq_leaky_relu(const dq_unary *p, const uint8_t *x, uint8_t *y);
 void dq_clip(const dq_unary *p, const uint8_t *x, uint8_t *y);
+/* an elementwise op of one byte, tabulated (the table is the reference's output per byte) */
+void dq_lookup(const uint8_t table[256], int32_t count, const uint8_t *x, uint8_t *y);
 void dq_softmax(const dq_softmax_params *p, const uint8_t *x, uint8_t *y);
 void dq_maxpool(const dq_maxpool_params *p, const uint8_t *x, uint8_t *y);
 void dq_transpose4(const int32_t shape[4], const int32_t perm[4], const uint8_t *x, uint8_t *y);

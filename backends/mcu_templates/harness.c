@@ -23,6 +23,19 @@ static uint64_t ticks_now(void)
     return (uint64_t)wraps * (SYST_RELOAD + 1u) + (SYST_RELOAD - value);
 }
 
+#if defined(DQ_PROFILE)
+/* ticks spent in each op, printed per inference: "dq: op STEP KIND TICKS" */
+void dq_profile_step(int32_t step, const char *op)
+{
+    static uint64_t last;
+    uint64_t now = ticks_now();
+    if (step >= 0) {
+        printf("dq: op %ld %s %llu\n", (long)step, op, (unsigned long long)(now - last));
+    }
+    last = ticks_now();
+}
+#endif
+
 static float input[DQ_INPUT_COUNT];
 static uint8_t codes[DQ_INPUT_COUNT];
 static uint8_t output[DQ_OUTPUT_BYTES];
