@@ -225,32 +225,27 @@ def test_each_weighted_layer_is_one_fused_primfunc():
         tvm_helpers.depthwise_se_hard_swish(rng), calibration((1, 3, 9, 9), rng, n=4)
     )
     prepared = prepare(lower_program(program), X86)
-    names = [
-        gv.name_hint for gv, f in prepared.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-    ]
-    layers = [n for n in names if "conv2d" in n]
+    kernels = {
+        gv.name_hint: f for gv, f in prepared.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    layers = {name: f for name, f in kernels.items() if "conv2d" in name}
     assert len(layers) == sum(isinstance(op, ip.Conv) for op in program.ops)
     # accumulator, bias, requantization, clip and the cast to codes in the same kernel
-    for name in layers:
+    for name, func in layers.items():
         for part in ("right_shift", "clip", "cast"):
             assert part in name, name
-    assert not [
-        n
-        for n in names
-        if "right_shift" in n
-        and "conv2d" not in n
-        and "matmul" not in n
-        and "sum" not in n
-        and "multiply" not in n
-    ]
+        written = func.ty.params[-1]  # destination-passing style: the output comes last
+        assert str(written.dtype) in ("uint8", "int8"), name
 
 
 # --- (b, c, d) real models ---------------------------------------------------------------------
 def _zoo_program(
-    name: str, *, mixed_w4: bool = False
+    name: str, *, mixed_w4: bool = False, calibration_samples: int | None = None
 ) -> tuple[ip.IntegerProgram, zoo.ZooArtifacts]:
+    """The model's W8A8 (or mixed W4/W8) integer program; fewer calibration samples than the
+    zoo's default keep the test fast (bit-exactness does not depend on the ranges)."""
     artifacts = zoo.get(name)
-    calib = list(artifacts.calibration_batches())
+    calib = list(artifacts.calibration_batches(calibration_samples))
     program = tvm_helpers.integer_program(artifacts.model_path, calib, mixed_w4=mixed_w4)
     assert program.float_ops == []
     return program, artifacts
@@ -302,7 +297,7 @@ def test_fashion_cnn_mixed_w4_w8_is_bit_exact_on_real_images():
 
 @pytest.mark.realmodel
 def test_ppocr_cls_is_bit_exact_on_real_text_lines():
-    program, artifacts = _zoo_program("ppocr_cls")
+    program, artifacts = _zoo_program("ppocr_cls", calibration_samples=32)
     assert {"HardSwish", "HardSigmoid", "GlobalAvgPool", "Mul", "Add"} <= _kinds(program)
     compiled = CompiledProgram(program)
     print(f"ppocr_cls compile: {compiled.compile_s:.1f} s")
@@ -311,7 +306,7 @@ def test_ppocr_cls_is_bit_exact_on_real_text_lines():
 
 @pytest.mark.realmodel
 def test_mobilenet_v2_is_bit_exact_on_real_crops():
-    program, artifacts = _zoo_program("mobilenet_v2")
+    program, artifacts = _zoo_program("mobilenet_v2", calibration_samples=16)
     assert any(isinstance(op, ip.Conv) and op.group > 1 for op in program.ops)  # depthwise
     compiled = CompiledProgram(program)
     print(f"mobilenet_v2 compile: {compiled.compile_s:.1f} s")
