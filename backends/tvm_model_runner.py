@@ -47,7 +47,8 @@ def main() -> None:
         sys.exit("usage: python run_model.py inputs.npz outputs.npz")
     with np.load(sys.argv[1]) as stored:
         feeds = {name: stored[name] for name in stored.files}
-    outputs = run(Path(__file__).resolve().parent, feeds, tvm.cpu())
+    # typed loosely: savez's stub mistakes array keyword arguments for its own options
+    outputs: dict[str, Any] = run(Path(__file__).resolve().parent, feeds, tvm.cpu())
     np.savez(sys.argv[2], **outputs)
 
 
