@@ -124,3 +124,53 @@ def test_task_gradient_is_the_cross_entropy_gradient(mlp_probe):
     )
     with pytest.raises(ValueError, match="labels"):
         probe.task_gradient(labels[:5])
+
+
+# LayerNormalization (gradient rule added in vjp.py) and int64 shape operands (Expand, axes):
+# as function parameters they would make the output shape dynamic, as in MiniLM
+LAYER_NORM_MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[3, 4] x) => (float[3, 5] y) {
+    a = Gemm <transB = 1> (x, w1)
+    n = LayerNormalization <axis = -1> (a, gamma, beta)
+    e = Erf (n)
+    s = ReduceSum <keepdims = 1> (e, axes)
+    t = Expand (s, shape)
+    g = Gemm <transB = 1> (e, w2)
+    y = Add (g, t)
+}
+"""
+
+
+def test_vjp_through_layer_norm_and_shape_operands_matches_finite_differences() -> None:
+    rng = np.random.default_rng(5)
+    model = onnx.parser.parse_model(LAYER_NORM_MLP)
+    arrays = {
+        "w1": rng.normal(size=(6, 4)).astype(np.float32),
+        "gamma": rng.normal(size=6).astype(np.float32),
+        "beta": rng.normal(size=6).astype(np.float32),
+        "w2": rng.normal(size=(5, 6)).astype(np.float32),
+        "axes": np.array([-1], np.int64),
+        "shape": np.array([3, 5], np.int64),
+    }
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in arrays.items())
+    onnx.checker.check_model(model, full_check=True)
+    graph = load_onnx(model, simplify=False)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    perturbable = PerturbableModel(graph, [{"x": x}], OutputKind.LOGITS)
+    vjp = VectorJacobianProduct(
+        graph.to_onnx(), {"x": x.shape}, list(perturbable.weight_input.values())
+    )
+    assert vjp.output_shape == (3, 5)  # static: the shape operand stayed a constant
+    u = rng.normal(size=(3, 5)).astype(np.float32)
+    grads = vjp({"x": x}, {}, u)
+    assert len(grads) == 2
+    for layer, name in perturbable.weight_input.items():
+        w = perturbable.weights[layer].astype(np.float64)
+        direction = rng.normal(size=w.shape)
+        eps = 1e-3
+        plus = perturbable.outputs({layer: (w + eps * direction).astype(np.float32)})[0]
+        minus = perturbable.outputs({layer: (w - eps * direction).astype(np.float32)})[0]
+        fd = float(np.sum(u * (plus.astype(np.float64) - minus)) / (2 * eps))
+        exact = float(np.sum(grads[name] * direction))
+        assert abs(fd - exact) <= 2e-3 * max(1.0, abs(exact)), (layer, fd, exact)

@@ -14,8 +14,10 @@ once per model and input shape.
 Preconditions the importer or Gradient would otherwise trip over, handled here:
 - ONNX ``Clip`` with constant bounds is imported as an opaque ``call_tir`` without a gradient;
   the model copy differentiated here spells it ``Min(Max(x, lo), hi)``, the same function;
-- ``relax.clip`` (from HardSigmoid) and ``relax.erf`` (GELU) get gradient rules registered
-  below: d clip / dx = 1 inside [lo, hi], else 0; d erf / dx = 2 / sqrt(pi) exp(-x^2).
+- ``relax.clip`` (from HardSigmoid), ``relax.erf`` (GELU) and ``relax.nn.layer_norm`` get
+  gradient rules registered below: d clip / dx = 1 inside [lo, hi], else 0;
+  d erf / dx = 2 / sqrt(pi) exp(-x^2); layer norm's input gradient in closed form;
+- integer initializers (shape operands) stay constants, or Expand's shape turns dynamic.
 Ops without a gradient rule raise :class:`VjpUnsupportedError` naming them (never zeros).
 """
 
@@ -73,7 +75,38 @@ def _register_missing_gradients() -> None:
         )
         return [relax.op.multiply(output_grad, slope)]
 
-    for name, rule in (("relax.clip", clip_grad), ("relax.erf", erf_grad)):
+    def layer_norm_grad(orig_var: Any, orig_call: Any, output_grad: Any, ctx: Any) -> list[Any]:
+        """dx = (g' - mean(g') - xhat mean(g' xhat)) / sigma with g' = gamma * g; no
+        gradients for gamma and beta (they are not weighted layers here)."""
+        x, gamma, beta = orig_call.args
+        attrs = orig_call.attrs
+        axes = [int(a) for a in attrs.axes]
+        dtype = str(x.ty.dtype)
+        centred = relax.op.subtract(x, relax.op.mean(x, axis=axes, keepdims=True))
+        variance = relax.op.variance(x, axis=axes, keepdims=True)
+        inv_sigma = relax.op.divide(
+            relax.const(1.0, dtype),
+            relax.op.sqrt(relax.op.add(variance, relax.const(float(attrs.epsilon), dtype))),
+        )
+        xhat = relax.op.multiply(centred, inv_sigma)
+        scaled = relax.op.multiply(output_grad, gamma) if attrs.scale else output_grad
+        dx = relax.op.multiply(
+            inv_sigma,
+            relax.op.subtract(
+                relax.op.subtract(scaled, relax.op.mean(scaled, axis=axes, keepdims=True)),
+                relax.op.multiply(
+                    xhat,
+                    relax.op.mean(relax.op.multiply(scaled, xhat), axis=axes, keepdims=True),
+                ),
+            ),
+        )
+        return [dx, no_grad(gamma), no_grad(beta)]
+
+    for name, rule in (
+        ("relax.clip", clip_grad),
+        ("relax.erf", erf_grad),
+        ("relax.nn.layer_norm", layer_norm_grad),
+    ):
         if tvm.ir.Op.get(name).get_attr("FPrimalGradient") is None:
             register_gradient(name, rule)
     _GRADIENTS_REGISTERED = True
@@ -131,8 +164,19 @@ def differentiable_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
             nodes.append(node)
             continue
         nodes.extend(_clip_as_relus(node.input[0], bounds[0], bounds[1], node.output[0]))
+    # integer initializers (shapes, indices) become Constant nodes: as function parameters
+    # they would turn shape arithmetic such as Expand's target shape dynamic
+    integer = [t for t in out.graph.initializer if t.data_type != onnx.TensorProto.FLOAT]
+    shapes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in integer]
+    kept = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    integer_names = {t.name for t in integer}
+    graph_inputs = [v for v in out.graph.input if v.name not in integer_names]
+    del out.graph.input[:]
+    out.graph.input.extend(graph_inputs)
     del out.graph.node[:]
-    out.graph.node.extend(nodes)
+    out.graph.node.extend([*shapes, *nodes])
     del out.graph.value_info[:]
     initializers = [t.name for t in out.graph.initializer]
     inputs = [v.name for v in out.graph.input if v.name not in set(initializers)]
