@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
 
 from dyadiq.passes.sensitivity.estimators import Estimate, power_iteration
 from dyadiq.passes.sensitivity.perturbable_model import (
@@ -58,10 +59,9 @@ def apply_output_hessian(reference: np.ndarray, d: np.ndarray, kind: OutputKind)
 class GradientProbe:
     """Reverse-mode products on a :class:`PerturbableModel` (its batches and weights)."""
 
-    def __init__(self, model: PerturbableModel, graph_model: object) -> None:
-        import onnx
-
-        assert isinstance(graph_model, onnx.ModelProto)
+    def __init__(self, model: PerturbableModel, graph_model: onnx.ModelProto) -> None:
+        """``graph_model``: the float ONNX model ``model`` was built from (its weights are
+        differentiated by name)."""
         self.model = model
         self._onnx = graph_model
         self._vjps: dict[tuple[tuple[str, tuple[int, ...]], ...], VectorJacobianProduct] = {}
