@@ -178,6 +178,37 @@ def test_input_quantization_rounds_half_to_even_like_the_reference(signed):
     assert_bit_exact(compiled, [{"x": x}], minimum=1)
 
 
+def test_wide_layer_accumulates_in_int64_when_raw_codes_could_overflow_int32():
+    """The lowering multiplies raw codes (zero point folded into the bias): 255 * 127 * K
+    passes 2^31 here although the centered sum, which the reference bounds, does not."""
+    k = 70_000
+    weight = np.full((k, 2), 127, np.int8)
+    weight[::2, 1] = -127
+    quant_x = ActQuant(1 / 255, 128, 8, False)
+    quant_y = ActQuant(1.0, 128, 8, False)
+    rq = ip.Requant(np.array([107]), np.array([30]), 128, 0, 255, axis=-1)  # ~1e-7
+    program = ip.IntegerProgram(
+        ops=[
+            ip.QuantizeInput("x_q", "x"),
+            ip.MatMul("y_q", "x_q", 128, rq, weight=weight),
+            ip.Dequantize("y", "y_q"),
+        ],
+        quant={"x_q": quant_x, "y_q": quant_y},
+        shapes={"x_q": (1, k), "y_q": (1, 2), "y": (1, 2)},
+        inputs={"x": (np.dtype(np.float32), (1, k))},
+        outputs=["y"],
+        int_outputs={"y": "y_q"},
+    )
+    rng = np.random.default_rng(27)
+    feeds = [
+        {"x": np.full((1, k), 1e3, np.float32)},  # every code 255: raw sum 2.27e9 > 2^31
+        {"x": rng.uniform(-0.5, 0.5, (1, k)).astype(np.float32)},
+    ]
+    assert 255 * 127 * k > 2**31 > 127 * 127 * k
+    assert_bit_exact(CompiledProgram(program), feeds, minimum=2)
+    assert ReferenceInterpreter(program).outputs(feeds[0])["y"][0, 0] > 128  # not wrapped
+
+
 def test_dynamic_batch_is_fixed_at_lowering():
     rng = np.random.default_rng(23)
     text = """
