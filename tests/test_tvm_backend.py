@@ -3,7 +3,7 @@ reference interpreter (x86); cross-compiled for aarch64 and CUDA (built, not run
 
 from __future__ import annotations
 
-import itertools
+import json
 import subprocess
 import sys
 import time
@@ -32,7 +32,7 @@ from dyadiq.errors import ConfigError, DyadiqError, UnsupportedModelError
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter
 from tests import tvm_helpers
-from tests.builders import calibration, conv_relu_pool_fc, residual_concat
+from tests.builders import calibration, conv_relu_pool_fc, residual_concat, with_weights
 
 X86 = target_for("x86")
 
@@ -220,8 +220,6 @@ def test_dynamic_batch_is_fixed_at_lowering():
         y = Gemm <transB = 1> (f, w2)
     }
     """
-    from tests.builders import with_weights
-
     model = with_weights(text, w1=rng.normal(size=(2, 1, 3, 3)), w2=rng.normal(size=(3, 32)))
     calib = [{"x": rng.normal(size=(4, 1, 6, 6)).astype(np.float32)} for _ in range(4)]
     program = tvm_helpers.integer_program(model, calib)
@@ -360,22 +358,25 @@ def test_fashion_cnn_compiles_cuda_kernels(fashion_cnn):
     program, _ = fashion_cnn
     cuda = target_for("cuda")
     executable = compile_prepared(prepare(lower_program(program), cuda), cuda)
-    devices = list(itertools.chain.from_iterable(m.imports for m in [executable.mod]))
-    sources = [
-        sub.inspect_source() for host in devices for sub in host.imports if sub.kind == "cuda"
-    ]
-    assert sources and "__global__" in sources[0]
+    sources = [m.inspect_source() for m in _module_tree(executable.mod) if m.kind == "cuda"]
+    assert len(sources) == 1 and "__global__" in sources[0]
     kernels = sources[0].count("__global__")
     layers = sum(isinstance(op, ip.Conv | ip.MatMul) for op in program.ops)
     assert kernels >= layers
+
+
+def _module_tree(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
+    """A runtime module and everything it imports (VM -> host code -> device code)."""
+    found = [module]
+    for child in module.imports:
+        found += _module_tree(child)
+    return found
 
 
 def test_build_writes_metadata_with_quantizers(tmp_path):
     rng = np.random.default_rng(26)
     program = tvm_helpers.integer_program(conv_relu_pool_fc(rng), calibration((1, 3, 8, 8), rng))
     library = build(lower_program(program), "x86", tmp_path / "out", program=program)
-    import json
-
     info = json.loads((library.parent / "model.json").read_text())
     assert [o["name"] for o in info["outputs"]] == ["y_codes", "y"]
     (x_q,) = [op.output for op in program.ops if isinstance(op, ip.QuantizeInput)]
