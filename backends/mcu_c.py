@@ -163,6 +163,30 @@ def flash_cost_table(
     return table
 
 
+def allocator_memory_plan(
+    program: ip.IntegerProgram, graph: QGraph, formats: Sequence[LayerFormat]
+) -> dict[str, object]:
+    """What ``--memory-plan`` reads (``passes.allocation_costs.load_memory_plan``): the arena's
+    live sets and buffer bytes under the graph's tensor names, and :func:`flash_cost_table`.
+
+    A code occupies one byte at 4 and 8 activation bits alike, so RAM does not depend on the
+    plan's widths here; flash does, through the weights."""
+    plan = plan_arena(program)
+
+    def graph_name(tensor: str) -> str:
+        return tensor.removesuffix("_q")  # integerize names a tensor's codes NAME_q
+
+    live_sets = [sorted(graph_name(b) for b in live) for live in plan.live_sets if live]
+    tensor_bytes = {
+        graph_name(b.name): {str(bits): b.size for bits in (4, 8)} for b in plan.buffers.values()
+    }
+    flash = {
+        layer: {fmt.label: cost for fmt, cost in row.items()}
+        for layer, row in flash_cost_table(graph, formats).items()
+    }
+    return {"live_sets": live_sets, "tensor_bytes": tensor_bytes, "flash": flash}
+
+
 def pack_weights(rows: np.ndarray, bits: int) -> np.ndarray:
     """Codes ``[out channels, length]`` as stored: int8, or, for 4 bits and fewer, two
     two's complement nibbles per byte (low nibble first), each row starting on a byte."""
@@ -205,9 +229,10 @@ def _prod(values: tuple[int, ...] | list[int]) -> int:
 
 
 class _Emitter:
-    def __init__(self, program: ip.IntegerProgram, arena: ArenaPlan) -> None:
+    def __init__(self, program: ip.IntegerProgram, arena: ArenaPlan, pack_int4: bool) -> None:
         self.program = program
         self.arena = arena
+        self.pack_int4 = pack_int4
         self.decls: list[str] = []
         self.calls: list[str] = []
         self.layers: list[LayerFlash] = []
@@ -257,15 +282,16 @@ class _Emitter:
         """Weights [out, taps] (packed) and the int32 bias; records the layer's flash bytes."""
         if bias.min(initial=0) < INT32[0] or bias.max(initial=0) > INT32[1]:
             raise UnsupportedModelError(f"{tag}: folded bias overflows int32")
-        packed = pack_weights(rows, bits)
-        ctype = "int8_t" if bits > PACKED_BITS else "uint8_t"
+        packed_layout = bits <= PACKED_BITS and self.pack_int4
+        packed = pack_weights(rows, bits if packed_layout else 8)
+        ctype = "uint8_t" if packed_layout else "int8_t"
         self.decls.append(_c_array(ctype, f"{tag}_w", packed))
         self.decls.append(_c_array("int32_t", f"{tag}_b", bias))
-        rq_bytes = 5 * np.size(rq.mult)  # int32 multiplier + int8 shift each
+        rq_bytes = 5 * int(np.size(rq.mult))  # int32 multiplier + int8 shift each
         self.layers.append(LayerFlash(tag, bits, packed.size, 4 * bias.size, rq_bytes))
-        if bits <= PACKED_BITS:
+        if packed_layout:
             self.scratch = max(self.scratch, rows.shape[1])  # an unpacked row
-        return _struct({"data": f"{tag}_w", "bits": 8 if bits > PACKED_BITS else 4})
+        return _struct({"data": f"{tag}_w", "bits": 4 if packed_layout else 8})
 
     def param(self, ctype: str, tag: str, fields: Mapping[str, object]) -> str:
         self.decls.append(f"static const {ctype} {tag} = {_struct(fields)};\n")
@@ -328,6 +354,9 @@ class _Emitter:
             self.scratch = max(self.scratch, 4 * ow + rows.shape[1])
         elif not pointwise and cout // op.group >= IM2COL_MIN_CHANNELS:
             self.scratch = max(self.scratch, 2 * rows.shape[1])  # an int16 im2col column
+            int4_sum_bound = rows.shape[1] * 255 * 8 * 16  # dq_dot_int4 sums 16 x the products
+            if op.weight_bits <= PACKED_BITS and int4_sum_bound >= 2**31:
+                raise UnsupportedModelError(f"{tag}: {rows.shape[1]} taps overflow int4 SMLAD")
         refs = f"{self.ref(op.input)}, {self.ref(op.output)}"
         self.calls.append(f"{kernel}({p}, {refs}, dq_scratch);")
 
@@ -583,9 +612,11 @@ int dq_model_run(const uint8_t *codes, uint8_t *output_codes);
 
 
 def emit_c_project(
-    program: ip.IntegerProgram, out_dir: Path, *, cpu: str = "cortex-m4"
+    program: ip.IntegerProgram, out_dir: Path, *, cpu: str = "cortex-m4", pack_int4: bool = True
 ) -> McuProject:
-    """Write a buildable C project (sources, Makefile, linker script) for ``cpu`` to ``out_dir``."""
+    """Write a buildable C project (sources, Makefile, linker script) for ``cpu`` to ``out_dir``.
+
+    ``pack_int4=False`` stores codes of 4 bits and fewer in int8 too (to measure packing)."""
     from .mcu_build import cpu_preset, write_build_files
 
     preset = cpu_preset(cpu)
@@ -595,7 +626,7 @@ def emit_c_project(
             "the microcontroller backend cannot run: " + "; ".join(problems)
         )
     arena = plan_arena(program)
-    emitter = _Emitter(program, arena)
+    emitter = _Emitter(program, arena, pack_int4)
     for step, op in enumerate(program.ops):
         emitter.emit(step, op)
     source = next(op for op in program.ops if isinstance(op, ip.QuantizeInput))

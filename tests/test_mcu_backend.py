@@ -8,6 +8,7 @@ requantization), so a single ELF and a single QEMU boot per CPU check all of the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from dyadiq import integer_program as ip
 from dyadiq.backends.mcu_build import ToolchainError, build, cpu_preset, find_toolchain, run_qemu
 from dyadiq.backends.mcu_c import (
+    allocator_memory_plan,
     emit_c_project,
     flash_cost_table,
     layer_flash_bytes,
@@ -26,6 +28,7 @@ from dyadiq.backends.memory_plan import plan_arena
 from dyadiq.dyadic import dyadic
 from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.frontends.onnx_frontend import load_onnx
+from dyadiq.passes.allocation_costs import load_memory_plan
 from dyadiq.plan import LayerFormat, PrecisionPlan
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter
@@ -340,6 +343,17 @@ def test_real_model_mixed_plan_bit_exact_on_m4_and_m3(tmp_path, model):
     )
     four_bit = [layer for layer in project.layers if layer.weight_bits == 4]
     assert four_bit and all(layer.weight_bytes < layer.total for layer in four_bit)
+    # and the allocator reads the same table and the arena's live sets through --memory-plan
+    graph = load_onnx(artifacts.model_path)
+    memory = allocator_memory_plan(program, graph, [LayerFormat(4, 8), LayerFormat(8, 8)])
+    (tmp_path / "memory.json").write_text(json.dumps(memory))
+    loaded = load_memory_plan(tmp_path / "memory.json")
+    assert loaded.flash == flash_cost_table(graph, [LayerFormat(4, 8), LayerFormat(8, 8)])
+    assert loaded.tensor_bytes is not None
+    peak_live = max(sum(loaded.tensor_bytes[t][8] for t in live) for live in loaded.live_sets)
+    assert peak_live == project.arena.lower_bound_bytes
+    graph_tensors = set(graph.tensors())
+    assert {t for live in loaded.live_sets for t in live} <= graph_tensors
 
 
 def _weight_count(program: ip.IntegerProgram, tag: str) -> int:
