@@ -32,6 +32,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -165,7 +166,7 @@ def flash_cost_table(
 
 def allocator_memory_plan(
     program: ip.IntegerProgram, graph: QGraph, formats: Sequence[LayerFormat]
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """What ``--memory-plan`` reads (``passes.allocation_costs.load_memory_plan``): the arena's
     live sets and buffer bytes under the graph's tensor names, and :func:`flash_cost_table`.
 

@@ -245,8 +245,8 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         memory = allocator_memory_plan(program, graph, [LayerFormat(4, 8), LayerFormat(8, 8)])
         out["allocator_memory_plan"] = {
-            "live_sets": len(memory["live_sets"]),  # type: ignore[arg-type]
-            "layers_in_flash_table": len(memory["flash"]),  # type: ignore[arg-type]
+            "live_sets": len(memory["live_sets"]),
+            "layers_in_flash_table": len(memory["flash"]),
         }
     return out
 
