@@ -32,6 +32,10 @@ def test_quick_allocation_benchmark(tmp_path: pathlib.Path) -> None:
         assert r["within_budget"] and r["ties_honoured"]
         assert 2.0 <= r["avg_weight_bits"] <= 5.0 + 1e-6
     assert data["solver"]["pairs"]["pair_terms"] == 10
+    everything = data["solver"]["all_budgets"]
+    assert everything["act_tie_groups"] == 5 and everything["budget"].count(",") == 4
+    assert everything["within_budget"] and everything["ties_honoured"]
+    assert everything["proven_optimal"]
 
     res = data["models"]["fashion_cnn"]
     assert "error" not in res, res.get("error")
