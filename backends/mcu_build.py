@@ -13,13 +13,14 @@ instructions; the harness prints ticks per inference (resolution: 40 instruction
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from dyadiq.errors import ConfigError, DyadiqError
 from dyadiq.io import write_text_atomic
 
 if TYPE_CHECKING:
+    from dyadiq.integer_program import IntegerProgram
+
     from .mcu_c import McuProject
 
 TEMPLATES = Path(__file__).resolve().parent / "mcu_templates"
@@ -283,3 +286,45 @@ def _run(
             f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         )
     return result
+
+
+def compile_for_mcu(
+    program: IntegerProgram, out_dir: Path, *, cpu: str = "cortex-m4"
+) -> dict[str, Any]:
+    """What ``--target cortex-m4`` (m3, m7, m55) produces: the C project in ``out_dir`` and,
+    when the Arm toolchain is installed, the built ELFs and their flash / RAM figures; all of
+    it summarised in ``out_dir/mcu_report.json``. Without the toolchain the sources are still
+    written and the report says why nothing was built."""
+    from .mcu_c import emit_c_project
+
+    project = emit_c_project(program, out_dir, cpu=cpu)
+    report: dict[str, Any] = {
+        "cpu": project.cpu,
+        "qemu_machine": cpu_preset(cpu).qemu_machine,
+        "input": {"name": project.input.name, "shape": list(project.input.shape)},
+        "output_bytes": project.output_bytes,
+        "arena_bytes": project.arena.peak_bytes,
+        "arena_lower_bound_bytes": project.arena.lower_bound_bytes,
+        "scratch_bytes": project.scratch_bytes,
+        "weight_flash_bytes": project.weight_flash_bytes,
+        "built": False,
+    }
+    try:
+        find_toolchain()
+    except ToolchainError as exc:
+        report["not_built"] = str(exc)
+    else:
+        built = build(project)
+        size = built.model_size
+        report.update(
+            built=True,
+            app_elf=built.app_elf.name,
+            size_probe_elf=built.probe_elf.name,
+            flash_bytes=size.flash,
+            text_bytes=size.text,
+            rodata_bytes=size.rodata,
+            static_ram_bytes=size.static_ram,
+            stack_estimate_bytes=built.stack_bytes,
+        )
+    write_text_atomic(Path(out_dir) / "mcu_report.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 
 from dyadiq import integer_program as ip
-from dyadiq.backends.mcu_build import ToolchainError, build, cpu_preset, find_toolchain, run_qemu
+from dyadiq.backends.mcu_build import (
+    PRESETS,
+    ToolchainError,
+    build,
+    compile_for_mcu,
+    cpu_preset,
+    find_toolchain,
+    run_qemu,
+)
 from dyadiq.backends.mcu_c import (
     allocator_memory_plan,
     emit_c_project,
@@ -249,6 +257,18 @@ def test_int4_packing_and_flash_costs():
     assert layer_flash_bytes(2 * 25, 2, 4) == 2 * 13 + 18
 
 
+@needs_toolchain
+def test_compile_for_mcu_writes_sources_elf_and_report(tmp_path):
+    report = compile_for_mcu(synthetic_program(), tmp_path / "m4", cpu="m4")
+    assert report["built"] and (tmp_path / "m4" / report["app_elf"]).exists()
+    written = json.loads((tmp_path / "m4" / "mcu_report.json").read_text())
+    assert written == report
+    assert report["flash_bytes"] > report["weight_flash_bytes"] > 0
+    assert report["static_ram_bytes"] >= report["arena_bytes"] >= report["arena_lower_bound_bytes"]
+    for name in ("model.c", "model.h", "dq_kernels.c", "Makefile", "link.ld"):
+        assert (tmp_path / "m4" / name).exists()
+
+
 def test_unsupported_programs_are_refused_with_reasons(tmp_path):
     program = synthetic_program()
     program.ops.insert(1, ip.Quantize("x_q2", "x"))
@@ -263,7 +283,7 @@ def test_unsupported_programs_are_refused_with_reasons(tmp_path):
 
 # --- every op under QEMU -------------------------------------------------------------------------
 @needs_toolchain
-@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("cpu", sorted(PRESETS))  # M3, M4, M7 (mps2-an500), M55 (mps3-an547)
 def test_every_op_bit_exact_under_qemu(tmp_path, cpu):
     program = synthetic_program()
     project = emit_c_project(program, tmp_path / cpu, cpu=cpu)
