@@ -269,6 +269,12 @@ def test_compile_for_mcu_writes_sources_elf_and_report(tmp_path):
         assert (tmp_path / "m4" / name).exists()
 
 
+def test_missing_toolchain_names_the_debian_packages(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ToolchainError, match="gcc-arm-none-eabi libnewlib-arm-none-eabi"):
+        find_toolchain(need_qemu=True)
+
+
 def test_unsupported_programs_are_refused_with_reasons(tmp_path):
     program = synthetic_program()
     program.ops.insert(1, ip.Quantize("x_q2", "x"))
