@@ -502,10 +502,10 @@ def shared_weight_ties(graph: QGraph, layers: Sequence[str]) -> list[list[str]]:
 
 
 def report_activation_damage(report: SensitivityReport) -> Mapping[str, Mapping[int, float]] | None:
-    """Per-layer activation damage, {layer id: {activation bits: damage}}, when the report
-    carries it (the damage of quantizing that layer's input activation alone)."""
-    data = getattr(report, "activation_damage", None)
-    return data if isinstance(data, Mapping) and data else None
+    """{layer id: {activation bits: damage}} for the layers whose input is one activation site
+    the report measured (that site alone quantized); None when it measured none."""
+    table = {i: layer.activation_damage for i, layer in report.layers.items()}
+    return {i: d for i, d in table.items() if d} or None
 
 
 def problem_from_report(

@@ -296,12 +296,14 @@ def _branch_model(rng):
     )
 
 
-def _report(graph, rng):
+def _report(graph, rng, *, activations=False):
     from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
 
     batches = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
-    config = SensitivityConfig(weight_bits=(4, 8), trace=False, pairs=False)
+    config = SensitivityConfig(
+        weight_bits=(4, 8), trace=False, pairs=False, entropy=False, activations=activations
+    )
     return analyze(graph, batches, OutputKind.LOGITS, config)
 
 
@@ -338,6 +340,18 @@ def test_activation_ties_and_damage_from_a_graph():
     allocation = solve(problem, parse_budget("bops=0.4x", problem))
     assert allocation.formats[conv2].act_bits == allocation.formats[conv3].act_bits
     assert allocation.bops <= 0.4 * totals(problem, {i: LayerFormat(8, 8) for i in layers})["bops"]
+    # the report's own activation damage (per site, carried by the layer that reads it)
+    measured = _report(graph, rng, activations=True)
+    site = measured.layers[conv2].activation_damage
+    assert set(site) == {4, 8} and site[4] > site[8] >= 0
+    problem = problem_from_report(graph, measured, formats, act_bits=8)
+    assert {f.act_bits for f in problem.candidates[conv2]} == {4, 8}
+    assert problem.damage[conv2][w4a4] == pytest.approx(
+        layer_damage(measured.layers[conv2], 4, "empirical") + site[4]
+    )
+    assert problem.damage[conv3][w4a4] == pytest.approx(
+        layer_damage(measured.layers[conv3], 4, "empirical")  # r counted once, at conv2
+    )
 
 
 def test_a_layer_whose_input_an_op_outside_the_plan_reads_keeps_the_default_width():
@@ -450,7 +464,6 @@ def test_cli_budgets_activation_candidates_and_measured_tables(tmp_path, monkeyp
     report.json carries the per-layer table."""
     import onnx
 
-    from dyadiq import passes
     from dyadiq.cli import main
     from dyadiq.frontends.onnx_frontend import load_onnx
 
@@ -464,12 +477,10 @@ def test_cli_budgets_activation_candidates_and_measured_tables(tmp_path, monkeyp
     calib.mkdir()
     for i in range(3):
         np.savez(calib / f"{i}.npz", x=rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
-    # until the sensitivity report carries activation damage, supply it where the ILP reads it
-    damage = {conv1: {4: 1e-4, 8: 0.0}, conv2: {4: 1e-4, 8: 0.0}, conv3: {4: 1e-4, 8: 0.0}}
-    monkeypatch.setattr(passes.allocation, "report_activation_damage", lambda report: damage)
     latency = tmp_path / "latency.json"
     formats = [f"W{w}A{a}" for w in (2, 3, 4, 6, 8) for a in (4, 8)]
-    table = {layer: {f: 0.6 if f.endswith("A4") else 1.0 for f in formats} for layer in damage}
+    layers = (conv1, conv2, conv3)
+    table = {layer: {f: 0.6 if f.endswith("A4") else 1.0 for f in formats} for layer in layers}
     latency.write_text(json.dumps(table))
     memory = tmp_path / "memory.json"
     codes = 4 * 8 * 8
