@@ -1,0 +1,260 @@
+"""End-to-end batch-1 latency on this CPU: onnxruntime float and int8 against TVM float and
+dyadiq's integer program compiled by TVM, in one run, with the same number of threads:
+
+    .venv/bin/python -m benchmarks.latency                          # fashion_cnn, mobilenet_v2
+    .venv/bin/python -m benchmarks.latency --models fashion_cnn --repeat 20 --output-dir /tmp/l
+
+Rows per model:
+- ``ort_float``: the zoo's float ONNX model in an onnxruntime session.
+- ``ort_int8_qdq``: onnxruntime ``quantize_static`` (QDQ, per-channel QInt8 weights, QUInt8
+  activations, MinMax), the same calibration batches dyadiq uses.
+- ``tvm_float``: the float model imported with ``from_onnx``, prepared (legalize + fuse) and
+  scheduled by :func:`dyadiq.backends.tvm_tuning.schedule_module` like the integer one.
+- ``dyadiq_int_tvm``: ``quantize(..., integer=True)`` (W8A8), ``lower_program``, ``prepare``,
+  ``schedule_module`` with the committed database (``benchmarks/tuning_db``; PrimFuncs without a
+  record get the default schedule), ``compile_prepared``. Its outputs on the timed input are
+  checked bit-exact against the reference interpreter.
+- ``dyadiq_int_tvm_unscheduled``: the same without scheduling (what TVM's default CPU
+  pipeline gives), timed with fewer repeats.
+Timing: one fixed real input; ``warmup`` calls each, then ``repeat`` round-robin rounds (one
+call per row per round, so background load hits all rows alike); the median per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import REPO, machine_info, write_results
+
+MODELS = ("fashion_cnn", "mobilenet_v2")
+DATABASE = REPO / "benchmarks" / "tuning_db"
+UNSCHEDULED_REPEAT = 3
+
+
+def _ort_session(path: Path, threads: int, *, spin: bool) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session
+
+
+def _tvm_runner(executable: Any, args: list[Any]) -> Callable[[], Any]:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    main = vm["main"]
+    return lambda: main(*args)
+
+
+def _tvm_float(model_path: Path, feeds: dict[str, np.ndarray], target: Any, database: Path | None):
+    import onnx
+    import onnxsim
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from dyadiq.backends.tvm_build import compile_prepared, prepare
+    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+
+    shapes = {name: list(value.shape) for name, value in feeds.items()}
+    model, ok = onnxsim.simplify(onnx.load(str(model_path)), overwrite_input_shapes=shapes)
+    if not ok:
+        raise RuntimeError(f"onnxsim could not simplify {model_path}")
+    mod = from_onnx(model, shapes, keep_params_in_input=False)
+    prepared = prepare(mod, target)
+    scheduled, report = schedule_module_with_report(
+        prepared, target, database_dir=database, progress=None
+    )
+    args = [tvm.runtime.tensor(np.ascontiguousarray(v)) for v in feeds.values()]
+    return _tvm_runner(compile_prepared(scheduled, target), args), report
+
+
+def _median_ms(rows: dict[str, Callable[[], Any]], *, warmup: int, repeat: int) -> dict[str, float]:
+    for call in rows.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(repeat):
+        for name, call in rows.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def measure_model(
+    name: str, *, threads: int, warmup: int, repeat: int, database: Path | None, spin: bool
+) -> dict[str, Any]:
+    import tvm
+
+    from dyadiq import zoo
+    from dyadiq.backends.tvm_build import compile_prepared, host_x86_target, prepare
+    from dyadiq.backends.tvm_lowering import lower_program, main_output_names
+    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+    from dyadiq.ort_baseline import quantize_static_baseline
+    from dyadiq.pipeline import quantize
+    from dyadiq.reference_interpreter import ReferenceInterpreter
+
+    artifacts = zoo.get(name)
+    calibration = list(artifacts.calibration_batches())
+    feeds_batch, _ = next(iter(artifacts.evaluation_batches(1)))
+    feeds = {k: np.ascontiguousarray(v[:1]) for k, v in feeds_batch.items()}
+    target = tvm.target.Target({**host_x86_target(), "num-cores": threads})
+    result: dict[str, Any] = {
+        "model": name,
+        "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="dyadiq-latency-") as tmp:
+        qdq_path = Path(tmp) / "ort_qdq.onnx"
+        quantize_static_baseline(artifacts.model_path, qdq_path, calibration)
+        ort_float = _ort_session(artifacts.model_path, threads, spin=spin)
+        ort_int8 = _ort_session(qdq_path, threads, spin=spin)
+        quantized = quantize(
+            artifacts.model_path, Path(tmp) / "dyadiq", calibration, integer=True, check_batches=1
+        )
+    program = quantized.program
+    assert program is not None  # integer=True always builds the program
+    t0 = time.perf_counter()
+    prepared = prepare(lower_program(program), target)
+    scheduled, report = schedule_module_with_report(
+        prepared, target, database_dir=database, progress=None
+    )
+    int_executable = compile_prepared(scheduled, target)
+    result["dyadiq_compile_s"] = time.perf_counter() - t0
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in program.inputs]
+    dyadiq_int = _tvm_runner(int_executable, args)
+    outputs = dict(zip(main_output_names(program), [o.numpy() for o in dyadiq_int()], strict=True))
+    reference = ReferenceInterpreter(program).run(feeds)
+    result["dyadiq_bit_exact_vs_reference"] = all(
+        np.array_equal(outputs[f"{o}_codes"], reference[program.int_outputs[o]])
+        for o in program.outputs
+    )
+    result["dyadiq_schedules"] = {s: report.count(s) for s in sorted(set(report.source.values()))}
+    result["dyadiq_unscheduled_kernels"] = report.notes
+    tvm_float, float_report = _tvm_float(artifacts.model_path, feeds, target, database)
+    result["tvm_float_schedules"] = {
+        s: float_report.count(s) for s in sorted(set(float_report.source.values()))
+    }
+    ort_feeds = feeds
+    rows = {
+        "ort_float": lambda: ort_float.run(None, ort_feeds),
+        "ort_int8_qdq": lambda: ort_int8.run(None, ort_feeds),
+        "tvm_float": tvm_float,
+        "dyadiq_int_tvm": dyadiq_int,
+    }
+    result["median_ms"] = _median_ms(rows, warmup=warmup, repeat=repeat)
+    unscheduled = _tvm_runner(compile_prepared(prepared, target), args)
+    result["median_ms"].update(
+        _median_ms({"dyadiq_int_tvm_unscheduled": unscheduled}, warmup=1, repeat=UNSCHEDULED_REPEAT)
+    )
+    ms = result["median_ms"]
+    result["ratios"] = {
+        row: {
+            "vs_ort_float": ms[row] / ms["ort_float"],
+            "vs_ort_int8_qdq": ms[row] / ms["ort_int8_qdq"],
+        }
+        for row in ms
+    }
+    result["load_avg_after"] = list(os.getloadavg())
+    return result
+
+
+def render(data: dict[str, Any]) -> str:
+    run = data["run"]
+    lines = [
+        "# End-to-end latency, batch 1: onnxruntime vs TVM vs dyadiq integer TVM",
+        "",
+        f"Command: `{run['command']}`  ",
+        f"Threads: {run['threads']} (onnxruntime intra-op, TVM_NUM_THREADS); median of "
+        f"{run['repeat']} round-robin rounds after {run['warmup']} warm-up calls "
+        f"(unscheduled TVM: {UNSCHEDULED_REPEAT} calls); idle threads "
+        f"{'spin' if run['spinning_threads'] else 'sleep (no spinning) in both runtimes'}.  ",
+        f"CPU: {data['machine']['cpu_model']}, load average at start "
+        f"{', '.join(f'{x:.1f}' for x in data['machine']['load_avg_start'])} "
+        "(the machine is shared: absolute numbers are noisy, rows of one model are interleaved).",
+        "",
+        "| model | row | median ms | x ORT float | x ORT int8 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for model in data["models"]:
+        for row, value in model["median_ms"].items():
+            ratio = model["ratios"][row]
+            lines.append(
+                f"| {model['model']} | {row} | {value:.3f} | {ratio['vs_ort_float']:.2f} | "
+                f"{ratio['vs_ort_int8_qdq']:.2f} |"
+            )
+    lines += ["", "Schedules (PrimFuncs by source) and checks:", ""]
+    for model in data["models"]:
+        lines.append(
+            f"- {model['model']}: dyadiq {model['dyadiq_schedules']}, TVM float "
+            f"{model['tvm_float_schedules']}; dyadiq TVM output bit-exact vs the reference "
+            f"interpreter: {model['dyadiq_bit_exact_vs_reference']}; load average after "
+            f"{', '.join(f'{x:.1f}' for x in model['load_avg_after'])}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--database", type=Path, default=DATABASE)
+    parser.add_argument(
+        "--spin", action="store_true", help="let idle worker threads spin (both runtimes)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    # read by TVM's thread pool when it starts, i.e. at the first parallel kernel
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if not args.spin:
+        # Idle workers sleep instead of spinning (onnxruntime: allow_spinning=0). On a machine
+        # shared with other jobs, spinning workers wait for descheduled ones: measured 46 ms
+        # instead of 0.33 ms for fashion_cnn at load average 11 on 2 cores.
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
+    database = args.database if args.database.exists() else None
+    data: dict[str, Any] = {
+        "machine": machine_info(),
+        "run": {
+            "command": "python -m benchmarks.latency "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "repeat": args.repeat,
+            "spinning_threads": args.spin,
+            "database": str(database) if database else None,
+        },
+        "models": [],
+    }
+    for name in args.models:
+        data["models"].append(
+            measure_model(
+                name,
+                threads=args.threads,
+                warmup=args.warmup,
+                repeat=args.repeat,
+                database=database,
+                spin=args.spin,
+            )
+        )
+    write_results(data, args.output_dir, "latency", render)
+
+
+if __name__ == "__main__":
+    main()
