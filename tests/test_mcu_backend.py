@@ -151,6 +151,8 @@ def synthetic_program(seed: int = 0) -> ip.IntegerProgram:
     ma = b.tensor("ma", (1, 8, 8), signed=False, zp=0)
     b.ops.append(ip.MatMul(ma, r, 20, b.requant(ma, 60 * 60 * 11, 8, axis=-1), weight_input=rb,
                            weight_zero_point=20))  # fmt: skip
+    sq = b.tensor("sq", (1, 8, 7), signed=False, zp=9)  # per-channel along the last axis
+    b.ops.append(ip.Mul(sq, (mm, mm), (2, 2), b.requant(sq, 60.0 * 60, 7, axis=-1)))
     sm = b.tensor("sm", (1, 8, 7), signed=False, zp=0)
     upscale = int(np.ceil(np.log2(0.05 * 2**10)))
     work = 0.05 / 2**upscale
@@ -167,7 +169,8 @@ def synthetic_program(seed: int = 0) -> ip.IntegerProgram:
             rq_sm,
         )
     )
-    outputs = [c1, c2, c3, c4, c5, c6, c7, hs, m, a, sw, sw2, lr, cl, mp, mp2, t, cc, mm, ma, sm]
+    convs = [c1, c2, c3, c4, c5, c6, c7]
+    outputs = [*convs, hs, m, a, sw, sw2, lr, cl, mp, mp2, t, cc, mm, ma, sq, sm]
     b.ops[[op.output for op in b.ops].index(c6)] = _without_bias(b.ops, c6)
     inputs = {"x": (np.dtype(np.float32), (1, 8, 10, 12))}
     return ip.IntegerProgram(b.ops, b.quant, b.shapes, inputs, outputs)

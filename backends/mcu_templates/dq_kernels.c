@@ -33,10 +33,26 @@ static inline uint8_t dq_requantize(const dq_requant *rq, int64_t acc, int32_t c
     return (uint8_t)dq_clamp(v, rq->lo, rq->hi); /* a signed code's byte is its two's complement */
 }
 
-/* The same for an accumulator known to fit in int32: a 32 x 32 -> 64 multiply (SMULL). */
-static inline uint8_t dq_requantize32(const dq_requant *rq, int32_t acc, int32_t channel)
+/* One channel's requantization constants, loaded once into locals: a kernel that writes many
+ * outputs of one channel then needs no reloads after its uint8_t stores (which may alias). */
+typedef struct {
+    int64_t rounding;
+    int32_t mult, shift, zero_point, lo, hi;
+} dq_channel_requant;
+
+static inline dq_channel_requant dq_channel(const dq_requant *rq, int32_t channel)
 {
-    return dq_requantize(rq, (int64_t)acc, channel);
+    const int32_t c = rq->per_channel ? channel : 0;
+    const int32_t k = rq->shift[c];
+    const dq_channel_requant r = {k > 0 ? (int64_t)(1u << (k - 1)) : 0, rq->mult[c], k,
+                                  rq->zero_point, rq->lo, rq->hi};
+    return r;
+}
+
+static inline uint8_t dq_apply(const dq_channel_requant *r, int32_t acc)
+{
+    int64_t v = (((int64_t)acc * r->mult + r->rounding) >> r->shift) + r->zero_point;
+    return (uint8_t)dq_clamp(v, r->lo, r->hi);
 }
 
 /* The weights of output channel ``row`` (``len`` of them) as int8 (unpacked when 4-bit). */
@@ -279,8 +295,9 @@ static void dq_conv_depthwise(const dq_conv *p, const uint8_t *x, uint8_t *y, in
                         }
                     }
                 }
+                const dq_channel_requant r = dq_channel(&p->rq, c);
                 for (int32_t ox = 0; ox < p->ow; ++ox) {
-                    yc[oy * p->ow + ox] = dq_requantize32(&p->rq, acc[ox], c);
+                    yc[oy * p->ow + ox] = dq_apply(&r, acc[ox]);
                 }
             }
         }
@@ -337,29 +354,31 @@ DQ_SPECIALISE void dq_conv1x1_row(const dq_conv *p, const uint8_t *xn, const int
 {
     const int32_t plane = p->h * p->w;
     const int32_t bias = p->bias[oc];
+    const dq_channel_requant r = dq_channel(&p->rq, oc);
+    const int32_t cin = p->cin;
     int32_t pix = 0;
     for (; pix + 4 <= plane; pix += 4) {
         int32_t a0 = bias, a1 = bias, a2 = bias, a3 = bias;
         const uint8_t *xp = xn + pix;
-        for (int32_t ic = 0; ic < p->cin; ++ic, xp += plane) {
+        for (int32_t ic = 0; ic < cin; ++ic, xp += plane) {
             const int32_t wv = wr[ic];
             a0 += (int32_t)(uint8_t)(xp[0] ^ flip) * wv;
             a1 += (int32_t)(uint8_t)(xp[1] ^ flip) * wv;
             a2 += (int32_t)(uint8_t)(xp[2] ^ flip) * wv;
             a3 += (int32_t)(uint8_t)(xp[3] ^ flip) * wv;
         }
-        yo[pix] = dq_requantize(&p->rq, a0, oc);
-        yo[pix + 1] = dq_requantize(&p->rq, a1, oc);
-        yo[pix + 2] = dq_requantize(&p->rq, a2, oc);
-        yo[pix + 3] = dq_requantize(&p->rq, a3, oc);
+        yo[pix] = dq_apply(&r, a0);
+        yo[pix + 1] = dq_apply(&r, a1);
+        yo[pix + 2] = dq_apply(&r, a2);
+        yo[pix + 3] = dq_apply(&r, a3);
     }
     for (; pix < plane; ++pix) {
         int32_t acc = bias;
         const uint8_t *xp = xn + pix;
-        for (int32_t ic = 0; ic < p->cin; ++ic, xp += plane) {
+        for (int32_t ic = 0; ic < cin; ++ic, xp += plane) {
             acc += (int32_t)(uint8_t)(xp[0] ^ flip) * wr[ic];
         }
-        yo[pix] = dq_requantize(&p->rq, acc, oc);
+        yo[pix] = dq_apply(&r, acc);
     }
 }
 
@@ -456,9 +475,28 @@ void dq_add(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y)
 
 void dq_mul(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y)
 {
-    /* |va|, |vb| <= 255: the product fits in int32 */
     const dq_binary q = *p;
-    DQ_BINARY_LOOP(&q, a, b, y, dq_requantize32(&q.rq, va * vb, channel));
+    int32_t idx = 0, i[4];
+    for (i[0] = 0; i[0] < q.shape[0]; ++i[0]) {
+        for (i[1] = 0; i[1] < q.shape[1]; ++i[1]) {
+            for (i[2] = 0; i[2] < q.shape[2]; ++i[2]) {
+                int32_t ia = i[0] * q.a_stride[0] + i[1] * q.a_stride[1] + i[2] * q.a_stride[2];
+                int32_t ib = i[0] * q.b_stride[0] + i[1] * q.b_stride[1] + i[2] * q.b_stride[2];
+                /* per-channel constants change along the last dim only if it is the channel */
+                dq_channel_requant r = dq_channel(&q.rq, q.channel_dim < 3 ? i[q.channel_dim] : 0);
+                for (i[3] = 0; i[3] < q.shape[3]; ++i[3], ++idx) {
+                    if (q.channel_dim == 3) {
+                        r = dq_channel(&q.rq, i[3]);
+                    }
+                    const int32_t va = (int32_t)(a[ia] ^ q.a_flip) - q.a_zero;
+                    const int32_t vb = (int32_t)(b[ib] ^ q.b_flip) - q.b_zero;
+                    y[idx] = dq_apply(&r, va * vb); /* |va|, |vb| <= 255: fits int32 */
+                    ia += q.a_stride[3];
+                    ib += q.b_stride[3];
+                }
+            }
+        }
+    }
 }
 
 void dq_global_avg_pool(const dq_unary *p, const uint8_t *x, uint8_t *y)
