@@ -121,23 +121,23 @@ def _clip_to_bits(weight: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(weight, -bound, bound).astype(weight.dtype)
 
 
-def time_kernel(
-    func: tvm.tirx.PrimFunc,
-    inputs: Sequence[np.ndarray],
-    target: tvm.target.Target,
-    *,
-    repeat: int = 20,
-) -> float:
-    """Median milliseconds of one PrimFunc alone; ``inputs`` are its non-output arguments."""
-    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    dev = tvm.cpu()
-    outputs = [
-        tvm.runtime.tensor(np.zeros([int(d) for d in p.shape], str(p.dtype)))
-        for p in list(func.params)[len(inputs) :]
-    ]
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs] + outputs
-    timer = lib.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=0)
-    return float(np.median(timer(*args).results)) * 1e3
+class KernelTimer:
+    """One PrimFunc built alone for the target, timed on given inputs (outputs are zeros)."""
+
+    def __init__(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> None:
+        self.func = func
+        module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        self.library = tvm.tirx.build(module, target)
+
+    def median_ms(self, inputs: Sequence[np.ndarray], *, repeat: int = 20) -> float:
+        """Median milliseconds of one call; ``inputs`` are the non-output arguments."""
+        outputs = [
+            tvm.runtime.tensor(np.zeros([int(d) for d in p.shape], str(p.dtype)))
+            for p in list(self.func.params)[len(inputs) :]
+        ]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs] + outputs
+        timer = self.library.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat)
+        return float(np.median(timer(*args).results)) * 1e3
 
 
 def _find_layer_call(calls: list[KernelCall], start: int, layer: Layer) -> tuple[int, int]:
@@ -193,9 +193,10 @@ def measure_layer_latency(
         inputs = [
             a if isinstance(a, np.ndarray) else _random_codes(a[0], a[1], rng) for a in call.args
         ]
+        timer = KernelTimer(call.func, target)
         row = {}
         for fmt in formats:
             inputs[weight_arg] = _clip_to_bits(call.args[weight_arg], fmt.weight_bits)  # type: ignore[arg-type]
-            row[fmt.label] = time_kernel(call.func, inputs, target, repeat=repeat)
+            row[fmt.label] = timer.median_ms(inputs, repeat=repeat)
         table.layers[name] = row
     return table

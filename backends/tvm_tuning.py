@@ -281,7 +281,8 @@ def schedule_module_with_report(
         scheduled = None
         source = "database"
         if database is not None:
-            if per_func_trials and gv in untuned:
+            # re-checked: an identical PrimFunc tuned earlier in this loop has its record now
+            if per_func_trials and not database.has_workload(_workload(func)):
                 if progress is not None:
                     progress(index, len(prims), name, f"tuning {per_func_trials} trials")
                 _tune(database, func, target, per_func_trials)

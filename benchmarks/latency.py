@@ -39,6 +39,9 @@ from benchmarks.common import REPO, machine_info, write_results
 MODELS = ("fashion_cnn", "mobilenet_v2")
 DATABASE = REPO / "benchmarks" / "tuning_db"
 UNSCHEDULED_REPEAT = 3
+# the allocation's candidate weight widths at 8-bit activations
+LAYER_TABLE_FORMATS = ((8, 8), (6, 8), (4, 8), (3, 8), (2, 8))
+LAYER_TABLE_REPEAT = 10
 
 
 def _ort_session(path: Path, threads: int, *, spin: bool) -> Any:
@@ -97,8 +100,44 @@ def _median_ms(rows: dict[str, Callable[[], Any]], *, warmup: int, repeat: int) 
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def write_layer_table(
+    name: str,
+    program: Any,
+    layer_ids: list[str],
+    target: Any,
+    threads: int,
+    database: Path | None,
+    output_dir: Path,
+) -> Path:
+    """``layer_latency_<model>.json``: each weighted layer's kernel timed alone per format,
+    keyed by the plan's layer ids (``dyadiq quantize --latency-table``)."""
+    from dyadiq.backends.tvm_layer_latency import measure_layer_latency
+    from dyadiq.plan import LayerFormat
+
+    formats = [LayerFormat(w, a) for w, a in LAYER_TABLE_FORMATS]
+    table = measure_layer_latency(
+        program,
+        formats,
+        target,
+        layer_ids=layer_ids,
+        database_dir=database,
+        repeat=LAYER_TABLE_REPEAT,
+    )
+    table.threads = threads
+    path = output_dir / f"layer_latency_{name}.json"
+    table.save(path)
+    return path
+
+
 def measure_model(
-    name: str, *, threads: int, warmup: int, repeat: int, database: Path | None, spin: bool
+    name: str,
+    *,
+    threads: int,
+    warmup: int,
+    repeat: int,
+    database: Path | None,
+    spin: bool,
+    layer_tables: Path | None = None,
 ) -> dict[str, Any]:
     import tvm
 
@@ -129,6 +168,11 @@ def measure_model(
         )
     program = quantized.program
     assert program is not None  # integer=True always builds the program
+    if layer_tables is not None:
+        path = write_layer_table(
+            name, program, list(quantized.plan.layers), target, threads, database, layer_tables
+        )
+        return {"model": name, "layer_table": str(path)}
     t0 = time.perf_counter()
     prepared = prepare(lower_program(program), target)
     scheduled, report = schedule_module_with_report(
@@ -220,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
         "--spin", action="store_true", help="let idle worker threads spin (both runtimes)"
     )
     parser.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--layer-tables",
+        action="store_true",
+        help="instead: write each model's per-layer latency table to the output folder",
+    )
     args = parser.parse_args(argv)
     # read by TVM's thread pool when it starts, i.e. at the first parallel kernel
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -251,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
                 repeat=args.repeat,
                 database=database,
                 spin=args.spin,
+                layer_tables=args.output_dir if args.layer_tables else None,
             )
         )
+    if args.layer_tables:
+        return
     write_results(data, args.output_dir, "latency", render)
 
 
