@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
@@ -167,6 +168,15 @@ def default_schedule(
     (e.g. two reductions, as in a softmax); :func:`schedule_module` then keeps it unscheduled
     and says so in its report.
     """
+    scheduled: tvm.tirx.PrimFunc = (
+        _default_schedule(func, reg=reg, vec=vec).mod["main"].without_attr("global_symbol")
+    )
+    return scheduled
+
+
+def _default_schedule(
+    func: tvm.tirx.PrimFunc, *, reg: int = 8, vec: int | None = None
+) -> s_tir.Schedule:
     sch = s_tir.Schedule(func.with_attr("global_symbol", "main"))
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if _REDUCE in _iter_kinds(sch, b)]
@@ -176,7 +186,7 @@ def default_schedule(
         for block in blocks[:-1]:
             sch.compute_inline(block)
         _schedule_elementwise(sch, sch.get_child_blocks(sch.get_sblock("root"))[-1])
-        return sch.mod["main"].without_attr("global_symbol")
+        return sch
     reduction = reductions[0]
     position = [sch.get(b).name_hint for b in blocks].index(sch.get(reduction).name_hint)
     for producer in blocks[:position]:
@@ -187,7 +197,7 @@ def default_schedule(
     epilogue = consumers[-1] if consumers else None
     lanes = vec if vec is not None else _vector_lanes(sch, reduction)
     _schedule_reduction(sch, reduction, epilogue, reg=reg, vec=lanes)
-    return sch.mod["main"].without_attr("global_symbol")
+    return sch
 
 
 def _workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
@@ -237,6 +247,33 @@ def _tune(
             cost_model="random" if small else "xgb",
             num_tuning_cores=1,
         )
+    _commit_default_candidate(database, func, target)
+
+
+def _commit_default_candidate(
+    database: ms.database.Database, func: tvm.tirx.PrimFunc, target: tvm.target.Target
+) -> None:
+    """Record the default schedule next to the tuned ones, timed like MetaSchedule's runner
+    (random inputs, 3 calls per measurement, at least 100 ms), so that the database's best
+    record is never a sampled schedule slower than what an untuned build already gets."""
+    try:
+        sch = _default_schedule(func)
+    except (ValueError, s_tir.ScheduleError):
+        return
+    library = tvm.tirx.build(sch.mod, target)
+    rng = np.random.default_rng(0)
+    args = []
+    for param in func.params:
+        shape = [int(d) for d in param.shape]
+        dtype = str(param.dtype)
+        values = rng.integers(-100, 100, shape) if "int" in dtype else rng.standard_normal(shape)
+        args.append(tvm.runtime.tensor(values.astype(dtype)))
+    timer = library.time_evaluator("main", tvm.cpu(), number=3, repeat=1, min_repeat_ms=100)
+    seconds = float(timer(*args).mean)
+    entry = database.commit_workload(_workload(func))
+    database.commit_tuning_record(
+        ms.database.TuningRecord(sch.trace, entry, [tvm.runtime.convert(seconds)], target)
+    )
 
 
 def _require_tunable(target: tvm.target.Target) -> None:

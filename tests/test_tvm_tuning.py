@@ -261,3 +261,21 @@ def test_layer_ids_must_match_the_weighted_layers():
     program = tvm_helpers.integer_program(residual_concat(rng), calibration((1, 4, 6, 6), rng))
     with pytest.raises(ConfigError, match="layer ids"):
         measure_layer_latency(program, [LayerFormat(8, 8)], X86, layer_ids=["only_one"])
+
+
+def test_default_schedule_is_committed_as_a_tuning_candidate(tmp_path):
+    """After a search, the default schedule competes with the sampled ones in the database."""
+    rng = np.random.default_rng(12)
+    prepared = prepare(_dense_requant(rng, 96, 32), X86)
+    ((gv, func),) = [
+        (g, f) for g, f in prepared.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+    ]
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    tvm_tuning._commit_default_candidate(database, func, X86)
+    (record,) = database.get_all_tuning_records()
+    assert 0 < float(record.run_secs[0]) < 1
+    scheduled, report = schedule_module_with_report(
+        prepared, X86, database_dir=tmp_path, progress=None
+    )
+    assert report.source == {gv.name_hint: "database"}
+    tvm.ir.assert_structural_equal(scheduled[gv], default_schedule(func))
