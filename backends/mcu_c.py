@@ -76,7 +76,7 @@ MCU_C = Capabilities(
 class LayerFlash:
     """Constant bytes one weighted op puts in flash (what a flash budget constrains)."""
 
-    op: str  # the op's output tensor
+    op: str  # "op<i>": the op's index in program.ops, also its C names' prefix
     weight_bits: int
     weight_bytes: int
     bias_bytes: int
