@@ -140,7 +140,7 @@ class KernelTimer:
         return float(np.median(timer(*args).results)) * 1e3
 
 
-def _find_layer_call(calls: list[KernelCall], start: int, layer: Layer) -> tuple[int, int]:
+def find_layer_call(calls: list[KernelCall], start: int, layer: Layer) -> tuple[int, int]:
     """(call index, argument index) of the first call from ``start`` that takes this weight."""
     weight = layer.weight
     assert weight is not None  # weighted_layers() keeps only layers with a constant weight
@@ -187,7 +187,7 @@ def measure_layer_latency(
     table = LatencyTable(target=str(target), repeat=repeat)
     position = 0
     for name, layer in zip(names, layers, strict=True):
-        index, weight_arg = _find_layer_call(calls, position, layer)
+        index, weight_arg = find_layer_call(calls, position, layer)
         position = index + 1
         call = calls[index]
         inputs = [

@@ -177,15 +177,19 @@ def default_schedule(
 def _default_schedule(
     func: tvm.tirx.PrimFunc, *, reg: int = 8, vec: int | None = None
 ) -> s_tir.Schedule:
-    sch = s_tir.Schedule(func.with_attr("global_symbol", "main"))
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    # Blocks are fetched by name, not with get_child_blocks: a trace holding GetChildBlocks does
+    # not replay in TVM 0.27 (GetLoops on its outputs fails), and database records are replays.
+    probe = s_tir.Schedule(_copy(func).with_attr("global_symbol", "main"))
+    names = [probe.get(b).name_hint for b in probe.get_child_blocks(probe.get_sblock("root"))]
+    sch = s_tir.Schedule(_copy(func).with_attr("global_symbol", "main"))
+    blocks = [sch.get_sblock(name) for name in names]
     reductions = [b for b in blocks if _REDUCE in _iter_kinds(sch, b)]
     if len(reductions) > 1:
         raise ValueError(f"{len(reductions)} reduction blocks; only one is handled")
     if not reductions:
         for block in blocks[:-1]:
             sch.compute_inline(block)
-        _schedule_elementwise(sch, sch.get_child_blocks(sch.get_sblock("root"))[-1])
+        _schedule_elementwise(sch, blocks[-1])
         return sch
     reduction = reductions[0]
     position = [sch.get(b).name_hint for b in blocks].index(sch.get(reduction).name_hint)
@@ -200,9 +204,16 @@ def _default_schedule(
     return sch
 
 
+def _copy(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """A deep copy: a Schedule built on ``func.with_attr(...)`` edits the caller's PrimFunc in
+    place in TVM 0.27 (the input module came back scheduled, and traces stopped replaying)."""
+    copied: tvm.tirx.PrimFunc = tvm.ir.load_json(tvm.ir.save_json(func))
+    return copied
+
+
 def _workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
     """The form MetaSchedule keys records by (a one-function module named main)."""
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.IRModule({"main": _copy(func).with_attr("global_symbol", "main")})
 
 
 def _from_database(

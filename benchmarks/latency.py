@@ -23,6 +23,7 @@ call per row per round, so background load hits all rows alike); the median per 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -129,6 +130,34 @@ def write_layer_table(
     return path
 
 
+def _macs(program: Any, layer: Any) -> int:
+    out = program.shapes[layer.output]
+    weight = layer.weight
+    per_output = int(np.prod(weight.shape[1:])) if weight.ndim == 4 else int(weight.shape[0])
+    return int(np.prod([d for d in out if d > 0])) * per_output
+
+
+def tune_heaviest_layers(
+    program: Any, prepared: Any, target: Any, database: Path, *, trials: int, layers: int
+) -> list[str]:
+    """MetaSchedule on the ``layers`` weighted layers with the most MACs, ``trials`` each;
+    records go to ``database`` (committed, reused by every later run)."""
+    import tvm
+
+    from dyadiq.backends.tvm_layer_latency import find_layer_call, kernel_calls, weighted_layers
+    from dyadiq.backends.tvm_tuning import schedule_module
+
+    calls = kernel_calls(prepared)
+    ranked = sorted(weighted_layers(program), key=lambda op: -_macs(program, op))[:layers]
+    chosen = {}
+    for layer in ranked:
+        index, _ = find_layer_call(calls, 0, layer)
+        chosen[calls[index].name] = calls[index].func
+    subset = tvm.IRModule({name: func for name, func in chosen.items()})
+    schedule_module(subset, target, database_dir=database, trials=trials * len(chosen))
+    return sorted(chosen)
+
+
 def measure_model(
     name: str,
     *,
@@ -138,6 +167,7 @@ def measure_model(
     database: Path | None,
     spin: bool,
     layer_tables: Path | None = None,
+    tune: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     import tvm
 
@@ -175,6 +205,14 @@ def measure_model(
         return {"model": name, "layer_table": str(path)}
     t0 = time.perf_counter()
     prepared = prepare(lower_program(program), target)
+    if tune is not None:
+        if database is None:
+            database = DATABASE
+        trials, layers = tune
+        tuned = tune_heaviest_layers(
+            program, prepared, target, database, trials=trials, layers=layers
+        )
+        return {"model": name, "tuned_kernels": tuned}
     scheduled, report = schedule_module_with_report(
         prepared, target, database_dir=database, progress=None
     )
@@ -265,11 +303,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(
+        "--tune",
+        nargs=2,
+        type=int,
+        metavar=("TRIALS", "LAYERS"),
+        help="instead: tune the LAYERS layers with the most MACs, TRIALS each, into --database",
+    )
+    parser.add_argument(
         "--layer-tables",
         action="store_true",
         help="instead: write each model's per-layer latency table to the output folder",
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # tuning progress
     # read by TVM's thread pool when it starts, i.e. at the first parallel kernel
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if not args.spin:
@@ -277,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         # shared with other jobs, spinning workers wait for descheduled ones: measured 46 ms
         # instead of 0.33 ms for fashion_cnn at load average 11 on 2 cores.
         os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
-    database = args.database if args.database.exists() else None
+    database = args.database if args.database.exists() or args.tune else None
     data: dict[str, Any] = {
         "machine": machine_info(),
         "run": {
@@ -301,9 +347,10 @@ def main(argv: list[str] | None = None) -> None:
                 database=database,
                 spin=args.spin,
                 layer_tables=args.output_dir if args.layer_tables else None,
+                tune=(args.tune[0], args.tune[1]) if args.tune else None,
             )
         )
-    if args.layer_tables:
+    if args.layer_tables or args.tune:
         return
     write_results(data, args.output_dir, "latency", render)
 

@@ -279,3 +279,14 @@ def test_default_schedule_is_committed_as_a_tuning_candidate(tmp_path):
     )
     assert report.source == {gv.name_hint: "database"}
     tvm.ir.assert_structural_equal(scheduled[gv], default_schedule(func))
+
+
+def test_scheduling_leaves_the_input_module_unchanged():
+    """TVM 0.27 schedules edit a PrimFunc in place unless it is copied first."""
+    rng = np.random.default_rng(13)
+    spec = KERNELS["depthwise_stride2_uint8"]
+    prepared = prepare(_conv_requant(rng, **spec), X86)  # type: ignore[arg-type]
+    before = prepared.script()
+    scheduled, _ = schedule_module_with_report(prepared, X86, progress=None)
+    assert prepared.script() == before
+    assert scheduled.script() != before
