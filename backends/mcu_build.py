@@ -288,6 +288,15 @@ def _run(
     return result
 
 
+def build_if_toolchain(project: McuProject) -> tuple[BuildResult | None, str | None]:
+    """Build ``project`` when the Arm toolchain is installed; else (None, why not)."""
+    try:
+        find_toolchain()
+    except ToolchainError as exc:
+        return None, str(exc)
+    return build(project), None
+
+
 def compile_for_mcu(
     program: IntegerProgram, out_dir: Path, *, cpu: str = "cortex-m4"
 ) -> dict[str, Any]:
@@ -309,12 +318,10 @@ def compile_for_mcu(
         "weight_flash_bytes": project.weight_flash_bytes,
         "built": False,
     }
-    try:
-        find_toolchain()
-    except ToolchainError as exc:
-        report["not_built"] = str(exc)
+    built, why_not = build_if_toolchain(project)
+    if built is None:
+        report["not_built"] = why_not
     else:
-        built = build(project)
         size = built.model_size
         report.update(
             built=True,

@@ -159,12 +159,10 @@ def _emit_mcu(program: IntegerProgram, target: str, out_dir: Path, feeds: Feeds)
         "arena_bytes": project.arena.peak_bytes,
         "weights_stored_as": "int4 packed two per byte, wider codes one per byte",
     }
-    try:
-        mcu_build.find_toolchain()
-    except mcu_build.ToolchainError as exc:
-        info["built"] = f"not built: {exc}"
+    built, why_not = mcu_build.build_if_toolchain(project)
+    if built is None:
+        info["built"] = f"not built: {why_not}"
         return info
-    built = mcu_build.build(project)
     size = built.model_size
     info["elf"] = str(built.app_elf)
     info["flash_bytes"] = size.flash
