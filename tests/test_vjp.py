@@ -174,3 +174,58 @@ def test_vjp_through_layer_norm_and_shape_operands_matches_finite_differences() 
         fd = float(np.sum(u * (plus.astype(np.float64) - minus)) / (2 * eps))
         exact = float(np.sum(grads[name] * direction))
         assert abs(fd - exact) <= 2e-3 * max(1.0, abs(exact)), (layer, fd, exact)
+
+
+# The construct that made reverse mode fail on MiniLM with "Check failed: (var_binding) is
+# false": an int64 shape operand stored as an initializer. Imported as a function parameter
+# (keep_params_in_input), Expand's target shape is only known at run time, so the importer
+# emits a ``match_cast`` binding, which Gradient's CheckpointCollector rejects (it accepts
+# only plain var bindings). vjp.py keeps integer initializers as constants instead.
+EXPAND_SHAPE_MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[3, 4] x) => (float[3, 5] y) {
+    a = Gemm <transB = 1> (x, w1)
+    s = ReduceSum <keepdims = 1> (a, axes)
+    t = Expand (s, shape)
+    g = Gemm <transB = 1> (a, w2)
+    y = Add (g, t)
+}
+"""
+
+
+def test_vjp_with_an_integer_shape_initializer_feeding_expand() -> None:
+    rng = np.random.default_rng(6)
+    model = onnx.parser.parse_model(EXPAND_SHAPE_MLP)
+    w1 = rng.normal(size=(6, 4)).astype(np.float32)
+    w2 = rng.normal(size=(5, 6)).astype(np.float32)
+    arrays = {
+        "w1": w1,
+        "w2": w2,
+        "axes": np.array([-1], np.int64),
+        "shape": np.array([3, 5], np.int64),
+    }
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in arrays.items())
+    onnx.checker.check_model(model, full_check=True)
+    vjp = VectorJacobianProduct(model, {"x": (3, 4)}, ["w1", "w2"])
+    assert vjp.output_shape == (3, 5)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    u = rng.normal(size=(3, 5)).astype(np.float32)
+    grads = vjp({"x": x}, {}, u)
+    # y = a w2^T + rowsum(a) 1^T with a = x w1^T: dL/da = u w2 + rowsum(u) 1^T
+    a = x @ w1.T
+    da = u @ w2 + u.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(grads["w2"], u.T @ a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["w1"], da.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_scheduled_and_unscheduled_gradient_modules_agree() -> None:
+    rng = np.random.default_rng(7)
+    model, _, _ = _mlp(rng)
+    x = rng.normal(size=(8, 6)).astype(np.float32)
+    u = rng.normal(size=(8, 3)).astype(np.float32)
+    plain = VectorJacobianProduct(model, {"x": (8, 6)}, ["w1", "w2"], scheduled=False)(
+        {"x": x}, {}, u
+    )
+    fast = VectorJacobianProduct(model, {"x": (8, 6)}, ["w1", "w2"])({"x": x}, {}, u)
+    for name in ("w1", "w2"):
+        np.testing.assert_allclose(fast[name], plain[name], rtol=1e-5, atol=1e-6)

@@ -186,6 +186,23 @@ def differentiable_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     return out, names
 
 
+def _compile(module: Any, scheduled: bool) -> Any:
+    """The gradient module as a VM executable. ``scheduled``: legalize and fuse, then give every
+    fused PrimFunc the backend's hand-written default schedule (tiled, parallel, vectorized;
+    :func:`dyadiq.backends.tvm_tuning.default_schedule`). TVM's default CPU pipeline runs the
+    naive loop nests legalization wrote, which made one MiniLM reverse pass take seconds.
+    Schedules only reorder loops (float sums may round differently)."""
+    import tvm
+
+    if not scheduled:
+        return tvm.compile(module, target=tvm.target.Target({"kind": "llvm"}))
+    from dyadiq.backends.tvm_build import compile_prepared, prepare, target_for
+    from dyadiq.backends.tvm_tuning import schedule_module
+
+    target = target_for("x86")
+    return compile_prepared(schedule_module(prepare(module, target), target, progress=None), target)
+
+
 class VectorJacobianProduct:
     """J^T u for the first output of ``model`` w.r.t. the initializers ``weight_names``.
 
@@ -197,6 +214,8 @@ class VectorJacobianProduct:
         model: onnx.ModelProto,
         input_shapes: Mapping[str, Sequence[int]],
         weight_names: Sequence[str],
+        *,
+        scheduled: bool = True,
     ) -> None:
         import tvm
         from tvm import relax
@@ -258,7 +277,7 @@ class VectorJacobianProduct:
         except Exception as exc:  # TVM's TVMError: which op has no gradient rule
             raise VjpUnsupportedError(f"reverse mode failed on this model: {exc}") from exc
         self._grad_order = [self._original[v.name] for v in grads_of]
-        self._executable = tvm.compile(module, target=tvm.target.Target({"kind": "llvm"}))
+        self._executable = _compile(module, scheduled)
         self._vm = relax.VirtualMachine(self._executable, tvm.cpu())
         self.calls = 0
 
