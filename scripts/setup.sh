@@ -41,7 +41,13 @@ else
   ln -sfn "$venv" .venv
 fi
 stamp="$venv/.dyadiq-$(sha256sum pyproject.toml | cut -c1-16)-$extras-$(pwd | sha256sum | cut -c1-8)"
-if [ ! -e "$stamp" ]; then
+# The venv is shared by every checkout on this machine (CI's clean one included) and an editable
+# install points at one checkout only: reinstall when it points elsewhere, not only when the
+# stamp is missing, or this checkout would silently import another one's backends.
+installed_here() {
+  (cd / && "$venv/bin/python" -c "import os, sys, dyadiq.backends as b; sys.exit(os.path.dirname(os.path.realpath(b.__file__)) != sys.argv[1])" "$(pwd -P)/backends") 2>/dev/null
+}
+if [ ! -e "$stamp" ] || ! installed_here; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
   "$venv/bin/python" -c "import dyadiq.pipeline" && touch "$stamp"
