@@ -53,7 +53,7 @@ def measure(name: str, threads: int, *, warmup: int, repeat: int) -> dict[str, A
     feeds = {k: v[:1] for k, v in feeds.items()}
     target = target_for("x86")
     start = time.perf_counter()
-    executable = compile_prepared(prepare(lower_program(program), target), target)
+    executable = compile_prepared(prepare(lower_program(program, target=target), target), target)
     compile_s = time.perf_counter() - start
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in program.inputs]

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import tvm
 from tvm import IRModule, relax
 
 from dyadiq import integer_program as ip
@@ -106,11 +107,15 @@ class _Lowering:
         self.env: dict[str, relax.Expr] = {}
 
     # --- helpers -----------------------------------------------------------------------------
+    def value(self, name: str) -> relax.Expr:
+        """The Relax value of program tensor ``name`` in the program's own layout."""
+        return self.env[name]
+
     def emit(self, expr: relax.Expr) -> relax.Var:
         return self.bb.emit(expr)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.env[name].ty.shape)
+        return tuple(int(d) for d in self.value(name).ty.shape)
 
     @staticmethod
     def ndim(expr: relax.Expr) -> int:
@@ -121,7 +126,10 @@ class _Lowering:
 
     def centered(self, name: str, zero_point: int) -> relax.Var:
         """``codes - z`` in int64."""
-        wide = self.emit(relax.op.astype(self.env[name], "int64"))
+        return self.centered_value(self.value(name), zero_point)
+
+    def centered_value(self, codes: relax.Expr, zero_point: int) -> relax.Var:
+        wide = self.emit(relax.op.astype(codes, "int64"))
         if zero_point == 0:
             return wide
         return self.emit(relax.op.subtract(wide, _int64(zero_point)))
@@ -162,7 +170,7 @@ class _Lowering:
     # --- ops ---------------------------------------------------------------------------------
     def quantize(self, op: ip.QuantizeInput | ip.Quantize) -> None:
         q = self.program.quant[op.output]
-        x = self.env[op.input]
+        x = self.value(op.input)
         scaled = self.emit(relax.op.divide(x, relax.const(np.float32(q.scale), "float32")))
         rounded = self.emit(relax.op.round(scaled))
         bounded = self.emit(
@@ -174,7 +182,7 @@ class _Lowering:
 
     def dequantize(self, op: ip.Dequantize) -> None:
         q = self.program.quant[op.input]
-        wide = self.emit(relax.op.astype(self.env[op.input], "int32"))
+        wide = self.emit(relax.op.astype(self.value(op.input), "int32"))
         centered = self.emit(relax.op.subtract(wide, relax.const(np.int32(q.zero_point), "int32")))
         real = self.emit(relax.op.astype(centered, "float32"))
         scale = relax.const(np.float32(q.scale), "float32")
@@ -187,7 +195,7 @@ class _Lowering:
                 f"{op.weight.ndim - 2}-D kernel"
             )
         weight = op.weight.astype(np.int8)
-        x = self.env[op.input]
+        x = self.value(op.input)
         z = op.input_zero_point
         padding: tuple[int, ...] = tuple(op.pads)
         if z != 0 and any(op.pads):
@@ -222,7 +230,7 @@ class _Lowering:
             weight = op.weight.astype(np.int8)
             out_dtype = self.accumulator_dtype(op.input, weight.T)
             acc = self.emit(
-                relax.op.matmul(self.env[op.input], relax.const(weight, "int8"), out_dtype)
+                relax.op.matmul(self.value(op.input), relax.const(weight, "int8"), out_dtype)
             )
             acc = self.emit(relax.op.astype(acc, "int64"))
             offset = -op.input_zero_point * weight.astype(np.int64).sum(axis=0)
@@ -292,7 +300,7 @@ class _Lowering:
     def softmax(self, op: ip.Softmax) -> None:
         """I-BERT softmax (:class:`ip.Softmax`); both divisions are floor divisions."""
         ndim = len(self.shape(op.input))
-        q = self.emit(relax.op.astype(self.env[op.input], "int64"))
+        q = self.emit(relax.op.astype(self.value(op.input), "int64"))
         top = self.emit(relax.op.max(q, axis=-1, keepdims=True))
         d = self.emit(relax.op.subtract(q, top))
         if op.upscale_bits:
@@ -315,7 +323,7 @@ class _Lowering:
         # so the maxima agree.
         self.env[op.output] = self.emit(
             relax.op.nn.max_pool2d(
-                self.env[op.input],
+                self.value(op.input),
                 pool_size=tuple(op.kernel),
                 strides=tuple(op.strides),
                 padding=tuple(op.pads),
@@ -323,20 +331,20 @@ class _Lowering:
         )
 
     def clip(self, op: ip.Clip) -> None:
-        self.env[op.output] = self.emit(relax.op.clip(self.env[op.input], op.lo, op.hi))
+        self.env[op.output] = self.emit(relax.op.clip(self.value(op.input), op.lo, op.hi))
 
     def reshape(self, op: ip.Reshape) -> None:
         shape_in = self.shape(op.input)
         # ONNX Reshape: 0 copies the input's dimension, -1 is inferred
         target = [shape_in[i] if d == 0 else d for i, d in enumerate(op.shape)]
         resolved = np.empty(shape_in, dtype=np.int8).reshape(target).shape
-        self.env[op.output] = self.emit(relax.op.reshape(self.env[op.input], resolved))
+        self.env[op.output] = self.emit(relax.op.reshape(self.value(op.input), resolved))
 
     def transpose(self, op: ip.Transpose) -> None:
-        self.env[op.output] = self.emit(relax.op.permute_dims(self.env[op.input], list(op.perm)))
+        self.env[op.output] = self.emit(relax.op.permute_dims(self.value(op.input), list(op.perm)))
 
     def concat(self, op: ip.Concat) -> None:
-        parts = relax.Tuple([self.env[name] for name in op.inputs])
+        parts = relax.Tuple([self.value(name) for name in op.inputs])
         self.env[op.output] = self.emit(relax.op.concat(parts, axis=op.axis))
 
     def lower(self, op: ip.IntOp) -> None:
@@ -376,10 +384,27 @@ class _Lowering:
             raise UnsupportedModelError(f"no TVM lowering for {type(op).__name__}")
 
 
-def lower_program(program: ip.IntegerProgram, *, batch: int = 1) -> IRModule:
+def _lowering_for(
+    program: ip.IntegerProgram, bb: relax.BlockBuilder, target: tvm.target.Target | None
+) -> _Lowering:
+    if target is not None:
+        # imported here: the x86 lowering subclasses _Lowering
+        from dyadiq.backends.tvm_lowering_x86 import VnniLowering, has_vnni
+
+        if has_vnni(target):
+            return VnniLowering(program, bb)
+    return _Lowering(program, bb)
+
+
+def lower_program(
+    program: ip.IntegerProgram, *, batch: int = 1, target: tvm.target.Target | None = None
+) -> IRModule:
     """The Relax module whose ``main`` computes ``program`` (see the module docstring).
 
-    ``batch`` replaces a dynamic batch dimension (0 in the program's shapes).
+    ``batch`` replaces a dynamic batch dimension (0 in the program's shapes). Without a
+    ``target`` the module is portable (NCHW Relax ops, scheduled later); for an x86 target
+    with AVX-512 VNNI the heavy layers become hand-written channels-last kernels
+    (:mod:`dyadiq.backends.tvm_lowering_x86`), which compute the same codes.
     """
     missing = unsupported_ops(program)
     if missing:
@@ -393,18 +418,18 @@ def lower_program(program: ip.IntegerProgram, *, batch: int = 1) -> IRModule:
         relax.Var(name, relax.TensorType(static_shape(shape, batch), str(np.dtype(dtype))))
         for name, (dtype, shape) in program.inputs.items()
     ]
-    lowering = _Lowering(program, bb)
+    lowering = _lowering_for(program, bb, target)
     lowering.env.update(zip(program.inputs, params, strict=True))
     with bb.function("main", params):
         with bb.dataflow():
             for op in program.ops:
                 lowering.lower(op)
             codes = [
-                lowering.env[program.int_outputs[o]]
+                lowering.value(program.int_outputs[o])
                 for o in program.outputs
                 if o in program.int_outputs
             ]
-            floats = [lowering.env[o] for o in program.outputs]
+            floats = [lowering.value(o) for o in program.outputs]
             result = bb.emit_output(relax.Tuple(codes + floats))
         bb.emit_func_output(result)
     return bb.get()

@@ -38,6 +38,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.sym import detect_linear_equation
 
+from dyadiq.backends.tvm_x86_kernels import HAND_SCHEDULED
 from dyadiq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,11 @@ def _default_schedule(
     return sch
 
 
+def _hand_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    """Kernels written loop by loop (:mod:`dyadiq.backends.tvm_x86_kernels`) stay as written."""
+    return func.attrs is not None and HAND_SCHEDULED in func.attrs
+
+
 def _copy(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """A deep copy: a Schedule built on ``func.with_attr(...)`` edits the caller's PrimFunc in
     place in TVM 0.27 (the input module came back scheduled, and traces stopped replaying)."""
@@ -317,7 +323,11 @@ def schedule_module_with_report(
     if database_dir is not None:
         Path(database_dir).mkdir(parents=True, exist_ok=True)
         database = ms.database.JSONDatabase(work_dir=str(database_dir))
-    prims = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    prims = [
+        (gv, f)
+        for gv, f in mod.functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc) and not _hand_scheduled(f)
+    ]
     untuned = [gv for gv, f in prims if database is None or not database.has_workload(_workload(f))]
     per_func_trials = trials // len(untuned) if untuned and trials else 0
     if trials and untuned and per_func_trials == 0:
@@ -327,6 +337,9 @@ def schedule_module_with_report(
     for gv, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             out[gv] = func
+        elif _hand_scheduled(func):
+            out[gv] = func
+            report.source[gv.name_hint] = "hand-written"
     for index, (gv, func) in enumerate(prims):
         name = gv.name_hint
         scheduled = None

@@ -102,7 +102,8 @@ def _emit_tvm(
     from dyadiq.backends.tvm_lowering import lower_program
     from dyadiq.backends.tvm_tuning import schedule_module_with_report
 
-    mod = lower_program(program)
+    # the target picks the lowering: channels-last VNNI kernels on x86 CPUs that have them
+    mod = lower_program(program, target=tvm_build.target_for(target))
     sources: dict[str, str] = {}
 
     def schedule(prepared: Any, tvm_target: Any) -> Any:

@@ -24,11 +24,16 @@ def integer_program(
     weight_bits: int = 8,
     mixed_w4: bool = False,
     simplify: bool = True,
+    act_signed: bool = False,
 ) -> IntegerProgram:
     """Uniform ``weight_bits`` W/A8 plan, or (``mixed_w4``) 8-bit first and last layers and
     4-bit weights in between, the usual hand heuristic."""
     graph = load_onnx(model, simplify=simplify)
-    plan = _mixed_plan(graph) if mixed_w4 else PrecisionPlan.uniform(graph, weight_bits=weight_bits)
+    plan = (
+        _mixed_plan(graph)
+        if mixed_w4
+        else PrecisionPlan.uniform(graph, weight_bits=weight_bits, act_signed=act_signed)
+    )
     result = quantize_graph(graph, plan, calibration)
     return integerize(result.graph, plan, result.sites, result.qdq.act_params)
 

@@ -1,0 +1,372 @@
+"""Hand-written x86 TIR kernels for the integer program's heavy layers (AVX-512 VNNI).
+
+MetaSchedule never finds ``vpdpbusd`` and TVM's own VNNI intrinsic does not build against its
+bundled LLVM (see ``../shared/TVM-NOTES.md``), so the loop nests here are written out in
+TVMScript, with the intrinsic called directly on the operand types LLVM now expects
+(``<16 x i32>, <64 x i8>, <64 x i8>``). Each kernel computes one whole layer, requantization
+included, exactly as :mod:`dyadiq.reference_interpreter` does:
+
+* :func:`packed_matmul`: ``out[m, n] = requant(sum_k a[m, k] * w[n, k] + offset[n])`` with
+  ``a`` uint8 or int8 codes ``[M, K]`` (``K % 4 == 0``) and ``w`` int8 pre-packed as
+  ``[ceil(N/16), K/4, 16, 4]`` (:func:`pack_weight`), so one 64-byte load feeds one
+  ``vpdpbusd`` (16 output channels x 4 inputs). VNNI multiplies unsigned by signed bytes: int8
+  activations are flipped to ``a + 128`` in the register (one XOR per broadcast) and the extra
+  ``128 * sum_k w`` is taken out through ``offset``. The register tile is ``rows`` output rows
+  x ``blocks`` 16-channel blocks of int32 accumulators, so each weight vector is loaded once
+  per ``rows`` rows and each broadcast activation feeds ``blocks`` instructions.
+  A 1x1 convolution in NHWC is this matmul with ``M = H*W``; a KxK convolution is an im2col
+  followed by it; a dense layer is it with ``M`` = batch rows.
+* :func:`depthwise_nhwc`: a depthwise convolution over an already padded NHWC input, vectorized
+  over channels (16 int32 lanes), every tap unrolled.
+
+Every kernel ends in the same epilogue: ``v = acc + offset[n]`` in int64, ``(v * mult[n] +
+round[n]) >> shift[n]`` (arithmetic shift), ``+ zero_point``, clip, cast to the code type.
+Kernels carry ``dyadiq.hand_scheduled`` so the scheduler leaves them as written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T  # noqa: N812 (TVMScript convention)
+
+LANES = 16  # int32 lanes of a 512-bit register: the output channels one vpdpbusd produces
+GROUP = 4  # input channels one vpdpbusd lane sums
+HAND_SCHEDULED = "dyadiq.hand_scheduled"
+_OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not fuse into these kernels
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The requantization every kernel ends with (per output channel arrays, length ``n``)."""
+
+    offset: np.ndarray  # int64, added to the int32 accumulator
+    mult: np.ndarray  # int64
+    rounding: np.ndarray  # int64: 2^(shift-1), or 0 where shift == 0
+    shift: np.ndarray  # int64
+    zero_point: int
+    lo: int
+    hi: int
+    out_dtype: str
+
+    @classmethod
+    def per_channel(
+        cls,
+        n: int,
+        offset: np.ndarray,
+        mult: np.ndarray,
+        shift: np.ndarray,
+        *,
+        zero_point: int,
+        lo: int,
+        hi: int,
+        out_dtype: str,
+    ) -> Epilogue:
+        def widen(values: np.ndarray) -> np.ndarray:
+            flat = np.asarray(values, dtype=np.int64).reshape(-1)
+            return np.broadcast_to(flat, (n,)).copy() if flat.size == 1 else flat.copy()
+
+        k = widen(shift)
+        rounding = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
+        return cls(
+            widen(offset), widen(mult), rounding.astype(np.int64), k, zero_point, lo, hi, out_dtype
+        )
+
+    def padded(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The four per-channel arrays zero-padded to ``n`` entries (kernels read whole vectors)."""
+
+        def pad(values: np.ndarray) -> np.ndarray:
+            out = np.zeros(n, np.int64)
+            out[: values.size] = values
+            return out
+
+        return pad(self.offset), pad(self.mult), pad(self.rounding), pad(self.shift)
+
+
+def pack_weight(weight: np.ndarray) -> np.ndarray:
+    """``[N, K]`` int8 -> ``[ceil(N/16), K/4, 16, 4]``, zero rows for the padded channels."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"packed weights need K % {GROUP} == 0, got K={k}")
+    blocks = -(-n // LANES)
+    padded = np.zeros((blocks * LANES, k), np.int8)
+    padded[:n] = weight
+    return np.ascontiguousarray(
+        padded.reshape(blocks, LANES, k // GROUP, GROUP).transpose(0, 2, 1, 3)
+    )
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
+
+
+def matmul_tile(m: int, n: int) -> tuple[int, int]:
+    """(rows, 16-channel blocks) of the register tile: at most 24 accumulators of 32 zmm."""
+    blocks = _largest_divisor(-(-n // LANES), 3)
+    rows = _largest_divisor(m, 8 if blocks <= 3 else 6)
+    return rows, blocks
+
+
+def _finish(v: T.int64, zero_point: int, lo: int, hi: int, out_dtype: str):  # type: ignore[no-untyped-def]
+    return T.Cast(out_dtype, T.max(T.min(v + T.int64(zero_point), T.int64(hi)), T.int64(lo)))
+
+
+def packed_matmul(
+    in_shape: tuple[int, ...],
+    n: int,
+    in_dtype: str,
+    epilogue: Epilogue,
+    out_shape: tuple[int, ...] | None = None,
+) -> tvm.tirx.PrimFunc:
+    """The VNNI matmul + requantization kernel (see the module docstring).
+
+    Arguments, in order: codes ``a`` of ``in_shape`` (read as ``[M, K]``, K its last
+    dimension, so an NHWC tensor needs no reshape), packed weight, offset, mult, round, shift
+    (each ``[16 * ceil(n/16)]`` int64), then the output of ``out_shape`` (default ``[M, n]``,
+    written as ``[M, n]``).
+    """
+    k = in_shape[-1]
+    m = int(np.prod(in_shape[:-1]))
+    out_shape = out_shape or (m, n)
+    if int(np.prod(out_shape)) != m * n:
+        raise ValueError(f"output shape {out_shape} does not hold {m} x {n} values")
+    if k % GROUP:
+        raise ValueError(f"packed_matmul needs K % {GROUP} == 0, got K={k}")
+    kb = k // GROUP
+    nb = -(-n // LANES)
+    npad = nb * LANES
+    rows, blocks = matmul_tile(m, n)
+    row_tiles = m // rows
+    col_tiles = nb // blocks
+    flip = in_dtype == "int8"  # VNNI wants unsigned activations: a ^ 0x80 == a + 128
+    zp, lo, hi, out_dtype = epilogue.zero_point, epilogue.lo, epilogue.hi, epilogue.out_dtype
+    acc_lanes = rows * blocks * LANES
+
+    @T.prim_func(private=True)
+    def kernel(
+        a_in: T.Buffer(in_shape, in_dtype),
+        w: T.Buffer((nb, kb, LANES, GROUP), "int8"),
+        offset: T.Buffer((npad,), "int64"),
+        mult: T.Buffer((npad,), "int64"),
+        rnd: T.Buffer((npad,), "int64"),
+        shift: T.Buffer((npad,), "int64"),
+        out_nd: T.Buffer(out_shape, out_dtype),
+    ) -> None:
+        T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
+        a = T.decl_buffer((m, k), in_dtype, data=a_in.data)
+        out = T.decl_buffer((m, n), out_dtype, data=out_nd.data)
+        for tile in T.parallel(row_tiles * col_tiles):
+            acc = T.alloc_buffer((acc_lanes,), "int32", scope="local")
+            for r in T.unroll(rows):
+                for j in T.unroll(blocks):
+                    acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+            for kk in range(kb):
+                for r in T.unroll(rows):
+                    for j in T.unroll(blocks):
+                        acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "int32x16",
+                            "llvm.x86.avx512.vpdpbusd.512",
+                            acc[T.ramp((r * blocks + j) * LANES, 1, LANES)],
+                            T.reinterpret(
+                                "int8x64",
+                                T.broadcast(
+                                    T.bitwise_xor(
+                                        T.reinterpret(
+                                            "int32",
+                                            a.vload(
+                                                [tile // col_tiles * rows + r, kk * GROUP],
+                                                f"{in_dtype}x4",
+                                            ),
+                                        ),
+                                        T.int32(-2139062144 if flip else 0),  # 0x80808080
+                                    ),
+                                    LANES,
+                                ),
+                            ),
+                            w.vload([tile % col_tiles * blocks + j, kk, 0, 0], "int8x64"),
+                        )
+            for r in T.unroll(rows):
+                for j in T.unroll(blocks):
+                    if (tile % col_tiles * blocks + j + 1) * LANES <= n:
+                        for i in T.vectorized(LANES):
+                            out[
+                                tile // col_tiles * rows + r,
+                                (tile % col_tiles * blocks + j) * LANES + i,
+                            ] = _finish(
+                                (
+                                    T.Cast("int64", acc[(r * blocks + j) * LANES + i])
+                                    + offset[(tile % col_tiles * blocks + j) * LANES + i]
+                                )
+                                * mult[(tile % col_tiles * blocks + j) * LANES + i]
+                                + rnd[(tile % col_tiles * blocks + j) * LANES + i]
+                                >> shift[(tile % col_tiles * blocks + j) * LANES + i],
+                                zp,
+                                lo,
+                                hi,
+                                out_dtype,
+                            )
+                    else:
+                        for i in range(n % LANES):
+                            out[
+                                tile // col_tiles * rows + r,
+                                (tile % col_tiles * blocks + j) * LANES + i,
+                            ] = _finish(
+                                (
+                                    T.Cast("int64", acc[(r * blocks + j) * LANES + i])
+                                    + offset[(tile % col_tiles * blocks + j) * LANES + i]
+                                )
+                                * mult[(tile % col_tiles * blocks + j) * LANES + i]
+                                + rnd[(tile % col_tiles * blocks + j) * LANES + i]
+                                >> shift[(tile % col_tiles * blocks + j) * LANES + i],
+                                zp,
+                                lo,
+                                hi,
+                                out_dtype,
+                            )
+
+    return kernel
+
+
+def depthwise_nhwc(
+    shape: tuple[int, int, int, int],
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    dilations: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    in_dtype: str,
+    fill: int,
+    epilogue: Epilogue,
+) -> tuple[tvm.tirx.PrimFunc, tuple[int, int]]:
+    """Depthwise convolution of an NHWC input ``[B, H, W, C]``, weight ``[KH, KW, C]``.
+
+    Padding happens in the kernel: a tap outside the input reads ``fill`` (the code of the
+    real value 0), decided once per tap and pixel, not per element. Arguments: input,
+    weight, offset, mult, round, shift (``[C]`` int64), output ``[B, OH, OW, C]``. Returns
+    the kernel and ``(OH, OW)``.
+    """
+    b, h, w_in, c = shape
+    kh, kw = kernel_hw
+    sh, sw = strides
+    dh, dw = dilations
+    top, left, bottom, right = pads
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w_in + left + right - dw * (kw - 1) - 1) // sw + 1
+    lanes = _largest_divisor(c, LANES)
+    cb = c // lanes
+    zp, lo, hi, out_dtype = epilogue.zero_point, epilogue.lo, epilogue.hi, epilogue.out_dtype
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((b, h, w_in, c), in_dtype),
+        w: T.Buffer((kh, kw, c), "int8"),
+        offset: T.Buffer((c,), "int64"),
+        mult: T.Buffer((c,), "int64"),
+        rnd: T.Buffer((c,), "int64"),
+        shift: T.Buffer((c,), "int64"),
+        out: T.Buffer((b, oh, ow, c), out_dtype),
+    ) -> None:
+        T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
+        for row in T.parallel(b * oh):
+            acc = T.alloc_buffer((lanes,), "int32", scope="local")
+            for col in range(ow):
+                for blk in range(cb):
+                    for i in T.vectorized(lanes):
+                        acc[i] = T.int32(0)
+                    for u in T.unroll(kh):
+                        for v in T.unroll(kw):
+                            if (
+                                0 <= row % oh * sh + u * dh - top < h
+                                and 0 <= col * sw + v * dw - left < w_in
+                            ):
+                                for i in T.vectorized(lanes):
+                                    acc[i] = acc[i] + T.Cast(
+                                        "int32",
+                                        x[
+                                            row // oh,
+                                            row % oh * sh + u * dh - top,
+                                            col * sw + v * dw - left,
+                                            blk * lanes + i,
+                                        ],
+                                    ) * T.Cast("int32", w[u, v, blk * lanes + i])
+                            else:
+                                for i in T.vectorized(lanes):
+                                    acc[i] = acc[i] + T.int32(fill) * T.Cast(
+                                        "int32", w[u, v, blk * lanes + i]
+                                    )
+                    for i in T.vectorized(lanes):
+                        out[row // oh, row % oh, col, blk * lanes + i] = _finish(
+                            (T.Cast("int64", acc[i]) + offset[blk * lanes + i])
+                            * mult[blk * lanes + i]
+                            + rnd[blk * lanes + i]
+                            >> shift[blk * lanes + i],
+                            zp,
+                            lo,
+                            hi,
+                            out_dtype,
+                        )
+
+    return kernel, (oh, ow)
+
+
+def im2col_nhwc(
+    shape: tuple[int, int, int, int],
+    in_dtype: str,
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    dilations: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    fill: int,
+) -> tuple[tvm.tirx.PrimFunc, int, tuple[int, int]]:
+    """Rows of (kh, kw, c) taps of an NHWC input ``[B, H, W, C]``, padding done in place.
+
+    Returns the kernel, the channels per tap ``C4`` (``C`` rounded up to a multiple of 4, so
+    the row length ``KH*KW*C4`` suits :func:`packed_matmul`; the extra channels hold
+    ``fill`` and meet zero weights) and the output size ``(OH, OW)``. Taps that fall in the
+    convolution's zero padding hold ``fill`` (the code of the real value 0). Arguments:
+    input, output ``[B*OH*OW, KH*KW*C4]``.
+    """
+    b, h, w, c = shape
+    kh, kw = kernel_hw
+    sh, sw = strides
+    dh, dw = dilations
+    top, left, bottom, right = pads
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    c4 = -(-c // GROUP) * GROUP
+    row_len = kh * kw * c4
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(
+        x: T.Buffer((b, h, w, c), in_dtype), out: T.Buffer((b * oh * ow, row_len), in_dtype)
+    ) -> None:
+        T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
+        # a root block: Relax's reshape detection inspects one-input kernels and wants one
+        with T.sblock("root"):
+            for row in T.parallel(b * oh):
+                for col in range(ow):
+                    for u in T.unroll(kh):
+                        for v in T.unroll(kw):
+                            if (
+                                0 <= row % oh * sh + u * dh - top < h
+                                and 0 <= col * sw + v * dw - left < w
+                            ):
+                                for i in range(c):
+                                    out[row * ow + col, (u * kw + v) * c4 + i] = x[
+                                        row // oh,
+                                        row % oh * sh + u * dh - top,
+                                        col * sw + v * dw - left,
+                                        i,
+                                    ]
+                                for i in range(c4 - c):
+                                    out[row * ow + col, (u * kw + v) * c4 + c + i] = T.Cast(
+                                        in_dtype, fill
+                                    )
+                            else:
+                                for i in range(c4):
+                                    out[row * ow + col, (u * kw + v) * c4 + i] = T.Cast(
+                                        in_dtype, fill
+                                    )
+
+    return kernel, c4, (oh, ow)
