@@ -13,12 +13,22 @@ once per model and input shape.
 
 Preconditions the importer or Gradient would otherwise trip over, handled here:
 - ONNX ``Clip`` with constant bounds is imported as an opaque ``call_tir`` without a gradient;
-  the model copy differentiated here spells it ``Min(Max(x, lo), hi)``, the same function;
+  the model copy differentiated here spells it ``lo + relu(x - lo) - relu(x - hi)``, the same
+  function (the importer turns Min/Max into reductions without gradient rules);
 - ``relax.clip`` (from HardSigmoid), ``relax.erf`` (GELU) and ``relax.nn.layer_norm`` get
   gradient rules registered below: d clip / dx = 1 inside [lo, hi], else 0;
   d erf / dx = 2 / sqrt(pi) exp(-x^2); layer norm's input gradient in closed form;
-- integer initializers (shape operands) stay constants, or Expand's shape turns dynamic.
+- integer initializers (shape operands) stay constants: as function parameters they make
+  e.g. Expand's target shape a run-time value, which the importer binds with ``match_cast``,
+  and Gradient rejects any binding that is not a plain variable binding (``Check failed:
+  (var_binding) is false``, the error MiniLM's reverse mode failed with).
 Ops without a gradient rule raise :class:`VjpUnsupportedError` naming them (never zeros).
+
+The gradient module is legalized, fused and given the backend's default CPU schedules before
+compiling (``scheduled=True``): one MiniLM reverse pass took 6.6 s unscheduled and 0.47 s
+scheduled on 2 idle cores (MobileNetV2: 0.95 s and 0.37 s), gradients equal to within 3e-6
+(MiniLM) and 2e-3 (MobileNetV2: summation order through 52 layers, probably; not
+investigated) relative, the worst layer each.
 """
 
 from __future__ import annotations
