@@ -38,7 +38,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.sym import detect_linear_equation
 
-from dyadiq.backends.tvm_x86_kernels import HAND_SCHEDULED
+from dyadiq.backends.tvm_x86_kernels import HAND_SCHEDULED, PARALLEL_MIN_WORK
 from dyadiq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 _SPATIAL = 0
 _REDUCE = 2
 _VECTOR_BITS = 512  # AVX-512; LLVM splits wider vectors itself on narrower targets
+
+# Loops with less work than this stay on one thread: waking the pool's threads costs more
+# than a small kernel takes (same threshold as the hand-written kernels). An elementwise
+# kernel does some ten int64 operations per element, hence its lower threshold.
+_PARALLEL_MIN_WORK = PARALLEL_MIN_WORK
+_PARALLEL_MIN_ELEMENTS = PARALLEL_MIN_WORK // 8
 
 Progress = Callable[[int, int, str, str], None]
 
@@ -107,9 +113,10 @@ def _schedule_elementwise(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
     lanes = _largest_divisor(extent, _vector_lanes(sch, block))
     if lanes > 1 and extent > lanes:
         outer, inner = sch.split(fused, [None, lanes])
-        sch.parallel(outer)
+        if extent >= _PARALLEL_MIN_ELEMENTS:
+            sch.parallel(outer)
         sch.vectorize(inner)
-    elif extent > 1:
+    elif extent >= _PARALLEL_MIN_ELEMENTS:
         sch.parallel(fused)
 
 
@@ -143,7 +150,9 @@ def _schedule_reduction(
         inner = [tile_inner, vec_inner]
     sch.reorder(*outer, vec_outer, *reduce, *inner)
     parallel = sch.fuse(*outer, vec_outer) if outer else vec_outer
-    sch.parallel(parallel)
+    work = int(np.prod(extents)) * int(np.prod([int(sch.get(loop).extent) for loop in reduce]))
+    if work >= _PARALLEL_MIN_WORK:
+        sch.parallel(parallel)
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, parallel)
         if lanes_used > 1:

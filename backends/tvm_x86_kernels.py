@@ -36,6 +36,14 @@ LANES = 16  # int32 lanes of a 512-bit register: the output channels one vpdpbus
 GROUP = 4  # input channels one vpdpbusd lane sums
 HAND_SCHEDULED = "dyadiq.hand_scheduled"
 _OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not fuse into these kernels
+# Below this many multiply-adds (or copied bytes) a kernel runs on one thread: waking the
+# thread pool costs more than the work (a small model's layers are a few microseconds each).
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def _rows_loop(work: int):  # type: ignore[no-untyped-def]
+    """The loop kind of a kernel's outermost loop: parallel only when ``work`` pays for it."""
+    return T.parallel if work >= PARALLEL_MIN_WORK else T.serial
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,13 @@ def _finish(v: T.int64, zero_point: int, lo: int, hi: int, out_dtype: str):  # t
     return T.Cast(out_dtype, T.max(T.min(v + T.int64(zero_point), T.int64(hi)), T.int64(lo)))
 
 
+def _requant(value, channel, params, zp, lo, hi, out_dtype):  # type: ignore[no-untyped-def]
+    """The epilogue of one accumulator ``value`` of output ``channel`` (a TIR expression)."""
+    offset, mult, rnd, shift = params
+    v = (T.Cast("int64", value) + offset[channel]) * mult[channel] + rnd[channel]
+    return _finish(v >> shift[channel], zp, lo, hi, out_dtype)
+
+
 def packed_matmul(
     in_shape: tuple[int, ...],
     n: int,
@@ -143,6 +158,7 @@ def packed_matmul(
     flip = in_dtype == "int8"  # VNNI wants unsigned activations: a ^ 0x80 == a + 128
     zp, lo, hi, out_dtype = epilogue.zero_point, epilogue.lo, epilogue.hi, epilogue.out_dtype
     acc_lanes = rows * blocks * LANES
+    outer = _rows_loop(m * k * n)
 
     @T.prim_func(private=True)
     def kernel(
@@ -157,74 +173,64 @@ def packed_matmul(
         T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
         a = T.decl_buffer((m, k), in_dtype, data=a_in.data)
         out = T.decl_buffer((m, n), out_dtype, data=out_nd.data)
-        for tile in T.parallel(row_tiles * col_tiles):
-            acc = T.alloc_buffer((acc_lanes,), "int32", scope="local")
-            for r in T.unroll(rows):
-                for j in T.unroll(blocks):
-                    acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            for kk in range(kb):
+        for mt in outer(row_tiles):
+            for ct in range(col_tiles):
+                acc = T.alloc_buffer((acc_lanes,), "int32", scope="local")
                 for r in T.unroll(rows):
                     for j in T.unroll(blocks):
-                        acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                            "int32x16",
-                            "llvm.x86.avx512.vpdpbusd.512",
-                            acc[T.ramp((r * blocks + j) * LANES, 1, LANES)],
-                            T.reinterpret(
-                                "int8x64",
-                                T.broadcast(
-                                    T.bitwise_xor(
-                                        T.reinterpret(
-                                            "int32",
-                                            a.vload(
-                                                [tile // col_tiles * rows + r, kk * GROUP],
-                                                f"{in_dtype}x4",
-                                            ),
-                                        ),
-                                        T.int32(-2139062144 if flip else 0),  # 0x80808080
-                                    ),
-                                    LANES,
-                                ),
-                            ),
-                            w.vload([tile % col_tiles * blocks + j, kk, 0, 0], "int8x64"),
+                        acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.broadcast(
+                            T.int32(0), LANES
                         )
-            for r in T.unroll(rows):
-                for j in T.unroll(blocks):
-                    if (tile % col_tiles * blocks + j + 1) * LANES <= n:
-                        for i in T.vectorized(LANES):
-                            out[
-                                tile // col_tiles * rows + r,
-                                (tile % col_tiles * blocks + j) * LANES + i,
-                            ] = _finish(
-                                (
-                                    T.Cast("int64", acc[(r * blocks + j) * LANES + i])
-                                    + offset[(tile % col_tiles * blocks + j) * LANES + i]
+                for kk in range(kb):
+                    for r in T.unroll(rows):
+                        for j in T.unroll(blocks):
+                            acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = (
+                                T.call_llvm_pure_intrin(
+                                    "int32x16",
+                                    "llvm.x86.avx512.vpdpbusd.512",
+                                    acc[T.ramp((r * blocks + j) * LANES, 1, LANES)],
+                                    T.reinterpret(
+                                        "int8x64",
+                                        T.broadcast(
+                                            T.bitwise_xor(
+                                                T.reinterpret(
+                                                    "int32",
+                                                    a.vload(
+                                                        [mt * rows + r, kk * GROUP], f"{in_dtype}x4"
+                                                    ),
+                                                ),
+                                                T.int32(-2139062144 if flip else 0),  # 0x80808080
+                                            ),
+                                            LANES,
+                                        ),
+                                    ),
+                                    w.vload([ct * blocks + j, kk, 0, 0], "int8x64"),
                                 )
-                                * mult[(tile % col_tiles * blocks + j) * LANES + i]
-                                + rnd[(tile % col_tiles * blocks + j) * LANES + i]
-                                >> shift[(tile % col_tiles * blocks + j) * LANES + i],
-                                zp,
-                                lo,
-                                hi,
-                                out_dtype,
                             )
-                    else:
-                        for i in range(n % LANES):
-                            out[
-                                tile // col_tiles * rows + r,
-                                (tile % col_tiles * blocks + j) * LANES + i,
-                            ] = _finish(
-                                (
-                                    T.Cast("int64", acc[(r * blocks + j) * LANES + i])
-                                    + offset[(tile % col_tiles * blocks + j) * LANES + i]
+                for r in T.unroll(rows):
+                    for j in T.unroll(blocks):
+                        if (ct * blocks + j + 1) * LANES <= n:
+                            for i in T.vectorized(LANES):
+                                out[mt * rows + r, (ct * blocks + j) * LANES + i] = _requant(
+                                    acc[(r * blocks + j) * LANES + i],
+                                    (ct * blocks + j) * LANES + i,
+                                    (offset, mult, rnd, shift),
+                                    zp,
+                                    lo,
+                                    hi,
+                                    out_dtype,
                                 )
-                                * mult[(tile % col_tiles * blocks + j) * LANES + i]
-                                + rnd[(tile % col_tiles * blocks + j) * LANES + i]
-                                >> shift[(tile % col_tiles * blocks + j) * LANES + i],
-                                zp,
-                                lo,
-                                hi,
-                                out_dtype,
-                            )
+                        else:
+                            for i in range(n % LANES):
+                                out[mt * rows + r, (ct * blocks + j) * LANES + i] = _requant(
+                                    acc[(r * blocks + j) * LANES + i],
+                                    (ct * blocks + j) * LANES + i,
+                                    (offset, mult, rnd, shift),
+                                    zp,
+                                    lo,
+                                    hi,
+                                    out_dtype,
+                                )
 
     return kernel
 
@@ -256,6 +262,7 @@ def depthwise_nhwc(
     lanes = _largest_divisor(c, LANES)
     cb = c // lanes
     zp, lo, hi, out_dtype = epilogue.zero_point, epilogue.lo, epilogue.hi, epilogue.out_dtype
+    outer = _rows_loop(b * oh * ow * c * kh * kw)
 
     @T.prim_func(private=True)
     def kernel(
@@ -268,10 +275,15 @@ def depthwise_nhwc(
         out: T.Buffer((b, oh, ow, c), out_dtype),
     ) -> None:
         T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
-        for row in T.parallel(b * oh):
-            acc = T.alloc_buffer((lanes,), "int32", scope="local")
-            for col in range(ow):
-                for blk in range(cb):
+        for row in outer(b * oh):
+            for blk in range(cb):
+                # this block's taps, widened once and reused across the row
+                taps = T.alloc_buffer((kh * kw * lanes,), "int32", scope="local")
+                acc = T.alloc_buffer((lanes,), "int32", scope="local")
+                for t in T.unroll(kh * kw):
+                    for i in T.vectorized(lanes):
+                        taps[t * lanes + i] = T.Cast("int32", w[t // kw, t % kw, blk * lanes + i])
+                for col in range(ow):
                     for i in T.vectorized(lanes):
                         acc[i] = T.int32(0)
                     for u in T.unroll(kh):
@@ -281,26 +293,27 @@ def depthwise_nhwc(
                                 and 0 <= col * sw + v * dw - left < w_in
                             ):
                                 for i in T.vectorized(lanes):
-                                    acc[i] = acc[i] + T.Cast(
-                                        "int32",
-                                        x[
-                                            row // oh,
-                                            row % oh * sh + u * dh - top,
-                                            col * sw + v * dw - left,
-                                            blk * lanes + i,
-                                        ],
-                                    ) * T.Cast("int32", w[u, v, blk * lanes + i])
+                                    acc[i] = (
+                                        acc[i]
+                                        + T.Cast(
+                                            "int32",
+                                            x[
+                                                row // oh,
+                                                row % oh * sh + u * dh - top,
+                                                col * sw + v * dw - left,
+                                                blk * lanes + i,
+                                            ],
+                                        )
+                                        * taps[(u * kw + v) * lanes + i]
+                                    )
                             else:
                                 for i in T.vectorized(lanes):
-                                    acc[i] = acc[i] + T.int32(fill) * T.Cast(
-                                        "int32", w[u, v, blk * lanes + i]
-                                    )
+                                    acc[i] = acc[i] + T.int32(fill) * taps[(u * kw + v) * lanes + i]
                     for i in T.vectorized(lanes):
-                        out[row // oh, row % oh, col, blk * lanes + i] = _finish(
-                            (T.Cast("int64", acc[i]) + offset[blk * lanes + i])
-                            * mult[blk * lanes + i]
-                            + rnd[blk * lanes + i]
-                            >> shift[blk * lanes + i],
+                        out[row // oh, row % oh, col, blk * lanes + i] = _requant(
+                            acc[i],
+                            blk * lanes + i,
+                            (offset, mult, rnd, shift),
                             zp,
                             lo,
                             hi,
@@ -336,6 +349,7 @@ def im2col_nhwc(
     ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     c4 = -(-c // GROUP) * GROUP
     row_len = kh * kw * c4
+    outer = _rows_loop(b * oh * ow * row_len)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(
@@ -344,7 +358,7 @@ def im2col_nhwc(
         T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
         # a root block: Relax's reshape detection inspects one-input kernels and wants one
         with T.sblock("root"):
-            for row in T.parallel(b * oh):
+            for row in outer(b * oh):
                 for col in range(ow):
                     for u in T.unroll(kh):
                         for v in T.unroll(kw):
