@@ -7,6 +7,9 @@ schedules it (:mod:`dyadiq.backends.tvm_tuning`), finds each layer's call by its
 and times that kernel alone with ``time_evaluator``, fed with the layer's real constants
 (multipliers, shifts, offsets) and random activation codes of the right type.
 
+The program is lowered for ``target`` as a build for it would be (on x86 CPUs with AVX-512 VNNI,
+hand-written kernels with pre-packed weights, found by their weight values).
+
 Formats: every candidate format keeps its codes in int8 containers (there is no int4 dtype in
 TVM), so a W4 kernel is the W8 kernel with smaller weight values and costs the same on a CPU.
 Each (layer, format) is nevertheless timed with weight codes clipped to that format's range:
@@ -140,17 +143,24 @@ class KernelTimer:
         return float(np.median(timer(*args).results)) * 1e3
 
 
+def _holds_weight(arg: np.ndarray, weight: np.ndarray) -> bool:
+    """Whether a kernel argument is this layer's weight: the same array, or (x86 VNNI kernels)
+    the same values re-laid out and zero-padded (``tvm_x86_kernels.pack_weight``)."""
+    if arg.shape == weight.shape:
+        return np.array_equal(arg, weight.astype(arg.dtype))
+    if arg.dtype != np.int8 or arg.size < weight.size:
+        return False
+    packed, values = arg.ravel(), weight.ravel()
+    return np.array_equal(np.sort(packed[packed != 0]), np.sort(values[values != 0]))
+
+
 def find_layer_call(calls: list[KernelCall], start: int, layer: Layer) -> tuple[int, int]:
     """(call index, argument index) of the first call from ``start`` that takes this weight."""
     weight = layer.weight
     assert weight is not None  # weighted_layers() keeps only layers with a constant weight
     for i in range(start, len(calls)):
         for j, arg in enumerate(calls[i].args):
-            if (
-                isinstance(arg, np.ndarray)
-                and arg.shape == weight.shape
-                and np.array_equal(arg, weight.astype(arg.dtype))
-            ):
+            if isinstance(arg, np.ndarray) and _holds_weight(arg, weight):
                 return i, j
     raise ConfigError(f"no TVM kernel takes the weight of layer {layer.output}")
 
@@ -180,7 +190,7 @@ def measure_layer_latency(
     if len(names) != len(layers):
         raise ConfigError(f"{len(names)} layer ids for {len(layers)} weighted layers")
     formats = list(formats)
-    prepared = prepare(lower_program(program), target)
+    prepared = prepare(lower_program(program, target=target), target)
     scheduled = schedule_module(prepared, target, database_dir=database_dir, progress=None)
     calls = kernel_calls(scheduled)
     rng = np.random.default_rng(seed)

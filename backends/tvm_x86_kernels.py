@@ -36,6 +36,11 @@ LANES = 16  # int32 lanes of a 512-bit register: the output channels one vpdpbus
 GROUP = 4  # input channels one vpdpbusd lane sums
 HAND_SCHEDULED = "dyadiq.hand_scheduled"
 _OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not fuse into these kernels
+# Scratch buffers (accumulators, widened taps) are declared in "global" scope on purpose: TVM
+# 0.27 turns a "local" allocation into a TVMBackendAllocWorkspace call (a heap buffer LLVM
+# cannot keep in registers, allocated per loop iteration), while a small "global" one becomes
+# a stack alloca, which LLVM promotes to registers; inside a parallel loop it is per thread.
+_REGISTERS = "global"
 # Below this many multiply-adds (or copied bytes) a kernel runs on one thread: waking the
 # thread pool costs more than the work (a small model's layers are a few microseconds each).
 PARALLEL_MIN_WORK = 1 << 18
@@ -110,11 +115,24 @@ def _largest_divisor(n: int, cap: int) -> int:
     return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
 
 
+# At most 15 accumulators of 16 int32: 960 bytes, under the 1 KiB up to which TVM allocates a
+# scratch buffer on the stack (larger ones become heap workspaces that live in memory).
+_MAX_ACCUMULATORS = 15
+
+
 def matmul_tile(m: int, n: int) -> tuple[int, int]:
-    """(rows, 16-channel blocks) of the register tile: at most 24 accumulators of 32 zmm."""
-    blocks = _largest_divisor(-(-n // LANES), 3)
-    rows = _largest_divisor(m, 8 if blocks <= 3 else 6)
-    return rows, blocks
+    """(rows, 16-channel blocks) of the register tile: the most accumulators (rows x blocks,
+    at most 15) with rows dividing ``m`` and blocks (at most 3) dividing the channel blocks."""
+    nb = -(-n // LANES)
+    options = [
+        (rows, blocks)
+        for blocks in range(1, 4)
+        if nb % blocks == 0
+        for rows in range(1, _MAX_ACCUMULATORS // blocks + 1)
+        if m % rows == 0
+    ]
+    # most accumulators; then more blocks (each broadcast activation feeds more of them)
+    return max(options, key=lambda rb: (rb[0] * rb[1], rb[1]))
 
 
 def _finish(v: T.int64, zero_point: int, lo: int, hi: int, out_dtype: str):  # type: ignore[no-untyped-def]
@@ -175,7 +193,7 @@ def packed_matmul(
         out = T.decl_buffer((m, n), out_dtype, data=out_nd.data)
         for mt in outer(row_tiles):
             for ct in range(col_tiles):
-                acc = T.alloc_buffer((acc_lanes,), "int32", scope="local")
+                acc = T.alloc_buffer((acc_lanes,), "int32", scope=_REGISTERS)
                 for r in T.unroll(rows):
                     for j in T.unroll(blocks):
                         acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.broadcast(
@@ -278,8 +296,8 @@ def depthwise_nhwc(
         for row in outer(b * oh):
             for blk in range(cb):
                 # this block's taps, widened once and reused across the row
-                taps = T.alloc_buffer((kh * kw * lanes,), "int32", scope="local")
-                acc = T.alloc_buffer((lanes,), "int32", scope="local")
+                taps = T.alloc_buffer((kh * kw * lanes,), "int32", scope=_REGISTERS)
+                acc = T.alloc_buffer((lanes,), "int32", scope=_REGISTERS)
                 for t in T.unroll(kh * kw):
                     for i in T.vectorized(lanes):
                         taps[t * lanes + i] = T.Cast("int32", w[t // kw, t % kw, blk * lanes + i])
