@@ -168,6 +168,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             feeds,
             tune_trials=args.tune_trials,
             tuning_db=Path(args.tuning_db) if args.tuning_db else None,
+            layer_latency_ids=list(result.plan.layers) if args.layer_latency else None,
         )
     if artifacts is not None and not args.no_eval:
         report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
@@ -476,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-inputs", type=int, default=8, help="inputs to verify a target on")
     p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (TVM CPU)")
     p.add_argument("--tuning-db", help="MetaSchedule database folder (reused, tune once)")
+    p.add_argument(
+        "--layer-latency",
+        action="store_true",
+        help="with --target x86: also time each layer's kernel per candidate format here and "
+        "write OUT/x86/layer_latency.json (input for --latency-table)",
+    )
     p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
     p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")

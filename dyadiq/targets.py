@@ -72,11 +72,18 @@ def emit_for_target(
     *,
     tune_trials: int = 0,
     tuning_db: Path | None = None,
+    layer_latency_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write the target's artifacts into ``out_dir`` and check them on ``feeds`` (batch-1
-    inputs; see :func:`single_inputs`)."""
+    inputs; see :func:`single_inputs`). With ``layer_latency_ids`` (the plan's layer ids, in
+    program order) an x86 build also writes ``layer_latency.json``: every layer's kernel timed
+    here per candidate format (:data:`LATENCY_TABLE_FORMATS`), the allocation's latency table."""
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if layer_latency_ids is not None and target != "x86":
+        raise ConfigError(
+            f"per-layer latency is measured where the code runs: x86 here, not {target}"
+        )
     batched = [f for f in feeds if len(next(iter(f.values()))) != 1]
     if batched:
         raise ConfigError("emit_for_target checks batch-1 inputs: split them with single_inputs")
@@ -85,6 +92,10 @@ def emit_for_target(
         info = _emit_mcu(program, target, out_dir, feeds)
     else:
         info = _emit_tvm(program, target, out_dir, feeds, tune_trials, tuning_db)
+    if layer_latency_ids is not None:
+        info["layer_latency_table"] = str(
+            _layer_latency(program, out_dir, layer_latency_ids, tuning_db)
+        )
     info["target"] = target
     info["seconds"] = round(time.perf_counter() - start, 2)
     return info
@@ -148,6 +159,26 @@ def _emit_tvm(
         else:
             info["ran_on"] = "not run: compiled only, no CUDA device on this machine"
     return info
+
+
+# weight widths x activation widths the allocation can choose from
+LATENCY_TABLE_FORMATS = tuple((w, a) for a in (8, 4) for w in (8, 6, 4, 3, 2))
+
+
+def _layer_latency(
+    program: IntegerProgram, out_dir: Path, layer_ids: Sequence[str], tuning_db: Path | None
+) -> Path:
+    from dyadiq.backends.tvm_build import target_for
+    from dyadiq.backends.tvm_layer_latency import measure_layer_latency
+    from dyadiq.plan import LayerFormat
+
+    formats = [LayerFormat(w, a) for w, a in LATENCY_TABLE_FORMATS]
+    table = measure_layer_latency(
+        program, formats, target_for("x86"), layer_ids=layer_ids, database_dir=tuning_db, repeat=10
+    )
+    path = out_dir / "layer_latency.json"
+    table.save(path)
+    return path
 
 
 def _emit_mcu(program: IntegerProgram, target: str, out_dir: Path, feeds: Feeds) -> dict[str, Any]:

@@ -85,3 +85,32 @@ def test_targets_refuse_batched_inputs_and_unknown_names(tmp_path: Path) -> None
 def test_run_rejects_folders_it_did_not_write(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((1, 3)))
     assert main(["run", str(tmp_path), "--input", str(tmp_path / "x.npy")]) == 2
+
+
+def test_layer_latency_table_is_written_and_feeds_a_latency_budget(
+    tmp_path: Path, calib_npz_folder: Path, tiny_cnn_model: onnx.ModelProto
+) -> None:
+    pytest.importorskip("tvm")
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn_model, model)
+    out = tmp_path / "OUT"
+    argv = ["quantize", str(model), "--calib", str(calib_npz_folder), "--check-inputs", "2"]
+    assert main([*argv, "-o", str(out), "--target", "x86", "--layer-latency"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    table = json.loads((out / "x86" / "layer_latency.json").read_text())["layers"]
+    assert set(table) == set(plan["layers"])
+    assert all(len(row) == 10 and min(row.values()) > 0 for row in table.values())
+    # the table is what --latency-table reads: a budget above the all-W8A8 time is met
+    w8_sum = sum(row["W8A8"] for row in table.values())
+    budget = f"latency={1.5 * w8_sum:.6f}ms"
+    table_path = out / "x86" / "layer_latency.json"
+    out2 = tmp_path / "OUT2"
+    assert (
+        main([*argv, "-o", str(out2), "--budget", budget, "--latency-table", str(table_path)]) == 0
+    )
+    allocation = json.loads((out2 / "report.json").read_text())["allocation"]
+    assert allocation["latency"] <= 1.5 * w8_sum
+    # measured here only: a cross-compiled target cannot be timed on this machine
+    assert (
+        main([*argv, "-o", str(tmp_path / "OUT3"), "--target", "cortex-m4", "--layer-latency"]) == 2
+    )
