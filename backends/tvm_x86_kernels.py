@@ -16,8 +16,10 @@ included, exactly as :mod:`dyadiq.reference_interpreter` does:
   per ``rows`` rows and each broadcast activation feeds ``blocks`` instructions.
   A 1x1 convolution in NHWC is this matmul with ``M = H*W``; a KxK convolution is an im2col
   followed by it; a dense layer is it with ``M`` = batch rows.
-* :func:`depthwise_nhwc`: a depthwise convolution over an already padded NHWC input, vectorized
-  over channels (16 int32 lanes), every tap unrolled.
+* :func:`depthwise_nhwc`: a depthwise convolution of an NHWC input, vectorized over channels
+  (16 int32 lanes), every tap unrolled, the zero padding decided per tap inside the kernel;
+* :func:`im2col_nhwc`: the rows of (kh, kw, c) taps a KxK convolution's matmul reads, padding
+  included, channels rounded up to a multiple of 4.
 
 Every kernel ends in the same epilogue: ``v = acc + offset[n]`` in int64, ``(v * mult[n] +
 round[n]) >> shift[n]`` (arithmetic shift), ``+ zero_point``, clip, cast to the code type.
