@@ -226,7 +226,8 @@ def test_wide_layer_accumulates_in_int64_when_raw_codes_could_overflow_int32():
     assert ReferenceInterpreter(program).outputs(feeds[0])["y"][0, 0] > 128  # not wrapped
 
 
-def test_dynamic_batch_is_fixed_at_lowering():
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_dynamic_batch_is_fixed_at_lowering(lowering):
     rng = np.random.default_rng(23)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -241,7 +242,7 @@ def test_dynamic_batch_is_fixed_at_lowering():
     calib = [{"x": rng.normal(size=(4, 1, 6, 6)).astype(np.float32)} for _ in range(4)]
     program = tvm_helpers.integer_program(model, calib)
     assert program.inputs["x"][1][0] == 0  # dynamic
-    compiled = CompiledProgram(program, batch=3)
+    compiled = CompiledProgram(program, batch=3, lowering=lowering)
     feeds = [{"x": rng.normal(size=(3, 1, 6, 6)).astype(np.float32)} for _ in range(3)]
     assert_bit_exact(compiled, feeds, minimum=3)
 
