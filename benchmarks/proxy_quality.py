@@ -7,11 +7,17 @@ For each zoo model:
    second ``analyze`` with ``gradients=True`` only (reverse mode through TVM: top Gauss-Newton
    eigenvalue, Fisher diagonal, Taylor with the float argmax as labels) runs on the first
    ``GRADIENT_SAMPLES`` of them and is timed separately (compile time included), so the
-   trace analysis' own cost stays visible.
+   trace analysis' own cost stays visible. The reverse passes run in a TVM module scheduled
+   with the backend's default schedules (``vjp.py``). Both analyses go through the on-disk
+   analysis cache (``--no-cache`` to bypass): a cached report's time is the recorded time of
+   the run that computed it.
 2. ``--configs`` random mixed-precision weight configurations are drawn with a fixed seed: per
-   configuration a probability ``p`` of "low bits" is drawn uniformly, then each layer gets a
-   low width (2/3/4) with probability ``p`` and a high one (6/8) otherwise; activations are
-   8 bits. Configurations with every layer at 2 bits are redrawn.
+   configuration a probability ``p`` of "low bits" is drawn uniformly from [0, 1), then each
+   layer gets a low width (2/3/4) with probability ``p`` and a high one (6/8) otherwise;
+   activations are 8 bits. Configurations with every layer at 2 bits are redrawn.
+   ``CONFIG_SPACE`` overrides this per model: MobileNetV2 draws ``p`` from [0, 0.5) and low
+   widths from 3/4, because in the full space nearly every configuration destroys the model
+   (top-1 agreement ~0, see the comment at ``CONFIG_SPACE``) and the ranking is then noise.
 3. Each configuration becomes a real QDQ model through the pipeline's own passes
    (``prepare_graph`` -> ``find_activation_sites`` -> ``insert_qdq`` -> ``export_qdq``). The
    activation statistics are collected once per model, on the same calibration samples, and
@@ -19,17 +25,26 @@ For each zoo model:
    activation bits, which are 8 everywhere (checked per configuration; a configuration whose
    sites differ falls back to ``quantize_graph``). The graph is prepared at the int4 opset for
    all configurations, so every model is built the same way. Each model is evaluated on the
-   held-out split with :func:`dyadiq.evaluation.evaluate` and its damage is the drop of the
-   model's primary metric against float.
+   held-out split (``evaluate_configs``: :func:`dyadiq.evaluation.evaluate`'s metrics, plus
+   for classifiers the mean KL divergence from the float model's output distribution, the
+   label-free loss the proxies predict) and its damage is the drop of the model's primary
+   metric against float. MobileNetV2 (no labels) uses 1 - top-1 agreement with float over
+   all 248 held-out crops; its 1 - logit cosine and KL are reported alongside, since top-1
+   agreement saturates for damaged models while the KL keeps growing.
 4. For every proxy in ``PROXIES`` the predicted damage of each configuration is compared with
    the measured damage: Kendall tau and Spearman rho (scipy.stats).
 
 Results: ``results/proxy_quality.json`` and ``proxy_quality.md``, written atomically after every
-model so that partial results survive.
+model so that partial results survive. A run replaces only its own models' entries in an
+existing results file (``--no-merge`` starts afresh); each entry names the run (command, date,
+machine, load) it came from. ``--reuse-measured MODEL`` keeps that model's configurations and
+measured damage and recomputes only the gradient proxies (the configurations are redrawn with
+the same seed and checked to be identical).
 
     .venv/bin/python -m benchmarks.proxy_quality                       # all four models
     .venv/bin/python -m benchmarks.proxy_quality --models fashion_cnn --configs 60
     .venv/bin/python -m benchmarks.proxy_quality --quick --output-dir /tmp/pq   # smoke test
+    .venv/bin/python -m benchmarks.proxy_quality --models minilm --reuse-measured minilm
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
@@ -79,14 +95,25 @@ SECONDARY_METRIC = {
 }
 ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8, "minilm": 8}
 CALIBRATION_SAMPLES = {"fashion_cnn": 16, "ppocr_cls": 16, "mobilenet_v2": 16, "minilm": 16}
-EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 200, "mobilenet_v2": 128, "minilm": 64}
+# mobilenet_v2: all 248 held-out crops (128 before: coarser agreement steps)
+EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 200, "mobilenet_v2": 248, "minilm": 64}
 QUICK_EVAL_SAMPLES = {"fashion_cnn": 500, "ppocr_cls": 64, "mobilenet_v2": 32, "minilm": 16}
 QUICK_ANALYSIS_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 4, "mobilenet_v2": 4, "minilm": 4}
 # reverse passes are slow in untuned TVM (MobileNetV2: about 1.4 s per sample), so the
 # gradient proxies use fewer samples and power-iteration steps on the large models
-GRADIENT_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 8, "mobilenet_v2": 1, "minilm": 8}
-EIGEN_MAX_ITERS = {"fashion_cnn": 20, "ppocr_cls": 20, "mobilenet_v2": 3, "minilm": 10}
+GRADIENT_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 8, "mobilenet_v2": 2, "minilm": 8}
+EIGEN_MAX_ITERS = {"fashion_cnn": 20, "ppocr_cls": 20, "mobilenet_v2": 12, "minilm": 10}
 QUICK_GRADIENT_SAMPLES = 16
+# Per model: (upper bound of p(low), low widths, high widths). MobileNetV2 gets a milder space:
+# with p(low) ~ U(0, 1) over 2/3/4 bits nearly every configuration destroys it (a pilot of 5
+# configurations on the 248 held-out crops: top-1 agreement 0.000-0.008, KL 9-14 nats; the
+# previous run's 30 configurations took 6 distinct damage values), so rank correlation only
+# measured noise among wrecked models. p(low) ~ U(0, 0.5) over 3/4 bits spans agreement
+# 0.74 -> 0.02 (pilot: 0.742, 0.637, 0.544, 0.028, 0.020).
+CONFIG_SPACE: dict[str, tuple[float, tuple[int, ...], tuple[int, ...]]] = {
+    "mobilenet_v2": (0.5, (3, 4), HIGH_BITS),
+}
+DEFAULT_CONFIG_SPACE = (1.0, LOW_BITS, HIGH_BITS)
 EVAL_CHUNK = {"minilm": 5}  # configurations per evaluate() call (sessions held at once)
 DEFAULT_EVAL_CHUNK = 10
 
@@ -96,15 +123,22 @@ log = logging.getLogger("benchmarks.proxy_quality")
 # --- configurations ----------------------------------------------------------------------------
 
 
-def sample_configs(layer_ids: list[str], n: int, seed: int = SEED) -> list[dict[str, Any]]:
-    """``n`` random weight-width assignments spanning mild to severe (see module docstring)."""
+def sample_configs(
+    layer_ids: list[str],
+    n: int,
+    seed: int = SEED,
+    space: tuple[float, tuple[int, ...], tuple[int, ...]] = DEFAULT_CONFIG_SPACE,
+) -> list[dict[str, Any]]:
+    """``n`` random weight-width assignments spanning mild to severe (see module docstring);
+    ``space`` = (upper bound of p(low), low widths, high widths)."""
+    p_max, low_bits, high_bits = space
     rng = np.random.default_rng(seed)
     configs: list[dict[str, Any]] = []
     while len(configs) < n:
-        p_low = float(rng.uniform(0.0, 1.0))
+        p_low = float(rng.uniform(0.0, p_max))
         low = rng.uniform(size=len(layer_ids)) < p_low
         widths = [
-            int(rng.choice(LOW_BITS)) if is_low else int(rng.choice(HIGH_BITS)) for is_low in low
+            int(rng.choice(low_bits)) if is_low else int(rng.choice(high_bits)) for is_low in low
         ]
         if all(w == 2 for w in widths):
             continue
@@ -119,7 +153,7 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def correlations(predicted: list[float], measured: list[float]) -> dict[str, float | None]:
+def correlations(predicted: list[float | None], measured: list[float]) -> dict[str, float | None]:
     from scipy.stats import kendalltau, spearmanr
 
     p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
@@ -138,6 +172,26 @@ def correlations(predicted: list[float], measured: list[float]) -> dict[str, flo
 # --- per model ---------------------------------------------------------------------------------
 
 
+def gradient_config(name: str, quick: bool, analysis_n: int) -> Any:
+    """The gradient-only analysis settings (eigenvalue, Fisher, Taylor) for ``name``."""
+    from dyadiq.passes.sensitivity.analysis import SensitivityConfig
+
+    return SensitivityConfig(
+        weight_bits=BITS,
+        seed=SEED,
+        trace=False,
+        empirical=False,
+        pairs=False,
+        entropy=False,
+        activations=False,
+        gradients=True,
+        gradient_samples=min(
+            QUICK_GRADIENT_SAMPLES if quick else GRADIENT_SAMPLES[name], analysis_n
+        ),
+        eigen_max_iters=EIGEN_MAX_ITERS[name],
+    )
+
+
 def _damage(name: str, metrics: dict[str, float], reference: dict[str, float]) -> float:
     metric, how = DAMAGE_METRIC[name]
     if how == "drop":
@@ -145,18 +199,81 @@ def _damage(name: str, metrics: dict[str, float], reference: dict[str, float]) -
     return float(1.0 - metrics[metric])
 
 
-def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
-    import onnx
+def _log_probabilities(outputs: np.ndarray, kind: Any) -> np.ndarray:
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+
+    rows = outputs.reshape(-1, outputs.shape[-1]).astype(np.float64)
+    if kind is OutputKind.PROBABILITIES:
+        return np.log(np.clip(rows, 1e-12, None))
+    shifted = rows - rows.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def mean_kl(reference: np.ndarray, outputs: np.ndarray, kind: Any) -> float:
+    """Mean over samples of KL(float || config) in nats, the label-free loss the proxies model."""
+    ref, out = _log_probabilities(reference, kind), _log_probabilities(outputs, kind)
+    return float(np.mean(np.sum(np.exp(ref) * (ref - out), axis=-1)))
+
+
+def evaluate_configs(
+    artifacts: Any, kind: Any, paths: dict[str, Path], limit: int
+) -> dict[str, dict[str, float]]:
+    """:func:`dyadiq.evaluation.evaluate`'s metrics, plus ``kl`` (:func:`mean_kl`) for
+    classifiers: the same loop over the held-out split, keeping the outputs for the KL."""
+    from dyadiq.evaluation import _run, _session, classification_metrics, evaluate
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+
+    if kind is OutputKind.EMBEDDING:
+        return evaluate(artifacts, paths, limit=limit)
+    sessions = {"float": _session(Path(artifacts.model_path))}
+    sessions.update({k: _session(p) for k, p in paths.items()})
+    outputs: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
+    labels: list[np.ndarray] = []
+    for feeds, lab in artifacts.evaluation_batches(limit):
+        for key, sess in sessions.items():
+            outputs[key].append(_run(sess, feeds, key))
+        if lab is not None:
+            labels.append(np.asarray(lab).reshape(-1))
+    stacked = {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
+    reference = stacked["float"]
+    all_labels = np.concatenate(labels) if labels else None
+    results: dict[str, dict[str, float]] = {}
+    for key, out in stacked.items():
+        metrics = classification_metrics(reference, out, all_labels)
+        metrics["kl"] = mean_kl(reference, out, kind)
+        metrics["samples"] = float(out.shape[0])
+        results[key] = metrics
+    return results
+
+
+def _timed_analysis(
+    graph: Any, batches: list[Any], kind: Any, config: Any, use_cache: bool
+) -> tuple[Any, float, bool]:
+    """(report, seconds, from cache). A cached report's seconds are those of the run that
+    computed it (recorded in the report), not the instant read."""
+    from dyadiq.passes.sensitivity.analysis import analyze, analyze_cached
+
+    t = time.perf_counter()
+    if use_cache:
+        report, cached = analyze_cached(graph, batches, kind, config)
+    else:
+        report, cached = analyze(graph, batches, kind, config), False
+    return report, (report.seconds if cached else time.perf_counter() - t), cached
+
+
+def benchmark_model(
+    name: str,
+    args: argparse.Namespace,
+    deadline: float,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One model's result. ``previous`` (this model's entry in an earlier results file, given
+    with ``--reuse-measured``): its configurations, measured damage and non-gradient proxy
+    predictions are kept, and only the gradient analysis is run again."""
 
     from dyadiq import zoo
-    from dyadiq.evaluation import evaluate
     from dyadiq.passes.calibration.observers import RangeMethod
-    from dyadiq.passes.sensitivity.analysis import (
-        PROXIES,
-        SensitivityConfig,
-        analyze,
-        predict_damage,
-    )
+    from dyadiq.passes.sensitivity.analysis import PROXIES, SensitivityConfig, predict_damage
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
     from dyadiq.pipeline import CalibrationConfig
 
@@ -172,92 +289,186 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
     sens_cfg = SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED, activations=False)
     if args.hutchinson_max_iters is not None:
         sens_cfg = dataclasses.replace(sens_cfg, hutchinson_max_iters=args.hutchinson_max_iters)
-    grad_cfg = SensitivityConfig(
-        weight_bits=BITS,
-        seed=SEED,
-        trace=False,
-        empirical=False,
-        pairs=False,
-        entropy=False,
-        activations=False,
-        gradients=True,
-        gradient_samples=min(
-            QUICK_GRADIENT_SAMPLES if args.quick else GRADIENT_SAMPLES[name], analysis_n
-        ),
-        eigen_max_iters=EIGEN_MAX_ITERS[name],
-    )
-    result: dict[str, Any] = {
-        "output_kind": kind.value,
-        "damage_metric": {
-            "metric": DAMAGE_METRIC[name][0],
-            "damage": "float - config"
-            if DAMAGE_METRIC[name][1] == "drop"
-            else "1 - config (vs float)",
-        },
-        "caps": {
-            "analysis_samples": analysis_n,
-            "calibration_samples": calib_n,
-            "evaluation_samples": eval_n,
-        },
-        "calibration": {"method": cal_cfg.method.value, "percentile": cal_cfg.percentile},
-        "sensitivity_config": sens_cfg.to_json(),
-        "gradient_config": grad_cfg.to_json(),
-    }
+    grad_cfg = gradient_config(name, args.quick, analysis_n)
+    space = CONFIG_SPACE.get(name, DEFAULT_CONFIG_SPACE)
+    use_cache = not args.no_cache
+    if previous is not None:
+        # everything measured before is kept; only the gradient proxies are new
+        result = {k: v for k, v in previous.items() if k not in ("run", "notes")}
+        result["gradient_config"] = grad_cfg.to_json()
+    else:
+        result = {
+            "output_kind": kind.value,
+            "damage_metric": {
+                "metric": DAMAGE_METRIC[name][0],
+                "damage": "float - config"
+                if DAMAGE_METRIC[name][1] == "drop"
+                else "1 - config (vs float)",
+            },
+            "config_space": {"p_low_max": space[0], "low_bits": space[1], "high_bits": space[2]},
+            "caps": {
+                "analysis_samples": analysis_n,
+                "calibration_samples": calib_n,
+                "evaluation_samples": eval_n,
+            },
+            "calibration": {"method": cal_cfg.method.value, "percentile": cal_cfg.percentile},
+            "sensitivity_config": sens_cfg.to_json(),
+            "gradient_config": grad_cfg.to_json(),
+        }
 
-    # 1. analysis, once
+    # 1. analysis, once (the on-disk cache makes a rerun with the same settings instant)
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.pipeline import PlanBuilder, prepare_graph
-    from dyadiq.plan import PrecisionPlan
+    from dyadiq.pipeline import prepare_graph
 
     raw = load_onnx(artifacts.model_path)
     graph = prepare_graph(raw)
     analysis_batches = list(artifacts.calibration_batches(analysis_n))
-    log.info("%s: analysing %d samples", name, analysis_n)
-    t = time.perf_counter()
-    report = analyze(graph, analysis_batches, kind, sens_cfg)
-    analysis_s = time.perf_counter() - t
-    layer_ids = list(report.layers)
-    result["analysis"] = {
-        "wall_s": analysis_s,
-        "report_seconds": report.seconds,
-        "forward_passes": report.forward_passes,
-        "layers": len(layer_ids),
-        "pairs": len(report.pairs),
-    }
-    log.info("%s: analysis %.1fs, %d forward passes", name, analysis_s, report.forward_passes)
-    t = time.perf_counter()
-    grad_report = analyze(graph, analysis_batches, kind, grad_cfg)
-    result["gradient_analysis"] = {
-        "wall_s": time.perf_counter() - t,
-        "samples": grad_cfg.gradient_samples,
-        "reverse_passes": grad_report.reverse_passes,
-        "forward_passes": grad_report.forward_passes,
-        "eigen_iterations": {
-            k: v.top_eigenvalue.samples
-            for k, v in grad_report.layers.items()
-            if v.top_eigenvalue is not None
-        },
-        "notes": list(grad_report.notes),
-    }
-    log.info("%s: gradient proxies %.1fs", name, result["gradient_analysis"]["wall_s"])
+    report = None
+    if previous is None:
+        log.info("%s: analysing %d samples", name, analysis_n)
+        report, seconds, cached = _timed_analysis(
+            graph, analysis_batches, kind, sens_cfg, use_cache
+        )
+        result["analysis"] = {
+            "wall_s": seconds,
+            "from_cache": cached,
+            "report_seconds": report.seconds,
+            "forward_passes": report.forward_passes,
+            "layers": len(report.layers),
+            "pairs": len(report.pairs),
+        }
+        log.info("%s: analysis %.1fs, %d forward passes", name, seconds, report.forward_passes)
+    grad_report = None
+    if args.no_gradients:
+        result["gradient_analysis"] = {
+            "wall_s": 0.0,
+            "samples": 0,
+            "reverse_passes": 0,
+            "forward_passes": 0,
+            "eigen_iterations": {},
+            "notes": ["not run (--no-gradients); rerun with --reuse-measured to add them"],
+        }
+    else:
+        grad_report, seconds, cached = _timed_analysis(
+            graph, analysis_batches, kind, grad_cfg, use_cache
+        )
+        result["gradient_analysis"] = {
+            "wall_s": seconds,
+            "from_cache": cached,
+            "samples": grad_cfg.gradient_samples,
+            "reverse_passes": grad_report.reverse_passes,
+            "forward_passes": grad_report.forward_passes,
+            "eigen_iterations": {
+                k: v.top_eigenvalue.samples
+                for k, v in grad_report.layers.items()
+                if v.top_eigenvalue is not None
+            },
+            "notes": list(grad_report.notes),
+        }
+        log.info("%s: gradient proxies %.1fs", name, seconds)
     from_gradients = {"eigenvalue", "fisher", "taylor"}
 
-    # 2. configurations
-    configs = sample_configs(layer_ids, args.configs)
-    predicted = {
-        p: [
-            predict_damage(grad_report if p in from_gradients else report, c["bits"], p)
-            for c in configs
-        ]
-        for p in PROXIES
-    }
+    def predict(proxy: str, bits: dict[str, int]) -> float | None:
+        if proxy in from_gradients:
+            return None if grad_report is None else predict_damage(grad_report, bits, proxy)
+        assert report is not None
+        return predict_damage(report, bits, proxy)
 
-    # 3. real QDQ models, measured damage
+    # 2. configurations
+    layer_ids = list((report or grad_report).layers)
+    configs = sample_configs(layer_ids, args.configs, space=space)
+    if previous is not None:
+        kept = [c["bits"] for c in previous["configurations"]]
+        if [c["bits"] for c in configs[: len(kept)]] != kept:
+            raise RuntimeError(f"{name}: the configurations differ from the previous results'")
+        n = len(kept)
+        predicted = {
+            p: (
+                [predict(p, c["bits"]) for c in configs[:n]]
+                if p in from_gradients
+                else list(previous["predicted_damage"][p])
+            )
+            for p in PROXIES
+        }
+        measured = list(previous["measured_damage"])
+        secondary = list(previous["measured_secondary"])
+        extra = {k: list(v["measured"]) for k, v in previous.get("extra_metrics", {}).items()}
+        result["predicted_damage"] = predicted
+    else:
+        predicted = {p: [predict(p, c["bits"]) for c in configs] for p in PROXIES}
+        measured, secondary, extra = _measure(
+            name, args, artifacts, kind, raw, cal_cfg, calib_n, eval_n, configs, deadline, result
+        )
+        n = len(measured)
+        predicted = {p: v[:n] for p, v in predicted.items()}
+        result.update(
+            {
+                "configs": n,
+                "configs_requested": len(configs),
+                "measured_damage": measured,
+                "measured_secondary": secondary,
+                "predicted_damage": predicted,
+                "configurations": [
+                    {"p_low": c["p_low"], "bits": c["bits"], "metrics": c.get("metrics")}
+                    for c in configs[:n]
+                ],
+                "mean_bits": [float(np.mean(list(c["bits"].values()))) for c in configs[:n]],
+            }
+        )
+    table = {p: correlations(predicted[p], measured) for p in PROXIES}
+    result["correlations"] = table
+    result["secondary_metric"] = {
+        "metric": SECONDARY_METRIC[name],
+        "damage": "1 - config",
+        "correlations": {p: correlations(predicted[p], secondary) for p in PROXIES},
+    }
+    if extra:
+        result["extra_metrics"] = {
+            metric: {
+                "damage": EXTRA_METRIC_DAMAGE[metric],
+                "measured": values,
+                "correlations": {p: correlations(predicted[p], values) for p in PROXIES},
+            }
+            for metric, values in extra.items()
+        }
+    result["verdict"] = _verdict(table)
+    if previous is None:
+        result["wall_s"] = time.perf_counter() - t_model
+    else:
+        result["gradient_rerun_wall_s"] = time.perf_counter() - t_model
+    return result
+
+
+EXTRA_METRIC_DAMAGE = {"kl": "mean KL(float || config) over the held-out samples, nats"}
+
+
+def _measure(
+    name: str,
+    args: argparse.Namespace,
+    artifacts: Any,
+    kind: Any,
+    raw: Any,
+    cal_cfg: Any,
+    calib_n: int,
+    eval_n: int,
+    configs: list[dict[str, Any]],
+    deadline: float,
+    result: dict[str, Any],
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Real QDQ models for ``configs`` (until ``deadline``), evaluated on the held-out split:
+    (primary damage, secondary damage, extra damages by metric). Fills timing fields of
+    ``result`` and each configuration's ``metrics``."""
+    import onnx
+
+    from dyadiq.pipeline import PlanBuilder
+    from dyadiq.plan import PrecisionPlan
+
     calibration = list(artifacts.calibration_batches(calib_n))
     builder = PlanBuilder(raw, calibration, cal_cfg)
     result["calibration"]["statistics_s"] = builder.calibration_s
     measured: list[float] = []
     secondary: list[float] = []
+    extra: dict[str, list[float]] = {}
     reference: dict[str, float] = {}
     chunk = EVAL_CHUNK.get(name, DEFAULT_EVAL_CHUNK)
     build_s = eval_s = 0.0
@@ -278,50 +489,31 @@ def benchmark_model(name: str, args: argparse.Namespace, deadline: float) -> dic
                 paths[f"config_{i:03d}"] = path
             build_s += time.perf_counter() - t
             t = time.perf_counter()
-            metrics = evaluate(artifacts, paths, limit=eval_n)
+            metrics = evaluate_configs(artifacts, kind, paths, eval_n)
             eval_s += time.perf_counter() - t
             reference = metrics["float"]
             for key in paths:
                 measured.append(_damage(name, metrics[key], reference))
                 secondary.append(float(1.0 - metrics[key][SECONDARY_METRIC[name]]))
+                for metric in EXTRA_METRIC_DAMAGE:
+                    if metric in metrics[key]:
+                        extra.setdefault(metric, []).append(float(metrics[key][metric]))
                 configs[int(key.split("_")[1])]["metrics"] = {
                     k: v for k, v in metrics[key].items() if k != "samples"
                 }
             for f in paths.values():
                 f.unlink()
             log.info("%s: %d/%d configurations measured", name, len(measured), len(configs))
-    n = len(measured)
-    predicted = {p: v[:n] for p, v in predicted.items()}
-    table = {p: correlations(predicted[p], measured) for p in PROXIES}
-    table_secondary = {p: correlations(predicted[p], secondary) for p in PROXIES}
     result.update(
         {
-            "configs": n,
-            "configs_requested": len(configs),
             "truncated": truncated,
             "float_metrics": reference,
             "build_s": build_s,
             "build_fallbacks": builder.fallbacks,
             "evaluate_s": eval_s,
-            "correlations": table,
-            "secondary_metric": {
-                "metric": SECONDARY_METRIC[name],
-                "damage": "1 - config",
-                "correlations": table_secondary,
-            },
-            "verdict": _verdict(table),
-            "measured_damage": measured,
-            "measured_secondary": secondary,
-            "predicted_damage": predicted,
-            "configurations": [
-                {"p_low": c["p_low"], "bits": c["bits"], "metrics": c.get("metrics")}
-                for c in configs[:n]
-            ],
-            "mean_bits": [float(np.mean(list(c["bits"].values()))) for c in configs[:n]],
-            "wall_s": time.perf_counter() - t_model,
         }
     )
-    return result
+    return measured, secondary, extra
 
 
 def _verdict(table: dict[str, dict[str, float | None]]) -> dict[str, Any]:
@@ -359,25 +551,41 @@ def _iters(iterations: dict[str, int]) -> str:
     return f"median {int(np.median(values))}, max {max(values)}"
 
 
+def _load(values: list[float] | None) -> str:
+    return ", ".join(f"{x:.2f}" for x in values) if values else "n/a"
+
+
+def _space(res: dict[str, Any]) -> str:
+    space = res.get("config_space") or dict(
+        zip(("p_low_max", "low_bits", "high_bits"), DEFAULT_CONFIG_SPACE, strict=True)
+    )
+    return (
+        f"p(low) ~ U(0, {space['p_low_max']:g}), each layer low "
+        f"({'/'.join(map(str, space['low_bits']))} bits) with probability p, else high "
+        f"({'/'.join(map(str, space['high_bits']))})"
+    )
+
+
 def render_markdown(data: dict[str, Any]) -> str:
-    m = data["machine"]
-    lines = [
-        "# Sensitivity proxies vs real mixed-precision damage",
-        "",
-        f"- command: `{data['command']}`",
-        f"- date: {data['date']}; total wall time {_f(data.get('total_wall_s'), '.0f')} s",
-        f"- machine: {m['cpu_model']}, {m['nproc']} CPUs; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m['load_avg_start'])}"
-        + (
-            f", at end {', '.join(f'{x:.2f}' for x in data['load_avg_end'])}"
-            if data.get("load_avg_end")
-            else ""
-        ),
-        f"- configurations: seed {data['settings']['seed']}; per configuration p(low) ~ U(0, 1), "
-        f"each layer low ({'/'.join(map(str, LOW_BITS))} bits) with probability p, else high "
-        f"({'/'.join(map(str, HIGH_BITS))}); activations 8 bits",
+    runs = data.get("runs") or [
+        {**{k: data.get(k) for k in ("date", "command", "machine", "total_wall_s")}, "models": []}
+    ]
+    lines = ["# Sensitivity proxies vs real mixed-precision damage", ""]
+    for i, run in enumerate(runs):
+        m = run["machine"]
+        lines.append(
+            f"- run {i}: `{run['command']}` ({', '.join(run.get('models') or []) or 'all'}); "
+            f"{run['date']}; wall time {_f(run.get('total_wall_s'), '.0f')} s; "
+            f"{m['cpu_model']}, {m['nproc']} CPUs; commit {str(m.get('git_commit'))[:7]}; "
+            f"load average at start {_load(m.get('load_avg_start'))}, at end "
+            f"{_load(run.get('load_avg_end'))}"
+        )
+    lines += [
+        f"- configurations: seed {data['settings']['seed']}; per configuration "
+        f"{_space({})}, unless the model's details say otherwise; activations 8 bits",
         "- damage: accuracy drop vs float (fashion_cnn, ppocr_cls), 1 - top-1 agreement "
-        "(mobilenet_v2), 1 - mean cosine (minilm), on the held-out split",
+        "(mobilenet_v2), 1 - mean cosine (minilm), on the held-out split; the details give "
+        "correlations for the smoother secondary metrics too",
         "- tau = Kendall, rho = Spearman, between predicted and measured damage over the "
         "configurations",
         "",
@@ -416,6 +624,14 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [
             f"### {name}",
             "",
+            f"- run {res.get('run', 0)}"
+            + (
+                f" (configurations measured in run {res['measured_in_run']}; only the gradient "
+                "proxies were recomputed in this run)"
+                if res.get("measured_in_run") is not None
+                else ""
+            )
+            + f"; configurations: {_space(res)}",
             f"- caps: analysis {c['analysis_samples']} samples, calibration "
             f"{c['calibration_samples']} samples (statistics collected once, "
             f"{res['calibration']['statistics_s']:.1f} s, {res['calibration']['method']}), "
@@ -442,6 +658,15 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"{p} {_f(v['kendall_tau'])}"
                 for p, v in res["secondary_metric"]["correlations"].items()
             ),
+            *[
+                f"- {metric} damage ({v['damage']}) tau / rho: "
+                + ", ".join(
+                    f"{p} {_f(c['kendall_tau'])} / {_f(c['spearman_rho'])}"
+                    for p, c in v["correlations"].items()
+                )
+                for metric, v in res.get("extra_metrics", {}).items()
+            ],
+            *[f"- note: {n}" for n in res.get("notes", [])],
             f"- pairs vs per-layer: hessian+pairs vs hessian "
             f"{res['verdict']['hessian+pairs_vs_hessian']}, empirical+pairs vs empirical "
             f"{res['verdict']['empirical+pairs_vs_empirical']}; best by tau: "
@@ -500,10 +725,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="wall-time budget: models not started within it are skipped (recorded), a model "
         "running past it stops measuring configurations",
     )
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="start a fresh results file instead of replacing only these models' entries in "
+        "the existing one",
+    )
+    p.add_argument(
+        "--reuse-measured",
+        nargs="+",
+        default=[],
+        choices=ALL_MODELS,
+        metavar="MODEL",
+        help="keep these models' configurations, measured damage and non-gradient predictions "
+        "from the existing results; rerun only the gradient proxies (eigenvalue/Fisher/Taylor)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not use the analysis cache")
+    p.add_argument(
+        "--no-gradients",
+        action="store_true",
+        help="skip the reverse-mode proxies (eigenvalue/Fisher/Taylor); a later run with "
+        "--reuse-measured adds them",
+    )
     args = p.parse_args(argv)
     if args.configs is None:
         args.configs = 8 if args.quick else 60
     return args
+
+
+def _load_previous(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / "proxy_quality.json"
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    if "runs" not in data:  # a single-run file: its run is described at the top level
+        run = {
+            k: data.get(k) for k in ("date", "command", "machine", "total_wall_s", "load_avg_end")
+        }
+        data["runs"] = [{**run, "models": list(data.get("models", {}))}]
+        for res in data.get("models", {}).values():
+            res.setdefault("run", 0)
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -514,40 +776,58 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     deadline = time.time() + (args.budget_s if args.budget_s else 1e9)
     argv_used = sys.argv[1:] if argv is None else argv
-    data: dict[str, Any] = {
+    previous = None if args.no_merge else _load_previous(args.output_dir)
+    if args.reuse_measured and previous is None:
+        raise SystemExit("--reuse-measured needs an existing results file in --output-dir")
+    run: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.proxy_quality " + " ".join(argv_used),
         "machine": common.machine_info(),
-        "settings": {
-            "models": args.models,
-            "configs": args.configs,
-            "quick": args.quick,
-            "seed": SEED,
-            "weight_bits": list(BITS),
-            "low_bits": list(LOW_BITS),
-            "high_bits": list(HIGH_BITS),
-            "act_bits": 8,
-            "hutchinson_max_iters": args.hutchinson_max_iters,
-            "budget_s": args.budget_s,
-            "proxies": list(PROXIES),
-        },
-        "notes": [],
-        "models": {},
+        "models": [],
+    }
+    data: dict[str, Any] = previous or {"notes": [], "models": {}, "runs": []}
+    data["runs"].append(run)
+    run_index = len(data["runs"]) - 1
+    # the top-level fields describe the latest run (what older readers of the file expect)
+    data.update({k: run[k] for k in ("date", "command", "machine")})
+    data["settings"] = {
+        "models": args.models,
+        "configs": args.configs,
+        "quick": args.quick,
+        "seed": SEED,
+        "weight_bits": list(BITS),
+        "low_bits": list(LOW_BITS),
+        "high_bits": list(HIGH_BITS),
+        "config_space": {k: list(v) for k, v in CONFIG_SPACE.items()},
+        "act_bits": 8,
+        "hutchinson_max_iters": args.hutchinson_max_iters,
+        "budget_s": args.budget_s,
+        "proxies": list(PROXIES),
     }
     order = [m for m in ALL_MODELS if m in args.models]
     for name in order:
+        run["models"].append(name)
+        old = (previous or {}).get("models", {}).get(name)
+        if name in args.reuse_measured and (old is None or "measured_damage" not in old):
+            raise SystemExit(f"--reuse-measured {name}: no measured results to reuse")
         if time.time() > deadline:
             reason = "skipped: wall-time budget exhausted before this model started"
-            data["models"][name] = {"skipped": reason}
-            data["notes"].append(f"{name} {reason}")
+            data["models"][name] = {"skipped": reason, "run": run_index}
         else:
             try:
-                data["models"][name] = benchmark_model(name, args, deadline)
+                res = benchmark_model(
+                    name, args, deadline, old if name in args.reuse_measured else None
+                )
+                if name in args.reuse_measured:
+                    res["measured_in_run"] = old.get("measured_in_run", old.get("run"))
+                data["models"][name] = {**res, "run": run_index}
             except Exception as exc:  # one model failing must not lose the others
                 log.exception("%s failed", name)
-                data["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-        data["total_wall_s"] = time.perf_counter() - start
-        data["load_avg_end"] = list(os.getloadavg())
+                data["models"][name] = {"error": f"{type(exc).__name__}: {exc}", "run": run_index}
+        run["total_wall_s"] = time.perf_counter() - start
+        run["load_avg_end"] = list(os.getloadavg())
+        data["total_wall_s"] = run["total_wall_s"]
+        data["load_avg_end"] = run["load_avg_end"]
         data["conclusion"] = conclusion(data)
         write_results(data, args.output_dir)
     return data
