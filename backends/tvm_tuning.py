@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # tvm.tirx.IterVar kinds
 _SPATIAL = 0
 _REDUCE = 2
-_VECTOR_BITS = 512  # AVX-512; LLVM splits wider vectors itself on narrower targets
+_DEFAULT_VECTOR_BITS = 512  # AVX-512, when no target says otherwise
 
 # Loops with less work than this stay on one thread: waking the pool's threads costs more
 # than a small kernel takes (same threshold as the hand-written kernels). An elementwise
@@ -83,9 +83,24 @@ def _iter_kinds(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[int]:
     return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
 
 
-def _vector_lanes(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> int:
+def vector_bits(target: tvm.target.Target) -> int:
+    """The SIMD register width the default schedule vectorizes for: 512 with AVX-512, 256
+    with AVX2, else 128 (SSE, NEON). Wider vectors would still be correct (LLVM splits them),
+    but every extra split register is an extra instruction in the inner loop."""
+    if target.kind.name != "llvm":
+        return 128
+    for feature, bits in (("avx512f", 512), ("avx2", 256)):
+        try:
+            if tvm.target.codegen.target_has_features(feature, target):
+                return bits
+        except tvm.TVMError:  # not an x86 target
+            break
+    return 128
+
+
+def _vector_lanes(sch: s_tir.Schedule, block: s_tir.SBlockRV, bits: int) -> int:
     dtype = sch.get(block).writes[0].source.dtype
-    return max(1, _VECTOR_BITS // tvm.DataType(str(dtype)).bits)
+    return max(1, bits // tvm.DataType(str(dtype)).bits)
 
 
 def _unit_stride_reads(sch: s_tir.Schedule, block: s_tir.SBlockRV, axis: int) -> bool:
@@ -103,14 +118,14 @@ def _unit_stride_reads(sch: s_tir.Schedule, block: s_tir.SBlockRV, axis: int) ->
     return True
 
 
-def _schedule_elementwise(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
+def _schedule_elementwise(sch: s_tir.Schedule, block: s_tir.SBlockRV, bits: int) -> None:
     """Fuse a complete block's loops; parallel outer part, vectorized inner part."""
     loops = sch.get_loops(block)
     if not loops:
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     extent = int(sch.get(fused).extent)
-    lanes = _largest_divisor(extent, _vector_lanes(sch, block))
+    lanes = _largest_divisor(extent, _vector_lanes(sch, block, bits))
     if lanes > 1 and extent > lanes:
         outer, inner = sch.split(fused, [None, lanes])
         if extent >= _PARALLEL_MIN_ELEMENTS:
@@ -170,22 +185,33 @@ def _schedule_reduction(
 
 
 def default_schedule(
-    func: tvm.tirx.PrimFunc, *, reg: int = 8, vec: int | None = None
+    func: tvm.tirx.PrimFunc,
+    *,
+    reg: int = 8,
+    vec: int | None = None,
+    bits: int = _DEFAULT_VECTOR_BITS,
 ) -> tvm.tirx.PrimFunc:
-    """The hand-written schedule described in the module docstring.
+    """The hand-written schedule described in the module docstring, vectorized for ``bits``-bit
+    registers (:func:`vector_bits` of the target).
 
     Raises ``ValueError`` (or a TVM error) when the PrimFunc does not have the expected shape
     (e.g. two reductions, as in a softmax); :func:`schedule_module` then keeps it unscheduled
     and says so in its report.
     """
     scheduled: tvm.tirx.PrimFunc = (
-        _default_schedule(func, reg=reg, vec=vec).mod["main"].without_attr("global_symbol")
+        _default_schedule(func, reg=reg, vec=vec, bits=bits)
+        .mod["main"]
+        .without_attr("global_symbol")
     )
     return scheduled
 
 
 def _default_schedule(
-    func: tvm.tirx.PrimFunc, *, reg: int = 8, vec: int | None = None
+    func: tvm.tirx.PrimFunc,
+    *,
+    reg: int = 8,
+    vec: int | None = None,
+    bits: int = _DEFAULT_VECTOR_BITS,
 ) -> s_tir.Schedule:
     # Blocks are fetched by name, not with get_child_blocks: a trace holding GetChildBlocks does
     # not replay in TVM 0.27 (GetLoops on its outputs fails), and database records are replays.
@@ -199,17 +225,17 @@ def _default_schedule(
     if not reductions:
         for block in blocks[:-1]:
             sch.compute_inline(block)
-        _schedule_elementwise(sch, blocks[-1])
+        _schedule_elementwise(sch, blocks[-1], bits)
         return sch
     reduction = reductions[0]
     position = [sch.get(b).name_hint for b in blocks].index(sch.get(reduction).name_hint)
     for producer in blocks[:position]:
-        _schedule_elementwise(sch, producer)
+        _schedule_elementwise(sch, producer, bits)
     consumers = blocks[position + 1 :]
     for block in consumers[:-1]:
         sch.compute_inline(block)
     epilogue = consumers[-1] if consumers else None
-    lanes = vec if vec is not None else _vector_lanes(sch, reduction)
+    lanes = vec if vec is not None else _vector_lanes(sch, reduction, bits)
     _schedule_reduction(sch, reduction, epilogue, reg=reg, vec=lanes)
     return sch
 
@@ -286,7 +312,7 @@ def _commit_default_candidate(
     largest convs won here (108/184 us vs 238/313 us) yet made the model slower end to end
     (0.490 vs 0.286 ms), so benchmark a database before committing it."""
     try:
-        sch = _default_schedule(func)
+        sch = _default_schedule(func, bits=vector_bits(target))
     except (ValueError, s_tir.ScheduleError):
         return
     library = tvm.tirx.build(sch.mod, target)
@@ -363,7 +389,7 @@ def schedule_module_with_report(
             scheduled = _from_database(database, func, target)
         if scheduled is None:
             try:
-                scheduled = default_schedule(func)
+                scheduled = default_schedule(func, bits=vector_bits(target))
                 source = "default"
             except (ValueError, s_tir.ScheduleError) as err:
                 scheduled = func

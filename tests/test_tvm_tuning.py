@@ -290,3 +290,20 @@ def test_scheduling_leaves_the_input_module_unchanged():
     scheduled, _ = schedule_module_with_report(prepared, X86, progress=None)
     assert prepared.script() == before
     assert scheduled.script() != before
+
+
+def test_default_schedule_vectorizes_for_the_target_register_width():
+    from dyadiq.backends.tvm_tuning import vector_bits
+
+    assert vector_bits(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == 512
+    assert vector_bits(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 256
+    assert vector_bits(target_for("aarch64")) == 128
+    rng = np.random.default_rng(13)
+    prepared = prepare(_dense_requant(rng, 64, 48), X86)
+    (func,) = [f for f in prepared.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    wide, narrow = (
+        default_schedule(func, bits=512).script(),
+        default_schedule(func, bits=128).script(),
+    )
+    # the int32 accumulator's vector loop: 16 lanes for AVX-512, 4 for NEON
+    assert "T.vectorized(T.int64(16))" in wide and "T.vectorized(T.int64(4))" in narrow
