@@ -90,7 +90,8 @@ class VnniLowering(_Lowering):
         return self.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
 
     def epilogue_args(self, epilogue: kernels.Epilogue, n: int) -> list[relax.Expr]:
-        return [relax.const(a, "int64") for a in epilogue.padded(n)]
+        mult, bias, shift = epilogue.kernel_args(n)
+        return [relax.const(mult, "int32"), relax.const(bias, "int64"), relax.const(shift, "int64")]
 
     def epilogue(
         self, rq: ip.Requant, channels: int, offset: np.ndarray, output: str

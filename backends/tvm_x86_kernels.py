@@ -21,8 +21,9 @@ included, exactly as :mod:`dyadiq.reference_interpreter` does:
 * :func:`im2col_nhwc`: the rows of (kh, kw, c) taps a KxK convolution's matmul reads, padding
   included, channels rounded up to a multiple of 4.
 
-Every kernel ends in the same epilogue: ``v = acc + offset[n]`` in int64, ``(v * mult[n] +
-round[n]) >> shift[n]`` (arithmetic shift), ``+ zero_point``, clip, cast to the code type.
+Every kernel ends in the same epilogue, the reference's ``((acc + offset[n]) * mult[n] +
+round[n] >> shift[n]) + zero_point``, clipped and cast to the code type, computed as
+``acc * mult[n] + bias[n] >> shift[n]`` (:meth:`Epilogue.kernel_args` says why it is equal).
 Kernels carry ``dyadiq.hand_scheduled`` so the scheduler leaves them as written.
 """
 
@@ -89,15 +90,23 @@ class Epilogue:
             widen(offset), widen(mult), rounding.astype(np.int64), k, zero_point, lo, hi, out_dtype
         )
 
-    def padded(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The four per-channel arrays zero-padded to ``n`` entries (kernels read whole vectors)."""
+    def kernel_args(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the kernels read, per channel, zero-padded to ``n`` (kernels read whole vectors):
+        int32 multipliers (m < 2^31), int64 ``bias = offset*m + round + (zero_point << shift)``
+        and int64 shifts. Then ``((acc + offset)*m + round >> shift) + zero_point`` becomes
+        ``acc*m + bias >> shift``: the same integer (products and sums are exact in int64, and
+        adding ``zero_point * 2^shift`` before the floor shift adds ``zero_point`` after it),
+        with one widening multiply (``vpmuldq``) and no other int64 add."""
+        if (self.mult < 0).any() or (self.mult >= 2**31).any():
+            raise ValueError("dyadic multipliers must lie in [0, 2^31)")
+        bias = self.offset * self.mult + self.rounding + (np.int64(self.zero_point) << self.shift)
 
-        def pad(values: np.ndarray) -> np.ndarray:
-            out = np.zeros(n, np.int64)
+        def pad(values: np.ndarray, dtype: type) -> np.ndarray:
+            out: np.ndarray = np.zeros(n, dtype)
             out[: values.size] = values
             return out
 
-        return pad(self.offset), pad(self.mult), pad(self.rounding), pad(self.shift)
+        return pad(self.mult, np.int32), pad(bias, np.int64), pad(self.shift, np.int64)
 
 
 def pack_weight(weight: np.ndarray) -> np.ndarray:
@@ -137,15 +146,12 @@ def matmul_tile(m: int, n: int) -> tuple[int, int]:
     return max(options, key=lambda rb: (rb[0] * rb[1], rb[1]))
 
 
-def _finish(v: T.int64, zero_point: int, lo: int, hi: int, out_dtype: str):  # type: ignore[no-untyped-def]
-    return T.Cast(out_dtype, T.max(T.min(v + T.int64(zero_point), T.int64(hi)), T.int64(lo)))
-
-
-def _requant(value, channel, params, zp, lo, hi, out_dtype):  # type: ignore[no-untyped-def]
-    """The epilogue of one accumulator ``value`` of output ``channel`` (a TIR expression)."""
-    offset, mult, rnd, shift = params
-    v = (T.Cast("int64", value) + offset[channel]) * mult[channel] + rnd[channel]
-    return _finish(v >> shift[channel], zp, lo, hi, out_dtype)
+def _requant(value, channel, params, lo, hi, out_dtype):  # type: ignore[no-untyped-def]
+    """The epilogue of one int32 accumulator ``value`` of output ``channel`` (a TIR expression;
+    ``params`` are the buffers of :meth:`Epilogue.kernel_args`)."""
+    mult, bias, shift = params
+    v = T.Cast("int64", value) * T.Cast("int64", mult[channel]) + bias[channel] >> shift[channel]
+    return T.Cast(out_dtype, T.max(T.min(v, T.int64(hi)), T.int64(lo)))
 
 
 def packed_matmul(
@@ -176,7 +182,7 @@ def packed_matmul(
     row_tiles = m // rows
     col_tiles = nb // blocks
     flip = in_dtype == "int8"  # VNNI wants unsigned activations: a ^ 0x80 == a + 128
-    zp, lo, hi, out_dtype = epilogue.zero_point, epilogue.lo, epilogue.hi, epilogue.out_dtype
+    lo, hi, out_dtype = epilogue.lo, epilogue.hi, epilogue.out_dtype
     acc_lanes = rows * blocks * LANES
     outer = _rows_loop(m * k * n)
 
@@ -184,9 +190,8 @@ def packed_matmul(
     def kernel(
         a_in: T.Buffer(in_shape, in_dtype),
         w: T.Buffer((nb, kb, LANES, GROUP), "int8"),
-        offset: T.Buffer((npad,), "int64"),
-        mult: T.Buffer((npad,), "int64"),
-        rnd: T.Buffer((npad,), "int64"),
+        mult: T.Buffer((npad,), "int32"),
+        bias: T.Buffer((npad,), "int64"),
         shift: T.Buffer((npad,), "int64"),
         out_nd: T.Buffer(out_shape, out_dtype),
     ) -> None:
@@ -234,8 +239,7 @@ def packed_matmul(
                                 out[mt * rows + r, (ct * blocks + j) * LANES + i] = _requant(
                                     acc[(r * blocks + j) * LANES + i],
                                     (ct * blocks + j) * LANES + i,
-                                    (offset, mult, rnd, shift),
-                                    zp,
+                                    (mult, bias, shift),
                                     lo,
                                     hi,
                                     out_dtype,
@@ -245,8 +249,7 @@ def packed_matmul(
                                 out[mt * rows + r, (ct * blocks + j) * LANES + i] = _requant(
                                     acc[(r * blocks + j) * LANES + i],
                                     (ct * blocks + j) * LANES + i,
-                                    (offset, mult, rnd, shift),
-                                    zp,
+                                    (mult, bias, shift),
                                     lo,
                                     hi,
                                     out_dtype,
@@ -281,16 +284,15 @@ def depthwise_nhwc(
     ow = (w_in + left + right - dw * (kw - 1) - 1) // sw + 1
     lanes = _largest_divisor(c, LANES)
     cb = c // lanes
-    zp, lo, hi, out_dtype = epilogue.zero_point, epilogue.lo, epilogue.hi, epilogue.out_dtype
+    lo, hi, out_dtype = epilogue.lo, epilogue.hi, epilogue.out_dtype
     outer = _rows_loop(b * oh * ow * c * kh * kw)
 
     @T.prim_func(private=True)
     def kernel(
         x: T.Buffer((b, h, w_in, c), in_dtype),
         w: T.Buffer((kh, kw, c), "int8"),
-        offset: T.Buffer((c,), "int64"),
-        mult: T.Buffer((c,), "int64"),
-        rnd: T.Buffer((c,), "int64"),
+        mult: T.Buffer((c,), "int32"),
+        bias: T.Buffer((c,), "int64"),
         shift: T.Buffer((c,), "int64"),
         out: T.Buffer((b, oh, ow, c), out_dtype),
     ) -> None:
@@ -333,8 +335,7 @@ def depthwise_nhwc(
                         out[row // oh, row % oh, col, blk * lanes + i] = _requant(
                             acc[i],
                             blk * lanes + i,
-                            (offset, mult, rnd, shift),
-                            zp,
+                            (mult, bias, shift),
                             lo,
                             hi,
                             out_dtype,

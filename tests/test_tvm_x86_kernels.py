@@ -68,7 +68,9 @@ def test_packed_matmul_matches_numpy(m, k, n, in_dtype):
     ep = _epilogue(rng, n, "uint8")
     func = kernels.packed_matmul((m, k), n, in_dtype, ep)
     npad = -(-n // kernels.LANES) * kernels.LANES
-    out = _run(func, a, kernels.pack_weight(w), *ep.padded(npad), np.zeros((m, n), np.uint8))[-1]
+    out = _run(func, a, kernels.pack_weight(w), *ep.kernel_args(npad), np.zeros((m, n), np.uint8))[
+        -1
+    ]
     acc = a.astype(np.int64) @ w.astype(np.int64).T
     if in_dtype == "int8":  # the kernel sums (a + 128) w; callers take 128 sum w out via offset
         acc += 128 * w.astype(np.int64).sum(axis=1)
@@ -83,7 +85,9 @@ def test_packed_matmul_reads_nhwc_without_a_reshape():
     w = _codes(rng, (20, 12), "int8")
     ep = _epilogue(rng, 20, "int8")
     func = kernels.packed_matmul(x.shape, 20, "uint8", ep, (1, 5, 7, 20))
-    out = _run(func, x, kernels.pack_weight(w), *ep.padded(32), np.zeros((1, 5, 7, 20), np.int8))
+    out = _run(
+        func, x, kernels.pack_weight(w), *ep.kernel_args(32), np.zeros((1, 5, 7, 20), np.int8)
+    )
     acc = x.reshape(-1, 12).astype(np.int64) @ w.astype(np.int64).T
     assert np.array_equal(out[-1].reshape(-1, 20), _requant(acc, ep, 20))
 
@@ -119,7 +123,7 @@ def test_depthwise_pads_in_the_kernel_with_the_zero_point(stride, in_dtype, chan
     func, (oh, ow) = kernels.depthwise_nhwc(
         x.shape, (3, 3), (stride, stride), (1, 1), (1, 1, 1, 1), in_dtype, fill, ep
     )
-    out = _run(func, x, taps, *ep.padded(channels), np.zeros((1, oh, ow, channels), np.uint8))
+    out = _run(func, x, taps, *ep.kernel_args(channels), np.zeros((1, oh, ow, channels), np.uint8))
     expected = _requant(_depthwise_reference(x, taps, stride, 1, fill), ep, channels)
     assert out[-1].shape == expected.shape and np.array_equal(out[-1], expected)
 
