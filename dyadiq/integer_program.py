@@ -73,7 +73,16 @@ class MatMul:
 
 @dataclass(frozen=True)
 class Add:
-    """Residual add: both inputs rescaled to the output scale dyadically, then summed."""
+    """Residual add of ``v_a = q_a - z_a`` and ``v_b = q_b - z_b`` at the output scale.
+
+    ``single_rounding=False`` (what backends implement today) rounds each input, then sums:
+        y = clip(requant(v_a; m_a, k_a) + requant(v_b; m_b, k_b) + z_y, lo, hi)
+    Two roundings: about 1 element in 4 lands 1 LSB away from the simulator's
+    ``round((s_a v_a + s_b v_b) / s_y)``, and on MobileNetV2 those LSBs grow to a 10 % larger
+    logit error (benchmarks/results/add_rounding.md).
+    ``single_rounding=True`` (k_a == k_b == k) rounds once, like the simulator:
+        y = clip(((v_a m_a + v_b m_b + 2^(k-1)) >> k) + z_y, lo, hi)
+    """
 
     output: str
     inputs: tuple[str, str]
@@ -83,6 +92,11 @@ class Add:
     zero_point: int
     lo: int
     hi: int
+    single_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.single_rounding and self.shifts[0] != self.shifts[1]:
+            raise ValueError(f"{self.output}: a single-rounding Add needs one shift, {self.shifts}")
 
 
 @dataclass(frozen=True)

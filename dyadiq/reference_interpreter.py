@@ -151,7 +151,12 @@ class ReferenceInterpreter:
     def _add(self, op: ip.Add, env: dict[str, np.ndarray]) -> None:
         a = self._centered(env, op.inputs[0], op.zero_points[0])
         b = self._centered(env, op.inputs[1], op.zero_points[1])
-        total = requantize(a, op.mults[0], op.shifts[0]) + requantize(b, op.mults[1], op.shifts[1])
+        if op.single_rounding:
+            total = requantize(a * op.mults[0] + b * op.mults[1], 1, op.shifts[0])
+        else:
+            total = requantize(a, op.mults[0], op.shifts[0]) + requantize(
+                b, op.mults[1], op.shifts[1]
+            )
         self._store(env, op.output, np.clip(total + op.zero_point, op.lo, op.hi))
 
     def _mul(self, op: ip.Mul, env: dict[str, np.ndarray]) -> None:

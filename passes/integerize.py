@@ -7,7 +7,9 @@ exactly the tensors the simulator quantizes, with the same scales and zero point
 Per op (v = q - z, the zero-point-free codes):
 - weighted Conv / Gemm / MatMul: acc = sum(v_x * q_w) + q_b  (int32, q_b = round(b/(s_x s_w)));
   y = clip(requant(acc; s_x s_w[c] / s_y) + z_y, lo, hi), fused Relu/Clip bounds in lo/hi;
-- Add: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y;  Mul: requant(v_a v_b; s_a s_b/s_y);
+- Add: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y, or with ``single_rounding_add``
+  one rounding of v_a m_a + v_b m_b over a common shift (as the simulator rounds);
+  Mul: requant(v_a v_b; s_a s_b/s_y);
 - GlobalAveragePool: requant(sum_hw v; s_x / (H W s_y));  HardSigmoid, HardSwish in fixed point;
 - MaxPool, Reshape-likes, Transpose, Concat: on codes (they share one scale).
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
@@ -88,8 +90,10 @@ class _Integerizer:
         plan: PrecisionPlan,
         sites: ActivationSites,
         params: Mapping[str, ActQuant],
+        single_rounding_add: bool = False,
     ) -> None:
         self.graph = graph
+        self.single_rounding_add = single_rounding_add
         self.plan = plan
         self.sites = sites
         self.params = params
@@ -389,18 +393,23 @@ class _Integerizer:
         qa, qb = self.q(a), self.q(b)
         a_codes, b_codes = self.codes(a), self.codes(b)
         out_codes, qy = self.define(node.outputs[0])
-        ma, ka = dyadic(qa.scale / qy.scale)
-        mb, kb = dyadic(qb.scale / qy.scale)
+        if self.single_rounding_add:
+            (ma, mb), k = common_shift_dyadic(qa.scale / qy.scale, qb.scale / qy.scale)
+            mults, shifts = (ma, mb), (k, k)
+        else:
+            (ma_, ka_), (mb_, kb_) = dyadic(qa.scale / qy.scale), dyadic(qb.scale / qy.scale)
+            mults, shifts = (int(ma_[0]), int(mb_[0])), (int(ka_[0]), int(kb_[0]))
         self.ops.append(
             ip.Add(
                 out_codes,
                 (a_codes, b_codes),
                 (qa.zero_point, qb.zero_point),
-                (int(ma[0]), int(mb[0])),
-                (int(ka[0]), int(kb[0])),
+                mults,
+                shifts,
                 qy.zero_point,
                 qy.qmin,
                 qy.qmax,
+                single_rounding=self.single_rounding_add,
             )
         )
         return True
@@ -565,11 +574,29 @@ class _Integerizer:
         return True
 
 
+def common_shift_dyadic(ratio_a: float, ratio_b: float) -> tuple[tuple[int, int], int]:
+    """``((m_a, m_b), k)`` with ``m_x / 2^k ~ ratio_x`` and one k for both.
+
+    k is the smaller of the two best shifts, so both m stay below 2^31 and the larger ratio
+    keeps its full precision; the smaller one keeps at least 31 - log2(ratio_a / ratio_b)
+    bits. With |v| < 2^8 each product is below 2^39, their sum far inside int64.
+    """
+    (_, ka), (_, kb) = dyadic(ratio_a), dyadic(ratio_b)
+    k = int(min(ka[0], kb[0]))
+    return (int(np.round(ratio_a * 2.0**k)), int(np.round(ratio_b * 2.0**k))), k
+
+
 def integerize(
     graph: QGraph,
     plan: PrecisionPlan,
     sites: ActivationSites,
     params: Mapping[str, ActQuant],
+    *,
+    single_rounding_add: bool = False,
 ) -> ip.IntegerProgram:
-    """Build the integer program for ``plan`` (see the module docstring)."""
-    return _Integerizer(graph, plan, sites, params).run()
+    """Build the integer program for ``plan`` (see the module docstring).
+
+    ``single_rounding_add`` emits residual Adds that round once (:class:`ip.Add`); it stays
+    off until every backend lowers that form (they implement the two-rounding form today).
+    """
+    return _Integerizer(graph, plan, sites, params, single_rounding_add).run()
