@@ -160,11 +160,22 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         b.requant(acc, op.requant, b.ndim(op.output), op.output)
     elif isinstance(op, ip.Add):
         ndim = b.ndim(op.output)
-        terms = [
-            b.shift(b.centered(name, zp), np.array(m), np.array(k), ndim, 1)
-            for name, zp, m, k in zip(op.inputs, op.zero_points, op.mults, op.shifts, strict=True)
+        centered = [
+            b.centered(name, zp) for name, zp in zip(op.inputs, op.zero_points, strict=True)
         ]
-        total = b.node("Add", terms, "sum")
+        if op.single_rounding:  # (v_a m_a + v_b m_b + 2^(k-1)) >> k: one rounding
+            products = [
+                b.node("Mul", [v, b.const("add_mult", np.int64(m))], "scaled_input")
+                for v, m in zip(centered, op.mults, strict=True)
+            ]
+            summed = b.node("Add", products, "scaled_sum")
+            total = b.shift(summed, np.array(1), np.array(op.shifts[0]), ndim, 1)
+        else:
+            terms = [
+                b.shift(v, np.array(m), np.array(k), ndim, 1)
+                for v, m, k in zip(centered, op.mults, op.shifts, strict=True)
+            ]
+            total = b.node("Add", terms, "sum")
         b.finish(total, op.zero_point, op.lo, op.hi, op.output)
     elif isinstance(op, ip.Mul):
         a = b.centered(op.inputs[0], op.zero_points[0])

@@ -420,7 +420,8 @@ class _Emitter:
             _check_dyadic(tag, np.array(op.mults), np.array(op.shifts))
             bounds = _struct({"zero_point": op.zero_point, "lo": op.lo, "hi": op.hi})
             fields.update(a_mult=op.mults[0], a_shift=op.shifts[0], b_mult=op.mults[1],
-                          b_shift=op.shifts[1], channel_dim=0, rq=bounds)  # fmt: skip
+                          b_shift=op.shifts[1], single_rounding=int(op.single_rounding),
+                          channel_dim=0, rq=bounds)  # fmt: skip
             kernel = "dq_add"
         else:
             axis = op.requant.axis % len(out)

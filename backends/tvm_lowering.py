@@ -248,13 +248,29 @@ class _Lowering:
         self.requant(acc, op.requant, self.ndim(acc), op.output)
 
     def add(self, op: ip.Add) -> None:
-        ndim = len(self.shape(op.inputs[0]))
-        terms = [
-            self.requantize(self.centered(name, zp), m, k, ndim, 1)
-            for name, zp, m, k in zip(op.inputs, op.zero_points, op.mults, op.shifts, strict=True)
+        centered = [
+            self.centered(name, zp) for name, zp in zip(op.inputs, op.zero_points, strict=True)
         ]
-        total = self.emit(relax.op.add(terms[0], terms[1]))
+        total = self.residual_sum(op, centered, len(self.shape(op.inputs[0])), 1)
         self.finish(total, op.zero_point, op.lo, op.hi, op.output)
+
+    def residual_sum(
+        self, op: ip.Add, centered: list[relax.Expr], ndim: int, axis: int
+    ) -> relax.Var:
+        """The Add's rescaled sum before ``+ z`` and the clip: each input rounded separately,
+        or (``single_rounding``) ``(v_a m_a + v_b m_b + 2^(k-1)) >> k``, rounded once."""
+        if op.single_rounding:
+            products = [
+                self.emit(relax.op.multiply(v, _int64(m)))
+                for v, m in zip(centered, op.mults, strict=True)
+            ]
+            summed = self.emit(relax.op.add(products[0], products[1]))
+            return self.requantize(summed, 1, op.shifts[0], ndim, axis)
+        terms = [
+            self.requantize(v, m, k, ndim, axis)
+            for v, m, k in zip(centered, op.mults, op.shifts, strict=True)
+        ]
+        return self.emit(relax.op.add(terms[0], terms[1]))
 
     def mul(self, op: ip.Mul) -> None:
         a = self.centered(op.inputs[0], op.zero_points[0])

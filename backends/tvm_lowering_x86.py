@@ -242,13 +242,23 @@ class VnniLowering(_Lowering):
     def add(self, op: ip.Add) -> None:
         if not all(name in self.nhwc for name in op.inputs):
             return super().add(op)
-        terms = [
-            self.requantize(self.centered_value(self.nhwc[name], zp), m, k, 4, 3)
-            for name, zp, m, k in zip(op.inputs, op.zero_points, op.mults, op.shifts, strict=True)
-        ]
-        total = self.emit(relax.op.add(terms[0], terms[1]))
-        self.finish(total, op.zero_point, op.lo, op.hi, op.output)
-        self.keep_channels_last(op.output)
+        a, b = (self.nhwc[name] for name in op.inputs)
+        shape = tuple(int(d) for d in a.ty.shape)
+        if tuple(int(d) for d in b.ty.shape) != shape:  # broadcasting: the portable ops
+            centered = [
+                self.centered_value(self.nhwc[name], zp)
+                for name, zp in zip(op.inputs, op.zero_points, strict=True)
+            ]
+            total = self.residual_sum(op, centered, 4, 3)
+            self.finish(total, op.zero_point, op.lo, op.hi, op.output)
+            self.keep_channels_last(op.output)
+            return
+        constants = kernels.ResidualAdd(
+            op.mults, op.shifts, op.zero_points, op.zero_point, op.lo, op.hi, op.single_rounding
+        )
+        out_dtype = self.code_dtype(op.output)
+        func = kernels.residual_add(shape, (str(a.ty.dtype), str(b.ty.dtype)), out_dtype, constants)
+        self.nhwc[op.output] = self.call_kernel(func, [a, b], shape, out_dtype)
 
     def clip(self, op: ip.Clip) -> None:
         if op.input not in self.nhwc:

@@ -405,3 +405,97 @@ def im2col_nhwc(
                                     )
 
     return kernel, c4, (oh, ow)
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    """A residual Add's integer constants (:class:`dyadiq.integer_program.Add`)."""
+
+    mults: tuple[int, int]
+    shifts: tuple[int, int]
+    zero_points: tuple[int, int]
+    zero_point: int
+    lo: int
+    hi: int
+    single_rounding: bool
+
+    def constants(self) -> tuple[int, int]:
+        """``C_a, C_b`` with every zero point and rounding term folded in, so that each input
+        costs one widening multiply: two roundings, ``y = (q_a m_a + C_a >> k_a) + (q_b m_b +
+        C_b >> k_b)``; one rounding (``k_a == k_b == k``), ``y = q_a m_a + q_b m_b + C_a >> k``
+        (``C_b`` unused); ``C`` holds ``-z m`` per input, ``2^(k-1)``, and the output zero
+        point as ``z_y << k`` (exact before a floor shift)."""
+
+        def rounding(k: int) -> int:
+            return (1 << (k - 1)) if k > 0 else 0
+
+        (ma, mb), (ka, kb), (za, zb) = self.mults, self.shifts, self.zero_points
+        if self.single_rounding:
+            return -za * ma - zb * mb + rounding(ka) + (self.zero_point << ka), 0
+        return -za * ma + rounding(ka) + (self.zero_point << ka), -zb * mb + rounding(kb)
+
+
+def residual_add(
+    shape: tuple[int, ...], in_dtypes: tuple[str, str], out_dtype: str, add: ResidualAdd
+) -> tvm.tirx.PrimFunc:
+    """Elementwise residual Add of two code tensors of ``shape`` (any layout: read flat).
+    Arguments: a, b, output."""
+    count = int(np.prod(shape))
+    lanes = _largest_divisor(count, 64)
+    (ma, mb), (ka, kb) = add.mults, add.shifts
+    ca, cb = add.constants()
+    lo, hi, single = add.lo, add.hi, add.single_rounding
+    outer = T.parallel if count >= PARALLEL_MIN_WORK // 8 else T.serial
+    a_dtype, b_dtype = in_dtypes
+
+    @T.prim_func(private=True)
+    def kernel(
+        a_nd: T.Buffer(shape, a_dtype),
+        b_nd: T.Buffer(shape, b_dtype),
+        out_nd: T.Buffer(shape, out_dtype),
+    ) -> None:
+        T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
+        a = T.decl_buffer((count,), a_dtype, data=a_nd.data)
+        b = T.decl_buffer((count,), b_dtype, data=b_nd.data)
+        out = T.decl_buffer((count,), out_dtype, data=out_nd.data)
+        for block in outer(count // lanes):
+            for i in T.vectorized(lanes):
+                if single:
+                    out[block * lanes + i] = T.Cast(
+                        out_dtype,
+                        T.max(
+                            T.min(
+                                T.Cast("int64", T.Cast("int32", a[block * lanes + i])) * T.int64(ma)
+                                + T.Cast("int64", T.Cast("int32", b[block * lanes + i]))
+                                * T.int64(mb)
+                                + T.int64(ca)
+                                >> T.int64(ka),
+                                T.int64(hi),
+                            ),
+                            T.int64(lo),
+                        ),
+                    )
+                else:
+                    out[block * lanes + i] = T.Cast(
+                        out_dtype,
+                        T.max(
+                            T.min(
+                                (
+                                    T.Cast("int64", T.Cast("int32", a[block * lanes + i]))
+                                    * T.int64(ma)
+                                    + T.int64(ca)
+                                    >> T.int64(ka)
+                                )
+                                + (
+                                    T.Cast("int64", T.Cast("int32", b[block * lanes + i]))
+                                    * T.int64(mb)
+                                    + T.int64(cb)
+                                    >> T.int64(kb)
+                                ),
+                                T.int64(hi),
+                            ),
+                            T.int64(lo),
+                        ),
+                    )
+
+    return kernel

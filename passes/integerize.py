@@ -7,8 +7,8 @@ exactly the tensors the simulator quantizes, with the same scales and zero point
 Per op (v = q - z, the zero-point-free codes):
 - weighted Conv / Gemm / MatMul: acc = sum(v_x * q_w) + q_b  (int32, q_b = round(b/(s_x s_w)));
   y = clip(requant(acc; s_x s_w[c] / s_y) + z_y, lo, hi), fused Relu/Clip bounds in lo/hi;
-- Add: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y, or with ``single_rounding_add``
-  one rounding of v_a m_a + v_b m_b over a common shift (as the simulator rounds);
+- Add: one rounding of v_a m_a + v_b m_b over a common shift, as the simulator rounds
+  (``single_rounding_add=False``: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y);
   Mul: requant(v_a v_b; s_a s_b/s_y);
 - GlobalAveragePool: requant(sum_hw v; s_x / (H W s_y));  HardSigmoid, HardSwish in fixed point;
 - MaxPool, Reshape-likes, Transpose, Concat: on codes (they share one scale).
@@ -90,7 +90,7 @@ class _Integerizer:
         plan: PrecisionPlan,
         sites: ActivationSites,
         params: Mapping[str, ActQuant],
-        single_rounding_add: bool = False,
+        single_rounding_add: bool = True,
     ) -> None:
         self.graph = graph
         self.single_rounding_add = single_rounding_add
@@ -592,11 +592,13 @@ def integerize(
     sites: ActivationSites,
     params: Mapping[str, ActQuant],
     *,
-    single_rounding_add: bool = False,
+    single_rounding_add: bool = True,
 ) -> ip.IntegerProgram:
     """Build the integer program for ``plan`` (see the module docstring).
 
-    ``single_rounding_add`` emits residual Adds that round once (:class:`ip.Add`); it stays
-    off until every backend lowers that form (they implement the two-rounding form today).
+    ``single_rounding_add`` (the default) emits residual Adds that round once, as the QDQ
+    simulator does (:class:`ip.Add`); ``False`` gives the older two-rounding form, 1 LSB off
+    the simulator on about a quarter of the elements (benchmarks/results/add_rounding.md).
+    Every backend lowers both.
     """
     return _Integerizer(graph, plan, sites, params, single_rounding_add).run()

@@ -44,15 +44,15 @@ def test_mobilenet_v2_w8a8_integer_bit_exact_on_100_inputs(tmp_path):
     exact = bit_exactness(result.program, int_model, crops)
     # every integer tensor of the program (about 70 per input) on 100 real crops
     assert exact["exact_tensors"] == exact["tensors"] > 100 * 60, exact["mismatches"]
-    # scored on the same 100 crops the bit-exactness check used (on all 248 crops the integer
-    # model trails the QDQ simulator by 5.7 points on this machine: an open finding, see the
-    # stop note of 2026-12-02)
+    # all 248 crops: with residual Adds rounded once, as the simulator does, the integer model
+    # scores like the QDQ one (two roundings trailed it by 5.7 points: 0.786 vs 0.843,
+    # benchmarks/results/add_rounding.md); top-1 is fragile here (the float top-1/top-2 gap is
+    # under 1 logit on half the crops), hence the 2-point margin
     metrics = evaluate(
-        artifacts,
-        {"qdq": tmp_path / "model.qdq.onnx", "int": tmp_path / "model.int.onnx"},
-        limit=100,
+        artifacts, {"qdq": tmp_path / "model.qdq.onnx", "int": tmp_path / "model.int.onnx"}
     )
-    assert metrics["int"]["top1_agreement"] >= metrics["qdq"]["top1_agreement"] - 0.01
+    assert metrics["int"]["samples"] == 248
+    assert metrics["int"]["top1_agreement"] >= metrics["qdq"]["top1_agreement"] - 0.02
 
 
 def test_fashion_cnn_mixed_w4_w8_integer(tmp_path):
@@ -95,9 +95,6 @@ def test_ppocr_classifier_integer_with_hard_swish(tmp_path):
     _exact(report)
     assert report["integer"]["fully_integer"], report["integer"]["float_ops"]
     assert any("HardSwish" in note for note in report["notes"])
-    # scored on the same 100 crops the bit-exactness check used (on all 248 crops the integer
-    # model trails the QDQ simulator by 5.7 points on this machine: an open finding, see the
-    # stop note of 2026-12-02)
     metrics = evaluate(
         artifacts,
         {"qdq": tmp_path / "model.qdq.onnx", "int": tmp_path / "model.int.onnx"},

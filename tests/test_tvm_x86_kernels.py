@@ -177,3 +177,30 @@ def test_x86_lowering_puts_every_depthwise_and_group1_conv_in_a_vnni_kernel():
     vnni = [f for f in hand if "vpdpbusd" in str(f)]
     assert len(vnni) == sum(1 for op in convs if op.group == 1) + (len(weighted) - len(convs))
     assert "relax.nn.conv2d" not in str(mod["main"])  # no portable convolution left
+
+
+@pytest.mark.parametrize("single_rounding", [False, True])
+def test_residual_add_matches_the_reference_rounding(single_rounding):
+    from dyadiq.dyadic import requantize
+
+    rng = np.random.default_rng(5)
+    shape = (1, 6, 5, 24)
+    a, b = _codes(rng, shape, "uint8"), _codes(rng, shape, "int8")
+    zps, z, (lo, hi) = (13, -7), 5, (0, 255)
+    shifts = (30, 30) if single_rounding else (30, 27)
+    mults = (int(rng.integers(1 << 28, 1 << 30)), int(rng.integers(1 << 26, 1 << 29)))
+    add = kernels.ResidualAdd(mults, shifts, zps, z, lo, hi, single_rounding)
+    out = _run(
+        kernels.residual_add(shape, ("uint8", "int8"), "uint8", add),
+        a,
+        b,
+        np.zeros(shape, np.uint8),
+    )
+    va, vb = a.astype(np.int64) - zps[0], b.astype(np.int64) - zps[1]
+    if single_rounding:
+        total = requantize(va * mults[0] + vb * mults[1], 1, shifts[0])
+    else:
+        total = requantize(va, mults[0], shifts[0]) + requantize(vb, mults[1], shifts[1])
+    expected = np.clip(total + z, lo, hi).astype(np.uint8)
+    assert np.array_equal(out[-1], expected)
+    assert 0 < ((expected == lo) | (expected == hi)).sum() < expected.size  # clipping exercised

@@ -460,7 +460,9 @@ void dq_matmul_activations(const dq_matmul_act *p, const uint8_t *a, const uint8
 
 static inline uint8_t dq_add_one(const dq_binary *p, int32_t va, int32_t vb)
 {
-    int64_t v = dq_rescale(va, p->a_mult, p->a_shift) + dq_rescale(vb, p->b_mult, p->b_shift);
+    int64_t v = p->single_rounding
+        ? dq_rescale((int64_t)va * p->a_mult + (int64_t)vb * p->b_mult, 1, p->a_shift)
+        : dq_rescale(va, p->a_mult, p->a_shift) + dq_rescale(vb, p->b_mult, p->b_shift);
     return (uint8_t)dq_clamp(v + p->rq.zero_point, p->rq.lo, p->rq.hi);
 }
 

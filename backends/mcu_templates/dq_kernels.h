@@ -54,6 +54,7 @@ typedef struct {
     int32_t a_flip, a_zero, b_flip, b_zero;
     int32_t channel_dim;   /* which of the 4 dims indexes per-channel requant values */
     int32_t a_mult, a_shift, b_mult, b_shift;  /* Add only */
+    int32_t single_rounding;  /* Add: (va*a_mult + vb*b_mult) rounded once (a_shift == b_shift) */
     dq_requant rq;         /* Mul: requant of the product; Add: zero_point, lo, hi */
 } dq_binary;
 
