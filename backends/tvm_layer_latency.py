@@ -139,7 +139,12 @@ class KernelTimer:
             for p in list(self.func.params)[len(inputs) :]
         ]
         args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs] + outputs
-        timer = self.library.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat)
+        # each repeat runs the kernel for at least 2 ms (TVM raises `number` until it does), so
+        # a 20 us kernel is averaged over ~100 calls instead of timed once: single calls of
+        # small kernels scattered by +-10% between runs on a shared machine
+        timer = self.library.time_evaluator(
+            "main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2
+        )
         return float(np.median(timer(*args).results)) * 1e3
 
 
