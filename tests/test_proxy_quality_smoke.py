@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks.proxy_quality`` in quick mode on fashion_cnn (about 10 s)."""
+"""Smoke test of ``benchmarks.proxy_quality`` in quick mode on fashion_cnn (about 20 s), with a
+second run that reuses its measurements; the configuration sampler and KL metric alone."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import math
 import pathlib
 import sys
 
+import numpy as np
 import pytest
-
-pytestmark = pytest.mark.realmodel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``benchmarks`` lives at the repository root, not in the package
     sys.path.insert(0, str(REPO))
 
 
+@pytest.mark.realmodel
 def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
     from benchmarks import proxy_quality
     from dyadiq.passes.sensitivity.analysis import PROXIES
@@ -26,7 +27,7 @@ def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
     )
     data = json.loads((out / "proxy_quality.json").read_text())
     assert (out / "proxy_quality.md").read_text().startswith("# Sensitivity proxies")
-    for key in ("date", "command", "machine", "settings", "models", "total_wall_s"):
+    for key in ("date", "command", "machine", "settings", "models", "total_wall_s", "runs"):
         assert key in data
     res = data["models"]["fashion_cnn"]
     assert "error" not in res, res.get("error")
@@ -43,3 +44,53 @@ def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
             assert isinstance(value, float) and math.isfinite(value), (proxy, stat, value)
             assert -1.0 <= value <= 1.0
     assert res["verdict"]["hessian+pairs_vs_hessian"] in ("better", "worse", "equal")
+    kl = res["extra_metrics"]["kl"]["measured"]
+    assert len(kl) == 8 and all(v >= 0 for v in kl)
+    assert res["float_metrics"]["kl"] == pytest.approx(0.0, abs=1e-9)
+
+    # a second run reusing the measurements: same damage, gradient proxies recomputed, the
+    # first run still named in the merged file
+    proxy_quality.main(
+        [
+            "--quick",
+            *("--models", "fashion_cnn", "--configs", "8", "--output-dir", str(out)),
+            *("--reuse-measured", "fashion_cnn"),
+        ]
+    )
+    merged = json.loads((out / "proxy_quality.json").read_text())
+    again = merged["models"]["fashion_cnn"]
+    assert "error" not in again, again.get("error")
+    assert len(merged["runs"]) == 2
+    assert again["run"] == 1 and again["measured_in_run"] == 0
+    assert again["measured_damage"] == res["measured_damage"]
+    assert again["predicted_damage"]["hessian"] == res["predicted_damage"]["hessian"]
+    assert again["gradient_analysis"]["from_cache"]  # same settings: the cached report
+    assert again["correlations"]["fisher"] == res["correlations"]["fisher"]
+
+
+def test_config_spaces() -> None:
+    from benchmarks.proxy_quality import CONFIG_SPACE, sample_configs
+
+    ids = [f"layer{i}" for i in range(40)]
+    default = sample_configs(ids, 30)
+    assert len(default) == 30
+    widths = {w for c in default for w in c["bits"].values()}
+    assert widths == {2, 3, 4, 6, 8}
+    mild = sample_configs(ids, 30, space=CONFIG_SPACE["mobilenet_v2"])
+    assert all(c["p_low"] < 0.5 for c in mild)
+    assert {w for c in mild for w in c["bits"].values()} == {3, 4, 6, 8}
+    assert sample_configs(ids, 30) == default  # seeded: the same configurations every run
+
+
+def test_mean_kl_matches_the_definition() -> None:
+    from benchmarks.proxy_quality import mean_kl
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+
+    rng = np.random.default_rng(0)
+    z, w = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    q = np.exp(w) / np.exp(w).sum(-1, keepdims=True)
+    expected = float(np.mean(np.sum(p * np.log(p / q), axis=-1)))
+    assert mean_kl(z, w, OutputKind.LOGITS) == pytest.approx(expected, rel=1e-9)
+    assert mean_kl(p, q, OutputKind.PROBABILITIES) == pytest.approx(expected, rel=1e-6)
+    assert mean_kl(z, z + 3.0, OutputKind.LOGITS) == pytest.approx(0.0, abs=1e-12)
