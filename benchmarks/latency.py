@@ -45,7 +45,7 @@ LAYER_TABLE_FORMATS = ((8, 8), (6, 8), (4, 8), (3, 8), (2, 8))
 LAYER_TABLE_REPEAT = 10
 
 
-def _ort_session(path: Path, threads: int, *, spin: bool) -> Any:
+def ort_session(path: Path, threads: int, *, spin: bool) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -191,8 +191,8 @@ def measure_model(
     with tempfile.TemporaryDirectory(prefix="dyadiq-latency-") as tmp:
         qdq_path = Path(tmp) / "ort_qdq.onnx"
         quantize_static_baseline(artifacts.model_path, qdq_path, calibration)
-        ort_float = _ort_session(artifacts.model_path, threads, spin=spin)
-        ort_int8 = _ort_session(qdq_path, threads, spin=spin)
+        ort_float = ort_session(artifacts.model_path, threads, spin=spin)
+        ort_int8 = ort_session(qdq_path, threads, spin=spin)
         quantized = quantize(
             artifacts.model_path, Path(tmp) / "dyadiq", calibration, integer=True, check_batches=1
         )

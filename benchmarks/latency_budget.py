@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,23 +35,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPO, machine_info, write_results
+from benchmarks.latency import ort_session
+from dyadiq.backends.tvm_latency import median_ms
 
 FORMATS = ((8, 8), (6, 8), (4, 8), (3, 8), (2, 8))
 
 
-def _median_ms(call: Any, *, warmup: int = 5, repeat: int = 30) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def run(model: str, *, slack: float, size: str, threads: int, repeat: int) -> dict[str, Any]:
-    import onnxruntime as ort
     import tvm
     from tvm import relax
 
@@ -133,14 +122,11 @@ def run(model: str, *, slack: float, size: str, threads: int, repeat: int) -> di
         library = next((out / "x86").rglob(LIBRARY_NAME))
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
         args = [tvm.runtime.tensor(feeds[name]) for name in built.program.inputs]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(
-            str(artifacts.model_path), options, providers=["CPUExecutionProvider"]
+        session = ort_session(artifacts.model_path, threads, spin=False)
+        result["end_to_end_ms"] = median_ms(lambda: vm["main"](*args), warmup=5, repeat=repeat)
+        result["ort_float_ms"] = median_ms(
+            lambda: session.run(None, feeds), warmup=5, repeat=repeat
         )
-        result["end_to_end_ms"] = _median_ms(lambda: vm["main"](*args), repeat=repeat)
-        result["ort_float_ms"] = _median_ms(lambda: session.run(None, feeds), repeat=repeat)
     result["load_avg_after"] = list(os.getloadavg())
     return result
 
