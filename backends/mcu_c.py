@@ -38,7 +38,7 @@ import numpy as np
 
 from dyadiq import integer_program as ip
 from dyadiq.backends.capabilities import Capabilities
-from dyadiq.errors import UnsupportedModelError
+from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.io import write_text_atomic
 from dyadiq.op_facts import OpKind
@@ -682,3 +682,28 @@ def emit_c_project(
     }
     write_text_atomic(out / "model.json", json.dumps(summary, indent=2) + "\n")
     return project
+
+
+def load_project(folder: Path) -> McuProject:
+    """The project :func:`emit_c_project` wrote into ``folder``, from its ``model.json``: what
+    running and decoding its ELF needs (CPU, input and output shapes, sizes). The quantizer and
+    the memory plan are compiled into the image; the arena comes back as its size only."""
+    info_path = Path(folder) / "model.json"
+    try:
+        info = json.loads(info_path.read_text())
+        project_input = TensorSpec(
+            info["input"]["name"], tuple(info["input"]["shape"]), False, 1.0, 0
+        )
+        outputs = [
+            TensorSpec(o["name"], tuple(o["shape"]), bool(o["signed"]), 1.0, 0)
+            for o in info["outputs"]
+        ]
+        cpu, arena_bytes, scratch = (
+            info["cpu"],
+            int(info["arena_bytes"]),
+            int(info["scratch_bytes"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{info_path} is not a Cortex-M project's model.json: {exc}") from exc
+    arena = ArenaPlan({}, {}, {}, frozenset(), arena_bytes, [], 0)
+    return McuProject(Path(folder), cpu, project_input, outputs, arena, scratch)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -51,30 +50,21 @@ def run_artifact(folder: Path, inputs: Path) -> dict[str, np.ndarray]:
             return {spec["name"]: v for spec, v in zip(info["outputs"], values, strict=True)}
         return tvm_build.run_library(folder, feeds)
     if "cpu" in info:  # Cortex-M C
-        return _run_mcu_folder(folder, info, inputs)
+        return _run_mcu_folder(folder, inputs)
     raise ConfigError(f"{info_path} describes no target dyadiq knows")
 
 
-def _run_mcu_folder(folder: Path, info: dict[str, Any], inputs: Path) -> dict[str, np.ndarray]:
+def _run_mcu_folder(folder: Path, inputs: Path) -> dict[str, np.ndarray]:
     """Run the folder's app.elf on QEMU: float inputs in (the device quantizes them), each
     output's integer codes out, one row per input."""
     from dyadiq.backends.mcu_build import run_qemu
-    from dyadiq.backends.mcu_c import McuProject, TensorSpec
-    from dyadiq.backends.memory_plan import ArenaPlan
+    from dyadiq.backends.mcu_c import load_project
 
     elf = folder / "app.elf"
     if not elf.is_file():
         raise ConfigError(f"{folder} has no app.elf: build it first (make -C {folder})")
-    shape = tuple(info["input"]["shape"])
-    # only sizes matter to the runner: the ELF holds the quantizer and the memory plan
-    project = McuProject(
-        folder,
-        info["cpu"],
-        TensorSpec(info["input"]["name"], shape, False, 1.0, 0),
-        [TensorSpec(o["name"], tuple(o["shape"]), o["signed"], 1.0, 0) for o in info["outputs"]],
-        ArenaPlan({}, {}, {}, frozenset(), info["arena_bytes"], [], 0),
-        info["scratch_bytes"],
-    )
+    project = load_project(folder)
+    shape = project.input.shape
     feeds = read_inputs(inputs, ["input"]) if inputs.suffix == ".npy" else None
     if feeds is None:
         with np.load(inputs, allow_pickle=False) as stored:
