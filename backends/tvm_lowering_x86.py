@@ -5,12 +5,13 @@ CPU their loop nests cannot use ``vpdpbusd`` and depthwise layers read memory wi
 stride. This lowering keeps 4-D activations channels-last (NHWC) between layers and emits:
 
 * every group-1 convolution as one :func:`~dyadiq.backends.tvm_x86_kernels.packed_matmul`:
-  directly on the ``[B*H*W, C]`` view for a 1x1 stride-1 convolution, after an im2col (a
-  TE compute, scheduled like any elementwise kernel) otherwise;
+  directly on the ``[B*H*W, C]`` view for a 1x1 stride-1 convolution, after an
+  :func:`~dyadiq.backends.tvm_x86_kernels.im2col_nhwc` otherwise;
 * every depthwise convolution as :func:`~dyadiq.backends.tvm_x86_kernels.depthwise_nhwc`;
 * every dense layer (MatMul with a constant weight) as a packed matmul;
-* residual adds, clips and global average pools in NHWC (portable Relax ops on the other
-  axis order), so no transposes sit between those layers.
+* residual adds of same-shape tensors as :func:`~dyadiq.backends.tvm_x86_kernels.residual_add`;
+* clips, max pools and global average pools in NHWC (portable Relax ops on the other axis
+  order), so no transposes sit between those layers.
 
 A tensor is converted between layouts only where an op needs the other one, once, and the
 program's outputs are returned NCHW, so ``main`` has the portable lowering's signature and
@@ -136,7 +137,8 @@ class VnniLowering(_Lowering):
             func, [a, packed, *self.epilogue_args(epilogue, npad)], out_shape, epilogue.out_dtype
         )
 
-    def fits_int32(self, codes: str, weight_rows: np.ndarray) -> bool:
+    def fits_int32(self, weight_rows: np.ndarray) -> bool:
+        """Whether the int32 accumulator holds ``sum code * w`` for any u8 codes (VNNI's view)."""
         bound = _LARGEST_UNSIGNED_CODE * int(np.abs(weight_rows.astype(np.int64)).sum(axis=1).max())
         return bound <= INT32_LIMIT
 
@@ -149,7 +151,7 @@ class VnniLowering(_Lowering):
         in_channels = self.shape(op.input)[1]
         depthwise = op.group == in_channels == out_channels and per_group == 1
         if (op.group != 1 and not depthwise) or not self.fits_int32(
-            op.input, weight.reshape(out_channels, -1)
+            weight.reshape(out_channels, -1)
         ):
             return super().conv(op)
         x = self.channels_last(op.input)
@@ -226,7 +228,7 @@ class VnniLowering(_Lowering):
         weight = op.weight.astype(np.int8)
         shape = self.shape(op.input)
         k, n = weight.shape
-        if k % kernels.GROUP or not self.fits_int32(op.input, weight.T):
+        if k % kernels.GROUP or not self.fits_int32(weight.T):
             return super().matmul(op)
         rows = np.ascontiguousarray(weight.T)
         self.env[op.output] = self.matmul_kernel(
