@@ -11,6 +11,7 @@ reproduce what onnxruntime computes for the same scale and zero point.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -62,6 +63,34 @@ def quantize_weight_per_channel(weight: np.ndarray, bits: int, axis: int) -> Wei
     shape[axis] = -1
     q = np.clip(np.round(weight / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
     return WeightQuant(q, scales, axis, bits)
+
+
+class WeightQuantizer(Protocol):
+    """Where a rewrite gets a layer's quantized weights (and the float bias to quantize).
+
+    Round to nearest on the max-abs scale (:data:`ROUND_TO_NEAREST`) is the plain rule; a
+    compensated quantizer (``dyadiq.passes.compensation``) returns per layer and width the
+    codes and scales it computed, and a corrected bias.
+    """
+
+    def weight_quant(
+        self, layer_id: str, weight: np.ndarray, bits: int, axis: int
+    ) -> WeightQuant: ...
+
+    def bias(self, layer_id: str, bits: int, bias: np.ndarray) -> np.ndarray: ...
+
+
+class RoundToNearest:
+    """The uncompensated rule: :func:`quantize_weight_per_channel`, the bias unchanged."""
+
+    def weight_quant(self, layer_id: str, weight: np.ndarray, bits: int, axis: int) -> WeightQuant:
+        return quantize_weight_per_channel(weight, bits, axis)
+
+    def bias(self, layer_id: str, bits: int, bias: np.ndarray) -> np.ndarray:
+        return bias
+
+
+ROUND_TO_NEAREST = RoundToNearest()
 
 
 def activation_quant(lo: float, hi: float, bits: int, *, signed: bool) -> ActQuant:

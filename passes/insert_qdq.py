@@ -53,7 +53,7 @@ def group_quantizers(
     return params
 
 
-def _insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, q: ActQuant) -> None:
+def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, q: ActQuant) -> None:
     scale = gs.Constant(f"{tensor.name}_scale", np.array(q.scale, np.float32))
     zero = make_constant(
         f"{tensor.name}_zero_point", np.array(q.zero_point, _code_dtype(q.bits, q.signed))
@@ -177,6 +177,6 @@ def insert_qdq(
         ):
             _quantize_bias(g, node, bias_at, weight_scales.values, params[data.name].scale)
     for name in sites.tensors:
-        _insert_activation_qdq(g, tensors[name], params[name])
+        insert_activation_qdq(g, tensors[name], params[name])
     g.cleanup().toposort()
     return QDQResult(out, params, removed, weight_bytes)

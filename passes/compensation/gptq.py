@@ -1,0 +1,82 @@
+"""GPTQ (Frantar et al. 2022): optimal-brain-quantization column by column, batched.
+
+Minimises E||(W - Q) x||^2 = tr((W - Q) H (W - Q)^T) with H = E[x x^T] over the rows of W
+(each row is one output channel on its own fixed scale grid). Column j is rounded to the grid,
+and its error e_j = (w_j - q_j) / [H^-1]_jj is pushed onto the not-yet-quantized columns,
+w_k -= e_j [H^-1]_jk, with H^-1 the inverse restricted to the remaining columns. GPTQ gets
+every such restricted inverse row at once from the upper Cholesky factor U of H^-1
+(H^-1 = U^T U; row j of U, scaled, is the needed row), and applies updates lazily: inside a
+block of B columns immediately, to the columns after the block in one matrix product.
+
+Preconditions and choices:
+- dampening: H + lambda I with lambda = ``damp`` * mean(diag H) keeps the Cholesky stable;
+  inputs that are always zero (diag 0) get H_jj = 1 and weight 0 (they never matter);
+- act order: quantize columns by decreasing H_jj (the largest inputs first, while the most
+  columns remain free to compensate);
+- all groups of a grouped / depthwise convolution run together ([G, R, d] arrays).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dyadiq.passes.compensation.range_search import qmax_of
+
+
+def _prepared_hessian(hessian: np.ndarray, weights: np.ndarray, damp: float) -> np.ndarray:
+    h = hessian.astype(np.float64).copy()
+    diagonal = np.einsum("gii->gi", h)  # a writable view of each diagonal
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    weights[np.broadcast_to(dead[:, None, :], weights.shape)] = 0.0
+    diagonal += damp * diagonal.mean(axis=1, keepdims=True)
+    return h
+
+
+def _inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
+    """U with H^-1 = U^T U (upper triangular), per group."""
+    inverse = np.linalg.inv(h)
+    inverse = (inverse + inverse.transpose(0, 2, 1)) / 2
+    return np.linalg.cholesky(inverse).transpose(0, 2, 1)
+
+
+def gptq_codes(
+    weights: np.ndarray,
+    hessian: np.ndarray,
+    scales: np.ndarray,
+    bits: int,
+    *,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> np.ndarray:
+    """Integer codes [G, R, d] for ``weights`` [G, R, d] on the per-row ``scales`` [G, R]."""
+    qmax = qmax_of(bits)
+    w = weights.astype(np.float64).copy()
+    h = _prepared_hessian(hessian, w, damp)
+    groups, _, columns = w.shape
+    order = (
+        np.argsort(-np.einsum("gii->gi", h), axis=1, kind="stable")
+        if act_order
+        else np.broadcast_to(np.arange(columns), (groups, columns))
+    )
+    w = np.take_along_axis(w, order[:, None, :], axis=2)
+    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], 2)
+    u = _inverse_upper_cholesky(h)
+    s = scales.astype(np.float64)[..., None]  # [G, R, 1]
+    codes = np.zeros_like(w)
+    for start in range(0, columns, block):
+        stop = min(start + block, columns)
+        w_block = w[:, :, start:stop].copy()
+        u_block = u[:, start:stop, start:stop]
+        errors = np.zeros_like(w_block)
+        for j in range(stop - start):
+            column = w_block[:, :, j : j + 1]  # [G, R, 1]
+            q = np.clip(np.round(column / s), -qmax, qmax)
+            codes[:, :, start + j] = q[..., 0]
+            error = (column - q * s) / u_block[:, j, j][:, None, None]
+            w_block[:, :, j:] -= error * u_block[:, None, j, j:]
+            errors[:, :, j] = error[..., 0]
+        w[:, :, stop:] -= np.matmul(errors, u[:, start:stop, stop:])
+    inverse_order = np.argsort(order, axis=1)
+    return np.take_along_axis(codes, inverse_order[:, None, :], axis=2)
