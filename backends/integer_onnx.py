@@ -1,8 +1,18 @@
 """Integer-only ONNX backend: an :class:`IntegerProgram` as standard ONNX ops.
 
 Only default-domain ops: ConvInteger / MatMulInteger (int32 accumulation), integer Add / Sub /
-Mul, Cast, Clip, ReduceSum, MaxPool and an exact floor shift. ONNX's BitShift is unsigned only,
-so the arithmetic shift of a signed int64 ``t`` (|t| < 2^62) is written as
+Mul, Cast, Clip, ReduceSum, MaxPool and an exact floor shift.
+
+Both operands of every ConvInteger / MatMulInteger have the same signedness (u8 x u8 or
+s8 x s8): onnxruntime's u8 x s8 kernels on AVX2 without VNNI use ``vpmaddubsw``, which saturates
+pairwise sums at int16 (255*127*2 > 32767), so a u8 x s8 product is exact only on some CPUs.
+Same-sign operands take kernels that widen to int16 before multiplying (``vpmaddwd``) or use
+dot-product instructions; they are checked on an emulated AVX2-only CPU by the test suite
+(``tests/test_cpu_exactness.py``). Signed weights beside unsigned activations are stored as
+``w + 128`` with weight zero point 128, which represents the same integers.
+
+ONNX's BitShift is unsigned only, so the arithmetic shift of a signed int64 ``t``
+(|t| < 2^62) is written as
 
     (t + 2^62) as uint64 >> k, back to int64, minus 2^62 >> k
 
@@ -23,6 +33,7 @@ from dyadiq import integer_program as ip
 from dyadiq.errors import DyadiqError
 
 OFFSET = 1 << 62
+UNSIGNED_SHIFT = 128  # s8 code c is u8 code c + 128 with the zero point moved by 128
 OPSET = 21
 
 
@@ -109,6 +120,27 @@ class _Builder:
     def ndim(self, codes: str) -> int:
         return len(self.program.shapes[codes])
 
+    def weight_operand(self, weight: np.ndarray, activation: str) -> tuple[str, str]:
+        """Constant int8 weight codes in the activation's signedness (module docstring)."""
+        if self.program.quant[activation].signed:
+            return self.const("weight", weight.astype(np.int8)), self.const("wzp", np.int8(0))
+        shifted = (weight.astype(np.int16) + UNSIGNED_SHIFT).astype(np.uint8)
+        return self.const("weight", shifted), self.const("wzp", np.uint8(UNSIGNED_SHIFT))
+
+    def same_sign_operand(self, codes: str, like: str) -> tuple[str, str]:
+        """Activation ``codes`` (and its zero point) in the signedness of ``like``."""
+        q, target = self.program.quant[codes], self.program.quant[like]
+        if q.signed == target.signed:
+            return codes, self.zero_point_const(codes)
+        delta = UNSIGNED_SHIFT if q.signed else -UNSIGNED_SHIFT
+        wide = self.node(
+            "Add",
+            [self.cast(codes, TensorProto.INT16), self.const("shift", np.int16(delta))],
+            "resigned",
+        )
+        to, dtype = (TensorProto.INT8, np.int8) if target.signed else (TensorProto.UINT8, np.uint8)
+        return self.cast(wide, to), self.const("xzp", np.array(q.zero_point + delta, dtype))
+
 
 def _lower(b: _Builder, op: ip.IntOp) -> None:
     q = b.program.quant
@@ -127,10 +159,10 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
             helper.make_node("DequantizeLinear", [op.input, scale, zp], [op.output], name=op.output)
         )
     elif isinstance(op, ip.Conv):
-        weight = b.const("weight", op.weight.astype(np.int8))
+        weight, weight_zp = b.weight_operand(op.weight, op.input)
         acc = b.node(
             "ConvInteger",
-            [op.input, weight, b.zero_point_const(op.input)],
+            [op.input, weight, b.zero_point_const(op.input), weight_zp],
             "conv",
             strides=list(op.strides),
             pads=list(op.pads),
@@ -147,10 +179,10 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         b.requant(acc, op.requant, 4, op.output)
     elif isinstance(op, ip.MatMul):
         if op.weight is not None:
-            rhs, rhs_zp = b.const("weight", op.weight.astype(np.int8)), b.const("wzp", np.int8(0))
+            rhs, rhs_zp = b.weight_operand(op.weight, op.input)
         else:
             assert op.weight_input is not None
-            rhs, rhs_zp = op.weight_input, b.zero_point_const(op.weight_input)
+            rhs, rhs_zp = b.same_sign_operand(op.weight_input, op.input)
         acc = b.node(
             "MatMulInteger", [op.input, rhs, b.zero_point_const(op.input), rhs_zp], "matmul"
         )

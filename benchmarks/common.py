@@ -25,6 +25,15 @@ def _proc_field(path: str, prefix: str) -> str | None:
     return None
 
 
+def cpu_flags() -> list[str]:
+    """The SIMD feature flags that decide onnxruntime's and TVM's integer kernels."""
+    flags = (
+        _proc_field("/proc/cpuinfo", "flags") or _proc_field("/proc/cpuinfo", "Features")
+    ) or ""
+    wanted = ("avx", "fma", "asimd", "dotprod", "i8mm", "sve")
+    return sorted({f for f in flags.split() if f.startswith(wanted) or "vnni" in f})
+
+
 def machine_info() -> dict[str, Any]:
     import onnx
     import onnxruntime
@@ -38,6 +47,7 @@ def machine_info() -> dict[str, Any]:
     mem = _proc_field("/proc/meminfo", "MemTotal")
     return {
         "cpu_model": _proc_field("/proc/cpuinfo", "model name") or "unknown",
+        "cpu_flags": cpu_flags(),
         "nproc": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),
         "mem_total_mib": int(mem.split()[0]) / 1024.0 if mem else None,

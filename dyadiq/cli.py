@@ -1,6 +1,7 @@
 """``dyadiq`` command line: inspect, quantize, analyze, frontier, run, eval, zoo.
 
-Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message and exits 2.
+Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message and exits 2,
+or 3 when a written model fails its bit-exactness check (:class:`VerificationError`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dyadiq.cli_allocation import (
     plan_measurer,
     primary_metric,
 )
-from dyadiq.errors import ConfigError, DyadiqError
+from dyadiq.errors import ConfigError, DyadiqError, VerificationError
 from dyadiq.io import write_text_atomic
 
 console = Console()
@@ -98,6 +99,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
+    from dyadiq.consistency import verification_problems
     from dyadiq.passes.calibration.observers import RangeMethod
     from dyadiq.pipeline import CalibrationConfig, quantize, verification_batches
     from dyadiq.plan import PrecisionPlan
@@ -173,8 +175,20 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     if artifacts is not None and not args.no_eval:
         report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
 
+    problems = verification_problems(report)
+    report["verification"] = {
+        "passed": not problems,
+        "problems": problems,
+        "mismatch_allowed": bool(problems) and args.allow_mismatch,
+    }
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     _print_summary(report, result.plan.to_json(), out)
+    if problems and not args.allow_mismatch:
+        raise VerificationError(
+            "verification failed:\n  - "
+            + "\n  - ".join(problems)
+            + f"\n{out} is written for inspection; --allow-mismatch accepts such a result"
+        )
     return 0
 
 
@@ -239,7 +253,7 @@ def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Na
         ort_path = out / "ort_quantize_static.qdq.onnx"
         quantize_static_baseline(artifacts.model_path, ort_path, calibration)
         models["onnxruntime quantize_static W8A8"] = ort_path
-    return evaluate(artifacts, models, limit=args.eval_limit)
+    return evaluate(artifacts, models, limit=args.eval_limit, runtime_kernels=args.runtime_kernels)
 
 
 def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> None:
@@ -259,11 +273,16 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
     if integer:
         exact = integer.get("bit_exact_vs_reference", {})
         agreement = integer.get("qdq_vs_integer", {})
+        matched = exact.get("exact_tensors", 0) == exact.get("tensors", 0)
+        verdict = "[green]bit-exact[/]" if matched else "[bold red]NOT bit-exact[/]"
+        lsb = agreement.get("max_output_diff_lsb")
         console.print(
             f"  integer model: {'fully integer' if integer['fully_integer'] else 'float ops: '}"
-            f"{', '.join(integer['float_ops'])}; bit-exact vs reference "
-            f"{exact.get('exact_tensors', 0)}/{exact.get('tensors', 0)} tensors; "
-            f"QDQ vs integer max {agreement.get('max_output_diff_lsb', float('nan')):.1f} LSB"
+            f"{', '.join(integer['float_ops'])}; {verdict} vs reference on "
+            f"{exact.get('exact_tensors', 0)}/{exact.get('tensors', 0)} tensors; QDQ vs "
+            "integer max "
+            + (f"{lsb:.1f} LSB" if lsb is not None else "n/a (no integer outputs)")
+            + f", top-1 agreement {_fmt(agreement.get('top1_agreement_qdq_vs_integer'))}"
         )
     target = report.get("target")
     if target:
@@ -283,6 +302,10 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
             + (f"; {', '.join(extras)}" if extras else "")
             + f" -> {out / target['target']}"
         )
+    verification = report.get("verification", {})
+    for problem in verification.get("problems", []):
+        label = "warning (--allow-mismatch)" if verification.get("mismatch_allowed") else "FAILED"
+        console.print(f"  [bold red]verification {label}:[/] {escape(problem)}")
     if report["float_layers"]:
         console.print(f"  kept in float: {', '.join(f['id'] for f in report['float_layers'])}")
     metrics = report.get("metrics")
@@ -378,7 +401,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dyadiq.evaluation import evaluate
 
     artifacts = zoo.get(args.zoo)
-    metrics = evaluate(artifacts, {Path(m).name: Path(m) for m in args.models}, limit=args.limit)
+    metrics = evaluate(
+        artifacts,
+        {Path(m).name: Path(m) for m in args.models},
+        limit=args.limit,
+        runtime_kernels=args.runtime_kernels,
+    )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -396,6 +424,15 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     artifacts = zoo.get(args.name)
     console.print(f"{args.name}: {artifacts.model_path}")
     return 0
+
+
+def _add_runtime_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime-kernels",
+        action="store_true",
+        help="also score each model with onnxruntime's fused kernels on this CPU (scores are "
+        "exact simulations otherwise, the same on every CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         "write OUT/x86/layer_latency.json (input for --latency-table)",
     )
     p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
+    p.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="accept an integer model or target build that is not bit-exact against the "
+        "reference (a warning in the summary and report.json instead of exit status 3)",
+    )
+    _add_runtime_kernels(p)
     p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")
     p.set_defaults(func=cmd_quantize)
@@ -537,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", required=True)
     p.add_argument("models", nargs="+")
     p.add_argument("--limit", type=int)
+    _add_runtime_kernels(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("zoo", help="real pretrained models and their data")
@@ -558,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except DyadiqError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}")
-        return 2
+        return 3 if isinstance(exc, VerificationError) else 2
 
 
 if __name__ == "__main__":

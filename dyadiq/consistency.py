@@ -7,7 +7,8 @@
   float rounding, which is exactly why islands are listed and not called integer.
 - ``simulation_agreement``: the fake-quant QDQ model (what analysis and search measure) vs the
   integer model (what deploys): the largest output difference in output LSBs, and how often
-  their top-1 decisions agree.
+  their top-1 decisions agree. The QDQ model runs as an exact simulation by default
+  (``dyadiq.ort_sessions``); both sides are then the same arithmetic up to rounding order.
 """
 
 from __future__ import annotations
@@ -17,21 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from dyadiq.integer_program import IntegerProgram
+from dyadiq.ort_sessions import Kernels, open_session
 from dyadiq.reference_interpreter import ReferenceInterpreter
-
-
-def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 2
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def _with_integer_outputs(program: IntegerProgram, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -50,7 +40,7 @@ def bit_exactness(
     int_model: onnx.ModelProto,
     batches: Iterable[Mapping[str, np.ndarray]],
 ) -> dict[str, Any]:
-    sess = session(_with_integer_outputs(program, int_model), optimize=False)
+    sess = open_session(_with_integer_outputs(program, int_model))
     names = [o.name for o in sess.get_outputs()]
     reference = ReferenceInterpreter(program)
     exact = total = 0
@@ -73,24 +63,61 @@ def simulation_agreement(
     qdq_model: onnx.ModelProto,
     int_model: onnx.ModelProto,
     batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    kernels: Kernels = Kernels.EXACT,
 ) -> dict[str, Any]:
-    qdq, integer = session(qdq_model), session(int_model)
+    qdq = open_session(qdq_model, kernels=kernels)
+    integer = open_session(int_model)
     outputs = program.outputs
-    worst_lsb = 0.0
+    # An output without integer codes (a float island's) has no LSB: its difference is
+    # reported in float units, never as a reassuring 0 LSB.
+    worst_lsb: float | None = None
+    worst_float = 0.0
     agree = count = 0
     for feeds in batches:
         a = qdq.run(outputs, dict(feeds))
         b = integer.run(outputs, dict(feeds))
         for name, x, y in zip(outputs, a, b, strict=True):
+            diff = float(np.abs(x.astype(np.float64) - y).max()) if x.size else 0.0
             codes = program.int_outputs.get(name)
             if codes is not None:
-                lsb = program.quant[codes].scale
-                worst_lsb = max(worst_lsb, float(np.abs(x - y).max() / lsb))
+                lsb = diff / program.quant[codes].scale
+                worst_lsb = lsb if worst_lsb is None else max(worst_lsb, lsb)
+            else:
+                worst_float = max(worst_float, diff)
             if x.ndim >= 2:
                 agree += int((x.argmax(-1) == y.argmax(-1)).sum())
                 count += int(np.prod(x.shape[:-1]))
     return {
         "max_output_diff_lsb": worst_lsb,
+        "max_float_output_abs_diff": worst_float,
         "top1_agreement_qdq_vs_integer": agree / count if count else None,
         "compared_rows": count,
     }
+
+
+def verification_problems(report: Mapping[str, Any]) -> list[str]:
+    """Every bit-exactness failure recorded in a quantize ``report``, each with the tensors
+    it concerns and the likely cause; empty when everything checked matched."""
+    problems: list[str] = []
+    exact = report.get("integer", {}).get("bit_exact_vs_reference")
+    if exact and exact["exact_tensors"] != exact["tensors"]:
+        problems.append(
+            f"model.int.onnx in onnxruntime differs from the reference interpreter on "
+            f"{exact['tensors'] - exact['exact_tensors']}/{exact['tensors']} tensors "
+            f"({'; '.join(exact['mismatches'])}). Likely cause: an onnxruntime integer kernel "
+            "that is not exact on this CPU (saturating int16 pair sums without VNNI) or a "
+            "lowering bug; please report it with this report.json"
+        )
+    target = report.get("target", {})
+    checked = target.get("bit_exact_vs_reference") if isinstance(target, Mapping) else None
+    if checked and checked.get("exact") != checked.get("inputs"):
+        problems.append(
+            f"the {target.get('target')} build differs from the reference interpreter on "
+            f"{checked['inputs'] - checked['exact']}/{checked['inputs']} check inputs "
+            f"(inputs {checked.get('mismatched_inputs')}, output codes off by up to "
+            f"{checked.get('max_code_diff')}). Likely cause: a kernel of that backend "
+            "(schedule, vector width or ISA) that does not compute the integer program "
+            "exactly; please report it"
+        )
+    return problems

@@ -33,3 +33,9 @@ class ZooError(DyadiqError):
 
 class ConfigError(DyadiqError):
     """An option or plan is invalid."""
+
+
+class VerificationError(DyadiqError):
+    """What was written does not compute what the reference interpreter computes (bit for bit).
+
+    The output folder is complete, for inspection; the CLI exits 3 unless --allow-mismatch."""

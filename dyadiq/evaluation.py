@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dyadiq.errors import ZooError
+from dyadiq.ort_sessions import Kernels, open_session
 
 if TYPE_CHECKING:
     from dyadiq.zoo import ZooArtifacts
@@ -122,17 +123,14 @@ def embedding_metrics(reference: np.ndarray, emb: np.ndarray) -> dict[str, float
     }
 
 
-def _session(path: pathlib.Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+def _session(path: pathlib.Path, kernels: Kernels = Kernels.EXACT) -> Any:
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return open_session(path, kernels=kernels)
     except Exception as exc:
         raise ZooError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+RUNTIME_SUFFIX = " [onnxruntime kernels]"
 
 
 def _run(sess: Any, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -154,9 +152,18 @@ def _run(sess: Any, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 
 def evaluate(
-    artifacts: ZooArtifacts, models: dict[str, pathlib.Path], *, limit: int | None = None
+    artifacts: ZooArtifacts,
+    models: dict[str, pathlib.Path],
+    *,
+    limit: int | None = None,
+    runtime_kernels: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Run the float model (key ``"float"``) and each of ``models`` over the evaluation set once.
+
+    Every model runs as an exact simulation (``dyadiq.ort_sessions``), so the figures are the
+    same on every CPU. ``runtime_kernels`` also scores each of ``models`` with onnxruntime's
+    fused kernels on this CPU, as ``NAME [onnxruntime kernels]``: what a user who deploys the
+    QDQ file with onnxruntime here would see.
 
     Returns metrics per model name: :func:`classification_metrics` (with ``accuracy`` when the
     zoo model has labels) or :func:`embedding_metrics`, each plus ``samples``.
@@ -168,6 +175,10 @@ def evaluate(
         raise ValueError('the name "float" is reserved for the reference model')
     paths = {"float": pathlib.Path(artifacts.model_path), **models}
     sessions = {name: _session(pathlib.Path(p)) for name, p in paths.items()}
+    if runtime_kernels:
+        sessions.update(
+            {name + RUNTIME_SUFFIX: _session(p, Kernels.RUNTIME) for name, p in models.items()}
+        )
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     labels: list[np.ndarray] = []
     has_labels = True

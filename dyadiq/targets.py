@@ -40,12 +40,20 @@ def single_inputs(batches: Feeds, limit: int) -> list[dict[str, np.ndarray]]:
     return rows
 
 
+def _code_diff(expected: np.ndarray, got: np.ndarray) -> int:
+    """Largest |difference| of two code vectors; -1 when their shapes differ."""
+    if expected.shape != got.shape:
+        return -1
+    return int(np.abs(expected.astype(np.int64) - got.astype(np.int64)).max())
+
+
 def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> dict[str, Any]:
     mismatched = [
         i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if not np.array_equal(e, g)
     ]
+    worst = max((_code_diff(expected[i], got[i]) for i in mismatched), default=0)
     return {"inputs": len(expected), "exact": len(expected) - len(mismatched),
-            "mismatched_inputs": mismatched[:10]}  # fmt: skip
+            "mismatched_inputs": mismatched[:10], "max_code_diff": worst}  # fmt: skip
 
 
 def _reference_codes(program: IntegerProgram, feeds: Feeds) -> list[np.ndarray]:

@@ -300,3 +300,35 @@ def test_leaky_relu_and_prelu_have_dyadic_slopes(activation):
     _assert_bit_exact(program, int_model, calib)
     agreement = simulation_agreement(program, export_qdq_model(result), int_model, calib)
     assert agreement["max_output_diff_lsb"] <= 3.0
+
+
+@pytest.mark.parametrize("act_signed", [False, True])
+def test_attention_style_matmuls_bit_exact_with_either_activation_sign(act_signed):
+    """Weight and activation x activation MatMuls (q @ k^T) and convs with u8 or s8
+    activations: each integer product is u8 x u8 or s8 x s8, the forms onnxruntime computes
+    exactly on every CPU (tests/test_cpu_exactness.py runs this on an emulated AVX2 CPU)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 6, 16] x) => (float[1, 6, 6] y) {
+        q = MatMul (x, wq)
+        k = MatMul (x, wk)
+        kt = Transpose <perm = [0, 2, 1]> (k)
+        y = MatMul (q, kt)
+    }
+    """
+    rng = np.random.default_rng(13)
+    model = with_weights(text, wq=rng.normal(size=(16, 8)), wk=rng.normal(size=(16, 8)))
+    calib = [{"x": rng.normal(size=(1, 6, 16)).astype(np.float32)} for _ in range(6)]
+
+    def plan_fn(g):
+        return PrecisionPlan.uniform(g, act_signed=act_signed)
+
+    _, program, int_model = _integer(model, calib, plan_fn, simplify=False)
+    assert any(type(op).__name__ == "MatMul" and op.weight_input is not None for op in program.ops)
+    products = [n for n in int_model.graph.node if n.op_type.endswith("Integer")]
+    assert products
+    _assert_bit_exact(program, int_model, calib)
+
+    conv_calib = calibration((1, 3, 8, 8), rng, n=8)
+    _, program, int_model = _integer(conv_relu_pool_fc(rng), conv_calib, plan_fn)
+    _assert_bit_exact(program, int_model, conv_calib)
