@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -44,24 +43,63 @@ FORMAT = "dyadiq-tvm/1"
 AARCH64_COMPILER = "aarch64-linux-gnu-gcc"
 
 
-def host_x86_target() -> dict[str, Any]:
-    """The host's own CPU (LLVM's detection) on x86 machines; a portable x86-64-v3 elsewhere.
+# x86-64 builds target an ISA level, never the build machine's own -mcpu, so a library built
+# here runs on every CPU of its level. Each level lists the /proc/cpuinfo flags it needs;
+# run_model.py refuses, with a message, to load a library on a CPU that lacks one of them.
+X86_V3_FLAGS = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe")
+X86_ISA_LEVELS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    # AVX2 (Haswell, Zen 1 and later): default schedules, 256-bit vectors
+    "x86-64-v3": ({"kind": "llvm", "mcpu": "x86-64-v3"}, X86_V3_FLAGS),
+    # AVX-512 with VNNI (Cascade Lake, Ice Lake, Zen 4 and later): the vpdpbusd kernels
+    "x86-64-v4-vnni": (
+        {"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]},
+        (*X86_V3_FLAGS, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"),
+    ),
+}
 
-    A library built for the detected CPU may use instructions other x86 CPUs lack: rebuild
-    per machine, or pass a target dict with a more generic ``mcpu``.
-    """
-    machine = platform.machine().lower()
-    cpu = tvm.target.codegen.llvm_get_system_cpu() if machine in ("x86_64", "amd64") else ""
-    if not cpu or cpu == "generic":
-        cpu = "x86-64-v3"
-    return {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
+
+def host_x86_isa(flags: frozenset[str] | None = None) -> str:
+    """The highest ISA level in :data:`X86_ISA_LEVELS` that this CPU (or ``flags``) runs."""
+    have = tvm_model_runner.cpu_flags() if flags is None else flags
+    best = "x86-64-v3"  # also the portable choice when the flags cannot be read
+    for level, (_, needs) in X86_ISA_LEVELS.items():
+        if have and set(needs) <= have:
+            best = level
+    return best
+
+
+def x86_target(level: str | None = None) -> dict[str, Any]:
+    """The TVM target dict of an ISA level (default: the host's, :func:`host_x86_isa`)."""
+    spec, _ = X86_ISA_LEVELS[level or host_x86_isa()]
+    return {**spec, "num-cores": os.cpu_count() or 1}
+
+
+def host_x86_target() -> dict[str, Any]:
+    """The build target for this machine's own runs and benchmarks: its ISA level."""
+    return x86_target()
 
 
 TARGETS: dict[str, dict[str, Any]] = {
-    "x86": host_x86_target(),
+    "x86": host_x86_target(),  # the highest level this machine runs
+    **{level: x86_target(level) for level in X86_ISA_LEVELS},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
     "cuda": {"kind": "cuda", "arch": "sm_80"},
 }
+
+
+def isa_level(target_name: str) -> str | None:
+    """The x86-64 ISA level a target preset builds for (None for non-x86 targets)."""
+    spec = TARGETS[target_name]
+    for level, (level_spec, _) in X86_ISA_LEVELS.items():
+        if all(spec.get(key) == value for key, value in level_spec.items()):
+            return level
+    return None
+
+
+def required_cpu_flags(target_name: str) -> list[str]:
+    """The /proc/cpuinfo flags a CPU needs to run a library built for ``target_name``."""
+    level = isa_level(target_name)
+    return list(X86_ISA_LEVELS[level][1]) if level else []
 
 
 def target_for(name: str) -> tvm.target.Target:
@@ -157,11 +195,14 @@ def model_metadata(
         codes_of = name.removesuffix(CODES_SUFFIX) if name.endswith(CODES_SUFFIX) else None
         codes = program.int_outputs.get(codes_of) if (program and codes_of) else None
         outputs.append({"name": name, **_tensor_json(ty), "quant": _quant_json(program, codes)})
+    isa = isa_level(target_name)
     return {
         "format": FORMAT,
         "library": LIBRARY_NAME,
         "target_name": target_name,
         "target": TARGETS[target_name],
+        "isa_level": isa,
+        "required_cpu_flags": required_cpu_flags(target_name),
         "dyadiq_version": _version("dyadiq"),
         "tvm_version": tvm.__version__,
         "inputs": inputs,
@@ -215,7 +256,7 @@ def run_library(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nda
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     info = json.loads((folder / METADATA_NAME).read_text())
-    if info["target_name"] == "aarch64":
+    if info["target_name"] == "aarch64" or info.get("target", {}).get("mtriple"):
         raise ConfigError(
             f"{folder} holds an aarch64 library; run it there (or under qemu) with run_model.py"
         )
@@ -224,5 +265,7 @@ def run_library(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nda
         raise ConfigError(f"{folder} was built for {info['target_name']}, absent on this machine")
     try:
         return tvm_model_runner.run(folder, feeds, device)
+    except tvm_model_runner.UnsupportedCpuError as exc:
+        raise ConfigError(str(exc)) from exc
     except (KeyError, ValueError) as exc:  # the runner's own checks of the feeds
         raise DyadiqError(f"bad input for {folder}: {exc}") from exc

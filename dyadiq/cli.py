@@ -29,6 +29,7 @@ from dyadiq.cli_allocation import (
 )
 from dyadiq.errors import ConfigError, DyadiqError, VerificationError
 from dyadiq.io import write_text_atomic
+from dyadiq.targets import TARGETS as TARGET_NAMES
 
 console = Console()
 
@@ -507,9 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target",
-        choices=["x86", "aarch64", "cuda", "cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55"],
+        choices=list(TARGET_NAMES),
         help="also compile the integer model: a TVM library (+ runner) or Cortex-M C sources "
-        "(+ ELF), written to OUT/TARGET and checked bit-exact where it can run here",
+        "(+ ELF), written to OUT/TARGET and checked bit-exact where it can run here; x86 "
+        "builds for this CPU's x86-64 ISA level, x86-64-v3 (AVX2) / x86-64-v4-vnni name one",
     )
     p.add_argument("--check-inputs", type=int, default=8, help="inputs to verify a target on")
     p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (TVM CPU)")

@@ -21,7 +21,10 @@ from dyadiq.errors import ConfigError
 from dyadiq.integer_program import IntegerProgram
 from dyadiq.reference_interpreter import ReferenceInterpreter
 
-TVM_TARGETS = ("x86", "aarch64", "cuda")
+# "x86" builds for the highest x86-64 ISA level this machine runs; the named levels build for
+# a fleet (x86-64-v3: any AVX2 CPU; x86-64-v4-vnni: AVX-512 VNNI CPUs, the vpdpbusd kernels).
+X86_TARGETS = ("x86", "x86-64-v3", "x86-64-v4-vnni")
+TVM_TARGETS = (*X86_TARGETS, "aarch64", "cuda")
 MCU_TARGETS = ("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55")
 TARGETS = TVM_TARGETS + MCU_TARGETS
 
@@ -88,7 +91,7 @@ def emit_for_target(
     here per candidate format (:data:`LATENCY_TABLE_FORMATS`), the allocation's latency table."""
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if layer_latency_ids is not None and target != "x86":
+    if layer_latency_ids is not None and target not in X86_TARGETS:
         raise ConfigError(
             f"per-layer latency is measured where the code runs: x86 here, not {target}"
         )
@@ -102,7 +105,7 @@ def emit_for_target(
         info = _emit_tvm(program, target, out_dir, feeds, tune_trials, tuning_db)
     if layer_latency_ids is not None:
         info["layer_latency_table"] = str(
-            _layer_latency(program, out_dir, layer_latency_ids, tuning_db)
+            _layer_latency(program, target, out_dir, layer_latency_ids, tuning_db)
         )
     info["target"] = target
     info["seconds"] = round(time.perf_counter() - start, 2)
@@ -143,9 +146,18 @@ def _emit_tvm(
             counts[source] = counts.get(source, 0) + 1
         info["kernels_by_schedule_source"] = counts
     expected = _reference_codes(program, feeds)
-    if target == "x86":
-        got = [_tvm_codes(program, list(tvm_build.run_library(library, f).values())) for f in feeds]
-        info["bit_exact_vs_reference"] = _compare(expected, got)
+    if target in X86_TARGETS:
+        from dyadiq.backends.tvm_model_runner import missing_cpu_flags
+
+        info["isa_level"] = tvm_build.isa_level(target)
+        missing = missing_cpu_flags(tvm_build.required_cpu_flags(target))
+        if missing:
+            info["ran_on"] = f"not run: this CPU lacks {', '.join(missing)}"
+        else:
+            got = [
+                _tvm_codes(program, list(tvm_build.run_library(library, f).values())) for f in feeds
+            ]
+            info["bit_exact_vs_reference"] = _compare(expected, got)
     elif target == "aarch64":
         from dyadiq.backends.tvm_aarch64 import aarch64_runtime_available, run_many_under_qemu
 
@@ -174,7 +186,11 @@ LATENCY_TABLE_FORMATS = tuple((w, a) for a in (8, 4) for w in (8, 6, 4, 3, 2))
 
 
 def _layer_latency(
-    program: IntegerProgram, out_dir: Path, layer_ids: Sequence[str], tuning_db: Path | None
+    program: IntegerProgram,
+    target: str,
+    out_dir: Path,
+    layer_ids: Sequence[str],
+    tuning_db: Path | None,
 ) -> Path:
     from dyadiq.backends.tvm_build import target_for
     from dyadiq.backends.tvm_layer_latency import measure_layer_latency
@@ -182,7 +198,7 @@ def _layer_latency(
 
     formats = [LayerFormat(w, a) for w, a in LATENCY_TABLE_FORMATS]
     table = measure_layer_latency(
-        program, formats, target_for("x86"), layer_ids=layer_ids, database_dir=tuning_db, repeat=10
+        program, formats, target_for(target), layer_ids=layer_ids, database_dir=tuning_db, repeat=10
     )
     path = out_dir / "layer_latency.json"
     table.save(path)

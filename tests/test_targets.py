@@ -43,7 +43,9 @@ def test_quantize_target_then_run(target: str, tmp_path: Path) -> None:
     argv = ["quantize", "--zoo", "fashion_cnn", "-o", str(out), "--no-eval"]
     assert main([*argv, "--target", target, "--check-inputs", "20"]) == 0
     report = json.loads((out / "report.json").read_text())["target"]
-    assert report["bit_exact_vs_reference"] == {"inputs": 20, "exact": 20, "mismatched_inputs": []}
+    assert report["bit_exact_vs_reference"] == {
+        "inputs": 20, "exact": 20, "mismatched_inputs": [], "max_code_diff": 0
+    }  # fmt: skip
     if target == "cortex-m4":
         assert 0 < report["flash_bytes"] < 64 * 1024 and report["instructions_per_inference"] > 0
 
@@ -114,3 +116,32 @@ def test_layer_latency_table_is_written_and_feeds_a_latency_budget(
     assert (
         main([*argv, "-o", str(tmp_path / "OUT3"), "--target", "cortex-m4", "--layer-latency"]) == 2
     )
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_mismatch_fails_quantize_unless_allowed(
+    allow: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A written model that disagrees with the reference exits 3, names the tensors and the
+    likely cause, and leaves the folder for inspection; --allow-mismatch makes it a warning."""
+    from dyadiq import pipeline
+
+    def broken(program, model, batches):  # what an inexact integer kernel would report
+        return {"exact_tensors": 41, "tensors": 44, "mismatches": ["batch 0 tensor logits: 2"]}
+
+    monkeypatch.setattr(pipeline, "bit_exactness", broken)
+    out = tmp_path / "OUT"
+    argv = ["quantize", "--zoo", "fashion_cnn", "-o", str(out), "--no-eval", "--integer"]
+    status = main([*argv, "--allow-mismatch"] if allow else argv)
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "model.int.onnx").is_file()
+    assert report["verification"]["passed"] is False
+    assert report["verification"]["mismatch_allowed"] is allow
+    (problem,) = report["verification"]["problems"]
+    assert "3/44 tensors" in problem and "tensor logits" in problem and "Likely cause" in problem
+    captured = capsys.readouterr()
+    assert "NOT bit-exact" in captured.out
+    if allow:
+        assert status == 0 and "warning (--allow-mismatch)" in captured.out
+    else:
+        assert status == 3 and "VerificationError" in captured.err
