@@ -33,10 +33,13 @@ from dyadiq.passes.calibration.collector import (
 from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RangeMethod, estimate_range
 from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
+from dyadiq.passes.compensation.sequential import SequentialCompensator
+from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.fold_batch_norm import fold_batch_norm
-from dyadiq.passes.insert_qdq import QDQResult, insert_qdq
+from dyadiq.passes.insert_qdq import QDQResult, group_quantizers, insert_qdq
 from dyadiq.passes.integerize import integerize
 from dyadiq.plan import PrecisionPlan
+from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class QuantizeResult:
     model: onnx.ModelProto | None = None
     program: IntegerProgram | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    weights: WeightQuantizer = ROUND_TO_NEAREST  # what insert_qdq quantized the weights with
+    compensation: dict[str, Any] | None = None  # its report, when compensated
 
 
 def calibrated_ranges(
@@ -97,13 +102,27 @@ def prepare_graph(graph: QGraph, *, needs_int4: bool = False) -> QGraph:
     return prepared
 
 
+def compensation_batches(
+    calibration: CalibrationSource, graph: QGraph, image_preset: str | None, count: int
+) -> list[dict[str, Any]]:
+    """The leading calibration batches compensation reads its layer inputs from."""
+    return verification_batches(calibration, graph, image_preset, count)
+
+
 def quantize_graph(
     graph: QGraph,
     plan: PrecisionPlan,
     calibration: CalibrationSource,
     config: CalibrationConfig = CalibrationConfig(),
+    *,
+    compensation: CompensationSettings = CompensationSettings(),
+    weights: WeightQuantizer | None = None,
 ) -> QuantizeResult:
-    """Calibrate and insert QDQ for ``plan``; returns the simulator graph and what it used."""
+    """Calibrate and insert QDQ for ``plan``; returns the simulator graph and what it used.
+
+    Weights are quantized by ``weights`` when given (a quantizer computed once for many
+    plans), else compensated as ``compensation`` asks (round to nearest for none).
+    """
     timings: dict[str, float] = {}
     start = time.perf_counter()
     graph = prepare_graph(graph, needs_int4=plan.uses_4bit_types)
@@ -113,11 +132,27 @@ def quantize_graph(
         graph, request, calibration, image_preset=config.image_preset, limit=config.limit
     )
     timings["calibrate_s"] = statistics.seconds
+    ranges = calibrated_ranges(statistics, sites, config)
+    report = None
+    if weights is None and compensation.enabled:
+        t = time.perf_counter()
+        batches = compensation_batches(
+            calibration, graph, config.image_preset, compensation.samples
+        )
+        params = group_quantizers(sites, ranges, signed=plan.act_signed)
+        compensator = SequentialCompensator(graph, batches, compensation, act_params=params)
+        compensated = compensator.ensure({f.weight_bits for f in plan.layers.values()})
+        weights = compensated
+        report = compensated.report({k: f.weight_bits for k, f in plan.layers.items()})
+        timings["compensate_s"] = time.perf_counter() - t
+    weights = weights if weights is not None else ROUND_TO_NEAREST
     t = time.perf_counter()
-    qdq = insert_qdq(graph, plan, sites, calibrated_ranges(statistics, sites, config))
+    qdq = insert_qdq(graph, plan, sites, ranges, weights)
     timings["rewrite_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
-    return QuantizeResult(graph, plan, sites, qdq, statistics, timings=timings)
+    return QuantizeResult(
+        graph, plan, sites, qdq, statistics, timings=timings, weights=weights, compensation=report
+    )
 
 
 class PlanBuilder:
@@ -137,6 +172,7 @@ class PlanBuilder:
         *,
         act_bits: int = 8,
         exclude: frozenset[str] = frozenset(),
+        compensation: CompensationSettings = CompensationSettings(),
     ) -> None:
         self.source = graph
         self.graph = prepare_graph(graph, needs_int4=True)
@@ -151,6 +187,13 @@ class PlanBuilder:
         self.calibration_s = statistics.seconds
         self.ranges = calibrated_ranges(statistics, self.sites, config)
         self.fallbacks = 0
+        self.compensation = compensation
+        self.compensator = SequentialCompensator(
+            self.graph,
+            self.calibration,
+            compensation,
+            act_params=group_quantizers(self.sites, self.ranges, signed=False),
+        )
 
     def build(self, plan: PrecisionPlan) -> onnx.ModelProto:
         sites = find_activation_sites(self.graph, plan)
@@ -159,11 +202,14 @@ class PlanBuilder:
             and sites.group_of == self.sites.group_of
             and sites.group_bits == self.sites.group_bits
         )
+        weights = self.compensator.ensure({f.weight_bits for f in plan.layers.values()})
         if same:
-            qdq = insert_qdq(self.graph, plan, sites, self.ranges)
+            qdq = insert_qdq(self.graph, plan, sites, self.ranges, weights)
         else:
             self.fallbacks += 1
-            qdq = quantize_graph(self.source, plan, self.calibration, self.config).qdq
+            qdq = quantize_graph(
+                self.source, plan, self.calibration, self.config, weights=weights
+            ).qdq
         return export_qdq(qdq.graph)
 
 
@@ -183,7 +229,9 @@ def build_integer(
     result: QuantizeResult, check_batches: list[dict[str, Any]]
 ) -> tuple[IntegerProgram, onnx.ModelProto, dict[str, Any]]:
     """Integerize a quantized result, export it, and verify it against the reference."""
-    program = integerize(result.graph, result.plan, result.sites, result.qdq.act_params)
+    program = integerize(
+        result.graph, result.plan, result.sites, result.qdq.act_params, weights=result.weights
+    )
     model = export_integer_onnx(program)
     report: dict[str, Any] = {
         "float_ops": program.float_ops,
@@ -212,12 +260,16 @@ def quantize(
     plan: PrecisionPlan | None = None,
     integer: bool = False,
     check_batches: int = 8,
+    compensation: CompensationSettings = CompensationSettings(),
+    weights: WeightQuantizer | None = None,
 ) -> QuantizeResult:
     """Quantize a model file; writes plan.json, model.qdq.onnx, report.json and, with
     ``integer``, model.int.onnx (verified bit-exact against the reference interpreter).
 
     ``plan`` (e.g. a mixed-precision plan.json) replaces the uniform plan made from
-    ``weight_bits`` / ``act_bits`` / ``exclude``.
+    ``weight_bits`` / ``act_bits`` / ``exclude``. ``compensation`` selects the weight-rounding
+    compensation passes (``weights``: a compensated quantizer already computed, e.g. the one
+    the sensitivity analysis priced).
     """
     inputs = [Path(model)] if not isinstance(model, onnx.ModelProto) else []
     out = prepare_output_dir(output_dir, *inputs)
@@ -234,7 +286,9 @@ def quantize(
         )
     plan.validate_for(graph)
     validate_plan(plan, graph, *((ONNX_QDQ, INTEGER_ONNX) if integer else (ONNX_QDQ,)))
-    result = quantize_graph(graph, plan, calibration, config)
+    result = quantize_graph(
+        graph, plan, calibration, config, compensation=compensation, weights=weights
+    )
     result.timings["load_s"] = load_s
     plan.save(out / "plan.json")
     t = time.perf_counter()
@@ -285,4 +339,5 @@ def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
         },
         "timings": result.timings,
         "layers": layers,
+        "compensation": result.compensation,
     }

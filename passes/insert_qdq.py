@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from dyadiq.graph import QGraph, activation_bounds, make_constant, weight_channel_axis
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.plan import PrecisionPlan
-from dyadiq.quantizers import ActQuant, activation_quant, quantize_weight_per_channel
+from dyadiq.quantizers import ROUND_TO_NEAREST, ActQuant, WeightQuantizer, activation_quant
 
 
 @dataclass
@@ -81,11 +81,11 @@ def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, q: ActQuant) -> 
 
 
 def _quantize_weight(
-    graph: gs.Graph, node: gs.Node, index: int, bits: int
+    graph: gs.Graph, node: gs.Node, index: int, bits: int, weights: WeightQuantizer
 ) -> tuple[gs.Constant, int]:
     weight = node.inputs[index]
     axis = weight_channel_axis(node) % weight.values.ndim
-    wq = quantize_weight_per_channel(np.asarray(weight.values, np.float32), bits, axis)
+    wq = weights.weight_quant(node.name, np.asarray(weight.values, np.float32), bits, axis)
     code_dtype = _code_dtype(bits, signed=True)
     codes = make_constant(f"{weight.name}_quantized", wq.values.astype(code_dtype))
     scales = gs.Constant(f"{weight.name}_scale", wq.scales)
@@ -106,11 +106,16 @@ def _quantize_weight(
 
 
 def _quantize_bias(
-    graph: gs.Graph, node: gs.Node, index: int, weight_scales: np.ndarray, input_scale: float
+    graph: gs.Graph,
+    node: gs.Node,
+    index: int,
+    weight_scales: np.ndarray,
+    input_scale: float,
+    values: np.ndarray,
 ) -> None:
     bias = node.inputs[index]
     scales = (weight_scales * np.float32(input_scale)).astype(np.float32)
-    codes = np.round(np.asarray(bias.values, np.float64) / scales).astype(np.int64)
+    codes = np.round(np.asarray(values, np.float64) / scales).astype(np.int64)
     codes = np.clip(codes, -(2**31), 2**31 - 1).astype(np.int32)
     restored = gs.Variable(f"{bias.name}_dq", dtype=np.float32, shape=list(bias.shape))
     graph.nodes.append(
@@ -127,6 +132,17 @@ def _quantize_bias(
         )
     )
     node.inputs[index] = restored
+
+
+def _correct_fused_bias(add: gs.Node, layer_id: str, bits: int, weights: WeightQuantizer) -> None:
+    """A MatMul's bias lives in the constant of the Add after it (kept in float here; the
+    integer model adds it to the accumulator): give that Add the corrected bias."""
+    for i, tensor in enumerate(add.inputs):
+        if isinstance(tensor, gs.Constant):
+            values = np.asarray(tensor.values, np.float32)
+            corrected = weights.bias(layer_id, bits, values)
+            if corrected is not values:
+                add.inputs[i] = gs.Constant(f"{tensor.name}_corrected", corrected)
 
 
 def _remove_implied_activation(layer: gs.Node, act: gs.Node, q: ActQuant) -> bool:
@@ -146,8 +162,13 @@ def insert_qdq(
     plan: PrecisionPlan,
     sites: ActivationSites,
     ranges: Mapping[str, tuple[float, float]],
+    weights: WeightQuantizer = ROUND_TO_NEAREST,
 ) -> QDQResult:
-    """Return a quantized copy of ``graph``; ``graph`` itself is left untouched."""
+    """Return a quantized copy of ``graph``; ``graph`` itself is left untouched.
+
+    ``weights`` gives each planned layer's quantized weights at its width and the float bias
+    to quantize (a compensated quantizer corrects it); round to nearest by default.
+    """
     out = graph.copy()
     g = out.graph
     params = group_quantizers(sites, ranges, signed=plan.act_signed)
@@ -165,7 +186,8 @@ def insert_qdq(
         node = out.node(layer_id)
         facts = out.facts(node)
         assert facts.weight_input is not None
-        weight_scales, nbytes = _quantize_weight(g, node, facts.weight_input, fmt.weight_bits)
+        bits = fmt.weight_bits
+        weight_scales, nbytes = _quantize_weight(g, node, facts.weight_input, bits, weights)
         weight_bytes += nbytes
         bias_at = facts.bias_input
         data = node.inputs[0]
@@ -175,7 +197,10 @@ def insert_qdq(
             and isinstance(node.inputs[bias_at], gs.Constant)
             and data.name in params
         ):
-            _quantize_bias(g, node, bias_at, weight_scales.values, params[data.name].scale)
+            values = weights.bias(layer_id, bits, np.asarray(node.inputs[bias_at].values))
+            _quantize_bias(g, node, bias_at, weight_scales.values, params[data.name].scale, values)
+        elif layer_id in sites.fused_biases:
+            _correct_fused_bias(out.node(sites.fused_biases[layer_id]), layer_id, bits, weights)
     for name in sites.tensors:
         insert_activation_qdq(g, tensors[name], params[name])
     g.cleanup().toposort()

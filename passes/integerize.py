@@ -32,7 +32,7 @@ from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.plan import PrecisionPlan
-from dyadiq.quantizers import ActQuant, quantize_weight_per_channel
+from dyadiq.quantizers import ROUND_TO_NEAREST, ActQuant, WeightQuantizer
 
 HARD_SWISH_FRAC_BITS = 15
 SOFTMAX_FRAC_BITS = 16
@@ -91,8 +91,10 @@ class _Integerizer:
         sites: ActivationSites,
         params: Mapping[str, ActQuant],
         single_rounding_add: bool = True,
+        weights: WeightQuantizer = ROUND_TO_NEAREST,
     ) -> None:
         self.graph = graph
+        self.weights = weights
         self.single_rounding_add = single_rounding_add
         self.plan = plan
         self.sites = sites
@@ -270,15 +272,15 @@ class _Integerizer:
         self, node: gs.Node, weight: gs.Constant, kind: OpKind
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
         bits = self.plan.layers[node.name].weight_bits
-        wq = quantize_weight_per_channel(
-            np.asarray(weight.values, np.float32), bits, weight_channel_axis(node)
-        )
+        axis = weight_channel_axis(node) % weight.values.ndim
+        wq = self.weights.weight_quant(node.name, np.asarray(weight.values, np.float32), bits, axis)
         codes = wq.values
         if kind is OpKind.GEMM and weight_channel_axis(node) == 0:
             codes = codes.T  # stored [N, K] (transB): the integer MatMul wants [K, N]
         bias = None
         values = self._bias_values(node)
         if values is not None:
+            values = np.asarray(self.weights.bias(node.name, bits, values), np.float64)
             s_x = self.q(node.inputs[0]).scale
             scales = wq.scales.astype(np.float32) * np.float32(s_x)
             bias = np.round(values / scales).astype(np.int64)
@@ -593,12 +595,16 @@ def integerize(
     params: Mapping[str, ActQuant],
     *,
     single_rounding_add: bool = True,
+    weights: WeightQuantizer = ROUND_TO_NEAREST,
 ) -> ip.IntegerProgram:
     """Build the integer program for ``plan`` (see the module docstring).
+
+    ``weights`` must be the quantizer the QDQ model was built with (``insert_qdq``): the
+    integer codes, scales and corrected biases then match the simulator's.
 
     ``single_rounding_add`` (the default) emits residual Adds that round once, as the QDQ
     simulator does (:class:`ip.Add`); ``False`` gives the older two-rounding form, 1 LSB off
     the simulator on about a quarter of the elements (benchmarks/results/add_rounding.md).
     Every backend lowers both.
     """
-    return _Integerizer(graph, plan, sites, params, single_rounding_add).run()
+    return _Integerizer(graph, plan, sites, params, single_rounding_add, weights).run()

@@ -6,35 +6,39 @@ corrected bias) and every activation site its fake quantizer (``act_params``): t
 layer will really see in a uniform b-bit model. Only the layer's H = E[x x^T] and E[x] are
 kept (``InputStatistics``), never the activations themselves.
 
-One onnxruntime session serves all widths: weights and biases are graph inputs (fed the float
-values, then the compensated ones as layers are done), every layer input is a graph output,
-and each run executes only the path to the tensor it fetches. A layer's table entry at width b
-is therefore exact for uniform b-bit plans; a mixed plan uses, per layer, the entry of its own
-width (its prefix then differs from the one compensation saw: the report says so).
+Weights and biases are graph inputs (fed the float values, then the compensated ones as
+layers are done), and each layer input is computed from the ones before it
+(:class:`SegmentRunner`), so one width costs about one pass of the network per batch.
+
+A layer's table entry at width b is therefore exact for uniform b-bit plans; a mixed plan
+uses, per layer, the entry of its own width (its prefix then differs from the one
+compensation saw: the report's notes say so).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.compensation.compensated_weights import CompensatedWeights, compensate_layer
 from dyadiq.passes.compensation.input_statistics import InputStatistics
 from dyadiq.passes.compensation.layer_matrix import LayerGeometry, layer_geometry
+from dyadiq.passes.compensation.segment_runner import SegmentRunner
 from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.insert_qdq import insert_activation_qdq
 from dyadiq.quantizers import ActQuant
 
 log = logging.getLogger(__name__)
+
+_PATCH_BUDGET = 1 << 23  # im2col elements per step (32 MiB of float32)
 
 
 def bias_constant(graph: QGraph, node: gs.Node) -> gs.Constant | None:
@@ -123,88 +127,78 @@ class _PrefixRunner:
             model.graph.input.append(
                 onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, values.shape)
             )
-        self.graph_inputs = {i.name for i in model.graph.input}
-        present = {o.name for o in model.graph.output}
-        for layer in self.layers:
-            if layer.input_name not in self.graph_inputs | present:
-                model.graph.output.append(
-                    onnx.helper.make_tensor_value_info(
-                        layer.input_name, onnx.TensorProto.FLOAT, None
-                    )
-                )
-                present.add(layer.input_name)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = 2
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        self.run_options = ort.RunOptions()
-        self.run_options.only_execute_path_to_fetches = True
-
-    def tensor(
-        self, name: str, feeds: Mapping[str, np.ndarray], parameters: Mapping[str, np.ndarray]
-    ) -> np.ndarray:
-        if name in feeds:
-            return np.asarray(feeds[name], np.float32)
-        inputs = {**feeds, **parameters}
-        return np.asarray(self.session.run([name], inputs, self.run_options)[0], np.float32)
+        self.segments = SegmentRunner(model, [layer.input_name for layer in self.layers])
 
 
-def _layer_statistics(
-    runner: _PrefixRunner,
-    layer: _Layer,
-    batches: Sequence[Mapping[str, np.ndarray]],
-    parameters: Mapping[str, np.ndarray],
-) -> InputStatistics:
-    geometry = layer.geometry
+def _layer_statistics(inputs: Sequence[np.ndarray], geometry: LayerGeometry) -> InputStatistics:
     stats = InputStatistics(geometry.groups, geometry.columns)
-    for feeds in batches:
-        x = runner.tensor(layer.input_name, feeds, parameters)
+    for x in inputs:
         if geometry.kind is OpKind.CONV:
-            for sample in range(x.shape[0]):  # im2col one sample at a time: bounded memory
-                stats.update(geometry.input_rows(x[sample : sample + 1]))
+            # im2col a few samples at a time: patches stay under _PATCH_BUDGET elements
+            per_sample = geometry.columns * geometry.groups * int(np.prod(x.shape[2:]))
+            step = max(1, _PATCH_BUDGET // max(per_sample, 1))
+            for first in range(0, x.shape[0], step):
+                stats.update(geometry.input_rows(x[first : first + step]))
         else:
             stats.update(geometry.input_rows(x))
     return stats
 
 
-def compensate(
-    graph: QGraph,
-    batches: Sequence[Mapping[str, np.ndarray]],
-    widths: Sequence[int],
-    settings: CompensationSettings,
-    *,
-    act_params: Mapping[str, ActQuant] | None = None,
-    layer_ids: Sequence[str] | None = None,
-) -> CompensatedWeights:
-    """The compensated quantizer of ``graph`` (BatchNorm folded) for each of ``widths``."""
-    result = CompensatedWeights(settings)
-    if not settings.enabled:
-        return result
-    batches = list(batches)[: settings.samples]
-    runner = _PrefixRunner(graph, act_params or {}, layer_ids)
-    if not act_params:
-        result.notes.append("prefix activations in float (no activation quantizers given)")
-    result.notes.append(
-        "each width's entries were computed on a uniformly quantized prefix at that width"
-    )
-    for bits in sorted(set(widths)):
+class SequentialCompensator:
+    """Computes widths on demand into one :class:`CompensatedWeights` (plans of one model
+    share it: a width is compensated the first time a plan asks for it)."""
+
+    def __init__(
+        self,
+        graph: QGraph,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        settings: CompensationSettings,
+        *,
+        act_params: Mapping[str, ActQuant] | None = None,
+        layer_ids: Sequence[str] | None = None,
+    ) -> None:
+        self.result = CompensatedWeights(settings)
+        self.settings = settings
+        self.batches = [dict(b) for b in list(batches)[: settings.samples]]
+        self.graph = graph
+        self.act_params = dict(act_params or {})
+        self.layer_ids = layer_ids
+        self._runner: _PrefixRunner | None = None
+        if not settings.enabled:
+            return
+        if not self.act_params:
+            self.result.notes.append("prefix activations in float (no activation quantizers)")
+        self.result.notes.append(
+            "each width's entries were computed on a uniformly quantized prefix at that width"
+        )
+
+    def ensure(self, widths: Iterable[int]) -> CompensatedWeights:
+        if not self.settings.enabled:
+            return self.result
+        for bits in sorted(set(widths) - set(self.result.seconds)):
+            if self._runner is None:
+                self._runner = _PrefixRunner(self.graph, self.act_params, self.layer_ids)
+            self._compensate_width(self._runner, bits)
+        return self.result
+
+    def _compensate_width(self, runner: _PrefixRunner, bits: int) -> None:
         start = time.perf_counter()
+        result = self.result
         parameters = dict(runner.parameters)
         cache: dict[tuple[str, LayerGeometry], InputStatistics] = {}
-        for layer in runner.layers:
+        runner.segments.reset()
+        for position, layer in enumerate(runner.layers):
             key = (layer.input_name, layer.geometry)
             if key not in cache:  # siblings reading one tensor share its statistics
-                cache[key] = _layer_statistics(runner, layer, batches, parameters)
+                inputs = runner.segments.values(position, self.batches, parameters)
+                cache[key] = _layer_statistics(inputs, layer.geometry)
             entry = compensate_layer(
                 layer.weight,
                 layer.geometry,
                 layer.axis,
                 bits,
                 cache[key],
-                settings,
+                self.settings,
                 has_bias=layer.bias is not None,
             )
             result.layers[(layer.node_id, bits)] = entry
@@ -218,4 +212,19 @@ def compensate(
             bits,
             result.seconds[bits],
         )
-    return result
+
+
+def compensate(
+    graph: QGraph,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    widths: Iterable[int],
+    settings: CompensationSettings,
+    *,
+    act_params: Mapping[str, ActQuant] | None = None,
+    layer_ids: Sequence[str] | None = None,
+) -> CompensatedWeights:
+    """The compensated quantizer of ``graph`` (BatchNorm folded) for each of ``widths``."""
+    compensator = SequentialCompensator(
+        graph, batches, settings, act_params=act_params, layer_ids=layer_ids
+    )
+    return compensator.ensure(widths)
