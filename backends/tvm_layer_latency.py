@@ -149,11 +149,11 @@ class KernelTimer:
 
 
 def _holds_weight(arg: np.ndarray, weight: np.ndarray) -> bool:
-    """Whether a kernel argument is this layer's weight: the same array, or (x86 VNNI kernels)
-    the same values re-laid out and zero-padded (``tvm_x86_kernels.pack_weight``)."""
+    """Whether a kernel argument is this layer's weight: the same array, or (x86 kernels) the
+    same values re-laid out, zero-padded, int8 or widened to int16 (``pack_weight``)."""
     if arg.shape == weight.shape:
         return np.array_equal(arg, weight.astype(arg.dtype))
-    if arg.dtype != np.int8 or arg.size < weight.size:
+    if arg.dtype not in (np.int8, np.int16) or arg.size < weight.size:
         return False
     packed, values = arg.ravel(), weight.ravel()
     return np.array_equal(np.sort(packed[packed != 0]), np.sort(values[values != 0]))

@@ -405,10 +405,10 @@ def _lowering_for(
 ) -> _Lowering:
     if target is not None:
         # imported here: the x86 lowering subclasses _Lowering
-        from dyadiq.backends.tvm_lowering_x86 import VnniLowering, has_vnni
+        from dyadiq.backends.tvm_lowering_x86 import X86Lowering, has_avx2, has_vnni
 
-        if has_vnni(target):
-            return VnniLowering(program, bb)
+        if has_vnni(target) or has_avx2(target):
+            return X86Lowering(program, bb, vnni=has_vnni(target))
     return _Lowering(program, bb)
 
 
@@ -419,7 +419,7 @@ def lower_program(
 
     ``batch`` replaces a dynamic batch dimension (0 in the program's shapes). Without a
     ``target`` the module is portable (NCHW Relax ops, scheduled later); for an x86 target
-    with AVX-512 VNNI the heavy layers become hand-written channels-last kernels
+    with AVX2 or AVX-512 VNNI the heavy layers become hand-written channels-last kernels
     (:mod:`dyadiq.backends.tvm_lowering_x86`), which compute the same codes.
     """
     missing = unsupported_ops(program)

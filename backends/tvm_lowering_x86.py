@@ -1,8 +1,9 @@
-"""Channels-last lowering with VNNI kernels for x86 CPUs that have AVX-512 VNNI.
+"""Channels-last lowering with hand-written kernels for x86 CPUs with AVX2 or AVX-512 VNNI.
 
 The portable lowering (:mod:`dyadiq.backends.tvm_lowering`) emits NCHW Relax convolutions; on a
-CPU their loop nests cannot use ``vpdpbusd`` and depthwise layers read memory with a channel
-stride. This lowering keeps 4-D activations channels-last (NHWC) between layers and emits:
+CPU their loop nests cannot use integer dot-product instructions and depthwise layers read
+memory with a channel stride. This lowering keeps 4-D activations channels-last (NHWC) between
+layers and emits:
 
 * every group-1 convolution as one :func:`~dyadiq.backends.tvm_x86_kernels.packed_matmul`:
   directly on the ``[B*H*W, C]`` view for a 1x1 stride-1 convolution, after an
@@ -17,6 +18,11 @@ A tensor is converted between layouts only where an op needs the other one, once
 program's outputs are returned NCHW, so ``main`` has the portable lowering's signature and
 results. Whatever a kernel cannot take (grouped convolutions, K not a multiple of 4 at a
 dense layer, an accumulator that could overflow int32) falls back to the portable op.
+
+The matmul's dot product follows the CPU (:class:`~dyadiq.backends.tvm_x86_kernels.DotProduct`):
+``vpdpbusd`` with AVX-512 VNNI; on AVX2, ``vpmaddubsw`` where a layer's weights make its int16
+pair sums provably exact (every weight of 7 bits or fewer), else ``vpmaddwd`` on codes widened
+to int16. The AVX2 forms are what onnxruntime's u8 x s8 kernels lack: they never saturate.
 """
 
 from __future__ import annotations
@@ -35,17 +41,26 @@ _TO_NCHW = [0, 3, 1, 2]
 _LARGEST_UNSIGNED_CODE = 255
 
 
-def has_vnni(target: tvm.target.Target) -> bool:
-    """Whether ``target`` is an LLVM x86 target whose CPU has AVX-512 VNNI."""
+def _has_feature(target: tvm.target.Target, feature: str) -> bool:
     if target.kind.name != "llvm":
         return False
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple and not triple.startswith(("x86_64", "i686")):
         return False
     try:
-        return bool(tvm.target.codegen.target_has_features("avx512vnni", target))
+        return bool(tvm.target.codegen.target_has_features(feature, target))
     except tvm.TVMError:  # not an x86 LLVM target
         return False
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is an LLVM x86 target whose CPU has AVX-512 VNNI."""
+    return _has_feature(target, "avx512vnni")
+
+
+def has_avx2(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is an LLVM x86 target whose CPU has AVX2."""
+    return _has_feature(target, "avx2")
 
 
 def _pads(op: ip.Conv) -> tuple[int, int, int, int]:
@@ -53,11 +68,13 @@ def _pads(op: ip.Conv) -> tuple[int, int, int, int]:
     return top, left, bottom, right
 
 
-class VnniLowering(_Lowering):
-    """:class:`_Lowering` with channels-last VNNI kernels (see the module docstring)."""
+class X86Lowering(_Lowering):
+    """:class:`_Lowering` with channels-last x86 kernels (see the module docstring)."""
 
-    def __init__(self, program: ip.IntegerProgram, bb: relax.BlockBuilder) -> None:
+    def __init__(self, program: ip.IntegerProgram, bb: relax.BlockBuilder, *, vnni: bool) -> None:
         super().__init__(program, bb)
+        self.vnni = vnni
+        self.dot_products: dict[str, int] = {}  # kernels per DotProduct name, for reports
         self.nhwc: dict[str, relax.Expr] = {}  # tensors held channels-last
         self.kernel_count = 0
 
@@ -123,22 +140,33 @@ class VnniLowering(_Lowering):
         in_shape = tuple(int(d) for d in a.ty.shape)
         n = weight.shape[0]
         in_dtype = str(a.ty.dtype)
-        # VNNI sees int8 codes as code + 128, so the zero point moves with them
-        effective_zero = zero_point + (128 if in_dtype == "int8" else 0)
+        isa = self.dot_product(weight)
+        self.dot_products[isa.name] = self.dot_products.get(isa.name, 0) + 1
+        # an instruction that sees int8 codes as code + 128 moves the zero point with them
+        effective_zero = zero_point + (128 if in_dtype == "int8" and isa.flips_int8 else 0)
         offset = -effective_zero * weight.astype(np.int64).sum(axis=1)
         if bias is not None:
             offset = offset + bias.astype(np.int64)
         epilogue = self.epilogue(rq, n, offset, output)
         out_shape = out_shape or (int(np.prod(in_shape[:-1])), n)
-        func = kernels.packed_matmul(in_shape, n, in_dtype, epilogue, out_shape)
-        packed = relax.const(kernels.pack_weight(weight), "int8")
-        npad = -(-n // kernels.LANES) * kernels.LANES
+        func = kernels.packed_matmul(in_shape, n, in_dtype, epilogue, out_shape, isa)
+        packed = relax.const(kernels.pack_weight(weight, isa), isa.weight_dtype)
+        npad = -(-n // isa.lanes) * isa.lanes
         return self.call_kernel(
             func, [a, packed, *self.epilogue_args(epilogue, npad)], out_shape, epilogue.out_dtype
         )
 
+    def dot_product(self, weight_rows: np.ndarray) -> kernels.DotProduct:
+        """The fastest exact dot product for a layer's weights ``[N, K]`` on this CPU."""
+        if self.vnni:
+            return kernels.VNNI
+        if kernels.AVX2_BYTES.exact_for(weight_rows):
+            return kernels.AVX2_BYTES
+        return kernels.AVX2_WIDE
+
     def fits_int32(self, weight_rows: np.ndarray) -> bool:
-        """Whether the int32 accumulator holds ``sum code * w`` for any u8 codes (VNNI's view)."""
+        """Whether the int32 accumulator holds ``sum code * w`` for any u8 codes (the widest
+        view any dot product takes: VNNI's and vpmaddubsw's flipped codes)."""
         bound = _LARGEST_UNSIGNED_CODE * int(np.abs(weight_rows.astype(np.int64)).sum(axis=1).max())
         return bound <= INT32_LIMIT
 

@@ -49,6 +49,90 @@ _REGISTERS = "global"
 PARALLEL_MIN_WORK = 1 << 18
 
 
+@dataclass(frozen=True)
+class DotProduct:
+    """One x86 integer dot-product instruction sequence the packed matmul is built on.
+
+    Each step multiplies ``group`` activation codes (broadcast to every lane) by ``group``
+    weights of each of ``lanes`` output channels and adds the sums to ``lanes`` int32
+    accumulators. All three are exact where :meth:`exact_for` says so: the integer a
+    reference interpreter computes, on any CPU that has the instructions.
+    """
+
+    name: str
+    lanes: int  # int32 accumulators per vector register
+    group: int  # input channels one step sums per lane
+    weight_dtype: str  # container of the packed weights
+    flips_int8: bool  # the instruction wants unsigned activations: int8 codes become a + 128
+    max_accumulators: int  # register tile: accumulators + 1 weight + 1 broadcast <= registers
+
+    def exact_for(self, weight: np.ndarray) -> bool:
+        """Whether every step is exact for ``weight [N, K]`` and any activation codes."""
+        if self.name != AVX2_BYTES_NAME:
+            return True
+        # vpmaddubsw sums adjacent u8 x s8 products in int16 with saturation: exact while
+        # 255 * (|w_2j| + |w_2j+1|) <= 32767, i.e. |w_2j| + |w_2j+1| <= 128 (any weights of
+        # 7 bits or fewer; W8 layers whose pairs happen to be small)
+        k = weight.shape[1]
+        pairs = np.abs(weight.astype(np.int32))
+        if k % 2:
+            return False
+        return bool((pairs[:, 0::2] + pairs[:, 1::2]).max(initial=0) <= 128)
+
+
+AVX2_BYTES_NAME = "avx2-vpmaddubsw"
+# At most 15 accumulators of 16 int32 (960 bytes): under the 1 KiB up to which TVM allocates a
+# scratch buffer on the stack (larger ones become heap workspaces that live in memory).
+# AVX-512 VNNI: vpdpbusd, 16 channels x 4 inputs per instruction (32 zmm registers)
+VNNI = DotProduct("avx512-vnni", 16, 4, "int8", True, 15)
+# AVX2, any weights: codes widened to int16, vpmaddwd, 8 channels x 2 inputs (16 ymm registers)
+AVX2_WIDE = DotProduct("avx2-vpmaddwd", 8, 2, "int16", False, 12)
+# AVX2, small weights (exact_for): vpmaddubsw + vpmaddwd by ones, 8 channels x 4 inputs
+AVX2_BYTES = DotProduct(AVX2_BYTES_NAME, 8, 4, "int8", True, 12)
+
+
+def _dot_step(isa: DotProduct, acc, activations, weights):  # type: ignore[no-untyped-def]
+    """``acc + dot(activations, weights)`` per lane, as a TIR expression: ``activations`` is
+    one int32 holding the group's codes (already flipped or widened), ``weights`` a vector."""
+    lanes_bytes = isa.lanes * isa.group
+    if isa is VNNI:
+        return T.call_llvm_pure_intrin(
+            "int32x16",
+            "llvm.x86.avx512.vpdpbusd.512",
+            acc,
+            T.reinterpret(f"int8x{lanes_bytes}", T.broadcast(activations, isa.lanes)),
+            weights,
+        )
+    if isa is AVX2_WIDE:
+        pairs = T.call_llvm_pure_intrin(
+            "int32x8",
+            "llvm.x86.avx2.pmadd.wd",
+            T.reinterpret("int16x16", T.broadcast(activations, isa.lanes)),
+            weights,
+        )
+        return acc + pairs
+    products = T.call_llvm_pure_intrin(
+        "int16x16",
+        "llvm.x86.avx2.pmadd.ub.sw",
+        T.reinterpret("int8x32", T.broadcast(activations, isa.lanes)),
+        weights,
+    )
+    pairs = T.call_llvm_pure_intrin(
+        "int32x8", "llvm.x86.avx2.pmadd.wd", products, T.broadcast(T.int16(1), 16)
+    )
+    return acc + pairs
+
+
+def _activation_group(isa: DotProduct, a, row, col, in_dtype):  # type: ignore[no-untyped-def]
+    """The ``group`` codes ``a[row, col:col+group]`` as the one int32 a step broadcasts."""
+    if isa.weight_dtype == "int16":  # widened: two int16 codes
+        return T.reinterpret("int32", T.Cast("int16x2", a.vload([row, col], f"{in_dtype}x2")))
+    word = T.reinterpret("int32", a.vload([row, col], f"{in_dtype}x4"))
+    if isa.flips_int8 and in_dtype == "int8":
+        return T.bitwise_xor(word, T.int32(-2139062144))  # 0x80808080: a ^ 0x80 == a + 128
+    return word
+
+
 def _rows_loop(work: int):  # type: ignore[no-untyped-def]
     """The loop kind of a kernel's outermost loop: parallel only when ``work`` pays for it."""
     return T.parallel if work >= PARALLEL_MIN_WORK else T.serial
@@ -109,16 +193,17 @@ class Epilogue:
         return pad(self.mult, np.int32), pad(bias, np.int64), pad(self.shift, np.int64)
 
 
-def pack_weight(weight: np.ndarray) -> np.ndarray:
-    """``[N, K]`` int8 -> ``[ceil(N/16), K/4, 16, 4]``, zero rows for the padded channels."""
+def pack_weight(weight: np.ndarray, isa: DotProduct = VNNI) -> np.ndarray:
+    """``[N, K]`` int8 -> ``[ceil(N/lanes), K/group, lanes, group]`` of ``isa.weight_dtype``,
+    zero rows for the padded channels (VNNI: ``[ceil(N/16), K/4, 16, 4]`` int8)."""
     n, k = weight.shape
-    if k % GROUP:
-        raise ValueError(f"packed weights need K % {GROUP} == 0, got K={k}")
-    blocks = -(-n // LANES)
-    padded = np.zeros((blocks * LANES, k), np.int8)
+    if k % isa.group:
+        raise ValueError(f"packed weights need K % {isa.group} == 0, got K={k}")
+    blocks = -(-n // isa.lanes)
+    padded = np.zeros((blocks * isa.lanes, k), isa.weight_dtype)
     padded[:n] = weight
     return np.ascontiguousarray(
-        padded.reshape(blocks, LANES, k // GROUP, GROUP).transpose(0, 2, 1, 3)
+        padded.reshape(blocks, isa.lanes, k // isa.group, isa.group).transpose(0, 2, 1, 3)
     )
 
 
@@ -126,20 +211,16 @@ def _largest_divisor(n: int, cap: int) -> int:
     return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
 
 
-# At most 15 accumulators of 16 int32: 960 bytes, under the 1 KiB up to which TVM allocates a
-# scratch buffer on the stack (larger ones become heap workspaces that live in memory).
-_MAX_ACCUMULATORS = 15
-
-
-def matmul_tile(m: int, n: int) -> tuple[int, int]:
-    """(rows, 16-channel blocks) of the register tile: the most accumulators (rows x blocks,
-    at most 15) with rows dividing ``m`` and blocks (at most 3) dividing the channel blocks."""
-    nb = -(-n // LANES)
+def matmul_tile(m: int, n: int, isa: DotProduct = VNNI) -> tuple[int, int]:
+    """(rows, channel blocks) of the register tile: the most accumulators (rows x blocks, at
+    most ``isa.max_accumulators``) with rows dividing ``m`` and blocks (at most 3) dividing
+    the channel blocks."""
+    nb = -(-n // isa.lanes)
     options = [
         (rows, blocks)
         for blocks in range(1, 4)
         if nb % blocks == 0
-        for rows in range(1, _MAX_ACCUMULATORS // blocks + 1)
+        for rows in range(1, isa.max_accumulators // blocks + 1)
         if m % rows == 0
     ]
     # most accumulators; then more blocks (each broadcast activation feeds more of them)
@@ -160,36 +241,37 @@ def packed_matmul(
     in_dtype: str,
     epilogue: Epilogue,
     out_shape: tuple[int, ...] | None = None,
+    isa: DotProduct = VNNI,
 ) -> tvm.tirx.PrimFunc:
-    """The VNNI matmul + requantization kernel (see the module docstring).
+    """The matmul + requantization kernel on ``isa``'s dot product (module docstring).
 
     Arguments, in order: codes ``a`` of ``in_shape`` (read as ``[M, K]``, K its last
-    dimension, so an NHWC tensor needs no reshape), packed weight, offset, mult, round, shift
-    (each ``[16 * ceil(n/16)]`` int64), then the output of ``out_shape`` (default ``[M, n]``,
-    written as ``[M, n]``).
+    dimension, so an NHWC tensor needs no reshape), packed weight (:func:`pack_weight`),
+    mult, bias, shift (:meth:`Epilogue.kernel_args`, padded to whole channel blocks), then the
+    output of ``out_shape`` (default ``[M, n]``, written as ``[M, n]``).
     """
     k = in_shape[-1]
     m = int(np.prod(in_shape[:-1]))
     out_shape = out_shape or (m, n)
     if int(np.prod(out_shape)) != m * n:
         raise ValueError(f"output shape {out_shape} does not hold {m} x {n} values")
-    if k % GROUP:
-        raise ValueError(f"packed_matmul needs K % {GROUP} == 0, got K={k}")
-    kb = k // GROUP
-    nb = -(-n // LANES)
-    npad = nb * LANES
-    rows, blocks = matmul_tile(m, n)
+    lanes, group = isa.lanes, isa.group
+    if k % group:
+        raise ValueError(f"packed_matmul needs K % {group} == 0, got K={k}")
+    kb = k // group
+    nb = -(-n // lanes)
+    npad = nb * lanes
+    rows, blocks = matmul_tile(m, n, isa)
     row_tiles = m // rows
     col_tiles = nb // blocks
-    flip = in_dtype == "int8"  # VNNI wants unsigned activations: a ^ 0x80 == a + 128
     lo, hi, out_dtype = epilogue.lo, epilogue.hi, epilogue.out_dtype
-    acc_lanes = rows * blocks * LANES
+    acc_lanes = rows * blocks * lanes
     outer = _rows_loop(m * k * n)
 
     @T.prim_func(private=True)
     def kernel(
         a_in: T.Buffer(in_shape, in_dtype),
-        w: T.Buffer((nb, kb, LANES, GROUP), "int8"),
+        w: T.Buffer((nb, kb, lanes, group), isa.weight_dtype),
         mult: T.Buffer((npad,), "int32"),
         bias: T.Buffer((npad,), "int64"),
         shift: T.Buffer((npad,), "int64"),
@@ -203,52 +285,38 @@ def packed_matmul(
                 acc = T.alloc_buffer((acc_lanes,), "int32", scope=_REGISTERS)
                 for r in T.unroll(rows):
                     for j in T.unroll(blocks):
-                        acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = T.broadcast(
-                            T.int32(0), LANES
+                        acc[T.ramp((r * blocks + j) * lanes, 1, lanes)] = T.broadcast(
+                            T.int32(0), lanes
                         )
                 for kk in range(kb):
                     for r in T.unroll(rows):
                         for j in T.unroll(blocks):
-                            acc[T.ramp((r * blocks + j) * LANES, 1, LANES)] = (
-                                T.call_llvm_pure_intrin(
-                                    "int32x16",
-                                    "llvm.x86.avx512.vpdpbusd.512",
-                                    acc[T.ramp((r * blocks + j) * LANES, 1, LANES)],
-                                    T.reinterpret(
-                                        "int8x64",
-                                        T.broadcast(
-                                            T.bitwise_xor(
-                                                T.reinterpret(
-                                                    "int32",
-                                                    a.vload(
-                                                        [mt * rows + r, kk * GROUP], f"{in_dtype}x4"
-                                                    ),
-                                                ),
-                                                T.int32(-2139062144 if flip else 0),  # 0x80808080
-                                            ),
-                                            LANES,
-                                        ),
-                                    ),
-                                    w.vload([ct * blocks + j, kk, 0, 0], "int8x64"),
-                                )
+                            acc[T.ramp((r * blocks + j) * lanes, 1, lanes)] = _dot_step(
+                                isa,
+                                acc[T.ramp((r * blocks + j) * lanes, 1, lanes)],
+                                _activation_group(isa, a, mt * rows + r, kk * group, in_dtype),
+                                w.vload(
+                                    [ct * blocks + j, kk, 0, 0],
+                                    f"{isa.weight_dtype}x{lanes * group}",
+                                ),
                             )
                 for r in T.unroll(rows):
                     for j in T.unroll(blocks):
-                        if (ct * blocks + j + 1) * LANES <= n:
-                            for i in T.vectorized(LANES):
-                                out[mt * rows + r, (ct * blocks + j) * LANES + i] = _requant(
-                                    acc[(r * blocks + j) * LANES + i],
-                                    (ct * blocks + j) * LANES + i,
+                        if (ct * blocks + j + 1) * lanes <= n:
+                            for i in T.vectorized(lanes):
+                                out[mt * rows + r, (ct * blocks + j) * lanes + i] = _requant(
+                                    acc[(r * blocks + j) * lanes + i],
+                                    (ct * blocks + j) * lanes + i,
                                     (mult, bias, shift),
                                     lo,
                                     hi,
                                     out_dtype,
                                 )
                         else:
-                            for i in range(n % LANES):
-                                out[mt * rows + r, (ct * blocks + j) * LANES + i] = _requant(
-                                    acc[(r * blocks + j) * LANES + i],
-                                    (ct * blocks + j) * LANES + i,
+                            for i in range(n % lanes):
+                                out[mt * rows + r, (ct * blocks + j) * lanes + i] = _requant(
+                                    acc[(r * blocks + j) * lanes + i],
+                                    (ct * blocks + j) * lanes + i,
                                     (mult, bias, shift),
                                     lo,
                                     hi,
