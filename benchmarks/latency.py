@@ -16,6 +16,13 @@ Rows per model:
   checked bit-exact against the reference interpreter.
 - ``dyadiq_int_tvm_unscheduled``: the same without scheduling (what TVM's default CPU
   pipeline gives), timed with fewer repeats.
+- ``dyadiq_int_tvm_avx2`` / ``dyadiq_int_tvm_avx2_w4``: the same program (and a uniform W4A8
+  one) built for x86-64-v3, as ``--target x86-64-v3`` and every AVX2-only CPU builds it: the
+  AVX2 kernels (vpmaddwd on widened codes for W8 layers, vpmaddubsw for weights of 7 bits or
+  fewer). Timed on this CPU, which runs AVX2 code too; on an AVX-512 machine that is a
+  stand-in for an AVX2 one, not a measurement of one.
+- ``dyadiq_int_tvm_avx2_default_schedules``: x86-64-v3 with the portable lowering and default
+  schedules: what AVX2 machines got before the AVX2 kernels.
 Timing: one fixed real input; ``warmup`` calls each, then ``repeat`` round-robin rounds (one
 call per row per round, so background load hits all rows alike); the median per row.
 """
@@ -37,7 +44,7 @@ import numpy as np
 
 from benchmarks.common import REPO, machine_info, write_results
 
-MODELS = ("fashion_cnn", "mobilenet_v2")
+MODELS = ("fashion_cnn", "mobilenet_v2", "ppocr_cls")
 DATABASE = REPO / "benchmarks" / "tuning_db"
 UNSCHEDULED_REPEAT = 3
 # the allocation's candidate weight widths at 8-bit activations
@@ -86,6 +93,33 @@ def _tvm_float(model_path: Path, feeds: dict[str, np.ndarray], target: Any, data
     )
     args = [tvm.runtime.tensor(np.ascontiguousarray(v)) for v in feeds.values()]
     return _tvm_runner(compile_prepared(scheduled, target), args), report
+
+
+def _dyadiq_runner(
+    program: Any, target: Any, feeds: dict[str, np.ndarray], database: Path | None, *, kernels: bool
+) -> tuple[Callable[[], Any], bool, dict[str, int]]:
+    """A compiled integer program (x86 kernels or the portable lowering), whether its output
+    codes on ``feeds`` equal the reference interpreter's, and its PrimFuncs by schedule source."""
+    import tvm
+
+    from dyadiq.backends.tvm_build import compile_prepared, prepare
+    from dyadiq.backends.tvm_lowering import lower_program, main_output_names
+    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+    from dyadiq.reference_interpreter import ReferenceInterpreter
+
+    prepared = prepare(lower_program(program, target=target if kernels else None), target)
+    scheduled, report = schedule_module_with_report(
+        prepared, target, database_dir=database, progress=None
+    )
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in program.inputs]
+    run = _tvm_runner(compile_prepared(scheduled, target), args)
+    outputs = dict(zip(main_output_names(program), [o.numpy() for o in run()], strict=True))
+    reference = ReferenceInterpreter(program).run(feeds)
+    exact = all(
+        np.array_equal(outputs[f"{o}_codes"], reference[program.int_outputs[o]])
+        for o in program.outputs
+    )
+    return run, exact, {s: report.count(s) for s in sorted(set(report.source.values()))}
 
 
 def _median_ms(rows: dict[str, Callable[[], Any]], *, warmup: int, repeat: int) -> dict[str, float]:
@@ -172,7 +206,13 @@ def measure_model(
     import tvm
 
     from dyadiq import zoo
-    from dyadiq.backends.tvm_build import compile_prepared, host_x86_target, prepare
+    from dyadiq.backends.tvm_build import (
+        compile_prepared,
+        host_x86_isa,
+        host_x86_target,
+        prepare,
+        x86_target,
+    )
     from dyadiq.backends.tvm_lowering import lower_program, main_output_names
     from dyadiq.backends.tvm_tuning import schedule_module_with_report
     from dyadiq.ort_baseline import quantize_static_baseline
@@ -187,6 +227,7 @@ def measure_model(
     result: dict[str, Any] = {
         "model": name,
         "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+        "dyadiq_int_tvm_isa_level": host_x86_isa(),
     }
     with tempfile.TemporaryDirectory(prefix="dyadiq-latency-") as tmp:
         qdq_path = Path(tmp) / "ort_qdq.onnx"
@@ -196,8 +237,16 @@ def measure_model(
         quantized = quantize(
             artifacts.model_path, Path(tmp) / "dyadiq", calibration, integer=True, check_batches=1
         )
+        program_w4 = quantize(
+            artifacts.model_path,
+            Path(tmp) / "dyadiq_w4",
+            calibration,
+            weight_bits=4,
+            integer=True,
+            check_batches=1,
+        ).program
     program = quantized.program
-    assert program is not None  # integer=True always builds the program
+    assert program is not None and program_w4 is not None  # integer=True builds the program
     if layer_tables is not None:
         path = write_layer_table(
             name, program, list(quantized.plan.layers), target, threads, database, layer_tables
@@ -233,12 +282,26 @@ def measure_model(
     result["tvm_float_schedules"] = {
         s: float_report.count(s) for s in sorted(set(float_report.source.values()))
     }
+    v3 = tvm.target.Target({**x86_target("x86-64-v3"), "num-cores": threads})
+    avx2_rows = {
+        "dyadiq_int_tvm_avx2": (program, True),
+        "dyadiq_int_tvm_avx2_w4": (program_w4, True),
+        "dyadiq_int_tvm_avx2_default_schedules": (program, False),
+    }
+    avx2: dict[str, Callable[[], Any]] = {}
+    for row, (row_program, with_kernels) in avx2_rows.items():
+        avx2[row], exact, sources = _dyadiq_runner(
+            row_program, v3, feeds, database, kernels=with_kernels
+        )
+        result[f"{row}_bit_exact_vs_reference"] = exact
+        result[f"{row}_schedules"] = sources
     ort_feeds = feeds
     rows = {
         "ort_float": lambda: ort_float.run(None, ort_feeds),
         "ort_int8_qdq": lambda: ort_int8.run(None, ort_feeds),
         "tvm_float": tvm_float,
         "dyadiq_int_tvm": dyadiq_int,
+        **avx2,
     }
     result["median_ms"] = _median_ms(rows, warmup=warmup, repeat=repeat)
     # the portable lowering without schedules: what TVM's default CPU pipeline would give
@@ -270,8 +333,14 @@ def render(data: dict[str, Any]) -> str:
         f"(unscheduled TVM: {UNSCHEDULED_REPEAT} calls); idle threads "
         f"{'spin' if run['spinning_threads'] else 'sleep (no spinning) in both runtimes'}.  ",
         f"CPU: {data['machine']['cpu_model']}, load average at start "
-        f"{', '.join(f'{x:.1f}' for x in data['machine']['load_avg_start'])} "
-        "(the machine is shared: absolute numbers are noisy, rows of one model are interleaved).",
+        f"{', '.join(f'{x:.1f}' for x in data['machine']['load_avg_start'])}; "
+        f"CPU flags: {' '.join(data['machine'].get('cpu_flags', []))}.  ",
+        "Rows of one model are interleaved round-robin, so background load hits all alike. "
+        "`dyadiq_int_tvm` is built for this CPU's ISA level "
+        f"({data['models'][0].get('dyadiq_int_tvm_isa_level', '?')}); the `_avx2` rows for "
+        "x86-64-v3, run on this same CPU (see the module docstring). No AVX2-only machine was "
+        "available for this run: an AVX2 CPU's onnxruntime rows would use its saturating u8 x s8 "
+        "kernels instead of VNNI ones.",
         "",
         "| model | row | median ms | x ORT float | x ORT int8 |",
         "|---|---|---:|---:|---:|",
@@ -288,8 +357,14 @@ def render(data: dict[str, Any]) -> str:
         lines.append(
             f"- {model['model']}: dyadiq {model['dyadiq_schedules']}, TVM float "
             f"{model['tvm_float_schedules']}; dyadiq TVM output bit-exact vs the reference "
-            f"interpreter: {model['dyadiq_bit_exact_vs_reference']}; load average after "
-            f"{', '.join(f'{x:.1f}' for x in model['load_avg_after'])}"
+            f"interpreter: {model['dyadiq_bit_exact_vs_reference']}; AVX2 rows bit-exact: "
+            + ", ".join(
+                f"{k.removesuffix('_bit_exact_vs_reference')} {v}"
+                for k, v in model.items()
+                if k.startswith("dyadiq_int_tvm_avx2") and k.endswith("_bit_exact_vs_reference")
+            )
+            + f"; AVX2 W8 schedules {model.get('dyadiq_int_tvm_avx2_schedules')}; "
+            f"load average after {', '.join(f'{x:.1f}' for x in model['load_avg_after'])}"
         )
     return "\n".join(lines) + "\n"
 
