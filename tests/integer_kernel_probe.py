@@ -39,6 +39,35 @@ def _model(op: str, x: np.ndarray, w: np.ndarray, wzp: np.ndarray) -> onnx.Model
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
+def _qdq_matmul(k: int) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """x -> Q/DQ (u8) -> MatMul with DQ(s8 weights): what onnxruntime fuses into a u8 x s8
+    kernel when optimising, and what an exact simulation runs as dequantize + float MatMul."""
+    x = np.full((4, k), 2.55, np.float32)  # code 255 at scale 0.01
+    w = np.full((k, 16), 127, np.int8)
+    inits = [
+        numpy_helper.from_array(np.float32(0.01), "xs"),
+        numpy_helper.from_array(np.uint8(0), "xz"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.float32(0.001), "ws"),
+        numpy_helper.from_array(np.int8(0), "wz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    want = (255 * 0.01) * (127 * 0.001) * k * np.ones((4, 16))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), x, want
+
+
 def probe(k: int = 64) -> dict[str, dict[str, object]]:
     results: dict[str, dict[str, object]] = {}
     rng = np.random.default_rng(0)
@@ -60,6 +89,14 @@ def probe(k: int = 64) -> dict[str, dict[str, object]]:
                     "got": int(got.flat[0]),
                     "want": int(want.flat[0]),
                 }
+    model, x, want = _qdq_matmul(k)
+    for kernels in Kernels:
+        got = open_session(model, kernels=kernels).run(None, {"x": x})[0]
+        results[f"QDQ MatMul {kernels.value}"] = {
+            "exact": bool(np.allclose(got, want, rtol=1e-5)),
+            "got": float(got.flat[0]),
+            "want": float(want.flat[0]),
+        }
     return results
 
 

@@ -47,8 +47,11 @@ def test_integer_product_forms_on_emulated_avx2() -> None:
     saturated = results["u8 x s8 MatMulInteger exact"]
     assert not saturated["exact"] and saturated["got"] == 1_048_544, saturated
     for form, outcome in results.items():
-        if not form.startswith("u8 x s8"):
+        if not form.startswith("u8 x s8") and form != "QDQ MatMul runtime":
             assert outcome["exact"], (form, outcome)
+    # a QDQ model scored as dyadiq scores it (exact simulation) is right on AVX2; with
+    # onnxruntime's fused kernels the same file loses half its sum there
+    assert not results["QDQ MatMul runtime"]["exact"], results["QDQ MatMul runtime"]
 
 
 def test_integer_pipeline_bit_exact_on_emulated_avx2() -> None:
