@@ -289,8 +289,13 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         )
     elif isinstance(op, ip.FloatIsland):
         b.nodes.extend(op.nodes)
+        # islands share constants (and one island may list a constant once per use, as a
+        # BatchNormalization reading one tensor as scale, bias, mean and var does)
         known = {t.name for t in b.initializers}
-        b.initializers.extend(t for t in op.initializers if t.name not in known)
+        for tensor in op.initializers:
+            if tensor.name not in known:
+                known.add(tensor.name)
+                b.initializers.append(tensor)
     else:  # pragma: no cover - the union is closed
         raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
 

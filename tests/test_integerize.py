@@ -332,3 +332,35 @@ def test_attention_style_matmuls_bit_exact_with_either_activation_sign(act_signe
     conv_calib = calibration((1, 3, 8, 8), rng, n=8)
     _, program, int_model = _integer(conv_relu_pool_fc(rng), conv_calib, plan_fn)
     _assert_bit_exact(program, int_model, conv_calib)
+
+
+def test_float_island_reading_one_constant_several_times_exports():
+    """A BatchNormalization left in float (after a Concat, nothing to fold into) whose scale,
+    bias, mean and variance are one tensor, as in the onnx wheel's DenseNet121: the integer
+    model lists that constant once (it failed onnx.checker as a duplicate initializer)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        b = Conv <pads = [1, 1, 1, 1]> (x, w2)
+        c = Concat <axis = 1> (a, b)
+        n = BatchNormalization (c, p, p, p, p)
+        r = Relu (n)
+        y = Conv (r, w3)
+    }
+    """
+    rng = np.random.default_rng(14)
+    model = with_weights(
+        text,
+        w1=rng.normal(size=(2, 3, 3, 3)),
+        w2=rng.normal(size=(2, 3, 3, 3)),
+        p=np.full(4, 0.5),
+        w3=rng.normal(size=(4, 4, 1, 1)),
+    )
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    _, program, int_model = _integer(model, calib, simplify=False)
+    names = [t.name for t in int_model.graph.initializer]
+    assert len(names) == len(set(names))
+    if program.float_ops:  # the BatchNormalization ran as a float island
+        assert any("BatchNormalization" in op for op in program.float_ops)
+    _assert_bit_exact(program, int_model, calib)
