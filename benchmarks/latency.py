@@ -202,6 +202,7 @@ def measure_model(
     spin: bool,
     layer_tables: Path | None = None,
     tune: tuple[int, int] | None = None,
+    isa: str | None = None,
 ) -> dict[str, Any]:
     import tvm
 
@@ -209,7 +210,6 @@ def measure_model(
     from dyadiq.backends.tvm_build import (
         compile_prepared,
         host_x86_isa,
-        host_x86_target,
         prepare,
         x86_target,
     )
@@ -223,11 +223,11 @@ def measure_model(
     calibration = list(artifacts.calibration_batches())
     feeds_batch, _ = next(iter(artifacts.evaluation_batches(1)))
     feeds = {k: np.ascontiguousarray(v[:1]) for k, v in feeds_batch.items()}
-    target = tvm.target.Target({**host_x86_target(), "num-cores": threads})
+    target = tvm.target.Target({**x86_target(isa), "num-cores": threads})
     result: dict[str, Any] = {
         "model": name,
         "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
-        "dyadiq_int_tvm_isa_level": host_x86_isa(),
+        "dyadiq_int_tvm_isa_level": isa or host_x86_isa(),
     }
     with tempfile.TemporaryDirectory(prefix="dyadiq-latency-") as tmp:
         qdq_path = Path(tmp) / "ort_qdq.onnx"
@@ -249,7 +249,13 @@ def measure_model(
     assert program is not None and program_w4 is not None  # integer=True builds the program
     if layer_tables is not None:
         path = write_layer_table(
-            name, program, list(quantized.plan.layers), target, threads, database, layer_tables
+            name + (f"_{isa}" if isa else ""),
+            program,
+            list(quantized.plan.layers),
+            target,
+            threads,
+            database,
+            layer_tables,
         )
         return {"model": name, "layer_table": str(path)}
     t0 = time.perf_counter()
@@ -388,6 +394,11 @@ def main(argv: list[str] | None = None) -> None:
         help="instead: tune the LAYERS layers with the most MACs, TRIALS each, into --database",
     )
     parser.add_argument(
+        "--x86-isa",
+        choices=["x86-64-v3", "x86-64-v4-vnni"],
+        help="build dyadiq_int_tvm (and the layer tables) for this ISA level, not this CPU's",
+    )
+    parser.add_argument(
         "--layer-tables",
         action="store_true",
         help="instead: write each model's per-layer latency table to the output folder",
@@ -425,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                 database=database,
                 spin=args.spin,
                 layer_tables=args.output_dir if args.layer_tables else None,
+                isa=args.x86_isa,
                 tune=(args.tune[0], args.tune[1]) if args.tune else None,
             )
         )
