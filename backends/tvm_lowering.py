@@ -22,12 +22,18 @@ The Relax ``main`` computes exactly what :mod:`dyadiq.reference_interpreter` com
   with Relax's arithmetic right shift on signed integers (a floor), ``+ z``, clip, cast to the
   output's code type. Multipliers are int64 constants (a plain ``relax.const`` would be int32).
 
-Float islands have no TVM lowering: the whole program is scanned first and every one of them is
-named in one :class:`UnsupportedModelError`.
+Float islands (ops without an integer kernel) are imported with TVM's own ONNX frontend and
+called as one Relax function each, when ``lower_program(float_islands=True)`` asks for them
+(the ``--target`` builds do). TVM's float kernels may round differently from onnxruntime's,
+which the reference interpreter runs islands with, so codes downstream of an island can differ
+by a few LSB: :mod:`dyadiq.targets` checks such programs with a stated tolerance. Without
+``float_islands`` the whole program is scanned first and every island is named in one
+:class:`UnsupportedModelError` (an integer-only module is what ``dyadiq.tvm_passes`` promises).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,11 +68,14 @@ _LOWERABLE = (
 )
 
 
-def unsupported_ops(program: ip.IntegerProgram) -> list[str]:
-    """Every op of ``program`` without a TVM lowering, described for an error message."""
+def unsupported_ops(program: ip.IntegerProgram, *, float_islands: bool = False) -> list[str]:
+    """Every op of ``program`` without a TVM lowering, described for an error message
+    (float islands count as such unless ``float_islands``)."""
     found = []
     for op in program.ops:
         if isinstance(op, ip.FloatIsland):
+            if float_islands:
+                continue
             nodes = ", ".join(f"{n.op_type} {n.name}".strip() for n in op.nodes)
             found.append(f"FloatIsland [{nodes}]")
         elif not isinstance(op, _LOWERABLE):
@@ -105,6 +114,7 @@ class _Lowering:
         self.program = program
         self.bb = bb
         self.env: dict[str, relax.Expr] = {}
+        self.island_count = 0
 
     # --- helpers -----------------------------------------------------------------------------
     def value(self, name: str) -> relax.Expr:
@@ -363,6 +373,44 @@ class _Lowering:
         parts = relax.Tuple([self.value(name) for name in op.inputs])
         self.env[op.output] = self.emit(relax.op.concat(parts, axis=op.axis))
 
+    def float_island(self, op: ip.FloatIsland) -> None:
+        """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function."""
+        from tvm.relax.frontend.onnx import from_onnx
+
+        from dyadiq.reference_interpreter import island_model
+
+        args = [self.value(name) for name in op.inputs]
+        shapes = {name: list(self.shape(name)) for name in op.inputs}
+        dtypes = {name: str(arg.ty.dtype) for name, arg in zip(op.inputs, args, strict=True)}
+        try:
+            with warnings.catch_warnings():  # the island's outputs declare no shape: fine here
+                warnings.simplefilter("ignore", UserWarning)
+                imported = from_onnx(
+                    island_model(op, self.program.opset),
+                    shape_dict=shapes,
+                    dtype_dict=dtypes,
+                    keep_params_in_input=False,
+                )
+        except Exception as exc:  # TVM's importer raises whatever its op converters raise
+            ops = ", ".join(n.op_type for n in op.nodes)
+            raise UnsupportedModelError(
+                f"TVM cannot import the float island [{ops}]: {exc}"
+            ) from exc
+        if len(imported.functions) != 1:
+            raise UnsupportedModelError(
+                f"the float island [{', '.join(n.op_type for n in op.nodes)}] imports as "
+                f"{len(imported.functions)} functions; dyadiq calls islands as one"
+            )
+        self.island_count += 1
+        func = imported["main"].without_attr("global_symbol").without_attr("num_input")
+        gv = self.bb.add_func(func, f"dq_float_island_{self.island_count}")
+        result = self.emit(relax.Call(gv, args))
+        if len(op.outputs) == 1:
+            self.env[op.outputs[0]] = result
+        else:
+            for i, name in enumerate(op.outputs):
+                self.env[name] = self.emit(relax.TupleGetItem(result, i))
+
     def lower(self, op: ip.IntOp) -> None:
         if isinstance(op, ip.QuantizeInput | ip.Quantize):
             self.quantize(op)
@@ -396,6 +444,8 @@ class _Lowering:
             self.transpose(op)
         elif isinstance(op, ip.Concat):
             self.concat(op)
+        elif isinstance(op, ip.FloatIsland):
+            self.float_island(op)
         else:  # pragma: no cover - unsupported_ops() refused it before lowering started
             raise UnsupportedModelError(f"no TVM lowering for {type(op).__name__}")
 
@@ -413,7 +463,11 @@ def _lowering_for(
 
 
 def lower_program(
-    program: ip.IntegerProgram, *, batch: int = 1, target: tvm.target.Target | None = None
+    program: ip.IntegerProgram,
+    *,
+    batch: int = 1,
+    target: tvm.target.Target | None = None,
+    float_islands: bool = False,
 ) -> IRModule:
     """The Relax module whose ``main`` computes ``program`` (see the module docstring).
 
@@ -422,7 +476,7 @@ def lower_program(
     with AVX2 or AVX-512 VNNI the heavy layers become hand-written channels-last kernels
     (:mod:`dyadiq.backends.tvm_lowering_x86`), which compute the same codes.
     """
-    missing = unsupported_ops(program)
+    missing = unsupported_ops(program, float_islands=float_islands)
     if missing:
         raise UnsupportedModelError(
             f"the TVM backend lowers integer ops only; {len(missing)} op(s) have no lowering: "

@@ -50,6 +50,13 @@ def _code_diff(expected: np.ndarray, got: np.ndarray) -> int:
     return int(np.abs(expected.astype(np.int64) - got.astype(np.int64)).max())
 
 
+# Float islands run on TVM's float kernels here and on onnxruntime's in the reference, which
+# may round the last bit differently; a Quantize after an island then moves by one code, and
+# the integer layers after it can carry that on. Such builds pass when every output code is
+# within this many codes of the reference's (exactness is still counted and reported).
+ISLAND_CODE_TOLERANCE = 2
+
+
 def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> dict[str, Any]:
     mismatched = [
         i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if not np.array_equal(e, g)
@@ -124,8 +131,8 @@ def _emit_tvm(
     from dyadiq.backends.tvm_lowering import lower_program
     from dyadiq.backends.tvm_tuning import schedule_module_with_report
 
-    # the target picks the lowering: channels-last VNNI kernels on x86 CPUs that have them
-    mod = lower_program(program, target=tvm_build.target_for(target))
+    # the target picks the lowering: channels-last kernels on x86 CPUs with AVX2 or VNNI
+    mod = lower_program(program, target=tvm_build.target_for(target), float_islands=True)
     sources: dict[str, str] = {}
 
     def schedule(prepared: Any, tvm_target: Any) -> Any:
@@ -146,6 +153,9 @@ def _emit_tvm(
             counts[source] = counts.get(source, 0) + 1
         info["kernels_by_schedule_source"] = counts
     expected = _reference_codes(program, feeds)
+    if program.float_ops:
+        info["float_islands"] = list(program.float_ops)
+        info["code_tolerance"] = ISLAND_CODE_TOLERANCE
     if target in X86_TARGETS:
         from dyadiq.backends.tvm_model_runner import missing_cpu_flags
 

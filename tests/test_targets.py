@@ -145,3 +145,28 @@ def test_a_mismatch_fails_quantize_unless_allowed(
         assert status == 0 and "warning (--allow-mismatch)" in captured.out
     else:
         assert status == 3 and "VerificationError" in captured.err
+
+
+def test_target_with_float_islands_builds_and_checks_with_a_stated_tolerance(
+    tmp_path: Path,
+) -> None:
+    """A model with ops that have no integer kernel (Sigmoid, Tanh) reaches a compiled x86
+    target: the islands run as float Relax functions, and report.json says the check allowed
+    dyadiq.targets.ISLAND_CODE_TOLERANCE codes for them."""
+    from dyadiq.targets import ISLAND_CODE_TOLERANCE
+    from tests import tvm_helpers
+    from tests.builders import calibration
+    from tests.conftest import save_model, write_npz_folder
+
+    rng = np.random.default_rng(31)
+    model = save_model(tvm_helpers.float_islands(rng), tmp_path / "islands.onnx")
+    calib = write_npz_folder(tmp_path / "calib", calibration((1, 3, 6, 6), rng, n=6))
+    out = tmp_path / "OUT"
+    argv = ["quantize", str(model), "--calib", str(calib), "-o", str(out), "--target", "x86"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    target = report["target"]
+    assert len(target["float_islands"]) == 2 and target["code_tolerance"] == ISLAND_CODE_TOLERANCE
+    checked = target["bit_exact_vs_reference"]
+    assert checked["inputs"] == 6 and 0 <= checked["max_code_diff"] <= ISLAND_CODE_TOLERANCE
+    assert report["verification"]["passed"] is True

@@ -260,6 +260,25 @@ def test_float_islands_are_refused_with_every_op_listed():
     assert "2 op(s)" in message and "Sigmoid" in message and "Tanh" in message
 
 
+@pytest.mark.parametrize("lowering", ["portable", "x86 kernels"])
+def test_float_islands_run_through_tvms_onnx_importer(lowering):
+    """With ``float_islands=True`` (what --target builds use) Sigmoid and Tanh run as Relax
+    functions imported from the island's ONNX nodes; the codes after them match the reference
+    interpreter, which runs the islands in onnxruntime (float rounding may differ: at most
+    dyadiq.targets.ISLAND_CODE_TOLERANCE codes, and on these inputs none)."""
+    rng = np.random.default_rng(24)
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    program = tvm_helpers.integer_program(tvm_helpers.float_islands(rng), calib)
+    target = X86 if lowering == "x86 kernels" else None
+    lowered = lower_program(program, target=target, float_islands=True)
+    assert sum(1 for gv in lowered.functions if "float_island" in gv.name_hint) == 2
+    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, X86), X86), tvm.cpu())
+    reference = ReferenceInterpreter(program)
+    for feeds in tvm_helpers.samples(calib, 6):
+        got = vm["main"](tvm.runtime.tensor(feeds["x"]))
+        assert np.array_equal(got[0].numpy(), reference.outputs(feeds)["y"])
+
+
 def test_unknown_target_is_a_config_error():
     with pytest.raises(ConfigError, match="x86"):
         target_for("riscv")
