@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dyadiq.passes.compensation.bias_correction import bias_correction
-from dyadiq.passes.compensation.gptq import gptq_codes
+from dyadiq.passes.compensation.gptq import gptq_codes, gptq_factor
 from dyadiq.passes.compensation.input_statistics import InputStatistics, output_error
 from dyadiq.passes.compensation.layer_matrix import LayerGeometry
 from dyadiq.passes.compensation.range_search import (
@@ -45,6 +45,31 @@ class LayerCompensation:
     report: Mapping[str, Any]
 
 
+def _gptq_on_best_scales(
+    w: np.ndarray,
+    objective: np.ndarray,
+    candidates: list[np.ndarray],
+    bits: int,
+    settings: CompensationSettings,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ on each candidate scale vector; per row (rows are independent given H) keep the
+    codes with the smallest objective error. Returns (codes [G, R, d], scales [G, R])."""
+    best_codes = best_scales = best_error = None
+    factor = gptq_factor(objective, damp=settings.damp, act_order=settings.act_order)
+    for scales in candidates:
+        codes = gptq_codes(w, factor, scales, bits, block=settings.block)
+        error = output_error(w - codes * scales[..., None], objective)
+        if best_error is None or best_codes is None or best_scales is None:
+            best_codes, best_scales, best_error = codes, scales, error
+            continue
+        better = error < best_error
+        best_codes = np.where(better[..., None], codes, best_codes)
+        best_scales = np.where(better, scales, best_scales)
+        best_error = np.where(better, error, best_error)
+    assert best_codes is not None and best_scales is not None
+    return best_codes, best_scales
+
+
 def compensate_layer(
     weight: np.ndarray,
     geometry: LayerGeometry,
@@ -55,9 +80,18 @@ def compensate_layer(
     *,
     has_bias: bool,
 ) -> LayerCompensation:
-    """One layer at one width; ``statistics`` from the layer's (quantized-prefix) inputs."""
+    """One layer at one width; ``statistics`` from the layer's (quantized-prefix) inputs.
+
+    When bias correction follows, the mean output error is removed anyway, so the range
+    search and GPTQ minimise the centred error e^T (H - mu mu^T) e instead of e^T H e.
+    """
     w = geometry.to_groups(np.asarray(weight, np.float32))
     hessian = statistics.hessian if statistics is not None else None
+    correct_bias = settings.uses(CompensationPass.BIAS) and has_bias and statistics is not None
+    objective = hessian
+    if correct_bias and statistics is not None:
+        mean = statistics.mean
+        objective = statistics.hessian - mean[:, :, None] * mean[:, None, :]
     signal = float(output_error(w.astype(np.float64), hessian).sum()) if hessian is not None else 0
 
     def relative_error(quantized: np.ndarray) -> float | None:
@@ -65,34 +99,31 @@ def compensate_layer(
             return None
         return float(output_error(w - quantized, hessian).sum()) / signal
 
-    scales = max_abs_scales(w, bits)
-    codes = round_to_grid(w, scales, bits)
-    report: dict[str, Any] = {"bits": bits, "error_round_to_nearest": None, "passes": []}
+    base = max_abs_scales(w, bits)
+    scales, codes = base, round_to_grid(w, base, bits)
+    report: dict[str, Any] = {"bits": bits, "passes": []}
     report["error_round_to_nearest"] = relative_error(codes * scales[..., None])
     declined: dict[str, str] = {}
-    if settings.uses(CompensationPass.RANGE):
-        if bits >= RANGE_SEARCH_BELOW_BITS:
-            declined["range"] = f"max-abs kept at {bits} bits"
-        else:
-            scales = search_clipping_scales(
-                w, bits, hessian, grid=settings.range_grid, lowest=settings.range_lowest
-            )
-            codes = round_to_grid(w, scales, bits)
-            report["passes"].append("range")
-            report["error_after_range"] = relative_error(codes * scales[..., None])
+    search = settings.uses(CompensationPass.RANGE) and bits < RANGE_SEARCH_BELOW_BITS
+    if settings.uses(CompensationPass.RANGE) and not search:
+        declined["range"] = f"max-abs kept at {bits} bits"
+    if search:
+        scales = search_clipping_scales(
+            w, bits, objective, grid=settings.range_grid, lowest=settings.range_lowest
+        )
+        codes = round_to_grid(w, scales, bits)
+        report["passes"].append("range")
+        report["error_after_range"] = relative_error(codes * scales[..., None])
     if settings.uses(CompensationPass.GPTQ):
-        if hessian is None:
+        if objective is None:
             declined["gptq"] = "no calibration inputs reached this layer"
         else:
-            codes = gptq_codes(
-                w,
-                hessian,
-                scales,
-                bits,
-                block=settings.block,
-                damp=settings.damp,
-                act_order=settings.act_order,
-            )
+            # clipping that is best for rounding to nearest is not best once GPTQ spreads the
+            # error: try GPTQ on a few clip ratios too and keep the best per channel
+            candidates = [scales]
+            if search:
+                candidates += [base * np.float32(a) for a in settings.gptq_clip_ratios]
+            codes, scales = _gptq_on_best_scales(w, objective, candidates, bits, settings)
             report["passes"].append("gptq")
             report["error_after_gptq"] = relative_error(codes * scales[..., None])
     shift = None
@@ -106,10 +137,9 @@ def compensate_layer(
             shift = bias_correction(w, quantized, statistics.mean).astype(np.float32)
             before = relative_error(quantized)
             report["passes"].append("bias")
-            if before is not None:
-                report["error_after_bias"] = (
-                    before - float(np.sum(shift.astype(np.float64) ** 2)) / signal
-                )
+            if before is not None:  # E||e x - c||^2 = E||e x||^2 - ||c||^2 for c = e mu
+                removed = float(np.sum(shift.astype(np.float64) ** 2)) / signal
+                report["error_after_bias"] = before - removed
     if declined:
         report["declined"] = declined
     values = geometry.from_groups(codes.astype(np.int8))

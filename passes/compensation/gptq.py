@@ -18,31 +18,44 @@ Preconditions and choices:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from dyadiq.passes.compensation.range_search import qmax_of
 
 
-def _prepared_hessian(hessian: np.ndarray, weights: np.ndarray, damp: float) -> np.ndarray:
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ needs from H, computed once per layer and reused for any scales."""
+
+    order: np.ndarray  # [G, d] column order (act order, or natural)
+    inverse_factor: np.ndarray  # [G, d, d] upper U with (H + lambda I)^-1 = U^T U, permuted
+    dead: np.ndarray  # [G, d] inputs that are always zero (their weights quantize to 0)
+
+
+def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True) -> GptqFactor:
     h = hessian.astype(np.float64).copy()
     diagonal = np.einsum("gii->gi", h)  # a writable view of each diagonal
     dead = diagonal == 0
     diagonal[dead] = 1.0
-    weights[np.broadcast_to(dead[:, None, :], weights.shape)] = 0.0
     diagonal += damp * diagonal.mean(axis=1, keepdims=True)
-    return h
-
-
-def _inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
-    """U with H^-1 = U^T U (upper triangular), per group."""
+    groups, columns = diagonal.shape
+    order = (
+        np.argsort(-diagonal, axis=1, kind="stable")
+        if act_order
+        else np.broadcast_to(np.arange(columns), (groups, columns))
+    )
+    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], 2)
     inverse = np.linalg.inv(h)
     inverse = (inverse + inverse.transpose(0, 2, 1)) / 2
-    return np.linalg.cholesky(inverse).transpose(0, 2, 1)
+    upper = np.linalg.cholesky(inverse).transpose(0, 2, 1)
+    return GptqFactor(order, upper, dead)
 
 
 def gptq_codes(
     weights: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | GptqFactor,
     scales: np.ndarray,
     bits: int,
     *,
@@ -50,19 +63,22 @@ def gptq_codes(
     damp: float = 0.01,
     act_order: bool = True,
 ) -> np.ndarray:
-    """Integer codes [G, R, d] for ``weights`` [G, R, d] on the per-row ``scales`` [G, R]."""
+    """Integer codes [G, R, d] for ``weights`` [G, R, d] on the per-row ``scales`` [G, R].
+
+    ``hessian``: H [G, d, d], or its :func:`gptq_factor` (``damp`` / ``act_order`` then come
+    from the factor)."""
+    factor = (
+        hessian
+        if isinstance(hessian, GptqFactor)
+        else gptq_factor(hessian, damp=damp, act_order=act_order)
+    )
     qmax = qmax_of(bits)
     w = weights.astype(np.float64).copy()
-    h = _prepared_hessian(hessian, w, damp)
-    groups, _, columns = w.shape
-    order = (
-        np.argsort(-np.einsum("gii->gi", h), axis=1, kind="stable")
-        if act_order
-        else np.broadcast_to(np.arange(columns), (groups, columns))
-    )
+    w[np.broadcast_to(factor.dead[:, None, :], w.shape)] = 0.0
+    columns = w.shape[2]
+    order = factor.order
     w = np.take_along_axis(w, order[:, None, :], axis=2)
-    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], 2)
-    u = _inverse_upper_cholesky(h)
+    u = factor.inverse_factor
     s = scales.astype(np.float64)[..., None]  # [G, R, 1]
     codes = np.zeros_like(w)
     for start in range(0, columns, block):

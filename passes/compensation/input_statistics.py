@@ -27,7 +27,7 @@ class InputStatistics:
     def update(self, rows: np.ndarray) -> None:
         """Add rows [G, P, d]."""
         for start in range(0, rows.shape[1], _ROWS_PER_STEP):
-            chunk = rows[:, start : start + _ROWS_PER_STEP].astype(np.float32)
+            chunk = rows[:, start : start + _ROWS_PER_STEP].astype(np.float32, copy=False)
             self.second += np.matmul(chunk.transpose(0, 2, 1), chunk).astype(np.float64)
             self.first += chunk.sum(axis=1, dtype=np.float64)
             self.count += chunk.shape[1]

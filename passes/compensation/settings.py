@@ -25,6 +25,7 @@ class CompensationSettings:
     block: int = 128  # GPTQ lazy-update block (columns)
     range_grid: int = 24  # clipping candidates alpha in [range_lowest, 1]
     range_lowest: float = 0.35
+    gptq_clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8)  # with range: GPTQ also tries these
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -57,6 +58,7 @@ class CompensationSettings:
             "block": self.block,
             "range_grid": self.range_grid,
             "range_lowest": self.range_lowest,
+            "gptq_clip_ratios": list(self.gptq_clip_ratios),
         }
 
     @classmethod
