@@ -311,16 +311,20 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
         console.print(f"  kept in float: {', '.join(f['id'] for f in report['float_layers'])}")
     metrics = report.get("metrics")
     if metrics:
-        names = sorted({k for m in metrics.values() for k in m})
-        table = Table("metric", *metrics, title="evaluation on held-out data")
-        for name in names:
-            cells = [_fmt(m.get(name)) for m in metrics.values()]
-            table.add_row(name, *cells)
-        console.print(table)
+        console.print(_metrics_table(metrics))
     written = ["model.qdq.onnx", "plan.json", "report.json"]
     if integer:
         written.insert(1, "model.int.onnx")
     console.print(f"  wrote {', '.join(str(out / name) for name in written)}")
+
+
+def _metrics_table(metrics: dict[str, dict[str, float]]) -> Table:
+    """One row per metric, one column per model (float first), samples as a count."""
+    names = sorted({k for m in metrics.values() for k in m} - {"samples"})
+    table = Table("metric", *metrics, title="evaluation on held-out data (exact simulation)")
+    for name in [*names, "samples"]:
+        table.add_row(name, *[_fmt(m.get(name)) for m in metrics.values()])
+    return table
 
 
 def _fmt(value: float | None) -> str:
@@ -408,7 +412,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         runtime_kernels=args.runtime_kernels,
     )
-    print(json.dumps(metrics, indent=2))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        console.print(_metrics_table(metrics))
     return 0
 
 
@@ -583,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", required=True)
     p.add_argument("models", nargs="+")
     p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_runtime_kernels(p)
     p.set_defaults(func=cmd_eval)
 

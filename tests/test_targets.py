@@ -170,3 +170,22 @@ def test_target_with_float_islands_builds_and_checks_with_a_stated_tolerance(
     checked = target["bit_exact_vs_reference"]
     assert checked["inputs"] == 6 and 0 <= checked["max_code_diff"] <= ISLAND_CODE_TOLERANCE
     assert report["verification"]["passed"] is True
+
+
+@pytest.mark.realmodel
+def test_eval_scores_exactly_and_with_runtime_kernels_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "OUT"
+    assert main(["quantize", "--zoo", "fashion_cnn", "-o", str(out), "--no-eval"]) == 0
+    capsys.readouterr()
+    model = str(out / "model.qdq.onnx")
+    argv = ["eval", "--zoo", "fashion_cnn", model, "--limit", "300", "--runtime-kernels"]
+    assert main([*argv, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"float", "model.qdq.onnx", "model.qdq.onnx [onnxruntime kernels]"}
+    assert metrics["model.qdq.onnx"]["samples"] == 300
+    assert 0.9 < metrics["model.qdq.onnx"]["top1_agreement"] <= 1.0
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "exact simulation" in table and "top1_agreement" in table and "{" not in table
