@@ -107,3 +107,29 @@ def layer_geometry(graph: QGraph, node: gs.Node) -> LayerGeometry | None:
     if kind is OpKind.GEMM and len(shape) == 2 and not int(node.attrs.get("transA", 0)):
         return LayerGeometry(kind, shape, 1, transposed_weight=not int(node.attrs.get("transB", 0)))
     return None
+
+
+def bias_constant(graph: QGraph, node: gs.Node) -> gs.Constant | None:
+    """The constant a bias correction folds into: the layer's own bias input (Conv, Gemm with
+    unit alpha and beta), or the per-channel constant of an Add right after a MatMul."""
+    kind = graph.kind(node)
+    facts = graph.facts(node)
+    if kind is OpKind.GEMM and (
+        float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0
+    ):
+        return None
+    index = facts.bias_input
+    if index is not None and index < len(node.inputs):
+        bias = node.inputs[index]
+        return bias if isinstance(bias, gs.Constant) else None
+    weight = graph.weight(node)
+    output = node.outputs[0]
+    if kind is not OpKind.MATMUL or weight is None or len(output.outputs) != 1:
+        return None
+    add = output.outputs[0]
+    constants = [t for t in add.inputs if isinstance(t, gs.Constant)]
+    if graph.kind(add) is not OpKind.ADD or len(constants) != 1:
+        return None
+    channels = weight.values.shape[-1]
+    values = np.asarray(constants[0].values)
+    return constants[0] if values.size == channels and values.shape[-1] == channels else None

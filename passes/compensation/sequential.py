@@ -30,7 +30,7 @@ from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.compensation.compensated_weights import CompensatedWeights, compensate_layer
 from dyadiq.passes.compensation.input_statistics import InputStatistics
-from dyadiq.passes.compensation.layer_matrix import LayerGeometry, layer_geometry
+from dyadiq.passes.compensation.layer_matrix import LayerGeometry, bias_constant, layer_geometry
 from dyadiq.passes.compensation.segment_runner import SegmentRunner
 from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.insert_qdq import insert_activation_qdq
@@ -39,32 +39,6 @@ from dyadiq.quantizers import ActQuant
 log = logging.getLogger(__name__)
 
 _PATCH_BUDGET = 1 << 23  # im2col elements per step (32 MiB of float32)
-
-
-def bias_constant(graph: QGraph, node: gs.Node) -> gs.Constant | None:
-    """The constant a bias correction folds into: the layer's own bias input (Conv, Gemm with
-    unit alpha and beta), or the per-channel constant of an Add right after a MatMul."""
-    kind = graph.kind(node)
-    facts = graph.facts(node)
-    if kind is OpKind.GEMM and (
-        float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0
-    ):
-        return None
-    index = facts.bias_input
-    if index is not None and index < len(node.inputs):
-        bias = node.inputs[index]
-        return bias if isinstance(bias, gs.Constant) else None
-    weight = graph.weight(node)
-    output = node.outputs[0]
-    if kind is not OpKind.MATMUL or weight is None or len(output.outputs) != 1:
-        return None
-    add = output.outputs[0]
-    constants = [t for t in add.inputs if isinstance(t, gs.Constant)]
-    if graph.kind(add) is not OpKind.ADD or len(constants) != 1:
-        return None
-    channels = weight.values.shape[-1]
-    values = np.asarray(constants[0].values)
-    return constants[0] if values.size == channels and values.shape[-1] == channels else None
 
 
 @dataclass(frozen=True)

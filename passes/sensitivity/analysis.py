@@ -36,7 +36,7 @@ from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.passes.sensitivity.activation_probe import ActivationProbe, ActivationSite
 from dyadiq.passes.sensitivity.estimators import Estimate, hutchinson_trace
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, loss
-from dyadiq.quantizers import quantize_weight_per_channel
+from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
 
 @dataclass(frozen=True)
@@ -202,12 +202,27 @@ class SensitivityReport:
         )
 
 
-def quantized_weight(graph: QGraph, layer_id: str, bits: int) -> np.ndarray:
+def quantized_weight(
+    graph: QGraph, layer_id: str, bits: int, weights: WeightQuantizer = ROUND_TO_NEAREST
+) -> np.ndarray:
+    """The layer's weight as the QDQ model at ``bits`` holds it (dequantized)."""
     node = graph.node(layer_id)
     weight = graph.weight(node)
     assert weight is not None
     values = np.asarray(weight.values, np.float32)
-    return quantize_weight_per_channel(values, bits, weight_channel_axis(node)).dequantize()
+    axis = weight_channel_axis(node) % values.ndim
+    return weights.weight_quant(layer_id, values, bits, axis).dequantize()
+
+
+def _corrected_biases(
+    model: PerturbableModel, weights: WeightQuantizer, layers: Mapping[str, int]
+) -> dict[str, np.ndarray]:
+    """The float biases the quantizer gives these layers at these widths (bias correction)."""
+    return {
+        layer: weights.bias(layer, bits, model.biases[layer])
+        for layer, bits in layers.items()
+        if layer in model.biases
+    }
 
 
 def _snr_db(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
@@ -255,20 +270,27 @@ def analyze_cached(
     config: SensitivityConfig = SensitivityConfig(),
     *,
     labels: np.ndarray | None = None,
+    weights: WeightQuantizer = ROUND_TO_NEAREST,
 ) -> tuple[SensitivityReport, bool]:
-    """``analyze`` with the on-disk cache; returns (report, whether it came from the cache)."""
+    """``analyze`` with the on-disk cache; returns (report, whether it came from the cache).
+
+    The key covers the weight quantizer: a compensated one by the digest of its settings and
+    every compensated array, so damage priced for other weights is never reused."""
     import hashlib
 
     from dyadiq.passes.sensitivity import cache
 
     settings: dict[str, Any] = {**config.to_json(), "output_kind": kind.value}
+    fingerprint = getattr(weights, "fingerprint", None)
+    if callable(fingerprint):
+        settings["weight_quantizer"] = fingerprint()
     if labels is not None:
         settings["labels"] = hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()
     key = cache.fingerprint(graph.to_onnx(), batches, settings)
     cached = cache.load(key)
     if cached is not None:
         return cached, True
-    report = analyze(graph, batches, kind, config, labels=labels)
+    report = analyze(graph, batches, kind, config, labels=labels, weights=weights)
     report = dataclasses.replace(report, fingerprint=key)
     cache.store(key, report)
     return report, False
@@ -282,9 +304,12 @@ def analyze(
     layer_ids: Sequence[str] | None = None,
     *,
     labels: np.ndarray | None = None,
+    weights: WeightQuantizer = ROUND_TO_NEAREST,
 ) -> SensitivityReport:
     """``labels``: one class index per output row of ``batches`` (in order); they switch the
-    Taylor proxy's loss from cross-entropy against the float argmax to the real task loss."""
+    Taylor proxy's loss from cross-entropy against the float argmax to the real task loss.
+    ``weights``: the quantizer the plans will use (a compensated one prices the damage of its
+    compensated weights and corrected biases)."""
     start = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     model = PerturbableModel(graph, batches, kind, layer_ids)
@@ -314,11 +339,8 @@ def analyze(
     layers: dict[str, LayerSensitivity] = {}
     low_damage: dict[str, float] = {}
     for layer_id, weight in model.weights.items():
-        quantized = {b: quantized_weight(graph, layer_id, b) for b in config.weight_bits}
         widths = sorted({*config.weight_bits, config.pair_bits})  # pair terms rescale by these
-        for b in widths:
-            if b not in quantized:
-                quantized[b] = quantized_weight(graph, layer_id, b)
+        quantized = {b: quantized_weight(graph, layer_id, b, weights) for b in widths}
         pert_sq = {b: float(np.sum((quantized[b] - weight) ** 2)) for b in widths}
         trace = None
         hessian: dict[int, float] = {}
@@ -344,7 +366,9 @@ def analyze(
         if config.empirical:
             for b in config.weight_bits:
                 q = quantized[b]
-                outs = model.outputs({layer_id: q})
+                outs = model.outputs(
+                    {layer_id: q}, _corrected_biases(model, weights, {layer_id: b})
+                )
                 pairs_ro = zip(model.reference, outs, strict=True)
                 empirical[b] = float(np.mean([loss(r, o, kind) for r, o in pairs_ro]))
                 snr[b] = _snr_db(model.reference, outs)
@@ -369,14 +393,18 @@ def analyze(
             single[layer_id] = (
                 measured[pb]
                 if pb in measured
-                else model.loss({layer_id: quantized_weight(graph, layer_id, pb)})
+                else model.loss(
+                    {layer_id: quantized_weight(graph, layer_id, pb, weights)},
+                    _corrected_biases(model, weights, {layer_id: pb}),
+                )
             )
         for first, second in _pairs_to_measure(list(model.weights), low_damage, config):
             both = model.loss(
                 {
-                    first: quantized_weight(graph, first, pb),
-                    second: quantized_weight(graph, second, pb),
-                }
+                    first: quantized_weight(graph, first, pb, weights),
+                    second: quantized_weight(graph, second, pb, weights),
+                },
+                _corrected_biases(model, weights, {first: pb, second: pb}),
             )
             pairs.append(PairTerm(first, second, pb, both - single[first] - single[second]))
     return SensitivityReport(

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from dyadiq.graph import QGraph
+from dyadiq.passes.compensation.layer_matrix import bias_constant
 
 
 class OutputKind(enum.Enum):
@@ -99,6 +100,8 @@ class PerturbableModel:
         model = graph.to_onnx()
         self.weights: dict[str, np.ndarray] = {}
         self.weight_input: dict[str, str] = {}
+        self.biases: dict[str, np.ndarray] = {}  # biases a compensated quantizer may correct
+        self.bias_input: dict[str, str] = {}
         by_name = {t.name: t for t in model.graph.initializer}
         for node in layers:
             weight = graph.weight(node)
@@ -106,14 +109,20 @@ class PerturbableModel:
                 continue
             self.weights[node.name] = np.asarray(weight.values, np.float32)
             self.weight_input[node.name] = weight.name
-        kept = [t for t in model.graph.initializer if t.name not in set(self.weight_input.values())]
+            bias = bias_constant(graph, node)
+            if bias is not None and bias.name in by_name:
+                self.biases[node.name] = np.asarray(bias.values, np.float32)
+                self.bias_input[node.name] = bias.name
+        fed = set(self.weight_input.values()) | set(self.bias_input.values())
+        kept = [t for t in model.graph.initializer if t.name not in fed]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
-        for layer_id, name in self.weight_input.items():
-            shape = self.weights[layer_id].shape
-            model.graph.input.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
-            )
+        for arrays, names in ((self.weights, self.weight_input), (self.biases, self.bias_input)):
+            for layer_id, name in names.items():
+                shape = arrays[layer_id].shape
+                model.graph.input.append(
+                    onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+                )
         self.session = _session(model)
         self.output_name = self.session.get_outputs()[0].name
         self.forward_passes = 0
@@ -130,13 +139,14 @@ class PerturbableModel:
             return
         dynamic = onnx.ModelProto()
         dynamic.CopyFrom(model)
+        fed_names = set(self.weight_input.values()) | set(self.bias_input.values())
         for value in [*dynamic.graph.input, *dynamic.graph.output]:
             dims = value.type.tensor_type.shape.dim
-            if dims and value.name not in self.weight_input.values():
+            if dims and value.name not in fed_names:
                 dims[0].Clear()
                 dims[0].dim_param = "batch"
         del dynamic.graph.value_info[:]
-        weights = {self.weight_input[k]: v for k, v in self.weights.items()}
+        weights = self._parameters({}, None)
         try:
             session = _session(dynamic)
             pair = {k: np.concatenate([b[k] for b in self.batches[:2]]) for k in self.batches[0]}
@@ -160,17 +170,38 @@ class PerturbableModel:
         ]
         self.session = session
 
-    def outputs(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        weights = {self.weight_input[k]: v for k, v in self.weights.items()}
-        weights.update({self.weight_input[k]: v.astype(np.float32) for k, v in overrides.items()})
+    def _parameters(
+        self,
+        overrides: Mapping[str, np.ndarray],
+        bias_overrides: Mapping[str, np.ndarray] | None,
+    ) -> dict[str, np.ndarray]:
+        feeds = {self.weight_input[k]: v for k, v in self.weights.items()}
+        feeds.update({self.bias_input[k]: v for k, v in self.biases.items()})
+        feeds.update({self.weight_input[k]: v.astype(np.float32) for k, v in overrides.items()})
+        for layer_id, bias in (bias_overrides or {}).items():
+            if layer_id in self.bias_input:
+                feeds[self.bias_input[layer_id]] = np.asarray(bias, np.float32)
+        return feeds
+
+    def outputs(
+        self,
+        overrides: Mapping[str, np.ndarray],
+        bias_overrides: Mapping[str, np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """The model outputs with these layers' weights (and biases) replaced."""
+        weights = self._parameters(overrides, bias_overrides)
         results = []
         for feeds in self.batches:
             results.append(self.session.run([self.output_name], {**feeds, **weights})[0])
             self.forward_passes += 1
         return results
 
-    def loss(self, overrides: Mapping[str, np.ndarray]) -> float:
-        outs = self.outputs(overrides)
+    def loss(
+        self,
+        overrides: Mapping[str, np.ndarray],
+        bias_overrides: Mapping[str, np.ndarray] | None = None,
+    ) -> float:
+        outs = self.outputs(overrides, bias_overrides)
         pairs = zip(self.reference, outs, strict=True)
         return float(np.mean([loss(r, o, self.kind) for r, o in pairs]))
 
