@@ -24,6 +24,9 @@ from dyadiq.cli_allocation import (
     allocate,
     allocation_problem,
     bisect,
+    candidate_weights,
+    compensation_settings,
+    plan_builder,
     plan_measurer,
     primary_metric,
 )
@@ -132,10 +135,18 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     )
     plan = PrecisionPlan.load(Path(args.plan)) if args.plan else None
     allocation_info = None
+    compensation = compensation_settings(args)
+    builder = weights = None
+    if (args.max_drop or args.budget) and compensation.enabled:
+        # one compensated quantizer for the analysis, the measured plans and the output
+        builder = plan_builder(model_path, calibration, args)
+        weights = candidate_weights(builder, args)
     if args.max_drop:
-        plan, allocation_info = bisect(model_path, calibration, args, artifacts, Path(args.output))
+        plan, allocation_info = bisect(
+            model_path, calibration, args, artifacts, Path(args.output), builder
+        )
     elif args.budget:
-        plan, allocation_info = allocate(model_path, calibration, args)
+        plan, allocation_info = allocate(model_path, calibration, args, weights)
     result = quantize(
         model_path,
         Path(args.output),
@@ -148,6 +159,8 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         input_shapes=_parse_shapes(args.input_shape) or None,
         plan=plan,
         integer=args.integer or args.target is not None,
+        compensation=compensation,
+        weights=weights,
     )
     out = Path(args.output)
     report = json.loads((out / "report.json").read_text())
@@ -221,9 +234,15 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     artifacts = zoo.get(args.zoo)
     out = prepare_output_dir(Path(args.output), artifacts.model_path)
     calibration = list(artifacts.calibration_batches(args.calib_limit))
-    graph, _, problem, floats, _ = allocation_problem(artifacts.model_path, calibration, args)
+    builder = weights = None
+    if compensation_settings(args).enabled:
+        builder = plan_builder(artifacts.model_path, calibration, args)
+        weights = candidate_weights(builder, args)
+    graph, _, problem, floats, _ = allocation_problem(
+        artifacts.model_path, calibration, args, weights
+    )
     metric_name = primary_metric(artifacts)
-    measure = plan_measurer(graph, artifacts, calibration, floats, args, metric_name)
+    measure = plan_measurer(graph, artifacts, calibration, floats, args, metric_name, builder)
 
     frontier = sweep(problem, args.points, measure)
     save(frontier, out, metric_name)
@@ -419,6 +438,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compensate(p: argparse.ArgumentParser) -> None:
+    from dyadiq.passes.compensation.settings import DEFAULT_COMPENSATION
+
+    p.add_argument(
+        "--compensate",
+        default=DEFAULT_COMPENSATION,
+        metavar="none|all|range,gptq,bias,cle",
+        help="weight-rounding compensation passes, per width (default: %(default)s, the best "
+        "in benchmarks/results/compensation.md); the analysis prices the compensated weights",
+    )
+
+
 # --- zoo -------------------------------------------------------------------------------------
 def cmd_zoo(args: argparse.Namespace) -> int:
     from dyadiq import zoo
@@ -530,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write OUT/x86/layer_latency.json (input for --latency-table)",
     )
     p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
+    _add_compensate(p)
     p.add_argument(
         "--allow-mismatch",
         action="store_true",
@@ -584,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pin", action="append", default=[])
     p.add_argument("--exclude", action="append", default=[])
+    _add_compensate(p)
     p.set_defaults(func=cmd_frontier)
 
     p = sub.add_parser("eval", help="score models against a zoo model's float original")

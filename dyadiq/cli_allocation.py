@@ -14,8 +14,44 @@ from dyadiq.errors import ConfigError
 console = Console()
 
 
-def allocation_problem(model_path: Path, calibration: Any, args: argparse.Namespace) -> Any:
-    """Sensitivity (cached) -> the ILP's problem: (graph, report, problem, floats, cached)."""
+def compensation_settings(args: argparse.Namespace) -> Any:
+    """--compensate as settings (none where the command has no such option)."""
+    from dyadiq.passes.compensation.settings import CompensationSettings
+
+    return CompensationSettings.parse(getattr(args, "compensate", None) or "none")
+
+
+def plan_builder(model_path: Path, calibration: Any, args: argparse.Namespace) -> Any:
+    """One calibration pass and one compensated quantizer for every plan of this model:
+    the sensitivity analysis prices the weights that the plans it chooses are built with."""
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.calibration.observers import RangeMethod
+    from dyadiq.pipeline import CalibrationConfig, PlanBuilder
+
+    config = CalibrationConfig(
+        method=RangeMethod(args.calibrator), image_preset=getattr(args, "calib_preset", None)
+    )
+    return PlanBuilder(
+        load_onnx(model_path),
+        calibration,
+        config,
+        act_bits=args.abits,
+        exclude=frozenset(args.exclude),
+        compensation=compensation_settings(args),
+    )
+
+
+def candidate_weights(builder: Any, args: argparse.Namespace) -> Any:
+    """The builder's quantizer, compensated at every width the ILP may pick."""
+    return builder.compensator.ensure(_widths(args.wbits_candidates, "--wbits-candidates"))
+
+
+def allocation_problem(
+    model_path: Path, calibration: Any, args: argparse.Namespace, weights: Any = None
+) -> Any:
+    """Sensitivity (cached) -> the ILP's problem: (graph, report, problem, floats, cached).
+
+    ``weights``: the (compensated) weight quantizer whose damage the analysis measures."""
     from dataclasses import replace
 
     from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, allowed_formats
@@ -42,7 +78,13 @@ def allocation_problem(model_path: Path, calibration: Any, args: argparse.Namesp
     kind = output_kind_of(graph, batches)
     widths = _widths(args.wbits_candidates, "--wbits-candidates")
     act_widths = _widths(getattr(args, "abits_candidates", None) or str(args.abits), "--abits")
-    report, cached = analyze_cached(graph, batches, kind, SensitivityConfig(weight_bits=widths))
+    report, cached = analyze_cached(
+        graph,
+        batches,
+        kind,
+        SensitivityConfig(weight_bits=widths),
+        **({"weights": weights} if weights is not None else {}),
+    )
     formats = [LayerFormat(w, a) for w in widths for a in act_widths]
     candidates, floats = apply_overrides(
         graph, list(report.layers), formats, overrides_from_args(args, graph)
@@ -88,12 +130,14 @@ def measured_tables(args: argparse.Namespace) -> dict[str, Any]:
     return tables
 
 
-def allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def allocate(
+    model_path: Path, calibration: Any, args: argparse.Namespace, weights: Any = None
+) -> tuple[Any, Any]:
     """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
     from dyadiq.passes.allocation import layer_table, parse_budget, solve
     from dyadiq.plan import PrecisionPlan
 
-    _, report, problem, floats, cached = allocation_problem(model_path, calibration, args)
+    _, report, problem, floats, cached = allocation_problem(model_path, calibration, args, weights)
     budget = parse_budget(args.budget, problem)
     allocation = solve(problem, budget)
     plan = PrecisionPlan(
@@ -130,6 +174,7 @@ def allocate(model_path: Path, calibration: Any, args: argparse.Namespace) -> tu
         "activation_ties": [list(g) for g in problem.act_ties],
         "proven_optimal": allocation.optimal,
         "sensitivity_fingerprint": report.fingerprint,
+        "compensation": compensation_settings(args).label,
         "layers": layer_table(problem, allocation),
     }
     return plan, info
@@ -140,11 +185,18 @@ def primary_metric(artifacts: Any) -> str:
 
 
 def plan_measurer(
-    graph: Any, artifacts: Any, calibration: Any, floats: Any, args: argparse.Namespace, metric: str
+    graph: Any,
+    artifacts: Any,
+    calibration: Any,
+    floats: Any,
+    args: argparse.Namespace,
+    metric: str,
+    builder: Any = None,
 ) -> Any:
     """formats -> the plan's QDQ model measured on the zoo model's held-out split.
 
     All plans share one calibration pass (``PlanBuilder``): they differ in weight bits only.
+    ``builder``: one already made (with its compensated quantizer), else a new one.
     """
     import tempfile
 
@@ -157,7 +209,15 @@ def plan_measurer(
 
     config = CalibrationConfig(method=RangeMethod(args.calibrator))
     excluded = frozenset(floats)
-    builder = PlanBuilder(graph, calibration, config, act_bits=args.abits, exclude=excluded)
+    if builder is None:
+        builder = PlanBuilder(
+            graph,
+            calibration,
+            config,
+            act_bits=args.abits,
+            exclude=excluded,
+            compensation=compensation_settings(args),
+        )
 
     def measure(formats: dict[str, Any]) -> float:
         plan = PrecisionPlan(formats, args.abits, False, excluded)
@@ -171,7 +231,12 @@ def plan_measurer(
 
 
 def bisect(
-    model_path: Path, calibration: Any, args: argparse.Namespace, artifacts: Any, out: Path
+    model_path: Path,
+    calibration: Any,
+    args: argparse.Namespace,
+    artifacts: Any,
+    out: Path,
+    builder: Any = None,
 ) -> tuple[Any, Any]:
     """--max-drop: bisect the size budget until the held-out metric is within tolerance."""
     from dyadiq.bisection import bisect_budget
@@ -183,13 +248,14 @@ def bisect(
         raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
     text = args.max_drop.strip()
     drop = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    graph, report, problem, floats, _ = allocation_problem(model_path, calibration, args)
+    weights = candidate_weights(builder, args) if builder is not None else None
+    graph, report, problem, floats, _ = allocation_problem(model_path, calibration, args, weights)
     metric = primary_metric(artifacts)
     reference = evaluate(artifacts, {}, limit=args.eval_limit)["float"][metric]
     prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
     result = bisect_budget(
         problem,
-        plan_measurer(graph, artifacts, calibration, floats, args, metric),
+        plan_measurer(graph, artifacts, calibration, floats, args, metric, builder),
         threshold=reference - drop,
         iterations=args.bisect_steps,
         state_path=out / "bisection_state.json",

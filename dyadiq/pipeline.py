@@ -33,6 +33,7 @@ from dyadiq.passes.calibration.collector import (
 from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RangeMethod, estimate_range
 from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
+from dyadiq.passes.compensation.compensated_weights import CompensatedWeights
 from dyadiq.passes.compensation.sequential import SequentialCompensator
 from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.fold_batch_norm import fold_batch_norm
@@ -141,10 +142,10 @@ def quantize_graph(
         )
         params = group_quantizers(sites, ranges, signed=plan.act_signed)
         compensator = SequentialCompensator(graph, batches, compensation, act_params=params)
-        compensated = compensator.ensure({f.weight_bits for f in plan.layers.values()})
-        weights = compensated
-        report = compensated.report({k: f.weight_bits for k, f in plan.layers.items()})
+        weights = compensator.ensure({f.weight_bits for f in plan.layers.values()})
         timings["compensate_s"] = time.perf_counter() - t
+    if isinstance(weights, CompensatedWeights):
+        report = weights.report({k: f.weight_bits for k, f in plan.layers.items()})
     weights = weights if weights is not None else ROUND_TO_NEAREST
     t = time.perf_counter()
     qdq = insert_qdq(graph, plan, sites, ranges, weights)
