@@ -146,7 +146,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             model_path, calibration, args, artifacts, Path(args.output), builder
         )
     elif args.budget:
-        plan, allocation_info = allocate(model_path, calibration, args, weights)
+        plan, allocation_info = allocate(model_path, calibration, args, builder)
     result = quantize(
         model_path,
         Path(args.output),
@@ -234,12 +234,11 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     artifacts = zoo.get(args.zoo)
     out = prepare_output_dir(Path(args.output), artifacts.model_path)
     calibration = list(artifacts.calibration_batches(args.calib_limit))
-    builder = weights = None
+    builder = None
     if compensation_settings(args).enabled:
         builder = plan_builder(artifacts.model_path, calibration, args)
-        weights = candidate_weights(builder, args)
     graph, _, problem, floats, _ = allocation_problem(
-        artifacts.model_path, calibration, args, weights
+        artifacts.model_path, calibration, args, builder
     )
     metric_name = primary_metric(artifacts)
     measure = plan_measurer(graph, artifacts, calibration, floats, args, metric_name, builder)

@@ -34,8 +34,9 @@ from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RangeMethod, estimate_range
 from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
 from dyadiq.passes.compensation.compensated_weights import CompensatedWeights
+from dyadiq.passes.compensation.cross_layer_equalization import equalize_cross_layer
 from dyadiq.passes.compensation.sequential import SequentialCompensator
-from dyadiq.passes.compensation.settings import CompensationSettings
+from dyadiq.passes.compensation.settings import CompensationPass, CompensationSettings
 from dyadiq.passes.fold_batch_norm import fold_batch_norm
 from dyadiq.passes.insert_qdq import QDQResult, group_quantizers, insert_qdq
 from dyadiq.passes.integerize import integerize
@@ -103,6 +104,18 @@ def prepare_graph(graph: QGraph, *, needs_int4: bool = False) -> QGraph:
     return prepared
 
 
+def equalize_if_asked(graph: QGraph, compensation: CompensationSettings) -> dict[str, Any] | None:
+    """Cross-layer equalisation of a prepared graph, in place, when ``compensation`` asks:
+    a float-equivalent rewrite, so every later step (calibration, compensation, analysis)
+    sees the equalised weights. Deterministic: each graph prepared from one model gets the
+    same weights, so a quantizer computed on one applies to the other."""
+    if not compensation.uses(CompensationPass.CLE):
+        return None
+    report = equalize_cross_layer(graph)
+    graph.notes.append(f"cross-layer equalisation: {len(report.equalized)} pair(s)")
+    return report.to_json()
+
+
 def compensation_batches(
     calibration: CalibrationSource, graph: QGraph, image_preset: str | None, count: int
 ) -> list[dict[str, Any]]:
@@ -127,6 +140,7 @@ def quantize_graph(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     graph = prepare_graph(graph, needs_int4=plan.uses_4bit_types)
+    equalization = equalize_if_asked(graph, compensation)
     sites = find_activation_sites(graph, plan)
     request = StatisticsRequest(frozenset(sites.tensors), bins=config.bins)
     statistics = collect_statistics(
@@ -146,6 +160,8 @@ def quantize_graph(
         timings["compensate_s"] = time.perf_counter() - t
     if isinstance(weights, CompensatedWeights):
         report = weights.report({k: f.weight_bits for k, f in plan.layers.items()})
+    if equalization is not None:
+        report = {**(report or {}), "cross_layer_equalization": equalization}
     weights = weights if weights is not None else ROUND_TO_NEAREST
     t = time.perf_counter()
     qdq = insert_qdq(graph, plan, sites, ranges, weights)
@@ -177,6 +193,7 @@ class PlanBuilder:
     ) -> None:
         self.source = graph
         self.graph = prepare_graph(graph, needs_int4=True)
+        self.equalization = equalize_if_asked(self.graph, compensation)
         self.calibration = list(calibration)
         self.config = config
         base = PrecisionPlan.uniform(self.graph, act_bits=act_bits, exclude=exclude)
