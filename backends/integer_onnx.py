@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq import integer_program as ip
-from dyadiq.errors import DyadiqError
+from dyadiq.errors import DyadiqError, UnsupportedModelError
 
 OFFSET = 1 << 62
 UNSIGNED_SHIFT = 128  # s8 code c is u8 code c + 128 with the zero point moved by 128
@@ -300,6 +300,9 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
 
 
+_MAX_SOFTMAX_UPSCALE_BITS = 62 - 9  # |d| < 2^9 for codes of up to 8 bits, kept in int64
+
+
 def _softmax(b: _Builder, op: ip.Softmax) -> None:
     """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
     axes = b.const("axes", np.array([-1], np.int64))
@@ -309,6 +312,12 @@ def _softmax(b: _Builder, op: ip.Softmax) -> None:
     else:  # before opset 18 ReduceMax takes its axes as an attribute
         top = b.node("ReduceMax", [v], "row_max", keepdims=1, axes=[-1])
     d = b.node("Sub", [v, top], "d")
+    if op.upscale_bits > _MAX_SOFTMAX_UPSCALE_BITS:
+        # A huge input scale (weights near 1e27): d * 2^upscale would leave int64.
+        raise UnsupportedModelError(
+            f"softmax {op.output}: its input range needs a 2^{op.upscale_bits} upscale, which "
+            "overflows int64; the model's weights or activations are implausibly large"
+        )
     if op.upscale_bits:
         d = b.node("Mul", [d, b.const("upscale", np.int64(1 << op.upscale_bits))], "d_fine")
     neg = b.node("Neg", [d], "neg_d")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -26,6 +27,11 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
     return False, f"{node.op} has no integer kernel here: runs in float between DQ and Q"
 
 
+def _element_count(constant: gs.Constant) -> int:
+    """From the declared shape: counting never reads (or decodes) the tensor's data."""
+    return int(math.prod(constant.shape))
+
+
 def describe(graph: QGraph) -> dict[str, Any]:
     constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     layers = []
@@ -36,7 +42,7 @@ def describe(graph: QGraph) -> dict[str, Any]:
             {
                 "id": node.name,
                 "op": node.op,
-                "params": int(weight.values.size) if weight is not None else 0,
+                "params": _element_count(weight) if weight is not None else 0,
                 "quantizable": ok,
                 "reason": reason,
             }
@@ -44,7 +50,7 @@ def describe(graph: QGraph) -> dict[str, Any]:
     return {
         "source": graph.source,
         "opset": graph.opset,
-        "parameters": int(sum(c.values.size for c in constants.values())),
+        "parameters": sum(_element_count(c) for c in constants.values()),
         "op_counts": dict(Counter(node.op for node in graph.nodes()).most_common()),
         "weighted_layers": len(graph.weighted_layers()),
         "layers": layers,

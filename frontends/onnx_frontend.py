@@ -5,10 +5,13 @@ Steps, each with a typed error a user can act on:
 2. scan every node and list all unsupported ops in one error;
 3. ``onnx.checker``;
 4. promote weights held in ``Constant`` nodes to initializers;
-5. optionally fix dynamic input dims, then simplify (onnxsim: constant folding, shape
-   inference) - a simplifier failure is recorded in the graph's notes and shape inference
-   alone is used instead;
-6. import into onnx-graphsurgeon and assign stable node ids.
+5. element types and initializer sizes (``onnx_validation``);
+6. optionally fix dynamic input dims, then, in a forked child, create an onnxruntime session
+   and run it once (a model onnxruntime refuses is a :class:`ModelLoadError` quoting its
+   reason) and simplify (onnxsim: constant folding, shape inference) - a simplifier failure
+   or crash is recorded in the graph's notes and shape inference alone is used instead
+   (``runtime_validation``);
+7. import into onnx-graphsurgeon and assign stable node ids.
 The input file is only ever read.
 """
 
@@ -25,6 +28,8 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from dyadiq.errors import ModelLoadError, UnsupportedModelError
+from dyadiq.frontends.onnx_validation import check_element_types, check_initializer_sizes
+from dyadiq.frontends.runtime_validation import validate_and_simplify
 from dyadiq.graph import QGraph, assign_stable_ids
 from dyadiq.op_facts import onnx_op_kind
 
@@ -159,23 +164,6 @@ def _clear_invalid_dims(model: onnx.ModelProto) -> None:
                 dim.Clear()
 
 
-def _simplify(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    try:
-        import onnxsim
-
-        simplified, ok = onnxsim.simplify(model)
-        if ok:
-            return simplified
-        notes.append("onnxsim could not verify its result; used shape inference only")
-    except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++ for many reasons
-        notes.append(f"onnxsim failed ({type(exc).__name__}: {exc}); used shape inference only")
-    log.warning(notes[-1])
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
-        raise ModelLoadError(f"shape inference failed: {exc}") from exc
-
-
 def load_onnx(
     source: ModelSource,
     *,
@@ -188,6 +176,8 @@ def load_onnx(
     model.CopyFrom(original)  # never edit the caller's proto
     _raise_if_unsupported(model, where)
     _check(model, where)
+    check_element_types(model, where)
+    check_initializer_sizes(model, where)
     notes: list[str] = []
     promoted = promote_constant_nodes(model)
     if promoted:
@@ -195,7 +185,7 @@ def load_onnx(
     _clear_invalid_dims(model)
     if input_shapes:
         _fix_input_shapes(model, input_shapes)
-    model = _simplify(model, notes) if simplify else onnx.shape_inference.infer_shapes(model)
+    model = validate_and_simplify(model, where, simplify=simplify, notes=notes)
     _raise_if_unsupported(model, f"{where} after simplification")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = gs.import_onnx(model)

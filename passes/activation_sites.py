@@ -43,11 +43,12 @@ class ActivationSites:
 
 
 def _is_float_activation(tensor: gs.Tensor) -> bool:
-    return (
-        isinstance(tensor, gs.Variable)
-        and tensor.dtype is not None
-        and np.dtype(tensor.dtype) == np.float32
-    )
+    if not isinstance(tensor, gs.Variable) or tensor.dtype is None:
+        return False
+    try:
+        return np.dtype(tensor.dtype) == np.float32
+    except TypeError:  # an ONNX type numpy has no dtype for (bfloat16, float8): not float32
+        return False
 
 
 def _has_constant_bounds(node: gs.Node) -> bool:

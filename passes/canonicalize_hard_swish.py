@@ -28,9 +28,13 @@ class RewriteReport:
 
 
 def _scalar(tensor: gs.Tensor | None) -> float | None:
-    if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).size == 1:
-        return float(np.asarray(tensor.values).reshape(()))
-    return None
+    if not isinstance(tensor, gs.Constant):
+        return None
+    try:
+        values = np.asarray(tensor.values)
+    except ValueError:  # data that does not fit its declared type/shape is not a scalar
+        return None
+    return float(values.reshape(())) if values.size == 1 else None
 
 
 def _is(tensor: gs.Tensor | None, value: float) -> bool:

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from dyadiq.errors import CalibrationDataError
+from dyadiq.errors import CalibrationDataError, UnsupportedModelError
+from dyadiq.frontends.runtime_validation import onnxruntime_reason
 from dyadiq.graph import QGraph
 from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RunningHistogram
@@ -72,7 +73,13 @@ def collect_statistics(
 ) -> CalibrationStatistics:
     start = time.perf_counter()
     model = augmented_model(graph.to_onnx(), request.tensors)
-    sess = session(model)
+    try:
+        sess = session(model)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        # The frontend validated the model as loaded, so this is a graph a rewrite made.
+        raise UnsupportedModelError(
+            f"onnxruntime cannot run the prepared model for calibration: {onnxruntime_reason(exc)}"
+        ) from exc
     names = sorted(request.tensors)
     histograms = {name: RunningHistogram(bins=request.bins) for name in names}
     batches = 0

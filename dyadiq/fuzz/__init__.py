@@ -1,0 +1,1 @@
+"""Fuzzing dyadiq: structured mutations of models and inputs, run behind a fork per case."""
