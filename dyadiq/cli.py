@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import sys
@@ -31,7 +32,7 @@ from dyadiq.cli_allocation import (
     primary_metric,
 )
 from dyadiq.errors import ConfigError, DyadiqError, VerificationError
-from dyadiq.io import write_text_atomic
+from dyadiq.io import describe_os_error, relocated, staged_output_dir, write_text_atomic
 from dyadiq.targets import TARGETS as TARGET_NAMES
 
 console = Console()
@@ -134,6 +135,12 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         image_preset=args.calib_preset,
     )
     plan = PrecisionPlan.load(Path(args.plan)) if args.plan else None
+    # Everything is written to a hidden sibling of the output folder that replaces it only at
+    # the end (kept on a verification failure, for inspection): a failure leaves it as it was.
+    final = Path(args.output)
+    out = stack.enter_context(
+        staged_output_dir(final, *_user_inputs(args, artifacts), keep_on=(VerificationError,))
+    )
     allocation_info = None
     compensation = compensation_settings(args)
     builder = weights = None
@@ -149,7 +156,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         plan, allocation_info = allocate(model_path, calibration, args, builder)
     result = quantize(
         model_path,
-        Path(args.output),
+        out,
         calibration,
         weight_bits=args.wbits,
         act_bits=args.abits,
@@ -162,7 +169,6 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         compensation=compensation,
         weights=weights,
     )
-    out = Path(args.output)
     report = json.loads((out / "report.json").read_text())
     if allocation_info is not None:
         report["allocation"] = allocation_info
@@ -177,7 +183,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
                 calibration, result.graph, config.image_preset, args.check_inputs
             )
         feeds = single_inputs(batches, args.check_inputs)
-        report["target"] = emit_for_target(
+        target_info = emit_for_target(
             result.program,
             args.target,
             out / args.target,
@@ -186,6 +192,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             tuning_db=Path(args.tuning_db) if args.tuning_db else None,
             layer_latency_ids=list(result.plan.layers) if args.layer_latency else None,
         )
+        report["target"] = relocated(target_info, out, final)  # paths as they will be
     if artifacts is not None and not args.no_eval:
         report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
 
@@ -196,14 +203,31 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         "mismatch_allowed": bool(problems) and args.allow_mismatch,
     }
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    _print_summary(report, result.plan.to_json(), out)
+    _print_summary(report, result.plan.to_json(), final)
     if problems and not args.allow_mismatch:
         raise VerificationError(
             "verification failed:\n  - "
             + "\n  - ".join(problems)
-            + f"\n{out} is written for inspection; --allow-mismatch accepts such a result"
+            + f"\n{final} is written for inspection; --allow-mismatch accepts such a result"
         )
     return 0
+
+
+def _user_inputs(args: argparse.Namespace, artifacts: Any) -> list[Path]:
+    """Every file or folder the run reads, as the user named it (the Relax JSON, not its ONNX
+    translation): the output folder may be none of them, hold none, nor lie in one."""
+    named = [
+        args.model,
+        args.calib,
+        args.plan,
+        args.latency_table,
+        args.memory_plan,
+        args.tuning_db,
+    ]
+    inputs = [Path(item) for item in named if item]
+    if artifacts is not None:
+        inputs.append(Path(artifacts.model_path))
+    return inputs
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -644,8 +668,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DyadiqError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}")
+        _print_error(f"{type(exc).__name__}: {exc}", exc)
         return 3 if isinstance(exc, VerificationError) else 2
+    except KeyboardInterrupt as exc:
+        _print_error("interrupted", exc)
+        return 130
+    except OSError as exc:
+        if exc.errno not in FAULT_ERRNOS:
+            raise
+        _print_error(f"{type(exc).__name__}: {describe_os_error(exc)}", exc)
+        return 2
+
+
+# Faults of the machine, not of dyadiq: reported in one line like a bad input.
+FAULT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG}
+)
+
+
+def _print_error(message: str, exc: BaseException) -> None:
+    """One line (plus the message's own lines): what failed, and what became of the output."""
+    notes = "; ".join(getattr(exc, "__notes__", []))
+    text = f"{message}; {notes}" if notes else message
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.frontends.onnx_frontend import ModelSource, load_onnx, read_model, upgrade_opset
 from dyadiq.graph import QGraph
 from dyadiq.integer_program import IntegerProgram
-from dyadiq.io import prepare_output_dir, save_model_atomic, write_text_atomic
+from dyadiq.io import save_model_atomic, staged_output_dir, write_text_atomic
 from dyadiq.passes.activation_sites import ActivationSites, find_activation_sites
 from dyadiq.passes.calibration.collector import (
     CalibrationStatistics,
@@ -290,39 +290,42 @@ def quantize(
     the sensitivity analysis priced).
     """
     inputs = [Path(model)] if not isinstance(model, onnx.ModelProto) else []
-    out = prepare_output_dir(output_dir, *inputs)
-    t0 = time.perf_counter()
-    graph = load_onnx(model, input_shapes=input_shapes)
-    load_s = time.perf_counter() - t0
-    if plan is None:
-        plan = PrecisionPlan.uniform(
-            graph,
-            weight_bits=weight_bits,
-            act_bits=act_bits,
-            act_signed=act_signed,
-            exclude=exclude,
+    if isinstance(calibration, str | Path):
+        inputs.append(Path(calibration))
+    # Built in a hidden sibling folder that replaces output_dir only when everything is written.
+    with staged_output_dir(output_dir, *inputs) as out:
+        t0 = time.perf_counter()
+        graph = load_onnx(model, input_shapes=input_shapes)
+        load_s = time.perf_counter() - t0
+        if plan is None:
+            plan = PrecisionPlan.uniform(
+                graph,
+                weight_bits=weight_bits,
+                act_bits=act_bits,
+                act_signed=act_signed,
+                exclude=exclude,
+            )
+        plan.validate_for(graph)
+        validate_plan(plan, graph, *((ONNX_QDQ, INTEGER_ONNX) if integer else (ONNX_QDQ,)))
+        result = quantize_graph(
+            graph, plan, calibration, config, compensation=compensation, weights=weights
         )
-    plan.validate_for(graph)
-    validate_plan(plan, graph, *((ONNX_QDQ, INTEGER_ONNX) if integer else (ONNX_QDQ,)))
-    result = quantize_graph(
-        graph, plan, calibration, config, compensation=compensation, weights=weights
-    )
-    result.timings["load_s"] = load_s
-    plan.save(out / "plan.json")
-    t = time.perf_counter()
-    result.model = write_qdq(result.qdq.graph, out / "model.qdq.onnx")
-    result.timings["export_s"] = time.perf_counter() - t
-    float_bytes = read_model(model)[0].ByteSize()
-    report = build_report(result, float_bytes)
-    if integer:
+        result.timings["load_s"] = load_s
+        plan.save(out / "plan.json")
         t = time.perf_counter()
-        batches = verification_batches(calibration, graph, config.image_preset, check_batches)
-        result.program, int_model, report["integer"] = build_integer(result, batches)
-        save_model_atomic(int_model, out / "model.int.onnx")
-        report["sizes"]["integer_model_bytes"] = int_model.ByteSize()
-        result.timings["integer_s"] = time.perf_counter() - t
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    return result
+        result.model = write_qdq(result.qdq.graph, out / "model.qdq.onnx")
+        result.timings["export_s"] = time.perf_counter() - t
+        float_bytes = read_model(model)[0].ByteSize()
+        report = build_report(result, float_bytes)
+        if integer:
+            t = time.perf_counter()
+            batches = verification_batches(calibration, graph, config.image_preset, check_batches)
+            result.program, int_model, report["integer"] = build_integer(result, batches)
+            save_model_atomic(int_model, out / "model.int.onnx")
+            report["sizes"]["integer_model_bytes"] = int_model.ByteSize()
+            result.timings["integer_s"] = time.perf_counter() - t
+        write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+        return result
 
 
 def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
