@@ -32,7 +32,13 @@ from dyadiq.cli_allocation import (
     primary_metric,
 )
 from dyadiq.errors import ConfigError, DyadiqError, VerificationError
-from dyadiq.io import describe_os_error, relocated, staged_output_dir, write_text_atomic
+from dyadiq.io import (
+    check_output_dir,
+    describe_os_error,
+    relocated,
+    staged_output_dir,
+    write_text_atomic,
+)
 from dyadiq.targets import TARGETS as TARGET_NAMES
 
 console = Console()
@@ -109,6 +115,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from dyadiq.pipeline import CalibrationConfig, quantize, verification_batches
     from dyadiq.plan import PrecisionPlan
 
+    check_output_dir(Path(args.output), *_user_inputs(args, None))  # before any work
     artifacts = None
     if args.zoo:
         from dyadiq import zoo

@@ -7,8 +7,13 @@ the run (absent if it did not exist).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +32,7 @@ from conftest import (
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq.cli import main
-from dyadiq.errors import DyadiqError, ModelLoadError, UnsupportedModelError
+from dyadiq.errors import DyadiqError, ModelLoadError, OutputPathError, UnsupportedModelError
 from dyadiq.frontends import runtime_validation
 from dyadiq.frontends.onnx_frontend import load_onnx
 
@@ -246,3 +251,220 @@ def test_report_json_stays_parseable(tmp_path: Path, calib: Path) -> None:
     out = tmp_path / "out"
     assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib)]) == 0
     json.loads((out / "report.json").read_text())
+
+
+# --- faults: all-or-nothing output folders ------------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> digest of every file under ``folder`` (hidden ones included)."""
+    return {
+        str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def _no_staging_left(parent: Path) -> None:
+    hidden = [p.name for p in parent.iterdir() if p.name.startswith(".")]
+    assert hidden == [], f"temporary folders left behind: {hidden}"
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return save_model(make_tiny_cnn(), tmp_path / "model" / "tiny.onnx")
+
+
+def _quantize_argv(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
+    return ["quantize", str(model), "-o", str(out), "--calib", str(calib), *extra]
+
+
+def _fail_nth_fsync(monkeypatch: pytest.MonkeyPatch, n: int, error: int) -> None:
+    """Every write goes through dyadiq.io's fsync: fail the n-th like a full disk would."""
+    real = os.fsync
+    calls = {"count": 0}
+
+    def fsync(fd: int) -> None:
+        calls["count"] += 1
+        if calls["count"] == n:
+            raise OSError(error, os.strerror(error))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_write_fault_leaves_the_previous_folder_as_it_was(
+    error: int,
+    tmp_path: Path,
+    model_path: Path,
+    calib: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    assert main(_quantize_argv(model_path, out, calib, "--wbits", "4", "--integer")) == 0
+    before = _snapshot(out)
+    _fail_nth_fsync(monkeypatch, 2, error)  # plan.json written, the QDQ model fails
+    status, text = run_cli(capsys, _quantize_argv(model_path, out, calib, "--wbits", "8"))
+    assert status == 2, text
+    assert os.strerror(error) in text and "left as it was" in text, text
+    assert "Traceback" not in text
+    assert _snapshot(out) == before  # no W8 plan next to the W4 integer model
+    _no_staging_left(tmp_path)
+
+
+def test_write_fault_in_a_new_folder_leaves_nothing(
+    tmp_path: Path,
+    model_path: Path,
+    calib: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "new" / "deeper" / "out"
+    _fail_nth_fsync(monkeypatch, 3, errno.ENOSPC)
+    status, text = run_cli(capsys, _quantize_argv(model_path, out, calib))
+    assert status == 2 and "not created" in text, text
+    assert not (tmp_path / "new").exists()  # the parents it made are gone too
+
+
+def test_failure_after_some_outputs_keeps_the_previous_run(
+    tmp_path: Path, model_path: Path, calib: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal late in the run (the integer export refused, as an accumulator overflow is)
+    used to leave model.qdq.onnx + plan.json without report.json."""
+    out = tmp_path / "out"
+    assert main(_quantize_argv(model_path, out, calib, "--wbits", "4")) == 0
+    before = _snapshot(out)
+    from dyadiq import pipeline
+
+    def refuse(*_: object) -> None:
+        raise UnsupportedModelError("accumulator of layer conv could overflow int32")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "build_integer", refuse)
+        assert_typed(
+            capsys,
+            _quantize_argv(model_path, out, calib, "--integer"),
+            UnsupportedModelError,
+            "overflow",
+            "left as it was",
+        )
+    assert _snapshot(out) == before
+    _no_staging_left(tmp_path)
+
+
+def test_a_reused_folder_holds_only_the_new_run(
+    tmp_path: Path, model_path: Path, calib: Path
+) -> None:
+    out = tmp_path / "out"
+    assert main(_quantize_argv(model_path, out, calib, "--wbits", "4", "--integer")) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(_quantize_argv(model_path, out, calib, "--wbits", "8")) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["model.qdq.onnx", "notes.txt", "plan.json", "report.json"], names
+    assert (out / "notes.txt").read_text() == "mine"  # the user's own file is carried over
+    _no_staging_left(tmp_path)
+
+
+def test_files_follow_the_umask(tmp_path: Path, model_path: Path, calib: Path) -> None:
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert main(_quantize_argv(model_path, out, calib)) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_interrupt_mid_run_exits_130_and_leaves_the_folder(
+    tmp_path: Path, model_path: Path, calib: Path
+) -> None:
+    """A real SIGINT, delivered once the QDQ model is written (before report.json)."""
+    out = tmp_path / "out"
+    assert main(_quantize_argv(model_path, out, calib, "--wbits", "4")) == 0
+    before = _snapshot(out)
+    script = (
+        "import os, signal, sys\n"
+        "from dyadiq import pipeline\n"
+        "from dyadiq.cli import main\n"
+        "real = pipeline.write_qdq\n"
+        "def write_then_interrupt(*args, **kwargs):\n"
+        "    model = real(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return model\n"
+        "pipeline.write_qdq = write_then_interrupt\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *_quantize_argv(model_path, out, calib, "--wbits", "8")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 130, done.stderr
+    assert "interrupted" in done.stderr and "left as it was" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert _snapshot(out) == before
+    _no_staging_left(tmp_path)
+
+
+def test_a_verification_failure_keeps_the_complete_folder(
+    tmp_path: Path,
+    model_path: Path,
+    calib: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dyadiq import pipeline
+
+    def broken(*_: object) -> dict[str, object]:
+        return {"exact_tensors": 1, "tensors": 2, "mismatches": ["batch 0 tensor y: 1"]}
+
+    monkeypatch.setattr(pipeline, "bit_exactness", broken)
+    out = tmp_path / "out"
+    status, text = run_cli(capsys, _quantize_argv(model_path, out, calib, "--integer"))
+    assert status == 3, text
+    assert {p.name for p in out.iterdir()} >= {"model.int.onnx", "report.json", "plan.json"}
+
+
+# --- faults: outputs over inputs ----------------------------------------------------------------
+def test_output_over_a_relax_input_is_refused(
+    tmp_path: Path, calib: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dyadiq quantize DIR/plan.json -o DIR``: the guard checked the temporary ONNX
+    translation, so dyadiq's plan.json replaced the user's Relax model."""
+    tvm = pytest.importorskip("tvm")
+    from test_relax_frontend import _every_supported_op
+
+    folder = tmp_path / "DIR"
+    folder.mkdir()
+    relax_input = folder / "plan.json"
+    relax_input.write_text(tvm.ir.save_json(_every_supported_op(np.random.default_rng(2))))
+    digest = file_digest(relax_input)
+    assert_typed(
+        capsys,
+        ["quantize", str(relax_input), "-o", str(folder), "--calib", str(calib)],
+        OutputPathError,
+        "input",
+    )
+    assert file_digest(relax_input) == digest
+
+
+@pytest.mark.parametrize("which", ["calib folder", "plan", "symlinked model folder"])
+def test_output_over_any_input_is_refused(
+    which: str,
+    tmp_path: Path,
+    model_path: Path,
+    calib: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plan = tmp_path / "plans" / "plan.json"
+    plan.parent.mkdir()
+    assert main(_quantize_argv(model_path, tmp_path / "first", calib)) == 0
+    plan.write_bytes((tmp_path / "first" / "plan.json").read_bytes())
+    link = tmp_path / "link"
+    link.symlink_to(model_path.parent)
+    out = {"calib folder": calib, "plan": plan.parent, "symlinked model folder": link}[which]
+    before = _snapshot(out)
+    argv = _quantize_argv(model_path, out, calib, "--plan", str(plan))
+    assert_typed(capsys, argv, OutputPathError, "input")
+    assert _snapshot(out) == before
