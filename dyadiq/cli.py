@@ -115,6 +115,7 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from dyadiq.pipeline import CalibrationConfig, quantize, verification_batches
     from dyadiq.plan import PrecisionPlan
 
+    _refuse_conflicting_options(args)
     check_output_dir(Path(args.output), *_user_inputs(args, None))  # before any work
     artifacts = None
     if args.zoo:
@@ -218,6 +219,27 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             + f"\n{final} is written for inspection; --allow-mismatch accepts such a result"
         )
     return 0
+
+
+def _refuse_conflicting_options(args: argparse.Namespace) -> None:
+    """Options that contradict each other or mean nothing are refused, never ignored."""
+    if args.zoo and args.model:
+        raise ConfigError(
+            f"give a MODEL or --zoo {args.zoo}, not both (the model {args.model} would be ignored)"
+        )
+    if args.plan and (args.budget or args.max_drop):
+        chooser = "--budget" if args.budget else "--max-drop"
+        raise ConfigError(
+            f"--plan gives every layer's format; {chooser} would choose them: pick one"
+        )
+    if args.pin and not (args.budget or args.max_drop):
+        raise ConfigError("--pin restricts what --budget / --max-drop may choose: add one of them")
+    if args.calib_limit is not None and args.calib_limit < 1:
+        raise ConfigError(f"--calib-limit must be at least 1 batch, got {args.calib_limit}")
+    if not 0.0 < args.percentile <= 100.0:  # also false for NaN
+        raise ConfigError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.check_inputs < 1:
+        raise ConfigError(f"--check-inputs must be at least 1, got {args.check_inputs}")
 
 
 def _user_inputs(args: argparse.Namespace, artifacts: Any) -> list[Path]:
@@ -338,10 +360,20 @@ def _print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> N
     if target:
         exact = target.get("bit_exact_vs_reference")
         checked = (
-            f"bit-exact vs reference on {exact['exact']}/{exact['inputs']} inputs"
+            f"output codes equal to the reference's on {exact['exact']}/{exact['inputs']} inputs"
             if exact
             else target.get("ran_on", target.get("built", ""))
         )
+        if exact and target.get("code_tolerance"):
+            checked += (
+                f" (float islands: within {exact['max_code_diff']} codes"
+                + (
+                    f", float outputs within {exact['max_float_diff_of_range']:.3%} of range"
+                    if "max_float_diff_of_range" in exact
+                    else ""
+                )
+                + f"; tolerance {target['code_tolerance']} codes)"
+            )
         extras = [
             f"{key.replace('_', ' ')} {target[key]:,}"
             for key in ("flash_bytes", "arena_bytes", "instructions_per_inference")

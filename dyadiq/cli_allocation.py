@@ -284,6 +284,8 @@ def bisect(
 
 def overrides_from_args(args: argparse.Namespace, graph: Any) -> Any:
     """--pin ID_OR_PATTERN=W8A8[,W4A8] and --exclude ID, as allocation overrides."""
+    import fnmatch
+
     from dyadiq.passes.allocation import Overrides
     from dyadiq.plan import LayerFormat
 
@@ -300,6 +302,12 @@ def overrides_from_args(args: argparse.Namespace, graph: Any) -> Any:
         except ValueError as exc:
             raise ConfigError(f"--pin wants ID=W8A8[,W4A8], got {item!r}") from exc
         (by_id if target in ids else by_pattern)[target] = allowed
+    unmatched = [p for p in by_pattern if not fnmatch.filter(sorted(ids), p)]
+    if unmatched:
+        raise ConfigError(
+            f"--pin {', '.join(map(repr, unmatched))} matches no layer id "
+            f"(ids look like {', '.join(sorted(ids)[:4])}; `dyadiq inspect` lists them)"
+        )
     for layer in args.exclude:
         by_id[layer] = ()
     return Overrides(by_pattern=by_pattern, by_id=by_id)

@@ -20,6 +20,7 @@ from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, validate_plan
 from dyadiq.backends.integer_onnx import export_integer_onnx
 from dyadiq.backends.onnx_qdq import export_qdq, write_qdq
 from dyadiq.consistency import bit_exactness, simulation_agreement
+from dyadiq.errors import ConfigError
 from dyadiq.frontends.onnx_frontend import ModelSource, load_onnx, read_model, upgrade_opset
 from dyadiq.graph import QGraph
 from dyadiq.integer_program import IntegerProgram
@@ -56,6 +57,14 @@ class CalibrationConfig:
     limit: int | None = None  # batches
     image_preset: str | None = None
     bins: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 100.0:  # also false for NaN
+            raise ConfigError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--calib-limit must be at least 1 batch, got {self.limit}")
+        if self.bins < 2:
+            raise ConfigError(f"a histogram needs at least 2 bins, got {self.bins}")
 
 
 @dataclass

@@ -28,7 +28,11 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from dyadiq.errors import ModelLoadError, UnsupportedModelError
-from dyadiq.frontends.onnx_validation import check_element_types, check_initializer_sizes
+from dyadiq.frontends.onnx_validation import (
+    check_element_types,
+    check_finite_weights,
+    check_initializer_sizes,
+)
 from dyadiq.frontends.runtime_validation import validate_and_simplify
 from dyadiq.graph import QGraph, assign_stable_ids
 from dyadiq.op_facts import onnx_op_kind
@@ -43,6 +47,8 @@ def read_model(source: ModelSource) -> tuple[onnx.ModelProto, str]:
     if isinstance(source, onnx.ModelProto):
         return source, "<ModelProto>"
     path = Path(source)
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder; give the model's .onnx file")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     if path.stat().st_size == 0:
@@ -178,6 +184,7 @@ def load_onnx(
     _check(model, where)
     check_element_types(model, where)
     check_initializer_sizes(model, where)
+    check_finite_weights(model, where)
     notes: list[str] = []
     promoted = promote_constant_nodes(model)
     if promoted:

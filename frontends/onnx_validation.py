@@ -7,6 +7,8 @@
 2. Initializer sizes: the data held (``raw_data`` bytes, or the typed field's entries) matches
    ``prod(dims)`` of the declared ``data_type``. Otherwise numpy fails later with a reshape
    error far from the cause.
+3. No NaN in a floating-point initializer: it poisons every activation downstream, and was
+   reported as bad calibration data. (Infinities are legitimate, e.g. attention masks.)
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from dyadiq.errors import ModelLoadError, UnsupportedModelError
 
@@ -121,4 +124,21 @@ def check_initializer_sizes(model: onnx.ModelProto, where: str) -> None:
         raise ModelLoadError(
             f"{where} has initializers whose data does not match their declared type and "
             "shape: " + "; ".join(wrong[:8])
+        )
+
+
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+
+
+def check_finite_weights(model: onnx.ModelProto, where: str) -> None:
+    """Refuse floating-point initializers holding NaN (after the size check)."""
+    poisoned: list[str] = []
+    for tensor in _initializers(model):
+        if tensor.data_type in _FLOAT_TYPES and tensor.data_location != TensorProto.EXTERNAL:
+            nans = int(np.isnan(numpy_helper.to_array(tensor)).sum())
+            if nans:
+                poisoned.append(f"{tensor.name} ({nans} of {math.prod(tensor.dims)})")
+    if poisoned:
+        raise ModelLoadError(
+            f"{where} has NaN weights, so every output would be NaN: " + ", ".join(poisoned[:8])
         )

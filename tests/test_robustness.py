@@ -32,7 +32,13 @@ from conftest import (
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq.cli import main
-from dyadiq.errors import DyadiqError, ModelLoadError, OutputPathError, UnsupportedModelError
+from dyadiq.errors import (
+    ConfigError,
+    DyadiqError,
+    ModelLoadError,
+    OutputPathError,
+    UnsupportedModelError,
+)
 from dyadiq.frontends import runtime_validation
 from dyadiq.frontends.onnx_frontend import load_onnx
 
@@ -468,3 +474,53 @@ def test_output_over_any_input_is_refused(
     argv = _quantize_argv(model_path, out, calib, "--plan", str(plan))
     assert_typed(capsys, argv, OutputPathError, "input")
     assert _snapshot(out) == before
+
+
+# --- conflicting or meaningless options, and errors that blamed the wrong thing ----------------
+OPTION_CASES: dict[str, tuple[list[str], str]] = {
+    "--percentile 200": (["--percentile", "200"], "--percentile"),
+    "--percentile nan": (["--percentile", "nan"], "--percentile"),
+    "--percentile 0": (["--percentile", "0"], "--percentile"),
+    "--calib-limit 0": (["--calib-limit", "0"], "--calib-limit"),
+    "--pin pattern matching nothing": (
+        ["--budget", "avg-wbits=6", "--compensate", "none", "--pin", "/nothing*=W8A8"],
+        "matches no layer",
+    ),
+    "--pin without a budget": (["--pin", "conv=W8A8"], "--budget"),
+    "--plan with --budget": (["--plan", "PLAN", "--budget", "avg-wbits=6"], "pick one"),
+    "MODEL with --zoo": (["--zoo", "fashion_cnn"], "not both"),
+    "--check-inputs 0": (["--integer", "--check-inputs", "0"], "--check-inputs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_conflicting_or_meaningless_options_are_refused(
+    case: str, tmp_path: Path, model_path: Path, calib: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra, fragment = OPTION_CASES[case]
+    if "PLAN" in extra:
+        assert main(_quantize_argv(model_path, tmp_path / "first", calib)) == 0
+        extra = [str(tmp_path / "first" / "plan.json") if e == "PLAN" else e for e in extra]
+    out = tmp_path / "out"
+    argv = _quantize_argv(model_path, out, calib, *extra)
+    assert_typed(capsys, argv, ConfigError, fragment)
+    assert not out.exists()
+
+
+def test_nan_weights_are_a_model_error_not_a_calibration_error(
+    tmp_path: Path, calib: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_tiny_cnn()
+    weights = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    weights[0, 0, 0, 0] = np.nan
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weights, "w_conv"))
+    path = save_model(model, tmp_path / "model" / "nan.onnx")
+    argv = _quantize_argv(path, tmp_path / "out", calib)
+    assert_typed(capsys, argv, ModelLoadError, "NaN weights", "w_conv (1 of 108)")
+
+
+def test_a_folder_given_as_the_model_says_so(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = assert_typed(capsys, ["inspect", str(model_path.parent)], ModelLoadError, "is a folder")
+    assert "not found" not in text
