@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tvm
+from onnx import numpy_helper
 from tvm import IRModule, relax
 
 from dyadiq import integer_program as ip
@@ -115,6 +116,7 @@ class _Lowering:
         self.bb = bb
         self.env: dict[str, relax.Expr] = {}
         self.island_count = 0
+        self.constants: dict[str, np.ndarray] = {}  # island outputs known at compile time
 
     # --- helpers -----------------------------------------------------------------------------
     def value(self, name: str) -> relax.Expr:
@@ -374,22 +376,30 @@ class _Lowering:
         self.env[op.output] = self.emit(relax.op.concat(parts, axis=op.axis))
 
     def float_island(self, op: ip.FloatIsland) -> None:
-        """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function."""
+        """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function.
+
+        Inputs known at compile time (a Shape of a static tensor, say) go into the imported
+        model as initializers: TVM's importer needs e.g. a Reshape's target shape constant."""
         from tvm.relax.frontend.onnx import from_onnx
 
         from dyadiq.reference_interpreter import island_model
 
-        args = [self.value(name) for name in op.inputs]
-        shapes = {name: list(self.shape(name)) for name in op.inputs}
-        dtypes = {name: str(arg.ty.dtype) for name, arg in zip(op.inputs, args, strict=True)}
+        model = island_model(op, self.program.opset)
+        names = [name for name in op.inputs if name not in self.constants]
+        for name in op.inputs:
+            if name in self.constants:
+                model.graph.initializer.append(numpy_helper.from_array(self.constants[name], name))
+        kept = [i for i in model.graph.input if i.name in names]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        args = [self.value(name) for name in names]
+        shapes = {name: list(self.shape(name)) for name in names}
+        dtypes = {name: str(arg.ty.dtype) for name, arg in zip(names, args, strict=True)}
         try:
             with warnings.catch_warnings():  # the island's outputs declare no shape: fine here
                 warnings.simplefilter("ignore", UserWarning)
                 imported = from_onnx(
-                    island_model(op, self.program.opset),
-                    shape_dict=shapes,
-                    dtype_dict=dtypes,
-                    keep_params_in_input=False,
+                    model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False
                 )
         except Exception as exc:  # TVM's importer raises whatever its op converters raise
             ops = ", ".join(n.op_type for n in op.nodes)
@@ -405,11 +415,20 @@ class _Lowering:
         func = imported["main"].without_attr("global_symbol").without_attr("num_input")
         gv = self.bb.add_func(func, f"dq_float_island_{self.island_count}")
         result = self.emit(relax.Call(gv, args))
-        if len(op.outputs) == 1:
-            self.env[op.outputs[0]] = result
-        else:
-            for i, name in enumerate(op.outputs):
-                self.env[name] = self.emit(relax.TupleGetItem(result, i))
+        values = (
+            [result]
+            if len(op.outputs) == 1
+            else [self.emit(relax.TupleGetItem(result, i)) for i in range(len(op.outputs))]
+        )
+        for name, value in zip(op.outputs, values, strict=True):
+            # the importer turns ONNX Shape into a Relax shape value; the program's tensors
+            # (and the next island's inputs) are int64 tensors
+            if isinstance(value.ty, relax.ShapeType):
+                dims = value.ty.values
+                if dims is not None and all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+                    self.constants[name] = np.array([int(d) for d in dims], np.int64)
+                value = self.emit(relax.op.shape_to_tensor(value))
+            self.env[name] = value
 
     def lower(self, op: ip.IntOp) -> None:
         if isinstance(op, ip.QuantizeInput | ip.Quantize):

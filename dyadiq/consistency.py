@@ -114,6 +114,16 @@ def verification_problems(report: Mapping[str, Any]) -> list[str]:
     # builds with float islands may differ by a few codes (dyadiq.targets.ISLAND_CODE_TOLERANCE)
     tolerance = target.get("code_tolerance", 0) if isinstance(target, Mapping) else 0
     within = checked and 0 <= checked.get("max_code_diff", -1) <= tolerance
+    # outputs a float island computes: within `tolerance` codes of an 8-bit tensor spanning
+    # the output's range
+    float_diff = checked.get("max_float_diff_of_range", 0.0) if checked else 0.0
+    if checked and float_diff > tolerance / 255:
+        problems.append(
+            f"the {target.get('target')} build's float outputs differ from the reference "
+            f"interpreter's by {float_diff:.2%} of their range (tolerance "
+            f"{tolerance / 255:.2%}). Likely cause: a float island imported into TVM that "
+            "computes something else than onnxruntime does; please report it"
+        )
     if checked and checked.get("exact") != checked.get("inputs") and not within:
         problems.append(
             f"the {target.get('target')} build differs from the reference interpreter on "

@@ -57,29 +57,82 @@ def _code_diff(expected: np.ndarray, got: np.ndarray) -> int:
 ISLAND_CODE_TOLERANCE = 2
 
 
-def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> dict[str, Any]:
+def _compare(
+    expected: list[np.ndarray],
+    got: list[np.ndarray],
+    expected_floats: list[np.ndarray] | None = None,
+    got_floats: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Per check input: output codes compared exactly; outputs that have no codes (a float
+    island's) compared relative to their range (``max_float_diff_of_range``)."""
     mismatched = [
         i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if not np.array_equal(e, g)
     ]
     worst = max((_code_diff(expected[i], got[i]) for i in mismatched), default=0)
-    return {"inputs": len(expected), "exact": len(expected) - len(mismatched),
-            "mismatched_inputs": mismatched[:10], "max_code_diff": worst}  # fmt: skip
+    result = {"inputs": len(expected), "exact": len(expected) - len(mismatched),
+              "mismatched_inputs": mismatched[:10], "max_code_diff": worst}  # fmt: skip
+    if expected_floats and got_floats and any(e.size for e in expected_floats):
+        result["max_float_diff_of_range"] = max(
+            _float_diff_of_range(e, g) for e, g in zip(expected_floats, got_floats, strict=True)
+        )
+    return result
+
+
+def _float_diff_of_range(expected: np.ndarray, got: np.ndarray) -> float:
+    if expected.shape != got.shape:
+        return float("inf")
+    if not expected.size:
+        return 0.0
+    span = float(expected.max() - expected.min()) or 1.0
+    return float(np.abs(expected.astype(np.float64) - got).max()) / span
+
+
+def _flat(arrays: Sequence[np.ndarray], dtype: type) -> np.ndarray:
+    if not arrays:
+        return np.zeros(0, dtype)
+    return np.concatenate([np.asarray(a).ravel() for a in arrays]).astype(dtype, copy=False)
 
 
 def _reference_codes(program: IntegerProgram, feeds: Feeds) -> list[np.ndarray]:
-    """Each input's output codes, all outputs flattened into one uint8/int8 vector."""
+    """Each input's output codes, all outputs that have codes flattened into one vector."""
     reference = ReferenceInterpreter(program)
-    rows = []
-    for feed in feeds:
-        codes = reference.outputs(feed)
-        rows.append(np.concatenate([np.asarray(codes[o]).ravel() for o in program.outputs]))
-    return rows
+    coded = [o for o in program.outputs if o in program.int_outputs]
+    return [_flat([reference.outputs(feed)[o] for o in coded], np.int64) for feed in feeds]
+
+
+def _reference_floats(program: IntegerProgram, feeds: Feeds) -> list[np.ndarray]:
+    """Each input's outputs that have no codes (computed by a float island), flattened."""
+    reference = ReferenceInterpreter(program)
+    plain = [o for o in program.outputs if o not in program.int_outputs]
+    return [_flat([reference.outputs(feed)[o] for o in plain], np.float32) for feed in feeds]
 
 
 def _tvm_codes(program: IntegerProgram, outputs: Sequence[np.ndarray]) -> np.ndarray:
     """The codes part of the lowered ``main``'s outputs (codes come first)."""
     n = sum(1 for o in program.outputs if o in program.int_outputs)
-    return np.concatenate([np.asarray(x).ravel() for x in outputs[:n]])
+    return _flat(outputs[:n], np.int64)
+
+
+def _tvm_floats(program: IntegerProgram, outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The float outputs of ``main`` (after the codes) of outputs that have no codes."""
+    n = sum(1 for o in program.outputs if o in program.int_outputs)
+    floats = outputs[n:]
+    plain = [
+        v for o, v in zip(program.outputs, floats, strict=True) if o not in program.int_outputs
+    ]
+    return _flat(plain, np.float32)
+
+
+def _compare_runs(
+    program: IntegerProgram,
+    expected: list[np.ndarray],
+    expected_floats: list[np.ndarray],
+    runs: Sequence[Sequence[np.ndarray]],
+) -> dict[str, Any]:
+    """:func:`_compare` of TVM ``main`` results (one list of outputs per check input)."""
+    got = [_tvm_codes(program, outputs) for outputs in runs]
+    got_floats = [_tvm_floats(program, outputs) for outputs in runs]
+    return _compare(expected, got, expected_floats, got_floats)
 
 
 def emit_for_target(
@@ -153,6 +206,7 @@ def _emit_tvm(
             counts[source] = counts.get(source, 0) + 1
         info["kernels_by_schedule_source"] = counts
     expected = _reference_codes(program, feeds)
+    expected_floats = _reference_floats(program, feeds)
     if program.float_ops:
         info["float_islands"] = list(program.float_ops)
         info["code_tolerance"] = ISLAND_CODE_TOLERANCE
@@ -164,17 +218,14 @@ def _emit_tvm(
         if missing:
             info["ran_on"] = f"not run: this CPU lacks {', '.join(missing)}"
         else:
-            got = [
-                _tvm_codes(program, list(tvm_build.run_library(library, f).values())) for f in feeds
-            ]
-            info["bit_exact_vs_reference"] = _compare(expected, got)
+            runs = [list(tvm_build.run_library(library, f).values()) for f in feeds]
+            info["bit_exact_vs_reference"] = _compare_runs(program, expected, expected_floats, runs)
     elif target == "aarch64":
         from dyadiq.backends.tvm_aarch64 import aarch64_runtime_available, run_many_under_qemu
 
         if aarch64_runtime_available():
             runs = run_many_under_qemu(library, list(feeds))
-            got = [_tvm_codes(program, outputs) for outputs in runs]
-            info["bit_exact_vs_reference"] = _compare(expected, got)
+            info["bit_exact_vs_reference"] = _compare_runs(program, expected, expected_floats, runs)
             info["ran_on"] = "qemu-aarch64 (emulated; timings meaningless)"
         else:
             info["ran_on"] = "not run: no aarch64 runtime here (bash scripts/setup_aarch64.sh)"
@@ -182,10 +233,8 @@ def _emit_tvm(
         import tvm
 
         if tvm.cuda().exist:
-            got = [
-                _tvm_codes(program, list(tvm_build.run_library(library, f).values())) for f in feeds
-            ]
-            info["bit_exact_vs_reference"] = _compare(expected, got)
+            runs = [list(tvm_build.run_library(library, f).values()) for f in feeds]
+            info["bit_exact_vs_reference"] = _compare_runs(program, expected, expected_floats, runs)
         else:
             info["ran_on"] = "not run: compiled only, no CUDA device on this machine"
     return info

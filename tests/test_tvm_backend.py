@@ -279,6 +279,33 @@ def test_float_islands_run_through_tvms_onnx_importer(lowering):
         assert np.array_equal(got[0].numpy(), reference.outputs(feeds)["y"])
 
 
+def test_float_island_shapes_known_at_compile_time_become_constants():
+    """Reshape(Sigmoid(p), Shape(p)) as in SqueezeNet's head: the Shape island's value is
+    static, so the Reshape island is imported with it as a constant (TVM's importer needs
+    one) and the float output matches the reference interpreter's."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 1, 1] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        p = GlobalAveragePool (c)
+        s = Shape (p)
+        g = Sigmoid (p)
+        y = Reshape (g, s)
+    }
+    """
+    rng = np.random.default_rng(25)
+    calib = calibration((1, 3, 6, 6), rng, n=4)
+    model = with_weights(text, w=rng.normal(size=(4, 3, 3, 3)))
+    program = tvm_helpers.integer_program(model, calib, simplify=False)
+    assert any("Shape" in op for op in program.float_ops)
+    lowered = lower_program(program, float_islands=True)
+    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, X86), X86), tvm.cpu())
+    reference = ReferenceInterpreter(program)
+    for feeds in tvm_helpers.samples(calib, 4):
+        got = vm["main"](tvm.runtime.tensor(feeds["x"]))
+        np.testing.assert_allclose(got[-1].numpy(), reference.outputs(feeds)["y"], atol=1e-6)
+
+
 def test_unknown_target_is_a_config_error():
     with pytest.raises(ConfigError, match="x86"):
         target_for("riscv")
