@@ -152,7 +152,8 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     allocation_info = None
     compensation = compensation_settings(args)
     builder = weights = None
-    if (args.max_drop or args.budget) and compensation.enabled:
+    measures_plans = args.budget or (args.max_drop and artifacts is not None)
+    if measures_plans and compensation.enabled:
         # one compensated quantizer for the analysis, the measured plans and the output
         builder = plan_builder(model_path, calibration, args)
         weights = candidate_weights(builder, args)

@@ -25,14 +25,19 @@ def plan_builder(model_path: Path, calibration: Any, args: argparse.Namespace) -
     """One calibration pass and one compensated quantizer for every plan of this model:
     the sensitivity analysis prices the weights that the plans it chooses are built with."""
     from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.calibration.observers import RangeMethod
     from dyadiq.pipeline import CalibrationConfig, PlanBuilder
 
-    config = CalibrationConfig(
-        method=RangeMethod(args.calibrator), image_preset=getattr(args, "calib_preset", None)
-    )
+    preset = getattr(args, "calib_preset", None)
+    config = CalibrationConfig(method=RangeMethod(args.calibrator), image_preset=preset)
+    graph = load_onnx(model_path)
+    if not isinstance(calibration, list):  # a folder: read (at most --calib-limit) batches once
+        limit = getattr(args, "calib_limit", None)
+        specs = graph.input_specs()
+        calibration = list(validated_batches(calibration, specs, image_preset=preset, limit=limit))
     return PlanBuilder(
-        load_onnx(model_path),
+        graph,
         calibration,
         config,
         act_bits=args.abits,
@@ -47,11 +52,12 @@ def candidate_weights(builder: Any, args: argparse.Namespace) -> Any:
 
 
 def allocation_problem(
-    model_path: Path, calibration: Any, args: argparse.Namespace, weights: Any = None
+    model_path: Path, calibration: Any, args: argparse.Namespace, builder: Any = None
 ) -> Any:
     """Sensitivity (cached) -> the ILP's problem: (graph, report, problem, floats, cached).
 
-    ``weights``: the (compensated) weight quantizer whose damage the analysis measures."""
+    ``builder``: a :func:`plan_builder`; the analysis then runs on its graph (equalised when
+    asked) and measures the damage of its compensated weights at every candidate width."""
     from dataclasses import replace
 
     from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, allowed_formats
@@ -66,7 +72,8 @@ def allocation_problem(
     from dyadiq.pipeline import prepare_graph
     from dyadiq.plan import LayerFormat
 
-    graph = prepare_graph(load_onnx(model_path))
+    graph = builder.graph if builder is not None else prepare_graph(load_onnx(model_path))
+    weights = candidate_weights(builder, args) if builder is not None else None
     batches = list(
         validated_batches(
             calibration,
@@ -131,13 +138,13 @@ def measured_tables(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def allocate(
-    model_path: Path, calibration: Any, args: argparse.Namespace, weights: Any = None
+    model_path: Path, calibration: Any, args: argparse.Namespace, builder: Any = None
 ) -> tuple[Any, Any]:
     """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
     from dyadiq.passes.allocation import layer_table, parse_budget, solve
     from dyadiq.plan import PrecisionPlan
 
-    _, report, problem, floats, cached = allocation_problem(model_path, calibration, args, weights)
+    _, report, problem, floats, cached = allocation_problem(model_path, calibration, args, builder)
     budget = parse_budget(args.budget, problem)
     allocation = solve(problem, budget)
     plan = PrecisionPlan(
@@ -248,8 +255,7 @@ def bisect(
         raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
     text = args.max_drop.strip()
     drop = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    weights = candidate_weights(builder, args) if builder is not None else None
-    graph, report, problem, floats, _ = allocation_problem(model_path, calibration, args, weights)
+    graph, report, problem, floats, _ = allocation_problem(model_path, calibration, args, builder)
     metric = primary_metric(artifacts)
     reference = evaluate(artifacts, {}, limit=args.eval_limit)["float"][metric]
     prepare_output_dir(out, model_path)  # refuse the input's folder before writing state

@@ -86,12 +86,13 @@ def compensate_layer(
     search and GPTQ minimise the centred error e^T (H - mu mu^T) e instead of e^T H e.
     """
     w = geometry.to_groups(np.asarray(weight, np.float32))
-    hessian = statistics.hessian if statistics is not None else None
+    hessian = statistics.hessian.astype(np.float32) if statistics is not None else None
     correct_bias = settings.uses(CompensationPass.BIAS) and has_bias and statistics is not None
     objective = hessian
     if correct_bias and statistics is not None:
         mean = statistics.mean
-        objective = statistics.hessian - mean[:, :, None] * mean[:, None, :]
+        centred = statistics.hessian - mean[:, :, None] * mean[:, None, :]
+        objective = centred.astype(np.float32)
     signal = float(output_error(w.astype(np.float64), hessian).sum()) if hessian is not None else 0
 
     def relative_error(quantized: np.ndarray) -> float | None:

@@ -23,7 +23,7 @@ class CompensationSettings:
     damp: float = 0.01  # GPTQ dampening, relative to mean(diag H)
     act_order: bool = True
     block: int = 128  # GPTQ lazy-update block (columns)
-    range_grid: int = 24  # clipping candidates alpha in [range_lowest, 1]
+    range_grid: int = 16  # clipping candidates alpha in [range_lowest, 1]
     range_lowest: float = 0.35
     gptq_clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8)  # with range: GPTQ also tries these
 
