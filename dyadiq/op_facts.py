@@ -2,14 +2,19 @@
 
 Frontends map an ONNX ``(domain, op_type)`` to an :class:`OpKind` once; passes ask
 :data:`OP_FACTS` what the kind means for quantization instead of comparing op-type strings.
-An op that is absent from :data:`ONNX_OP_KINDS` is unsupported: the frontend lists all of
-them in one error before doing anything else.
+Any other op of the default ONNX domain is :attr:`OpKind.FLOAT_ONLY`: it has no integer
+implementation and runs in float (a float island in integer models), so one op dyadiq has no
+rule for (LRN, Sum, GreaterOrEqual, ...) never refuses a whole model. Ops of other domains
+(custom ops) are unsupported: the frontend lists all of them in one error before doing
+anything else.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+import onnx
 
 
 class OpKind(enum.Enum):
@@ -111,6 +116,8 @@ class OpKind(enum.Enum):
     # Quantization ops that dyadiq itself inserts (accepted on import so a QDQ model re-imports).
     QUANTIZE_LINEAR = "QuantizeLinear"
     DEQUANTIZE_LINEAR = "DequantizeLinear"
+    # Every other standard ONNX op: run in float, never quantized.
+    FLOAT_ONLY = "(other standard ONNX op)"
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,12 @@ ONNX_OP_KINDS: dict[tuple[str, str], OpKind] = {("", kind.value): kind for kind 
 
 
 def onnx_op_kind(domain: str, op_type: str) -> OpKind | None:
-    """The kind of an ONNX op, or None when dyadiq does not support it."""
-    return ONNX_OP_KINDS.get(("" if domain == "ai.onnx" else domain, op_type))
+    """The kind of an ONNX op, or None when dyadiq does not support it (a custom op)."""
+    domain = "" if domain == "ai.onnx" else domain
+    kind = ONNX_OP_KINDS.get((domain, op_type))
+    if kind is None and domain == "" and onnx.defs.has(op_type):
+        return OpKind.FLOAT_ONLY
+    return kind
 
 
 def facts(kind: OpKind) -> OpFacts:

@@ -179,13 +179,14 @@ def test_unreadable_model_cli(
 
 # --- 2. unsupported ops -----------------------------------------------------------------------
 def _two_unsupported_ops() -> onnx.ModelProto:
-    """Relu -> com.example::Foo -> ... plus a NonMaxSuppression: two op types dyadiq lacks."""
+    """Relu -> com.example::Foo -> com.example::Bar: two custom op types dyadiq lacks (a
+    standard ONNX op without a rule, like NonMaxSuppression, runs in float instead)."""
     boxes = helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 6, 4])
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 6])
     nodes = [
         helper.make_node("Relu", ["scores"], ["s"], name="relu"),
         helper.make_node("Foo", ["s"], ["s2"], name="custom_foo", domain="com.example"),
-        helper.make_node("NonMaxSuppression", ["boxes", "s2"], ["selected"], name="nms"),
+        helper.make_node("Bar", ["boxes", "s2"], ["selected"], name="nms", domain="com.example"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -204,7 +205,7 @@ def unsupported_path(tmp_path: Path) -> Path:
     return save_model(_two_unsupported_ops(), tmp_path / "model" / "unsupported.onnx")
 
 
-UNSUPPORTED_FRAGMENTS = ("2 unsupported op type(s)", "com.example::Foo", "NonMaxSuppression")
+UNSUPPORTED_FRAGMENTS = ("2 unsupported op type(s)", "com.example::Foo", "com.example::Bar")
 
 
 def test_unsupported_ops_api(unsupported_path: Path, tmp_path: Path) -> None:

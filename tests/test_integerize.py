@@ -364,3 +364,24 @@ def test_float_island_reading_one_constant_several_times_exports():
     if program.float_ops:  # the BatchNormalization ran as a float island
         assert any("BatchNormalization" in op for op in program.float_ops)
     _assert_bit_exact(program, int_model, calib)
+
+
+def test_standard_op_without_a_rule_runs_as_a_float_island():
+    """LRN (AlexNet, Inception v1) and Sum (ResNet50 and ShuffleNet in the onnx wheel) have
+    no quantization rule: they run in float instead of refusing the whole model."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        n = LRN <size = 3> (a)
+        s = Sum (n, a)
+        y = Conv (s, w2)
+    }
+    """
+    rng = np.random.default_rng(15)
+    model = with_weights(text, w1=rng.normal(size=(4, 3, 3, 3)), w2=rng.normal(size=(4, 4, 1, 1)))
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    _, program, int_model = _integer(model, calib, simplify=False)
+    assert any(op.startswith("LRN") for op in program.float_ops)
+    assert any(op.startswith("Sum") for op in program.float_ops)
+    _assert_bit_exact(program, int_model, calib)
