@@ -113,7 +113,7 @@ class PrecisionPlan:
                 bool(data.get("act_signed", False)),
                 frozenset(data.get("excluded", ())),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # e.g. layers: []
             raise ConfigError(f"malformed plan: {exc}") from exc
 
     def save(self, path: Path) -> None:

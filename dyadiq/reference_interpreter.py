@@ -229,10 +229,9 @@ class ReferenceInterpreter:
 def island_model(island: ip.FloatIsland, opset: int) -> onnx.ModelProto:
     def infos(names: tuple[str, ...], types: tuple[int, ...]) -> list[onnx.ValueInfoProto]:
         types = types or (onnx.TensorProto.FLOAT,) * len(names)
-        return [
-            onnx.helper.make_tensor_value_info(n, t, None)
-            for n, t in zip(names, types, strict=True)
-        ]
+        # Add(a, a) lists ``a`` twice; a graph may declare each input once.
+        unique = dict(zip(names, types, strict=True))
+        return [onnx.helper.make_tensor_value_info(n, t, None) for n, t in unique.items()]
 
     float_info = infos(island.inputs, island.input_types)
     outputs = infos(island.outputs, island.output_types)

@@ -524,3 +524,38 @@ def test_a_folder_given_as_the_model_says_so(
 ) -> None:
     text = assert_typed(capsys, ["inspect", str(model_path.parent)], ModelLoadError, "is a folder")
     assert "not found" not in text
+
+
+# --- found by the fuzzer ----------------------------------------------------------------------
+def test_a_float_island_reading_one_tensor_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Add(a, a) before a depthwise conv: the island's ONNX graph declared ``a`` twice and
+    onnxruntime's "Duplicate definition-site" escaped as a raw traceback."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        twice (float[1,4,6,6] a) => (float[1,4,1,1] y) {
+            s = Add(a, a)
+            w = Constant<value = float[4,1,3,3] {
+                1,0,0,0,1,0,0,0,1, 0,1,0,0,1,0,0,1,0, 1,1,1,0,0,0,0,0,0, 0,0,1,0,1,0,1,0,0}>()
+            d = Conv<group = 4, pads = [1, 1, 1, 1]>(s, w)
+            y = GlobalAveragePool(d)
+        }
+        """
+    )
+    path = save_model(model, tmp_path / "model" / "twice.onnx")
+    calib = write_npz_folder(tmp_path / "calib", random_batches({"a": (1, 4, 6, 6)}, 2))
+    argv = _quantize_argv(path, tmp_path / "out", calib, "--integer")
+    status, text = run_cli(capsys, argv)
+    assert status == 0, text
+    assert "Traceback" not in text
+
+
+def test_a_plan_whose_layers_are_a_list_is_a_config_error(
+    tmp_path: Path, model_path: Path, calib: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"layers": []}')
+    argv = _quantize_argv(model_path, tmp_path / "out", calib, "--plan", str(plan))
+    assert_typed(capsys, argv, ConfigError, "malformed plan")
