@@ -307,6 +307,9 @@ def run_campaign(
     start = time.monotonic()
     rng = np.random.default_rng(seed)
     plans = base_plans()
+    if runner is _run_cli:  # import once here, so each forked case starts with it loaded
+        import dyadiq.cli
+        import dyadiq.pipeline  # noqa: F401
     start_helper()  # before forking: every child shares this one helper
     campaign = Campaign()
     kinds = ["model"] * model_cases + ["inputs"] * input_cases
