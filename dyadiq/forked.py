@@ -7,6 +7,11 @@ C++ prints are caught too) sent to a file, and hands back what happened as data:
 value, the exception's text, the signal that killed the child, or a timeout. Forking (not
 spawning) keeps the already-imported modules, so a call costs milliseconds, not the seconds a
 fresh interpreter needs to import onnxsim.
+
+Fork only from a process that has not yet started native thread pools (an onnxruntime
+session): a lock held by one of those threads stays held forever in the child. The fuzz
+harness forks from such a clean process; dyadiq's own load path, which runs after sessions
+may exist, goes through :mod:`dyadiq.isolation_server` instead.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def staged_output_dir(
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)
-        exc.add_note(f"output folder {output_dir} {state}")
+        _say_what_became_of(exc, output_dir, state)
         raise
     _finish(staging, out, replaces, created, output_dir, state)
 
@@ -212,10 +212,22 @@ def _finish(
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)
-        exc.add_note(f"output folder {output_dir} {state}")
+        _say_what_became_of(exc, output_dir, state)
         if isinstance(exc, OSError):
             raise OutputPathError(f"cannot move the result into {output_dir}: {exc}") from exc
         raise
+
+
+def _say_what_became_of(exc: BaseException, output_dir: Path, state: str) -> None:
+    """Note on ``exc`` what happened to the output folder; an outer staging (the CLI's around
+    the pipeline's) replaces the inner one's note, which names a hidden temporary folder."""
+    notes = getattr(exc, "__notes__", None)
+    if notes is not None:
+        notes[:] = [n for n in notes if not n.startswith(_NOTE_PREFIX)]
+    exc.add_note(f"{_NOTE_PREFIX}{output_dir} {state}")
+
+
+_NOTE_PREFIX = "output folder "
 
 
 def _remove_empty(folders: list[Path]) -> None:

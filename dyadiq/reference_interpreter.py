@@ -19,6 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import requantize
+from dyadiq.errors import UnsupportedModelError
 
 SOFTMAX_MAX_SHIFT = 30  # exp(-30 ln 2) < 1e-9: anything smaller is zero
 
@@ -210,6 +211,11 @@ class ReferenceInterpreter:
     def _reshape(self, op: ip.Reshape, env: dict[str, np.ndarray]) -> None:
         x = env[op.input]
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(op.shape)]
+        if int(np.prod(shape)) != x.size:  # shapes inferred for other dims than the data's
+            raise UnsupportedModelError(
+                f"reshape to {op.output}: {list(x.shape)} cannot become {shape}; the model's "
+                "declared shapes disagree with the data (fix dynamic dims with --input-shape)"
+            )
         env[op.output] = x.reshape(shape)
 
     def _transpose(self, op: ip.Transpose, env: dict[str, np.ndarray]) -> None:

@@ -32,6 +32,7 @@ from dyadiq.frontends.onnx_validation import (
     check_element_types,
     check_finite_weights,
     check_initializer_sizes,
+    check_text_fields,
 )
 from dyadiq.frontends.runtime_validation import validate_and_simplify
 from dyadiq.graph import QGraph, assign_stable_ids
@@ -180,6 +181,7 @@ def load_onnx(
     original, where = read_model(source)
     model = onnx.ModelProto()
     model.CopyFrom(original)  # never edit the caller's proto
+    check_text_fields(model, where)
     _raise_if_unsupported(model, where)
     _check(model, where)
     check_element_types(model, where)

@@ -7,6 +7,8 @@
 2. Initializer sizes: the data held (``raw_data`` bytes, or the typed field's entries) matches
    ``prod(dims)`` of the declared ``data_type``. Otherwise numpy fails later with a reshape
    error far from the cause.
+0. Text fields (op types, domains, tensor and node names) are valid UTF-8: protobuf hands
+   invalid ones over as ``bytes``, which every later step chokes on.
 3. No NaN in a floating-point initializer: it poisons every activation downstream, and was
    reported as bad calibration data. (Infinities are legitimate, e.g. attention masks.)
 """
@@ -141,4 +143,33 @@ def check_finite_weights(model: onnx.ModelProto, where: str) -> None:
     if poisoned:
         raise ModelLoadError(
             f"{where} has NaN weights, so every output would be NaN: " + ", ".join(poisoned[:8])
+        )
+
+
+def _text_fields(model: onnx.ModelProto) -> Iterator[tuple[str, object]]:
+    graph = model.graph
+    for opset in model.opset_import:
+        yield "opset domain", opset.domain
+    for index, node in enumerate(graph.node):
+        label = f"node #{index}"
+        yield f"{label} op_type", node.op_type
+        yield f"{label} domain", node.domain
+        yield f"{label} name", node.name
+        for name in [*node.input, *node.output]:
+            yield f"{label} tensor name", name
+        for attr in node.attribute:
+            yield f"{label} attribute name", attr.name
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        yield "value name", info.name
+    for tensor in graph.initializer:
+        yield "initializer name", tensor.name
+
+
+def check_text_fields(model: onnx.ModelProto, where: str) -> None:
+    """Refuse names and op types that are not valid UTF-8 (a corrupted file)."""
+    broken = [label for label, value in _text_fields(model) if not isinstance(value, str)]
+    if broken:
+        raise ModelLoadError(
+            f"{where} is corrupted: text fields that are not valid UTF-8 in "
+            + ", ".join(sorted(set(broken))[:6])
         )

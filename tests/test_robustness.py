@@ -559,3 +559,34 @@ def test_a_plan_whose_layers_are_a_list_is_a_config_error(
     plan.write_text('{"layers": []}')
     argv = _quantize_argv(model_path, tmp_path / "out", calib, "--plan", str(plan))
     assert_typed(capsys, argv, ConfigError, "malformed plan")
+
+
+def test_names_that_are_not_utf8_are_a_model_load_error(
+    tmp_path: Path, calib: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flipped byte in an op type: protobuf hands it over as bytes, and onnx_op_kind
+    (TypeError) or graph export (UnicodeDecodeError) crashed on it."""
+    data = make_tiny_cnn().SerializeToString()
+    assert data.count(b"Relu") == 1
+    path = tmp_path / "model" / "flipped.onnx"
+    path.parent.mkdir()
+    path.write_bytes(data.replace(b"Relu", b"R\xf1lu"))
+    assert_typed(capsys, ["inspect", str(path)], ModelLoadError, "not valid UTF-8")
+    argv = _quantize_argv(path, tmp_path / "out", calib)
+    assert_typed(capsys, argv, ModelLoadError, "node #1 op_type")
+
+
+def test_declared_shapes_that_disagree_with_the_data_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fuzzer's case: a dynamic batch dim and an older opset; the integer program's
+    reshape could not take the data (a numpy ValueError escaped)."""
+    from dyadiq.fuzz import mutators, seeds
+
+    seed = seeds.seed_model("attention_block")
+    model = mutators.apply_model_mutations(seed, (("opset", 1333779611), ("dim", 1939842130)))
+    path = save_model(model, tmp_path / "model" / "m.onnx")
+    batches = seeds.calibration_batches(seed, 2, np.random.default_rng(626675869))
+    calib = write_npz_folder(tmp_path / "calib", batches)
+    argv = _quantize_argv(path, tmp_path / "out", calib, "--integer")
+    assert_typed(capsys, argv, UnsupportedModelError, "declared shapes disagree")
