@@ -113,7 +113,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     runs: dict[str, dict[str, Any]] = _ort_models(artifacts, name, work, args.timeout)
     paths = {k: Path(r["output"]) for k, r in runs.items() if r.get("status") == "ok"}
 
-    variants = ["none", *SINGLE_PASSES, COMBINED]
+    variants = ["none", *SINGLE_PASSES, COMBINED, "all"]
     builders: dict[str, Any] = {}
     compensation_time: dict[str, Any] = {}
     for variant in variants:
@@ -192,6 +192,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     }
     best_ort = max(ort_scores, key=lambda k: ort_scores[k]) if ort_scores else None
     reports = builders[COMBINED].compensator.result.report()
+    equalization = builders["all"].equalization
     return {
         "primary_metric": metric,
         "reported_metrics": list(baseline.REPORTED_METRICS[name]),
@@ -203,6 +204,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         "compensation_time": compensation_time,
         "analysis": analysis,
         "layer_reports": reports,
+        "cross_layer_equalization": equalization,
         "eval_s": eval_s,
         "total_s": time.perf_counter() - start,
     }
@@ -214,7 +216,7 @@ def _f(x: Any, spec: str = ".4f") -> str:
 
 def _uniform_table(model: dict[str, Any]) -> list[str]:
     metric = model["primary_metric"]
-    variants = ["none", *SINGLE_PASSES, COMBINED]
+    variants = ["none", *SINGLE_PASSES, COMBINED, "all"]
     lines = [
         f"| uniform ({metric}) | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
@@ -286,7 +288,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         "percentile-calibrated (dyadiq's default). `range,gptq,bias` is every pass applied in "
         "that order: clipping-scale search on the layer output error, GPTQ, bias correction. "
         "Compensation reads each layer's inputs from the already quantized prefix "
-        f"({data['compensation_samples']} calibration batches). CLE is not implemented yet.",
+        f"({data['compensation_samples']} calibration batches). `all` adds cross-layer "
+        "equalisation (CLE) before them; the pairs it equalised and declined are listed per "
+        "model.",
         "",
     ]
     for name, model in data["models"].items():
@@ -322,6 +326,17 @@ def render_markdown(data: dict[str, Any]) -> str:
                 "after.",
                 "",
             ]
+        cle = model.get("cross_layer_equalization") or {}
+        declined: dict[str, int] = {}
+        for item in cle.get("declined", []):
+            reason = item["reason"].split(":")[0]
+            declined[reason] = declined.get(reason, 0) + 1
+        out += [
+            f"CLE (`all`): {len(cle.get('equalized_pairs', []))} pair(s) equalised; declined: "
+            + ("; ".join(f"{n} x {r}" for r, n in sorted(declined.items())) or "none")
+            + ".",
+            "",
+        ]
         out += [
             "Median relative layer output error E||(W - Q)x||^2 / E||Wx||^2 over layers, "
             "after each stage (range, gptq, bias: with all three on):",

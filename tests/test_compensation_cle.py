@@ -71,3 +71,27 @@ def test_cle_declines_a_relu6_pair_and_says_why() -> None:
     depthwise = graph.weighted_layers()[1].name
     assert "Clip(0, 6)" in reasons[depthwise]
     assert len(report.equalized) == 1  # the ReLU pair still goes through
+
+
+def test_cle_goes_through_relu_and_maxpool() -> None:
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 8, 8] x) => (float[1, 5, 4, 4] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (a)
+        p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+        y = Conv <pads = [1, 1, 1, 1]> (p, w2, b2)
+    }
+    """
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(size=(6, 3, 3, 3)) * np.exp(rng.normal(size=(6, 1, 1, 1)) * 1.5)
+    model = with_weights(
+        text, w1=w1, b1=rng.normal(size=6), w2=rng.normal(size=(5, 6, 3, 3)), b2=rng.normal(size=5)
+    )
+    graph = load_onnx(model, simplify=False)
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    before = _outputs(graph.to_onnx(), x)
+    report = equalize_cross_layer(graph)
+    assert len(report.equalized) == 1
+    after = _outputs(graph.to_onnx(), x)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())

@@ -53,20 +53,19 @@ def _gptq_on_best_scales(
     settings: CompensationSettings,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ on each candidate scale vector; per row (rows are independent given H) keep the
-    codes with the smallest objective error. Returns (codes [G, R, d], scales [G, R])."""
-    best_codes = best_scales = best_error = None
+    codes with the smallest objective error. Returns (codes [G, R, d], scales [G, R]).
+
+    The candidates run as one GPTQ over the rows stacked k times (one column loop)."""
+    k, rows = len(candidates), w.shape[1]
     factor = gptq_factor(objective, damp=settings.damp, act_order=settings.act_order)
-    for scales in candidates:
-        codes = gptq_codes(w, factor, scales, bits, block=settings.block)
-        error = output_error(w - codes * scales[..., None], objective)
-        if best_error is None or best_codes is None or best_scales is None:
-            best_codes, best_scales, best_error = codes, scales, error
-            continue
-        better = error < best_error
-        best_codes = np.where(better[..., None], codes, best_codes)
-        best_scales = np.where(better, scales, best_scales)
-        best_error = np.where(better, error, best_error)
-    assert best_codes is not None and best_scales is not None
+    stacked_w = np.concatenate([w] * k, axis=1)  # [G, k R, d]
+    stacked_scales = np.concatenate(candidates, axis=1)  # [G, k R]
+    codes = gptq_codes(stacked_w, factor, stacked_scales, bits, block=settings.block)
+    error = output_error(stacked_w - codes * stacked_scales[..., None], objective)
+    best = np.argmin(error.reshape(w.shape[0], k, rows), axis=1)  # [G, R]
+    pick = (best * rows + np.arange(rows))[..., None]  # row index into the stack
+    best_codes = np.take_along_axis(codes, pick, axis=1)
+    best_scales = np.take_along_axis(stacked_scales, pick[..., 0], axis=1)
     return best_codes, best_scales
 
 

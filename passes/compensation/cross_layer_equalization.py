@@ -2,7 +2,8 @@
 float-equivalent.
 
 For a pair  y = W2 f(W1 x + b1) + b2  with f positively homogeneous per channel
-(f(x / s) = f(x) / s for s > 0: identity or ReLU, or a Clip whose bounds are 0 and +inf),
+(f(x / s) = f(x) / s for s > 0: identity, ReLU, a Clip whose bounds are 0 and +inf, MaxPool,
+or a chain of them),
 scaling output channel c of layer 1 by 1/s_c and input channel c of layer 2 by s_c leaves y
 unchanged. DFQ's choice s_c = sqrt(r1_c / r2_c), with r1_c = max|W1[c]| and r2_c = max|W2[:, c]|,
 gives both channels the range sqrt(r1_c r2_c), so per-channel weight quantizers of both layers
@@ -26,6 +27,8 @@ from dyadiq.graph import QGraph, activation_bounds
 from dyadiq.op_facts import OpKind
 
 _SCALE_LIMITS = (1e-4, 1e4)  # never rescale a channel by more than this (dead channels)
+# per-channel ops with f(x / s) = f(x) / s for s > 0 (Clip only with bounds 0 and +inf)
+_HOMOGENEOUS = (OpKind.RELU, OpKind.CLIP, OpKind.MAXPOOL)
 
 
 @dataclass
@@ -60,16 +63,16 @@ def _pair(graph: QGraph, first: gs.Node, outputs: set[str]) -> tuple[gs.Node | N
     consumer = _single_consumer(first.outputs[0], outputs)
     if consumer is None:
         return None, "its output has several consumers or is a graph output"
-    kind = graph.kind(consumer)
-    if kind in (OpKind.RELU, OpKind.CLIP):
-        lo, hi = activation_bounds(consumer)
-        if kind is OpKind.CLIP and (lo != 0.0 or np.isfinite(hi)):
+    while graph.kind(consumer) in _HOMOGENEOUS:  # f may be a chain, e.g. Relu -> MaxPool
+        kind = graph.kind(consumer)
+        lo, hi = activation_bounds(consumer) if kind is OpKind.CLIP else (0.0, np.inf)
+        if lo != 0.0 or np.isfinite(hi):
             return None, (
                 f"Clip({lo:g}, {hi:g}) after it: its bounds would have to scale per channel"
             )
         consumer = _single_consumer(consumer.outputs[0], outputs)
         if consumer is None:
-            return None, "its activation has several consumers or is a graph output"
+            return None, f"the {kind.value} after it has several consumers or is an output"
     if not _is_layer(graph, consumer):
         return None, f"followed by {consumer.op}, not a Conv it can rescale into"
     return consumer, ""

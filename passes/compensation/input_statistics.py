@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 _ROWS_PER_STEP = 65536  # im2col rows processed at once: bounds the temporary patch memory
+_CONTIGUOUS_FROM_COLUMNS = 64
 
 
 class InputStatistics:
@@ -28,8 +29,13 @@ class InputStatistics:
         """Add rows [G, P, d]."""
         for start in range(0, rows.shape[1], _ROWS_PER_STEP):
             chunk = rows[:, start : start + _ROWS_PER_STEP].astype(np.float32, copy=False)
-            self.second += np.matmul(chunk.transpose(0, 2, 1), chunk).astype(np.float64)
-            self.first += chunk.sum(axis=1, dtype=np.float64)
+            transposed = chunk.transpose(0, 2, 1)
+            if chunk.shape[2] >= _CONTIGUOUS_FROM_COLUMNS:
+                # numpy takes a slow path for x^T x on a transposed view of wide rows (measured
+                # 20x slower at d = 144); a contiguous copy gets the plain BLAS product
+                transposed = np.ascontiguousarray(transposed)
+            self.second += np.matmul(transposed, chunk).astype(np.float64)
+            self.first += chunk.sum(axis=1, dtype=np.float64)  # float64: bias correction
             self.count += chunk.shape[1]
 
     @property
