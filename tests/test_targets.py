@@ -22,13 +22,23 @@ from dyadiq.targets import emit_for_target, single_inputs
 def _reference_codes(out: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """Codes of the program the CLI built, recomputed from its written integer model's plan."""
     from dyadiq import zoo
+    from dyadiq.passes.compensation.settings import DEFAULT_COMPENSATION, CompensationSettings
     from dyadiq.pipeline import quantize
     from dyadiq.plan import PrecisionPlan
 
     artifacts = zoo.get("fashion_cnn")
     plan = PrecisionPlan.load(out / "plan.json")
     calibration = list(artifacts.calibration_batches())
-    result = quantize(artifacts.model_path, out / "again", calibration, plan=plan, integer=True)
+    # the CLI's default compensation, which the folder under test was made with
+    compensation = CompensationSettings.parse(DEFAULT_COMPENSATION)
+    result = quantize(
+        artifacts.model_path,
+        out / "again",
+        calibration,
+        plan=plan,
+        integer=True,
+        compensation=compensation,
+    )
     assert result.program is not None
     codes = ReferenceInterpreter(result.program).outputs(feeds)
     return np.concatenate([np.asarray(v).ravel() for v in codes.values()])
