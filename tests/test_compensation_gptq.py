@@ -117,3 +117,21 @@ def test_bias_correction_zeroes_the_mean_output_error() -> None:
     error = x[0].astype(np.float64) @ (w - q)[0].T.astype(np.float64)  # [P, R]
     assert np.abs(error.mean(axis=0)).max() > 1e-2  # there was a mean error to remove
     np.testing.assert_allclose((error - shift).mean(axis=0), 0.0, atol=1e-9)
+
+
+def test_gptq_survives_hessians_that_defeat_its_dampening():
+    """Huge, nearly collinear inputs (a model outside the zoo made the Cholesky fail) get more
+    dampening; a Hessian that is not finite falls back to its diagonal, for which GPTQ is
+    rounding to nearest. Neither raises."""
+    rng = np.random.default_rng(40)
+    d = 24
+    w = rng.normal(size=(1, 6, d))
+    scales = np.abs(w).max(axis=2) / 7
+    x = np.repeat(rng.normal(size=(200, 1)) * 1e6, d, axis=1)  # every input the same: rank 1
+    h = (x.T @ x)[None]
+    codes = gptq_codes(w, h, scales, 4, damp=0.0)
+    assert np.isfinite(codes).all() and np.abs(codes).max() <= 7
+    broken = h.copy()
+    broken[0, 3, 5] = np.nan
+    rtn = np.clip(np.round(w / scales[..., None]), -7, 7)
+    assert np.array_equal(gptq_codes(w, broken, scales, 4), rtn)

@@ -47,10 +47,34 @@ def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = Tr
         else np.broadcast_to(np.arange(columns), (groups, columns))
     )
     h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], 2)
-    inverse = np.linalg.inv(h)
-    inverse = (inverse + inverse.transpose(0, 2, 1)) / 2
-    upper = np.linalg.cholesky(inverse).transpose(0, 2, 1)
-    return GptqFactor(order, upper, dead)
+    return GptqFactor(order, _inverse_factor(h, damp), dead)
+
+
+# Relative dampening tried, in order, after the caller's: a Hessian of nearly collinear or
+# huge inputs (seen on models outside the zoo) can defeat the first one numerically.
+_MORE_DAMPING = (0.1, 1.0)
+
+
+def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper U with ``(h + extra I)^-1 = U^T U``, ``h`` already damped by ``damp``. More
+    dampening is added until the factorisation succeeds; a Hessian that is not finite, or
+    that no dampening makes positive definite, is replaced by its diagonal, for which GPTQ
+    is plain rounding to nearest (no error is pushed onto other columns)."""
+    eye = np.eye(h.shape[-1])
+    mean_diag = np.einsum("gii->gi", h).mean(axis=1)[:, None, None]
+    if np.isfinite(h).all():
+        for extra in (0.0, *(m - damp for m in _MORE_DAMPING if m > damp)):
+            try:
+                inverse = np.linalg.inv(h + extra * mean_diag * eye)
+                inverse = (inverse + inverse.transpose(0, 2, 1)) / 2
+                upper: np.ndarray = np.linalg.cholesky(inverse).transpose(0, 2, 1)
+            except np.linalg.LinAlgError:
+                continue
+            if np.isfinite(upper).all():
+                return upper
+    diagonal = np.einsum("gii->gi", h)
+    safe = np.where(np.isfinite(diagonal) & (diagonal > 0), diagonal, 1.0)
+    return eye * (1.0 / np.sqrt(safe))[:, None, :]
 
 
 def gptq_codes(
