@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dyadiq.errors import RequantizationError
+
 MAX_SHIFT = 31
 MULTIPLIER_LIMIT = 2**31
 
@@ -22,7 +24,10 @@ def dyadic(multiplier: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return (m, k) int64 arrays with m / 2^k closest to ``multiplier`` (elementwise)."""
     real = np.atleast_1d(np.asarray(multiplier, dtype=np.float64))
     if (real < 0).any() or not np.isfinite(real).all():
-        raise ValueError(f"dyadic multipliers must be finite and >= 0, got {real}")
+        raise RequantizationError(
+            f"a rescale multiplier must be finite and >= 0, got {real}: the model's weights "
+            "or activations are out of any integer range"
+        )
     shift = np.full(real.shape, MAX_SHIFT, dtype=np.int64)
     nonzero = real > 0
     # The largest k with round(M * 2^k) < 2^31: k = 30 - floor(log2 M), capped to [0, 31].
@@ -31,7 +36,10 @@ def dyadic(multiplier: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     overflow = mult >= MULTIPLIER_LIMIT
     if overflow.any():
         # Only at k = 0 can this happen: M >= 2^31 has no dyadic form with an int32 m.
-        raise ValueError(f"multiplier too large for an int32 dyadic form: {real[overflow]}")
+        raise RequantizationError(
+            f"rescale multiplier too large for an int32 dyadic form: {real[overflow]} (scales "
+            "of wildly different magnitudes meet in one layer)"
+        )
     return mult, shift
 
 

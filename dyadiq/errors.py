@@ -39,3 +39,10 @@ class VerificationError(DyadiqError):
     """What was written does not compute what the reference interpreter computes (bit for bit).
 
     The output folder is complete, for inspection; the CLI exits 3 unless --allow-mismatch."""
+
+
+class RequantizationError(UnsupportedModelError, ValueError):
+    """A rescale has no dyadic (int32 m / 2^k) form: a scale ratio that is not finite, is
+    negative, or exceeds 2^31 - weights or activations of wildly different magnitudes.
+
+    Also a ValueError, which callers of :func:`dyadiq.dyadic.dyadic` have always caught."""

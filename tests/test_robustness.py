@@ -590,3 +590,33 @@ def test_declared_shapes_that_disagree_with_the_data_are_refused(
     calib = write_npz_folder(tmp_path / "calib", batches)
     argv = _quantize_argv(path, tmp_path / "out", calib, "--integer")
     assert_typed(capsys, argv, UnsupportedModelError, "declared shapes disagree")
+
+
+@pytest.mark.parametrize(
+    ("seed_model", "mutation", "data_seed"),
+    [
+        ("attention_block", ("weights", 1526889228), 1214546500),  # multiplier >= 2^31
+        ("two_inputs", ("attribute", 1526244647), 1572597082),  # multiplier -inf
+    ],
+)
+def test_rescales_without_a_dyadic_form_are_typed(
+    seed_model: str,
+    mutation: tuple[str, int],
+    data_seed: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Fuzzer cases: ``dyadic`` raised a bare ValueError from integerize. (With other
+    calibration ranges the huge weight is refused earlier, at the softmax: also typed.)"""
+    from dyadiq.fuzz import mutators, seeds
+
+    seed = seeds.seed_model(seed_model)
+    model = mutators.apply_model_mutations(seed, (mutation,))
+    path = save_model(model, tmp_path / "model" / "m.onnx")
+    batches = seeds.calibration_batches(seed, 2, np.random.default_rng(data_seed))
+    calib = write_npz_folder(tmp_path / "calib", batches)
+    argv = _quantize_argv(path, tmp_path / "out", calib, "--integer")
+    status, text = run_cli(capsys, argv)
+    assert status == 2, text
+    assert re.search(r"error: (RequantizationError|UnsupportedModelError):", text), text
+    assert "Traceback" not in text
