@@ -101,6 +101,12 @@ def run_forked(function: Callable[[], Any], *, timeout_s: float) -> ForkedOutcom
             return ForkedOutcome(Ending.EXITED, exit_code=code, output=output, seconds=seconds)
         with open(result_path, "rb") as handle:
             kind, value = pickle.load(handle)
+    return finished_outcome(kind, value, output, seconds)
+
+
+def finished_outcome(kind: str, value: Any, output: str, seconds: float) -> ForkedOutcome:
+    """The outcome of a child that ended normally: ``("raised", (type, message))`` or
+    ``("returned", value)``, as the child pickled it."""
     if kind == "raised":
         error_type, message = value
         return ForkedOutcome(

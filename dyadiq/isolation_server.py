@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dyadiq.forked import Ending, ForkedOutcome
+from dyadiq.forked import Ending, ForkedOutcome, finished_outcome
 
 PRELOAD = ("numpy", "onnx", "onnxruntime", "onnxsim", "dyadiq.frontends.runtime_validation")
 
@@ -163,16 +163,7 @@ def run_isolated(
             code = int(status.get("exit_code", -1))
             return ForkedOutcome(Ending.EXITED, exit_code=code, output=output, seconds=seconds)
         kind, value = pickle.loads(result.read_bytes())
-    if kind == "raised":
-        error_type, message = value
-        return ForkedOutcome(
-            Ending.RAISED,
-            error=f"{error_type}: {message}",
-            error_type=error_type,
-            output=output,
-            seconds=seconds,
-        )
-    return ForkedOutcome(Ending.RETURNED, value=value, output=output, seconds=seconds)
+    return finished_outcome(kind, value, output, seconds)
 
 
 def _await(folder: Path, helper: subprocess.Popen[bytes], deadline: float) -> dict[str, Any] | None:
