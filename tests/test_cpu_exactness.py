@@ -6,6 +6,11 @@ kernels by CPUID, so it takes its AVX2 paths there even on a VNNI host. The firs
 the emulation is real (the u8 x s8 form saturates under it); the others run dyadiq's own
 integer pipeline tests on that CPU. QEMU's TCG cannot emulate AVX-512, so the reverse
 (VNNI paths on an AVX2 host) is covered only when CI lands on a VNNI machine.
+
+Only compensation-free quantization runs emulated: under Debian's QEMU 7.2 numpy's own AVX2
+paths misbehave (``np.argsort`` segfaulted in GPTQ, and a compensated tiny CNN came out with
+different weights than natively, while the uncompensated one matched to the last bit), which
+says more about the emulator than about any CPU.
 """
 
 from __future__ import annotations
