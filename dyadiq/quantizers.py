@@ -65,6 +65,33 @@ def quantize_weight_per_channel(weight: np.ndarray, bits: int, axis: int) -> Wei
     return WeightQuant(q, scales, axis, bits)
 
 
+# A bias code stays within half the int32 range; the other half is left to sum(x * w).
+BIAS_CODE_LIMIT = 2**30
+
+
+def with_representable_bias(
+    wq: WeightQuant, weight: np.ndarray, bias: np.ndarray, input_scale: float
+) -> WeightQuant:
+    """``wq`` with each channel's scale raised, where needed, until its bias code
+    ``b / (s_w * s_x)`` fits :data:`BIAS_CODE_LIMIT`.
+
+    After BatchNorm folding some channels have max|w| of 0 or 1e-8 and a bias near 1 (seen in
+    EfficientNet-class models): max-abs gives them a tiny s_w and a bias code far beyond int32,
+    which used to refuse the model for accumulator overflow. Such a channel's output is its
+    bias, so a coarser grid costs nothing; its weights are re-rounded on it (mostly to 0)."""
+    need = np.abs(np.asarray(bias, np.float64).reshape(-1)) / (float(input_scale) * BIAS_CODE_LIMIT)
+    raise_scale = need > wq.scales.astype(np.float64)
+    if not raise_scale.any():
+        return wq
+    scales = np.where(raise_scale, np.float32(need * (1 + 1e-6)), wq.scales).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[wq.axis] = -1
+    qmax = 2 ** (wq.bits - 1) - 1
+    fresh = np.clip(np.round(weight / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
+    values = np.where(raise_scale.reshape(shape), fresh, wq.values).astype(np.int8)
+    return WeightQuant(values, scales, wq.axis, wq.bits)
+
+
 class WeightQuantizer(Protocol):
     """Where a rewrite gets a layer's quantized weights (and the float bias to quantize).
 

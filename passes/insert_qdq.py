@@ -23,7 +23,13 @@ import onnx_graphsurgeon as gs
 from dyadiq.graph import QGraph, activation_bounds, make_constant, weight_channel_axis
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.plan import PrecisionPlan
-from dyadiq.quantizers import ROUND_TO_NEAREST, ActQuant, WeightQuantizer, activation_quant
+from dyadiq.quantizers import (
+    ROUND_TO_NEAREST,
+    ActQuant,
+    WeightQuantizer,
+    activation_quant,
+    with_representable_bias,
+)
 
 
 @dataclass
@@ -81,11 +87,21 @@ def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, q: ActQuant) -> 
 
 
 def _quantize_weight(
-    graph: gs.Graph, node: gs.Node, index: int, bits: int, weights: WeightQuantizer
+    graph: gs.Graph,
+    node: gs.Node,
+    index: int,
+    bits: int,
+    weights: WeightQuantizer,
+    bias: tuple[np.ndarray, float] | None = None,
 ) -> tuple[gs.Constant, int]:
+    """The weight's DequantizeLinear; ``bias`` (float bias, input scale) raises the scale of
+    channels whose bias code would not fit (:func:`with_representable_bias`)."""
     weight = node.inputs[index]
     axis = weight_channel_axis(node) % weight.values.ndim
-    wq = weights.weight_quant(node.name, np.asarray(weight.values, np.float32), bits, axis)
+    float_weight = np.asarray(weight.values, np.float32)
+    wq = weights.weight_quant(node.name, float_weight, bits, axis)
+    if bias is not None:
+        wq = with_representable_bias(wq, float_weight, *bias)
     code_dtype = _code_dtype(bits, signed=True)
     codes = make_constant(f"{weight.name}_quantized", wq.values.astype(code_dtype))
     scales = gs.Constant(f"{weight.name}_scale", wq.scales)
@@ -187,17 +203,29 @@ def insert_qdq(
         facts = out.facts(node)
         assert facts.weight_input is not None
         bits = fmt.weight_bits
-        weight_scales, nbytes = _quantize_weight(g, node, facts.weight_input, bits, weights)
-        weight_bytes += nbytes
         bias_at = facts.bias_input
         data = node.inputs[0]
-        if (
+        own_bias = (
             bias_at is not None
             and bias_at < len(node.inputs)
             and isinstance(node.inputs[bias_at], gs.Constant)
             and data.name in params
-        ):
+        )
+        values = None
+        if own_bias:
+            assert bias_at is not None
             values = weights.bias(layer_id, bits, np.asarray(node.inputs[bias_at].values))
+        weight_scales, nbytes = _quantize_weight(
+            g,
+            node,
+            facts.weight_input,
+            bits,
+            weights,
+            (values, params[data.name].scale) if values is not None else None,
+        )
+        weight_bytes += nbytes
+        if own_bias and values is not None:
+            assert bias_at is not None
             _quantize_bias(g, node, bias_at, weight_scales.values, params[data.name].scale, values)
         elif layer_id in sites.fused_biases:
             _correct_fused_bias(out.node(sites.fused_biases[layer_id]), layer_id, bits, weights)

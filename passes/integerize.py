@@ -32,7 +32,12 @@ from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.plan import PrecisionPlan
-from dyadiq.quantizers import ROUND_TO_NEAREST, ActQuant, WeightQuantizer
+from dyadiq.quantizers import (
+    ROUND_TO_NEAREST,
+    ActQuant,
+    WeightQuantizer,
+    with_representable_bias,
+)
 
 HARD_SWISH_FRAC_BITS = 15
 SOFTMAX_FRAC_BITS = 16
@@ -273,18 +278,30 @@ class _Integerizer:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
         bits = self.plan.layers[node.name].weight_bits
         axis = weight_channel_axis(node) % weight.values.ndim
-        wq = self.weights.weight_quant(node.name, np.asarray(weight.values, np.float32), bits, axis)
-        codes = wq.values
-        if kind is OpKind.GEMM and weight_channel_axis(node) == 0:
-            codes = codes.T  # stored [N, K] (transB): the integer MatMul wants [K, N]
+        float_weight = np.asarray(weight.values, np.float32)
+        wq = self.weights.weight_quant(node.name, float_weight, bits, axis)
         bias = None
         values = self._bias_values(node)
         if values is not None:
             values = np.asarray(self.weights.bias(node.name, bits, values), np.float64)
             s_x = self.q(node.inputs[0]).scale
+            if self._has_own_bias(node):  # as insert_qdq does: the QDQ model must agree
+                wq = with_representable_bias(wq, float_weight, values, s_x)
             scales = wq.scales.astype(np.float32) * np.float32(s_x)
             bias = np.round(values / scales).astype(np.int64)
+        codes = wq.values
+        if kind is OpKind.GEMM and weight_channel_axis(node) == 0:
+            codes = codes.T  # stored [N, K] (transB): the integer MatMul wants [K, N]
         return np.ascontiguousarray(codes), wq.scales, bias, bits
+
+    def _has_own_bias(self, node: gs.Node) -> bool:
+        facts = self.graph.facts(node)
+        index = facts.bias_input
+        return (
+            index is not None
+            and index < len(node.inputs)
+            and isinstance(node.inputs[index], gs.Constant)
+        )
 
     def _weighted(self, node: gs.Node, kind: OpKind, weight: gs.Constant) -> bool:
         x = node.inputs[0]

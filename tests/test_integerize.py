@@ -385,3 +385,31 @@ def test_standard_op_without_a_rule_runs_as_a_float_island():
     assert any(op.startswith("LRN") for op in program.float_ops)
     assert any(op.startswith("Sum") for op in program.float_ops)
     _assert_bit_exact(program, int_model, calib)
+
+
+def test_near_zero_channel_with_a_bias_gets_a_scale_its_bias_fits():
+    """After BatchNorm folding, EfficientNet-class models have channels with max|w| ~ 1e-9 and
+    a bias near 1: max-abs made s_w so small that the bias code left int32 and the model was
+    refused for accumulator overflow. Such a channel's scale is raised until its bias fits."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (a)
+        y = Conv (r, w2, b2)
+    }
+    """
+    rng = np.random.default_rng(16)
+    w1 = rng.normal(size=(4, 3, 3, 3))
+    w1[1] = 1e-9  # a dead channel whose output is its bias
+    b1 = np.array([0.1, 1.0, -0.2, 0.3])
+    model = with_weights(
+        text, w1=w1, b1=b1, w2=rng.normal(size=(4, 4, 1, 1)), b2=rng.normal(size=4) * 0.1
+    )
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    result, program, int_model = _integer(model, calib, simplify=False)
+    first = next(op for op in program.ops if isinstance(op, Conv))
+    assert first.bias is not None and np.abs(first.bias).max() <= 2**30
+    _assert_bit_exact(program, int_model, calib)
+    agreement = simulation_agreement(program, export_qdq_model(result), int_model, calib)
+    assert agreement["max_output_diff_lsb"] <= 2.0
