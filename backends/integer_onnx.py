@@ -300,7 +300,6 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
 
 
-_MAX_SOFTMAX_UPSCALE_BITS = 62 - 9  # |d| < 2^9 for codes of up to 8 bits, kept in int64
 
 
 def _softmax(b: _Builder, op: ip.Softmax) -> None:
@@ -312,7 +311,7 @@ def _softmax(b: _Builder, op: ip.Softmax) -> None:
     else:  # before opset 18 ReduceMax takes its axes as an attribute
         top = b.node("ReduceMax", [v], "row_max", keepdims=1, axes=[-1])
     d = b.node("Sub", [v, top], "d")
-    if op.upscale_bits > _MAX_SOFTMAX_UPSCALE_BITS:
+    if op.upscale_bits > ip.SOFTMAX_MAX_UPSCALE_BITS:
         # A huge input scale (weights near 1e27): d * 2^upscale would leave int64.
         raise UnsupportedModelError(
             f"softmax {op.output}: its input range needs a 2^{op.upscale_bits} upscale, which "

@@ -514,6 +514,8 @@ class _Integerizer:
         qx = self.q(x)
         # Work at a scale of at most 2^-10 so that ln 2 and the fit's constants have ~10 bits.
         upscale = max(0, int(np.ceil(np.log2(qx.scale * 2**SOFTMAX_WORK_BITS))))
+        if upscale > ip.SOFTMAX_MAX_UPSCALE_BITS:
+            return False  # logits too large for the int64 working scale: keep it in float
         work = qx.scale / 2**upscale
         if work < 2.0**-20:
             return False  # (p + q_b)^2 2^F could leave int64: keep this softmax in float

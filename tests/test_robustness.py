@@ -185,9 +185,11 @@ def test_scalar_with_mismatched_data_is_not_a_hard_swish_constant() -> None:
 
 
 # --- 5. a huge weight: softmax upscale beyond int64 ---------------------------------------------
-def test_huge_weight_before_softmax_is_refused_with_integer(
+def test_huge_weight_before_softmax_keeps_that_softmax_in_float(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Logits too large for the integer softmax's int64 working scale (an OverflowError once,
+    then a refusal of the whole model): that softmax runs as a float island instead."""
     weight = np.full((4, 8), 2.8e27, np.float32) * np.linspace(-1, 1, 8, dtype=np.float32)
     graph = helper.make_graph(
         [
@@ -205,8 +207,10 @@ def test_huge_weight_before_softmax_is_refused_with_integer(
     calib = write_npz_folder(tmp_path / "calib", random_batches({"x": (1, 4)}, 2))
     out = tmp_path / "out"
     argv = ["quantize", str(path), "-o", str(out), "--calib", str(calib), "--integer"]
-    assert_typed(capsys, argv, UnsupportedModelError, "softmax", "int64")
-    assert not out.exists()
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert any(op.startswith("Softmax") for op in report["integer"]["float_ops"])
+    assert report["verification"]["passed"] is True
 
 
 # --- 6-7. onnxsim crashing or printing inside the isolated child -------------------------------
@@ -606,8 +610,9 @@ def test_rescales_without_a_dyadic_form_are_typed(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Fuzzer cases: ``dyadic`` raised a bare ValueError from integerize. (With other
-    calibration ranges the huge weight is refused earlier, at the softmax: also typed.)"""
+    """Fuzzer cases: ``dyadic`` raised a bare ValueError from integerize. Now the model is
+    either refused with a typed error or, where the huge weight only feeds a softmax that
+    then runs in float, quantized."""
     from dyadiq.fuzz import mutators, seeds
 
     seed = seeds.seed_model(seed_model)
@@ -617,6 +622,9 @@ def test_rescales_without_a_dyadic_form_are_typed(
     calib = write_npz_folder(tmp_path / "calib", batches)
     argv = _quantize_argv(path, tmp_path / "out", calib, "--integer")
     status, text = run_cli(capsys, argv)
-    assert status == 2, text
-    assert re.search(r"error: (RequantizationError|UnsupportedModelError):", text), text
+    assert status in (0, 2), text
+    if status == 2:
+        assert re.search(r"error: (RequantizationError|UnsupportedModelError):", text), text
+    else:
+        assert (tmp_path / "out" / "model.int.onnx").is_file()
     assert "Traceback" not in text
