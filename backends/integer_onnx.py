@@ -300,8 +300,6 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
         raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
 
 
-
-
 def _softmax(b: _Builder, op: ip.Softmax) -> None:
     """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
     axes = b.const("axes", np.array([-1], np.int64))

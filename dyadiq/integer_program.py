@@ -160,10 +160,10 @@ class LeakyRelu:
     negative_shift: np.ndarray
 
 
-
 # d = (q - max q) * 2^U must stay in int64 with |q - max q| < 2^9 (codes of up to 8 bits); a
 # softmax whose input scale would need more (implausibly large logits) runs in float instead.
 SOFTMAX_MAX_UPSCALE_BITS = 62 - 9
+
 
 @dataclass(frozen=True)
 class Softmax:
