@@ -179,3 +179,26 @@ def test_settings_parse() -> None:
     assert CompensationSettings.parse("gptq, bias").label == "gptq,bias"
     with pytest.raises(ConfigError, match="--compensate"):
         CompensationSettings.parse("gptq,adaround")
+
+
+def test_layers_too_wide_for_a_bounded_hessian_are_compensated_without_one(monkeypatch) -> None:
+    """VGG19's 25088-input classifier needs a 4.7 GiB H and was killed for memory: layers over
+    MAX_HESSIAN_COLUMNS inputs keep a weight-MSE range search, GPTQ and bias correction are
+    declined with the reason, and the layers after them are still compensated."""
+    from dyadiq.passes.compensation import sequential
+
+    monkeypatch.setattr(sequential, "MAX_HESSIAN_COLUMNS", 40)  # conv: 27 inputs, Gemm: 64
+    rng = np.random.default_rng(7)
+    calib = calibration((1, 3, 8, 8), rng, n=12)
+    graph = load_onnx(conv_relu_pool_fc(rng))
+    plan = PrecisionPlan.uniform(graph, weight_bits=4)
+    result = quantize_graph(graph, plan, calib, compensation=ALL)
+    program = integerize(
+        result.graph, plan, result.sites, result.qdq.act_params, weights=result.weights
+    )
+    report = bit_exactness(program, export_integer_onnx(program), calib)
+    assert report["exact_tensors"] == report["tensors"]
+    entries = [entry["4"] for entry in result.compensation["layers"].values()]
+    wide = [e for e in entries if "gptq" not in e["passes"]]
+    assert len(wide) == 1 and "64 inputs per channel" in str(wide[0])
+    assert any("gptq" in e["passes"] for e in entries)  # the narrower conv still gets GPTQ

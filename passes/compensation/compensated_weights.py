@@ -78,8 +78,10 @@ def compensate_layer(
     settings: CompensationSettings,
     *,
     has_bias: bool,
+    without_statistics: str = "no calibration inputs reached this layer",
 ) -> LayerCompensation:
-    """One layer at one width; ``statistics`` from the layer's (quantized-prefix) inputs.
+    """One layer at one width; ``statistics`` from the layer's (quantized-prefix) inputs
+    (``without_statistics``: why there are none, for the report).
 
     When bias correction follows, the mean output error is removed anyway, so the range
     search and GPTQ minimise the centred error e^T (H - mu mu^T) e instead of e^T H e.
@@ -116,7 +118,7 @@ def compensate_layer(
         report["error_after_range"] = relative_error(codes * scales[..., None])
     if settings.uses(CompensationPass.GPTQ):
         if objective is None:
-            declined["gptq"] = "no calibration inputs reached this layer"
+            declined["gptq"] = without_statistics
         else:
             # clipping that is best for rounding to nearest is not best once GPTQ spreads the
             # error: try GPTQ on a few clip ratios too and keep the best per channel
@@ -129,7 +131,7 @@ def compensate_layer(
     shift = None
     if settings.uses(CompensationPass.BIAS):
         if statistics is None:
-            declined["bias"] = "no calibration inputs reached this layer"
+            declined["bias"] = without_statistics
         elif not has_bias:
             declined["bias"] = "the layer has no constant bias to fold the correction into"
         else:

@@ -104,6 +104,13 @@ class _PrefixRunner:
         self.segments = SegmentRunner(model, [layer.input_name for layer in self.layers])
 
 
+# Input statistics hold H [d, d] in float64 per layer; GPTQ and the range search make a few
+# float32 copies. Above this many inputs per channel (VGG19's 25088-input classifier: a 4.7 GiB
+# H, killed for memory on a 24 GiB machine) the layer is compensated without them: the range
+# search falls back to weight MSE, GPTQ and bias correction are declined with the reason.
+MAX_HESSIAN_COLUMNS = 8192
+
+
 def _layer_statistics(inputs: Sequence[np.ndarray], geometry: LayerGeometry) -> InputStatistics:
     stats = InputStatistics(geometry.groups, geometry.columns)
     for x in inputs:
@@ -163,17 +170,25 @@ class SequentialCompensator:
         runner.segments.reset()
         for position, layer in enumerate(runner.layers):
             key = (layer.input_name, layer.geometry)
-            if key not in cache:  # siblings reading one tensor share its statistics
-                inputs = runner.segments.values(position, self.batches, parameters)
+            columns = layer.geometry.columns
+            too_wide = columns > MAX_HESSIAN_COLUMNS
+            # the runner must be asked for every input in order, even one left unused
+            inputs = runner.segments.values(position, self.batches, parameters)
+            if key not in cache and not too_wide:  # siblings reading one tensor share them
                 cache[key] = _layer_statistics(inputs, layer.geometry)
             entry = compensate_layer(
                 layer.weight,
                 layer.geometry,
                 layer.axis,
                 bits,
-                cache[key],
+                None if too_wide else cache[key],
                 self.settings,
                 has_bias=layer.bias is not None,
+                without_statistics=(
+                    f"{columns} inputs per channel: a {columns}x{columns} Hessian "
+                    f"({columns * columns * 8 / 2**20:,.0f} MiB) is over the "
+                    f"{MAX_HESSIAN_COLUMNS}-input bound that keeps compensation memory-bounded"
+                ),
             )
             result.layers[(layer.node_id, bits)] = entry
             parameters[layer.weight_name] = entry.quant.dequantize()
