@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -95,11 +95,23 @@ def _tvm_float(model_path: Path, feeds: dict[str, np.ndarray], target: Any, data
     return _tvm_runner(compile_prepared(scheduled, target), args), report
 
 
+class CompiledRow(NamedTuple):
+    run: Callable[[], Any]
+    bit_exact: bool  # output codes on the timed input equal the reference interpreter's
+    report: Any  # tvm_tuning's ScheduleReport: where each PrimFunc's schedule came from
+    compile_s: float  # lowering, scheduling and compilation
+
+
+def _schedule_counts(report: Any) -> dict[str, int]:
+    """PrimFuncs by schedule source."""
+    return {s: report.count(s) for s in sorted(set(report.source.values()))}
+
+
 def _dyadiq_runner(
     program: Any, target: Any, feeds: dict[str, np.ndarray], database: Path | None, *, kernels: bool
-) -> tuple[Callable[[], Any], bool, dict[str, int]]:
-    """A compiled integer program (x86 kernels or the portable lowering), whether its output
-    codes on ``feeds`` equal the reference interpreter's, and its PrimFuncs by schedule source."""
+) -> CompiledRow:
+    """An integer program compiled for ``target`` (x86 kernels or the portable lowering),
+    checked against the reference interpreter on ``feeds``."""
     import tvm
 
     from dyadiq.backends.tvm_build import compile_prepared, prepare
@@ -107,19 +119,22 @@ def _dyadiq_runner(
     from dyadiq.backends.tvm_tuning import schedule_module_with_report
     from dyadiq.reference_interpreter import ReferenceInterpreter
 
+    start = time.perf_counter()
     prepared = prepare(lower_program(program, target=target if kernels else None), target)
     scheduled, report = schedule_module_with_report(
         prepared, target, database_dir=database, progress=None
     )
+    executable = compile_prepared(scheduled, target)
+    compile_s = time.perf_counter() - start
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in program.inputs]
-    run = _tvm_runner(compile_prepared(scheduled, target), args)
+    run = _tvm_runner(executable, args)
     outputs = dict(zip(main_output_names(program), [o.numpy() for o in run()], strict=True))
     reference = ReferenceInterpreter(program).run(feeds)
     exact = all(
         np.array_equal(outputs[f"{o}_codes"], reference[program.int_outputs[o]])
         for o in program.outputs
     )
-    return run, exact, {s: report.count(s) for s in sorted(set(report.source.values()))}
+    return CompiledRow(run, exact, report, compile_s)
 
 
 def _median_ms(rows: dict[str, Callable[[], Any]], *, warmup: int, repeat: int) -> dict[str, float]:
@@ -213,11 +228,9 @@ def measure_model(
         prepare,
         x86_target,
     )
-    from dyadiq.backends.tvm_lowering import lower_program, main_output_names
-    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+    from dyadiq.backends.tvm_lowering import lower_program
     from dyadiq.ort_baseline import quantize_static_baseline
     from dyadiq.pipeline import quantize
-    from dyadiq.reference_interpreter import ReferenceInterpreter
 
     artifacts = zoo.get(name)
     calibration = list(artifacts.calibration_batches())
@@ -258,10 +271,9 @@ def measure_model(
             layer_tables,
         )
         return {"model": name, "layer_table": str(path)}
-    t0 = time.perf_counter()
-    # the lowering `dyadiq quantize --target x86` uses: VNNI kernels where the CPU has them
-    prepared = prepare(lower_program(program, target=target), target)
     if tune is not None:
+        # the lowering `dyadiq quantize --target x86` uses: x86 kernels where the CPU has them
+        prepared = prepare(lower_program(program, target=target), target)
         if database is None:
             database = DATABASE
         trials, layers = tune
@@ -269,25 +281,14 @@ def measure_model(
             program, prepared, target, database, trials=trials, layers=layers
         )
         return {"model": name, "tuned_kernels": tuned}
-    scheduled, report = schedule_module_with_report(
-        prepared, target, database_dir=database, progress=None
-    )
-    int_executable = compile_prepared(scheduled, target)
-    result["dyadiq_compile_s"] = time.perf_counter() - t0
-    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in program.inputs]
-    dyadiq_int = _tvm_runner(int_executable, args)
-    outputs = dict(zip(main_output_names(program), [o.numpy() for o in dyadiq_int()], strict=True))
-    reference = ReferenceInterpreter(program).run(feeds)
-    result["dyadiq_bit_exact_vs_reference"] = all(
-        np.array_equal(outputs[f"{o}_codes"], reference[program.int_outputs[o]])
-        for o in program.outputs
-    )
-    result["dyadiq_schedules"] = {s: report.count(s) for s in sorted(set(report.source.values()))}
-    result["dyadiq_unscheduled_kernels"] = report.notes
+    main_row = _dyadiq_runner(program, target, feeds, database, kernels=True)
+    dyadiq_int = main_row.run
+    result["dyadiq_compile_s"] = main_row.compile_s
+    result["dyadiq_bit_exact_vs_reference"] = main_row.bit_exact
+    result["dyadiq_schedules"] = _schedule_counts(main_row.report)
+    result["dyadiq_unscheduled_kernels"] = main_row.report.notes
     tvm_float, float_report = _tvm_float(artifacts.model_path, feeds, target, database)
-    result["tvm_float_schedules"] = {
-        s: float_report.count(s) for s in sorted(set(float_report.source.values()))
-    }
+    result["tvm_float_schedules"] = _schedule_counts(float_report)
     v3 = tvm.target.Target({**x86_target("x86-64-v3"), "num-cores": threads})
     avx2_rows = {
         "dyadiq_int_tvm_avx2": (program, True),
@@ -296,11 +297,10 @@ def measure_model(
     }
     avx2: dict[str, Callable[[], Any]] = {}
     for row, (row_program, with_kernels) in avx2_rows.items():
-        avx2[row], exact, sources = _dyadiq_runner(
-            row_program, v3, feeds, database, kernels=with_kernels
-        )
-        result[f"{row}_bit_exact_vs_reference"] = exact
-        result[f"{row}_schedules"] = sources
+        compiled = _dyadiq_runner(row_program, v3, feeds, database, kernels=with_kernels)
+        avx2[row] = compiled.run
+        result[f"{row}_bit_exact_vs_reference"] = compiled.bit_exact
+        result[f"{row}_schedules"] = _schedule_counts(compiled.report)
     ort_feeds = feeds
     rows = {
         "ort_float": lambda: ort_float.run(None, ort_feeds),
@@ -312,6 +312,7 @@ def measure_model(
     result["median_ms"] = _median_ms(rows, warmup=warmup, repeat=repeat)
     # the portable lowering without schedules: what TVM's default CPU pipeline would give
     portable = prepare(lower_program(program), target)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in program.inputs]
     unscheduled = _tvm_runner(compile_prepared(portable, target), args)
     result["median_ms"].update(
         _median_ms({"dyadiq_int_tvm_unscheduled": unscheduled}, warmup=1, repeat=UNSCHEDULED_REPEAT)
