@@ -93,18 +93,20 @@ def _flat(arrays: Sequence[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate([np.asarray(a).ravel() for a in arrays]).astype(dtype, copy=False)
 
 
-def _reference_codes(program: IntegerProgram, feeds: Feeds) -> list[np.ndarray]:
-    """Each input's output codes, all outputs that have codes flattened into one vector."""
+def _reference_outputs(
+    program: IntegerProgram, feeds: Feeds
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per input, from one reference run: the codes of all outputs that have them, flattened
+    into one vector, and the outputs that have none (a float island's), flattened."""
     reference = ReferenceInterpreter(program)
     coded = [o for o in program.outputs if o in program.int_outputs]
-    return [_flat([reference.outputs(feed)[o] for o in coded], np.int64) for feed in feeds]
-
-
-def _reference_floats(program: IntegerProgram, feeds: Feeds) -> list[np.ndarray]:
-    """Each input's outputs that have no codes (computed by a float island), flattened."""
-    reference = ReferenceInterpreter(program)
     plain = [o for o in program.outputs if o not in program.int_outputs]
-    return [_flat([reference.outputs(feed)[o] for o in plain], np.float32) for feed in feeds]
+    codes, floats = [], []
+    for feed in feeds:
+        outputs = reference.outputs(feed)
+        codes.append(_flat([outputs[o] for o in coded], np.int64))
+        floats.append(_flat([outputs[o] for o in plain], np.float32))
+    return codes, floats
 
 
 def _tvm_codes(program: IntegerProgram, outputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -205,8 +207,7 @@ def _emit_tvm(
         for source in sources.values():
             counts[source] = counts.get(source, 0) + 1
         info["kernels_by_schedule_source"] = counts
-    expected = _reference_codes(program, feeds)
-    expected_floats = _reference_floats(program, feeds)
+    expected, expected_floats = _reference_outputs(program, feeds)
     if program.float_ops:
         info["float_islands"] = list(program.float_ops)
         info["code_tolerance"] = ISLAND_CODE_TOLERANCE
@@ -290,7 +291,7 @@ def _emit_mcu(program: IntegerProgram, target: str, out_dir: Path, feeds: Feeds)
     (name,) = list(program.inputs)
     inputs = np.stack([np.asarray(f[name], np.float32)[0] for f in feeds])
     run = mcu_build.run_qemu(project, built.app_elf, inputs, count_instructions=True)
-    expected = _reference_codes(program, feeds)
+    expected, _ = _reference_outputs(program, feeds)
     decoded = project.decode_outputs(run.outputs)
     got = [
         np.concatenate([decoded[spec.name][i].ravel() for spec in project.outputs])
