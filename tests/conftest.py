@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
+from dyadiq.fuzz import seeds
+
 TINY_INPUT_SHAPE = (1, 3, 8, 8)
-TINY_CLASSES = 5
 SEED = 0
 
 
@@ -32,33 +31,9 @@ def make_tiny_cnn(seed: int = SEED) -> onnx.ModelProto:
     Input ``x`` is float 1x3x8x8, output ``y`` is float 1x5; opset 17. Node names are set so
     the layer ids are stable ("conv", "relu", "pool", "flatten", "fc").
     """
-    rng = np.random.default_rng(seed)
-    w_conv = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
-    b_conv = rng.normal(0, 0.1, (4,)).astype(np.float32)
-    w_fc = rng.normal(0, 0.2, (TINY_CLASSES, 4 * 4 * 4)).astype(np.float32)
-    b_fc = rng.normal(0, 0.1, (TINY_CLASSES,)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["x", "w_conv", "b_conv"], ["c"], name="conv", pads=[1] * 4),
-        helper.make_node("Relu", ["c"], ["r"], name="relu"),
-        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["f", "w_fc", "b_fc"], ["y"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(TINY_INPUT_SHAPE))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TINY_CLASSES])],
-        initializer=[
-            numpy_helper.from_array(w_conv, "w_conv"),
-            numpy_helper.from_array(b_conv, "b_conv"),
-            numpy_helper.from_array(w_fc, "w_fc"),
-            numpy_helper.from_array(b_fc, "b_fc"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8  # readable by every onnxruntime >= 1.14
-    onnx.checker.check_model(model, full_check=True)
+    # the fuzz harness's cnn seed is this very model (same draws, same bytes): one builder
+    model = seeds.cnn(np.random.default_rng(seed))
+    model.graph.name = "tiny_cnn"
     return model
 
 
