@@ -20,6 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import requantize
 from dyadiq.errors import UnsupportedModelError
+from dyadiq.ort_sessions import Kernels, open_session
 
 SOFTMAX_MAX_SHIFT = 30  # exp(-30 ln 2) < 1e-9: anything smaller is zero
 
@@ -248,10 +249,4 @@ def island_model(island: ip.FloatIsland, opset: int) -> onnx.ModelProto:
 
 
 def island_session(island: ip.FloatIsland, opset: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(
-        island_model(island, opset).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return open_session(island_model(island, opset), kernels=Kernels.EXACT, threads=1)

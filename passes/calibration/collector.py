@@ -19,6 +19,7 @@ import onnxruntime as ort
 from dyadiq.errors import CalibrationDataError, UnsupportedModelError
 from dyadiq.frontends.runtime_validation import onnxruntime_reason
 from dyadiq.graph import QGraph
+from dyadiq.ort_sessions import Kernels, open_session
 from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RunningHistogram
 from dyadiq.progress import track
@@ -52,15 +53,9 @@ def augmented_model(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.Mode
 
 
 def session(model: onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    # Keep the graph as written: the collector must observe the tensors we asked for, and
-    # dyadiq's own simulator must not be refused or rewritten by onnxruntime's fusions.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    # Keep the graph as written (exact kernels): the collector must observe the tensors we
+    # asked for, and dyadiq's own simulator must not be refused or rewritten by fusions.
+    return open_session(model, kernels=Kernels.EXACT, threads=threads)
 
 
 def collect_statistics(

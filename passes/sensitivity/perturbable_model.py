@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from dyadiq.graph import QGraph
+from dyadiq.ort_sessions import Kernels, open_session
 from dyadiq.passes.compensation.layer_matrix import bias_constant
 
 
@@ -76,12 +77,9 @@ def output_quadratic_form(reference: np.ndarray, delta: np.ndarray, kind: Output
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    # a float model with weights swapped in: onnxruntime's optimised kernels are safe (and
+    # fast) here, there is no QDQ pair for them to fuse
+    return open_session(model, kernels=Kernels.RUNTIME)
 
 
 class PerturbableModel:
