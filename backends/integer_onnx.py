@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq import integer_program as ip
-from dyadiq.errors import DyadiqError, UnsupportedModelError
+from dyadiq.errors import DyadiqError, InternalError, UnsupportedModelError
 
 OFFSET = 1 << 62
 UNSIGNED_SHIFT = 128  # s8 code c is u8 code c + 128 with the zero point moved by 128
@@ -297,7 +297,7 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
                 known.add(tensor.name)
                 b.initializers.append(tensor)
     else:  # pragma: no cover - the union is closed
-        raise DyadiqError(f"internal: no ONNX lowering for {type(op).__name__}")
+        raise InternalError(f"no ONNX lowering for {type(op).__name__}")
 
 
 def _softmax(b: _Builder, op: ip.Softmax) -> None:
@@ -385,5 +385,5 @@ def export_integer_onnx(
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise DyadiqError(f"internal error: the integer model fails onnx.checker: {exc}") from exc
+        raise InternalError(f"the integer model fails onnx.checker: {exc}") from exc
     return model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from dyadiq.errors import DyadiqError
+from dyadiq.errors import InternalError
 from dyadiq.graph import QGraph
 from dyadiq.io import save_model_atomic
 
@@ -24,7 +24,7 @@ def export_qdq(graph: QGraph) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise DyadiqError(f"internal error: the QDQ model fails onnx.checker: {exc}") from exc
+        raise InternalError(f"the QDQ model fails onnx.checker: {exc}") from exc
     return model
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from dyadiq.cli_allocation import (
     plan_measurer,
     primary_metric,
 )
-from dyadiq.errors import ConfigError, DyadiqError, VerificationError
+from dyadiq.errors import ConfigError, DyadiqError, InternalError, VerificationError
 from dyadiq.io import (
     check_output_dir,
     describe_os_error,
@@ -710,6 +711,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DyadiqError as exc:
         _print_error(f"{type(exc).__name__}: {exc}", exc)
         return 3 if isinstance(exc, VerificationError) else 2
+    except InternalError as exc:
+        # A bug, not a bad input: keep the traceback, which is what a bug report needs.
+        traceback.print_exc()
+        _print_error(f"internal error (a bug in dyadiq, please report it): {exc}", exc)
+        return 70
     except KeyboardInterrupt as exc:
         _print_error("interrupted", exc)
         return 130

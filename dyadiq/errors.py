@@ -46,3 +46,11 @@ class RequantizationError(UnsupportedModelError, ValueError):
     negative, or exceeds 2^31 - weights or activations of wildly different magnitudes.
 
     Also a ValueError, which callers of :func:`dyadiq.dyadic.dyadic` have always caught."""
+
+
+class InternalError(Exception):
+    """A bug in dyadiq, not a problem with the user's input: an invariant dyadiq itself should
+    have kept is broken (a model it wrote fails onnx.checker, an op no consumer knows).
+
+    Deliberately outside the :class:`DyadiqError` hierarchy, so that nothing that catches user
+    errors swallows it; the CLI reports it as a bug with the traceback's last frame."""
