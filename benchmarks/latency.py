@@ -9,7 +9,7 @@ Rows per model:
 - ``ort_int8_qdq``: onnxruntime ``quantize_static`` (QDQ, per-channel QInt8 weights, QUInt8
   activations, MinMax), the same calibration batches dyadiq uses.
 - ``tvm_float``: the float model imported with ``from_onnx``, prepared (legalize + fuse) and
-  scheduled by :func:`dyadiq.backends.tvm_tuning.schedule_module` like the integer one.
+  scheduled by :func:`dyadiq.backends.tvm.tuning.schedule_module` like the integer one.
 - ``dyadiq_int_tvm``: ``quantize(..., integer=True)`` (W8A8), ``lower_program``, ``prepare``,
   ``schedule_module`` with the committed database (``benchmarks/tuning_db``; PrimFuncs without a
   record get the default schedule), ``compile_prepared``. Its outputs on the timed input are
@@ -79,8 +79,8 @@ def _tvm_float(model_path: Path, feeds: dict[str, np.ndarray], target: Any, data
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    from dyadiq.backends.tvm_build import compile_prepared, prepare
-    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+    from dyadiq.backends.tvm.build import compile_prepared, prepare
+    from dyadiq.backends.tvm.tuning import schedule_module_with_report
 
     shapes = {name: list(value.shape) for name, value in feeds.items()}
     model, ok = onnxsim.simplify(onnx.load(str(model_path)), overwrite_input_shapes=shapes)
@@ -98,7 +98,7 @@ def _tvm_float(model_path: Path, feeds: dict[str, np.ndarray], target: Any, data
 class CompiledRow(NamedTuple):
     run: Callable[[], Any]
     bit_exact: bool  # output codes on the timed input equal the reference interpreter's
-    report: Any  # tvm_tuning's ScheduleReport: where each PrimFunc's schedule came from
+    report: Any  # backends.tvm.tuning's ScheduleReport: where each PrimFunc's schedule came from
     compile_s: float  # lowering, scheduling and compilation
 
 
@@ -114,9 +114,9 @@ def _dyadiq_runner(
     checked against the reference interpreter on ``feeds``."""
     import tvm
 
-    from dyadiq.backends.tvm_build import compile_prepared, prepare
-    from dyadiq.backends.tvm_lowering import lower_program, main_output_names
-    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+    from dyadiq.backends.tvm.build import compile_prepared, prepare
+    from dyadiq.backends.tvm.lower import lower_program, main_output_names
+    from dyadiq.backends.tvm.tuning import schedule_module_with_report
     from dyadiq.reference_interpreter import ReferenceInterpreter
 
     start = time.perf_counter()
@@ -135,6 +135,18 @@ def _dyadiq_runner(
         for o in program.outputs
     )
     return CompiledRow(run, exact, report, compile_s)
+
+
+def median_ms(call: Callable[[], Any], *, warmup: int, repeat: int) -> float:
+    """One call timed alone: ``warmup`` calls, then the median of ``repeat`` timed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def _median_ms(rows: dict[str, Callable[[], Any]], *, warmup: int, repeat: int) -> dict[str, float]:
@@ -161,7 +173,7 @@ def write_layer_table(
 ) -> Path:
     """``layer_latency_<model>.json``: each weighted layer's kernel timed alone per format,
     keyed by the plan's layer ids (``dyadiq quantize --latency-table``)."""
-    from dyadiq.backends.tvm_layer_latency import measure_layer_latency
+    from dyadiq.backends.tvm.layer_latency import measure_layer_latency
     from dyadiq.plan import LayerFormat
 
     formats = [LayerFormat(w, a) for w, a in LAYER_TABLE_FORMATS]
@@ -193,8 +205,8 @@ def tune_heaviest_layers(
     records go to ``database`` (committed, reused by every later run)."""
     import tvm
 
-    from dyadiq.backends.tvm_layer_latency import find_layer_call, kernel_calls, weighted_layers
-    from dyadiq.backends.tvm_tuning import schedule_module
+    from dyadiq.backends.tvm.layer_latency import find_layer_call, kernel_calls, weighted_layers
+    from dyadiq.backends.tvm.tuning import schedule_module
 
     calls = kernel_calls(prepared)
     ranked = sorted(weighted_layers(program), key=lambda op: -_macs(program, op))[:layers]
@@ -222,13 +234,13 @@ def measure_model(
     import tvm
 
     from dyadiq import zoo
-    from dyadiq.backends.tvm_build import (
+    from dyadiq.backends.tvm.build import (
         compile_prepared,
         host_x86_isa,
         prepare,
         x86_target,
     )
-    from dyadiq.backends.tvm_lowering import lower_program
+    from dyadiq.backends.tvm.lower import lower_program
     from dyadiq.ort_baseline import quantize_static_baseline
     from dyadiq.pipeline import quantize
 

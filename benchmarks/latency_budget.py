@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPO, machine_info, write_results
-from benchmarks.latency import ort_session
-from dyadiq.backends.tvm_latency import median_ms
+from benchmarks.latency import median_ms, ort_session
 
 FORMATS = ((8, 8), (6, 8), (4, 8), (3, 8), (2, 8))
 
@@ -46,8 +45,8 @@ def run(model: str, *, slack: float, size: str, threads: int, repeat: int) -> di
     from tvm import relax
 
     from dyadiq import zoo
-    from dyadiq.backends.tvm_build import LIBRARY_NAME, host_x86_target
-    from dyadiq.backends.tvm_layer_latency import measure_layer_latency
+    from dyadiq.backends.tvm.build import LIBRARY_NAME, host_x86_target
+    from dyadiq.backends.tvm.layer_latency import measure_layer_latency
     from dyadiq.pipeline import quantize
     from dyadiq.plan import LayerFormat, PrecisionPlan
 

@@ -83,7 +83,7 @@ def _mixed_plan(layers: list[str]) -> Any:
 def _ilp_plan(graph: Any, calibration: list[Any], name: str, weight_budget: float) -> Any:
     from dataclasses import replace
 
-    from dyadiq.backends.mcu_c import flash_cost_table
+    from dyadiq.backends.mcu.emit_c import flash_cost_table
     from dyadiq.passes.allocation import Budget, problem_from_report, solve
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
@@ -124,8 +124,8 @@ def _measure_plan(
     run_accuracy: bool = True,
 ) -> dict[str, Any]:
     from dyadiq import integer_program as ip
-    from dyadiq.backends.mcu_build import build, run_qemu
-    from dyadiq.backends.mcu_c import emit_c_project
+    from dyadiq.backends.mcu.build import build, run_qemu
+    from dyadiq.backends.mcu.emit_c import emit_c_project
     from dyadiq.reference_interpreter import ReferenceInterpreter
 
     result: dict[str, Any] = {"cpus": {}}
@@ -183,7 +183,7 @@ def _measure_plan(
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq import zoo
-    from dyadiq.backends.mcu_c import allocator_memory_plan
+    from dyadiq.backends.mcu.emit_c import allocator_memory_plan
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.pipeline import prepare_graph, quantize
     from dyadiq.plan import LayerFormat, PrecisionPlan

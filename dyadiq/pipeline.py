@@ -17,8 +17,8 @@ from typing import Any
 import onnx
 
 from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, validate_plan
-from dyadiq.backends.integer_onnx import export_integer_onnx
-from dyadiq.backends.onnx_qdq import export_qdq, write_qdq
+from dyadiq.backends.onnx.integer import export_integer_onnx
+from dyadiq.backends.onnx.qdq import export_qdq, write_qdq
 from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.errors import ConfigError
 from dyadiq.frontends.onnx_frontend import ModelSource, load_onnx, read_model, upgrade_opset

@@ -39,12 +39,12 @@ def run_artifact(folder: Path, inputs: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"{folder} is not a folder written by `dyadiq quantize --target`")
     info = json.loads(info_path.read_text())
     if "target_name" in info:  # a TVM library
-        from dyadiq.backends import tvm_build
+        from dyadiq.backends.tvm import build as tvm_build
 
         names = [spec["name"] for spec in info["inputs"]]
         feeds = read_inputs(inputs, names)
         if info["target_name"] == "aarch64":
-            from dyadiq.backends.tvm_aarch64 import run_under_qemu
+            from dyadiq.backends.tvm.aarch64 import run_under_qemu
 
             values = run_under_qemu(folder / info["library"], feeds)
             return {spec["name"]: v for spec, v in zip(info["outputs"], values, strict=True)}
@@ -57,8 +57,8 @@ def run_artifact(folder: Path, inputs: Path) -> dict[str, np.ndarray]:
 def _run_mcu_folder(folder: Path, inputs: Path) -> dict[str, np.ndarray]:
     """Run the folder's app.elf on QEMU: float inputs in (the device quantizes them), each
     output's integer codes out, one row per input."""
-    from dyadiq.backends.mcu_build import run_qemu
-    from dyadiq.backends.mcu_c import load_project
+    from dyadiq.backends.mcu.build import run_qemu
+    from dyadiq.backends.mcu.emit_c import load_project
 
     elf = folder / "app.elf"
     if not elf.is_file():

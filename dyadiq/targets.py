@@ -1,8 +1,8 @@
 """Compile a verified integer program for a deployment target and check it there.
 
 One entry point for ``dyadiq quantize --target``: TVM binaries for x86 / aarch64 Linux / CUDA
-(:mod:`dyadiq.backends.tvm_build`) and self-contained C for Cortex-M
-(:mod:`dyadiq.backends.mcu_c`). Whatever can run on this machine is run on the check inputs
+(:mod:`dyadiq.backends.tvm.build`) and self-contained C for Cortex-M
+(:mod:`dyadiq.backends.mcu.emit_c`). Whatever can run on this machine is run on the check inputs
 and compared bit for bit with the reference interpreter: x86 natively, aarch64 under
 qemu-user, Cortex-M under qemu-system-arm; CUDA is compiled and run only where a GPU exists.
 The returned dict is the ``target`` section of report.json and says which of these happened.
@@ -182,9 +182,9 @@ def _emit_tvm(
     tune_trials: int,
     tuning_db: Path | None,
 ) -> dict[str, Any]:
-    from dyadiq.backends import tvm_build
-    from dyadiq.backends.tvm_lowering import lower_program
-    from dyadiq.backends.tvm_tuning import schedule_module_with_report
+    from dyadiq.backends.tvm import build as tvm_build
+    from dyadiq.backends.tvm.lower import lower_program
+    from dyadiq.backends.tvm.tuning import schedule_module_with_report
 
     # the target picks the lowering: channels-last kernels on x86 CPUs with AVX2 or VNNI
     mod = lower_program(program, target=tvm_build.target_for(target), float_islands=True)
@@ -212,7 +212,7 @@ def _emit_tvm(
         info["float_islands"] = list(program.float_ops)
         info["code_tolerance"] = ISLAND_CODE_TOLERANCE
     if target in X86_TARGETS:
-        from dyadiq.backends.tvm_model_runner import missing_cpu_flags
+        from dyadiq.backends.tvm.model_runner import missing_cpu_flags
 
         info["isa_level"] = tvm_build.isa_level(target)
         missing = missing_cpu_flags(tvm_build.required_cpu_flags(target))
@@ -222,7 +222,7 @@ def _emit_tvm(
             runs = [list(tvm_build.run_library(library, f).values()) for f in feeds]
             info["bit_exact_vs_reference"] = _compare_runs(program, expected, expected_floats, runs)
     elif target == "aarch64":
-        from dyadiq.backends.tvm_aarch64 import aarch64_runtime_available, run_many_under_qemu
+        from dyadiq.backends.tvm.aarch64 import aarch64_runtime_available, run_many_under_qemu
 
         if aarch64_runtime_available():
             runs = run_many_under_qemu(library, list(feeds))
@@ -252,8 +252,8 @@ def _layer_latency(
     layer_ids: Sequence[str],
     tuning_db: Path | None,
 ) -> Path:
-    from dyadiq.backends.tvm_build import target_for
-    from dyadiq.backends.tvm_layer_latency import measure_layer_latency
+    from dyadiq.backends.tvm.build import target_for
+    from dyadiq.backends.tvm.layer_latency import measure_layer_latency
     from dyadiq.plan import LayerFormat
 
     formats = [LayerFormat(w, a) for w, a in LATENCY_TABLE_FORMATS]
@@ -266,8 +266,8 @@ def _layer_latency(
 
 
 def _emit_mcu(program: IntegerProgram, target: str, out_dir: Path, feeds: Feeds) -> dict[str, Any]:
-    from dyadiq.backends import mcu_build
-    from dyadiq.backends.mcu_c import emit_c_project
+    from dyadiq.backends.mcu import build as mcu_build
+    from dyadiq.backends.mcu.emit_c import emit_c_project
 
     project = emit_c_project(program, out_dir, cpu=target)
     info: dict[str, Any] = {

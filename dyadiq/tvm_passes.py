@@ -9,12 +9,12 @@
 Both passes read the float ``main`` through the Relax frontend (so exactly the models and
 checks of ``dyadiq quantize``) and leave the module's other functions alone.
 ``QuantizeToInteger`` replaces ``main`` by the integer-only function the TVM backend lowers
-(:mod:`dyadiq.backends.tvm_lowering`): same float inputs, batch fixed, and a tuple of the
+(:mod:`dyadiq.backends.tvm.lower`): same float inputs, batch fixed, and a tuple of the
 outputs' integer codes followed by the dequantized float outputs. It refuses (with the op
 list) a model whose integer program would keep float islands, instead of silently falling
 back to float. Results travel as module attributes (JSON strings): ``dyadiq.sensitivity``
 and ``dyadiq.plan``. A pass only rewrites; compiling and checking the result bit for bit
-against the reference interpreter is the backend's job (``dyadiq.backends.tvm_build``).
+against the reference interpreter is the backend's job (``dyadiq.backends.tvm.build``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def quantize_relax_module(
 ) -> tvm.IRModule:
     """What :class:`QuantizeToInteger` does, as a function that raises dyadiq's typed errors
     (inside a TVM pass they reach the caller as TVM's ``RuntimeError`` with the same text)."""
-    from dyadiq.backends.tvm_lowering import lower_program
+    from dyadiq.backends.tvm.lower import lower_program
 
     program, plan = integer_program_of(
         mod,

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from dyadiq import integer_program as ip
-from dyadiq.backends.onnx_qdq import export_qdq
+from dyadiq.backends.onnx.qdq import export_qdq
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.integerize import common_shift_dyadic, integerize
 from dyadiq.pipeline import quantize_graph

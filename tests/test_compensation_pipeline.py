@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from dyadiq.backends.integer_onnx import export_integer_onnx
+from dyadiq.backends.onnx.integer import export_integer_onnx
 from dyadiq.consistency import bit_exactness
 from dyadiq.errors import ConfigError
 from dyadiq.frontends.onnx_frontend import load_onnx

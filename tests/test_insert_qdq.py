@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from dyadiq.backends.onnx_qdq import export_qdq
+from dyadiq.backends.onnx.qdq import export_qdq
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.activation_sites import find_activation_sites
 from dyadiq.pipeline import quantize_graph

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from dyadiq.backends.integer_onnx import export_integer_onnx
+from dyadiq.backends.onnx.integer import export_integer_onnx
 from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.integer_program import Conv, IntegerProgram
@@ -82,7 +82,7 @@ def test_conv_pool_gemm_is_fully_integer_and_bit_exact(wbits):
 
 
 def export_qdq_model(result):
-    from dyadiq.backends.onnx_qdq import export_qdq
+    from dyadiq.backends.onnx.qdq import export_qdq
 
     return export_qdq(result.qdq.graph)
 

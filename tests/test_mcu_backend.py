@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from dyadiq import integer_program as ip
-from dyadiq.backends.mcu_build import (
+from dyadiq.backends.mcu.arena import plan_arena
+from dyadiq.backends.mcu.build import (
     PRESETS,
     ToolchainError,
     build,
@@ -24,7 +25,7 @@ from dyadiq.backends.mcu_build import (
     find_toolchain,
     run_qemu,
 )
-from dyadiq.backends.mcu_c import (
+from dyadiq.backends.mcu.emit_c import (
     allocator_memory_plan,
     emit_c_project,
     flash_cost_table,
@@ -32,7 +33,6 @@ from dyadiq.backends.mcu_c import (
     pack_weights,
     unsupported_ops,
 )
-from dyadiq.backends.memory_plan import plan_arena
 from dyadiq.dyadic import dyadic
 from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.frontends.onnx_frontend import load_onnx

@@ -6,7 +6,7 @@ the integer requantization chain of the integer backends (int8 conv2d with int32
 int64 multiply, rounding add, arithmetic right shift, clip, int8 cast) is compiled for
 ``aarch64-linux-gnu`` + NEON and for the host; both must equal a numpy int64 model of the
 same arithmetic bit for bit. Then the zoo's Fashion-MNIST CNN, W8A8 and mixed W4/W8, lowered
-by ``tvm_lowering`` and built by ``tvm_build`` for aarch64, must reproduce the reference
+by ``tvm.lower`` and built by ``tvm.build`` for aarch64, must reproduce the reference
 interpreter's output codes and float logits exactly on 25 real test images (one emulator
 launch per model).
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from dyadiq.backends.tvm_aarch64 import (
+from dyadiq.backends.tvm.aarch64 import (
     SETUP_COMMAND,
     Aarch64RunError,
     Aarch64RuntimeMissingError,
@@ -242,8 +242,8 @@ def test_fashion_cnn_on_aarch64_bit_exact_with_the_reference(
     weight_bits: set[int],
     tmp_path: Path,
 ) -> None:
-    from dyadiq.backends.tvm_build import build
-    from dyadiq.backends.tvm_lowering import CODES_SUFFIX, lower_program
+    from dyadiq.backends.tvm.build import build
+    from dyadiq.backends.tvm.lower import CODES_SUFFIX, lower_program
     from dyadiq.reference_interpreter import ReferenceInterpreter
 
     artifacts, feeds, labels = fashion
@@ -270,7 +270,7 @@ def test_fashion_cnn_on_aarch64_bit_exact_with_the_reference(
 
 
 def _model_json(folder: Path, target_name: str) -> Path:
-    """A model.json as tvm_build.build writes it, for the checks made before any launch."""
+    """A model.json as backends.tvm.build.build writes it, for the checks made before any launch."""
     import json
 
     folder.mkdir()

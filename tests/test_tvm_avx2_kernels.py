@@ -14,10 +14,10 @@ import tvm
 from tvm import relax
 
 from dyadiq import integer_program as ip
-from dyadiq.backends import tvm_model_runner
-from dyadiq.backends import tvm_x86_kernels as kernels
-from dyadiq.backends.tvm_build import compile_prepared, prepare, target_for
-from dyadiq.backends.tvm_lowering import lower_program, main_output_names
+from dyadiq.backends.tvm import model_runner as tvm_model_runner
+from dyadiq.backends.tvm import x86_kernels as kernels
+from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
+from dyadiq.backends.tvm.lower import lower_program, main_output_names
 from dyadiq.reference_interpreter import ReferenceInterpreter
 from tests import tvm_helpers
 from tests.builders import calibration
@@ -92,7 +92,7 @@ def test_x86_64_v3_lowering_is_bit_exact_with_both_dot_products(mixed_w4):
     program = tvm_helpers.integer_program(
         tvm_helpers.depthwise_se_hard_swish(rng), calib, mixed_w4=mixed_w4
     )
-    from dyadiq.backends.tvm_lowering_x86 import X86Lowering
+    from dyadiq.backends.tvm.lower_x86 import X86Lowering
 
     bb = relax.BlockBuilder()
     lowering = X86Lowering(program, bb, vnni=False)

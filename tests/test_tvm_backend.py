@@ -19,7 +19,7 @@ from tvm.ir.expr import GenericConst
 
 from dyadiq import integer_program as ip
 from dyadiq import zoo
-from dyadiq.backends.tvm_build import (
+from dyadiq.backends.tvm.build import (
     RUNNER_NAME,
     build,
     compile_prepared,
@@ -27,8 +27,8 @@ from dyadiq.backends.tvm_build import (
     run_library,
     target_for,
 )
-from dyadiq.backends.tvm_lowering import lower_program, main_output_names
-from dyadiq.backends.tvm_lowering_x86 import has_vnni
+from dyadiq.backends.tvm.lower import lower_program, main_output_names
+from dyadiq.backends.tvm.lower_x86 import has_vnni
 from dyadiq.errors import ConfigError, DyadiqError, UnsupportedModelError
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter

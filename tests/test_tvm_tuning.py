@@ -12,10 +12,10 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from dyadiq.backends import tvm_tuning
-from dyadiq.backends.tvm_build import compile_prepared, prepare, target_for
-from dyadiq.backends.tvm_layer_latency import LatencyTable, measure_layer_latency
-from dyadiq.backends.tvm_tuning import default_schedule, schedule_module_with_report
+from dyadiq.backends.tvm import tuning as tvm_tuning
+from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
+from dyadiq.backends.tvm.layer_latency import LatencyTable, measure_layer_latency
+from dyadiq.backends.tvm.tuning import default_schedule, schedule_module_with_report
 from dyadiq.errors import ConfigError
 from dyadiq.plan import LayerFormat
 from tests import tvm_helpers
@@ -37,7 +37,7 @@ def _conv_requant(
     act_dtype: str = "int8",
 ) -> tvm.IRModule:
     """conv2d (int32 accumulator) + bias + int64 dyadic requant + clip + cast, the pattern
-    tvm_lowering emits, with sizes that exercise the tiles (divisible and not)."""
+    backends.tvm.lower emits, with sizes that exercise the tiles (divisible and not)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, channels, size, size), act_dtype))
     weight = rng.integers(-127, 128, (out_channels, channels // groups, kernel, kernel))
@@ -293,7 +293,7 @@ def test_scheduling_leaves_the_input_module_unchanged():
 
 
 def test_default_schedule_vectorizes_for_the_target_register_width():
-    from dyadiq.backends.tvm_tuning import vector_bits
+    from dyadiq.backends.tvm.tuning import vector_bits
 
     assert vector_bits(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == 512
     assert vector_bits(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 256

@@ -8,10 +8,10 @@ import pytest
 import tvm
 
 from dyadiq import integer_program as ip
-from dyadiq.backends import tvm_x86_kernels as kernels
-from dyadiq.backends.tvm_build import target_for
-from dyadiq.backends.tvm_lowering import lower_program
-from dyadiq.backends.tvm_lowering_x86 import has_vnni
+from dyadiq.backends.tvm import x86_kernels as kernels
+from dyadiq.backends.tvm.build import target_for
+from dyadiq.backends.tvm.lower import lower_program
+from dyadiq.backends.tvm.lower_x86 import has_vnni
 from tests import tvm_helpers
 from tests.builders import calibration
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dyadiq.backends import tvm_model_runner
-from dyadiq.backends.tvm_build import (
+from dyadiq.backends.tvm import model_runner as tvm_model_runner
+from dyadiq.backends.tvm.build import (
     RUNNER_NAME,
     X86_ISA_LEVELS,
     build,
@@ -27,7 +27,7 @@ from dyadiq.backends.tvm_build import (
     run_library,
     target_for,
 )
-from dyadiq.backends.tvm_lowering import lower_program, main_output_names
+from dyadiq.backends.tvm.lower import lower_program, main_output_names
 from dyadiq.errors import ConfigError
 from dyadiq.reference_interpreter import ReferenceInterpreter
 from tests import tvm_helpers

@@ -199,15 +199,15 @@ def differentiable_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
 def _compile(module: Any, scheduled: bool) -> Any:
     """The gradient module as a VM executable. ``scheduled``: legalize and fuse, then give every
     fused PrimFunc the backend's hand-written default schedule (tiled, parallel, vectorized;
-    :func:`dyadiq.backends.tvm_tuning.default_schedule`). TVM's default CPU pipeline runs the
+    :func:`dyadiq.backends.tvm.tuning.default_schedule`). TVM's default CPU pipeline runs the
     naive loop nests legalization wrote, which made one MiniLM reverse pass take seconds.
     Schedules only reorder loops (float sums may round differently)."""
     import tvm
 
     if not scheduled:
         return tvm.compile(module, target=tvm.target.Target({"kind": "llvm"}))
-    from dyadiq.backends.tvm_build import compile_prepared, prepare, target_for
-    from dyadiq.backends.tvm_tuning import schedule_module
+    from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
+    from dyadiq.backends.tvm.tuning import schedule_module
 
     target = target_for("x86")
     return compile_prepared(schedule_module(prepare(module, target), target, progress=None), target)

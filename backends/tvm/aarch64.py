@@ -3,7 +3,7 @@
 ``scripts/setup_aarch64.sh`` builds, once, an aarch64 sysroot (Debian arm64 python3.11, libc,
 libstdc++) and a folder of aarch64 wheels (apache-tvm runtime, numpy) under
 ``${DYADIQ_CACHE:-~/.cache/dyadiq}/aarch64``. :func:`run_many_under_qemu` writes the feeds to an
-``.npz`` in a temporary folder, starts ``tvm_aarch64_runner.py`` with
+``.npz`` in a temporary folder, starts ``shipped/aarch64_runner.py`` with
 ``qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.11`` (the TVM runtime in runtime-only mode,
 ``TVM_USE_RUNTIME_LIB=1``) and reads the outputs back. Integer kernels are exact on every
 target, so the outputs must equal the x86 build's and the reference interpreter's bit for bit;
@@ -29,7 +29,7 @@ import numpy as np
 from dyadiq.errors import DyadiqError
 
 SETUP_COMMAND = "bash scripts/setup_aarch64.sh"
-RUNNER = Path(__file__).with_name("tvm_aarch64_runner.py")
+RUNNER = Path(__file__).parent / "shipped" / "aarch64_runner.py"
 DEFAULT_TIMEOUT_S = 900.0
 
 
@@ -136,13 +136,13 @@ def run_many_under_qemu(
 def run_model_folder_under_qemu(
     folder: Path, feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray]]:
-    """Run an aarch64 folder written by :func:`dyadiq.backends.tvm_build.build` on each feed.
+    """Run an aarch64 folder written by :func:`dyadiq.backends.tvm.build.build` on each feed.
 
     Feeds are checked against ``model.json`` here (names, shapes; values cast to the declared
     dtype, as its own ``run_model.py`` does) before paying for an emulator launch. Returns, per
     feed, the outputs by their ``model.json`` names (``NAME_codes`` and float ``NAME``).
     """
-    from dyadiq.backends.tvm_build import METADATA_NAME
+    from dyadiq.backends.tvm.build import METADATA_NAME
 
     folder = Path(folder)
     try:

@@ -30,9 +30,9 @@ from dyadiq.io import write_text_atomic
 if TYPE_CHECKING:
     from dyadiq.integer_program import IntegerProgram
 
-    from .mcu_c import McuProject
+    from .emit_c import McuProject
 
-TEMPLATES = Path(__file__).resolve().parent / "mcu_templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEBIAN_PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
 INSNS_PER_TICK = 40  # QEMU MPS2/MPS3 SysTick: 25 MHz processor clock; icount shift=0: 1 GHz
 STACK_BYTES = 8192
@@ -304,7 +304,7 @@ def compile_for_mcu(
     when the Arm toolchain is installed, the built ELFs and their flash / RAM figures; all of
     it summarised in ``out_dir/mcu_report.json``. Without the toolchain the sources are still
     written and the report says why nothing was built."""
-    from .mcu_c import emit_c_project
+    from .emit_c import emit_c_project
 
     project = emit_c_project(program, out_dir, cpu=cpu)
     report: dict[str, Any] = {

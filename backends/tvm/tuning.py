@@ -38,7 +38,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.sym import detect_linear_equation
 
-from dyadiq.backends.tvm_x86_kernels import HAND_SCHEDULED, PARALLEL_MIN_WORK
+from dyadiq.backends.tvm.x86_kernels import HAND_SCHEDULED, PARALLEL_MIN_WORK
 from dyadiq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _default_schedule(
 
 
 def _hand_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    """Kernels written loop by loop (:mod:`dyadiq.backends.tvm_x86_kernels`) stay as written."""
+    """Kernels written loop by loop (:mod:`dyadiq.backends.tvm.x86_kernels`) stay as written."""
     return func.attrs is not None and HAND_SCHEDULED in func.attrs
 
 

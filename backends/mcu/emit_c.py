@@ -3,7 +3,7 @@
 The emitted project has no runtime and no malloc: ``model.c`` holds every weight as a ``const``
 array (codes of 4 bits or fewer packed two per byte, low nibble first; wider codes as int8),
 one ``const`` parameter struct per op, and ``dq_model_run`` calls the kernels of
-``dq_kernels.c`` in program order on one static arena laid out by :mod:`memory_plan`. The
+``dq_kernels.c`` in program order on one static arena laid out by :mod:`arena`. The
 kernels implement the reference interpreter's semantics exactly (int32 accumulation, int64
 dyadic requantization with a floor shift), so the device's output codes equal the reference's.
 
@@ -45,9 +45,9 @@ from dyadiq.op_facts import OpKind
 from dyadiq.plan import LayerFormat
 from dyadiq.reference_interpreter import ReferenceInterpreter
 
-from .memory_plan import ArenaPlan, plan_arena, static_shape
+from .arena import ArenaPlan, plan_arena, static_shape
 
-TEMPLATES = Path(__file__).resolve().parent / "mcu_templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
 PACKED_BITS = 4  # weights of at most this many bits are stored two per byte
 INT32 = (-(2**31), 2**31 - 1)
@@ -619,7 +619,7 @@ def emit_c_project(
     """Write a buildable C project (sources, Makefile, linker script) for ``cpu`` to ``out_dir``.
 
     ``pack_int4=False`` stores codes of 4 bits and fewer in int8 too (to measure packing)."""
-    from .mcu_build import cpu_preset, write_build_files
+    from .build import cpu_preset, write_build_files
 
     preset = cpu_preset(cpu)
     problems = unsupported_ops(program)

@@ -1,16 +1,16 @@
 """Channels-last lowering with hand-written kernels for x86 CPUs with AVX2 or AVX-512 VNNI.
 
-The portable lowering (:mod:`dyadiq.backends.tvm_lowering`) emits NCHW Relax convolutions; on a
+The portable lowering (:mod:`dyadiq.backends.tvm.lower`) emits NCHW Relax convolutions; on a
 CPU their loop nests cannot use integer dot-product instructions and depthwise layers read
 memory with a channel stride. This lowering keeps 4-D activations channels-last (NHWC) between
 layers and emits:
 
-* every group-1 convolution as one :func:`~dyadiq.backends.tvm_x86_kernels.packed_matmul`:
+* every group-1 convolution as one :func:`~dyadiq.backends.tvm.x86_kernels.packed_matmul`:
   directly on the ``[B*H*W, C]`` view for a 1x1 stride-1 convolution, after an
-  :func:`~dyadiq.backends.tvm_x86_kernels.im2col_nhwc` otherwise;
-* every depthwise convolution as :func:`~dyadiq.backends.tvm_x86_kernels.depthwise_nhwc`;
+  :func:`~dyadiq.backends.tvm.x86_kernels.im2col_nhwc` otherwise;
+* every depthwise convolution as :func:`~dyadiq.backends.tvm.x86_kernels.depthwise_nhwc`;
 * every dense layer (MatMul with a constant weight) as a packed matmul;
-* residual adds of same-shape tensors as :func:`~dyadiq.backends.tvm_x86_kernels.residual_add`;
+* residual adds of same-shape tensors as :func:`~dyadiq.backends.tvm.x86_kernels.residual_add`;
 * clips, max pools and global average pools in NHWC (portable Relax ops on the other axis
   order), so no transposes sit between those layers.
 
@@ -19,7 +19,7 @@ program's outputs are returned NCHW, so ``main`` has the portable lowering's sig
 results. Whatever a kernel cannot take (grouped convolutions, K not a multiple of 4 at a
 dense layer, an accumulator that could overflow int32) falls back to the portable op.
 
-The matmul's dot product follows the CPU (:class:`~dyadiq.backends.tvm_x86_kernels.DotProduct`):
+The matmul's dot product follows the CPU (:class:`~dyadiq.backends.tvm.x86_kernels.DotProduct`):
 ``vpdpbusd`` with AVX-512 VNNI; on AVX2, ``vpmaddubsw`` where a layer's weights make its int16
 pair sums provably exact (every weight of 7 bits or fewer), else ``vpmaddwd`` on codes widened
 to int16. The AVX2 forms are what onnxruntime's u8 x s8 kernels lack: they never saturate.
@@ -32,8 +32,8 @@ import tvm
 from tvm import relax
 
 from dyadiq import integer_program as ip
-from dyadiq.backends import tvm_x86_kernels as kernels
-from dyadiq.backends.tvm_lowering import INT32_LIMIT, _Lowering
+from dyadiq.backends.tvm import x86_kernels as kernels
+from dyadiq.backends.tvm.lower import INT32_LIMIT, _Lowering
 
 _TO_NHWC = [0, 2, 3, 1]
 _TO_NCHW = [0, 3, 1, 2]

@@ -474,7 +474,7 @@ def _lowering_for(
 ) -> _Lowering:
     if target is not None:
         # imported here: the x86 lowering subclasses _Lowering
-        from dyadiq.backends.tvm_lowering_x86 import X86Lowering, has_avx2, has_vnni
+        from dyadiq.backends.tvm.lower_x86 import X86Lowering, has_avx2, has_vnni
 
         if has_vnni(target) or has_avx2(target):
             return X86Lowering(program, bb, vnni=has_vnni(target))
@@ -493,7 +493,7 @@ def lower_program(
     ``batch`` replaces a dynamic batch dimension (0 in the program's shapes). Without a
     ``target`` the module is portable (NCHW Relax ops, scheduled later); for an x86 target
     with AVX2 or AVX-512 VNNI the heavy layers become hand-written channels-last kernels
-    (:mod:`dyadiq.backends.tvm_lowering_x86`), which compute the same codes.
+    (:mod:`dyadiq.backends.tvm.lower_x86`), which compute the same codes.
     """
     missing = unsupported_ops(program, float_islands=float_islands)
     if missing:

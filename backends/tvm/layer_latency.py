@@ -3,7 +3,7 @@
 Each weighted layer of an integer program (a ``Conv`` or a ``MatMul`` with a constant weight)
 lowers to exactly one fused PrimFunc (conv/dense + bias + requantization + clip + cast), called
 once from the Relax ``main``. :func:`measure_layer_latency` lowers the program, prepares and
-schedules it (:mod:`dyadiq.backends.tvm_tuning`), finds each layer's call by its weight constant,
+schedules it (:mod:`dyadiq.backends.tvm.tuning`), finds each layer's call by its weight constant,
 and times that kernel alone with ``time_evaluator``, fed with the layer's real constants
 (multipliers, shifts, offsets) and random activation codes of the right type.
 
@@ -186,9 +186,9 @@ def measure_layer_latency(
     is named by its output tensor. Kernels are scheduled as :func:`schedule_module` would
     (database records from ``database_dir``, else the default schedule).
     """
-    from dyadiq.backends.tvm_build import prepare
-    from dyadiq.backends.tvm_lowering import lower_program
-    from dyadiq.backends.tvm_tuning import schedule_module
+    from dyadiq.backends.tvm.build import prepare
+    from dyadiq.backends.tvm.lower import lower_program
+    from dyadiq.backends.tvm.tuning import schedule_module
 
     layers = weighted_layers(program)
     names = list(layer_ids) if layer_ids is not None else [op.output for op in layers]

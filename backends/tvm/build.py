@@ -1,4 +1,4 @@
-"""Compile a lowered integer program (:mod:`dyadiq.backends.tvm_lowering`) with TVM and export it.
+"""Compile a lowered integer program (:mod:`dyadiq.backends.tvm.lower`) with TVM and export it.
 
 Two steps, so that a scheduler (MetaSchedule, hand-written VNNI schedules) can work on the
 fused PrimFuncs in between:
@@ -31,8 +31,8 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.support import cc
 
 from dyadiq import integer_program as ip
-from dyadiq.backends import tvm_model_runner
-from dyadiq.backends.tvm_lowering import CODES_SUFFIX, main_output_names
+from dyadiq.backends.tvm import model_runner as tvm_model_runner
+from dyadiq.backends.tvm.lower import CODES_SUFFIX, main_output_names
 from dyadiq.errors import ConfigError, DyadiqError
 from dyadiq.io import prepare_output_dir, write_text_atomic
 
@@ -230,7 +230,7 @@ def build(
     ``program`` (the one ``mod`` was lowered from) names the outputs and records the
     quantizers in model.json; without it outputs are ``output_0``, ``output_1``, ...
     ``schedule`` rewrites the prepared (fused) module's PrimFuncs before compilation, e.g.
-    :func:`dyadiq.backends.tvm_tuning.schedule_module`.
+    :func:`dyadiq.backends.tvm.tuning.schedule_module`.
     """
     target = target_for(target_name)
     out = prepare_output_dir(Path(out_dir))

@@ -1,7 +1,7 @@
 """Run a TVM Relax library on many inputs; executed by an aarch64 Python under qemu-user.
 
-Not imported by dyadiq: ``backends/tvm_aarch64.py`` starts it as
-``qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.11 tvm_aarch64_runner.py REQUEST.json``.
+Not imported by dyadiq: ``backends/tvm/aarch64.py`` starts it as
+``qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.11 aarch64_runner.py REQUEST.json``.
 The aarch64 side has only the TVM runtime (``TVM_USE_RUNTIME_LIB=1``, so ``tvm.relax`` is not
 importable) and numpy, hence this file imports nothing else and uses
 ``tvm.runtime.vm.VirtualMachine`` directly.
