@@ -50,6 +50,16 @@ INTEGER_ONNX = Capabilities(
 )
 
 
+MCU_C = Capabilities(
+    name="mcu-c",
+    weight_bits=frozenset(range(2, 9)),  # <= 4 bits packed two per byte, wider as int8
+    act_bits=frozenset({4, 8}),  # one byte per code either way
+    weighted_kinds=_WEIGHTED,
+    per_channel_weights=True,
+    requantization="dyadic m / 2^k per channel, int64 multiply and arithmetic shift",
+)
+
+
 def allowed_formats(
     caps: Capabilities, kind: OpKind, formats: list[LayerFormat]
 ) -> list[LayerFormat]:

@@ -83,7 +83,7 @@ def _mixed_plan(layers: list[str]) -> Any:
 def _ilp_plan(graph: Any, calibration: list[Any], name: str, weight_budget: float) -> Any:
     from dataclasses import replace
 
-    from dyadiq.backends.mcu.emit_c import flash_cost_table
+    from dyadiq.backends.mcu.costs import flash_cost_table
     from dyadiq.passes.allocation import Budget, problem_from_report, solve
     from dyadiq.passes.calibration.data import validated_batches
     from dyadiq.passes.sensitivity.analysis import (
@@ -183,7 +183,7 @@ def _measure_plan(
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq import zoo
-    from dyadiq.backends.mcu.emit_c import allocator_memory_plan
+    from dyadiq.backends.mcu.costs import allocator_memory_plan
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.pipeline import prepare_graph, quantize
     from dyadiq.plan import LayerFormat, PrecisionPlan

@@ -25,14 +25,8 @@ from dyadiq.backends.mcu.build import (
     find_toolchain,
     run_qemu,
 )
-from dyadiq.backends.mcu.emit_c import (
-    allocator_memory_plan,
-    emit_c_project,
-    flash_cost_table,
-    layer_flash_bytes,
-    pack_weights,
-    unsupported_ops,
-)
+from dyadiq.backends.mcu.costs import allocator_memory_plan, flash_cost_table, layer_flash_bytes
+from dyadiq.backends.mcu.emit_c import emit_c_project, pack_weights, unsupported_ops
 from dyadiq.dyadic import dyadic
 from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.frontends.onnx_frontend import load_onnx

@@ -29,20 +29,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dyadiq import integer_program as ip
-from dyadiq.backends.capabilities import Capabilities
 from dyadiq.errors import ConfigError, UnsupportedModelError
-from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.io import write_text_atomic
-from dyadiq.op_facts import OpKind
-from dyadiq.plan import LayerFormat
 from dyadiq.reference_interpreter import ReferenceInterpreter
 
 from .arena import ArenaPlan, plan_arena, static_shape
@@ -61,15 +56,6 @@ void dq_profile_step(int32_t step, const char *op);
 #endif
 
 """
-
-MCU_C = Capabilities(
-    name="mcu-c",
-    weight_bits=frozenset(range(2, 9)),  # <= 4 bits packed two per byte, wider as int8
-    act_bits=frozenset({4, 8}),  # one byte per code either way
-    weighted_kinds=frozenset({OpKind.CONV, OpKind.GEMM, OpKind.MATMUL}),
-    per_channel_weights=True,
-    requantization="dyadic m / 2^k per channel, int64 multiply and arithmetic shift",
-)
 
 
 @dataclass(frozen=True)
@@ -131,61 +117,6 @@ class McuProject:
             decoded[spec.name] = chunk.reshape((raw.shape[0], *spec.shape))
             start += spec.count
         return decoded
-
-
-def weight_storage_bytes(rows: int, length: int, bits: int) -> int:
-    """Bytes of ``rows`` rows of ``length`` codes of ``bits`` bits as the emitter stores them."""
-    return rows * ((length + 1) // 2 if bits <= PACKED_BITS else length)
-
-
-def layer_flash_bytes(weight_count: int, out_channels: int, bits: int) -> int:
-    """Packed weights + an int32 bias + an int32 multiplier and an int8 shift per channel."""
-    storage = weight_storage_bytes(out_channels, weight_count // out_channels, bits)
-    return storage + out_channels * (4 + 4 + 1)
-
-
-def flash_cost_table(
-    graph: QGraph, formats: Sequence[LayerFormat]
-) -> dict[str, dict[LayerFormat, int]]:
-    """Flash bytes of each weighted layer per format, as :func:`emit_c_project` stores them.
-
-    Plain data in the shape of ``AllocationProblem.size_bytes``: an allocator can put a flash
-    budget on the sum (the rest of the image, code and tables, does not depend on the plan).
-    """
-    table: dict[str, dict[LayerFormat, int]] = {}
-    for node in graph.weighted_layers():
-        weight = graph.weight(node)
-        assert weight is not None  # weighted_layers() has a constant weight by definition
-        values = np.asarray(weight.values)
-        channels = int(values.shape[weight_channel_axis(node)])
-        table[node.name] = {
-            fmt: layer_flash_bytes(int(values.size), channels, fmt.weight_bits) for fmt in formats
-        }
-    return table
-
-
-def allocator_memory_plan(
-    program: ip.IntegerProgram, graph: QGraph, formats: Sequence[LayerFormat]
-) -> dict[str, Any]:
-    """What ``--memory-plan`` reads (``passes.allocation_costs.load_memory_plan``): the arena's
-    live sets and buffer bytes under the graph's tensor names, and :func:`flash_cost_table`.
-
-    A code occupies one byte at 4 and 8 activation bits alike, so RAM does not depend on the
-    plan's widths here; flash does, through the weights."""
-    plan = plan_arena(program)
-
-    def graph_name(tensor: str) -> str:
-        return tensor.removesuffix("_q")  # integerize names a tensor's codes NAME_q
-
-    live_sets = [sorted(graph_name(b) for b in live) for live in plan.live_sets if live]
-    tensor_bytes = {
-        graph_name(b.name): {str(bits): b.size for bits in (4, 8)} for b in plan.buffers.values()
-    }
-    flash = {
-        layer: {fmt.label: cost for fmt, cost in row.items()}
-        for layer, row in flash_cost_table(graph, formats).items()
-    }
-    return {"live_sets": live_sets, "tensor_bytes": tensor_bytes, "flash": flash}
 
 
 def pack_weights(rows: np.ndarray, bits: int) -> np.ndarray:
