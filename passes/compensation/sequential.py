@@ -12,7 +12,9 @@ layers are done), and each layer input is computed from the ones before it
 
 A layer's table entry at width b is therefore exact for uniform b-bit plans; a mixed plan
 uses, per layer, the entry of its own width (its prefix then differs from the one
-compensation saw: the report's notes say so).
+compensation saw: the report's notes say so). :meth:`SequentialCompensator.for_plan` removes
+that difference for one chosen plan: one more pass in which every layer gets its own width and
+sees the plan's own quantized prefix (about the cost of one width).
 """
 
 from __future__ import annotations
@@ -162,9 +164,41 @@ class SequentialCompensator:
             self._compensate_width(self._runner, bits)
         return self.result
 
+    def for_plan(self, plan_bits: Mapping[str, int]) -> CompensatedWeights:
+        """Weights compensated for one mixed plan (layer id -> weight bits): each layer at its
+        plan width, on the inputs the plan's own quantized prefix gives it. Layers outside
+        ``plan_bits`` stay float in the prefix and get no entry (round to nearest)."""
+        result = CompensatedWeights(self.settings)
+        if not self.settings.enabled:
+            return result
+        if self._runner is None:
+            self._runner = _PrefixRunner(self.graph, self.act_params, self.layer_ids)
+        start = time.perf_counter()
+        self._compensate_pass(self._runner, dict(plan_bits), result)
+        seconds = time.perf_counter() - start
+        result.notes.append(
+            f"compensated for one mixed plan in {seconds:.1f} s: every layer on its own plan "
+            "width and the plan's own quantized prefix"
+        )
+        log.info("compensated %d layers for a mixed plan in %.1f s", len(plan_bits), seconds)
+        return result
+
     def _compensate_width(self, runner: _PrefixRunner, bits: int) -> None:
         start = time.perf_counter()
-        result = self.result
+        self._compensate_pass(runner, {layer.node_id: bits for layer in runner.layers}, self.result)
+        self.result.seconds[bits] = time.perf_counter() - start
+        log.info(
+            "compensated %d layers at %d bits in %.1f s",
+            len(runner.layers),
+            bits,
+            self.result.seconds[bits],
+        )
+
+    def _compensate_pass(
+        self, runner: _PrefixRunner, plan_bits: Mapping[str, int], result: CompensatedWeights
+    ) -> None:
+        """Layers in order, each at ``plan_bits[layer]`` on the prefix compensated so far
+        (a layer without a width keeps its float weights in the prefix)."""
         parameters = dict(runner.parameters)
         cache: dict[tuple[str, LayerGeometry], InputStatistics] = {}
         runner.segments.reset()
@@ -174,6 +208,9 @@ class SequentialCompensator:
             too_wide = columns > MAX_HESSIAN_COLUMNS
             # the runner must be asked for every input in order, even one left unused
             inputs = runner.segments.values(position, self.batches, parameters)
+            bits = plan_bits.get(layer.node_id)
+            if bits is None:
+                continue
             if key not in cache and not too_wide:  # siblings reading one tensor share them
                 cache[key] = _layer_statistics(inputs, layer.geometry)
             entry = compensate_layer(
@@ -194,13 +231,6 @@ class SequentialCompensator:
             parameters[layer.weight_name] = entry.quant.dequantize()
             if layer.bias_name is not None and layer.bias is not None:
                 parameters[layer.bias_name] = result.bias(layer.node_id, bits, layer.bias)
-        result.seconds[bits] = time.perf_counter() - start
-        log.info(
-            "compensated %d layers at %d bits in %.1f s",
-            len(runner.layers),
-            bits,
-            result.seconds[bits],
-        )
 
 
 def compensate(
