@@ -7,12 +7,18 @@ Per model, all in this process and on the same calibration batches:
   the compensated weights at every width);
 - onnxruntime ``quantize_static`` W8A8 with each of its calibrators (``benchmarks.baseline``'s
   worker), best of them reported;
+- the ILP plans once more with weights compensated for that plan itself (every layer on its
+  plan width and the plan's own quantized prefix, ``SequentialCompensator.for_plan``);
 - the time compensation takes at all five widths (2, 3, 4, 6, 8) with the best passes.
 Every QDQ model is scored on the zoo's held-out split by :func:`dyadiq.evaluation.evaluate`,
 whose sessions run with graph optimisation off (exact float simulation, CPU-independent).
+MobileNetV2's ILP, W8A8 and onnxruntime rows are also scored on a 3x larger split of the same
+evaluation photos (:mod:`benchmarks.photo_split`), compared paired with onnxruntime's best.
 
     .venv/bin/python -m benchmarks.compensation          # fashion_cnn, mobilenet_v2, ppocr_cls
+    .venv/bin/python -m benchmarks.compensation --models minilm --grid reduced
     .venv/bin/python -m benchmarks.compensation --models fashion_cnn --quick   # smoke test
+    .venv/bin/python -m benchmarks.compensation --merge a.json b.json   # one file from parts
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import baseline, common
+from benchmarks import baseline, common, photo_split
 
 DEFAULT_MODELS = ("fashion_cnn", "mobilenet_v2", "ppocr_cls")
 UNIFORM_WIDTHS = (8, 4, 3)
@@ -38,6 +44,11 @@ ALL_WIDTHS = (2, 3, 4, 6, 8)
 SINGLE_PASSES = ("range", "gptq", "bias")
 COMBINED = "range,gptq,bias"
 BUDGETS = ("avg-wbits=4.5", "avg-wbits=4.0")
+PLAN_AWARE = COMBINED + "+plan"  # the ILP plan recompensated on its own prefix
+# --grid reduced (MiniLM on 2 shared cores: one width of its 36 Gemms costs minutes): the
+# single passes at W4 only, everything else as in the full grid
+REDUCED_SINGLE_WIDTHS = (4,)
+LARGER_SPLIT_MODELS = ("mobilenet_v2",)
 ANALYSIS_SAMPLES = 8
 QUICK_EVAL = 64
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c")
@@ -121,6 +132,8 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         builder = PlanBuilder(raw, calibration, compensation=settings)
         builders[variant] = builder
         widths = ALL_WIDTHS if variant == COMBINED else UNIFORM_WIDTHS
+        if args.grid == "reduced" and variant in (*SINGLE_PASSES, "all"):
+            widths = REDUCED_SINGLE_WIDTHS
         load_before = os.getloadavg()[0]
         t = time.perf_counter()
         builder.compensator.ensure(widths)
@@ -133,7 +146,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
                 "load_avg_1min_after": os.getloadavg()[0],
             }
             log.info("  %s: compensated %s in %.1f s", variant, widths, time.perf_counter() - t)
-        for bits in UNIFORM_WIDTHS:
+        for bits in sorted(set(UNIFORM_WIDTHS) & set(widths), reverse=True):
             label = f"dyadiq_w{bits}a8_{variant}"
             path = work / f"{label}.onnx"
             onnx.save(builder.build(PrecisionPlan.uniform(builder.graph, weight_bits=bits)), path)
@@ -179,6 +192,9 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
                 "predicted_damage": allocation.predicted_damage,
             }
             paths[label] = path
+            if variant == COMBINED:
+                aware = f"dyadiq_ilp_{budget.split('=')[1]}_{PLAN_AWARE}"
+                runs[aware], paths[aware] = _plan_aware(builder, plan, runs[label], work / aware)
 
     t = time.perf_counter()
     limit = QUICK_EVAL if args.quick else None
@@ -191,6 +207,9 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         k: r["metrics"][metric] for k, r in runs.items() if k.startswith("ort_") and "metrics" in r
     }
     best_ort = max(ort_scores, key=lambda k: ort_scores[k]) if ort_scores else None
+    larger = None
+    if name in LARGER_SPLIT_MODELS and not args.quick:
+        larger = _larger_split(artifacts, paths, runs)
     reports = builders[COMBINED].compensator.result.report()
     equalization = builders["all"].equalization
     return {
@@ -205,9 +224,92 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         "analysis": analysis,
         "layer_reports": reports,
         "cross_layer_equalization": equalization,
+        "larger_split": larger,
         "eval_s": eval_s,
         "total_s": time.perf_counter() - start,
     }
+
+
+def _plan_aware(
+    builder: Any, plan: Any, per_width_run: dict[str, Any], stem: Path
+) -> tuple[dict[str, Any], Path]:
+    """The ILP ``plan`` built with weights compensated for it (its own prefix, one pass)."""
+    import onnx
+
+    from dyadiq.pipeline import export_qdq, insert_qdq
+
+    t = time.perf_counter()
+    weights = builder.compensator.for_plan({k: f.weight_bits for k, f in plan.layers.items()})
+    seconds = time.perf_counter() - t
+    qdq = insert_qdq(builder.graph, plan, builder.sites, builder.ranges, weights)
+    path = stem.with_suffix(".onnx")
+    onnx.save(export_qdq(qdq.graph), path)
+    run = {**per_width_run, "compensation": PLAN_AWARE, "plan_compensation_s": seconds}
+    return run, path
+
+
+def _larger_split(artifacts: Any, paths: dict[str, Path], runs: dict[str, Any]) -> dict[str, Any]:
+    """The ILP, W8A8 and onnxruntime rows on :mod:`benchmarks.photo_split`, each dyadiq row
+    compared paired with onnxruntime's best on that split."""
+    chosen = {
+        k: p
+        for k, p in paths.items()
+        if k.startswith(("ort_", "dyadiq_ilp_")) or k.startswith("dyadiq_w8a8_")
+    }
+    t = time.perf_counter()
+    scores = photo_split.score(Path(artifacts.model_path), chosen)
+    ort = [k for k in chosen if k.startswith("ort_")]
+    best = max(ort, key=scores.agreement) if ort else None
+    rows = {}
+    for k in chosen:
+        rows[k] = {
+            "top1_agreement": scores.agreement(k),
+            "standard_error": scores.standard_error(k),
+            "vs_best_ort": scores.paired(k, best) if best and k != best else None,
+        }
+        if k in runs:
+            runs[k].setdefault("larger_split", rows[k])
+    return {
+        "crops": scores.crops,
+        "photos": int(np.unique(scores.photo).size),
+        "crops_per_photo": photo_split.CROPS_PER_PHOTO,
+        "best_ort": best,
+        "rows": rows,
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def _larger_split_table(model: dict[str, Any]) -> list[str]:
+    split = model.get("larger_split")
+    if not split:
+        return []
+    lines = [
+        f"Larger split ({split['crops']} crops: {split['photos']} evaluation photos x "
+        f"{split['crops_per_photo']} crops, seed {photo_split.SEED}; standard errors and "
+        "intervals by a photo bootstrap, differences paired on the same crops against "
+        f"{split['best_ort']}):",
+        "",
+        "| model | top1_agreement | std err | minus best onnxruntime | 95% interval | "
+        "P(not worse) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, row in split["rows"].items():
+        diff = row["vs_best_ort"]
+        cells = (
+            [
+                _f(diff["difference"], "+.4f"),
+                f"[{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]",
+                _f(diff["p_not_worse"], ".3f"),
+            ]
+            if diff
+            else ["-", "-", "-"]
+        )
+        lines.append(
+            f"| {k} | {row['top1_agreement']:.4f} | {row['standard_error']:.4f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
 
 
 def _f(x: Any, spec: str = ".4f") -> str:
@@ -240,6 +342,8 @@ def _ilp_table(model: dict[str, Any]) -> list[str]:
         if run.get("kind") != "ilp":
             continue
         hist = "/".join(str(run["bits_histogram"][str(b)]) for b in ALL_WIDTHS)
+        if run["compensation"] == PLAN_AWARE:
+            hist += " (same plan)"
         lines.append(
             f"| {run['budget']} | {run['compensation']} | {run['avg_weight_bits']:.3f} | {hist} "
             f"| {_f(run.get('metrics', {}).get(metric))} |"
@@ -268,11 +372,9 @@ def _layer_error_summary(model: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(data: dict[str, Any]) -> str:
+def _run_header(data: dict[str, Any]) -> list[str]:
     machine = data["machine"]
-    out = [
-        "# Weight-rounding compensation (issue 12)",
-        "",
+    return [
         f"Command: `{data['command']}`  ",
         f"Date: {data['date']}  ",
         f"Machine: {machine['cpu_model']}, {machine['affinity_cpus']} CPUs usable, "
@@ -280,7 +382,25 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"start {', '.join(f'{x:.2f}' for x in machine['load_avg_start'])}, at end "
         f"{', '.join(f'{x:.2f}' for x in data['load_avg_end'])} (the machine was shared).  ",
         f"onnxruntime {machine['onnxruntime']}, git {machine['git_commit']}"
-        f"{' (dirty)' if machine['git_dirty'] else ''}.",
+        f"{' (dirty)' if machine['git_dirty'] else ''}."
+        + (
+            "  \nGrid: reduced (single passes and `all` at W4 only; `-` where not run)."
+            if data.get("grid") == "reduced"
+            else ""
+        ),
+    ]
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    header: list[str] = []
+    for part in data.get("parts", [data]):
+        if "parts" in data:
+            header += ["", f"Run for {', '.join(part['model_names'])}:", ""]
+        header += _run_header(part)
+    out = [
+        "# Weight-rounding compensation (issue 12)",
+        "",
+        *header,
         "",
         "QDQ models are scored on each zoo model's held-out split by "
         "`dyadiq.evaluation.evaluate` with onnxruntime graph optimisation disabled (an exact "
@@ -302,6 +422,21 @@ def render_markdown(data: dict[str, Any]) -> str:
         out += [f"Float {metric}: {_f(model['float'].get(metric))}.", ""]
         out += [*_uniform_table(model), ""]
         out += [*_ilp_table(model), ""]
+        plan_s = [
+            r["plan_compensation_s"] for r in model["runs"].values() if "plan_compensation_s" in r
+        ]
+        if plan_s:
+            out += [
+                f"`{PLAN_AWARE}`: the same plan as the `{COMBINED}` row above, its weights "
+                "compensated once more for that plan (each layer on its plan width and the "
+                "plan's own quantized prefix instead of a uniform one): "
+                + ", ".join(f"{s:.1f} s" for s in plan_s)
+                + ".",
+                "",
+            ]
+        larger = _larger_split_table(model)
+        if larger:
+            out += [*larger, ""]
         ort = [
             f"{k}: {_f(r.get('metrics', {}).get(metric))}"
             if "metrics" in r
@@ -355,6 +490,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0, help="per onnxruntime run, seconds")
     p.add_argument("--output", type=Path, default=baseline.DEFAULT_OUTPUT)
     p.add_argument("--notes", nargs="*", default=[], help="lines appended to the results file")
+    p.add_argument("--stem", default="compensation", help="results file name, without suffix")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="write one results file from these JSON results of separate runs (no run)",
+    )
+    p.add_argument(
+        "--grid",
+        choices=["full", "reduced"],
+        default="full",
+        help="reduced: single passes and CLE at W4 only (for MiniLM on a shared machine)",
+    )
     return p.parse_args(argv)
 
 
@@ -363,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output, args.stem, args.notes)
     command = " ".join(
         [".venv/bin/python -m benchmarks.compensation", *map(shlex.quote, sys.argv[1:])]
     )
@@ -383,8 +533,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.exception("%s failed", name)
                 data["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
     data["load_avg_end"] = list(os.getloadavg())
-    stem = "compensation_quick" if args.quick else "compensation"
+    data["grid"] = args.grid
+    stem = "compensation_quick" if args.quick and args.stem == "compensation" else args.stem
     common.write_results(data, args.output, stem, render_markdown)
+    return data
+
+
+def merge(parts: list[Path], output: Path, stem: str, notes: list[str]) -> dict[str, Any]:
+    """One results file from separate runs: the models of each, every run's own header
+    (command, date, load) kept; a model measured twice keeps its last run."""
+    import json
+
+    runs = [json.loads(p.read_text()) for p in parts]
+    data: dict[str, Any] = {
+        "parts": [
+            {**{k: v for k, v in r.items() if k != "models"}, "model_names": list(r["models"])}
+            for r in runs
+        ],
+        "compensation_samples": runs[0]["compensation_samples"],
+        "models": {k: v for r in runs for k, v in r["models"].items()},
+        "notes": notes,
+    }
+    common.write_results(data, output, stem, render_markdown)
     return data
 
 
