@@ -142,7 +142,7 @@ def tensor_drift(
                 d = env[out].astype(np.int64) - sim[out].astype(np.int64)
                 propagated[variant].setdefault(out, []).append(d.ravel())
                 isolated = dict(sim)
-                interp._handlers[type(op)](op, isolated)
+                interp.step(op, isolated)
                 d = isolated[out].astype(np.int64) - sim[out].astype(np.int64)
                 local[variant].setdefault(out, []).append(d.ravel())
     ops = {getattr(op, "output", ""): type(op).__name__ for op in programs["int"].ops}

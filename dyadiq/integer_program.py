@@ -14,6 +14,7 @@ program lists them, so "fully integer" is a property one can check (``float_ops`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -273,6 +274,7 @@ IntOp = (
     | Quantize
     | FloatIsland
 )
+INT_OP_CLASSES: tuple[type, ...] = get_args(IntOp)
 
 
 @dataclass

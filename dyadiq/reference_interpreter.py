@@ -9,8 +9,7 @@ Float islands run in onnxruntime, as they do in the integer ONNX model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -20,6 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import requantize
 from dyadiq.errors import UnsupportedModelError
+from dyadiq.int_op_visitor import IntOpVisitor
 from dyadiq.ort_sessions import Kernels, open_session
 
 SOFTMAX_MAX_SHIFT = 30  # exp(-30 ln 2) < 1e-9: anything smaller is zero
@@ -74,38 +74,28 @@ def maxpool(x: np.ndarray, op: ip.MaxPool, fill: int) -> np.ndarray:
     return windows[:, :, :: op.strides[0], :: op.strides[1]].max(axis=(-2, -1))
 
 
-class ReferenceInterpreter:
-    """Run an integer program on float (or integer) inputs; returns every tensor by name."""
+class ReferenceInterpreter(IntOpVisitor[None]):
+    """Run an integer program on float (or integer) inputs; returns every tensor by name.
+
+    Each ``visit_<Op>`` reads its inputs from ``self.env`` (tensor name -> array) and writes
+    its outputs there; :meth:`run` starts a fresh ``env`` from the feeds."""
 
     def __init__(self, program: ip.IntegerProgram) -> None:
         self.program = program
         self._islands: dict[int, ort.InferenceSession] = {}
-        self._handlers: dict[type, Callable[[Any, dict[str, np.ndarray]], None]] = {
-            ip.QuantizeInput: self._quantize,
-            ip.Quantize: self._quantize,
-            ip.Dequantize: self._dequantize,
-            ip.Conv: self._conv,
-            ip.MatMul: self._matmul,
-            ip.Add: self._add,
-            ip.Mul: self._mul,
-            ip.GlobalAvgPool: self._gap,
-            ip.HardSigmoid: self._hard_sigmoid,
-            ip.HardSwish: self._hard_swish,
-            ip.Softmax: self._softmax,
-            ip.LeakyRelu: self._leaky_relu,
-            ip.MaxPool: self._maxpool,
-            ip.Clip: self._clip,
-            ip.Reshape: self._reshape,
-            ip.Transpose: self._transpose,
-            ip.Concat: self._concat,
-            ip.FloatIsland: self._island,
-        }
+        self.env: dict[str, np.ndarray] = {}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()}
         for op in self.program.ops:
-            self._handlers[type(op)](op, env)
+            self.step(op, env)
         return env
+
+    def step(self, op: ip.IntOp, env: dict[str, np.ndarray]) -> None:
+        """Run one op on ``env`` (updated in place): e.g. on another model's tensors, to see
+        the error one op adds by itself."""
+        self.env = env
+        self.visit(op)
 
     def outputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Integer codes of each model output (what backends must reproduce exactly)."""
@@ -113,124 +103,126 @@ class ReferenceInterpreter:
         return {o: env[self.program.int_outputs.get(o, o)] for o in self.program.outputs}
 
     # --- helpers -----------------------------------------------------------------------------
-    def _codes(self, env: dict[str, np.ndarray], name: str) -> np.ndarray:
-        return env[name].astype(np.int64)
+    def _codes(self, name: str) -> np.ndarray:
+        return self.env[name].astype(np.int64)
 
-    def _centered(self, env: dict[str, np.ndarray], name: str, zero_point: int) -> np.ndarray:
-        return env[name].astype(np.int64) - zero_point
+    def _centered(self, name: str, zero_point: int) -> np.ndarray:
+        return self.env[name].astype(np.int64) - zero_point
 
-    def _store(self, env: dict[str, np.ndarray], name: str, codes: np.ndarray) -> None:
-        env[name] = codes.astype(self.program.code_dtype(name))
+    def _store(self, name: str, codes: np.ndarray) -> None:
+        self.env[name] = codes.astype(self.program.code_dtype(name))
 
     # --- ops ---------------------------------------------------------------------------------
-    def _quantize(self, op: ip.QuantizeInput | ip.Quantize, env: dict[str, np.ndarray]) -> None:
+    def visit_QuantizeInput(self, op: ip.QuantizeInput | ip.Quantize) -> None:
         q = self.program.quant[op.output]
-        x = env[op.input].astype(np.float32)
+        x = self.env[op.input].astype(np.float32)
         codes = np.round(x / np.float32(q.scale)).astype(np.int64) + q.zero_point
-        self._store(env, op.output, np.clip(codes, q.qmin, q.qmax))
+        self._store(op.output, np.clip(codes, q.qmin, q.qmax))
 
-    def _dequantize(self, op: ip.Dequantize, env: dict[str, np.ndarray]) -> None:
+    visit_Quantize = visit_QuantizeInput  # a float island's output: the same rounding
+
+    def visit_Dequantize(self, op: ip.Dequantize) -> None:
         q = self.program.quant[op.input]
-        v = (env[op.input].astype(np.int32) - q.zero_point).astype(np.float32)
-        env[op.output] = v * np.float32(q.scale)
+        v = (self.env[op.input].astype(np.int32) - q.zero_point).astype(np.float32)
+        self.env[op.output] = v * np.float32(q.scale)
 
-    def _conv(self, op: ip.Conv, env: dict[str, np.ndarray]) -> None:
-        acc = conv_accumulate(self._centered(env, op.input, op.input_zero_point), op)
-        self._store(env, op.output, apply_requant(acc, op.requant))
+    def visit_Conv(self, op: ip.Conv) -> None:
+        acc = conv_accumulate(self._centered(op.input, op.input_zero_point), op)
+        self._store(op.output, apply_requant(acc, op.requant))
 
-    def _matmul(self, op: ip.MatMul, env: dict[str, np.ndarray]) -> None:
-        a = self._centered(env, op.input, op.input_zero_point)
+    def visit_MatMul(self, op: ip.MatMul) -> None:
+        a = self._centered(op.input, op.input_zero_point)
         if op.weight is not None:
             b = op.weight.astype(np.int64)
         else:
             assert op.weight_input is not None
-            b = self._centered(env, op.weight_input, op.weight_zero_point)
+            b = self._centered(op.weight_input, op.weight_zero_point)
         acc = _exact_matmul(a, b)
         if op.bias is not None:
             acc = acc + op.bias.astype(np.int64)
-        self._store(env, op.output, apply_requant(acc, op.requant))
+        self._store(op.output, apply_requant(acc, op.requant))
 
-    def _add(self, op: ip.Add, env: dict[str, np.ndarray]) -> None:
-        a = self._centered(env, op.inputs[0], op.zero_points[0])
-        b = self._centered(env, op.inputs[1], op.zero_points[1])
+    def visit_Add(self, op: ip.Add) -> None:
+        a = self._centered(op.inputs[0], op.zero_points[0])
+        b = self._centered(op.inputs[1], op.zero_points[1])
         if op.single_rounding:
             total = requantize(a * op.mults[0] + b * op.mults[1], 1, op.shifts[0])
         else:
             total = requantize(a, op.mults[0], op.shifts[0]) + requantize(
                 b, op.mults[1], op.shifts[1]
             )
-        self._store(env, op.output, np.clip(total + op.zero_point, op.lo, op.hi))
+        self._store(op.output, np.clip(total + op.zero_point, op.lo, op.hi))
 
-    def _mul(self, op: ip.Mul, env: dict[str, np.ndarray]) -> None:
-        a = self._centered(env, op.inputs[0], op.zero_points[0])
-        b = self._centered(env, op.inputs[1], op.zero_points[1])
-        self._store(env, op.output, apply_requant(a * b, op.requant))
+    def visit_Mul(self, op: ip.Mul) -> None:
+        a = self._centered(op.inputs[0], op.zero_points[0])
+        b = self._centered(op.inputs[1], op.zero_points[1])
+        self._store(op.output, apply_requant(a * b, op.requant))
 
-    def _gap(self, op: ip.GlobalAvgPool, env: dict[str, np.ndarray]) -> None:
-        v = self._centered(env, op.input, op.input_zero_point)
-        self._store(env, op.output, apply_requant(v.sum(axis=(2, 3), keepdims=True), op.requant))
+    def visit_GlobalAvgPool(self, op: ip.GlobalAvgPool) -> None:
+        v = self._centered(op.input, op.input_zero_point)
+        self._store(op.output, apply_requant(v.sum(axis=(2, 3), keepdims=True), op.requant))
 
-    def _hard_sigmoid(self, op: ip.HardSigmoid, env: dict[str, np.ndarray]) -> None:
-        v = self._centered(env, op.input, op.input_zero_point)
+    def visit_HardSigmoid(self, op: ip.HardSigmoid) -> None:
+        v = self._centered(op.input, op.input_zero_point)
         rq = op.requant
         y = requantize(v, rq.mult, rq.shift) + op.offset + rq.zero_point
-        self._store(env, op.output, np.clip(y, rq.lo, rq.hi))
+        self._store(op.output, np.clip(y, rq.lo, rq.hi))
 
-    def _hard_swish(self, op: ip.HardSwish, env: dict[str, np.ndarray]) -> None:
-        v = self._centered(env, op.input, op.input_zero_point)
+    def visit_HardSwish(self, op: ip.HardSwish) -> None:
+        v = self._centered(op.input, op.input_zero_point)
         one = 1 << op.frac_bits
         gate = requantize(v, op.gate_mult, op.gate_shift) + (one >> 1)
         gate = np.clip(gate, 0, one)
-        self._store(env, op.output, apply_requant(v * gate, op.requant))
+        self._store(op.output, apply_requant(v * gate, op.requant))
 
-    def _leaky_relu(self, op: ip.LeakyRelu, env: dict[str, np.ndarray]) -> None:
-        v = self._centered(env, op.input, op.input_zero_point)
+    def visit_LeakyRelu(self, op: ip.LeakyRelu) -> None:
+        v = self._centered(op.input, op.input_zero_point)
         rq = op.requant
         positive = requantize(np.maximum(v, 0), rq.mult, rq.shift)
         m = _channel_shape(op.negative_mult, v.ndim, rq.axis)
         k = _channel_shape(op.negative_shift, v.ndim, rq.axis)
         negative = requantize(np.minimum(v, 0), m, k)
-        self._store(env, op.output, np.clip(positive + negative + rq.zero_point, rq.lo, rq.hi))
+        self._store(op.output, np.clip(positive + negative + rq.zero_point, rq.lo, rq.hi))
 
-    def _softmax(self, op: ip.Softmax, env: dict[str, np.ndarray]) -> None:
-        q = self._codes(env, op.input)
+    def visit_Softmax(self, op: ip.Softmax) -> None:
+        q = self._codes(op.input)
         d = (q - q.max(axis=-1, keepdims=True)) << op.upscale_bits
         z = (-d) // op.ln2_codes
         p = d + z * op.ln2_codes
         poly = (p + op.b_codes) ** 2 + op.c_codes
         e = np.right_shift(poly, np.minimum(z, SOFTMAX_MAX_SHIFT))
         prob = (e << op.frac_bits) // e.sum(axis=-1, keepdims=True)
-        self._store(env, op.output, apply_requant(prob, op.requant))
+        self._store(op.output, apply_requant(prob, op.requant))
 
-    def _maxpool(self, op: ip.MaxPool, env: dict[str, np.ndarray]) -> None:
+    def visit_MaxPool(self, op: ip.MaxPool) -> None:
         fill = self.program.quant[op.output].qmin
-        self._store(env, op.output, maxpool(self._codes(env, op.input), op, fill))
+        self._store(op.output, maxpool(self._codes(op.input), op, fill))
 
-    def _clip(self, op: ip.Clip, env: dict[str, np.ndarray]) -> None:
-        self._store(env, op.output, np.clip(self._codes(env, op.input), op.lo, op.hi))
+    def visit_Clip(self, op: ip.Clip) -> None:
+        self._store(op.output, np.clip(self._codes(op.input), op.lo, op.hi))
 
-    def _reshape(self, op: ip.Reshape, env: dict[str, np.ndarray]) -> None:
-        x = env[op.input]
+    def visit_Reshape(self, op: ip.Reshape) -> None:
+        x = self.env[op.input]
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(op.shape)]
         if int(np.prod(shape)) != x.size:  # shapes inferred for other dims than the data's
             raise UnsupportedModelError(
                 f"reshape to {op.output}: {list(x.shape)} cannot become {shape}; the model's "
                 "declared shapes disagree with the data (fix dynamic dims with --input-shape)"
             )
-        env[op.output] = x.reshape(shape)
+        self.env[op.output] = x.reshape(shape)
 
-    def _transpose(self, op: ip.Transpose, env: dict[str, np.ndarray]) -> None:
-        env[op.output] = env[op.input].transpose(op.perm)
+    def visit_Transpose(self, op: ip.Transpose) -> None:
+        self.env[op.output] = self.env[op.input].transpose(op.perm)
 
-    def _concat(self, op: ip.Concat, env: dict[str, np.ndarray]) -> None:
-        env[op.output] = np.concatenate([env[i] for i in op.inputs], axis=op.axis)
+    def visit_Concat(self, op: ip.Concat) -> None:
+        self.env[op.output] = np.concatenate([self.env[i] for i in op.inputs], axis=op.axis)
 
-    def _island(self, op: ip.FloatIsland, env: dict[str, np.ndarray]) -> None:
+    def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         key = id(op)
         if key not in self._islands:
             self._islands[key] = island_session(op, self.program.opset)
-        values = self._islands[key].run(list(op.outputs), {i: env[i] for i in op.inputs})
-        env.update(zip(op.outputs, values, strict=True))
+        values = self._islands[key].run(list(op.outputs), {i: self.env[i] for i in op.inputs})
+        self.env.update(zip(op.outputs, values, strict=True))
 
 
 def island_model(island: ip.FloatIsland, opset: int) -> onnx.ModelProto:

@@ -58,7 +58,7 @@ def _add_vs_simulator(single_rounding: bool) -> tuple[float, int]:
     assert not any(program.quant[n].signed for n in names)
     for codes in _qdq_codes(export_qdq(result.qdq.graph), names, batches):
         env = {name: codes[name] for name in add.inputs}
-        interpreter._add(add, env)
+        interpreter.step(add, env)
         diff = np.abs(env[add.output].astype(np.int64) - codes[add.output].astype(np.int64))
         differ += int((diff > 0).sum())
         total += diff.size
@@ -92,7 +92,7 @@ def test_single_rounding_add_reference_semantics() -> None:
         ["y"],
     )
     env: dict[str, np.ndarray] = {"a": a_codes, "b": b_codes}
-    ReferenceInterpreter(program)._add(add, env)
+    ReferenceInterpreter(program).step(add, env)
     va, vb = a_codes.astype(np.int64) - 3, b_codes.astype(np.int64) - 5
     exact = (va * ma + vb * mb) / 2.0**k  # below 2^53: exact in float64
     expected = np.clip(np.floor(exact + 0.5) + 10, 0, 255)
