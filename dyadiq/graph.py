@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from dyadiq.errors import UnsupportedModelError
 from dyadiq.op_facts import OpFacts, OpKind, facts, onnx_op_kind
+from dyadiq.rewrite_report import RewriteReport
 
 
 @dataclass
@@ -27,6 +28,7 @@ class QGraph:
     opset: int
     source: str = "<memory>"
     notes: list[str] = field(default_factory=list)
+    rewrites: list[RewriteReport] = field(default_factory=list)  # each rewrite pass's report
 
     # --- nodes -------------------------------------------------------------------------------
     def nodes(self) -> Iterator[gs.Node]:
@@ -86,14 +88,19 @@ class QGraph:
 
     # --- conversion --------------------------------------------------------------------------
     def to_onnx(self) -> onnx.ModelProto:
-        self.graph.cleanup().toposort()
-        model = gs.export_onnx(self.graph, do_type_check=False)
+        """The graph as a model, dead nodes dropped and topologically sorted. Exports a copy:
+        cleanup and toposort would otherwise reorder or drop nodes of a graph that analyses
+        are still reading."""
+        exported = self.graph.copy().cleanup().toposort()
+        model = gs.export_onnx(exported, do_type_check=False)
         model.ir_version = max(model.ir_version, 8)
         return model
 
     def copy(self) -> QGraph:
         """New nodes and tensors; constant arrays are shared, so rewrites replace, never edit."""
-        return QGraph(self.graph.copy(), self.opset, self.source, list(self.notes))
+        return QGraph(
+            self.graph.copy(), self.opset, self.source, list(self.notes), list(self.rewrites)
+        )
 
 
 def weight_channel_axis(node: gs.Node) -> int:

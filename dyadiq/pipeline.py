@@ -105,11 +105,12 @@ def prepare_graph(graph: QGraph, *, needs_int4: bool = False) -> QGraph:
     prepared = upgrade_opset(graph, target)
     prepared = prepared.copy() if prepared is graph else prepared
     folded = fold_batch_norm(prepared)
-    if folded.folded:
-        prepared.notes.append(f"folded {len(folded.folded)} BatchNorm/Mul/Add node(s)")
+    if folded.changed:
+        prepared.notes.append(f"folded {len(folded.changed)} BatchNorm/Mul/Add node(s)")
     swish = canonicalize_hard_swish(prepared)
-    if swish.rewritten:
-        prepared.notes.append(f"rewrote {len(swish.rewritten)} nodes into HardSwish")
+    if swish.changed:
+        prepared.notes.append(f"rewrote {len(swish.changed)} nodes into HardSwish")
+    prepared.rewrites.extend([folded, swish])
     return prepared
 
 
@@ -357,6 +358,7 @@ def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
         "source": graph.source,
         "opset": graph.opset,
         "notes": graph.notes,
+        "rewrites": [rewrite.to_json() for rewrite in graph.rewrites],
         "calibration_batches": result.statistics.batches,
         "quantized_activation_tensors": len(result.sites.tensors),
         "scale_groups": len(result.sites.groups()),

@@ -10,21 +10,14 @@ fixed-point kernel instead of four float islands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph
+from dyadiq.rewrite_report import RewriteReport
 
 MIN_OPSET = 14
 _TOL = 1e-6
-
-
-@dataclass
-class RewriteReport:
-    rewritten: list[str] = field(default_factory=list)  # ids of the nodes replaced
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (node id, reason)
 
 
 def _scalar(tensor: gs.Tensor | None) -> float | None:
@@ -94,9 +87,9 @@ def _match_hard_sigmoid_form(
 
 def canonicalize_hard_swish(graph: QGraph) -> RewriteReport:
     """Rewrite in place (on the caller's copy); the graph must be at opset >= 14."""
-    report = RewriteReport()
+    report = RewriteReport("canonicalize_hard_swish")
     if graph.opset < MIN_OPSET:
-        report.skipped.append(("*", f"opset {graph.opset} < {MIN_OPSET} has no HardSwish"))
+        report.skip("*", f"opset {graph.opset} < {MIN_OPSET} has no HardSwish")
         return report
     g = graph.graph
     for node in list(g.nodes):
@@ -116,6 +109,6 @@ def canonicalize_hard_swish(graph: QGraph) -> RewriteReport:
         g.nodes.append(
             gs.Node("HardSwish", f"{matched[0].name}/HardSwish", inputs=[x], outputs=[y])
         )
-        report.rewritten.extend(n.name for n in matched)
+        report.changed.extend(n.name for n in matched)
     g.cleanup().toposort()
     return report

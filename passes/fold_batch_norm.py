@@ -9,18 +9,11 @@ BN/Mul/Add constants are per output channel, and the layer's weight is a constan
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph, weight_channel_axis
-
-
-@dataclass
-class FoldReport:
-    folded: list[str] = field(default_factory=list)  # ids of removed BN / Mul / Add nodes
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+from dyadiq.rewrite_report import RewriteReport
 
 
 def _per_channel(values: np.ndarray, channels: int, axis: int, ndim: int) -> np.ndarray | None:
@@ -81,27 +74,27 @@ def _bypass(node: gs.Node, layer: gs.Node) -> None:
     layer.outputs[0] = result
 
 
-def fold_batch_norm(graph: QGraph) -> FoldReport:
+def fold_batch_norm(graph: QGraph) -> RewriteReport:
     """Fold in place (on the caller's copy of the graph)."""
-    report = FoldReport()
+    report = RewriteReport("fold_batch_norm")
     g = graph.graph
     for node in list(g.nodes):
         if node.op == "BatchNormalization":
             layer = _foldable_layer(graph, node.inputs[0])
             params = node.inputs[1:5]
             if layer is None or not all(isinstance(p, gs.Constant) for p in params):
-                report.skipped.append((node.name, "input is not a foldable Conv/Gemm output"))
+                report.skip(node.name, "input is not a foldable Conv/Gemm output")
                 continue
             training = int(node.attrs.get("training_mode", 0))  # batch statistics, not params
             if training or (len(node.outputs) > 1 and any(t.outputs for t in node.outputs[1:])):
-                report.skipped.append((node.name, "training mode uses batch statistics"))
+                report.skip(node.name, "training mode uses batch statistics")
                 continue
             gamma, beta, mean, var = (np.asarray(p.values, np.float64) for p in params)
             sigma = np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
             scale = gamma / sigma
             _scale_layer(g, layer, scale, beta - mean * scale)
             _bypass(node, layer)
-            report.folded.append(node.name)
+            report.changed.append(node.name)
         elif node.op == "Mul":
             layer = _foldable_layer(graph, node.inputs[0])
             const = node.inputs[1] if len(node.inputs) == 2 else None
@@ -115,11 +108,11 @@ def fold_batch_norm(graph: QGraph) -> FoldReport:
             if add is not None and add.op == "Add" and isinstance(add.inputs[1], gs.Constant):
                 c = _per_channel(add.inputs[1].values, channels, 1, ndim)
             if a is None or c is None or add is None or node.outputs[0] in g.outputs:
-                report.skipped.append((node.name, "not a per-channel Mul -> Add after a layer"))
+                report.skip(node.name, "not a per-channel Mul -> Add after a layer")
                 continue
             _scale_layer(g, layer, a, c)
             _bypass(node, layer)
             _bypass(add, layer)
-            report.folded.extend([node.name, add.name])
+            report.changed.extend([node.name, add.name])
     g.cleanup().toposort()
     return report

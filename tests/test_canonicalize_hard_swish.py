@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from dyadiq.graph import QGraph
-from dyadiq.passes.canonicalize_hard_swish import RewriteReport, canonicalize_hard_swish
+from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
+from dyadiq.rewrite_report import RewriteReport
 from tests.builders import with_weights
 from tests.rewrite_checks import apply_float_pass, assert_same_outputs, op_types
 
@@ -85,7 +86,7 @@ def test_add_clip_mul_div_becomes_hard_swish(opset):
     assert _ops(model) == ["Add", "Clip", "Mul", "Div"]
     graph, report, out = _rewrite(model)
     assert _ops(out) == ["HardSwish"]
-    assert report.rewritten == ["add", "clip", "mul", "div"]
+    assert report.changed == ["add", "clip", "mul", "div"]
     assert report.skipped == []
     assert graph.node_ids() == ["add/HardSwish"]
     node = out.graph.node[0]
@@ -106,7 +107,7 @@ def test_mul_by_one_sixth_variant_becomes_hard_swish(opset):
     model = _named(_model(body, opset=opset, sixth=np.array(1 / 6)), "add", "clip", "mul", "mul6")
     _, report, out = _rewrite(model)
     assert _ops(out) == ["HardSwish"]
-    assert report.rewritten == ["add", "clip", "mul", "mul6"]
+    assert report.changed == ["add", "clip", "mul", "mul6"]
     _assert_same_outputs(model, out)
 
 
@@ -129,7 +130,7 @@ def test_constant_node_operands_are_matched():
     onnx.checker.check_model(model, full_check=True)
     _, report, out = _rewrite(model)
     assert _ops(out) == ["HardSwish"]
-    assert len(report.rewritten) == 4
+    assert len(report.changed) == 4
     _assert_same_outputs(model, out)
 
 
@@ -142,7 +143,7 @@ def test_hard_sigmoid_times_x_becomes_hard_swish(opset):
     model = _named(_model(body, opset=opset), "hsig", "mul")
     graph, report, out = _rewrite(model)
     assert _ops(out) == ["HardSwish"]
-    assert report.rewritten == ["hsig", "mul"]
+    assert report.changed == ["hsig", "mul"]
     assert graph.node_ids() == ["hsig/HardSwish"]
     _assert_same_outputs(model, out)
 
@@ -159,7 +160,7 @@ def test_two_hard_swishes_in_a_chain_both_rewritten():
     model = _model(body)
     _, report, out = _rewrite(model)
     assert _ops(out) == ["HardSwish", "HardSwish"]
-    assert len(report.rewritten) == 6
+    assert len(report.changed) == 6
     _assert_same_outputs(model, out)
 
 
@@ -167,7 +168,7 @@ def test_two_hard_swishes_in_a_chain_both_rewritten():
 def _assert_unchanged(model: onnx.ModelProto) -> RewriteReport:
     _, report, out = _rewrite(model)
     assert sorted(_ops(out)) == sorted(_ops(model))  # toposort may reorder side branches
-    assert report.rewritten == []
+    assert report.changed == []
     _assert_same_outputs(model, out)
     return report
 

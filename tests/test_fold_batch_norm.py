@@ -15,7 +15,9 @@ import pytest
 
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.graph import QGraph
-from dyadiq.passes.fold_batch_norm import FoldReport, fold_batch_norm
+from dyadiq.passes.fold_batch_norm import fold_batch_norm
+from dyadiq.pipeline import prepare_graph
+from dyadiq.rewrite_report import RewriteReport
 from tests.builders import with_weights
 from tests.rewrite_checks import apply_float_pass, assert_same_outputs, op_types
 
@@ -34,7 +36,7 @@ def _feeds(model: onnx.ModelProto, seed: int = SEED) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _fold(model: onnx.ModelProto) -> tuple[QGraph, FoldReport, onnx.ModelProto]:
+def _fold(model: onnx.ModelProto) -> tuple[QGraph, RewriteReport, onnx.ModelProto]:
     return apply_float_pass(model, fold_batch_norm)
 
 
@@ -83,7 +85,7 @@ def test_conv_bn_folds_into_conv():
     assert _ops(model) == ["Conv", "BatchNormalization"]
     graph, report, out = _fold(model)
     assert _ops(out) == ["Conv"]
-    assert report.folded == ["bn"]
+    assert report.changed == ["bn"]
     assert report.skipped == []
     assert graph.node_ids() == ["conv"]  # the layer keeps its id
     assert [o.name for o in out.graph.output] == ["y"]
@@ -96,7 +98,7 @@ def test_conv_without_bias_gets_a_bias():
     assert len(model.graph.node[0].input) == 2
     _, report, out = _fold(model)
     assert _ops(out) == ["Conv"]
-    assert len(report.folded) == 1
+    assert len(report.changed) == 1
     conv = out.graph.node[0]
     assert len(conv.input) == 3
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
@@ -127,7 +129,7 @@ def test_conv_mul_add_folds_into_conv(const_shape):
     model.graph.node[2].name = "add"
     _, report, out = _fold(model)
     assert _ops(out) == ["Conv"]
-    assert report.folded == ["mul", "add"]
+    assert report.changed == ["mul", "add"]
     _assert_same_outputs(model, out)
 
 
@@ -146,7 +148,7 @@ def test_gemm_bn_on_2d_input_folds_into_gemm(trans_b):
     model.graph.node[1].name = "bn"
     _, report, out = _fold(model)
     assert _ops(out) == ["Gemm"]
-    assert report.folded == ["bn"]
+    assert report.changed == ["bn"]
     _assert_same_outputs(model, out)
 
 
@@ -165,7 +167,7 @@ def test_gemm_with_alpha_and_beta_folds_exactly():
     )
     _, report, out = _fold(model)
     assert _ops(out) == ["Gemm"]
-    assert len(report.folded) == 1
+    assert len(report.changed) == 1
     _assert_same_outputs(model, out)
 
 
@@ -190,7 +192,7 @@ def test_two_convs_sharing_a_weight_fold_separately():
     )
     _, report, out = _fold(model)
     assert _ops(out) == ["Conv", "Conv"]
-    assert len(report.folded) == 2
+    assert len(report.changed) == 2
     _assert_same_outputs(model, out)
 
 
@@ -215,15 +217,15 @@ def test_bn_after_mul_add_chain_folds_both():
     )
     _, report, out = _fold(model)
     assert _ops(out) == ["Conv"]
-    assert len(report.folded) == 3
+    assert len(report.changed) == 3
     _assert_same_outputs(model, out)
 
 
 # --- must not fire ----------------------------------------------------------------------------
-def _assert_unchanged(model: onnx.ModelProto) -> FoldReport:
+def _assert_unchanged(model: onnx.ModelProto) -> RewriteReport:
     _, report, out = _fold(model)
     assert _ops(out) == _ops(model)
-    assert report.folded == []
+    assert report.changed == []
     _assert_same_outputs(model, out)
     return report
 
@@ -307,7 +309,7 @@ def test_bn_in_training_mode_is_not_folded():
     )
     _, report, out = _fold(model)
     assert _ops(out) == ["Conv", "BatchNormalization"]
-    assert report.folded == []
+    assert report.changed == []
     assert [reason for _, reason in report.skipped] == ["training mode uses batch statistics"]
 
 
@@ -427,5 +429,52 @@ def test_depthwise_conv_bn_folds():
     )
     _, report, out = _fold(model)
     assert _ops(out) == ["Conv"]
-    assert len(report.folded) == 1
+    assert len(report.changed) == 1
     _assert_same_outputs(model, out)
+
+
+def test_skip_reasons_reach_the_prepared_graph_report():
+    """prepare_graph keeps each rewrite's report, reasons included (report.json `rewrites`)."""
+    rng = np.random.default_rng(SEED)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 5, 5] x) => (float[1, 4, 5, 5] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        r = Relu (c)
+        y = BatchNormalization (r, gamma, beta, mean, var)
+    }
+    """
+    model = with_weights(
+        text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
+    )
+    model.graph.node[2].name = "bn"
+    prepared = prepare_graph(load_onnx(model))
+    by_pass = {rewrite.name: rewrite.to_json() for rewrite in prepared.rewrites}
+    assert by_pass["fold_batch_norm"] == {
+        "pass": "fold_batch_norm",
+        "changed": [],
+        "skipped": [{"node": "bn", "reason": "input is not a foldable Conv/Gemm output"}],
+    }
+    assert "canonicalize_hard_swish" in by_pass
+    assert "1 x input is not a foldable Conv/Gemm output" in prepared.rewrites[0].summary()
+
+
+def test_export_leaves_the_graph_it_exports_untouched():
+    """to_onnx drops dead nodes and sorts in the exported model only: analyses that export a
+    graph they are still reading must not see it change."""
+    rng = np.random.default_rng(SEED)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 5, 5] x) => (float[1, 4, 5, 5] y) {
+        y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    }
+    """
+    graph = load_onnx(with_weights(text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4)))
+    dead = gs.Variable("dead", dtype=np.float32)
+    graph.graph.nodes.append(
+        gs.Node("Relu", "dead_relu", inputs=[graph.graph.inputs[0]], outputs=[dead])
+    )
+    before = graph.node_ids()
+    exported = graph.to_onnx()
+    assert graph.node_ids() == before and len(before) == 2
+    assert [node.op_type for node in exported.graph.node] == ["Conv"]
