@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dyadiq.errors import ZooError
+from dyadiq.errors import ConfigError, ZooError
 from dyadiq.ort_sessions import Kernels, open_session
 
 if TYPE_CHECKING:
@@ -39,9 +39,12 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _check_pair(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ref, out = _rows(reference), _rows(other)
     if ref.shape != out.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {out.shape}")
+        raise ConfigError(
+            f"output shape mismatch: reference {ref.shape} vs candidate {out.shape}; "
+            "is the candidate a quantized copy of the reference model?"
+        )
     if ref.shape[0] == 0:
-        raise ValueError("no samples to compare")
+        raise ConfigError("no samples to compare: the evaluation data is empty")
     return ref, out
 
 
@@ -72,7 +75,7 @@ def classification_metrics(
     if labels is not None:
         lab = np.asarray(labels).reshape(-1)
         if lab.shape[0] != out.shape[0]:
-            raise ValueError(f"{lab.shape[0]} labels for {out.shape[0]} samples")
+            raise ConfigError(f"{lab.shape[0]} labels for {out.shape[0]} samples")
         metrics["accuracy"] = float(np.mean(top1 == lab))
     return metrics
 
@@ -172,7 +175,7 @@ def evaluate(
     from dyadiq.zoo import Task
 
     if "float" in models:
-        raise ValueError('the name "float" is reserved for the reference model')
+        raise ConfigError('the name "float" is reserved for the reference model')
     paths = {"float": pathlib.Path(artifacts.model_path), **models}
     sessions = {name: _session(pathlib.Path(p)) for name, p in paths.items()}
     if runtime_kernels:

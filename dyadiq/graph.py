@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from dyadiq.errors import UnsupportedModelError
+from dyadiq.errors import InternalError, UnsupportedModelError
 from dyadiq.op_facts import OpFacts, OpKind, facts, onnx_op_kind
 from dyadiq.rewrite_report import RewriteReport
 
@@ -108,7 +108,7 @@ def weight_channel_axis(node: gs.Node) -> int:
     kind = QGraph.kind(node)
     axis = facts(kind).channel_axis
     if axis is None:
-        raise ValueError(f"{node.op} has no weight channel axis")
+        raise InternalError(f"{node.op} has no weight channel axis")
     if kind is OpKind.GEMM:
         return 0 if int(node.attrs.get("transB", 0)) else 1
     return axis

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from dyadiq.errors import ConfigError
 from dyadiq.evaluation import classification_metrics, embedding_metrics
 
 
@@ -63,9 +64,9 @@ def test_classification_flattens_extra_dims_and_checks_shapes() -> None:
     ref[0, 0, 2] = 1
     ref[1, 0, 1] = 1
     assert classification_metrics(ref, ref, None)["top1_agreement"] == 1.0
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ConfigError, match="shape mismatch"):
         classification_metrics(np.zeros((2, 3)), np.zeros((3, 3)), None)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ConfigError, match="labels"):
         classification_metrics(np.eye(3), np.eye(3), np.array([0, 1]))
 
 
