@@ -418,11 +418,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
     ]
     for name, model in data["models"].items():
-        metric = model["primary_metric"]
         out += [f"## {name}", ""]
         if "error" in model:
             out += [f"failed: {model['error']}", ""]
             continue
+        metric = model["primary_metric"]
         out += [f"Float {metric}: {_f(model['float'].get(metric))}.", ""]
         out += [*_uniform_table(model), ""]
         out += [*_ilp_table(model), ""]
