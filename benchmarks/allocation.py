@@ -83,7 +83,7 @@ def synthetic_problem(
 ) -> Any:
     """A random allocation problem shaped like a real one (see the module docstring)."""
     from dyadiq.passes.allocation import AllocationProblem, PairCost
-    from dyadiq.passes.allocation_costs import RamModel
+    from dyadiq.passes.allocation import RamModel
     from dyadiq.plan import LayerFormat
 
     rng = np.random.default_rng(seed)

@@ -1,5 +1,6 @@
-"""Pareto frontier (HAWQ-V2): sweep the size budget, solve the ILP at each point, build each
-plan's QDQ model and measure it on held-out data; save JSON and a PNG plot.
+"""Pareto frontier (HAWQ-V2) output: the points of ``passes.allocation.sweep`` (the ILP at
+evenly spaced size budgets, each plan's QDQ model measured on held-out data) as JSON and a PNG
+plot.
 
 Measured metric: the zoo model's own metric (agreement, accuracy, embedding cosine) on its
 held-out split, so every point is a real measurement, not a prediction.
@@ -8,54 +9,11 @@ held-out split, so every point is a real measurement, not a prediction.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from dyadiq.io import write_bytes_atomic, write_text_atomic
-from dyadiq.passes.allocation import AllocationProblem, Budget, smallest_total, solve
-
-
-@dataclass(frozen=True)
-class FrontierPoint:
-    budget_bytes: float
-    size_bytes: float
-    bops: float
-    predicted_damage: float
-    metric: float | None
-    formats: dict[str, str]
-    latency: float | None = None  # the problem's latency table (measured, or its cost model)
-
-
-def sweep(
-    problem: AllocationProblem,
-    points: int,
-    measure: Callable[[dict[str, Any]], float | None],
-) -> list[FrontierPoint]:
-    """Budgets evenly spaced from the smallest feasible size to the largest useful one."""
-    smallest = smallest_total(problem, problem.size_bytes)
-    largest = -smallest_total(
-        problem, {i: {f: -v for f, v in t.items()} for i, t in problem.size_bytes.items()}
-    )
-    frontier = []
-    for budget in np.linspace(smallest, largest, points):
-        allocation = solve(problem, Budget(size_bytes=float(budget)))
-        metric = measure(dict(allocation.formats))
-        frontier.append(
-            FrontierPoint(
-                float(budget),
-                allocation.size_bytes,
-                allocation.bops,
-                allocation.predicted_damage,
-                metric,
-                {k: v.label for k, v in allocation.formats.items()},
-                allocation.latency,
-            )
-        )
-    return frontier
+from dyadiq.passes.allocation import FrontierPoint
 
 
 def save(frontier: Sequence[FrontierPoint], out: Path, metric_name: str) -> None:

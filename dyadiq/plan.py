@@ -38,6 +38,20 @@ class LayerFormat:
     def label(self) -> str:
         return f"W{self.weight_bits}A{self.act_bits}"
 
+    @classmethod
+    def parse(cls, label: str) -> LayerFormat:
+        """``W4A8`` -> LayerFormat(4, 8): the inverse of :attr:`label` (any case, surrounding
+        spaces ignored). The one reader of format labels (tables, --pin, plans)."""
+        text = label.strip().upper()
+        try:
+            if not text.startswith("W") or "A" not in text:
+                raise ValueError(label)
+            weight_bits = int(text[1 : text.index("A")])
+            act_bits = int(text[text.index("A") + 1 :])
+        except ValueError as exc:
+            raise ConfigError(f"not a format label like W4A8: {label!r}") from exc
+        return cls(weight_bits, act_bits)
+
 
 @dataclass(frozen=True)
 class PrecisionPlan:

@@ -20,7 +20,7 @@ from dyadiq.passes.allocation import (
     solve,
     totals,
 )
-from dyadiq.passes.allocation_costs import RamModel
+from dyadiq.passes.allocation import RamModel
 from dyadiq.plan import LayerFormat
 
 FORMATS = [LayerFormat(w, a) for w in (2, 3, 4, 6, 8) for a in (4, 8)]
@@ -253,7 +253,7 @@ def test_infeasible_budgets_name_the_smallest_feasible_value_of_each_binding_res
 
 
 def test_marginal_linearisation_collapses_equal_rows_and_stays_exact():
-    from dyadiq.passes.allocation import _Formulation
+    from dyadiq.passes.allocation.ilp import _Formulation
 
     rng = np.random.default_rng(7)
     weight_only = _problem(rng, pairs=3, weight_only_pairs=True, ram=False)
@@ -310,7 +310,7 @@ def _report(graph, rng, *, activations=False):
 def test_activation_ties_and_damage_from_a_graph():
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import problem_from_report
-    from dyadiq.passes.allocation_costs import activation_ties
+    from dyadiq.passes.allocation import activation_ties
     from dyadiq.passes.sensitivity.analysis import layer_damage
 
     rng = np.random.default_rng(11)
@@ -357,7 +357,7 @@ def test_activation_ties_and_damage_from_a_graph():
 def test_a_layer_whose_input_an_op_outside_the_plan_reads_keeps_the_default_width():
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import problem_from_report
-    from dyadiq.passes.allocation_costs import activation_ties
+    from dyadiq.passes.allocation import activation_ties
     from tests.builders import conv_relu_pool_fc
 
     rng = np.random.default_rng(12)
@@ -385,7 +385,7 @@ def test_a_layer_whose_input_an_op_outside_the_plan_reads_keeps_the_default_widt
 def test_flash_estimate_latency_model_and_ram_from_graph_shapes():
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import problem_from_report
-    from dyadiq.passes.allocation_costs import FLASH_ESTIMATE, INT8_CONTAINER_RAM
+    from dyadiq.passes.allocation import FLASH_ESTIMATE, INT8_CONTAINER_RAM
 
     rng = np.random.default_rng(13)
     graph = load_onnx(_branch_model(rng))
@@ -423,7 +423,7 @@ def test_flash_estimate_latency_model_and_ram_from_graph_shapes():
 
 
 def test_measured_tables_load_from_json(tmp_path):
-    from dyadiq.passes.allocation_costs import load_latency_table, load_memory_plan
+    from dyadiq.passes.allocation import load_latency_table, load_memory_plan
 
     path = tmp_path / "latency.json"
     path.write_text(json.dumps({"layers": {"conv": {"W4A8": 0.5, "w8a8": 0.75}}}))

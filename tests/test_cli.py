@@ -13,8 +13,7 @@ from conftest import TINY_INPUT_SHAPE, file_digest, random_batches
 from onnx import TensorProto, numpy_helper
 from rich.console import Console
 
-from dyadiq import cli
-from dyadiq.cli import main
+from dyadiq.cli import main, output
 from dyadiq.ort_sessions import open_session
 
 WEIGHTED = {"conv": "Conv", "fc": "Gemm"}
@@ -23,7 +22,7 @@ WEIGHTED = {"conv": "Conv", "fc": "Gemm"}
 @pytest.fixture
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     """A console wide enough that table cells never wrap (it still writes to sys.stdout)."""
-    monkeypatch.setattr(cli, "console", Console(width=240, color_system=None))
+    monkeypatch.setattr(output, "console", Console(width=240, color_system=None))
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:

@@ -251,7 +251,7 @@ def test_layer_latency_table_covers_every_layer_and_format(tmp_path):
     table.save(tmp_path / "latency.json")
     loaded = LatencyTable.load(tmp_path / "latency.json")
     assert loaded.layers == table.layers
-    from dyadiq.passes.allocation_costs import load_latency_table
+    from dyadiq.passes.allocation import load_latency_table
 
     assert set(load_latency_table(tmp_path / "latency.json")) == set(weighted)
 

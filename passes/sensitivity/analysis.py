@@ -32,10 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from dyadiq.errors import ConfigError
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.passes.sensitivity.activation_probe import ActivationProbe, ActivationSite
 from dyadiq.passes.sensitivity.estimators import Estimate, hutchinson_trace
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, loss
+from dyadiq.passes.sensitivity.proxy import PROXIES as PROXIES  # re-exported: callers list them
+from dyadiq.passes.sensitivity.proxy import Proxy
 from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
 
@@ -118,6 +121,10 @@ class PairTerm:
 SCHEMA_VERSION = 2  # 2: eigenvalue/Fisher/Taylor/entropy/activation fields; 1 had none
 
 
+class StaleReportError(ValueError):
+    """A stored report of another schema version: not an error to show, a cache miss."""
+
+
 @dataclass(frozen=True)
 class SensitivityReport:
     layers: Mapping[str, LayerSensitivity]
@@ -148,9 +155,10 @@ class SensitivityReport:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SensitivityReport:
-        """Raises ValueError for another schema version (the cache then recomputes)."""
+        """Raises :class:`StaleReportError` (a ValueError) for another schema version (the
+        cache then recomputes)."""
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
+            raise StaleReportError(
                 f"sensitivity report schema {data.get('schema_version', 1)}, "
                 f"expected {SCHEMA_VERSION}"
             )
@@ -496,38 +504,36 @@ def _per_width_proxies(
     return fields
 
 
-PROXIES = (
-    "hessian",
-    "hessian+pairs",
-    "empirical",
-    "empirical+pairs",
-    "snr",
-    "eigenvalue",
-    "fisher",
-    "taylor",
-    "entropy",
-)
-_PER_WIDTH = {
-    "eigenvalue": "eigen_damage",
-    "fisher": "fisher_damage",
-    "taylor": "taylor_damage",
-    "entropy": "entropy_damage",
+# what an analysis needs to compute each proxy, for the error when a report lacks one
+_HOW_TO_GET = {
+    "hessian_damage": "SensitivityConfig(trace=True)",
+    "empirical_damage": "SensitivityConfig(empirical=True)",
+    "snr_db": "SensitivityConfig(empirical=True)",
+    "eigen_damage": "analyze --gradients (SensitivityConfig(gradients=True))",
+    "fisher_damage": "analyze --gradients (SensitivityConfig(gradients=True))",
+    "taylor_damage": "analyze --gradients, on a model with a labelled task loss (not embeddings)",
+    "entropy_damage": "SensitivityConfig(entropy=True)",
 }
 
 
-def layer_damage(layer: LayerSensitivity, bits: int, proxy: str) -> float:
-    """One layer's predicted damage at ``bits`` weight bits (0 when left in float, or when
-    the report lacks that proxy)."""
-    if proxy.startswith("hessian"):
-        return layer.hessian_damage.get(bits, 0.0)
-    if proxy.startswith("empirical"):
-        return layer.empirical_damage.get(bits, 0.0)
-    if proxy in _PER_WIDTH:
-        values: Mapping[int, float] = getattr(layer, _PER_WIDTH[proxy])
-        return values.get(bits, 0.0)
-    if proxy == "snr":
-        return 10 ** (-layer.snr_db.get(bits, 300.0) / 10) if bits < 32 else 0.0
-    raise ValueError(f"unknown proxy {proxy!r}; choose one of {PROXIES}")
+class MissingProxyError(ConfigError):
+    """The sensitivity report has no data for the chosen proxy: pricing every layer at 0
+    would let the allocator pick the narrowest widths for free."""
+
+
+def layer_damage(layer: LayerSensitivity, bits: int, proxy: Proxy | str) -> float:
+    """One layer's predicted damage at ``bits`` weight bits (0 when left in float, at 32
+    bits). Raises :class:`MissingProxyError` when the report lacks that proxy."""
+    chosen = Proxy.parse(proxy)
+    values: Mapping[int, float] = getattr(layer, chosen.damage_field)
+    if not values:
+        raise MissingProxyError(
+            f"the sensitivity report has no {chosen.value} damage for this {layer.op} layer: "
+            f"rerun the analysis with {_HOW_TO_GET[chosen.damage_field]}, or choose another proxy"
+        )
+    if chosen is Proxy.SNR:
+        return 10 ** (-values.get(bits, 300.0) / 10) if bits < 32 else 0.0
+    return values.get(bits, 0.0)
 
 
 def pair_damage(report: SensitivityReport, pair: PairTerm, bits_a: int, bits_b: int) -> float:
@@ -545,10 +551,11 @@ def pair_damage(report: SensitivityReport, pair: PairTerm, bits_a: int, bits_b: 
     return pair.delta * float(scale)
 
 
-def predict_damage(report: SensitivityReport, bits: Mapping[str, int], proxy: str) -> float:
+def predict_damage(report: SensitivityReport, bits: Mapping[str, int], proxy: Proxy | str) -> float:
     """Predicted damage of giving each layer ``bits[layer]`` weight bits (8 where absent)."""
-    total = sum(layer_damage(layer, bits.get(i, 8), proxy) for i, layer in report.layers.items())
-    if proxy.endswith("+pairs"):
+    chosen = Proxy.parse(proxy)
+    total = sum(layer_damage(layer, bits.get(i, 8), chosen) for i, layer in report.layers.items())
+    if chosen.with_pairs:
         total += sum(
             pair_damage(report, p, bits.get(p.a, 8), bits.get(p.b, 8)) for p in report.pairs
         )

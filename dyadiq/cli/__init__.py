@@ -1,0 +1,78 @@
+"""``dyadiq`` command line: inspect, quantize, analyze, frontier, run, eval, zoo.
+
+Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message and exits 2,
+or 3 when a written model fails its bit-exactness check (:class:`VerificationError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.markup import escape
+
+from dyadiq.errors import DyadiqError, InternalError, VerificationError
+from dyadiq.io import describe_os_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subparser per subcommand, each declared next to its command (in help order)."""
+    from dyadiq.cli.allocation import add_frontier
+    from dyadiq.cli.analyze import add_analyze
+    from dyadiq.cli.commands import add_eval, add_inspect, add_run, add_zoo
+    from dyadiq.cli.quantize import add_quantize
+
+    parser = argparse.ArgumentParser(prog="dyadiq", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_inspect, add_quantize, add_run, add_analyze, add_frontier, add_eval, add_zoo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except DyadiqError as exc:
+        _print_error(f"{type(exc).__name__}: {exc}", exc)
+        return 3 if isinstance(exc, VerificationError) else 2
+    except InternalError as exc:
+        # A bug, not a bad input: keep the traceback, which is what a bug report needs.
+        traceback.print_exc()
+        _print_error(f"internal error (a bug in dyadiq, please report it): {exc}", exc)
+        return 70
+    except KeyboardInterrupt as exc:
+        _print_error("interrupted", exc)
+        return 130
+    except OSError as exc:
+        if exc.errno not in FAULT_ERRNOS:
+            raise
+        _print_error(f"{type(exc).__name__}: {describe_os_error(exc)}", exc)
+        return 2
+
+
+# Faults of the machine, not of dyadiq: reported in one line like a bad input.
+FAULT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG}
+)
+
+
+def _print_error(message: str, exc: BaseException) -> None:
+    """One line (plus the message's own lines): what failed, and what became of the output."""
+    notes = "; ".join(getattr(exc, "__notes__", []))
+    text = f"{message}; {notes}" if notes else message
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

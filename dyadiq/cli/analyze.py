@@ -1,0 +1,99 @@
+"""``dyadiq analyze``: per-layer sensitivity to fewer bits, cached, written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from dyadiq.cli import output
+from dyadiq.errors import ConfigError
+from dyadiq.io import write_text_atomic
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.io import prepare_output_dir
+    from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.passes.sensitivity.analysis import (
+        SensitivityConfig,
+        analyze_cached,
+        output_kind_of,
+    )
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from dyadiq.pipeline import prepare_graph
+
+    if args.zoo:
+        from dyadiq import zoo
+
+        artifacts = zoo.get(args.zoo)
+        model_path = artifacts.model_path
+        batches = list(artifacts.calibration_batches(args.calib_limit))
+    elif args.model and args.calib:
+        model_path = Path(args.model)
+        batches = []
+    else:
+        raise ConfigError("give MODEL.onnx with --calib DATA, or --zoo NAME")
+    out = prepare_output_dir(Path(args.output), model_path)
+    graph = prepare_graph(load_onnx(model_path))
+    if not batches:
+        batches = list(
+            validated_batches(
+                args.calib,
+                graph.input_specs(),
+                image_preset=args.calib_preset,
+                limit=args.calib_limit,
+            )
+        )
+    given = args.output_kind
+    kind = OutputKind(given) if given else output_kind_of(graph, batches)
+    config = SensitivityConfig(
+        weight_bits=tuple(int(b) for b in args.wbits.split(",")),
+        pairs=not args.no_pairs,
+        gradients=args.gradients,
+    )
+    report, cached = analyze_cached(graph, batches, kind, config)
+    write_text_atomic(out / "sensitivity.json", json.dumps(report.to_json(), indent=1))
+    table = Table(
+        "layer",
+        "op",
+        "params",
+        "avg trace",
+        *(f"dL W{b}" for b in config.weight_bits),
+        title=f"sensitivity ({kind.value} loss, {report.forward_passes} forward passes, "
+        f"{report.seconds:.0f} s{', cached' if cached else ''})",
+    )
+    for layer_id, layer in report.layers.items():
+        trace = f"{layer.trace.mean:.3g}±{layer.trace.stderr:.1g}" if layer.trace else ""
+        table.add_row(
+            layer_id,
+            layer.op,
+            f"{layer.params:,}",
+            trace,
+            *(f"{layer.empirical_damage.get(b, float('nan')):.2g}" for b in config.weight_bits),
+        )
+    output.console.print(table)
+    output.console.print(f"  {len(report.pairs)} pair terms; wrote {out / 'sensitivity.json'}")
+    return 0
+
+
+def add_analyze(sub: Any) -> None:
+    p = sub.add_parser("analyze", help="per-layer sensitivity to fewer bits (cached)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--zoo")
+    p.add_argument("--calib")
+    p.add_argument("--calib-preset")
+    p.add_argument("--calib-limit", type=int, default=8, help="calibration samples (default 8)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--wbits", default="2,3,4,6,8", help="candidate weight widths")
+    p.add_argument("--no-pairs", action="store_true", help="skip inter-layer pair terms")
+    p.add_argument("--output-kind", choices=["logits", "probabilities", "embedding"])
+    p.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also top Hessian eigenvalue, Fisher diagonal and Taylor proxies (TVM reverse mode)",
+    )
+    p.set_defaults(func=cmd_analyze)

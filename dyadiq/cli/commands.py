@@ -1,0 +1,130 @@
+"""The small subcommands: ``inspect`` (a model's layers), ``run`` (a compiled target folder),
+``eval`` (score models against a zoo model's float original) and ``zoo`` (list, fetch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from dyadiq.cli import output
+from dyadiq.cli.flags import add_runtime_kernels, parse_shapes
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.inspection import describe
+
+    graph = load_onnx(args.model, input_shapes=parse_shapes(args.input_shape))
+    summary = describe(graph)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    output.console.print(
+        f"[bold]{escape(graph.source)}[/] opset {graph.opset}, {summary['parameters']:,} parameters"
+    )
+    for note in graph.notes:
+        output.console.print(f"  note: {note}")
+    ops = Table("op", "count", title="ops")
+    for op, count in summary["op_counts"].items():
+        ops.add_row(op, str(count))
+    output.console.print(ops)
+    layers = Table("id", "op", "params", "quantizable", "why", title="layers")
+    for row in summary["layers"]:
+        layers.add_row(
+            row["id"],
+            row["op"],
+            str(row["params"]),
+            "yes" if row["quantizable"] else "no",
+            row["reason"],
+        )
+    output.console.print(layers)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dyadiq.io import save_npz_atomic
+    from dyadiq.runner import run_artifact
+
+    outputs = run_artifact(Path(args.artifact), Path(args.input))
+    for name, value in outputs.items():
+        output.console.print(f"{escape(name)}: {value.dtype} {list(value.shape)}")
+        if value.size <= 20:
+            output.console.print(f"  {np.array2string(value.ravel(), max_line_width=100)}")
+    if args.output:
+        save_npz_atomic(Path(args.output), outputs)
+        output.console.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dyadiq import zoo
+    from dyadiq.evaluation import evaluate
+
+    artifacts = zoo.get(args.zoo)
+    metrics = evaluate(
+        artifacts,
+        {Path(m).name: Path(m) for m in args.models},
+        limit=args.limit,
+        runtime_kernels=args.runtime_kernels,
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        output.console.print(output.metrics_table(metrics))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from dyadiq import zoo
+
+    if args.zoo_command == "list":
+        table = Table("name", "task", "labels", "description")
+        for entry in zoo.list_models():
+            table.add_row(entry.name, entry.task.value, str(entry.has_labels), entry.description)
+        output.console.print(table)
+        return 0
+    artifacts = zoo.get(args.name)
+    output.console.print(f"{args.name}: {artifacts.model_path}")
+    return 0
+
+
+def add_inspect(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="list layers, op counts, parameters, quantizability")
+    p.add_argument("model")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+
+def add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a compiled target folder (OUT/x86, OUT/cortex-m4, ...)")
+    p.add_argument("artifact", help="a folder written by quantize --target")
+    p.add_argument("--input", required=True, help=".npy (the model's one input) or .npz")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    p.set_defaults(func=cmd_run)
+
+
+def add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="score models against a zoo model's float original")
+    p.add_argument("--zoo", required=True)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_runtime_kernels(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def add_zoo(sub: Any) -> None:
+    p = sub.add_parser("zoo", help="real pretrained models and their data")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    zsub.add_parser("list")
+    g = zsub.add_parser("get")
+    g.add_argument("name")
+    p.set_defaults(func=cmd_zoo)

@@ -1,0 +1,314 @@
+"""Choosing a model's per-layer formats end to end: sensitivity analysis -> allocation problem ->
+a plan under a budget (ILP), the smallest plan within an accuracy tolerance (bisection), or the
+measured frontier.
+
+This is the driver above :mod:`dyadiq.passes.allocation`: it runs the calibration and
+compensation (``pipeline.PlanBuilder``) and measures plans on held-out data (``evaluation``),
+which the allocation package, lower in the flow, must not import. Options come in typed
+(:class:`MixedPrecisionOptions`, built once by the CLI) and results go out typed; printing is
+the CLI's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dyadiq.errors import ConfigError
+from dyadiq.graph import QGraph
+from dyadiq.passes.allocation import (
+    Allocation,
+    AllocationOptions,
+    BisectionResult,
+    ModelProblem,
+    layer_table,
+    model_problem,
+    parse_budget,
+    solve,
+)
+from dyadiq.passes.allocation.search import bisect_budget
+from dyadiq.passes.calibration.observers import RangeMethod
+from dyadiq.passes.compensation.settings import CompensationSettings
+from dyadiq.passes.sensitivity.analysis import SensitivityReport
+from dyadiq.plan import LayerFormat, PrecisionPlan
+
+Calibration = Any  # a folder of batches, or batches already read (a list)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionOptions:
+    """Everything a mixed-precision run reads, besides the model and its data."""
+
+    allocation: AllocationOptions
+    calibrator: RangeMethod = RangeMethod.PERCENTILE
+    calib_preset: str | None = None  # image preprocessing for a folder of images
+    calib_limit: int | None = None  # calibration batches read from a folder
+    analysis_samples: int = 8  # calibration batches the sensitivity analysis uses
+    compensation: CompensationSettings = CompensationSettings()
+    act_signed: bool = False  # int8 activations in the written plan (else uint8)
+    eval_limit: int | None = None  # held-out samples per measured plan
+
+    @property
+    def act_bits(self) -> int:
+        return self.allocation.default_act_bits
+
+
+@dataclass(frozen=True)
+class AnalyzedProblem:
+    """A model's allocation problem with the graph and analysis it came from."""
+
+    graph: QGraph
+    model: ModelProblem
+    cached: bool  # the sensitivity report came from the cache
+
+    @property
+    def report(self) -> SensitivityReport:
+        return self.model.report
+
+
+@dataclass(frozen=True)
+class ChosenPlan:
+    """A plan and the ``allocation`` section of report.json that says how it was chosen."""
+
+    plan: PrecisionPlan
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BudgetPlan(ChosenPlan):
+    """The ILP's plan under a budget."""
+
+    allocation: Allocation
+    analysis: AnalyzedProblem
+
+
+@dataclass(frozen=True)
+class ToleranceSearch:
+    """What --max-drop compares: the held-out metric, float's value, the tolerance."""
+
+    metric: str
+    reference: float  # the float model's value
+    drop: float  # absolute
+
+
+@dataclass(frozen=True)
+class BisectedPlan(ChosenPlan):
+    """The smallest plan within the tolerance that the bisection measured."""
+
+    search: ToleranceSearch
+    result: BisectionResult
+
+
+def parse_max_drop(text: str) -> float:
+    """``0.5%`` -> 0.005, ``0.01`` -> 0.01 (absolute, in the metric's units)."""
+    text = text.strip()
+    try:
+        return float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError as exc:
+        raise ConfigError(f"--max-drop wants a drop like 0.5% or 0.01, got {text!r}") from exc
+
+
+def plan_builder(model_path: Path, calibration: Calibration, options: MixedPrecisionOptions) -> Any:
+    """One calibration pass and one compensated quantizer for every plan of this model:
+    the sensitivity analysis prices the weights that the plans it chooses are built with."""
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.pipeline import CalibrationConfig, PlanBuilder
+
+    preset = options.calib_preset
+    config = CalibrationConfig(method=options.calibrator, image_preset=preset)
+    graph = load_onnx(model_path)
+    if not isinstance(calibration, list):  # a folder: read (at most calib_limit) batches once
+        specs = graph.input_specs()
+        calibration = list(
+            validated_batches(calibration, specs, image_preset=preset, limit=options.calib_limit)
+        )
+    return PlanBuilder(
+        graph,
+        calibration,
+        config,
+        act_bits=options.act_bits,
+        exclude=frozenset(options.allocation.exclude),
+        compensation=options.compensation,
+    )
+
+
+def candidate_weights(builder: Any, options: MixedPrecisionOptions) -> Any:
+    """The builder's quantizer, compensated at every width the ILP may pick."""
+    return builder.compensator.ensure(options.allocation.weight_bits)
+
+
+def analyzed_problem(
+    model_path: Path,
+    calibration: Calibration,
+    options: MixedPrecisionOptions,
+    builder: Any = None,
+) -> AnalyzedProblem:
+    """Sensitivity (cached) -> the model's allocation problem.
+
+    ``builder``: a :func:`plan_builder`; the analysis then runs on its graph (equalised when
+    asked) and measures the damage of its compensated weights at every candidate width."""
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.passes.sensitivity.analysis import (
+        SensitivityConfig,
+        analyze_cached,
+        output_kind_of,
+    )
+    from dyadiq.pipeline import prepare_graph
+
+    graph = builder.graph if builder is not None else prepare_graph(load_onnx(model_path))
+    weights = candidate_weights(builder, options) if builder is not None else None
+    batches = list(
+        validated_batches(
+            calibration,
+            graph.input_specs(),
+            image_preset=options.calib_preset,
+            limit=options.analysis_samples,
+        )
+    )
+    kind = output_kind_of(graph, batches)
+    report, cached = analyze_cached(
+        graph,
+        batches,
+        kind,
+        SensitivityConfig(weight_bits=options.allocation.weight_bits),
+        **({"weights": weights} if weights is not None else {}),
+    )
+    return AnalyzedProblem(graph, model_problem(graph, report, options.allocation), cached)
+
+
+def allocate(
+    model_path: Path,
+    calibration: Calibration,
+    options: MixedPrecisionOptions,
+    budget_text: str,
+    builder: Any = None,
+) -> BudgetPlan:
+    """Sensitivity (cached) -> ILP under the budget -> a mixed-precision plan."""
+    analysis = analyzed_problem(model_path, calibration, options, builder)
+    problem = analysis.model.problem
+    budget = parse_budget(budget_text, problem)
+    allocation = solve(problem, budget)
+    plan = PrecisionPlan(
+        dict(allocation.formats),
+        options.act_bits,
+        options.act_signed,
+        frozenset(analysis.model.floats),
+    )
+    info = {
+        "budget": budget_text,
+        "budget_limits": budget.limits(),
+        "proxy": options.allocation.proxy,
+        "predicted_damage": allocation.predicted_damage,
+        "weight_bytes": allocation.size_bytes,
+        "bops": allocation.bops,
+        "latency": allocation.latency,
+        "latency_source": problem.latency_source,
+        "flash_bytes": allocation.flash_bytes,
+        "flash_source": problem.flash_source,
+        "peak_ram_bytes": allocation.peak_ram_bytes,
+        "ram_source": problem.ram.source if problem.ram is not None else None,
+        "activation_ties": [list(g) for g in problem.act_ties],
+        "proven_optimal": allocation.optimal,
+        "sensitivity_fingerprint": analysis.report.fingerprint,
+        "compensation": options.compensation.label,
+        "layers": layer_table(problem, allocation),
+    }
+    return BudgetPlan(plan, info, allocation, analysis)
+
+
+def primary_metric(artifacts: Any) -> str:
+    return str(artifacts.model.primary_metric)
+
+
+def plan_measurer(
+    graph: QGraph,
+    artifacts: Any,
+    calibration: Calibration,
+    floats: Sequence[str],
+    options: MixedPrecisionOptions,
+    metric: str,
+    builder: Any = None,
+) -> Callable[[dict[str, LayerFormat]], float]:
+    """formats -> the plan's QDQ model measured on the zoo model's held-out split.
+
+    All plans share one calibration pass (``PlanBuilder``): they differ in weight bits only.
+    ``builder``: one already made (with its compensated quantizer), else a new one.
+    """
+    import onnx
+
+    from dyadiq.evaluation import evaluate
+    from dyadiq.pipeline import CalibrationConfig, PlanBuilder
+
+    config = CalibrationConfig(method=options.calibrator)
+    excluded = frozenset(floats)
+    if builder is None:
+        builder = PlanBuilder(
+            graph,
+            calibration,
+            config,
+            act_bits=options.act_bits,
+            exclude=excluded,
+            compensation=options.compensation,
+        )
+
+    def measure(formats: dict[str, LayerFormat]) -> float:
+        plan = PrecisionPlan(formats, options.act_bits, False, excluded)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.qdq.onnx"
+            onnx.save(builder.build(plan), str(path))
+            metrics = evaluate(artifacts, {"plan": path}, limit=options.eval_limit)
+        return float(metrics["plan"][metric])
+
+    return measure
+
+
+def bisect(
+    model_path: Path,
+    calibration: Calibration,
+    options: MixedPrecisionOptions,
+    max_drop: str,
+    bisect_steps: int,
+    artifacts: Any,
+    out: Path,
+    builder: Any = None,
+) -> BisectedPlan:
+    """--max-drop: bisect the size budget until the held-out metric is within tolerance."""
+    from dyadiq.evaluation import evaluate
+    from dyadiq.io import prepare_output_dir
+
+    if artifacts is None:
+        raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
+    drop = parse_max_drop(max_drop)
+    analysis = analyzed_problem(model_path, calibration, options, builder)
+    floats = analysis.model.floats
+    metric = primary_metric(artifacts)
+    reference = evaluate(artifacts, {}, limit=options.eval_limit)["float"][metric]
+    prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
+    result = bisect_budget(
+        analysis.model.problem,
+        plan_measurer(analysis.graph, artifacts, calibration, floats, options, metric, builder),
+        threshold=reference - drop,
+        iterations=bisect_steps,
+        state_path=out / "bisection_state.json",
+    )
+    if result.formats is None:
+        raise ConfigError(
+            f"even the largest plan (all W8) measures below float {metric} {reference:.4f} - "
+            f"{drop:g}; no plan meets --max-drop {max_drop}"
+        )
+    plan = PrecisionPlan(result.formats, options.act_bits, options.act_signed, frozenset(floats))
+    info = {
+        "max_drop": drop,
+        "metric": metric,
+        "float_metric": reference,
+        "plan_metric": result.metric,
+        "weight_bytes": result.size_bytes,
+        "history": result.history,
+        "sensitivity_fingerprint": analysis.report.fingerprint,
+    }
+    return BisectedPlan(plan, info, ToleranceSearch(metric, reference, drop), result)
