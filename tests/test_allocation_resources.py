@@ -14,13 +14,13 @@ from dyadiq.passes.allocation import (
     AllocationProblem,
     Budget,
     PairCost,
+    RamModel,
     brute_force,
     parse_budget,
     smallest_feasible,
     solve,
     totals,
 )
-from dyadiq.passes.allocation import RamModel
 from dyadiq.plan import LayerFormat
 
 FORMATS = [LayerFormat(w, a) for w in (2, 3, 4, 6, 8) for a in (4, 8)]
@@ -309,8 +309,7 @@ def _report(graph, rng, *, activations=False):
 
 def test_activation_ties_and_damage_from_a_graph():
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.allocation import problem_from_report
-    from dyadiq.passes.allocation import activation_ties
+    from dyadiq.passes.allocation import activation_ties, problem_from_report
     from dyadiq.passes.sensitivity.analysis import layer_damage
 
     rng = np.random.default_rng(11)
@@ -356,8 +355,7 @@ def test_activation_ties_and_damage_from_a_graph():
 
 def test_a_layer_whose_input_an_op_outside_the_plan_reads_keeps_the_default_width():
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.allocation import problem_from_report
-    from dyadiq.passes.allocation import activation_ties
+    from dyadiq.passes.allocation import activation_ties, problem_from_report
     from tests.builders import conv_relu_pool_fc
 
     rng = np.random.default_rng(12)
@@ -384,8 +382,7 @@ def test_a_layer_whose_input_an_op_outside_the_plan_reads_keeps_the_default_widt
 
 def test_flash_estimate_latency_model_and_ram_from_graph_shapes():
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.allocation import problem_from_report
-    from dyadiq.passes.allocation import FLASH_ESTIMATE, INT8_CONTAINER_RAM
+    from dyadiq.passes.allocation import FLASH_ESTIMATE, INT8_CONTAINER_RAM, problem_from_report
 
     rng = np.random.default_rng(13)
     graph = load_onnx(_branch_model(rng))
