@@ -82,8 +82,7 @@ def synthetic_problem(
     resources: bool = False,
 ) -> Any:
     """A random allocation problem shaped like a real one (see the module docstring)."""
-    from dyadiq.passes.allocation import AllocationProblem, PairCost
-    from dyadiq.passes.allocation import RamModel
+    from dyadiq.passes.allocation import AllocationProblem, PairCost, RamModel
     from dyadiq.plan import LayerFormat
 
     rng = np.random.default_rng(seed)
