@@ -164,3 +164,67 @@ def test_backend_capabilities_validate_plans_and_filter_candidates():
     assert str(info.value).count("int8-only") == 2  # both layers listed in one message
     assert allowed_formats(narrow, OpKind.CONV, FORMATS) == [LayerFormat(8, 8)]
     assert not INTEGER_ONNX.allows(OpKind.CONV_TRANSPOSE, LayerFormat(8, 8))
+
+
+def _analyzed_small_model(config_bits=(2, 4, 8)):
+    """A conv + fc model and its sensitivity report (empirical damage only: no trace)."""
+    from dyadiq.frontends.onnx_frontend import load_onnx
+    from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze
+    from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from tests.builders import conv_relu_pool_fc
+
+    rng = np.random.default_rng(10)
+    graph = load_onnx(conv_relu_pool_fc(rng))
+    batches = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    config = SensitivityConfig(
+        weight_bits=config_bits, trace=False, pairs=False, entropy=False, activations=False
+    )
+    return graph, analyze(graph, batches, OutputKind.LOGITS, config)
+
+
+def test_a_target_without_integer_offers_only_formats_every_backend_runs():
+    """--target compiles the integer model, so its backends restrict the candidates even
+    without --integer (they used to apply only with --integer)."""
+    from dataclasses import replace
+
+    from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ
+    from dyadiq.cli import build_parser
+    from dyadiq.cli.allocation import mixed_precision_options
+    from dyadiq.passes.allocation import model_problem
+    from dyadiq.targets import TARGETS
+
+    graph, report = _analyzed_small_model()
+    base = ["quantize", "m.onnx", "-o", "out", "--budget", "size=0.5x"]
+    widths = ["--wbits-candidates", "2,4,8"]
+    for name in TARGETS:
+        args = build_parser().parse_args([*base, *widths, "--target", name])
+        options = mixed_precision_options(args).allocation
+        assert INTEGER_ONNX in options.runs_on, name
+        problem = model_problem(graph, report, options).problem
+        assert set(problem.candidates) == set(report.layers)
+        for layer, formats in problem.candidates.items():
+            kind = graph.kind(graph.node(layer))
+            assert formats and all(b.allows(kind, f) for b in options.runs_on for f in formats)
+    plain = mixed_precision_options(build_parser().parse_args([*base, *widths]))
+    assert plain.allocation.runs_on == (ONNX_QDQ,)
+    # the filter bites: a backend without 2-bit weights takes W2 off every layer
+    no_w2 = replace(INTEGER_ONNX, name="no-w2", weight_bits=frozenset({4, 8}))
+    narrowed = model_problem(graph, report, replace(options, runs_on=(ONNX_QDQ, no_w2)))
+    assert all({f.weight_bits for f in fs} == {4, 8} for fs in narrowed.problem.candidates.values())
+
+
+def test_a_proxy_the_report_lacks_is_an_error_not_zero_damage():
+    from dyadiq.passes.allocation import problem_from_report
+    from dyadiq.passes.sensitivity.analysis import MissingProxyError, layer_damage
+    from dyadiq.passes.sensitivity.proxy import Proxy, UnknownProxyError
+
+    graph, report = _analyzed_small_model()
+    formats = [LayerFormat(b, 8) for b in (2, 4, 8)]
+    layer = next(iter(report.layers.values()))
+    assert layer_damage(layer, 2, Proxy.EMPIRICAL) > layer_damage(layer, 8, "empirical") >= 0
+    with pytest.raises(MissingProxyError, match=r"no hessian damage.*trace=True"):
+        problem_from_report(graph, report, formats, Proxy.HESSIAN)
+    with pytest.raises(MissingProxyError, match=r"no fisher damage.*--gradients"):
+        layer_damage(layer, 4, "fisher")
+    with pytest.raises(UnknownProxyError, match="unknown proxy 'astrology'"):
+        layer_damage(layer, 4, "astrology")
