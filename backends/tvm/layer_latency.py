@@ -18,11 +18,9 @@ the table records what was measured, noise included, not an assumption.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tvm
@@ -30,46 +28,10 @@ from tvm import relax
 
 from dyadiq import integer_program as ip
 from dyadiq.errors import ConfigError
-from dyadiq.io import write_text_atomic
+from dyadiq.passes.allocation.tables import LatencyTable
 from dyadiq.plan import LayerFormat
 
 Layer = ip.Conv | ip.MatMul
-
-
-@dataclass
-class LatencyTable:
-    """``{layer id: {format label: median ms}}`` plus how it was measured."""
-
-    layers: dict[str, dict[str, float]] = field(default_factory=dict)
-    target: str = ""
-    repeat: int = 0
-    threads: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "unit": "ms (median of time_evaluator repeats, kernel alone)",
-            "target": self.target,
-            "repeat": self.repeat,
-            "threads": self.threads,
-            "layers": self.layers,
-        }
-
-    def save(self, path: Path) -> None:
-        write_text_atomic(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> LatencyTable:
-        try:
-            data = json.loads(Path(path).read_text())
-            layers = {
-                str(layer): {str(fmt): float(ms) for fmt, ms in row.items()}
-                for layer, row in data["layers"].items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"cannot read latency table {path}: {exc}") from exc
-        return cls(
-            layers, str(data.get("target", "")), int(data.get("repeat", 0)), data.get("threads")
-        )
 
 
 def weighted_layers(program: ip.IntegerProgram) -> list[Layer]:
