@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq import integer_program as ip
 from dyadiq.errors import DyadiqError, InternalError, UnsupportedModelError
+from dyadiq.int_op_visitor import IntOpVisitor
 
 OFFSET = 1 << 62
 UNSIGNED_SHIFT = 128  # s8 code c is u8 code c + 128 with the zero point moved by 128
@@ -142,114 +143,173 @@ class _Builder:
         return self.cast(wide, to), self.const("xzp", np.array(q.zero_point + delta, dtype))
 
 
-def _lower(b: _Builder, op: ip.IntOp) -> None:
-    q = b.program.quant
-    if isinstance(op, ip.QuantizeInput | ip.Quantize):
-        qo = q[op.output]
-        scale = b.const("scale", np.float32(qo.scale))
-        zp = b.zero_point_const(op.output)
-        b.nodes.append(
+class _Lowering(_Builder, IntOpVisitor[None]):
+    """Each ``visit_<Op>`` appends the ONNX nodes that compute the op's output codes."""
+
+    def visit_QuantizeInput(self, op: ip.QuantizeInput | ip.Quantize) -> None:
+        qo = self.program.quant[op.output]
+        scale = self.const("scale", np.float32(qo.scale))
+        zp = self.zero_point_const(op.output)
+        self.nodes.append(
             helper.make_node("QuantizeLinear", [op.input, scale, zp], [op.output], name=op.output)
         )
-    elif isinstance(op, ip.Dequantize):
-        qi = q[op.input]
-        scale = b.const("scale", np.float32(qi.scale))
-        zp = b.zero_point_const(op.input)
-        b.nodes.append(
+
+    visit_Quantize = visit_QuantizeInput  # a float island's output: QuantizeLinear too
+
+    def visit_Dequantize(self, op: ip.Dequantize) -> None:
+        qi = self.program.quant[op.input]
+        scale = self.const("scale", np.float32(qi.scale))
+        zp = self.zero_point_const(op.input)
+        self.nodes.append(
             helper.make_node("DequantizeLinear", [op.input, scale, zp], [op.output], name=op.output)
         )
-    elif isinstance(op, ip.Conv):
-        weight, weight_zp = b.weight_operand(op.weight, op.input)
-        acc = b.node(
+
+    def visit_Conv(self, op: ip.Conv) -> None:
+        weight, weight_zp = self.weight_operand(op.weight, op.input)
+        acc = self.node(
             "ConvInteger",
-            [op.input, weight, b.zero_point_const(op.input), weight_zp],
+            [op.input, weight, self.zero_point_const(op.input), weight_zp],
             "conv",
             strides=list(op.strides),
             pads=list(op.pads),
             dilations=list(op.dilations),
             group=op.group,
         )
-        acc = b.cast(acc, TensorProto.INT64)
+        acc = self.cast(acc, TensorProto.INT64)
         if op.bias is not None:
-            acc = b.node(
+            acc = self.node(
                 "Add",
-                [acc, b.const("bias", op.bias.astype(np.int64).reshape(1, -1, 1, 1))],
+                [acc, self.const("bias", op.bias.astype(np.int64).reshape(1, -1, 1, 1))],
                 "biased_acc",
             )
-        b.requant(acc, op.requant, 4, op.output)
-    elif isinstance(op, ip.MatMul):
+        self.requant(acc, op.requant, 4, op.output)
+
+    def visit_MatMul(self, op: ip.MatMul) -> None:
         if op.weight is not None:
-            rhs, rhs_zp = b.weight_operand(op.weight, op.input)
+            rhs, rhs_zp = self.weight_operand(op.weight, op.input)
         else:
             assert op.weight_input is not None
-            rhs, rhs_zp = b.same_sign_operand(op.weight_input, op.input)
-        acc = b.node(
-            "MatMulInteger", [op.input, rhs, b.zero_point_const(op.input), rhs_zp], "matmul"
+            rhs, rhs_zp = self.same_sign_operand(op.weight_input, op.input)
+        acc = self.node(
+            "MatMulInteger", [op.input, rhs, self.zero_point_const(op.input), rhs_zp], "matmul"
         )
-        acc = b.cast(acc, TensorProto.INT64)
+        acc = self.cast(acc, TensorProto.INT64)
         if op.bias is not None:
-            acc = b.node("Add", [acc, b.const("bias", op.bias.astype(np.int64))], "biased_acc")
-        b.requant(acc, op.requant, b.ndim(op.output), op.output)
-    elif isinstance(op, ip.Add):
-        ndim = b.ndim(op.output)
+            acc = self.node(
+                "Add", [acc, self.const("bias", op.bias.astype(np.int64))], "biased_acc"
+            )
+        self.requant(acc, op.requant, self.ndim(op.output), op.output)
+
+    def visit_Add(self, op: ip.Add) -> None:
+        ndim = self.ndim(op.output)
         centered = [
-            b.centered(name, zp) for name, zp in zip(op.inputs, op.zero_points, strict=True)
+            self.centered(name, zp) for name, zp in zip(op.inputs, op.zero_points, strict=True)
         ]
         if op.single_rounding:  # (v_a m_a + v_b m_b + 2^(k-1)) >> k: one rounding
             products = [
-                b.node("Mul", [v, b.const("add_mult", np.int64(m))], "scaled_input")
+                self.node("Mul", [v, self.const("add_mult", np.int64(m))], "scaled_input")
                 for v, m in zip(centered, op.mults, strict=True)
             ]
-            summed = b.node("Add", products, "scaled_sum")
-            total = b.shift(summed, np.array(1), np.array(op.shifts[0]), ndim, 1)
+            summed = self.node("Add", products, "scaled_sum")
+            total = self.shift(summed, np.array(1), np.array(op.shifts[0]), ndim, 1)
         else:
             terms = [
-                b.shift(v, np.array(m), np.array(k), ndim, 1)
+                self.shift(v, np.array(m), np.array(k), ndim, 1)
                 for v, m, k in zip(centered, op.mults, op.shifts, strict=True)
             ]
-            total = b.node("Add", terms, "sum")
-        b.finish(total, op.zero_point, op.lo, op.hi, op.output)
-    elif isinstance(op, ip.Mul):
-        a = b.centered(op.inputs[0], op.zero_points[0])
-        c = b.centered(op.inputs[1], op.zero_points[1])
-        b.requant(b.node("Mul", [a, c], "product"), op.requant, b.ndim(op.output), op.output)
-    elif isinstance(op, ip.GlobalAvgPool):
-        v = b.centered(op.input, op.input_zero_point)
-        total = b.node(
-            "ReduceSum", [v, b.const("axes", np.array([2, 3], np.int64))], "sum", keepdims=1
+            total = self.node("Add", terms, "sum")
+        self.finish(total, op.zero_point, op.lo, op.hi, op.output)
+
+    def visit_Mul(self, op: ip.Mul) -> None:
+        a = self.centered(op.inputs[0], op.zero_points[0])
+        c = self.centered(op.inputs[1], op.zero_points[1])
+        self.requant(
+            self.node("Mul", [a, c], "product"), op.requant, self.ndim(op.output), op.output
         )
-        b.requant(total, op.requant, 4, op.output)
-    elif isinstance(op, ip.HardSigmoid):
+
+    def visit_GlobalAvgPool(self, op: ip.GlobalAvgPool) -> None:
+        v = self.centered(op.input, op.input_zero_point)
+        total = self.node(
+            "ReduceSum", [v, self.const("axes", np.array([2, 3], np.int64))], "sum", keepdims=1
+        )
+        self.requant(total, op.requant, 4, op.output)
+
+    def visit_HardSigmoid(self, op: ip.HardSigmoid) -> None:
         rq = op.requant
-        v = b.centered(op.input, op.input_zero_point)
-        affine = b.shift(v, rq.mult, rq.shift, b.ndim(op.output), rq.axis)
-        b.finish(affine, rq.zero_point + op.offset, rq.lo, rq.hi, op.output)
-    elif isinstance(op, ip.HardSwish):
-        ndim = b.ndim(op.output)
-        v = b.centered(op.input, op.input_zero_point)
+        v = self.centered(op.input, op.input_zero_point)
+        affine = self.shift(v, rq.mult, rq.shift, self.ndim(op.output), rq.axis)
+        self.finish(affine, rq.zero_point + op.offset, rq.lo, rq.hi, op.output)
+
+    def visit_HardSwish(self, op: ip.HardSwish) -> None:
+        ndim = self.ndim(op.output)
+        v = self.centered(op.input, op.input_zero_point)
         one = 1 << op.frac_bits
-        gate = b.shift(v, np.array(op.gate_mult), np.array(op.gate_shift), ndim, 1)
-        gate = b.node("Add", [gate, b.const("half", np.int64(one >> 1))], "gate")
-        gate = b.node(
-            "Clip", [gate, b.const("zero", np.int64(0)), b.const("one", np.int64(one))], "gate_clip"
+        gate = self.shift(v, np.array(op.gate_mult), np.array(op.gate_shift), ndim, 1)
+        gate = self.node("Add", [gate, self.const("half", np.int64(one >> 1))], "gate")
+        gate = self.node(
+            "Clip",
+            [gate, self.const("zero", np.int64(0)), self.const("one", np.int64(one))],
+            "gate_clip",
         )
-        b.requant(b.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
-    elif isinstance(op, ip.Softmax):
-        _softmax(b, op)
-    elif isinstance(op, ip.LeakyRelu):
-        ndim = b.ndim(op.output)
+        self.requant(self.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
+
+    def visit_Softmax(self, op: ip.Softmax) -> None:
+        """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
+        axes = self.const("axes", np.array([-1], np.int64))
+        v = self.cast(op.input, TensorProto.INT64)
+        if self.opset >= 18:
+            top = self.node("ReduceMax", [v, axes], "row_max", keepdims=1)
+        else:  # before opset 18 ReduceMax takes its axes as an attribute
+            top = self.node("ReduceMax", [v], "row_max", keepdims=1, axes=[-1])
+        d = self.node("Sub", [v, top], "d")
+        if op.upscale_bits > ip.SOFTMAX_MAX_UPSCALE_BITS:
+            # A huge input scale (weights near 1e27): d * 2^upscale would leave int64.
+            raise UnsupportedModelError(
+                f"softmax {op.output}: its input range needs a 2^{op.upscale_bits} upscale, which "
+                "overflows int64; the model's weights or activations are implausibly large"
+            )
+        if op.upscale_bits:
+            d = self.node(
+                "Mul", [d, self.const("upscale", np.int64(1 << op.upscale_bits))], "d_fine"
+            )
+        neg = self.node("Neg", [d], "neg_d")
+        ln2 = self.const("ln2", np.int64(op.ln2_codes))
+        z = self.node("Div", [neg, ln2], "z")
+        p = self.node("Add", [d, self.node("Mul", [z, ln2], "z_ln2")], "p")
+        t = self.node("Add", [p, self.const("b", np.int64(op.b_codes))], "p_b")
+        poly = self.node(
+            "Add", [self.node("Mul", [t, t], "sq"), self.const("c", np.int64(op.c_codes))], "poly"
+        )
+        z_cap = self.node(
+            "Clip", [z, self.const("zero", np.int64(0)), self.const("cap", np.int64(30))], "z_cap"
+        )
+        e = self.node(
+            "BitShift",
+            [self.cast(poly, TensorProto.UINT64), self.cast(z_cap, TensorProto.UINT64)],
+            "exp",
+            direction="RIGHT",
+        )
+        e = self.cast(e, TensorProto.INT64)
+        total = self.node("ReduceSum", [e, axes], "row_sum", keepdims=1)
+        scaled = self.node("Mul", [e, self.const("one", np.int64(1 << op.frac_bits))], "scaled")
+        prob = self.node("Div", [scaled, total], "prob")
+        self.requant(prob, op.requant, self.ndim(op.output), op.output)
+
+    def visit_LeakyRelu(self, op: ip.LeakyRelu) -> None:
+        ndim = self.ndim(op.output)
         rq = op.requant
-        v = b.centered(op.input, op.input_zero_point)
-        zero = b.const("zero", np.int64(0))
-        positive = b.shift(b.node("Max", [v, zero], "pos"), rq.mult, rq.shift, ndim, rq.axis)
-        negative = b.shift(
-            b.node("Min", [v, zero], "neg"), op.negative_mult, op.negative_shift, ndim, rq.axis
+        v = self.centered(op.input, op.input_zero_point)
+        zero = self.const("zero", np.int64(0))
+        positive = self.shift(self.node("Max", [v, zero], "pos"), rq.mult, rq.shift, ndim, rq.axis)
+        negative = self.shift(
+            self.node("Min", [v, zero], "neg"), op.negative_mult, op.negative_shift, ndim, rq.axis
         )
-        b.finish(
-            b.node("Add", [positive, negative], "leaky"), rq.zero_point, rq.lo, rq.hi, op.output
+        self.finish(
+            self.node("Add", [positive, negative], "leaky"), rq.zero_point, rq.lo, rq.hi, op.output
         )
-    elif isinstance(op, ip.MaxPool):
-        b.nodes.append(
+
+    def visit_MaxPool(self, op: ip.MaxPool) -> None:
+        self.nodes.append(
             helper.make_node(
                 "MaxPool",
                 [op.input],
@@ -260,81 +320,49 @@ def _lower(b: _Builder, op: ip.IntOp) -> None:
                 pads=list(op.pads),
             )
         )
-    elif isinstance(op, ip.Clip):
-        dtype = np.int8 if q[op.output].signed else np.uint8
-        b.nodes.append(
+
+    def visit_Clip(self, op: ip.Clip) -> None:
+        dtype = np.int8 if self.program.quant[op.output].signed else np.uint8
+        self.nodes.append(
             helper.make_node(
                 "Clip",
                 [
                     op.input,
-                    b.const("lo", np.array(op.lo, dtype)),
-                    b.const("hi", np.array(op.hi, dtype)),
+                    self.const("lo", np.array(op.lo, dtype)),
+                    self.const("hi", np.array(op.hi, dtype)),
                 ],
                 [op.output],
                 name=op.output,
             )
         )
-    elif isinstance(op, ip.Reshape):
-        shape = b.const("shape", np.array(op.shape, np.int64))
-        b.nodes.append(helper.make_node("Reshape", [op.input, shape], [op.output], name=op.output))
-    elif isinstance(op, ip.Transpose):
-        b.nodes.append(
+
+    def visit_Reshape(self, op: ip.Reshape) -> None:
+        shape = self.const("shape", np.array(op.shape, np.int64))
+        self.nodes.append(
+            helper.make_node("Reshape", [op.input, shape], [op.output], name=op.output)
+        )
+
+    def visit_Transpose(self, op: ip.Transpose) -> None:
+        self.nodes.append(
             helper.make_node(
                 "Transpose", [op.input], [op.output], name=op.output, perm=list(op.perm)
             )
         )
-    elif isinstance(op, ip.Concat):
-        b.nodes.append(
+
+    def visit_Concat(self, op: ip.Concat) -> None:
+        self.nodes.append(
             helper.make_node("Concat", list(op.inputs), [op.output], name=op.output, axis=op.axis)
         )
-    elif isinstance(op, ip.FloatIsland):
-        b.nodes.extend(op.nodes)
+
+    def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
+        self.nodes.extend(op.nodes)
         # islands share constants (and one island may list a constant once per use, as a
         # BatchNormalization reading one tensor as scale, bias, mean and var does)
-        known = {t.name for t in b.initializers}
+        known = {t.name for t in self.initializers}
         for tensor in op.initializers:
             if tensor.name not in known:
                 known.add(tensor.name)
-                b.initializers.append(tensor)
-    else:  # pragma: no cover - the union is closed
-        raise InternalError(f"no ONNX lowering for {type(op).__name__}")
-
-
-def _softmax(b: _Builder, op: ip.Softmax) -> None:
-    """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
-    axes = b.const("axes", np.array([-1], np.int64))
-    v = b.cast(op.input, TensorProto.INT64)
-    if b.opset >= 18:
-        top = b.node("ReduceMax", [v, axes], "row_max", keepdims=1)
-    else:  # before opset 18 ReduceMax takes its axes as an attribute
-        top = b.node("ReduceMax", [v], "row_max", keepdims=1, axes=[-1])
-    d = b.node("Sub", [v, top], "d")
-    if op.upscale_bits > ip.SOFTMAX_MAX_UPSCALE_BITS:
-        # A huge input scale (weights near 1e27): d * 2^upscale would leave int64.
-        raise UnsupportedModelError(
-            f"softmax {op.output}: its input range needs a 2^{op.upscale_bits} upscale, which "
-            "overflows int64; the model's weights or activations are implausibly large"
-        )
-    if op.upscale_bits:
-        d = b.node("Mul", [d, b.const("upscale", np.int64(1 << op.upscale_bits))], "d_fine")
-    neg = b.node("Neg", [d], "neg_d")
-    ln2 = b.const("ln2", np.int64(op.ln2_codes))
-    z = b.node("Div", [neg, ln2], "z")
-    p = b.node("Add", [d, b.node("Mul", [z, ln2], "z_ln2")], "p")
-    t = b.node("Add", [p, b.const("b", np.int64(op.b_codes))], "p_b")
-    poly = b.node("Add", [b.node("Mul", [t, t], "sq"), b.const("c", np.int64(op.c_codes))], "poly")
-    z_cap = b.node("Clip", [z, b.const("zero", np.int64(0)), b.const("cap", np.int64(30))], "z_cap")
-    e = b.node(
-        "BitShift",
-        [b.cast(poly, TensorProto.UINT64), b.cast(z_cap, TensorProto.UINT64)],
-        "exp",
-        direction="RIGHT",
-    )
-    e = b.cast(e, TensorProto.INT64)
-    total = b.node("ReduceSum", [e, axes], "row_sum", keepdims=1)
-    scaled = b.node("Mul", [e, b.const("one", np.int64(1 << op.frac_bits))], "scaled")
-    prob = b.node("Div", [scaled, total], "prob")
-    b.requant(prob, op.requant, b.ndim(op.output), op.output)
+                self.initializers.append(tensor)
 
 
 _ONNX_TYPES = {
@@ -356,9 +384,9 @@ def export_integer_onnx(
     """The ONNX model; ``integer_outputs`` also exposes each output's codes as ``NAME_codes``."""
     if program.opset > OPSET:
         raise DyadiqError(f"float islands need opset {program.opset} > {OPSET}")
-    b = _Builder(program)
+    b = _Lowering(program)
     for op in program.ops:
-        _lower(b, op)
+        b.visit(op)  # every op class has a method (tests/test_int_op_visitor.py)
     inputs = [
         helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], _dims(shape))
         for name, (dtype, shape) in program.inputs.items()
