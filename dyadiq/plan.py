@@ -43,14 +43,10 @@ class LayerFormat:
         """``W4A8`` -> LayerFormat(4, 8): the inverse of :attr:`label` (any case, surrounding
         spaces ignored). The one reader of format labels (tables, --pin, plans)."""
         text = label.strip().upper()
-        try:
-            if not text.startswith("W") or "A" not in text:
-                raise ValueError(label)
-            weight_bits = int(text[1 : text.index("A")])
-            act_bits = int(text[text.index("A") + 1 :])
-        except ValueError as exc:
-            raise ConfigError(f"not a format label like W4A8: {label!r}") from exc
-        return cls(weight_bits, act_bits)
+        weight, sep, act = text.removeprefix("W").partition("A")
+        if not (text.startswith("W") and sep and weight.isdecimal() and act.isdecimal()):
+            raise ConfigError(f"not a format label like W4A8: {label!r}")
+        return cls(int(weight), int(act))
 
 
 @dataclass(frozen=True)

@@ -228,3 +228,21 @@ def test_a_proxy_the_report_lacks_is_an_error_not_zero_damage():
         layer_damage(layer, 4, "fisher")
     with pytest.raises(UnknownProxyError, match="unknown proxy 'astrology'"):
         layer_damage(layer, 4, "astrology")
+
+
+def test_format_labels_read_by_one_parser_everywhere():
+    from dyadiq.passes.allocation import overrides_from_pins
+
+    every = [LayerFormat(w, a) for w in range(2, 9) for a in (4, 8)]
+    assert [LayerFormat.parse(f.label) for f in every] == every
+    assert LayerFormat.parse(" w4a8 ") == LayerFormat(4, 8)
+    for bad in ("X4A8", "W4", "W4A", "WA8", "W4A8A", "W+4A8", ""):
+        with pytest.raises(ConfigError, match="format label"):
+            LayerFormat.parse(bad)
+    with pytest.raises(ConfigError, match=r"weight bits must be 2\.\.8"):
+        LayerFormat.parse("W9A8")
+    pins = overrides_from_pins(["conv=W8A8,w4a8", "fc*=W2A8"], ["fc2"], ["conv", "fc1", "fc2"])
+    assert pins.by_id == {"conv": (LayerFormat(8, 8), LayerFormat(4, 8)), "fc2": ()}
+    assert pins.by_pattern == {"fc*": (LayerFormat(2, 8),)}
+    with pytest.raises(ConfigError, match=r"--pin wants ID=W8A8\[,W4A8\], got 'conv=X4A8'"):
+        overrides_from_pins(["conv=X4A8"], [], ["conv"])
