@@ -1,0 +1,473 @@
+"""Support matrix: real ONNX models from packages, through every CLI stage, as a user runs them.
+
+For each model in ``benchmarks.coverage_models`` (fetched into the cache) and its real data
+(``benchmarks.coverage_data``, written as ``.npz`` folders), this runs the installed CLI in a
+subprocess with a timeout per stage:
+
+    inspect    dyadiq inspect MODEL [--input-shape ...] --json
+    qdq        dyadiq quantize MODEL -o OUT/qdq --calib CALIB [--input-shape ...]    (W8A8)
+    integer    ... -o OUT/integer --integer
+    x86        ... -o OUT/x86 --target x86
+    cortex-m4  ... -o OUT/cortex-m4 --target cortex-m4
+
+and classifies each stage: ``ok``, ``refused`` (the CLI's one-line error, exit 2), ``not
+bit-exact`` (exit 3), ``crashed`` (a Python traceback or any other exit status) or ``timeout``.
+Quality is measured here on the held-out split, float model vs the QDQ model (and vs the
+integer model where one was written), both in onnxruntime, with a metric chosen by the
+output's kind (``CoverageModel.metric``): ``classes`` top-1 agreement and KL of the softmax,
+``sequence`` per-step argmax agreement (CTC recognisers), ``embedding`` cosine, ``map``
+mean absolute error relative to the float output's range, and SNR (dB) for every output.
+``dyadiq eval`` scores zoo models only in this release (it requires ``--zoo``), so it is not
+used.
+
+Usage: python -m benchmarks.coverage [--models a,b] [--stages inspect,qdq] [--timeout 900]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import REPO, machine_info, write_results
+from benchmarks.coverage_data import Feeds, write_split
+from benchmarks.coverage_models import BY_NAME, MODELS, CoverageModel, fetch, sha256
+from dyadiq.zoo._install import cache_dir
+
+STAGES = ("inspect", "qdq", "integer", "x86", "cortex-m4")
+STAGE_FLAGS = {
+    "qdq": [],
+    "integer": ["--integer"],
+    "x86": ["--target", "x86"],
+    "cortex-m4": ["--target", "cortex-m4"],
+}
+CLI = REPO / ".venv" / "bin" / "dyadiq"
+_ENV: dict[str, str] = dict(os.environ)
+
+
+def _cli() -> str:
+    return str(CLI) if CLI.is_file() else "dyadiq"
+
+
+def use_snapshot(rev: str, folder: Path) -> str:
+    """Run the CLI from ``git archive REV`` instead of the working tree.
+
+    Others edit the working tree while this runs; a snapshot of a commit is what a user installs.
+    The snapshot is laid out as the installed package (``dyadiq.passes`` etc. inside ``dyadiq/``)
+    and put first on ``PYTHONPATH``, ahead of the editable install's finder. Returns the commit.
+    """
+    import shutil
+
+    commit = subprocess.run(
+        ["git", "rev-parse", rev], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = folder / commit[:12]
+    if not (tree / "dyadiq" / "passes").exists():
+        if tree.exists():
+            shutil.rmtree(tree)
+        src = tree / "src"
+        src.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "archive", commit], cwd=REPO, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+        shutil.copytree(src / "dyadiq", tree / "dyadiq")
+        for sub in ("passes", "frontends", "backends"):
+            shutil.copytree(src / sub, tree / "dyadiq" / sub)
+    _ENV["PYTHONPATH"] = str(tree)
+    return commit
+
+
+def _last_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.lower().startswith(("error", "dyadiq: error"))]
+    return (errors[-1] if errors else (lines[-1] if lines else ""))[:400]
+
+
+def classify(rc: int | None, stderr: str) -> tuple[str, str]:
+    """(status, short reason) of one CLI run."""
+    if rc is None:
+        return "timeout", ""
+    if "Traceback (most recent call last)" in stderr:
+        tail = [ln for ln in stderr.splitlines() if ln.strip()]
+        return "crashed", (tail[-1] if tail else "")[:400]
+    if rc == 0:
+        return "ok", ""
+    if rc == 2:
+        return "refused", _last_error_line(stderr)
+    if rc == 3:
+        return "not bit-exact", _last_error_line(stderr)
+    return "crashed", f"exit status {rc}: {_last_error_line(stderr)}"
+
+
+def run_stage(cmd: list[str], timeout: float, log: Path) -> dict[str, Any]:
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=_ENV
+        )
+        rc: int | None = proc.returncode
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc = None
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    seconds = time.monotonic() - start
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(
+        f"$ {shlex.join(cmd)}\n# exit {rc} after {seconds:.1f} s\n"
+        f"--- stdout\n{out}\n--- stderr\n{err}"
+    )
+    status, reason = classify(
+        rc, err + ("\n" + out if rc not in (0, None) and not err.strip() else "")
+    )
+    return {
+        "status": status,
+        "reason": reason,
+        "seconds": round(seconds, 1),
+        "command": shlex.join(cmd),
+        "log": str(log),
+        "stdout": out,
+    }
+
+
+def _report_facts(out_dir: Path) -> dict[str, Any]:
+    """fully-integer / float ops / bit-exactness from the stage's report.json."""
+    path = out_dir / "report.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    facts: dict[str, Any] = {}
+    integer = report.get("integer") or {}
+    if integer:
+        facts["fully_integer"] = bool(integer.get("fully_integer"))
+        facts["float_ops"] = integer.get("float_ops", [])
+        exact = integer.get("bit_exact_vs_reference") or {}
+        if exact:
+            facts["bit_exact"] = exact.get("exact_tensors") == exact.get("tensors")
+            facts["bit_exact_detail"] = (
+                f"{exact.get('exact_tensors')}/{exact.get('tensors')} tensors"
+            )
+    target = report.get("target") or {}
+    if target:
+        exact = target.get("bit_exact_vs_reference")
+        if exact:
+            facts["target_bit_exact"] = exact.get("exact") == exact.get("inputs")
+            facts["target_bit_exact_detail"] = f"{exact.get('exact')}/{exact.get('inputs')} inputs"
+        for key in ("float_islands", "flash_bytes", "ram_bytes", "fits", "ran_on", "built"):
+            if key in target:
+                facts[f"target_{key}"] = target[key]
+    return facts
+
+
+def _inspect_facts(stdout: str) -> dict[str, Any]:
+    try:
+        data = json.loads(stdout)
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in ("op_counts", "summary", "opaque", "refused") if k in data}
+
+
+# --- quality ----------------------------------------------------------------------------------
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+def _as_probabilities(x: np.ndarray) -> np.ndarray:
+    """Probabilities already (rows in [0, 1] summing to 1) stay; logits get a softmax."""
+    sums = x.sum(axis=-1)
+    if x.min() >= 0 and np.allclose(sums, 1.0, atol=1e-2):
+        return np.clip(x, 1e-12, 1.0)
+    return np.clip(_softmax(x), 1e-12, 1.0)
+
+
+def output_metrics(kind: str, ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Quality of ``out`` against the float ``ref`` (a stack over evaluation inputs)."""
+    ref = ref.astype(np.float64)
+    out = out.astype(np.float64)
+    noise = float(np.mean((ref - out) ** 2))
+    power = float(np.mean(ref**2))
+    metrics: dict[str, float] = {
+        "snr_db": float(10 * np.log10(power / noise)) if noise > 0 else float("inf"),
+    }
+    flat_r, flat_o = ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)
+    norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
+    metrics["cosine_mean"] = float(
+        np.mean(np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-30))
+    )
+    if kind in ("classes", "sequence"):
+        r, o = ref, out  # classes (or per-step classes of a sequence) on the last axis
+        metrics["top1_agreement"] = float(np.mean(r.argmax(-1) == o.argmax(-1)))
+        if r.shape[-1] > 1:
+            p, q = _as_probabilities(r), _as_probabilities(o)
+            metrics["kl"] = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
+    elif kind == "embedding":
+        metrics["cosine_min"] = float(
+            np.min(np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-30))
+        )
+    elif kind == "map":
+        span = float(ref.max() - ref.min()) or 1.0
+        metrics["mean_abs_error_of_range"] = float(np.mean(np.abs(ref - out)) / span)
+    return metrics
+
+
+def _run_all(path: Path, feeds: list[Feeds]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    outs = [sess.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds]
+    return [np.concatenate([np.asarray(o[i])[None] for o in outs]) for i in range(len(outs[0]))]
+
+
+def quality(
+    model: CoverageModel, float_path: Path, candidate: Path, feeds: list[Feeds]
+) -> dict[str, Any]:
+    """Per-output metrics of ``candidate`` against the float model on the held-out feeds."""
+    try:
+        ref = _run_all(float_path, feeds)
+        out = _run_all(candidate, feeds)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    per_output = []
+    for i, (r, o) in enumerate(zip(ref, out, strict=False)):
+        kind = model.metric if i == 0 or model.metric in ("map", "snr") else "snr"
+        if r.dtype.kind not in "fc":  # integer outputs (labels, indices): exact agreement
+            per_output.append({"output": i, "exact_match": float(np.mean(r == o))})
+            continue
+        per_output.append({"output": i, **output_metrics(kind, r, o)})
+    return {"inputs": len(feeds), "outputs": per_output}
+
+
+# --- one model --------------------------------------------------------------------------------
+
+
+def run_model(
+    model: CoverageModel, stages: tuple[str, ...], timeout: float, work: Path
+) -> dict[str, Any]:
+    path = fetch(model)
+    row: dict[str, Any] = {
+        "model": model.name,
+        "package": model.requirement,
+        "member": model.member,
+        "kind": model.kind,
+        "description": model.description,
+        "real_weights": model.real_weights,
+        "sha256": sha256(path),
+        "bytes": path.stat().st_size,
+        "data": model.data,
+        "input_shapes": {k: list(v) for k, v in model.input_shapes.items()},
+        "stages": {},
+    }
+    data_dir = work / "data" / model.name
+    try:
+        calib, _, eval_feeds = write_split(model.data, data_dir)
+    except Exception as exc:
+        row["data_error"] = f"{type(exc).__name__}: {exc}"
+        return row
+    shapes = model.shape_flags()
+    out_root = work / "out" / model.name
+    for stage in stages:
+        if stage == "inspect":
+            cmd = [_cli(), "inspect", str(path), *shapes, "--json"]
+            result = run_stage(cmd, timeout, out_root / "inspect.log")
+            result.update(_inspect_facts(result["stdout"]))
+        else:
+            out_dir = out_root / stage
+            cmd = [
+                _cli(),
+                "quantize",
+                str(path),
+                "-o",
+                str(out_dir),
+                "--calib",
+                str(calib),
+                *shapes,
+                *STAGE_FLAGS[stage],
+            ]
+            result = run_stage(cmd, timeout, out_root / f"{stage}.log")
+            result.update(_report_facts(out_dir))
+            if stage == "qdq" and (out_dir / "model.qdq.onnx").is_file():
+                result["quality_qdq"] = quality(model, path, out_dir / "model.qdq.onnx", eval_feeds)
+            if stage == "integer" and (out_dir / "model.int.onnx").is_file():
+                result["quality_integer"] = quality(
+                    model, path, out_dir / "model.int.onnx", eval_feeds
+                )
+        result.pop("stdout", None)
+        row["stages"][stage] = result
+        print(
+            f"  {model.name:22s} {stage:10s} {result['status']:14s} {result['seconds']:7.1f}s "
+            f"{result['reason'][:120]}",
+            flush=True,
+        )
+    return row
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def _headline_quality(q: dict[str, Any] | None) -> str:
+    if not q:
+        return "-"
+    if "error" in q:
+        return f"error: {q['error'][:60]}"
+    first = q["outputs"][0]
+    for key, label in (
+        ("top1_agreement", "top-1 agr"),
+        ("cosine_min", "cos min"),
+        ("mean_abs_error_of_range", "MAE/range"),
+    ):
+        if key in first:
+            extra = f", KL {first['kl']:.3g}" if "kl" in first else ""
+            return f"{label} {first[key]:.3f}{extra}, SNR {first['snr_db']:.1f} dB"
+    if "snr_db" in first:
+        return f"SNR {first['snr_db']:.1f} dB, cos {first['cosine_mean']:.4f}"
+    return json.dumps(first)
+
+
+def _yes_no(value: Any) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _cell(stage: dict[str, Any] | None) -> str:
+    if not stage:
+        return "not run"
+    reason = f" ({stage['reason']})" if stage.get("reason") else ""
+    return f"{stage['status']}{reason}".replace("|", "\\|").replace("\n", " ")
+
+
+def render(data: dict[str, Any]) -> str:
+    rows = data["models"]
+    lines = [
+        "# Support matrix: real ONNX models from packages through every stage",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        f"Machine: {data['machine']['cpu_model']}, {data['machine']['nproc']} cores, load average "
+        f"at start {', '.join(f'{v:.1f}' for v in data['machine']['load_avg_start'])} (shared with "
+        f"other jobs), commit {data['machine']['git_commit']}"
+        + (" (+ uncommitted changes)" if data["machine"]["git_dirty"] else "")
+        + f"; {data['seconds']:.0f} s in all, timeout {data['timeout_s']:.0f} s per stage."
+        + (
+            f" CLI run from a snapshot of commit {data['cli_commit']}."
+            if data.get("cli_commit")
+            else ""
+        ),
+        "",
+        "Each stage is the installed CLI in a subprocess: `ok`, `refused` (its one-line error), "
+        "`not bit-exact` (exit 3), `crashed` (a traceback or any other exit status) or `timeout`. "
+        "Quality is float vs quantized in onnxruntime on held-out real inputs, disjoint from "
+        "calibration (`dyadiq eval` requires `--zoo` in this release). Models marked * have dummy "
+        "weights (the onnx wheel's test architectures): op coverage only, not counted among the "
+        "real models.",
+        "",
+        "## Counts per stage",
+        "",
+        "| stage | ok | refused | not bit-exact | crashed | timeout | not run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage in data["stages"]:
+        counts = {s: 0 for s in ("ok", "refused", "not bit-exact", "crashed", "timeout", "not run")}
+        for row in rows:
+            st = row["stages"].get(stage)
+            counts[st["status"] if st else "not run"] += 1
+        lines.append(f"| {stage} | " + " | ".join(str(v) for v in counts.values()) + " |")
+    lines += ["", "## Models", "", "| model | kind | package (file) | data |", "|---|---|---|---|"]
+    for row in rows:
+        star = "" if row["real_weights"] else " *"
+        lines.append(
+            f"| {row['model']}{star} | {row['kind']} | `{row['package']}` "
+            f"(`{row['member']}`) | {row['data']} |"
+        )
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "| model | stage | result | fully integer | bit-exact | quality vs float | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "data_error" in row:
+            lines.append(f"| {row['model']} | data | harness error: {row['data_error']} | | | | |")
+            continue
+        for stage in data["stages"]:
+            st = row["stages"].get(stage)
+            if not st:
+                continue
+            q = st.get("quality_qdq") or st.get("quality_integer")
+            exact = st.get("target_bit_exact", st.get("bit_exact"))
+            integer = st.get("fully_integer") if stage != "qdq" else None
+            lines.append(
+                f"| {row['model']} | {stage} | {_cell(st)} | {_yes_no(integer)} | "
+                f"{_yes_no(exact)} | {_headline_quality(q)} | {st['seconds']:.0f} |"
+            )
+    lines += [
+        "",
+        "Per-stage logs (command, exit status, full output) are under the work folder "
+        f"`{data['work']}`; the JSON beside this file holds every metric per output.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="support matrix over real packaged ONNX models")
+    parser.add_argument("--models", default="", help=f"comma-separated subset of {list(BY_NAME)}")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per stage")
+    parser.add_argument("--work", type=Path, default=cache_dir().parent / "coverage-runs")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--stem", default="coverage")
+    parser.add_argument(
+        "--snapshot",
+        default="",
+        metavar="REV",
+        help="run the CLI of this commit (git archive), not the working tree",
+    )
+    args = parser.parse_args(argv)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {STAGES}")
+    models = [BY_NAME[n] for n in args.models.split(",") if n] or list(MODELS)
+    data: dict[str, Any] = {
+        "command": "python -m benchmarks.coverage "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "stages": list(stages),
+        "timeout_s": args.timeout,
+        "work": str(args.work),
+        "models": [],
+        "seconds": 0.0,
+    }
+    if args.snapshot:
+        data["cli_commit"] = use_snapshot(args.snapshot, args.work / "snapshots")
+    start = time.monotonic()
+    for model in models:
+        print(f"{model.name}:", flush=True)
+        data["models"].append(run_model(model, stages, args.timeout, args.work))
+        data["seconds"] = time.monotonic() - start
+        data["machine"]["load_avg_end"] = list(os.getloadavg())
+        write_results(
+            data, args.output, args.stem, render
+        )  # after every model: partial results survive
+
+
+if __name__ == "__main__":
+    main()
