@@ -17,7 +17,7 @@ For every weighted layer i and candidate weight width b, on label-free calibrati
 - activation damage: the loss with one activation site alone fake-quantized to each of
   ``activation_bits`` (``activation_probe.py``); a layer whose data input is exactly one site
   carries that site's damage as ``activation_damage``.
-The report is data (JSON, ``SCHEMA_VERSION``); :func:`predict_damage` turns it into a damage
+The report is data (:mod:`.report`, versioned JSON); :func:`predict_damage` turns it into a damage
 model over plans.
 """
 
@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,175 +38,15 @@ from dyadiq.passes.sensitivity.estimators import Estimate, hutchinson_trace
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, loss
 from dyadiq.passes.sensitivity.proxy import PROXIES as PROXIES  # re-exported: callers list them
 from dyadiq.passes.sensitivity.proxy import Proxy
+from dyadiq.passes.sensitivity.report import (
+    LayerSensitivity,
+    PairTerm,
+    SensitivityConfig,
+    SensitivityReport,
+)
 from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
-
-@dataclass(frozen=True)
-class SensitivityConfig:
-    weight_bits: tuple[int, ...] = (2, 3, 4, 6, 8)
-    hutchinson_max_iters: int = 64
-    hutchinson_min_iters: int = 8
-    hutchinson_rtol: float = 0.1
-    epsilon_rel: float = 1e-3  # finite-difference step, relative to the layer's RMS weight
-    pair_bits: int = 3
-    all_pairs_up_to: int = 24  # layers; above this, neighbours + top-k sensitive pairs
-    top_k_pairs: int = 8
-    seed: int = 0
-    trace: bool = True
-    empirical: bool = True
-    pairs: bool = True
-    gradients: bool = False  # eigenvalue, Fisher diagonal, Taylor: needs TVM, compiles once
-    gradient_samples: int = 8  # leading analysis samples the reverse-mode proxies use
-    eigen_max_iters: int = 20
-    eigen_rtol: float = 1e-2
-    fisher_draws: int = 4  # sampled cotangents per batch
-    entropy: bool = True
-    activations: bool = True
-    activation_bits: tuple[int, ...] = (4, 8)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    op: str
-    params: int
-    perturbation_sq: Mapping[int, float]  # ||Q_b(W) - W||^2
-    trace: Estimate | None = None  # average trace Tr(H)/n
-    hessian_damage: Mapping[int, float] = field(default_factory=dict)
-    empirical_damage: Mapping[int, float] = field(default_factory=dict)
-    snr_db: Mapping[int, float] = field(default_factory=dict)
-    top_eigenvalue: Estimate | None = None  # of the Gauss-Newton block (HAWQ)
-    eigen_damage: Mapping[int, float] = field(default_factory=dict)
-    fisher_damage: Mapping[int, float] = field(default_factory=dict)
-    taylor_damage: Mapping[int, float] = field(default_factory=dict)
-    entropy: float | None = None  # bits, of the layer's output
-    entropy_damage: Mapping[int, float] = field(default_factory=dict)
-    input_activation: str | None = None  # the activation site this layer reads, if exactly one
-    activation_damage: Mapping[int, float] = field(default_factory=dict)  # that site alone
-
-    def to_json(self) -> dict[str, Any]:
-        def by_bits(m: Mapping[int, float]) -> dict[str, float]:
-            return {str(b): v for b, v in m.items()}
-
-        return {
-            "op": self.op,
-            "params": self.params,
-            "perturbation_sq": by_bits(self.perturbation_sq),
-            "trace": self.trace.to_json() if self.trace else None,
-            "hessian_damage": by_bits(self.hessian_damage),
-            "empirical_damage": by_bits(self.empirical_damage),
-            "snr_db": by_bits(self.snr_db),
-            "top_eigenvalue": self.top_eigenvalue.to_json() if self.top_eigenvalue else None,
-            "eigen_damage": by_bits(self.eigen_damage),
-            "fisher_damage": by_bits(self.fisher_damage),
-            "taylor_damage": by_bits(self.taylor_damage),
-            "entropy": self.entropy,
-            "entropy_damage": by_bits(self.entropy_damage),
-            "input_activation": self.input_activation,
-            "activation_damage": by_bits(self.activation_damage),
-        }
-
-
-@dataclass(frozen=True)
-class PairTerm:
-    a: str
-    b: str
-    bits: int
-    delta: float
-
-
-SCHEMA_VERSION = 2  # 2: eigenvalue/Fisher/Taylor/entropy/activation fields; 1 had none
-
-
-class StaleReportError(ValueError):
-    """A stored report of another schema version: not an error to show, a cache miss."""
-
-
-@dataclass(frozen=True)
-class SensitivityReport:
-    layers: Mapping[str, LayerSensitivity]
-    pairs: tuple[PairTerm, ...]
-    output_kind: str
-    forward_passes: int
-    seconds: float
-    settings: Mapping[str, Any]
-    fingerprint: str = ""
-    activations: Mapping[str, ActivationSite] = field(default_factory=dict)  # by tensor
-    reverse_passes: int = 0
-    notes: tuple[str, ...] = ()  # what could not be computed, and why
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": self.fingerprint,
-            "reverse_passes": self.reverse_passes,
-            "notes": list(self.notes),
-            "output_kind": self.output_kind,
-            "forward_passes": self.forward_passes,
-            "seconds": self.seconds,
-            "settings": dict(self.settings),
-            "layers": {k: v.to_json() for k, v in self.layers.items()},
-            "pairs": [p.__dict__ for p in self.pairs],
-            "activations": {t: a.to_json() for t, a in self.activations.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SensitivityReport:
-        """Raises :class:`StaleReportError` (a ValueError) for another schema version (the
-        cache then recomputes)."""
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise StaleReportError(
-                f"sensitivity report schema {data.get('schema_version', 1)}, "
-                f"expected {SCHEMA_VERSION}"
-            )
-
-        def bits_map(m: Mapping[str, float]) -> dict[int, float]:
-            return {int(k): float(v) for k, v in m.items()}
-
-        def estimate(d: Mapping[str, Any] | None) -> Estimate | None:
-            return Estimate(d["mean"], d["stderr"], int(d["samples"])) if d else None
-
-        layers = {}
-        for name, d in data["layers"].items():
-            trace = d.get("trace")
-            layers[name] = LayerSensitivity(
-                op=d["op"],
-                params=int(d["params"]),
-                perturbation_sq=bits_map(d["perturbation_sq"]),
-                trace=Estimate(trace["mean"], trace["stderr"], int(trace["samples"]))
-                if trace
-                else None,
-                hessian_damage=bits_map(d["hessian_damage"]),
-                empirical_damage=bits_map(d["empirical_damage"]),
-                snr_db=bits_map(d["snr_db"]),
-                top_eigenvalue=estimate(d["top_eigenvalue"]),
-                eigen_damage=bits_map(d["eigen_damage"]),
-                fisher_damage=bits_map(d["fisher_damage"]),
-                taylor_damage=bits_map(d["taylor_damage"]),
-                entropy=None if d["entropy"] is None else float(d["entropy"]),
-                entropy_damage=bits_map(d["entropy_damage"]),
-                input_activation=d["input_activation"],
-                activation_damage=bits_map(d["activation_damage"]),
-            )
-        pairs = tuple(PairTerm(**p) for p in data["pairs"])
-        activations = {
-            t: ActivationSite(t, tuple(a["consumers"]), bits_map(a["damage"]))
-            for t, a in data["activations"].items()
-        }
-        return cls(
-            layers,
-            pairs,
-            data["output_kind"],
-            int(data["forward_passes"]),
-            float(data["seconds"]),
-            data["settings"],
-            data.get("fingerprint", ""),
-            activations,
-            int(data["reverse_passes"]),
-            tuple(data["notes"]),
-        )
+DEFAULT_CONFIG = SensitivityConfig()  # frozen: one shared default is safe
 
 
 def quantized_weight(
@@ -275,7 +114,7 @@ def analyze_cached(
     graph: QGraph,
     batches: Sequence[Mapping[str, np.ndarray]],
     kind: OutputKind,
-    config: SensitivityConfig = SensitivityConfig(),
+    config: SensitivityConfig = DEFAULT_CONFIG,
     *,
     labels: np.ndarray | None = None,
     weights: WeightQuantizer = ROUND_TO_NEAREST,
@@ -308,7 +147,7 @@ def analyze(
     graph: QGraph,
     batches: Sequence[Mapping[str, np.ndarray]],
     kind: OutputKind,
-    config: SensitivityConfig = SensitivityConfig(),
+    config: SensitivityConfig = DEFAULT_CONFIG,
     layer_ids: Sequence[str] | None = None,
     *,
     labels: np.ndarray | None = None,
