@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
 from dyadiq import integer_program as ip
@@ -49,3 +50,30 @@ def test_a_visit_method_that_names_no_op_class_is_refused_at_definition() -> Non
 def test_the_reference_interpreter_defines_every_op() -> None:
     # the reference is the semantics: a backend may lack an op, the reference may not
     assert ReferenceInterpreter.supported_ops() == frozenset(ip.INT_OP_CLASSES)
+
+
+def test_integer_onnx_lowers_every_op() -> None:
+    from dyadiq.backends.onnx.integer import _Lowering
+
+    assert _Lowering.supported_ops() == frozenset(ip.INT_OP_CLASSES)
+
+
+def test_tvm_lowers_every_op_and_refuses_float_islands_unless_asked() -> None:
+    pytest.importorskip("tvm")
+    from dyadiq.backends.tvm.lower import _Lowering, unsupported_ops
+    from dyadiq.backends.tvm.lower_x86 import X86Lowering
+
+    assert _Lowering.supported_ops() == frozenset(ip.INT_OP_CLASSES)
+    assert X86Lowering.supported_ops() == _Lowering.supported_ops()
+    island = ip.FloatIsland(
+        (onnx.helper.make_node("Erf", ["x"], ["y"], name="erf"),), (), ("x",), ("y",)
+    )
+    program = ip.IntegerProgram([island], {}, {"x": (1, 4), "y": (1, 4)}, {}, ["y"])
+    assert unsupported_ops(program) == ["FloatIsland [Erf erf]"]
+    assert unsupported_ops(program, float_islands=True) == []
+
+
+def test_the_microcontroller_emitter_refuses_exactly_the_ops_it_has_no_method_for() -> None:
+    from dyadiq.backends.mcu.emit_c import _Emitter
+
+    assert frozenset(ip.INT_OP_CLASSES) - _Emitter.supported_ops() == {ip.FloatIsland, ip.Quantize}

@@ -37,6 +37,7 @@ import numpy as np
 
 from dyadiq import integer_program as ip
 from dyadiq.errors import ConfigError, UnsupportedModelError
+from dyadiq.int_op_visitor import IntOpVisitor
 from dyadiq.io import write_text_atomic
 from dyadiq.reference_interpreter import ReferenceInterpreter
 
@@ -160,7 +161,10 @@ def _prod(values: tuple[int, ...] | list[int]) -> int:
     return int(np.prod(values, dtype=np.int64))
 
 
-class _Emitter:
+class _Emitter(IntOpVisitor[None]):
+    """Each ``visit_<Op>`` appends the op's constants to ``decls`` and its kernel call to
+    ``calls``; the ops it has a method for are the ones the microcontroller backend runs."""
+
     def __init__(self, program: ip.IntegerProgram, arena: ArenaPlan, pack_int4: bool) -> None:
         self.program = program
         self.arena = arena
@@ -169,6 +173,7 @@ class _Emitter:
         self.calls: list[str] = []
         self.layers: list[LayerFlash] = []
         self.scratch = 1
+        self.tag = ""
 
     # --- tensors -----------------------------------------------------------------------------
     def shape(self, tensor: str) -> tuple[int, ...]:
@@ -231,35 +236,23 @@ class _Emitter:
 
     # --- ops ---------------------------------------------------------------------------------
     def emit(self, step: int, op: ip.IntOp) -> None:
-        tag = f"op{step}"
+        self.tag = f"op{step}"  # the prefix of the op's C names
         before = len(self.calls)
-        self.dispatch(tag, op)
+        self.visit(op)
         if len(self.calls) > before:
             self.calls.append(f'DQ_PROFILE_STEP({step}, "{type(op).__name__}");')
 
-    def dispatch(self, tag: str, op: ip.IntOp) -> None:
-        if isinstance(op, ip.Conv):
-            self.conv(tag, op)
-        elif isinstance(op, ip.MatMul):
-            self.matmul(tag, op)
-        elif isinstance(op, ip.Add | ip.Mul):
-            self.binary(tag, op)
-        elif isinstance(op, ip.GlobalAvgPool):
-            self.global_avg_pool(tag, op)
-        elif isinstance(op, ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip):
-            self.unary(tag, op)
-        elif isinstance(op, ip.Softmax):
-            self.softmax(tag, op)
-        elif isinstance(op, ip.MaxPool):
-            self.maxpool(tag, op)
-        elif isinstance(op, ip.Transpose):
-            self.transpose(tag, op)
-        elif isinstance(op, ip.Concat):
-            self.concat(op)
-        elif not isinstance(op, ip.Reshape | ip.QuantizeInput | ip.Dequantize):
-            raise AssertionError(f"unhandled op {type(op).__name__}")  # checked up front
+    def visit_QuantizeInput(self, op: ip.QuantizeInput) -> None:
+        """The caller quantizes the input (``dq_model_quantize_input``): no kernel call."""
 
-    def conv(self, tag: str, op: ip.Conv) -> None:
+    def visit_Dequantize(self, op: ip.Dequantize) -> None:
+        """The host dequantizes the output codes ``dq_model_run`` copies out: no kernel call."""
+
+    def visit_Reshape(self, op: ip.Reshape) -> None:
+        """The output aliases the input's bytes (:mod:`arena`): no kernel call."""
+
+    def visit_Conv(self, op: ip.Conv) -> None:
+        tag = self.tag
         n, cin, h, w = self.shape(op.input)
         _, cout, oh, ow = self.shape(op.output)
         kh, kw = op.weight.shape[2:]
@@ -292,7 +285,8 @@ class _Emitter:
         refs = f"{self.ref(op.input)}, {self.ref(op.output)}"
         self.calls.append(f"{kernel}({p}, {refs}, dq_scratch);")
 
-    def matmul(self, tag: str, op: ip.MatMul) -> None:
+    def visit_MatMul(self, op: ip.MatMul) -> None:
+        tag = self.tag
         a_shape, out_shape = self.shape(op.input), self.shape(op.output)
         if op.weight is None:
             self.matmul_activations(tag, op, a_shape, out_shape)
@@ -331,22 +325,32 @@ class _Emitter:
         refs = f"{self.ref(op.input)}, {self.ref(op.weight_input)}, {self.ref(op.output)}"
         self.calls.append(f"dq_matmul_activations({p}, {refs});")
 
-    def binary(self, tag: str, op: ip.Add | ip.Mul) -> None:
-        out = self.shape(op.output)
+    def binary_layout(
+        self, inputs: tuple[str, str], zero_points: tuple[int, int], output: str
+    ) -> dict[str, object]:
+        """The ``dq_binary`` fields every two-input kernel reads: the output shape padded to
+        rank 4, each input's broadcast strides and byte decoding."""
+        out = self.shape(output)
         if len(out) > 4:
-            raise UnsupportedModelError(f"{op.output}: elementwise ops of rank > 4")
+            raise UnsupportedModelError(f"{output}: elementwise ops of rank > 4")
         pad = 4 - len(out)
         shape4 = (1,) * pad + out
-        strides = [self.broadcast_strides(name, out, pad) for name in op.inputs]
+        strides = [self.broadcast_strides(name, out, pad) for name in inputs]
         (a_flip, a_zero), (b_flip, b_zero) = (
-            self.decode(name, z) for name, z in zip(op.inputs, op.zero_points, strict=True)
+            self.decode(name, z) for name, z in zip(inputs, zero_points, strict=True)
         )
-        fields: dict[str, object] = {
+        return {
             "shape": "{" + ", ".join(map(str, shape4)) + "}",
             "a_stride": "{" + ", ".join(map(str, strides[0])) + "}",
             "b_stride": "{" + ", ".join(map(str, strides[1])) + "}",
             "a_flip": a_flip, "a_zero": a_zero, "b_flip": b_flip, "b_zero": b_zero,
         }  # fmt: skip
+
+    def binary(self, op: ip.Add | ip.Mul) -> None:
+        tag = self.tag
+        out = self.shape(op.output)
+        pad = 4 - len(out)
+        fields = self.binary_layout(op.inputs, op.zero_points, op.output)
         if isinstance(op, ip.Add):
             _check_dyadic(tag, np.array(op.mults), np.array(op.shifts))
             bounds = _struct({"zero_point": op.zero_point, "lo": op.lo, "hi": op.hi})
@@ -362,6 +366,8 @@ class _Emitter:
         a, b = (self.ref(name) for name in op.inputs)
         self.calls.append(f"{kernel}({p}, {a}, {b}, {self.ref(op.output)});")
 
+    visit_Add = visit_Mul = binary
+
     def broadcast_strides(self, name: str, out: tuple[int, ...], pad: int) -> list[int]:
         shape = self.shape(name)
         if len(shape) > len(out):
@@ -373,7 +379,8 @@ class _Emitter:
         ]
         return [0] * pad + strides
 
-    def global_avg_pool(self, tag: str, op: ip.GlobalAvgPool) -> None:
+    def visit_GlobalAvgPool(self, op: ip.GlobalAvgPool) -> None:
+        tag = self.tag
         n, c, h, w = self.shape(op.input)
         flip, zero = self.decode(op.input, op.input_zero_point)
         fields = {"outer": n, "channels": c, "inner": h * w, "flip": flip, "zero": zero,
@@ -381,7 +388,8 @@ class _Emitter:
         p = self.param("dq_unary", tag, fields)
         self.calls.append(f"dq_global_avg_pool({p}, {self.ref(op.input)}, {self.ref(op.output)});")
 
-    def unary(self, tag: str, op: ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip) -> None:
+    def unary(self, op: ip.HardSigmoid | ip.HardSwish | ip.LeakyRelu | ip.Clip) -> None:
+        tag = self.tag
         shape = self.shape(op.input)
         if _prod(shape) >= LOOKUP_MIN_ELEMENTS and _one_byte_function(op):
             self.decls.append(_c_array("uint8_t", f"{tag}_lut", lookup_table(self.program, op)))
@@ -427,7 +435,10 @@ class _Emitter:
         p = self.param("dq_unary", tag, fields)
         self.calls.append(f"{kernel}({p}, {self.ref(op.input)}, {self.ref(op.output)});")
 
-    def softmax(self, tag: str, op: ip.Softmax) -> None:
+    visit_HardSigmoid = visit_HardSwish = visit_LeakyRelu = visit_Clip = unary
+
+    def visit_Softmax(self, op: ip.Softmax) -> None:
+        tag = self.tag
         shape = self.shape(op.input)
         flip, _ = self.decode(op.input, 0)
         fields = {"rows": _prod(shape[:-1]), "len": shape[-1], "flip": flip,
@@ -437,7 +448,8 @@ class _Emitter:
         p = self.param("dq_softmax_params", tag, fields)
         self.calls.append(f"dq_softmax({p}, {self.ref(op.input)}, {self.ref(op.output)});")
 
-    def maxpool(self, tag: str, op: ip.MaxPool) -> None:
+    def visit_MaxPool(self, op: ip.MaxPool) -> None:
+        tag = self.tag
         n, c, h, w = self.shape(op.input)
         _, _, oh, ow = self.shape(op.output)
         if self.signed(op.input) != self.signed(op.output):
@@ -451,7 +463,8 @@ class _Emitter:
         p = self.param("dq_maxpool_params", tag, fields)
         self.calls.append(f"dq_maxpool({p}, {self.ref(op.input)}, {self.ref(op.output)});")
 
-    def transpose(self, tag: str, op: ip.Transpose) -> None:
+    def visit_Transpose(self, op: ip.Transpose) -> None:
+        tag = self.tag
         shape = self.shape(op.input)
         if len(shape) > 4:
             raise UnsupportedModelError(f"{op.output}: Transpose of rank > 4")
@@ -464,7 +477,7 @@ class _Emitter:
             f"dq_transpose4({tag}_shape, {tag}_perm, {self.ref(op.input)}, {self.ref(op.output)});"
         )
 
-    def concat(self, op: ip.Concat) -> None:
+    def visit_Concat(self, op: ip.Concat) -> None:
         out = self.shape(op.output)
         axis = op.axis % len(out)
         outer, dst_stride = _prod(out[:axis]), _prod(out[axis:])
@@ -510,8 +523,9 @@ def unsupported_ops(program: ip.IntegerProgram) -> list[str]:
     if len(quantize_inputs) != 1:
         problems.append(f"{len(quantize_inputs)} quantized inputs (exactly one is supported)")
     outputs = {program.int_outputs.get(o, o) for o in program.outputs}
+    kernels = _Emitter.supported_ops()
     for op in program.ops:
-        if isinstance(op, ip.FloatIsland | ip.Quantize):
+        if type(op) not in kernels:  # a float island, or the Quantize after one
             problems.append(f"{type(op).__name__} (float ops: {', '.join(program.float_ops)})")
         elif isinstance(op, ip.Dequantize) and op.input not in outputs:
             problems.append(f"Dequantize of {op.input} inside the model")

@@ -43,35 +43,18 @@ from tvm import IRModule, relax
 
 from dyadiq import integer_program as ip
 from dyadiq.errors import UnsupportedModelError
+from dyadiq.int_op_visitor import IntOpVisitor
 from dyadiq.reference_interpreter import SOFTMAX_MAX_SHIFT
 
 INT32_LIMIT = 2**31 - 1
 CODES_SUFFIX = "_codes"
 
-_LOWERABLE = (
-    ip.QuantizeInput,
-    ip.Quantize,
-    ip.Dequantize,
-    ip.Conv,
-    ip.MatMul,
-    ip.Add,
-    ip.Mul,
-    ip.GlobalAvgPool,
-    ip.HardSigmoid,
-    ip.HardSwish,
-    ip.LeakyRelu,
-    ip.Softmax,
-    ip.MaxPool,
-    ip.Clip,
-    ip.Reshape,
-    ip.Transpose,
-    ip.Concat,
-)
-
 
 def unsupported_ops(program: ip.IntegerProgram, *, float_islands: bool = False) -> list[str]:
-    """Every op of ``program`` without a TVM lowering, described for an error message
-    (float islands count as such unless ``float_islands``)."""
+    """Every op of ``program`` without a TVM lowering (a ``visit_`` method of the portable
+    lowering, which the x86 one falls back to), described for an error message; float
+    islands count as such unless ``float_islands``."""
+    lowerable = _Lowering.supported_ops()
     found = []
     for op in program.ops:
         if isinstance(op, ip.FloatIsland):
@@ -79,7 +62,7 @@ def unsupported_ops(program: ip.IntegerProgram, *, float_islands: bool = False) 
                 continue
             nodes = ", ".join(f"{n.op_type} {n.name}".strip() for n in op.nodes)
             found.append(f"FloatIsland [{nodes}]")
-        elif not isinstance(op, _LOWERABLE):
+        elif type(op) not in lowerable:
             found.append(type(op).__name__)
     return found
 
@@ -108,8 +91,9 @@ def _channel(values: np.ndarray | int, ndim: int, axis: int) -> np.ndarray:
     return flat.reshape(shape)
 
 
-class _Lowering:
-    """Emits one program op at a time; ``env`` maps program tensor names to Relax values."""
+class _Lowering(IntOpVisitor[None]):
+    """Emits one program op at a time (``visit_<Op>``); ``env`` maps program tensor names to
+    Relax values. The ops it has a method for are the ones the TVM backend lowers."""
 
     def __init__(self, program: ip.IntegerProgram, bb: relax.BlockBuilder) -> None:
         self.program = program
@@ -180,7 +164,7 @@ class _Lowering:
         return "int32" if bound <= INT32_LIMIT else "int64"
 
     # --- ops ---------------------------------------------------------------------------------
-    def quantize(self, op: ip.QuantizeInput | ip.Quantize) -> None:
+    def visit_QuantizeInput(self, op: ip.QuantizeInput | ip.Quantize) -> None:
         q = self.program.quant[op.output]
         x = self.value(op.input)
         scaled = self.emit(relax.op.divide(x, relax.const(np.float32(q.scale), "float32")))
@@ -192,7 +176,9 @@ class _Lowering:
         codes = self.emit(relax.op.add(codes, relax.const(np.int32(q.zero_point), "int32")))
         self.env[op.output] = self.emit(relax.op.astype(codes, self.code_dtype(op.output)))
 
-    def dequantize(self, op: ip.Dequantize) -> None:
+    visit_Quantize = visit_QuantizeInput  # a float island's output: the same rounding
+
+    def visit_Dequantize(self, op: ip.Dequantize) -> None:
         q = self.program.quant[op.input]
         wide = self.emit(relax.op.astype(self.value(op.input), "int32"))
         centered = self.emit(relax.op.subtract(wide, relax.const(np.int32(q.zero_point), "int32")))
@@ -200,7 +186,7 @@ class _Lowering:
         scale = relax.const(np.float32(q.scale), "float32")
         self.env[op.output] = self.emit(relax.op.multiply(real, scale))
 
-    def conv(self, op: ip.Conv) -> None:
+    def visit_Conv(self, op: ip.Conv) -> None:
         if op.weight.ndim != 4:
             raise UnsupportedModelError(
                 f"TVM lowering handles 2-D convolutions only; {op.output} has a "
@@ -237,7 +223,7 @@ class _Lowering:
             acc = self.emit(relax.op.add(acc, _int64(offset.reshape(1, -1, 1, 1))))
         self.requant(acc, op.requant, 4, op.output)
 
-    def matmul(self, op: ip.MatMul) -> None:
+    def visit_MatMul(self, op: ip.MatMul) -> None:
         if op.weight is not None:
             weight = op.weight.astype(np.int8)
             out_dtype = self.accumulator_dtype(op.input, weight.T)
@@ -259,7 +245,7 @@ class _Lowering:
             acc = self.emit(relax.op.add(acc, _int64(offset)))
         self.requant(acc, op.requant, self.ndim(acc), op.output)
 
-    def add(self, op: ip.Add) -> None:
+    def visit_Add(self, op: ip.Add) -> None:
         centered = [
             self.centered(name, zp) for name, zp in zip(op.inputs, op.zero_points, strict=True)
         ]
@@ -284,25 +270,25 @@ class _Lowering:
         ]
         return self.emit(relax.op.add(terms[0], terms[1]))
 
-    def mul(self, op: ip.Mul) -> None:
+    def visit_Mul(self, op: ip.Mul) -> None:
         a = self.centered(op.inputs[0], op.zero_points[0])
         b = self.centered(op.inputs[1], op.zero_points[1])
         product = self.emit(relax.op.multiply(a, b))
         self.requant(product, op.requant, self.ndim(product), op.output)
 
-    def global_avg_pool(self, op: ip.GlobalAvgPool) -> None:
+    def visit_GlobalAvgPool(self, op: ip.GlobalAvgPool) -> None:
         v = self.centered(op.input, op.input_zero_point)
         total = self.emit(relax.op.sum(v, axis=[2, 3], keepdims=True))
         self.requant(total, op.requant, 4, op.output)
 
-    def hard_sigmoid(self, op: ip.HardSigmoid) -> None:
+    def visit_HardSigmoid(self, op: ip.HardSigmoid) -> None:
         rq = op.requant
         v = self.centered(op.input, op.input_zero_point)
         # the reference applies the (scalar) multiplier without a channel axis
         affine = self.requantize(v, rq.mult, rq.shift, len(self.shape(op.input)), rq.axis)
         self.finish(affine, rq.zero_point + op.offset, rq.lo, rq.hi, op.output)
 
-    def hard_swish(self, op: ip.HardSwish) -> None:
+    def visit_HardSwish(self, op: ip.HardSwish) -> None:
         ndim = len(self.shape(op.input))
         v = self.centered(op.input, op.input_zero_point)
         one = 1 << op.frac_bits
@@ -311,7 +297,7 @@ class _Lowering:
         gate = self.emit(relax.op.clip(gate, 0, one))
         self.requant(self.emit(relax.op.multiply(v, gate)), op.requant, ndim, op.output)
 
-    def leaky_relu(self, op: ip.LeakyRelu) -> None:
+    def visit_LeakyRelu(self, op: ip.LeakyRelu) -> None:
         ndim = len(self.shape(op.input))
         rq = op.requant
         v = self.centered(op.input, op.input_zero_point)
@@ -325,7 +311,7 @@ class _Lowering:
         total = self.emit(relax.op.add(positive, negative))
         self.finish(total, rq.zero_point, rq.lo, rq.hi, op.output)
 
-    def softmax(self, op: ip.Softmax) -> None:
+    def visit_Softmax(self, op: ip.Softmax) -> None:
         """I-BERT softmax (:class:`ip.Softmax`); both divisions are floor divisions."""
         ndim = len(self.shape(op.input))
         q = self.emit(relax.op.astype(self.value(op.input), "int64"))
@@ -345,7 +331,7 @@ class _Lowering:
         prob = self.emit(relax.op.floor_divide(scaled, total))
         self.requant(prob, op.requant, ndim, op.output)
 
-    def maxpool(self, op: ip.MaxPool) -> None:
+    def visit_MaxPool(self, op: ip.MaxPool) -> None:
         # TVM pads with the dtype's minimum, the reference with the output's qmin; every
         # window holds at least one real element (ONNX pads < kernel), whose code is >= qmin,
         # so the maxima agree.
@@ -358,24 +344,24 @@ class _Lowering:
             )
         )
 
-    def clip(self, op: ip.Clip) -> None:
+    def visit_Clip(self, op: ip.Clip) -> None:
         self.env[op.output] = self.emit(relax.op.clip(self.value(op.input), op.lo, op.hi))
 
-    def reshape(self, op: ip.Reshape) -> None:
+    def visit_Reshape(self, op: ip.Reshape) -> None:
         shape_in = self.shape(op.input)
         # ONNX Reshape: 0 copies the input's dimension, -1 is inferred
         target = [shape_in[i] if d == 0 else d for i, d in enumerate(op.shape)]
         resolved = np.empty(shape_in, dtype=np.int8).reshape(target).shape
         self.env[op.output] = self.emit(relax.op.reshape(self.value(op.input), resolved))
 
-    def transpose(self, op: ip.Transpose) -> None:
+    def visit_Transpose(self, op: ip.Transpose) -> None:
         self.env[op.output] = self.emit(relax.op.permute_dims(self.value(op.input), list(op.perm)))
 
-    def concat(self, op: ip.Concat) -> None:
+    def visit_Concat(self, op: ip.Concat) -> None:
         parts = relax.Tuple([self.value(name) for name in op.inputs])
         self.env[op.output] = self.emit(relax.op.concat(parts, axis=op.axis))
 
-    def float_island(self, op: ip.FloatIsland) -> None:
+    def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function.
 
         Inputs known at compile time (a Shape of a static tensor, say) go into the imported
@@ -430,44 +416,6 @@ class _Lowering:
                 value = self.emit(relax.op.shape_to_tensor(value))
             self.env[name] = value
 
-    def lower(self, op: ip.IntOp) -> None:
-        if isinstance(op, ip.QuantizeInput | ip.Quantize):
-            self.quantize(op)
-        elif isinstance(op, ip.Dequantize):
-            self.dequantize(op)
-        elif isinstance(op, ip.Conv):
-            self.conv(op)
-        elif isinstance(op, ip.MatMul):
-            self.matmul(op)
-        elif isinstance(op, ip.Add):
-            self.add(op)
-        elif isinstance(op, ip.Mul):
-            self.mul(op)
-        elif isinstance(op, ip.GlobalAvgPool):
-            self.global_avg_pool(op)
-        elif isinstance(op, ip.HardSigmoid):
-            self.hard_sigmoid(op)
-        elif isinstance(op, ip.HardSwish):
-            self.hard_swish(op)
-        elif isinstance(op, ip.LeakyRelu):
-            self.leaky_relu(op)
-        elif isinstance(op, ip.Softmax):
-            self.softmax(op)
-        elif isinstance(op, ip.MaxPool):
-            self.maxpool(op)
-        elif isinstance(op, ip.Clip):
-            self.clip(op)
-        elif isinstance(op, ip.Reshape):
-            self.reshape(op)
-        elif isinstance(op, ip.Transpose):
-            self.transpose(op)
-        elif isinstance(op, ip.Concat):
-            self.concat(op)
-        elif isinstance(op, ip.FloatIsland):
-            self.float_island(op)
-        else:  # pragma: no cover - unsupported_ops() refused it before lowering started
-            raise UnsupportedModelError(f"no TVM lowering for {type(op).__name__}")
-
 
 def _lowering_for(
     program: ip.IntegerProgram, bb: relax.BlockBuilder, target: tvm.target.Target | None
@@ -512,7 +460,7 @@ def lower_program(
     with bb.function("main", params):
         with bb.dataflow():
             for op in program.ops:
-                lowering.lower(op)
+                lowering.visit(op)
             codes = [
                 lowering.value(program.int_outputs[o])
                 for o in program.outputs

@@ -171,17 +171,17 @@ class X86Lowering(_Lowering):
         return bound <= INT32_LIMIT
 
     # --- ops ---------------------------------------------------------------------------------
-    def conv(self, op: ip.Conv) -> None:
+    def visit_Conv(self, op: ip.Conv) -> None:
         weight = op.weight.astype(np.int8)
         if weight.ndim != 4 or len(self.shape(op.input)) != 4:
-            return super().conv(op)
+            return super().visit_Conv(op)
         out_channels, per_group, kh, kw = weight.shape
         in_channels = self.shape(op.input)[1]
         depthwise = op.group == in_channels == out_channels and per_group == 1
         if (op.group != 1 and not depthwise) or not self.fits_int32(
             weight.reshape(out_channels, -1)
         ):
-            return super().conv(op)
+            return super().visit_Conv(op)
         x = self.channels_last(op.input)
         b, h, w, _ = (int(d) for d in x.ty.shape)
         sh, sw = op.strides
@@ -236,9 +236,9 @@ class X86Lowering(_Lowering):
             func, args, (b, oh, ow, channels), epilogue.out_dtype
         )
 
-    def maxpool(self, op: ip.MaxPool) -> None:
+    def visit_MaxPool(self, op: ip.MaxPool) -> None:
         if op.input not in self.nhwc:
-            return super().maxpool(op)
+            return super().visit_MaxPool(op)
         # same argument as the portable lowering: every window holds a real element
         self.nhwc[op.output] = self.emit(
             relax.op.nn.max_pool2d(
@@ -250,14 +250,14 @@ class X86Lowering(_Lowering):
             )
         )
 
-    def matmul(self, op: ip.MatMul) -> None:
+    def visit_MatMul(self, op: ip.MatMul) -> None:
         if op.weight is None:
-            return super().matmul(op)
+            return super().visit_MatMul(op)
         weight = op.weight.astype(np.int8)
         shape = self.shape(op.input)
         k, n = weight.shape
         if k % kernels.GROUP or not self.fits_int32(weight.T):
-            return super().matmul(op)
+            return super().visit_MatMul(op)
         rows = np.ascontiguousarray(weight.T)
         self.env[op.output] = self.matmul_kernel(
             self.value(op.input),
@@ -269,9 +269,9 @@ class X86Lowering(_Lowering):
             (*shape[:-1], n),
         )
 
-    def add(self, op: ip.Add) -> None:
+    def visit_Add(self, op: ip.Add) -> None:
         if not all(name in self.nhwc for name in op.inputs):
-            return super().add(op)
+            return super().visit_Add(op)
         a, b = (self.nhwc[name] for name in op.inputs)
         shape = tuple(int(d) for d in a.ty.shape)
         if tuple(int(d) for d in b.ty.shape) != shape:  # broadcasting: the portable ops
@@ -290,14 +290,14 @@ class X86Lowering(_Lowering):
         func = kernels.residual_add(shape, (str(a.ty.dtype), str(b.ty.dtype)), out_dtype, constants)
         self.nhwc[op.output] = self.call_kernel(func, [a, b], shape, out_dtype)
 
-    def clip(self, op: ip.Clip) -> None:
+    def visit_Clip(self, op: ip.Clip) -> None:
         if op.input not in self.nhwc:
-            return super().clip(op)
+            return super().visit_Clip(op)
         self.nhwc[op.output] = self.emit(relax.op.clip(self.nhwc[op.input], op.lo, op.hi))
 
-    def global_avg_pool(self, op: ip.GlobalAvgPool) -> None:
+    def visit_GlobalAvgPool(self, op: ip.GlobalAvgPool) -> None:
         if op.input not in self.nhwc:
-            return super().global_avg_pool(op)
+            return super().visit_GlobalAvgPool(op)
         v = self.centered_value(self.nhwc[op.input], op.input_zero_point)
         total = self.emit(relax.op.sum(v, axis=[1, 2], keepdims=True))
         rq = op.requant
