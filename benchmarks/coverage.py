@@ -50,6 +50,7 @@ STAGE_FLAGS = {
     "cortex-m4": ["--target", "cortex-m4"],
 }
 CLI = REPO / ".venv" / "bin" / "dyadiq"
+MAP_THRESHOLD = 0.3
 _ENV: dict[str, str] = dict(os.environ)
 
 
@@ -222,6 +223,11 @@ def output_metrics(kind: str, ref: np.ndarray, out: np.ndarray) -> dict[str, flo
     elif kind == "map":
         span = float(ref.max() - ref.min()) or 1.0
         metrics["mean_abs_error_of_range"] = float(np.mean(np.abs(ref - out)) / span)
+        if ref.min() >= 0.0 and ref.max() <= 1.0:  # a probability map: IoU of its 0.3 mask
+            # (DBNet's binarisation threshold; for detector score maps, "positive" cells)
+            a, b = ref > MAP_THRESHOLD, out > MAP_THRESHOLD
+            union = int(np.sum(a | b))
+            metrics["mask_iou"] = float(np.sum(a & b) / union) if union else 1.0
     return metrics
 
 
@@ -258,9 +264,8 @@ def quality(
 # --- one model --------------------------------------------------------------------------------
 
 
-def run_model(
-    model: CoverageModel, stages: tuple[str, ...], timeout: float, work: Path
-) -> dict[str, Any]:
+def model_row(model: CoverageModel, work: Path) -> tuple[dict[str, Any], Path | None, list[Feeds]]:
+    """The model's facts and its data written as ``.npz`` folders (calibration, held-out)."""
     path = fetch(model)
     row: dict[str, Any] = {
         "model": model.name,
@@ -275,48 +280,51 @@ def run_model(
         "input_shapes": {k: list(v) for k, v in model.input_shapes.items()},
         "stages": {},
     }
-    data_dir = work / "data" / model.name
     try:
-        calib, _, eval_feeds = write_split(model.data, data_dir)
-    except Exception as exc:
+        calib, _, eval_feeds = write_split(model.data, work / "data" / model.name)
+    except Exception as exc:  # a data maker failing is the harness bug, recorded
         row["data_error"] = f"{type(exc).__name__}: {exc}"
-        return row
+        return row, None, []
+    return row, calib, eval_feeds
+
+
+def run_model_stage(
+    model: CoverageModel,
+    stage: str,
+    calib: Path,
+    eval_feeds: list[Feeds],
+    timeout: float,
+    work: Path,
+    extra: list[str],
+) -> dict[str, Any]:
+    path = fetch(model)
     shapes = model.shape_flags()
     out_root = work / "out" / model.name
-    for stage in stages:
-        if stage == "inspect":
-            cmd = [_cli(), "inspect", str(path), *shapes, "--json"]
-            result = run_stage(cmd, timeout, out_root / "inspect.log")
-            result.update(_inspect_facts(result["stdout"]))
-        else:
-            out_dir = out_root / stage
-            cmd = [
-                _cli(),
-                "quantize",
-                str(path),
-                "-o",
-                str(out_dir),
-                "--calib",
-                str(calib),
-                *shapes,
-                *STAGE_FLAGS[stage],
-            ]
-            result = run_stage(cmd, timeout, out_root / f"{stage}.log")
-            result.update(_report_facts(out_dir))
-            if stage == "qdq" and (out_dir / "model.qdq.onnx").is_file():
-                result["quality_qdq"] = quality(model, path, out_dir / "model.qdq.onnx", eval_feeds)
-            if stage == "integer" and (out_dir / "model.int.onnx").is_file():
-                result["quality_integer"] = quality(
-                    model, path, out_dir / "model.int.onnx", eval_feeds
-                )
-        result.pop("stdout", None)
-        row["stages"][stage] = result
-        print(
-            f"  {model.name:22s} {stage:10s} {result['status']:14s} {result['seconds']:7.1f}s "
-            f"{result['reason'][:120]}",
-            flush=True,
-        )
-    return row
+    if stage == "inspect":
+        cmd = [_cli(), "inspect", str(path), *shapes, "--json"]
+        result = run_stage(cmd, timeout, out_root / "inspect.log")
+        result.update(_inspect_facts(result["stdout"]))
+    else:
+        out_dir = out_root / stage
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)  # a stale output must not pass for this run's
+        cmd = [_cli(), "quantize", str(path), "-o", str(out_dir), "--calib", str(calib)]
+        cmd += [*shapes, *STAGE_FLAGS[stage], *(extra if stage != "qdq" else [])]
+        result = run_stage(cmd, timeout, out_root / f"{stage}.log")
+        result.update(_report_facts(out_dir))
+        if stage == "qdq" and (out_dir / "model.qdq.onnx").is_file():
+            result["quality_qdq"] = quality(model, path, out_dir / "model.qdq.onnx", eval_feeds)
+        if stage == "integer" and (out_dir / "model.int.onnx").is_file():
+            result["quality_integer"] = quality(model, path, out_dir / "model.int.onnx", eval_feeds)
+    result.pop("stdout", None)
+    print(
+        f"  {model.name:22s} {stage:10s} {result['status']:14s} {result['seconds']:7.1f}s "
+        f"{result['reason'][:120]}",
+        flush=True,
+    )
+    return result
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -329,6 +337,7 @@ def _headline_quality(q: dict[str, Any] | None) -> str:
         return f"error: {q['error'][:60]}"
     first = q["outputs"][0]
     for key, label in (
+        ("mask_iou", "mask IoU"),
         ("top1_agreement", "top-1 agr"),
         ("cosine_min", "cos min"),
         ("mean_abs_error_of_range", "MAE/range"),
@@ -357,7 +366,9 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Support matrix: real ONNX models from packages through every stage",
         "",
-        f"Command: `{data['command']}`",
+        "Commands (later ones rerun or add stages):",
+        "",
+        *(f"    {c}" for c in data.get("commands", [data["command"]])),
         "",
         f"Machine: {data['machine']['cpu_model']}, {data['machine']['nproc']} cores, load average "
         f"at start {', '.join(f'{v:.1f}' for v in data['machine']['load_avg_start'])} (shared with "
@@ -435,12 +446,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--stem", default="coverage")
     parser.add_argument(
+        "--stage-flags",
+        default="",
+        help="extra quantize flags for the integer / target stages (e.g. '--compensate none')",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="earlier results whose stages this run keeps unless it reruns them",
+    )
+    parser.add_argument(
         "--snapshot",
         default="",
         metavar="REV",
         help="run the CLI of this commit (git archive), not the working tree",
     )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="only recompute the quality of the outputs the --merge results point to",
+    )
     args = parser.parse_args(argv)
+    if args.rescore:
+        rescore(args.merge, args.work, args.output, args.stem)
+        return
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -458,15 +489,70 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.snapshot:
         data["cli_commit"] = use_snapshot(args.snapshot, args.work / "snapshots")
+    previous = [json.loads(Path(f).read_text()) for f in args.merge]
+    rows: dict[str, dict[str, Any]] = {}
+    for old in previous:  # earlier runs fill in the stages this one does not rerun
+        data["commands"] = [*data.get("commands", []), *old.get("commands", [old["command"]])]
+        for row in old["models"]:
+            rows.setdefault(row["model"], row)["stages"].update(row["stages"])
+        data["stages"] = [s for s in STAGES if s in {*data["stages"], *old["stages"]}]
+    data["commands"] = [*data.get("commands", []), data["command"]]
     start = time.monotonic()
+    inputs: dict[str, tuple[Path | None, list[Feeds]]] = {}
     for model in models:
-        print(f"{model.name}:", flush=True)
-        data["models"].append(run_model(model, stages, args.timeout, args.work))
-        data["seconds"] = time.monotonic() - start
-        data["machine"]["load_avg_end"] = list(os.getloadavg())
-        write_results(
-            data, args.output, args.stem, render
-        )  # after every model: partial results survive
+        row, calib, eval_feeds = model_row(model, args.work)
+        row["stages"] = {**rows.get(model.name, {}).get("stages", {})}
+        rows[model.name] = row
+        inputs[model.name] = (calib, eval_feeds)
+    data["models"] = list(rows.values())
+    write_results(data, args.output, args.stem, render)
+    for stage in stages:  # stage by stage: a run cut short still has whole columns
+        for model in models:
+            calib, eval_feeds = inputs[model.name]
+            if calib is None:
+                continue
+            result = run_model_stage(
+                model, stage, calib, eval_feeds, args.timeout, args.work, args.stage_flags.split()
+            )
+            rows[model.name]["stages"][stage] = result
+            data["seconds"] = previous_seconds(previous) + time.monotonic() - start
+            data["machine"]["load_avg_end"] = list(os.getloadavg())
+            write_results(data, args.output, args.stem, render)  # partial results survive
+
+
+def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
+    """Recompute every quality entry of earlier results from the models they wrote (the
+    metrics changed, the quantized models did not); writes the merged results."""
+    data: dict[str, Any] = {}
+    for f in files:
+        old = json.loads(Path(f).read_text())
+        if not data:
+            data = old
+            data["commands"] = old.get("commands", [old["command"]])
+            continue
+        data["commands"] += old.get("commands", [old["command"]])
+        by_name = {r["model"]: r for r in data["models"]}
+        for row in old["models"]:
+            by_name.setdefault(row["model"], row)["stages"].update(row["stages"])
+        data["models"] = list(by_name.values())
+        data["stages"] = [s for s in STAGES if s in {*data["stages"], *old["stages"]}]
+    for row in data["models"]:
+        model = BY_NAME[row["model"]]
+        _, _, eval_feeds = write_split(model.data, work / "rescore" / model.name)
+        for stage in row["stages"].values():
+            for key, name in (
+                ("quality_qdq", "model.qdq.onnx"),
+                ("quality_integer", "model.int.onnx"),
+            ):
+                if key in stage:
+                    candidate = Path(stage["log"]).parent / Path(stage["log"]).stem / name
+                    stage[key] = quality(model, fetch(model), candidate, eval_feeds)
+    data["commands"].append("python -m benchmarks.coverage --rescore --merge " + " ".join(files))
+    write_results(data, output, stem, render)
+
+
+def previous_seconds(previous: list[dict[str, Any]]) -> float:
+    return float(sum(old.get("seconds", 0.0) for old in previous))
 
 
 if __name__ == "__main__":

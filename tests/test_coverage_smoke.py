@@ -95,3 +95,13 @@ def test_magika_features_pad_beginning_right_and_end_left() -> None:
     )  # lstrip for the start, rstrip for the end
     assert row.tolist() == [[97, 98, 10, 256, 256, 10, 97, 98]]
     assert coverage_data._magika_features(b"", size=2).tolist() == [[256, 256, 256, 256]]
+
+
+def test_probability_maps_get_the_iou_of_their_masks() -> None:
+    ref = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    ref[0, 0, :2, :2] = 0.9  # 4 positive cells
+    out = ref.copy()
+    out[0, 0, 0, 0] = 0.1  # one lost
+    out[0, 0, 3, 3] = 0.8  # one spurious
+    assert coverage.output_metrics("map", ref, out)["mask_iou"] == pytest.approx(3 / 5)
+    assert "mask_iou" not in coverage.output_metrics("map", ref * 5, out * 5)  # not a probability
