@@ -88,9 +88,11 @@ def use_snapshot(rev: str, folder: Path) -> str:
 
 
 def _last_error_line(text: str) -> str:
+    """The CLI's last error message, its wrapped continuation lines joined into one."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.lower().startswith(("error", "dyadiq: error"))]
-    return (errors[-1] if errors else (lines[-1] if lines else ""))[:400]
+    starts = [i for i, ln in enumerate(lines) if ln.lower().startswith(("error", "dyadiq: error"))]
+    message = " ".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else "")
+    return message[:600]
 
 
 def classify(rc: int | None, stderr: str) -> tuple[str, str]:
@@ -537,6 +539,12 @@ def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
         data["models"] = list(by_name.values())
         data["stages"] = [s for s in STAGES if s in {*data["stages"], *old["stages"]}]
     for row in data["models"]:
+        for stage in row["stages"].values():  # verdicts again from the logs (the CLI's stderr)
+            log = Path(stage["log"]).read_text()
+            rc_text = log.splitlines()[1].split()[2]
+            stage["status"], stage["reason"] = classify(
+                None if rc_text == "None" else int(rc_text), log.split("--- stderr\n", 1)[1]
+            )
         model = BY_NAME[row["model"]]
         _, _, eval_feeds = write_split(model.data, work / "rescore" / model.name)
         for stage in row["stages"].values():
