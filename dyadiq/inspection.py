@@ -20,6 +20,8 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
         return True, "no constant weight: both operands quantized as activations"
     if facts.shares_input_scale:
         return True, "data movement: output shares its input's scale"
+    if facts.unifies_input_scales:
+        return True, "inputs and output share one scale: an integer op on their codes"
     if facts.quantizable:
         return True, "integer op on quantized activations"
     if facts.fusable_activation:

@@ -227,6 +227,29 @@ class Concat:
 
 
 @dataclass(frozen=True)
+class Max:
+    """Elementwise ``max(a, b)`` on codes, broadcasting as numpy and ONNX ``Max`` do.
+
+    Both inputs and the output share one quantizer (integerize puts them in one scale group).
+    Quantization ``round(x / s) + z`` is monotone, so then ``max(Q(a), Q(b)) = Q(max(a, b))``
+    exactly, which is also what the QDQ simulator computes: no rescale, no rounding.
+    Requantizing inputs of different scales to the output's instead would go through a dyadic
+    approximation of ``s_a / s_y`` and could not match the simulator bit for bit.
+    """
+
+    output: str
+    inputs: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Min:
+    """Elementwise ``min(a, b)`` on codes: :class:`Max` with the order reversed."""
+
+    output: str
+    inputs: tuple[str, str]
+
+
+@dataclass(frozen=True)
 class Dequantize:
     """Codes -> float at a float island's entry or a model output."""
 
@@ -270,6 +293,8 @@ IntOp = (
     | Reshape
     | Transpose
     | Concat
+    | Max
+    | Min
     | Dequantize
     | Quantize
     | FloatIsland

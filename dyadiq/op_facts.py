@@ -131,6 +131,9 @@ class OpFacts:
         ``transB``; see :func:`dyadiq.graph.weight_channel_axis`).
     shares_input_scale: the output keeps the input's quantization parameters exactly (pure data
         movement or order-preserving selection), so no new range is calibrated for it.
+    unifies_input_scales: every activation input and the output join one scale group, so the
+        integer op works on codes with no rescale (Concat copies them; Max / Min compare them,
+        exact because quantization is monotone).
     fusable_activation: a following quantized layer can absorb this activation into its clip
         bounds, so the tensor between them is never quantized.
     needs_quantized_inputs: an elementwise op that is quantized only when every non-constant
@@ -144,6 +147,7 @@ class OpFacts:
     bias_input: int | None = None
     channel_axis: int | None = None
     shares_input_scale: bool = False
+    unifies_input_scales: bool = False
     fusable_activation: bool = False
     needs_quantized_inputs: bool = False
 
@@ -166,7 +170,17 @@ OP_FACTS.update(
         OpKind.MATMUL: OpFacts(quantizable=True, weight_input=1, channel_axis=-1),
         OpKind.ADD: OpFacts(quantizable=True, needs_quantized_inputs=True),
         OpKind.MUL: OpFacts(quantizable=True, needs_quantized_inputs=True),
-        OpKind.CONCAT: OpFacts(quantizable=True, shares_input_scale=True),
+        OpKind.CONCAT: OpFacts(
+            quantizable=True, shares_input_scale=True, unifies_input_scales=True
+        ),
+        # one group over both inputs, so (as for Add) only when both are quantized already:
+        # a float input of another range would squeeze the other input's codes
+        OpKind.MAX: OpFacts(
+            quantizable=True, unifies_input_scales=True, needs_quantized_inputs=True
+        ),
+        OpKind.MIN: OpFacts(
+            quantizable=True, unifies_input_scales=True, needs_quantized_inputs=True
+        ),
         OpKind.AVGPOOL: OpFacts(quantizable=True),
         OpKind.GLOBAL_AVGPOOL: OpFacts(quantizable=True),
         OpKind.MAXPOOL: _SHARES,

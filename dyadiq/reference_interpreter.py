@@ -217,6 +217,12 @@ class ReferenceInterpreter(IntOpVisitor[None]):
     def visit_Concat(self, op: ip.Concat) -> None:
         self.env[op.output] = np.concatenate([self.env[i] for i in op.inputs], axis=op.axis)
 
+    def visit_Max(self, op: ip.Max) -> None:
+        self._store(op.output, np.maximum(self._codes(op.inputs[0]), self._codes(op.inputs[1])))
+
+    def visit_Min(self, op: ip.Min) -> None:
+        self._store(op.output, np.minimum(self._codes(op.inputs[0]), self._codes(op.inputs[1])))
+
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         key = id(op)
         if key not in self._islands:

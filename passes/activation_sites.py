@@ -8,8 +8,9 @@ Rules (onnxruntime's QDQ layout, so its kernels can fuse the result):
 - when that output's only consumer is a fusable activation (Relu, Clip with constant bounds),
   the activation's output is quantized instead, so the bounds become the quantizer's range;
 - scale-sharing ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) whose input is
-  quantized get a quantized output in the same scale group; Concat puts all its inputs and its
-  output in one group. A group is calibrated over the union of its members' ranges.
+  quantized get a quantized output in the same scale group; Concat, Max and Min put all their
+  inputs and their output in one group (``unifies_input_scales``). A group is calibrated over
+  the union of its members' ranges.
 The bit-width of a group is the largest activation width any consumer in the plan asks for.
 """
 
@@ -105,9 +106,7 @@ def _bias_add(graph: QGraph, node: gs.Node, graph_outputs: set[str]) -> gs.Node 
 
 def _is_quantized_op(graph: QGraph, node: gs.Node, plan: PrecisionPlan) -> bool:
     facts = graph.facts(node)
-    if not facts.quantizable or (
-        facts.shares_input_scale and graph.kind(node) is not OpKind.CONCAT
-    ):
+    if not facts.quantizable or (facts.shares_input_scale and not facts.unifies_input_scales):
         return False
     if graph.weight(node) is not None:
         return node.name in plan.layers
@@ -138,7 +137,6 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
         if n.name not in plan.layers
     ]
     for node in graph.nodes():
-        kind = graph.kind(node)
         facts = graph.facts(node)
         variable_inputs = [t for t in node.inputs if isinstance(t, gs.Variable)]
         if facts.needs_quantized_inputs and not all(
@@ -158,13 +156,13 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
                 and output.name not in graph_outputs
                 and graph.facts(consumers[0]).fusable_activation
                 and _has_constant_bounds(consumers[0])
-                and kind is not OpKind.CONCAT
+                and not facts.unifies_input_scales  # a clipped output would clip the inputs' group
             ):
                 fused[node.name] = consumers[0].name
                 output = consumers[0].outputs[0]
             if mark(output):
                 quantized_outputs.add(output.name)
-                if kind is OpKind.CONCAT:
+                if facts.unifies_input_scales:
                     for tensor in inputs:
                         uf.union(tensor.name, output.name)
         elif (

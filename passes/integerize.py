@@ -11,7 +11,7 @@ Per op (v = q - z, the zero-point-free codes):
   (``single_rounding_add=False``: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y);
   Mul: requant(v_a v_b; s_a s_b/s_y);
 - GlobalAveragePool: requant(sum_hw v; s_x / (H W s_y));  HardSigmoid, HardSwish in fixed point;
-- MaxPool, Reshape-likes, Transpose, Concat: on codes (they share one scale).
+- MaxPool, Reshape-likes, Transpose, Concat, Max, Min: on codes (they share one scale).
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
 Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
 """
@@ -216,6 +216,8 @@ class _Integerizer:
             OpKind.PRELU: self._leaky_relu,
             OpKind.MAXPOOL: self._maxpool,
             OpKind.CONCAT: self._concat,
+            OpKind.MAX: self._extremum,
+            OpKind.MIN: self._extremum,
             OpKind.TRANSPOSE: self._transpose,
             OpKind.RESHAPE: self._reshape,
             OpKind.FLATTEN: self._reshape,
@@ -565,6 +567,18 @@ class _Integerizer:
         inputs = tuple(self.codes(t) for t in node.inputs)
         out_codes, _ = self.define(node.outputs[0])
         self.ops.append(ip.Concat(out_codes, inputs, int(node.attrs.get("axis", 0))))
+        return True
+
+    def _extremum(self, node: gs.Node) -> bool:
+        """Max / Min of two activations in one scale group: compared as codes (:class:`ip.Max`)."""
+        if len(node.inputs) != 2 or not all(isinstance(t, gs.Variable) for t in node.inputs):
+            return False  # a constant operand or a variadic Max: runs in float
+        out = node.outputs[0]
+        self._same_scale(node, [*node.inputs, out])
+        a_codes, b_codes = (self.codes(t) for t in node.inputs)
+        out_codes, _ = self.define(out)
+        op_type = ip.Max if self.graph.kind(node) is OpKind.MAX else ip.Min
+        self.ops.append(op_type(out_codes, (a_codes, b_codes)))
         return True
 
     def _transpose(self, node: gs.Node) -> bool:

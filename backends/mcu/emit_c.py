@@ -368,6 +368,16 @@ class _Emitter(IntOpVisitor[None]):
 
     visit_Add = visit_Mul = binary
 
+    def extremum(self, op: ip.Max | ip.Min) -> None:
+        # zero point 0 decodes a byte to its code (128 for signed tensors, as in Clip)
+        fields = self.binary_layout(op.inputs, (0, 0), op.output)
+        p = self.param("dq_binary", self.tag, fields)
+        kernel = "dq_max" if isinstance(op, ip.Max) else "dq_min"
+        a, b = (self.ref(name) for name in op.inputs)
+        self.calls.append(f"{kernel}({p}, {a}, {b}, {self.ref(op.output)});")
+
+    visit_Max = visit_Min = extremum
+
     def broadcast_strides(self, name: str, out: tuple[int, ...], pad: int) -> list[int]:
         shape = self.shape(name)
         if len(shape) > len(out):

@@ -1,7 +1,7 @@
 """Integer-only ONNX backend: an :class:`IntegerProgram` as standard ONNX ops.
 
 Only default-domain ops: ConvInteger / MatMulInteger (int32 accumulation), integer Add / Sub /
-Mul, Cast, Clip, ReduceSum, MaxPool and an exact floor shift.
+Mul, Max / Min, Cast, Clip, ReduceSum, MaxPool and an exact floor shift.
 
 Both operands of every ConvInteger / MatMulInteger have the same signedness (u8 x u8 or
 s8 x s8): onnxruntime's u8 x s8 kernels on AVX2 without VNNI use ``vpmaddubsw``, which saturates
@@ -353,6 +353,13 @@ class _Lowering(_Builder, IntOpVisitor[None]):
         self.nodes.append(
             helper.make_node("Concat", list(op.inputs), [op.output], name=op.output, axis=op.axis)
         )
+
+    def visit_Max(self, op: ip.Max) -> None:
+        # the inputs' code type is the output's (one quantizer): no cast
+        self.nodes.append(helper.make_node("Max", list(op.inputs), [op.output], name=op.output))
+
+    def visit_Min(self, op: ip.Min) -> None:
+        self.nodes.append(helper.make_node("Min", list(op.inputs), [op.output], name=op.output))
 
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         self.nodes.extend(op.nodes)

@@ -361,6 +361,14 @@ class _Lowering(IntOpVisitor[None]):
         parts = relax.Tuple([self.value(name) for name in op.inputs])
         self.env[op.output] = self.emit(relax.op.concat(parts, axis=op.axis))
 
+    def visit_Max(self, op: ip.Max) -> None:
+        a, b = (self.value(name) for name in op.inputs)
+        self.env[op.output] = self.emit(relax.op.maximum(a, b))
+
+    def visit_Min(self, op: ip.Min) -> None:
+        a, b = (self.value(name) for name in op.inputs)
+        self.env[op.output] = self.emit(relax.op.minimum(a, b))
+
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function.
 

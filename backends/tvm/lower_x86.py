@@ -11,8 +11,8 @@ layers and emits:
 * every depthwise convolution as :func:`~dyadiq.backends.tvm.x86_kernels.depthwise_nhwc`;
 * every dense layer (MatMul with a constant weight) as a packed matmul;
 * residual adds of same-shape tensors as :func:`~dyadiq.backends.tvm.x86_kernels.residual_add`;
-* clips, max pools and global average pools in NHWC (portable Relax ops on the other axis
-  order), so no transposes sit between those layers.
+* clips, max pools, global average pools and elementwise Max / Min in NHWC (portable Relax
+  ops on the other axis order), so no transposes sit between those layers.
 
 A tensor is converted between layouts only where an op needs the other one, once, and the
 program's outputs are returned NCHW, so ``main`` has the portable lowering's signature and
@@ -306,3 +306,16 @@ class X86Lowering(_Lowering):
         b, _, _, c = (int(d) for d in self.env[op.output].ty.shape)
         # [B, 1, 1, C] and [B, C, 1, 1] are the same bytes: a reshape, not a transpose
         self.env[op.output] = self.emit(relax.op.reshape(self.env[op.output], (b, c, 1, 1)))
+
+    def visit_Max(self, op: ip.Max) -> None:
+        if not all(name in self.nhwc for name in op.inputs):
+            return super().visit_Max(op)
+        # both 4-d and channels-last: NCHW broadcasting carries over axis for axis
+        a, b = (self.nhwc[name] for name in op.inputs)
+        self.nhwc[op.output] = self.emit(relax.op.maximum(a, b))
+
+    def visit_Min(self, op: ip.Min) -> None:
+        if not all(name in self.nhwc for name in op.inputs):
+            return super().visit_Min(op)
+        a, b = (self.nhwc[name] for name in op.inputs)
+        self.nhwc[op.output] = self.emit(relax.op.minimum(a, b))

@@ -475,6 +475,19 @@ void dq_add(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y)
     DQ_BINARY_LOOP(&q, a, b, y, ((void)channel, dq_add_one(&q, va, vb)));
 }
 
+/* The larger (smaller) code, stored back as a byte: a signed code as two's complement. */
+void dq_max(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y)
+{
+    const dq_binary q = *p;
+    DQ_BINARY_LOOP(&q, a, b, y, ((void)channel, (uint8_t)(va > vb ? va : vb)));
+}
+
+void dq_min(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y)
+{
+    const dq_binary q = *p;
+    DQ_BINARY_LOOP(&q, a, b, y, ((void)channel, (uint8_t)(va < vb ? va : vb)));
+}
+
 void dq_mul(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y)
 {
     const dq_binary q = *p;

@@ -53,7 +53,7 @@ typedef struct {
     int32_t a_stride[4], b_stride[4];  /* element strides, 0 along broadcast dims */
     int32_t a_flip, a_zero, b_flip, b_zero;
     int32_t channel_dim;   /* which of the 4 dims indexes per-channel requant values */
-    int32_t a_mult, a_shift, b_mult, b_shift;  /* Add only */
+    int32_t a_mult, a_shift, b_mult, b_shift;  /* Add only (Max / Min compare codes: none) */
     int32_t single_rounding;  /* Add: (va*a_mult + vb*b_mult) rounded once (a_shift == b_shift) */
     dq_requant rq;         /* Mul: requant of the product; Add: zero_point, lo, hi */
 } dq_binary;
@@ -89,6 +89,9 @@ void dq_matmul_const(const dq_matmul *p, const uint8_t *x, uint8_t *y, int8_t *s
 void dq_matmul_activations(const dq_matmul_act *p, const uint8_t *a, const uint8_t *b, uint8_t *y);
 void dq_add(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y);
 void dq_mul(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y);
+/* inputs and output in one quantizer; zero 128 for signed tensors makes va, vb the codes */
+void dq_max(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y);
+void dq_min(const dq_binary *p, const uint8_t *a, const uint8_t *b, uint8_t *y);
 void dq_global_avg_pool(const dq_unary *p, const uint8_t *x, uint8_t *y);
 void dq_hard_sigmoid(const dq_unary *p, const uint8_t *x, uint8_t *y);
 void dq_hard_swish(const dq_unary *p, const uint8_t *x, uint8_t *y);
