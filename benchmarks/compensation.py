@@ -73,7 +73,9 @@ def _avg_bits(plan: Any, params: dict[str, int]) -> float:
     return sum(params[k] * f.weight_bits for k, f in plan.layers.items()) / total
 
 
-def _ort_models(artifacts: Any, name: str, work: Path, timeout: float) -> dict[str, Any]:
+def _ort_models(
+    artifacts: Any, name: str, work: Path, timeout: float, calib_limit: int | None
+) -> dict[str, Any]:
     """onnxruntime quantize_static W8A8 with each calibrator (baseline's worker processes)."""
     calib_dir = work / "calibration"
     baseline.materialise_calibration(artifacts, calib_dir)
@@ -90,7 +92,7 @@ def _ort_models(artifacts: Any, name: str, work: Path, timeout: float) -> dict[s
             "act_bits": 8,
             "model_path": str(artifacts.model_path),
             "calib_dir": str(calib_dir),
-            "calib_limit": None,
+            "calib_limit": calib_limit,  # the same leading batches dyadiq calibrates on
             "output": str(work / label / "model.onnx"),
             "integer": False,
         }
@@ -120,9 +122,11 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     start = time.perf_counter()
     artifacts = zoo.get(name)
     metric = artifacts.model.primary_metric
-    calibration = list(artifacts.calibration_batches())
+    calibration = list(artifacts.calibration_batches(args.calib_limit))
     raw = load_onnx(artifacts.model_path)
-    runs: dict[str, dict[str, Any]] = _ort_models(artifacts, name, work, args.timeout)
+    runs: dict[str, dict[str, Any]] = _ort_models(
+        artifacts, name, work, args.timeout, args.calib_limit
+    )
     paths = {k: Path(r["output"]) for k, r in runs.items() if r.get("status") == "ok"}
 
     variants = ["none", *SINGLE_PASSES, COMBINED, "all"]
@@ -423,7 +427,11 @@ def render_markdown(data: dict[str, Any]) -> str:
             out += [f"failed: {model['error']}", ""]
             continue
         metric = model["primary_metric"]
-        out += [f"Float {metric}: {_f(model['float'].get(metric))}.", ""]
+        out += [
+            f"Float {metric}: {_f(model['float'].get(metric))}. Calibration batches "
+            f"(dyadiq's activation ranges and onnxruntime's): {model['calibration_batches']}.",
+            "",
+        ]
         out += [*_uniform_table(model), ""]
         out += [*_ilp_table(model), ""]
         plan_s = [
@@ -498,6 +506,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=baseline.DEFAULT_OUTPUT)
     p.add_argument("--notes", nargs="*", default=[], help="lines appended to the results file")
     p.add_argument("--stem", default="compensation", help="results file name, without suffix")
+    p.add_argument(
+        "--calib-limit",
+        type=int,
+        default=None,
+        help="calibrate dyadiq and onnxruntime on the first N calibration batches only",
+    )
     p.add_argument(
         "--merge",
         nargs="+",
