@@ -5,11 +5,20 @@ and the allocator never offers a format the target cannot execute.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from dyadiq.errors import ConfigError
 from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
 from dyadiq.plan import LayerFormat, PrecisionPlan
+
+
+class Requantization(Enum):
+    """How a backend rescales an accumulator to the next layer's codes."""
+
+    FLOAT_SCALE = "float scale (DequantizeLinear / QuantizeLinear)"
+    # clip(((acc * m + 2^(k-1)) >> k) + zero point): the reference interpreter's arithmetic
+    DYADIC = "dyadic m / 2^k per channel, integer multiply and rounding shift"
 
 
 @dataclass(frozen=True)
@@ -19,7 +28,7 @@ class Capabilities:
     act_bits: frozenset[int]
     weighted_kinds: frozenset[OpKind]
     per_channel_weights: bool
-    requantization: str
+    requantization: Requantization
 
     def allows(self, kind: OpKind, fmt: LayerFormat) -> bool:
         return (
@@ -37,7 +46,7 @@ ONNX_QDQ = Capabilities(
     act_bits=frozenset({4, 8}),
     weighted_kinds=_WEIGHTED | {OpKind.CONV_TRANSPOSE},
     per_channel_weights=True,
-    requantization="float scale (DequantizeLinear / QuantizeLinear)",
+    requantization=Requantization.FLOAT_SCALE,
 )
 
 INTEGER_ONNX = Capabilities(
@@ -46,7 +55,7 @@ INTEGER_ONNX = Capabilities(
     act_bits=frozenset({4, 8}),  # codes in uint8/int8 containers, clipped to the width
     weighted_kinds=_WEIGHTED,  # ConvTranspose has no integer lowering
     per_channel_weights=True,
-    requantization="dyadic m / 2^k per channel, integer multiply and floor shift",
+    requantization=Requantization.DYADIC,
 )
 
 
@@ -56,7 +65,16 @@ MCU_C = Capabilities(
     act_bits=frozenset({4, 8}),  # one byte per code either way
     weighted_kinds=_WEIGHTED,
     per_channel_weights=True,
-    requantization="dyadic m / 2^k per channel, int64 multiply and arithmetic shift",
+    requantization=Requantization.DYADIC,
+)
+
+TVM_INTEGER = Capabilities(
+    name="tvm-integer",
+    weight_bits=frozenset(range(2, 9)),  # codes in int8 containers; x86 kernels for every width
+    act_bits=frozenset({4, 8}),  # codes in uint8/int8 containers
+    weighted_kinds=_WEIGHTED,  # the integer program's layers: no ConvTranspose
+    per_channel_weights=True,
+    requantization=Requantization.DYADIC,
 )
 
 

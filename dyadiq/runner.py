@@ -40,10 +40,11 @@ def run_artifact(folder: Path, inputs: Path) -> dict[str, np.ndarray]:
     info = json.loads(info_path.read_text())
     if "target_name" in info:  # a TVM library
         from dyadiq.backends.tvm import build as tvm_build
+        from dyadiq.backends.tvm.target import Device, tvm_target
 
         names = [spec["name"] for spec in info["inputs"]]
         feeds = read_inputs(inputs, names)
-        if info["target_name"] == "aarch64":
+        if tvm_target(str(info["target_name"])).device is Device.AARCH64:
             from dyadiq.backends.tvm.aarch64 import run_under_qemu
 
             values = run_under_qemu(folder / info["library"], feeds)

@@ -16,21 +16,15 @@ import pytest
 
 from dyadiq import integer_program as ip
 from dyadiq.backends.mcu.arena import plan_arena
-from dyadiq.backends.mcu.build import (
-    PRESETS,
-    ToolchainError,
-    build,
-    compile_for_mcu,
-    cpu_preset,
-    find_toolchain,
-    run_qemu,
-)
+from dyadiq.backends.mcu.build import ToolchainError, build, cpu_preset, find_toolchain, run_qemu
 from dyadiq.backends.mcu.costs import allocator_memory_plan, flash_cost_table, layer_flash_bytes
 from dyadiq.backends.mcu.emit_c import emit_c_project, pack_weights, unsupported_ops
+from dyadiq.backends.mcu.target import MCU_TARGETS, mcu_target
+from dyadiq.backends.target import EmitOptions
 from dyadiq.dyadic import dyadic
 from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.frontends.onnx_frontend import load_onnx
-from dyadiq.passes.allocation_costs import load_memory_plan
+from dyadiq.passes.allocation import load_memory_plan
 from dyadiq.plan import LayerFormat, PrecisionPlan
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter
@@ -255,15 +249,21 @@ def test_int4_packing_and_flash_costs():
 
 
 @needs_toolchain
-def test_compile_for_mcu_writes_sources_elf_and_report(tmp_path):
-    report = compile_for_mcu(synthetic_program(), tmp_path / "m4", cpu="m4")
-    assert report["built"] and (tmp_path / "m4" / report["app_elf"]).exists()
-    written = json.loads((tmp_path / "m4" / "mcu_report.json").read_text())
-    assert written == report
-    assert report["flash_bytes"] > report["weight_flash_bytes"] > 0
-    assert report["static_ram_bytes"] >= report["arena_bytes"] >= report["arena_lower_bound_bytes"]
+def test_target_emit_writes_sources_elf_and_memory_plan(tmp_path):
+    program = synthetic_program()
+    artifact = mcu_target("m4").emit(program, tmp_path / "m4", EmitOptions())
+    report = artifact.report
+    assert artifact.elf is not None and artifact.elf.exists() and report["elf"] == str(artifact.elf)
+    assert report["flash_bytes"] > artifact.project.weight_flash_bytes > 0
+    assert report["static_ram_bytes"] >= report["arena_bytes"] > 0
     for name in ("model.c", "model.h", "dq_kernels.c", "Makefile", "link.ld"):
         assert (tmp_path / "m4" / name).exists()
+    # the memory plan the allocator's ram= budget reads: the arena's live sets, graph names
+    memory = load_memory_plan(Path(report["memory_plan"]))
+    assert memory.tensor_bytes is not None and memory.flash is None
+    peak_live = max(sum(memory.tensor_bytes[t][8] for t in live) for live in memory.live_sets)
+    assert peak_live == artifact.project.arena.lower_bound_bytes
+    assert not any(t.endswith("_q") for live in memory.live_sets for t in live)
 
 
 def test_missing_toolchain_names_the_debian_packages(monkeypatch):
@@ -286,7 +286,7 @@ def test_unsupported_programs_are_refused_with_reasons(tmp_path):
 
 # --- every op under QEMU -------------------------------------------------------------------------
 @needs_toolchain
-@pytest.mark.parametrize("cpu", sorted(PRESETS))  # M3, M4, M7 (mps2-an500), M55 (mps3-an547)
+@pytest.mark.parametrize("cpu", [t.name for t in MCU_TARGETS])  # M3, M4, M7, M55 (mps3-an547)
 def test_every_op_bit_exact_under_qemu(tmp_path, cpu):
     program = synthetic_program()
     project = emit_c_project(program, tmp_path / cpu, cpu=cpu)

@@ -199,3 +199,141 @@ def test_eval_scores_exactly_and_with_runtime_kernels_on_request(
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "exact simulation" in table and "top1_agreement" in table and "{" not in table
+
+
+# --- the registry and what each Target says about itself ----------------------------------------
+def _cli_target_choices() -> list[str]:
+    import argparse
+
+    from dyadiq.cli import build_parser
+
+    def choices(parser: argparse.ArgumentParser) -> list[str] | None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found = choices(sub)
+                    if found is not None:
+                        return found
+            elif "--target" in action.option_strings:
+                return list(action.choices or [])
+        return None
+
+    found = choices(build_parser())
+    assert found is not None, "no --target option"
+    return found
+
+
+def test_the_registry_is_the_only_list_of_targets() -> None:
+    from dyadiq.backends.capabilities import Requantization
+    from dyadiq.backends.mcu.build import cpu_preset
+    from dyadiq.backends.mcu.target import MCU_TARGETS, McuTarget
+    from dyadiq.backends.tvm.build import isa_level, target_for
+    from dyadiq.backends.tvm.target import TVM_TARGETS, TvmTarget
+    from dyadiq.targets import TARGETS
+
+    assert _cli_target_choices() == list(TARGETS)
+    assert list(TARGETS) == [t.name for t in (*TVM_TARGETS, *MCU_TARGETS)]
+    for name, target in TARGETS.items():
+        assert target.name == name
+        assert target.capabilities.requantization is Requantization.DYADIC
+        assert {4, 8} <= target.capabilities.act_bits and 2 in target.capabilities.weight_bits
+    # every backend looks its targets up in the same registry, by the same names
+    for tvm_target in TVM_TARGETS:
+        assert isinstance(tvm_target, TvmTarget)
+        assert target_for(tvm_target.name).kind.name in ("llvm", "cuda")
+        assert isa_level(tvm_target.name) == tvm_target.isa_level()
+    assert isa_level("x86-64-v3") == "x86-64-v3" and isa_level("aarch64") is None
+    for mcu in MCU_TARGETS:
+        assert isinstance(mcu, McuTarget) and cpu_preset(mcu.name) is mcu.board
+    with pytest.raises(ConfigError, match="unknown TVM target"):
+        target_for("cortex-m4")
+
+
+def test_tvm_targets_say_why_they_cannot_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import tvm
+
+    from dyadiq.backends.target import CannotRun
+    from dyadiq.backends.tvm import aarch64, model_runner
+    from dyadiq.backends.tvm.target import TvmArtifact
+    from dyadiq.targets import TARGETS
+
+    artifact = TvmArtifact("x", Path("nowhere") / "model.so", {}, coded=(True,))
+    haswell = "avx avx2 bmi1 bmi2 f16c fma movbe sse4_2"
+    monkeypatch.setattr(model_runner, "cpu_flags", lambda cpuinfo=None: frozenset(haswell.split()))
+    refused = TARGETS["x86-64-v4-vnni"].run(artifact, [])
+    assert isinstance(refused, CannotRun)
+    assert refused.reason.startswith("this CPU lacks avx512f") and "avx512_vnni" in refused.reason
+    assert TARGETS["x86-64-v3"].run(artifact, []).outputs == []  # type: ignore[union-attr]
+    monkeypatch.setattr(aarch64, "aarch64_runtime_available", lambda: False)
+    refused = TARGETS["aarch64"].run(artifact, [])
+    assert isinstance(refused, CannotRun) and "setup_aarch64.sh" in refused.reason
+    monkeypatch.setattr(tvm, "cuda", lambda *_: types.SimpleNamespace(exist=False))
+    refused = TARGETS["cuda"].run(artifact, [])
+    assert isinstance(refused, CannotRun) and "no CUDA device" in refused.reason
+
+
+def test_cortex_m_targets_say_why_they_cannot_run_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typing import Any, cast
+
+    from dyadiq.backends.mcu.target import McuArtifact
+    from dyadiq.backends.target import CannotRun
+    from dyadiq.targets import TARGETS
+
+    project = cast(Any, None)  # never reached: both refusals come first
+    not_built = McuArtifact("cortex-m4", tmp_path, {}, project, "x", None, "no arm-none-eabi-gcc")
+    refused = TARGETS["cortex-m4"].run(not_built, [])
+    assert refused == CannotRun("not built: no arm-none-eabi-gcc")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no toolchain, no emulator
+    built = McuArtifact("cortex-m4", tmp_path, {}, project, "x", tmp_path / "app.elf")
+    refused = TARGETS["cortex-m4"].run(built, [])
+    assert isinstance(refused, CannotRun) and "qemu-system-arm" in refused.reason
+
+
+def test_unsupported_lists_every_reason_at_once_and_nothing_is_written(tmp_path: Path) -> None:
+    import dataclasses
+
+    from dyadiq import integer_program as ip
+    from dyadiq.errors import UnsupportedModelError
+    from dyadiq.targets import TARGETS
+    from tests.test_mcu_backend import synthetic_program
+
+    program = synthetic_program()
+    conv = next(i for i, op in enumerate(program.ops) if isinstance(op, ip.Conv))
+    program.ops[conv] = dataclasses.replace(program.ops[conv], weight_bits=1)  # type: ignore[type-var]
+    program.ops.insert(1, ip.Quantize("x_q2", "x"))  # no C kernel for a float -> code op
+    mcu = TARGETS["cortex-m4"].unsupported(program)
+    assert any(p.startswith("Quantize") for p in mcu) and any("1-bit weights" in p for p in mcu)
+    assert [p for p in TARGETS["x86"].unsupported(program) if "1-bit weights" in p] != []
+    assert not any(p.startswith("Quantize") for p in TARGETS["x86"].unsupported(program))
+    with pytest.raises(
+        UnsupportedModelError, match=r"cortex-m4 target cannot run.*Quantize.*1-bit"
+    ):
+        emit_for_target(program, "cortex-m4", tmp_path / "m4", [])
+    assert not (tmp_path / "m4").exists()
+
+
+def test_cortex_m_target_writes_the_memory_plan_a_ram_budget_reads(
+    tmp_path: Path, calib_npz_folder: Path, tiny_cnn_model: onnx.ModelProto
+) -> None:
+    from dyadiq.passes.allocation import load_memory_plan
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn_model, model)
+    argv = ["quantize", str(model), "--calib", str(calib_npz_folder), "--check-inputs", "2"]
+    out = tmp_path / "OUT"
+    assert main([*argv, "-o", str(out), "--target", "cortex-m4"]) == 0
+    path = out / "cortex-m4" / "memory_plan.json"
+    assert json.loads((out / "report.json").read_text())["target"]["memory_plan"] == str(path)
+    memory = load_memory_plan(path)
+    assert memory.tensor_bytes is not None
+    peak = max(sum(memory.tensor_bytes[t][8] for t in live) for live in memory.live_sets)
+    # fed back: the allocator prices RAM with these live sets (one byte less is infeasible)
+    budget = ["--memory-plan", str(path), "--budget"]
+    assert main([*argv, "-o", str(tmp_path / "ok"), *budget, f"ram={peak:.0f}B"]) == 0
+    allocation = json.loads((tmp_path / "ok" / "report.json").read_text())["allocation"]
+    assert allocation["peak_ram_bytes"] == peak
+    assert main([*argv, "-o", str(tmp_path / "no"), *budget, f"ram={peak - 1:.0f}B"]) == 2

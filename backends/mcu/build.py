@@ -13,23 +13,22 @@ instructions; the harness prints ticks per inference (resolution: 40 instruction
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dyadiq.errors import ConfigError, DyadiqError
+from dyadiq.errors import DyadiqError
 from dyadiq.io import write_text_atomic
 
-if TYPE_CHECKING:
-    from dyadiq.integer_program import IntegerProgram
+from .target import CpuPreset, mcu_target
 
+if TYPE_CHECKING:
     from .emit_c import McuProject
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -42,49 +41,9 @@ class ToolchainError(DyadiqError):
     """The Arm cross toolchain or QEMU is missing, or a build or emulated run failed."""
 
 
-@dataclass(frozen=True)
-class CpuPreset:
-    name: str
-    flags: tuple[str, ...]
-    qemu_machine: str | None
-    flash: tuple[int, int]  # origin, length of the code/rodata memory
-    ram: tuple[int, int]
-
-
-_MPS2_FLASH = (0x00000000, 4 * 1024 * 1024)
-_MPS2_RAM = (0x20000000, 4 * 1024 * 1024)
-PRESETS = {
-    p.name: p
-    for p in (
-        CpuPreset(
-            "cortex-m3", ("-mcpu=cortex-m3", "-mthumb", "-mfloat-abi=soft"), "mps2-an385",
-            _MPS2_FLASH, _MPS2_RAM,
-        ),
-        CpuPreset(
-            "cortex-m4",
-            ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"),
-            "mps2-an386", _MPS2_FLASH, _MPS2_RAM,
-        ),
-        CpuPreset(
-            "cortex-m7",
-            ("-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16"),
-            "mps2-an500", _MPS2_FLASH, _MPS2_RAM,
-        ),
-        CpuPreset(
-            "cortex-m55", ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"), "mps3-an547",
-            (0x00000000, 512 * 1024), (0x21000000, 2 * 1024 * 1024),
-        ),
-    )
-}  # fmt: skip
-
-
 def cpu_preset(cpu: str) -> CpuPreset:
-    """``cortex-m4`` or ``m4`` (likewise m3, m7, m55)."""
-    name = cpu.lower()
-    name = name if name.startswith("cortex-") else f"cortex-{name}"
-    if name not in PRESETS:
-        raise ConfigError(f"unknown CPU {cpu!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    """The preset of ``cortex-m4`` or ``m4`` (likewise m3, m7, m55)."""
+    return mcu_target(cpu).board
 
 
 @dataclass(frozen=True)
@@ -295,43 +254,3 @@ def build_if_toolchain(project: McuProject) -> tuple[BuildResult | None, str | N
     except ToolchainError as exc:
         return None, str(exc)
     return build(project), None
-
-
-def compile_for_mcu(
-    program: IntegerProgram, out_dir: Path, *, cpu: str = "cortex-m4"
-) -> dict[str, Any]:
-    """What ``--target cortex-m4`` (m3, m7, m55) produces: the C project in ``out_dir`` and,
-    when the Arm toolchain is installed, the built ELFs and their flash / RAM figures; all of
-    it summarised in ``out_dir/mcu_report.json``. Without the toolchain the sources are still
-    written and the report says why nothing was built."""
-    from .emit_c import emit_c_project
-
-    project = emit_c_project(program, out_dir, cpu=cpu)
-    report: dict[str, Any] = {
-        "cpu": project.cpu,
-        "qemu_machine": cpu_preset(cpu).qemu_machine,
-        "input": {"name": project.input.name, "shape": list(project.input.shape)},
-        "output_bytes": project.output_bytes,
-        "arena_bytes": project.arena.peak_bytes,
-        "arena_lower_bound_bytes": project.arena.lower_bound_bytes,
-        "scratch_bytes": project.scratch_bytes,
-        "weight_flash_bytes": project.weight_flash_bytes,
-        "built": False,
-    }
-    built, why_not = build_if_toolchain(project)
-    if built is None:
-        report["not_built"] = why_not
-    else:
-        size = built.model_size
-        report.update(
-            built=True,
-            app_elf=built.app_elf.name,
-            size_probe_elf=built.probe_elf.name,
-            flash_bytes=size.flash,
-            text_bytes=size.text,
-            rodata_bytes=size.rodata,
-            static_ram_bytes=size.static_ram,
-            stack_estimate_bytes=built.stack_bytes,
-        )
-    write_text_atomic(Path(out_dir) / "mcu_report.json", json.dumps(report, indent=2) + "\n")
-    return report

@@ -53,10 +53,13 @@ def flash_cost_table(
 
 
 def allocator_memory_plan(
-    program: ip.IntegerProgram, graph: QGraph, formats: Sequence[LayerFormat]
+    program: ip.IntegerProgram,
+    graph: QGraph | None = None,
+    formats: Sequence[LayerFormat] = (),
 ) -> dict[str, Any]:
     """What ``--memory-plan`` reads (``passes.allocation_costs.load_memory_plan``): the arena's
-    live sets and buffer bytes under the graph's tensor names, and :func:`flash_cost_table`.
+    live sets and buffer bytes under the graph's tensor names, and, given the float ``graph``
+    whose layer ids the plans use, :func:`flash_cost_table` for ``formats``.
 
     A code occupies one byte at 4 and 8 activation bits alike, so RAM does not depend on the
     plan's widths here; flash does, through the weights."""
@@ -69,8 +72,10 @@ def allocator_memory_plan(
     tensor_bytes = {
         graph_name(b.name): {str(bits): b.size for bits in (4, 8)} for b in plan.buffers.values()
     }
-    flash = {
-        layer: {fmt.label: cost for fmt, cost in row.items()}
-        for layer, row in flash_cost_table(graph, formats).items()
-    }
-    return {"live_sets": live_sets, "tensor_bytes": tensor_bytes, "flash": flash}
+    memory: dict[str, Any] = {"live_sets": live_sets, "tensor_bytes": tensor_bytes}
+    if graph is not None:
+        memory["flash"] = {
+            layer: {fmt.label: cost for fmt, cost in row.items()}
+            for layer, row in flash_cost_table(graph, formats).items()
+        }
+    return memory

@@ -33,6 +33,7 @@ from tvm.support import cc
 from dyadiq import integer_program as ip
 from dyadiq.backends.tvm import model_runner as tvm_model_runner
 from dyadiq.backends.tvm.lower import CODES_SUFFIX, main_output_names
+from dyadiq.backends.tvm.target import X86_ISA_LEVELS, Device, tvm_target
 from dyadiq.errors import ConfigError, DyadiqError
 from dyadiq.io import prepare_output_dir, write_text_atomic
 
@@ -41,21 +42,6 @@ METADATA_NAME = "model.json"
 RUNNER_NAME = "run_model.py"
 FORMAT = "dyadiq-tvm/1"
 AARCH64_COMPILER = "aarch64-linux-gnu-gcc"
-
-
-# x86-64 builds target an ISA level, never the build machine's own -mcpu, so a library built
-# here runs on every CPU of its level. Each level lists the /proc/cpuinfo flags it needs;
-# run_model.py refuses, with a message, to load a library on a CPU that lacks one of them.
-X86_V3_FLAGS = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe")
-X86_ISA_LEVELS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    # AVX2 (Haswell, Zen 1 and later): default schedules, 256-bit vectors
-    "x86-64-v3": ({"kind": "llvm", "mcpu": "x86-64-v3"}, X86_V3_FLAGS),
-    # AVX-512 with VNNI (Cascade Lake, Ice Lake, Zen 4 and later): the vpdpbusd kernels
-    "x86-64-v4-vnni": (
-        {"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]},
-        (*X86_V3_FLAGS, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"),
-    ),
-}
 
 
 def host_x86_isa(flags: frozenset[str] | None = None) -> str:
@@ -79,33 +65,23 @@ def host_x86_target() -> dict[str, Any]:
     return x86_target()
 
 
-TARGETS: dict[str, dict[str, Any]] = {
-    "x86": host_x86_target(),  # the highest level this machine runs
-    **{level: x86_target(level) for level in X86_ISA_LEVELS},
-    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
-    "cuda": {"kind": "cuda", "arch": "sm_80"},
-}
+def target_spec(target_name: str) -> dict[str, Any]:
+    """The TVM target dict a target of :mod:`~dyadiq.backends.tvm.target` builds for."""
+    return tvm_target(target_name).tvm_spec()
 
 
 def isa_level(target_name: str) -> str | None:
-    """The x86-64 ISA level a target preset builds for (None for non-x86 targets)."""
-    spec = TARGETS[target_name]
-    for level, (level_spec, _) in X86_ISA_LEVELS.items():
-        if all(spec.get(key) == value for key, value in level_spec.items()):
-            return level
-    return None
+    """The x86-64 ISA level a target builds for (None for non-x86 targets)."""
+    return tvm_target(target_name).isa_level()
 
 
 def required_cpu_flags(target_name: str) -> list[str]:
     """The /proc/cpuinfo flags a CPU needs to run a library built for ``target_name``."""
-    level = isa_level(target_name)
-    return list(X86_ISA_LEVELS[level][1]) if level else []
+    return tvm_target(target_name).required_cpu_flags()
 
 
 def target_for(name: str) -> tvm.target.Target:
-    if name not in TARGETS:
-        raise ConfigError(f"unknown TVM target {name!r}; choose one of {sorted(TARGETS)}")
-    return tvm.target.Target(TARGETS[name])
+    return tvm.target.Target(target_spec(name))
 
 
 def _is_gpu(target: tvm.target.Target) -> bool:
@@ -200,7 +176,7 @@ def model_metadata(
         "format": FORMAT,
         "library": LIBRARY_NAME,
         "target_name": target_name,
-        "target": TARGETS[target_name],
+        "target": target_spec(target_name),
         "isa_level": isa,
         "required_cpu_flags": required_cpu_flags(target_name),
         "dyadiq_version": _version("dyadiq"),
@@ -225,7 +201,7 @@ def build(
     program: ip.IntegerProgram | None = None,
     schedule: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> Path:
-    """Prepare, compile and export ``mod`` for ``TARGETS[target_name]``; returns model.so.
+    """Prepare, compile and export ``mod`` for the target ``target_name``; returns model.so.
 
     ``program`` (the one ``mod`` was lowered from) names the outputs and records the
     quantizers in model.json; without it outputs are ``output_0``, ``output_1``, ...
@@ -240,7 +216,7 @@ def build(
     executable = compile_prepared(prepared, target)
     library = out / LIBRARY_NAME
     staging = out / f".{LIBRARY_NAME}.tmp"
-    if target_name == "aarch64":
+    if tvm_target(target_name).device is Device.AARCH64:
         executable.export_library(str(staging), fcompile=cc.cross_compiler(AARCH64_COMPILER))
     else:
         executable.export_library(str(staging))

@@ -57,6 +57,11 @@ _PARALLEL_MIN_ELEMENTS = PARALLEL_MIN_WORK // 8
 Progress = Callable[[int, int, str, str], None]
 
 
+class NotSchedulableError(Exception):
+    """A PrimFunc without the loop nest the default schedule handles (e.g. two reductions, as
+    in a softmax): not an error for the user, it stays unscheduled and the report says why."""
+
+
 @dataclass
 class ScheduleReport:
     """Where each PrimFunc's schedule came from: database, tuned, default, or unscheduled."""
@@ -147,7 +152,7 @@ def _schedule_reduction(
     loops = sch.get_loops(reduction)
     n_spatial = kinds.count(_SPATIAL)
     if len(loops) != len(kinds) or kinds != sorted(kinds) or n_spatial == 0:
-        raise ValueError(f"reduction loop nest is not spatial-then-reduce ({kinds})")
+        raise NotSchedulableError(f"reduction loop nest is not spatial-then-reduce ({kinds})")
     spatial, reduce = loops[:n_spatial], loops[n_spatial:]
     extents = [int(sch.get(loop).extent) for loop in spatial]
     lanes_used = _largest_divisor(extents[-1], vec)
@@ -194,9 +199,9 @@ def default_schedule(
     """The hand-written schedule described in the module docstring, vectorized for ``bits``-bit
     registers (:func:`vector_bits` of the target).
 
-    Raises ``ValueError`` (or a TVM error) when the PrimFunc does not have the expected shape
-    (e.g. two reductions, as in a softmax); :func:`schedule_module` then keeps it unscheduled
-    and says so in its report.
+    Raises :class:`NotSchedulableError` (or a TVM error) when the PrimFunc does not have the
+    expected shape (e.g. two reductions, as in a softmax); :func:`schedule_module` then keeps
+    it unscheduled and says so in its report.
     """
     scheduled: tvm.tirx.PrimFunc = (
         _default_schedule(func, reg=reg, vec=vec, bits=bits)
@@ -221,7 +226,7 @@ def _default_schedule(
     blocks = [sch.get_sblock(name) for name in names]
     reductions = [b for b in blocks if _REDUCE in _iter_kinds(sch, b)]
     if len(reductions) > 1:
-        raise ValueError(f"{len(reductions)} reduction blocks; only one is handled")
+        raise NotSchedulableError(f"{len(reductions)} reduction blocks; only one is handled")
     if not reductions:
         for block in blocks[:-1]:
             sch.compute_inline(block)
@@ -313,7 +318,7 @@ def _commit_default_candidate(
     (0.490 vs 0.286 ms), so benchmark a database before committing it."""
     try:
         sch = _default_schedule(func, bits=vector_bits(target))
-    except (ValueError, s_tir.ScheduleError):
+    except (NotSchedulableError, s_tir.ScheduleError):
         return
     library = tvm.tirx.build(sch.mod, target)
     rng = np.random.default_rng(0)
@@ -391,7 +396,7 @@ def schedule_module_with_report(
             try:
                 scheduled = default_schedule(func, bits=vector_bits(target))
                 source = "default"
-            except (ValueError, s_tir.ScheduleError) as err:
+            except (NotSchedulableError, s_tir.ScheduleError) as err:
                 scheduled = func
                 source = "unscheduled"
                 report.notes[name] = str(err).strip().splitlines()[-1]

@@ -41,7 +41,8 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
-from dyadiq.errors import DyadiqError
+from dyadiq.backends.tvm.gradients import compile_for_this_cpu
+from dyadiq.errors import DyadiqError, InternalError
 
 
 class VjpUnsupportedError(DyadiqError):
@@ -196,23 +197,6 @@ def differentiable_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     return out, names
 
 
-def _compile(module: Any, scheduled: bool) -> Any:
-    """The gradient module as a VM executable. ``scheduled``: legalize and fuse, then give every
-    fused PrimFunc the backend's hand-written default schedule (tiled, parallel, vectorized;
-    :func:`dyadiq.backends.tvm.tuning.default_schedule`). TVM's default CPU pipeline runs the
-    naive loop nests legalization wrote, which made one MiniLM reverse pass take seconds.
-    Schedules only reorder loops (float sums may round differently)."""
-    import tvm
-
-    if not scheduled:
-        return tvm.compile(module, target=tvm.target.Target({"kind": "llvm"}))
-    from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
-    from dyadiq.backends.tvm.tuning import schedule_module
-
-    target = target_for("x86")
-    return compile_prepared(schedule_module(prepare(module, target), target, progress=None), target)
-
-
 class VectorJacobianProduct:
     """J^T u for the first output of ``model`` w.r.t. the initializers ``weight_names``.
 
@@ -287,8 +271,7 @@ class VectorJacobianProduct:
         except Exception as exc:  # TVM's TVMError: which op has no gradient rule
             raise VjpUnsupportedError(f"reverse mode failed on this model: {exc}") from exc
         self._grad_order = [self._original[v.name] for v in grads_of]
-        self._executable = _compile(module, scheduled)
-        self._vm = relax.VirtualMachine(self._executable, tvm.cpu())
+        self._adjoint = compile_for_this_cpu(module, "vjp_target_adjoint", scheduled=scheduled)
         self.calls = 0
 
     def __call__(
@@ -302,18 +285,19 @@ class VectorJacobianProduct:
         import tvm
 
         if self.output_shape is not None and tuple(cotangent.shape) != self.output_shape:
-            raise ValueError(f"cotangent shape {cotangent.shape} != output {self.output_shape}")
+            raise InternalError(f"cotangent shape {cotangent.shape} != output {self.output_shape}")
         args = []
         for name in self.input_order:
             array = np.asarray(feeds[name])
             if array.shape != self.input_shapes[name]:
-                raise ValueError(f"input {name} shape {array.shape} != {self.input_shapes[name]}")
+                expected = self.input_shapes[name]
+                raise InternalError(f"input {name} shape {array.shape} != {expected}")
             args.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
         for name in self.param_order:
             value = weights[name] if name in weights else self.constants[name]
             value = np.ascontiguousarray(value).reshape(self.param_shapes[name])
             args.append(tvm.runtime.tensor(value))
         args.append(tvm.runtime.tensor(np.ascontiguousarray(cotangent, np.float32)))
-        _, grads = self._vm["vjp_target_adjoint"](*args)
+        _, grads = self._adjoint(*args)
         self.calls += 1
         return {name: grads[i].numpy() for i, name in enumerate(self._grad_order)}
