@@ -183,8 +183,9 @@ def _analyzed_small_model(config_bits=(2, 4, 8)):
 
 
 def test_a_target_without_integer_offers_only_formats_every_backend_runs():
-    """--target compiles the integer model, so its backends restrict the candidates even
-    without --integer (they used to apply only with --integer)."""
+    """--target writes the integer model and compiles it for the target, so both backends'
+    capabilities restrict the candidates even without --integer (the integer model's applied
+    only with --integer, the target's never)."""
     from dataclasses import replace
 
     from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ
@@ -200,6 +201,7 @@ def test_a_target_without_integer_offers_only_formats_every_backend_runs():
         args = build_parser().parse_args([*base, *widths, "--target", name])
         options = mixed_precision_options(args).allocation
         assert INTEGER_ONNX in options.runs_on, name
+        assert TARGETS[name].capabilities in options.runs_on, name
         problem = model_problem(graph, report, options).problem
         assert set(problem.candidates) == set(report.layers)
         for layer, formats in problem.candidates.items():

@@ -41,13 +41,17 @@ def _widths(text: str, option: str) -> tuple[int, ...]:
 
 def target_backends(args: argparse.Namespace) -> tuple[Capabilities, ...]:
     """Every backend the plan must run on: the QDQ model always; the integer model with
-    --integer and with --target (which compiles it); and the --target's own backend."""
+    --integer and with --target (which writes and compiles it); and the --target's own
+    backend (``TARGETS[name].capabilities``)."""
     from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ
+    from dyadiq.targets import TARGETS
 
     target = getattr(args, "target", None)
     backends = [ONNX_QDQ]
     if getattr(args, "integer", False) or target is not None:
         backends.append(INTEGER_ONNX)
+    if target is not None:
+        backends.append(TARGETS[target].capabilities)
     return tuple(backends)
 
 
