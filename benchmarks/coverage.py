@@ -95,13 +95,21 @@ def _last_error_line(text: str) -> str:
     return message[:600]
 
 
+def _exception_line(stderr: str) -> str:
+    """``SomeError: message`` of the last traceback: its first unindented line after the frames."""
+    after = stderr.rsplit("Traceback (most recent call last)", 1)[1].splitlines()[1:]
+    for line in after:
+        if line.strip() and not line.startswith((" ", "\t")):
+            return line.strip()[:400]
+    return ""
+
+
 def classify(rc: int | None, stderr: str) -> tuple[str, str]:
     """(status, short reason) of one CLI run."""
     if rc is None:
         return "timeout", ""
     if "Traceback (most recent call last)" in stderr:
-        tail = [ln for ln in stderr.splitlines() if ln.strip()]
-        return "crashed", (tail[-1] if tail else "")[:400]
+        return "crashed", _exception_line(stderr)
     if rc == 0:
         return "ok", ""
     if rc == 2:

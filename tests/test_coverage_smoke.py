@@ -59,7 +59,11 @@ def test_extract_member_names_the_onnx_files_when_missing(tmp_path: Path) -> Non
         (0, "", "ok"),
         (2, "error: 3 op(s) have no lowering: If, Loop, Scan\n", "refused"),
         (3, "error: not bit-exact\n", "not bit-exact"),
-        (1, "Traceback (most recent call last):\n  File x\nValueError: boom\n", "crashed"),
+        (
+            1,
+            "Traceback (most recent call last):\n  File x\nValueError: boom\nnoise after\n",
+            "crashed",
+        ),
         (2, "Traceback (most recent call last):\nKeyError: 'x'\n", "crashed"),
         (-9, "", "crashed"),
         (None, "", "timeout"),
