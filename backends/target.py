@@ -28,7 +28,6 @@ import numpy as np
 
 from dyadiq import integer_program as ip
 from dyadiq.backends.capabilities import Capabilities
-from dyadiq.errors import ConfigError
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 
@@ -36,10 +35,13 @@ Feeds = Sequence[Mapping[str, np.ndarray]]
 @dataclass(frozen=True)
 class EmitOptions:
     """How to build: TVM's MetaSchedule trials and tuning database (the C backend has no
-    knobs)."""
+    knobs). ``layer_latency_ids`` (the plan's layer ids, in program order), for a target that
+    :attr:`~Target.measures_layer_latency`: also time every layer's kernel here per candidate
+    format and write the allocation's latency table beside the artifact."""
 
     tune_trials: int = 0
     tuning_db: Path | None = None
+    layer_latency_ids: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,16 +125,5 @@ class Target(ABC, Generic[A]):
 
     @property
     def measures_layer_latency(self) -> bool:
-        """Whether :meth:`layer_latency_table` can time layers here (where the code runs)."""
+        """Whether ``emit`` can time this target's layers here (where the code runs)."""
         return False
-
-    def layer_latency_table(
-        self,
-        program: ip.IntegerProgram,
-        out_dir: Path,
-        layer_ids: Sequence[str],
-        options: EmitOptions,
-    ) -> Path:
-        """Time every layer's kernel per candidate format; write the allocation's latency
-        table into ``out_dir`` and return its path."""
-        raise ConfigError(f"per-layer latency is measured where the code runs: not {self.name}")

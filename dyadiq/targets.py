@@ -138,7 +138,8 @@ def emit_for_target(
             + "; ".join(problems)
         )
     start = time.perf_counter()
-    options = EmitOptions(tune_trials=tune_trials, tuning_db=tuning_db)
+    ids = tuple(layer_latency_ids) if layer_latency_ids is not None else None
+    options = EmitOptions(tune_trials=tune_trials, tuning_db=tuning_db, layer_latency_ids=ids)
     artifact = chosen.emit(program, out_dir, options)
     info: dict[str, Any] = dict(artifact.report)
     expected, expected_floats = _reference_outputs(program, feeds)
@@ -155,10 +156,6 @@ def emit_for_target(
         if run.ran_on is not None:
             info["ran_on"] = run.ran_on
         info.update(run.measurements)
-    if layer_latency_ids is not None:
-        info["layer_latency_table"] = str(
-            chosen.layer_latency_table(program, out_dir, layer_latency_ids, options)
-        )
     info["target"] = target
     info["seconds"] = round(time.perf_counter() - start, 2)
     return info

@@ -16,17 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dyadiq import integer_program as ip
+from dyadiq.backends import target as base
 from dyadiq.backends.capabilities import MCU_C
-from dyadiq.backends.target import (
-    Artifact,
-    CannotRun,
-    EmitOptions,
-    Feeds,
-    ProgramOutputs,
-    Target,
-    TargetRun,
-    flatten,
-)
 from dyadiq.errors import ConfigError
 from dyadiq.io import write_text_atomic
 
@@ -46,7 +37,7 @@ class CpuPreset:
 
 
 @dataclass(frozen=True)
-class McuArtifact(Artifact):
+class McuArtifact(base.Artifact):
     """The C project in ``path``; ``elf`` once built (else ``not_built`` says why).
     ``input_name``: the program's float input, which the device quantizes itself."""
 
@@ -57,7 +48,7 @@ class McuArtifact(Artifact):
 
 
 @dataclass(frozen=True)
-class McuTarget(Target[McuArtifact]):
+class McuTarget(base.Target[McuArtifact]):
     board: CpuPreset
 
     def unsupported_ops(self, program: ip.IntegerProgram) -> list[str]:
@@ -65,7 +56,9 @@ class McuTarget(Target[McuArtifact]):
 
         return unsupported_ops(program)
 
-    def emit(self, program: ip.IntegerProgram, out_dir: Path, options: EmitOptions) -> McuArtifact:
+    def emit(
+        self, program: ip.IntegerProgram, out_dir: Path, options: base.EmitOptions
+    ) -> McuArtifact:
         from .build import build_if_toolchain
         from .costs import allocator_memory_plan
         from .emit_c import emit_c_project
@@ -92,26 +85,26 @@ class McuTarget(Target[McuArtifact]):
         report["stack_bytes_estimate"] = built.stack_bytes
         return McuArtifact(self.name, out_dir, report, project, input_name, built.app_elf)
 
-    def run(self, artifact: McuArtifact, feeds: Feeds) -> TargetRun | CannotRun:
+    def run(self, artifact: McuArtifact, feeds: base.Feeds) -> base.TargetRun | base.CannotRun:
         from .build import ToolchainError, find_toolchain, run_qemu
 
         if artifact.elf is None:
-            return CannotRun(f"not built: {artifact.not_built}")
+            return base.CannotRun(f"not built: {artifact.not_built}")
         machine = self.board.qemu_machine
         if machine is None:
-            return CannotRun(f"QEMU has no board for {self.name}")
+            return base.CannotRun(f"QEMU has no board for {self.name}")
         try:
             find_toolchain(need_qemu=True)
         except ToolchainError as exc:
-            return CannotRun(str(exc))
+            return base.CannotRun(str(exc))
         project = artifact.project
         inputs = np.stack([np.asarray(f[artifact.input_name], np.float32)[0] for f in feeds])
         run = run_qemu(project, artifact.elf, inputs, count_instructions=True)
         decoded = project.decode_outputs(run.outputs)
         no_floats = np.zeros(0, np.float32)  # every output of a C build has codes
         outputs = [
-            ProgramOutputs(
-                flatten([decoded[s.name][i] for s in project.outputs], np.int64), no_floats
+            base.ProgramOutputs(
+                base.flatten([decoded[s.name][i] for s in project.outputs], np.int64), no_floats
             )
             for i in range(len(feeds))
         ]
@@ -120,7 +113,7 @@ class McuTarget(Target[McuArtifact]):
             if run.instructions
             else {}
         )
-        return TargetRun(outputs, f"qemu-system-arm -M {machine}", measured)
+        return base.TargetRun(outputs, f"qemu-system-arm -M {machine}", measured)
 
 
 _MPS2_FLASH = (0x00000000, 4 * 1024 * 1024)

@@ -16,17 +16,8 @@ from typing import Any
 import numpy as np
 
 from dyadiq import integer_program as ip
+from dyadiq.backends import target as base
 from dyadiq.backends.capabilities import TVM_INTEGER
-from dyadiq.backends.target import (
-    Artifact,
-    CannotRun,
-    EmitOptions,
-    Feeds,
-    ProgramOutputs,
-    Target,
-    TargetRun,
-    flatten,
-)
 from dyadiq.errors import ConfigError
 
 
@@ -54,7 +45,7 @@ X86_ISA_LEVELS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 
 
 @dataclass(frozen=True)
-class TvmArtifact(Artifact):
+class TvmArtifact(base.Artifact):
     """A built ``model.so`` (``path``; model.json and run_model.py beside it). ``coded``: per
     program output, whether ``main`` returns its codes (they come first, floats after)."""
 
@@ -62,7 +53,7 @@ class TvmArtifact(Artifact):
 
 
 @dataclass(frozen=True)
-class TvmTarget(Target[TvmArtifact]):
+class TvmTarget(base.Target[TvmArtifact]):
     device: Device
     # x86: the ISA level built for (None: this machine's highest); others: the TVM target dict
     isa: str | None = None
@@ -97,7 +88,9 @@ class TvmTarget(Target[TvmArtifact]):
         # float islands run on TVM's float kernels (lowered from their ONNX nodes)
         return unsupported_ops(program, float_islands=True)
 
-    def emit(self, program: ip.IntegerProgram, out_dir: Path, options: EmitOptions) -> TvmArtifact:
+    def emit(
+        self, program: ip.IntegerProgram, out_dir: Path, options: base.EmitOptions
+    ) -> TvmArtifact:
         from dyadiq.backends.tvm.build import build, target_for
         from dyadiq.backends.tvm.lower import lower_program
         from dyadiq.backends.tvm.tuning import schedule_module_with_report
@@ -128,6 +121,15 @@ class TvmTarget(Target[TvmArtifact]):
             report["kernels_by_schedule_source"] = counts
         if self.device is Device.X86:
             report["isa_level"] = self.isa_level()
+        if options.layer_latency_ids is not None:
+            if not self.measures_layer_latency:
+                raise ConfigError(
+                    f"per-layer latency is measured where the code runs: not {self.name}"
+                )
+            ids, db = options.layer_latency_ids, options.tuning_db
+            report["layer_latency_table"] = str(
+                self._write_layer_latency(program, out_dir, ids, db)
+            )
         coded = tuple(o in program.int_outputs for o in program.outputs)
         return TvmArtifact(self.name, library, report, coded=coded)
 
@@ -148,49 +150,41 @@ class TvmTarget(Target[TvmArtifact]):
 
         return None if tvm.cuda().exist else "compiled only, no CUDA device on this machine"
 
-    def run(self, artifact: TvmArtifact, feeds: Feeds) -> TargetRun | CannotRun:
+    def run(self, artifact: TvmArtifact, feeds: base.Feeds) -> base.TargetRun | base.CannotRun:
         why_not = self.cannot_run_here()
         if why_not is not None:
-            return CannotRun(why_not)
+            return base.CannotRun(why_not)
         if self.device is Device.AARCH64:
             from dyadiq.backends.tvm.aarch64 import run_many_under_qemu
 
             runs = run_many_under_qemu(artifact.path, list(feeds))
             outputs = [_program_outputs(artifact.coded, values) for values in runs]
-            return TargetRun(outputs, ran_on="qemu-aarch64 (emulated; timings meaningless)")
+            return base.TargetRun(outputs, ran_on="qemu-aarch64 (emulated; timings meaningless)")
         from dyadiq.backends.tvm.build import run_library
 
         outputs = [
             _program_outputs(artifact.coded, list(run_library(artifact.path, f).values()))
             for f in feeds
         ]
-        return TargetRun(outputs)
+        return base.TargetRun(outputs)
 
     @property
     def measures_layer_latency(self) -> bool:
         return self.device is Device.X86
 
-    def layer_latency_table(
-        self,
-        program: ip.IntegerProgram,
-        out_dir: Path,
-        layer_ids: Sequence[str],
-        options: EmitOptions,
+    def _write_layer_latency(
+        self, program: ip.IntegerProgram, out_dir: Path, layer_ids: Sequence[str], db: Path | None
     ) -> Path:
-        if not self.measures_layer_latency:
-            return super().layer_latency_table(program, out_dir, layer_ids, options)
+        """Every layer's kernel timed here per candidate format: ``layer_latency.json``, the
+        table ``--latency-table`` reads."""
         from dyadiq.backends.tvm.build import target_for
         from dyadiq.backends.tvm.layer_latency import measure_layer_latency
         from dyadiq.plan import LayerFormat
 
         formats = [LayerFormat(w, a) for w, a in LATENCY_TABLE_FORMATS]
+        target = target_for(self.name)
         table = measure_layer_latency(
-            program,
-            formats,
-            target_for(self.name),
-            layer_ids=layer_ids,
-            database_dir=options.tuning_db,
-            repeat=10,
+            program, formats, target, layer_ids=layer_ids, database_dir=db, repeat=10
         )
         path = out_dir / "layer_latency.json"
         table.save(path)
@@ -201,12 +195,12 @@ class TvmTarget(Target[TvmArtifact]):
 LATENCY_TABLE_FORMATS = tuple((w, a) for a in (8, 4) for w in (8, 6, 4, 3, 2))
 
 
-def _program_outputs(coded: Sequence[bool], values: Sequence[np.ndarray]) -> ProgramOutputs:
+def _program_outputs(coded: Sequence[bool], values: Sequence[np.ndarray]) -> base.ProgramOutputs:
     """``main``'s results (the codes of coded outputs first, then every output as float) as
     the codes of coded outputs and the floats of those without codes."""
     n = sum(coded)
     floats = [v for is_coded, v in zip(coded, values[n:], strict=True) if not is_coded]
-    return ProgramOutputs(flatten(values[:n], np.int64), flatten(floats, np.float32))
+    return base.ProgramOutputs(base.flatten(values[:n], np.int64), base.flatten(floats, np.float32))
 
 
 TVM_TARGETS: tuple[TvmTarget, ...] = (
