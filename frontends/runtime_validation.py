@@ -6,8 +6,9 @@ calibration time, that surfaced as a raw onnxruntime traceback. So at load time,
 
 1. ``onnxruntime session``: create a session (graph optimisation off, as calibration uses);
    a refusal is a :class:`ModelLoadError` quoting onnxruntime's reason;
-2. ``onnxruntime trial run``: run it once on zeros; a failure with every input dim known is
-   the model's fault (refused), with dynamic dims (set to 1 here) it is only logged;
+2. ``onnxruntime trial run``: run it once on zeros; a failure with every input dim known and
+   every input floating-point is the model's fault (refused); with dynamic dims (set to 1
+   here) or integer inputs (whose zeros may be invalid values) it is only logged;
 3. ``onnxsim`` (when simplifying): a failure keeps the model and notes it;
 4. ``shape inference`` when onnxsim gave nothing.
 
@@ -73,7 +74,10 @@ def _stage(name: str) -> None:
 
 
 def _zero_feeds(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], bool]:
-    """Zeros for every real input (dynamic dims -> 1), and whether every dim was known."""
+    """Zeros for every real input (dynamic dims -> 1), and whether a failure on them is the
+    model's fault: every dim known and every input floating-point. An integer input may be a
+    value the graph branches on or divides by (silero-vad's sample rate ``sr``: 0 takes an
+    ``If`` branch that cannot run), so zeros there prove nothing about the model."""
     initializers = {t.name for t in model.graph.initializer}
     feeds: dict[str, np.ndarray] = {}
     static = True
@@ -87,6 +91,7 @@ def _zero_feeds(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], bool]:
             static = static and known
             dims.append(dim.dim_value if known else 1)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        static = static and np.issubdtype(dtype, np.floating)
         feeds[info.name] = np.zeros(dims, dtype)
     return feeds, static
 
@@ -123,14 +128,14 @@ def _prepare(
         except Exception as exc:  # onnxruntime raises its own exception types
             return Prepared(refusal=f"onnxruntime refuses it: {onnxruntime_reason(exc)}")
         _stage(TRIAL)
-        feeds, static = _zero_feeds(model)
+        feeds, decisive = _zero_feeds(model)
         try:
             session.run(None, feeds)
         except Exception as exc:
             reason = onnxruntime_reason(exc)
-            if static:
+            if decisive:
                 return Prepared(refusal=f"onnxruntime cannot run it on zeros: {reason}")
-            log.debug("trial run with dynamic dims set to 1 failed: %s", reason)
+            log.debug("trial run on zeros (dynamic dims set to 1) failed: %s", reason)
     if simplify:
         _stage(ONNXSIM)
         try:
