@@ -19,6 +19,7 @@ from typing import get_args
 import numpy as np
 import onnx
 
+from dyadiq.errors import InternalError
 from dyadiq.quantizers import ActQuant
 
 
@@ -97,7 +98,9 @@ class Add:
 
     def __post_init__(self) -> None:
         if self.single_rounding and self.shifts[0] != self.shifts[1]:
-            raise ValueError(f"{self.output}: a single-rounding Add needs one shift, {self.shifts}")
+            raise InternalError(
+                f"{self.output}: a single-rounding Add needs one shift, {self.shifts}"
+            )
 
 
 @dataclass(frozen=True)

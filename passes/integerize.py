@@ -27,7 +27,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import dyadic
-from dyadiq.errors import UnsupportedModelError
+from dyadiq.errors import InternalError, UnsupportedModelError
 from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
@@ -119,7 +119,7 @@ class _Integerizer:
         if name in self.int_name:
             return self.int_name[name]
         if name not in self.params or name not in self.float_ready:
-            raise UnsupportedModelError(f"internal: {name} has no integer form")
+            raise InternalError(f"{name} has no integer form")
         codes = f"{name}_q"
         self.quant[codes] = self.params[name]
         self.shapes[codes] = _static_shape(tensor)
@@ -538,7 +538,7 @@ class _Integerizer:
     def _same_scale(self, node: gs.Node, tensors: list[gs.Tensor]) -> bool:
         q = {self.q(t) for t in tensors}
         if len(q) != 1:
-            raise UnsupportedModelError(f"internal: {node.name} inputs/outputs differ in scale")
+            raise InternalError(f"{node.name}: inputs and output differ in scale")
         return True
 
     def _maxpool(self, node: gs.Node) -> bool:

@@ -16,6 +16,7 @@ import pytest
 
 from dyadiq import integer_program as ip
 from dyadiq.backends.onnx.qdq import export_qdq
+from dyadiq.errors import InternalError
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.integerize import common_shift_dyadic, integerize
 from dyadiq.pipeline import quantize_graph
@@ -109,5 +110,5 @@ def test_common_shift_dyadic_keeps_both_multipliers_in_int32() -> None:
 
 
 def test_single_rounding_add_needs_one_shift() -> None:
-    with pytest.raises(ValueError, match="one shift"):
+    with pytest.raises(InternalError, match="one shift"):
         ip.Add("y", ("a", "b"), (0, 0), (3, 5), (4, 5), 0, 0, 255, single_rounding=True)

@@ -12,6 +12,7 @@ from dyadiq.backends.tvm import x86_kernels as kernels
 from dyadiq.backends.tvm.build import target_for
 from dyadiq.backends.tvm.lower import lower_program
 from dyadiq.backends.tvm.lower_x86 import has_vnni
+from dyadiq.errors import InternalError
 from tests import tvm_helpers
 from tests.builders import calibration
 
@@ -145,7 +146,7 @@ def test_im2col_rows_and_channel_padding():
 
 
 def test_pack_weight_refuses_k_not_a_multiple_of_four():
-    with pytest.raises(ValueError, match="K % 4"):
+    with pytest.raises(InternalError, match="K % 4"):
         kernels.pack_weight(np.zeros((16, 6), np.int8))
 
 

@@ -35,6 +35,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T  # noqa: N812 (TVMScript convention)
 
+from dyadiq.errors import InternalError
+
 LANES = 16  # int32 lanes of a 512-bit register: the output channels one vpdpbusd produces
 GROUP = 4  # input channels one vpdpbusd lane sums
 HAND_SCHEDULED = "dyadiq.hand_scheduled"
@@ -182,7 +184,7 @@ class Epilogue:
         adding ``zero_point * 2^shift`` before the floor shift adds ``zero_point`` after it),
         with one widening multiply (``vpmuldq``) and no other int64 add."""
         if (self.mult < 0).any() or (self.mult >= 2**31).any():
-            raise ValueError("dyadic multipliers must lie in [0, 2^31)")
+            raise InternalError("dyadic multipliers must lie in [0, 2^31)")
         bias = self.offset * self.mult + self.rounding + (np.int64(self.zero_point) << self.shift)
 
         def pad(values: np.ndarray, dtype: type) -> np.ndarray:
@@ -198,7 +200,7 @@ def pack_weight(weight: np.ndarray, isa: DotProduct = VNNI) -> np.ndarray:
     zero rows for the padded channels (VNNI: ``[ceil(N/16), K/4, 16, 4]`` int8)."""
     n, k = weight.shape
     if k % isa.group:
-        raise ValueError(f"packed weights need K % {isa.group} == 0, got K={k}")
+        raise InternalError(f"packed weights need K % {isa.group} == 0, got K={k}")
     blocks = -(-n // isa.lanes)
     padded = np.zeros((blocks * isa.lanes, k), isa.weight_dtype)
     padded[:n] = weight
@@ -254,10 +256,10 @@ def packed_matmul(
     m = int(np.prod(in_shape[:-1]))
     out_shape = out_shape or (m, n)
     if int(np.prod(out_shape)) != m * n:
-        raise ValueError(f"output shape {out_shape} does not hold {m} x {n} values")
+        raise InternalError(f"output shape {out_shape} does not hold {m} x {n} values")
     lanes, group = isa.lanes, isa.group
     if k % group:
-        raise ValueError(f"packed_matmul needs K % {group} == 0, got K={k}")
+        raise InternalError(f"packed_matmul needs K % {group} == 0, got K={k}")
     kb = k // group
     nb = -(-n // lanes)
     npad = nb * lanes
