@@ -57,7 +57,7 @@ def allocator_memory_plan(
     graph: QGraph | None = None,
     formats: Sequence[LayerFormat] = (),
 ) -> dict[str, Any]:
-    """What ``--memory-plan`` reads (``passes.allocation_costs.load_memory_plan``): the arena's
+    """What ``--memory-plan`` reads (``passes.allocation.load_memory_plan``): the arena's
     live sets and buffer bytes under the graph's tensor names, and, given the float ``graph``
     whose layer ids the plans use, :func:`flash_cost_table` for ``formats``.
 
