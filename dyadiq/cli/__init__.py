@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import sys
 import traceback
 from collections.abc import Sequence
 
@@ -72,7 +71,3 @@ def _print_error(message: str, exc: BaseException) -> None:
     notes = "; ".join(getattr(exc, "__notes__", []))
     text = f"{message}; {notes}" if notes else message
     Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
