@@ -52,6 +52,7 @@ STAGE_FLAGS = {
 CLI = REPO / ".venv" / "bin" / "dyadiq"
 MAP_THRESHOLD = 0.3
 _ENV: dict[str, str] = dict(os.environ)
+_CLI_COMMIT: list[str] = []  # the snapshot's commit, once use_snapshot chose one
 
 
 def _cli() -> str:
@@ -84,6 +85,7 @@ def use_snapshot(rev: str, folder: Path) -> str:
         for sub in ("passes", "frontends", "backends"):
             shutil.copytree(src / sub, tree / "dyadiq" / sub)
     _ENV["PYTHONPATH"] = str(tree)
+    _CLI_COMMIT[:] = [commit]
     return commit
 
 
@@ -145,6 +147,7 @@ def run_stage(cmd: list[str], timeout: float, log: Path) -> dict[str, Any]:
         "reason": reason,
         "seconds": round(seconds, 1),
         "command": shlex.join(cmd),
+        "cli_commit": _CLI_COMMIT[0] if _CLI_COMMIT else "working tree",
         "log": str(log),
         "stdout": out,
     }
@@ -420,8 +423,8 @@ def render(data: dict[str, Any]) -> str:
         "",
         "## Stages",
         "",
-        "| model | stage | result | fully integer | bit-exact | quality vs float | s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | stage | result | fully integer | bit-exact | quality vs float | s | CLI commit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "data_error" in row:
@@ -436,7 +439,8 @@ def render(data: dict[str, Any]) -> str:
             integer = st.get("fully_integer") if stage != "qdq" else None
             lines.append(
                 f"| {row['model']} | {stage} | {_cell(st)} | {_yes_no(integer)} | "
-                f"{_yes_no(exact)} | {_headline_quality(q)} | {st['seconds']:.0f} |"
+                f"{_yes_no(exact)} | {_headline_quality(q)} | {st['seconds']:.0f} | "
+                f"{st.get('cli_commit', data.get('cli_commit', 'working tree'))[:12]} |"
             )
     lines += [
         "",
