@@ -423,7 +423,7 @@ def render(data: dict[str, Any]) -> str:
         "",
         "## Stages",
         "",
-        "| model | stage | result | fully integer | bit-exact | quality vs float | s | CLI commit |",
+        "| model | stage | result | fully integer | bit-exact | quality vs float | s | CLI |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
