@@ -19,6 +19,8 @@ command -v arm-none-eabi-gcc >/dev/null || need+=(gcc-arm-none-eabi)
 command -v qemu-system-arm >/dev/null || need+=(qemu-system-arm)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
+# The tests render report.html in headless Chromium (Playwright cannot download its browsers).
+if [ "$extras" = dev ]; then command -v chromium >/dev/null || need+=(chromium); fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need[*]}" >&2
