@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -277,7 +278,7 @@ def test_tvm_targets_say_why_they_cannot_run_here(monkeypatch: pytest.MonkeyPatc
 def test_cortex_m_targets_say_why_they_cannot_run_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from typing import Any, cast
+    from typing import cast
 
     from dyadiq.backends.mcu.target import McuArtifact
     from dyadiq.backends.target import CannotRun
@@ -337,3 +338,37 @@ def test_cortex_m_target_writes_the_memory_plan_a_ram_budget_reads(
     allocation = json.loads((tmp_path / "ok" / "report.json").read_text())["allocation"]
     assert allocation["peak_ram_bytes"] == peak
     assert main([*argv, "-o", str(tmp_path / "no"), *budget, f"ram={peak - 1:.0f}B"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_program(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny CNN's integer program, as ``quantize --integer`` builds it."""
+    from dyadiq.pipeline import quantize
+    from tests.conftest import TINY_INPUT_SHAPE, make_tiny_cnn, random_batches, save_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model = save_model(make_tiny_cnn(), folder / "model" / "tiny.onnx")
+    batches = random_batches({"x": TINY_INPUT_SHAPE}, 4)
+    result = quantize(model, folder / "q", batches, integer=True)
+    assert result.program is not None
+    return result.program
+
+
+@pytest.mark.parametrize("name", _cli_target_choices())
+def test_every_registered_target_emits_and_runs_or_says_why(
+    name: str, tiny_program: Any, tmp_path: Path
+) -> None:
+    """Each name the CLI offers reaches its Target's emit and run through emit_for_target: the
+    artifact is written, and the build either matches the reference bit for bit or the report
+    says why it did not run here (a CUDA build without a GPU, a CPU without the level)."""
+    pytest.importorskip("tvm")
+    from tests.conftest import TINY_INPUT_SHAPE, random_batches
+
+    feeds = single_inputs(random_batches({"x": TINY_INPUT_SHAPE}, 3, seed=7), limit=3)
+    info = emit_for_target(tiny_program, name, tmp_path / name, feeds)
+    assert info["target"] == name and (tmp_path / name).is_dir()
+    if "bit_exact_vs_reference" in info:
+        checked = info["bit_exact_vs_reference"]
+        assert checked["exact"] == checked["inputs"] == 3, checked
+    else:
+        assert info["ran_on"].startswith("not run: "), info

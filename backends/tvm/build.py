@@ -232,11 +232,12 @@ def run_library(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nda
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     info = json.loads((folder / METADATA_NAME).read_text())
-    if info["target_name"] == "aarch64" or info.get("target", {}).get("mtriple"):
+    device_kind = tvm_target(str(info["target_name"])).device
+    if device_kind is Device.AARCH64 or info.get("target", {}).get("mtriple"):
         raise ConfigError(
             f"{folder} holds an aarch64 library; run it there (or under qemu) with run_model.py"
         )
-    device = tvm.cuda() if info["target_name"] == "cuda" else tvm.cpu()
+    device = tvm.cuda() if device_kind is Device.CUDA else tvm.cpu()
     if not device.exist:
         raise ConfigError(f"{folder} was built for {info['target_name']}, absent on this machine")
     try:
