@@ -204,3 +204,27 @@ def test_report_html_renders_in_chromium(fashion_run: dict[str, Any], tmp_path: 
     narrow, narrow_width, _ = _screenshot(path, NARROW_PX)
     assert narrow_width <= NARROW_PX  # wide tables scroll in their box; the page does not
     assert narrow.std() > 20
+
+
+def test_measured_layer_latency_fills_the_latency_column(tmp_path: Path) -> None:
+    """A target's layer_latency.json ({layer: {format: ms}}) gives each layer the time of its
+    plan's format; a minimal report (no metrics, no allocation) still renders, and says what
+    it could not show."""
+    report = {
+        "source": "m.onnx",
+        "layers": [
+            {"id": "conv", "op": "Conv", "params": 216, "format": "W4A8"},
+            {"id": "fc", "op": "Gemm", "params": 50, "format": "W8A8"},
+        ],
+        "target": {"target": "x86"},
+    }
+    (tmp_path / "x86").mkdir()
+    table = {"conv": {"W4A8": 0.0125, "W8A8": 0.0131}, "fc": {"W8A8": 0.0042}}
+    (tmp_path / "x86" / "layer_latency.json").write_text(json.dumps({"layers": table}))
+    page = write_report_html(tmp_path, report).read_text()
+    rows = [_text(r) for r in _rows(page)]
+    assert any("conv" in r and "0.0125" in r for r in rows)
+    assert any("fc" in r and "0.0042" in r for r in rows)
+    assert next(r for r in rows if r.startswith("total")).endswith("0.0167")
+    assert "quality against float is not known" in page
+    assert "No sensitivity analysis" in page and "Not measured for this run" in page
