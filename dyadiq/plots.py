@@ -112,6 +112,7 @@ def frontier_figure(
     *,
     float_metric: float | None = None,
     chosen: PlanMarker | None = None,
+    series_label: str = "ILP plan at a swept size budget (measured)",
 ) -> Figure:
     """Measured metric (y) against weight size in kB (x) for each frontier point, the float
     model's metric as a dashed line, and ``chosen`` as a star. Points whose plan could not be
@@ -135,7 +136,7 @@ def frontier_figure(
                 color="#1f3d7a",
                 markersize=5,
                 linewidth=1.5,
-                label="ILP plan at a swept size budget (measured)",
+                label=series_label,
             )
         if unmeasured:
             axes.plot(

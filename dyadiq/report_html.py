@@ -370,7 +370,11 @@ def render_report_html(
     metric_name: str | None = None,
 ) -> str:
     """The page as a string (see :func:`write_report_html` for the arguments)."""
-    metric = metric_name or (frontier or {}).get("metric")
+    metric = (
+        metric_name
+        or (frontier or {}).get("metric")
+        or (report.get("allocation") or {}).get("metric")  # --max-drop's
+    )
     quality = headline_quality(report, metric)
     warnings = warnings_of(report, quality)
     layers = layer_rows(report, plan, sensitivity)
@@ -854,28 +858,46 @@ def _sensitivity_section(
 
 
 def _frontier_section(frontier: Mapping[str, Any] | None, report: Mapping[str, Any]) -> str:
-    if not frontier or not frontier.get("points"):
+    allocation = report.get("allocation") or {}
+    if frontier and frontier.get("points"):
+        metric, points = str(frontier.get("metric", "")), list(frontier["points"])
+        series = "ILP plan at a swept size budget (measured)"
+        caption = (
+            f"{len(points)} plans chosen by the ILP at evenly spaced size budgets, each measured "
+            f"on held-out data ({_e(metric)})"
+        )
+    elif allocation.get("history") and allocation.get("metric"):
+        # --max-drop measured every plan its bisection visited: real points of the frontier
+        metric = str(allocation["metric"])
+        points = [
+            {"size_bytes": h["size"], "metric": h["metric"]}
+            for h in allocation["history"]
+            if h.get("size") is not None
+        ]
+        series = "plan measured by the --max-drop bisection"
+        caption = (
+            f"the {len(points)} plans the --max-drop {_e(allocation.get('max_drop'))} "
+            f"bisection measured on held-out data ({_e(metric)})"
+        )
+    else:
         return (
             '<h2>Pareto frontier</h2><p class="note">Not measured for this run: '
             "<code>dyadiq frontier --zoo NAME -o DIR</code> measures one, and a "
             "frontier.json in the output folder is drawn here.</p>"
         )
-    metric = str(frontier.get("metric", ""))
     metrics = report.get("metrics") or {}
-    float_metric = (metrics.get("float") or {}).get(metric)
+    float_metric = (metrics.get("float") or {}).get(metric, allocation.get("float_metric"))
     chosen = None
-    weight_bytes = (report.get("allocation") or {}).get("weight_bytes")
+    weight_bytes = allocation.get("weight_bytes")
     models = [m for m in metrics if m != "float"]
     if weight_bytes is not None and models and metric in metrics[models[0]]:
         chosen = plots.PlanMarker(float(weight_bytes), float(metrics[models[0]][metric]))
     figure = plots.frontier_figure(
-        frontier["points"], metric, float_metric=float_metric, chosen=chosen
+        points, metric, float_metric=float_metric, chosen=chosen, series_label=series
     )
     return (
-        f"<h2>Pareto frontier</h2><figure>{plots.figure_svg(figure)}<figcaption>"
-        f"{len(frontier['points'])} plans chosen by the ILP at evenly spaced size budgets, each "
-        f"measured on held-out data ({_e(metric)}); dashed: the float model; star: this run's "
-        "plan.</figcaption></figure>"
+        f"<h2>Pareto frontier</h2><figure>{plots.figure_svg(figure)}<figcaption>{caption}; "
+        "dashed: the float model; star: this run's plan.</figcaption></figure>"
     )
 
 

@@ -228,3 +228,30 @@ def test_measured_layer_latency_fills_the_latency_column(tmp_path: Path) -> None
     assert next(r for r in rows if r.startswith("total")).endswith("0.0167")
     assert "quality against float is not known" in page
     assert "No sensitivity analysis" in page and "Not measured for this run" in page
+
+
+def test_max_drop_bisection_points_are_drawn_as_the_frontier() -> None:
+    """--max-drop measured each plan its bisection visited: those are the measured points."""
+    history = [
+        {"size": 22896.0, "metric": 0.9087, "passed": True},
+        {"size": 9000.0, "metric": 0.8812, "passed": False},
+        {"size": 14000.0, "metric": 0.9031, "passed": True},
+    ]
+    report = {
+        "source": "fashion_cnn-v1.onnx",
+        "layers": [{"id": "conv", "op": "Conv", "params": 100, "format": "W6A8"}],
+        "allocation": {
+            "max_drop": 0.01,
+            "metric": "accuracy",
+            "float_metric": 0.9082,
+            "plan_metric": 0.9031,
+            "weight_bytes": 14000.0,
+            "history": history,
+        },
+        "metrics": {"float": {"accuracy": 0.9082}, "dyadiq plan": {"accuracy": 0.9031}},
+    }
+    page = render_report_html(report, plan={})
+    frontier = page[page.index("<h2>Pareto frontier</h2>") :]
+    assert "<svg" in frontier and "plan measured by the --max-drop bisection" in frontier
+    assert "this run's plan (14.0 kB, 0.9031)" in frontier  # the star's legend entry
+    assert "accuracy <b>0.9031</b> vs float 0.9082" in page
