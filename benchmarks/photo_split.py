@@ -92,3 +92,53 @@ def score(float_model: pathlib.Path, models: Mapping[str, pathlib.Path]) -> Spli
         for name, session in sessions.items():
             agree[name].append(int(np.argmax(session.run(None, feeds)[0])) == expected)
     return SplitScores({k: np.asarray(v) for k, v in agree.items()}, np.asarray(photos))
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Score existing QDQ files of MobileNetV2 on the zoo split and on this larger one.
+
+    ``python -m benchmarks.photo_split --reference ort_w8a8_percentile NAME=PATH ... -o x.json``
+    """
+    import argparse
+    import json
+
+    from dyadiq import zoo
+    from dyadiq.evaluation import evaluate
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("models", nargs="+", help="NAME=PATH")
+    p.add_argument("--reference", help="the model every other one is compared with (paired)")
+    p.add_argument("-o", "--output", type=pathlib.Path, required=True)
+    args = p.parse_args(argv)
+    models = {k: pathlib.Path(v) for k, v in (m.split("=", 1) for m in args.models)}
+    artifacts = zoo.get("mobilenet_v2")
+    standard = evaluate(artifacts, models)
+    scores = score(pathlib.Path(artifacts.model_path), models)
+    rows = {
+        name: {
+            "zoo_split_top1_agreement": standard[name]["top1_agreement"],
+            "larger_split_top1_agreement": scores.agreement(name),
+            "larger_split_standard_error": scores.standard_error(name),
+            "vs_reference": (
+                scores.paired(name, args.reference)
+                if args.reference and name != args.reference
+                else None
+            ),
+        }
+        for name in models
+    }
+    result: dict[str, object] = {
+        "zoo_split_crops": standard["float"]["samples"],
+        "larger_split_crops": scores.crops,
+        "reference": args.reference,
+        "rows": rows,
+        "files": {k: str(v) for k, v in models.items()},
+        "photo": scores.photo.tolist(),  # per crop, for any other paired comparison
+        "agree": {k: v.astype(int).tolist() for k, v in scores.agree.items()},
+    }
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
