@@ -274,7 +274,12 @@ def benchmark_model(
 
     from dyadiq import zoo
     from dyadiq.passes.calibration.observers import RangeMethod
-    from dyadiq.passes.sensitivity.analysis import PROXIES, SensitivityConfig, predict_damage
+    from dyadiq.passes.sensitivity.analysis import (
+        PROXIES,
+        MissingProxyError,
+        SensitivityConfig,
+        predict_damage,
+    )
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
     from dyadiq.pipeline import CalibrationConfig
 
@@ -370,10 +375,15 @@ def benchmark_model(
     from_gradients = {"eigenvalue", "fisher", "taylor"}
 
     def predict(proxy: str, bits: dict[str, int]) -> float | None:
-        if proxy in from_gradients:
-            return None if grad_report is None else predict_damage(grad_report, bits, proxy)
-        assert report is not None
-        return predict_damage(report, bits, proxy)
+        """None where the analysis has no data for the proxy (no gradients were computed, or
+        a proxy such as taylor that needs labels on an embedding model): not a ranking of 0s."""
+        source = grad_report if proxy in from_gradients else report
+        if source is None:
+            return None
+        try:
+            return predict_damage(source, bits, proxy)
+        except MissingProxyError:
+            return None
 
     # 2. configurations
     layer_ids = list((report or grad_report).layers)
