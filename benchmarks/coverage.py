@@ -182,6 +182,11 @@ def _report_facts(out_dir: Path) -> dict[str, Any]:
     return facts
 
 
+def _written(out_dir: Path) -> list[str]:
+    """What the stage left in its output folder (a compiled target is a subfolder)."""
+    return sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+
+
 def _inspect_facts(stdout: str) -> dict[str, Any]:
     try:
         data = json.loads(stdout)
@@ -327,9 +332,10 @@ def run_model_stage(
         cmd += [*shapes, *STAGE_FLAGS[stage], *(extra if stage != "qdq" else [])]
         result = run_stage(cmd, timeout, out_root / f"{stage}.log")
         result.update(_report_facts(out_dir))
+        result["written"] = _written(out_dir)
         if stage == "qdq" and (out_dir / "model.qdq.onnx").is_file():
             result["quality_qdq"] = quality(model, path, out_dir / "model.qdq.onnx", eval_feeds)
-        if stage == "integer" and (out_dir / "model.int.onnx").is_file():
+        if stage != "qdq" and (out_dir / "model.int.onnx").is_file():
             result["quality_integer"] = quality(model, path, out_dir / "model.int.onnx", eval_feeds)
     result.pop("stdout", None)
     print(
@@ -371,6 +377,8 @@ def _cell(stage: dict[str, Any] | None) -> str:
     if not stage:
         return "not run"
     reason = f" ({stage['reason']})" if stage.get("reason") else ""
+    if stage["status"] != "ok" and stage.get("written"):
+        reason += f" [written anyway: {', '.join(stage['written'])}]"
     return f"{stage['status']}{reason}".replace("|", "\\|").replace("\n", " ")
 
 
@@ -545,6 +553,7 @@ def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
             data["commands"] = old.get("commands", [old["command"]])
             continue
         data["commands"] += old.get("commands", [old["command"]])
+        data["seconds"] += old.get("seconds", 0.0)
         by_name = {r["model"]: r for r in data["models"]}
         for row in old["models"]:
             by_name.setdefault(row["model"], row)["stages"].update(row["stages"])
@@ -557,16 +566,22 @@ def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
             stage["status"], stage["reason"] = classify(
                 None if rc_text == "None" else int(rc_text), log.split("--- stderr\n", 1)[1]
             )
+            out_dir = Path(stage["log"]).parent / Path(stage["log"]).stem
+            if Path(stage["log"]).stem != "inspect":
+                stage.update(_report_facts(out_dir))
+                stage["written"] = _written(out_dir)
         model = BY_NAME[row["model"]]
         _, _, eval_feeds = write_split(model.data, work / "rescore" / model.name)
         for stage in row["stages"].values():
-            for key, name in (
-                ("quality_qdq", "model.qdq.onnx"),
-                ("quality_integer", "model.int.onnx"),
-            ):
-                if key in stage:
-                    candidate = Path(stage["log"]).parent / Path(stage["log"]).stem / name
-                    stage[key] = quality(model, fetch(model), candidate, eval_feeds)
+            out_dir = Path(stage["log"]).parent / Path(stage["log"]).stem
+            # the qdq stage's QDQ model; the integer model of any stage that wrote one
+            key, name = (
+                ("quality_qdq", "model.qdq.onnx")
+                if out_dir.name == "qdq"
+                else ("quality_integer", "model.int.onnx")
+            )
+            if (out_dir / name).is_file():
+                stage[key] = quality(model, fetch(model), out_dir / name, eval_feeds)
     data["commands"].append("python -m benchmarks.coverage --rescore --merge " + " ".join(files))
     write_results(data, output, stem, render)
 
