@@ -307,8 +307,14 @@ def notes_of(report: Mapping[str, Any], sensitivity: Mapping[str, Any] | None) -
     """Facts worth knowing that are not problems: rewrites, declined compensation, estimates."""
     notes = list(report.get("notes", []))
     for rewrite in report.get("rewrites", []):
+        nodes_by_reason: dict[str, list[str]] = {}
         for skipped in rewrite.get("skipped", []):
-            notes.append(f"{rewrite['pass']} skipped {_describe(skipped)}")
+            nodes_by_reason.setdefault(str(skipped.get("reason")), []).append(
+                str(skipped.get("node"))
+            )
+        for reason, nodes in nodes_by_reason.items():  # one line per reason, not per node
+            example = f" (e.g. {nodes[0]})" if len(nodes) > 1 else f" ({nodes[0]})"
+            notes.append(f"{rewrite['pass']} skipped {len(nodes)} node(s){example}: {reason}")
     compensation = report.get("compensation") or {}
     for layer, widths in (compensation.get("layers") or {}).items():
         for bits, entry in widths.items():
@@ -1062,9 +1068,3 @@ def _num(value: Any, pattern: str = "{:.4f}") -> str:
 
 def _pct(value: Any) -> str:
     return f"{float(value) * 100:.1f}%" if value is not None else "n/a"
-
-
-def _describe(item: Any) -> str:
-    if isinstance(item, Mapping):
-        return ", ".join(f"{k} {v}" for k, v in item.items())
-    return str(item)
