@@ -314,6 +314,7 @@ def run_model_stage(
     timeout: float,
     work: Path,
     extra: list[str],
+    qdq_extra: list[str],
 ) -> dict[str, Any]:
     path = fetch(model)
     shapes = model.shape_flags()
@@ -329,7 +330,7 @@ def run_model_stage(
 
             shutil.rmtree(out_dir)  # a stale output must not pass for this run's
         cmd = [_cli(), "quantize", str(path), "-o", str(out_dir), "--calib", str(calib)]
-        cmd += [*shapes, *STAGE_FLAGS[stage], *(extra if stage != "qdq" else [])]
+        cmd += [*shapes, *STAGE_FLAGS[stage], *(extra if stage != "qdq" else qdq_extra)]
         result = run_stage(cmd, timeout, out_root / f"{stage}.log")
         result.update(_report_facts(out_dir))
         result["written"] = _written(out_dir)
@@ -473,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
         help="extra quantize flags for the integer / target stages (e.g. '--compensate none')",
     )
     parser.add_argument(
+        "--qdq-flags", default="", help="extra quantize flags for the qdq stage only"
+    )
+    parser.add_argument(
         "--merge",
         nargs="*",
         default=[],
@@ -534,7 +538,14 @@ def main(argv: list[str] | None = None) -> None:
             if calib is None:
                 continue
             result = run_model_stage(
-                model, stage, calib, eval_feeds, args.timeout, args.work, args.stage_flags.split()
+                model,
+                stage,
+                calib,
+                eval_feeds,
+                args.timeout,
+                args.work,
+                args.stage_flags.split(),
+                args.qdq_flags.split(),
             )
             rows[model.name]["stages"][stage] = result
             data["seconds"] = previous_seconds(previous) + time.monotonic() - start
