@@ -378,6 +378,8 @@ def _cell(stage: dict[str, Any] | None) -> str:
     if not stage:
         return "not run"
     reason = f" ({stage['reason']})" if stage.get("reason") else ""
+    if "--compensate none" in stage.get("command", ""):
+        reason += " [--compensate none]"
     if stage["status"] != "ok" and stage.get("written"):
         reason += f" [written anyway: {', '.join(stage['written'])}]"
     return f"{stage['status']}{reason}".replace("|", "\\|").replace("\n", " ")
@@ -450,6 +452,20 @@ def render(data: dict[str, Any]) -> str:
                 f"| {row['model']} | {stage} | {_cell(st)} | {_yes_no(integer)} | "
                 f"{_yes_no(exact)} | {_headline_quality(q)} | {st['seconds']:.0f} | "
                 f"{st.get('cli_commit', data.get('cli_commit', 'working tree'))[:12]} |"
+            )
+    superseded = [(row["model"], st) for row in rows for st in row.get("superseded", [])]
+    if superseded:
+        lines += [
+            "",
+            "## Earlier runs of a stage that a later run replaced above",
+            "",
+            "| model | stage | result | s | command |",
+            "|---|---|---|---|---|",
+        ]
+        for model, st in superseded:
+            lines.append(
+                f"| {model} | {st['stage']} | {_cell(st)} | {st['seconds']:.0f} | "
+                f"`{st['command'].split(' quantize ')[-1][:160]}` |"
             )
     lines += [
         "",
@@ -567,8 +583,17 @@ def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
         data["seconds"] += old.get("seconds", 0.0)
         by_name = {r["model"]: r for r in data["models"]}
         for row in old["models"]:
-            by_name.setdefault(row["model"], row)["stages"].update(row["stages"])
-        data["models"] = list(by_name.values())
+            kept = by_name.setdefault(row["model"], row)
+            if kept is row:
+                continue
+            for name, result in row["stages"].items():  # the later run wins; the earlier is shown
+                if name in kept["stages"]:
+                    kept.setdefault("superseded", []).append(
+                        {"stage": name, **kept["stages"][name]}
+                    )
+                kept["stages"][name] = result
+        order = {m.name: i for i, m in enumerate(MODELS)}
+        data["models"] = sorted(by_name.values(), key=lambda r: order[r["model"]])
         data["stages"] = [s for s in STAGES if s in {*data["stages"], *old["stages"]}]
     for row in data["models"]:
         for stage in row["stages"].values():  # verdicts again from the logs (the CLI's stderr)
