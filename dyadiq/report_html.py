@@ -316,10 +316,14 @@ def notes_of(report: Mapping[str, Any], sensitivity: Mapping[str, Any] | None) -
             example = f" (e.g. {nodes[0]})" if len(nodes) > 1 else f" ({nodes[0]})"
             notes.append(f"{rewrite['pass']} skipped {len(nodes)} node(s){example}: {reason}")
     compensation = report.get("compensation") or {}
+    declined: dict[tuple[str, str, str], list[str]] = {}
     for layer, widths in (compensation.get("layers") or {}).items():
         for bits, entry in widths.items():
             for step, reason in (entry.get("declined") or {}).items():
-                notes.append(f"compensation {step} declined for {layer} at W{bits}: {reason}")
+                declined.setdefault((str(step), str(bits), str(reason)), []).append(layer)
+    for (step, bits, reason), layers in declined.items():  # one line per reason
+        which = layers[0] if len(layers) == 1 else f"{len(layers)} layers, e.g. {layers[0]}"
+        notes.append(f"compensation {step} declined at W{bits} for {which}: {reason}")
     notes += [str(n) for n in (sensitivity or {}).get("notes", [])]
     allocation = report.get("allocation") or {}
     for source in ("latency_source", "flash_source", "ram_source"):
@@ -607,7 +611,7 @@ def layer_rows(
         if lid in floats:
             bits, fmt, runs_as = None, "float", f"float island: {floats[lid]}"
         else:
-            runs_as = "integer" if integer else "quantized (QDQ)"
+            runs_as = "integer" if integer else "QDQ"
         entry = analysed.get(lid) or {}
         per_width = {int(b): float(v) for b, v in (entry.get(field) or {}).items()}
         act = (entry.get("activation_damage") or {}).get(str(act_bits))
@@ -663,6 +667,13 @@ def _weight_bits(fmt: str) -> int | None:
         except ValueError:
             return None
     return None
+
+
+def _tail(layer: str) -> str:
+    """The last two parts of a path-like node id (``conv.0.0/Conv``): a chart label that the
+    table's # column ties back to the full id."""
+    parts = [p for p in layer.split("/") if p]
+    return "/".join(parts[-2:]) if parts else layer
 
 
 def _error_reduction(entry: Mapping[str, Any] | None) -> str:
@@ -843,9 +854,14 @@ def _sensitivity_section(
     figure = plots.sensitivity_figure(
         [
             plots.LayerDamage(
-                r.id, r.weight_bits, r.damage, r.other_widths, r.estimate, r.estimate_stderr
+                f"{index}: {_tail(r.id)}",
+                r.weight_bits,
+                r.damage,
+                r.other_widths,
+                r.estimate,
+                r.estimate_stderr,
             )
-            for r in rows
+            for index, r in enumerate(rows)
         ],
         _damage_label(sensitivity, field),
     )
