@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# One colour per weight width, light (wide, safe) to dark red (narrow): the chart's legend
-# reads as a heat scale. Widths outside the table (float, 16) fall back to grey.
+# One colour per weight width, blue (wide, safe) through green and orange to dark red (narrow):
+# the legend reads as a heat scale. Widths outside the table (float, 16) fall back to grey.
 WIDTH_COLOURS = {
     8: "#4c72b0",
     7: "#5f8fc4",
