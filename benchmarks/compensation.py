@@ -401,6 +401,11 @@ def _run_header(data: dict[str, Any]) -> list[str]:
 
 def render_markdown(data: dict[str, Any]) -> str:
     header: list[str] = []
+    if "parts" in data:
+        header += [
+            f"This file joins {len(data['parts'])} separate runs (`--merge`), each with its own "
+            "command, date and load below; a model appears once, from the run named with it."
+        ]
     for part in data.get("parts", [data]):
         if "parts" in data:
             header += ["", f"Run for {', '.join(part['model_names'])}:", ""]
