@@ -171,6 +171,39 @@ def _clear_invalid_dims(model: onnx.ModelProto) -> None:
                 dim.Clear()
 
 
+def flatten_gemm_row_biases(model: onnx.ModelProto) -> int:
+    """Reshape every Gemm bias initializer of shape ``[1, N]`` to ``[N]`` (in place).
+
+    Gemm broadcasts C either way, but per-channel bias quantization expects one value per
+    output channel along axis 0: a ``[1, N]`` bias (onnxsim fuses jax2tf's MatMul + Add of a
+    ``[1, N]`` constant into such a Gemm, as in Magika) got a DequantizeLinear whose N scales
+    do not match the bias's axis 0 of size 1, and onnxruntime refused the QDQ model. Only
+    initializers that nothing else reads are changed. Returns how many were.
+    """
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3:
+            continue
+        bias = initializers.get(node.input[2])
+        if bias is None or len(bias.dims) != 2 or bias.dims[0] != 1 or bias.dims[1] <= 1:
+            continue
+        if readers.get(bias.name, 0) != 1 or bias.name in outputs:
+            continue
+        bias.dims[:] = [bias.dims[1]]
+        for info in model.graph.value_info:  # a stale 1xN shape would contradict it
+            if info.name == bias.name:
+                model.graph.value_info.remove(info)
+                break
+        changed += 1
+    return changed
+
+
 def load_onnx(
     source: ModelSource,
     *,
@@ -195,6 +228,9 @@ def load_onnx(
     if input_shapes:
         _fix_input_shapes(model, input_shapes)
     model = validate_and_simplify(model, where, simplify=simplify, notes=notes)
+    flattened = flatten_gemm_row_biases(model)
+    if flattened:
+        notes.append(f"stored {flattened} Gemm bias(es) of shape 1xN as N (same broadcast)")
     _raise_if_unsupported(model, f"{where} after simplification")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = gs.import_onnx(model)
