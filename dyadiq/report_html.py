@@ -908,7 +908,9 @@ def _frontier_section(frontier: Mapping[str, Any] | None, report: Mapping[str, A
             "frontier.json in the output folder is drawn here.</p>"
         )
     metrics = report.get("metrics") or {}
-    float_metric = (metrics.get("float") or {}).get(metric, allocation.get("float_metric"))
+    float_metric = (metrics.get("float") or {}).get(
+        metric, allocation.get("float_metric", (frontier or {}).get("float_metric"))
+    )
     chosen = None
     weight_bytes = allocation.get("weight_bytes")
     models = [m for m in metrics if m != "float"]

@@ -109,7 +109,12 @@ def test_quantize_w8a8(
     argv = ["quantize", str(tiny_cnn_path), "-o", str(out), "--calib", str(calib_npz_folder)]
     assert main(argv) == 0
     assert "quantized" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "plan.json", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.qdq.onnx",
+        "plan.json",
+        "report.html",
+        "report.json",
+    ]
 
     plan = json.loads((out / "plan.json").read_text())
     assert set(plan["layers"]) == set(WEIGHTED)
@@ -157,7 +162,12 @@ def test_quantize_twice_into_same_folder(
     argv = ["quantize", str(tiny_cnn_path), "-o", str(out), "--calib", str(calib_npz_folder)]
     assert main(argv) == 0
     assert main([*argv, "--calib-limit", "2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "plan.json", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.qdq.onnx",
+        "plan.json",
+        "report.html",
+        "report.json",
+    ]
     assert json.loads((out / "report.json").read_text())["calibration_batches"] == 2
 
 

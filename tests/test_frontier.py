@@ -21,6 +21,8 @@ def test_frontier_of_the_fashion_cnn(tmp_path, monkeypatch):
     damages = [p["predicted_damage"] for p in points]
     assert damages == sorted(damages, reverse=True)  # more bytes, less predicted damage
     assert points[-1]["metric"] > points[0]["metric"]  # and more measured accuracy
+    assert 0.85 < data["float_metric"] < 0.95  # the float CNN on the same 1,000 test images
+    assert data["float_metric"] >= points[0]["metric"]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

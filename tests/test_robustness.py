@@ -368,7 +368,9 @@ def test_a_reused_folder_holds_only_the_new_run(
     (out / "notes.txt").write_text("mine")
     assert main(_quantize_argv(model_path, out, calib, "--wbits", "8")) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["model.qdq.onnx", "notes.txt", "plan.json", "report.json"], names
+    assert names == ["model.qdq.onnx", "notes.txt", "plan.json", "report.html", "report.json"], (
+        names
+    )
     assert (out / "notes.txt").read_text() == "mine"  # the user's own file is carried over
     _no_staging_left(tmp_path)
 

@@ -70,4 +70,6 @@ def _print_error(message: str, exc: BaseException) -> None:
     """One line (plus the message's own lines): what failed, and what became of the output."""
     notes = "; ".join(getattr(exc, "__notes__", []))
     text = f"{message}; {notes}" if notes else message
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}")
+    # soft_wrap: no line breaks inserted at the terminal width, which would split the paths a
+    # user copies out of the message (and at 80 columns when stderr is not a terminal)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(text)}")

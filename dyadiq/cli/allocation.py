@@ -205,6 +205,7 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
 def cmd_frontier(args: argparse.Namespace) -> int:
     """Pareto frontier of a zoo model: ILP plans over a size sweep, each measured."""
     from dyadiq import zoo
+    from dyadiq.evaluation import evaluate
     from dyadiq.frontier import save
     from dyadiq.io import prepare_output_dir
     from dyadiq.mixed_precision import analyzed_problem, plan_builder, plan_measurer, primary_metric
@@ -230,7 +231,9 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     )
 
     frontier = sweep(analysis.model.problem, args.points, measure)
-    save(frontier, out, metric_name)
+    # the float model on the same held-out data: the line every plan is judged against
+    float_metric = evaluate(artifacts, {}, limit=options.eval_limit)["float"].get(metric_name)
+    save(frontier, out, metric_name, float_metric)
     table = Table("budget (B)", "size (B)", "predicted damage", metric_name, title="frontier")
     for point in frontier:
         table.add_row(

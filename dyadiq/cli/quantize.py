@@ -16,6 +16,7 @@ from dyadiq.cli.flags import CALIBRATORS, add_compensate, add_runtime_kernels, p
 from dyadiq.cli.summary import print_summary
 from dyadiq.errors import ConfigError, VerificationError
 from dyadiq.io import check_output_dir, relocated, staged_output_dir, write_text_atomic
+from dyadiq.report_html import write_report_html
 
 
 def _model_file(path: Path, stack: contextlib.ExitStack) -> Path:
@@ -134,6 +135,8 @@ def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         "mismatch_allowed": bool(problems) and args.allow_mismatch,
     }
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    # Written for failed verifications too: the kept folder's page says what failed.
+    write_report_html(out, report, plan=result.plan.to_json())
     print_summary(report, result.plan.to_json(), final)
     if problems and not args.allow_mismatch:
         raise VerificationError(

@@ -78,7 +78,7 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> No
     metrics = report.get("metrics")
     if metrics:
         output.console.print(output.metrics_table(metrics))
-    written = ["model.qdq.onnx", "plan.json", "report.json"]
+    written = ["model.qdq.onnx", "plan.json", "report.json", "report.html"]
     if integer:
         written.insert(1, "model.int.onnx")
     output.console.print(f"  wrote {', '.join(str(out / name) for name in written)}")
