@@ -25,8 +25,8 @@ def save(
 ) -> None:
     """frontier.json and frontier.png; ``float_metric``: the float model's score on the same
     data, drawn as the line every plan is judged against."""
-    data = {"metric": metric_name, "float_metric": float_metric}
-    data["points"] = [p.__dict__ for p in frontier]
+    points = [p.__dict__ for p in frontier]
+    data = {"metric": metric_name, "float_metric": float_metric, "points": points}
     write_text_atomic(out / "frontier.json", json.dumps(data, indent=2))
     png = plot_frontier_png(frontier, metric_name, float_metric=float_metric)
     write_bytes_atomic(out / "frontier.png", png)
