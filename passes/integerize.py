@@ -581,21 +581,24 @@ class _Integerizer:
         self.ops.append(op_type(out_codes, (a_codes, b_codes)))
         return True
 
-    def _transpose(self, node: gs.Node) -> bool:
+    def _moved_codes(self, node: gs.Node) -> tuple[str, str]:
+        """(input codes, output codes) of an op that only moves codes: one quantizer for both."""
         x, out = node.inputs[0], node.outputs[0]
         self._same_scale(node, [x, out])
         x_codes = self.codes(x)
         out_codes, _ = self.define(out)
-        perm = tuple(node.attrs.get("perm", range(len(x.shape or ()))[::-1]))
+        return x_codes, out_codes
+
+    def _transpose(self, node: gs.Node) -> bool:
+        x_codes, out_codes = self._moved_codes(node)
+        rank = len(node.inputs[0].shape or ())
+        perm = tuple(node.attrs.get("perm", range(rank)[::-1]))
         self.ops.append(ip.Transpose(out_codes, x_codes, perm))
         return True
 
     def _reshape(self, node: gs.Node) -> bool:
-        x, out = node.inputs[0], node.outputs[0]
-        self._same_scale(node, [x, out])
-        x_codes = self.codes(x)
-        out_codes, _ = self.define(out)
-        self.ops.append(ip.Reshape(out_codes, x_codes, _static_shape(out)))
+        x_codes, out_codes = self._moved_codes(node)
+        self.ops.append(ip.Reshape(out_codes, x_codes, _static_shape(node.outputs[0])))
         return True
 
     def _clip(self, node: gs.Node) -> bool:

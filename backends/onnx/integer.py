@@ -30,7 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq import integer_program as ip
-from dyadiq.errors import DyadiqError, InternalError, UnsupportedModelError
+from dyadiq.backends.onnx.checked import checked
+from dyadiq.errors import DyadiqError, UnsupportedModelError
 from dyadiq.int_op_visitor import IntOpVisitor
 
 OFFSET = 1 << 62
@@ -416,9 +417,4 @@ def export_integer_onnx(
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", max(program.opset, 16))]
     )
-    model.producer_name = "dyadiq"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"the integer model fails onnx.checker: {exc}") from exc
-    return model
+    return checked(model, "integer")

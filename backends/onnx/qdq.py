@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from dyadiq.errors import InternalError
+from dyadiq.backends.onnx.checked import checked
 from dyadiq.graph import QGraph
 from dyadiq.io import save_model_atomic
 
@@ -20,12 +20,7 @@ def export_qdq(graph: QGraph) -> onnx.ModelProto:
     model = graph.to_onnx()
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", graph.opset))
-    model.producer_name = "dyadiq"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"the QDQ model fails onnx.checker: {exc}") from exc
-    return model
+    return checked(model, "QDQ")
 
 
 def write_qdq(graph: QGraph, path: Path) -> onnx.ModelProto:
