@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -82,15 +80,20 @@ def test_gptq_groups_run_independently() -> None:
         assert np.array_equal(together[g], alone[0])
 
 
-def test_gptq_scales_to_a_minilm_sized_matmul() -> None:
+def test_gptq_handles_a_minilm_sized_matmul() -> None:
+    """MiniLM's FFN-down shape (384 rows of 1536 inputs): valid 4-bit codes that beat round to
+    nearest. How long it takes is measured in benchmarks/compensation.py, not here."""
     rng = np.random.default_rng(3)
     w = rng.normal(size=(1, 384, 1536)).astype(np.float32)
     x = rng.normal(size=(1, 2048, 1536)).astype(np.float32)
     stats = InputStatistics(1, 1536)
     stats.update(x)
-    start = time.perf_counter()
-    gptq_codes(w, stats.hessian, max_abs_scales(w, 4), 4)
-    assert time.perf_counter() - start < 10.0
+    scales = max_abs_scales(w, 4)
+    codes = gptq_codes(w, stats.hessian, scales, 4)
+    assert codes.shape == w.shape and np.abs(codes).max() <= 7
+    rtn = round_to_grid(w, scales, 4) * scales[..., None]
+    gptq = codes * scales[..., None]
+    assert output_error(w - gptq, stats.hessian).sum() < output_error(w - rtn, stats.hessian).sum()
 
 
 def test_range_search_never_worse_than_max_abs() -> None:

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from dyadiq.errors import ConfigError
 from dyadiq.passes.calibration.observers import (
     RangeMethod,
     RunningHistogram,
@@ -82,5 +83,5 @@ def test_minmax_is_exact_and_dispatch_works():
 
 
 def test_bins_must_be_multiple_of_four():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="multiple of 4"):
         RunningHistogram(bins=6)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from dyadiq.errors import InternalError
+from dyadiq.errors import ConfigError, InternalError
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.sensitivity.gradient_proxies import GradientProbe
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, softmax
@@ -123,7 +123,7 @@ def test_task_gradient_is_the_cross_entropy_gradient(mlp_probe):
     np.testing.assert_allclose(
         gradient[layer_of["w1"]], ((dz @ w2) * (a > 0)).T @ x, rtol=1e-4, atol=1e-6
     )
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ConfigError, match="labels"):
         probe.task_gradient(labels[:5])
 
 

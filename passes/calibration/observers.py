@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dyadiq.errors import CalibrationDataError, ConfigError
+
 
 class RangeMethod(enum.Enum):
     MINMAX = "minmax"
@@ -42,7 +44,7 @@ class RunningHistogram:
 
     def __post_init__(self) -> None:
         if self.bins < 2 or self.bins % 4:
-            raise ValueError("bins must be a positive multiple of 4")
+            raise ConfigError(f"histogram bins must be a positive multiple of 4, got {self.bins}")
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values, dtype=np.float32).ravel()
@@ -83,7 +85,7 @@ class RunningHistogram:
 
     def require_data(self, name: str) -> np.ndarray:
         if self.counts is None or self.samples == 0:
-            raise ValueError(f"tensor {name} received no calibration values")
+            raise CalibrationDataError(f"tensor {name} received no calibration values")
         return self.counts
 
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from dyadiq.errors import ConfigError
 from dyadiq.passes.sensitivity.estimators import Estimate, power_iteration
 from dyadiq.passes.sensitivity.perturbable_model import (
     OutputKind,
@@ -144,7 +145,7 @@ class GradientProbe:
         total = {k: np.zeros(w.shape, np.float64) for k, w in self.model.weights.items()}
         rows = sum(r.reshape(-1, r.shape[-1]).shape[0] for r in self.model.reference)
         if labels is not None and np.asarray(labels).size != rows:
-            raise ValueError(f"{np.asarray(labels).size} labels for {rows} output rows")
+            raise ConfigError(f"{np.asarray(labels).size} labels for {rows} output rows")
         start = 0
         for i, ref in enumerate(self.model.reference):
             p = softmax(as_logits(ref, self.model.kind))
