@@ -103,6 +103,34 @@ def _simplifier(name: str) -> Callable[[onnx.ModelProto], tuple[onnx.ModelProto,
     return found
 
 
+# What onnx's strict shape inference says when a declared shape (value_info, a graph output)
+# contradicts what the ops compute. onnxruntime runs such a model, but every model written from
+# it would carry the contradiction and fail onnx.checker, so it is refused at load.
+_CONTRADICTION = "Inferred shape and existing shape differ"
+
+
+def declared_shape_contradiction(model: onnx.ModelProto) -> str | None:
+    """The reason to refuse a model whose declared shapes contradict its ops, else None.
+    Other strict-inference failures (ops without a shape function, say) are not refusals, and
+    neither are dims declared as -1 or 0 (exporters such as Paddle's write -1 for "dynamic")."""
+    checked = onnx.ModelProto()
+    checked.CopyFrom(model)
+    graph = checked.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.ClearField("dim_value")
+    try:
+        onnx.shape_inference.infer_shapes(checked, strict_mode=True)
+    except Exception as exc:  # InferenceError, or a checker error it wraps
+        if _CONTRADICTION in str(exc):
+            return (
+                f"its declared tensor shapes contradict its ops: {str(exc).strip()[:400]} "
+                "(fix or delete the wrong value_info / output shape)"
+            )
+    return None
+
+
 def _prepare(
     model: onnx.ModelProto,
     *,
@@ -115,6 +143,9 @@ def _prepare(
     import onnxruntime as ort
 
     notes: list[str] = []
+    contradiction = declared_shape_contradiction(model)
+    if contradiction is not None:
+        return Prepared(refusal=contradiction)
     if runtime:
         _stage(SESSION)
         options = ort.SessionOptions()

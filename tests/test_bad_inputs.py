@@ -667,3 +667,17 @@ def test_cli_error_message_is_printed_verbatim(
     folder.mkdir()
     path = folder / "missing.onnx"
     assert_cli_error(capsys, ["inspect", str(path)], ModelLoadError, "models[v2]")
+
+
+def test_declared_shape_contradicting_the_ops_is_refused_at_load(tmp_path: Path) -> None:
+    """A graph output declared [1, 17] where the Gemm computes [1, 4] runs in onnxruntime, but
+    every model written from it would fail onnx.checker (a fuzz case that ended in an internal
+    error): refused at load, naming the node."""
+    model = make_tiny_cnn()
+    output = model.graph.output[0]
+    dims = output.type.tensor_type.shape.dim
+    dims[len(dims) - 1].dim_value = 17
+    path = save_model(model, tmp_path / "contradiction.onnx")
+    with pytest.raises(ModelLoadError, match="declared tensor shapes contradict its ops"):
+        load_onnx(path)
+    assert main(["inspect", str(path)]) == 2
