@@ -264,7 +264,8 @@ def test_bn_not_folded_when_conv_output_is_a_graph_output():
     assert len(report.skipped) == 1
 
 
-def test_bn_after_relu_is_not_folded():
+def _bn_after_relu() -> onnx.ModelProto:
+    """Conv -> Relu -> BatchNormalization "bn": the BN's input is not a layer output."""
     rng = np.random.default_rng(SEED)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -278,6 +279,11 @@ def test_bn_after_relu_is_not_folded():
         text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
     )
     model.graph.node[2].name = "bn"
+    return model
+
+
+def test_bn_after_relu_is_not_folded():
+    model = _bn_after_relu()
     report = _assert_unchanged(model)
     assert report.skipped == [("bn", "input is not a foldable Conv/Gemm output")]
 
@@ -435,19 +441,7 @@ def test_depthwise_conv_bn_folds():
 
 def test_skip_reasons_reach_the_prepared_graph_report():
     """prepare_graph keeps each rewrite's report, reasons included (report.json `rewrites`)."""
-    rng = np.random.default_rng(SEED)
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    net (float[1, 3, 5, 5] x) => (float[1, 4, 5, 5] y) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
-        r = Relu (c)
-        y = BatchNormalization (r, gamma, beta, mean, var)
-    }
-    """
-    model = with_weights(
-        text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
-    )
-    model.graph.node[2].name = "bn"
+    model = _bn_after_relu()
     prepared = prepare_graph(load_onnx(model))
     by_pass = {rewrite.name: rewrite.to_json() for rewrite in prepared.rewrites}
     assert by_pass["fold_batch_norm"] == {
