@@ -734,30 +734,17 @@ def _layer_columns(rows: Sequence[LayerRow], latency: Mapping[str, float]) -> li
         ),
         _Column("runs as", lambda r: _e(r.runs_as), numeric=False),
     ]
+
+    def damage(header: str, value: Callable[[LayerRow], float | None]) -> _Column:
+        """A damage column, in scientific notation, with the sum over layers as its total."""
+        return _Column(header, lambda r: _sci(value(r)), total_of([value(r) for r in rows], _sci))
+
     if any(r.weight_damage is not None for r in rows):
-        columns.append(
-            _Column(
-                "damage: weights",
-                lambda r: _sci(r.weight_damage),
-                total_of([r.weight_damage for r in rows], _sci),
-            )
-        )
+        columns.append(damage("damage: weights", lambda r: r.weight_damage))
     if any(r.act_damage is not None for r in rows):
-        columns.append(
-            _Column(
-                "damage: input act.",
-                lambda r: _sci(r.act_damage),
-                total_of([r.act_damage for r in rows], _sci),
-            )
-        )
+        columns.append(damage("damage: input act.", lambda r: r.act_damage))
     if any(r.weight_damage is None and r.priced_damage is not None for r in rows):
-        columns.append(
-            _Column(
-                "damage (allocation)",
-                lambda r: _sci(r.priced_damage),
-                total_of([r.priced_damage for r in rows], _sci),
-            )
-        )
+        columns.append(damage("damage (allocation)", lambda r: r.priced_damage))
     if any(r.estimate is not None for r in rows):
         columns.append(
             _Column(
