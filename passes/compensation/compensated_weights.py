@@ -8,8 +8,9 @@ QDQ model, the integer model and the damage the ILP prices all use the same weig
 integer codes still come from one WeightQuant, so the integer path stays bit-exact.
 
 :func:`compensate_layer` is one layer at one width: max-abs round-to-nearest, then (as asked)
-the clipping-scale search, GPTQ on those scales, and bias correction, each stage's layer output
-error measured on the layer's calibration inputs and reported relative to E||W x||^2.
+the clipping-scale search, GPTQ on those scales, rounding refinement and bias correction, each
+stage's layer output error measured on the layer's calibration inputs and reported relative to
+E||W x||^2.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dyadiq.passes.compensation.range_search import (
     round_to_grid,
     search_clipping_scales,
 )
+from dyadiq.passes.compensation.rounding_refinement import refine_rounding
 from dyadiq.passes.compensation.settings import CompensationPass, CompensationSettings
 from dyadiq.quantizers import WeightQuant, quantize_weight_per_channel
 
@@ -128,6 +130,16 @@ def compensate_layer(
             codes, scales = _gptq_on_best_scales(w, objective, candidates, bits, settings)
             report["passes"].append("gptq")
             report["error_after_gptq"] = relative_error(codes * scales[..., None])
+    if settings.uses(CompensationPass.REFINE):
+        if objective is None:
+            declined["refine"] = without_statistics
+        else:
+            codes, sweeps = refine_rounding(
+                w, codes, scales, objective, bits, max_sweeps=settings.refine_sweeps
+            )
+            report["passes"].append("refine")
+            report["refine_sweeps"] = sweeps
+            report["error_after_refine"] = relative_error(codes * scales[..., None])
     shift = None
     if settings.uses(CompensationPass.BIAS):
         if statistics is None:

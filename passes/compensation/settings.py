@@ -12,6 +12,7 @@ from dyadiq.errors import ConfigError
 class CompensationPass(enum.Enum):
     RANGE = "range"  # per-channel clipping-scale search on the layer output error
     GPTQ = "gptq"  # OBQ column by column on the layer Hessian
+    REFINE = "refine"  # coordinate descent on the codes, same objective (after GPTQ)
     BIAS = "bias"  # empirical bias correction
     CLE = "cle"  # cross-layer equalisation (a float rewrite before everything else)
 
@@ -26,11 +27,17 @@ class CompensationSettings:
     range_grid: int = 16  # clipping candidates alpha in [range_lowest, 1]
     range_lowest: float = 0.35
     gptq_clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8)  # with range: GPTQ also tries these
+    refine_sweeps: int = 8  # rounding refinement: at most this many passes over the columns
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ConfigError("compensation needs at least one calibration batch")
-        if not 0 <= self.damp < 1 or self.block < 1 or self.range_grid < 1:
+        if (
+            not 0 <= self.damp < 1
+            or self.block < 1
+            or self.range_grid < 1
+            or self.refine_sweeps < 1
+        ):
             raise ConfigError(f"invalid compensation settings {self}")
         if not 0 < self.range_lowest <= 1:
             raise ConfigError("range_lowest must lie in (0, 1]")
@@ -59,11 +66,12 @@ class CompensationSettings:
             "range_grid": self.range_grid,
             "range_lowest": self.range_lowest,
             "gptq_clip_ratios": list(self.gptq_clip_ratios),
+            "refine_sweeps": self.refine_sweeps,
         }
 
     @classmethod
     def parse(cls, text: str, **knobs: Any) -> CompensationSettings:
-        """``none``, ``all`` or a comma list of range, gptq, bias, cle."""
+        """``none``, ``all`` or a comma list of range, gptq, refine, bias, cle."""
         words = [w.strip().lower() for w in text.split(",") if w.strip()]
         if words == ["none"]:
             return cls(frozenset(), **knobs)
