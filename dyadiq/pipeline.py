@@ -6,6 +6,7 @@ implicitly. :func:`quantize` is what ``dyadiq quantize`` and the Python API run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ import onnx
 
 from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, validate_plan
 from dyadiq.backends.onnx.integer import export_integer_onnx
-from dyadiq.backends.onnx.qdq import export_qdq, write_qdq
+from dyadiq.backends.onnx.qdq import QDQStyle, export_qdq, write_qdq
 from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.errors import ConfigError
 from dyadiq.frontends.onnx_frontend import ModelSource, load_onnx, read_model, upgrade_opset
@@ -67,8 +68,11 @@ class CalibrationConfig:
             raise ConfigError(f"a histogram needs at least 2 bins, got {self.bins}")
 
 
-@dataclass
+@dataclass(repr=False)
 class QuantizeResult:
+    """What :func:`quantize_graph` / :func:`quantize` made: the prepared graph, the plan, the
+    activation sites and statistics, the QDQ simulator, and (with ``integer``) the program."""
+
     graph: QGraph
     plan: PrecisionPlan
     sites: ActivationSites
@@ -79,6 +83,16 @@ class QuantizeResult:
     timings: dict[str, float] = field(default_factory=dict)
     weights: WeightQuantizer = ROUND_TO_NEAREST  # what insert_qdq quantized the weights with
     compensation: dict[str, Any] | None = None  # its report, when compensated
+    qdq_style: QDQStyle = QDQStyle.ORT
+
+    def __repr__(self) -> str:
+        # one line: the default dataclass repr printed the whole graph (20,000+ characters)
+        integer = "integer program" if self.program is not None else "no integer program"
+        return (
+            f"<QuantizeResult {self.graph.source!s}: {len(self.plan.layers)} layers, "
+            f"{len(self.sites.tensors)} activation tensors, {self.statistics.batches} "
+            f"calibration batches, {self.qdq_style.value} QDQ, {integer}>"
+        )
 
 
 def calibrated_ranges(
@@ -93,6 +107,36 @@ def calibrated_ranges(
         )
         for name in sites.tensors
     }
+
+
+def symmetric_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Each range widened to ``(-128 s, 127 s)`` with ``s = max(|lo|, |hi|) / 127``: the range
+    whose signed 8-bit affine quantizer has zero point 0 and scale ``amax / 127`` (TensorRT's
+    symmetric activations). ``activation_quant`` of it gives ``(hi - lo) / 255 = s``."""
+    out = {}
+    for name, (lo, hi) in ranges.items():
+        step = max(abs(lo), abs(hi)) / 127.0
+        out[name] = (-128.0 * step, 127.0 * step)
+    return out
+
+
+def without_output_sites(graph: QGraph, sites: ActivationSites) -> ActivationSites:
+    """``sites`` less the model outputs that no node reads: TensorRT's placement quantizes the
+    inputs of quantized ops, not the results a model returns."""
+    outputs = {t.name for t in graph.graph.outputs if not t.outputs}
+    if not outputs & set(sites.tensors):
+        return sites
+    fused = {
+        layer: act
+        for layer, act in sites.fused_activations.items()
+        if graph.node(act).outputs[0].name not in outputs
+    }
+    return dataclasses.replace(
+        sites,
+        tensors=tuple(t for t in sites.tensors if t not in outputs),
+        group_of={t: g for t, g in sites.group_of.items() if t not in outputs},
+        fused_activations=fused,
+    )
 
 
 def prepare_graph(graph: QGraph, *, needs_int4: bool = False) -> QGraph:
@@ -141,23 +185,30 @@ def quantize_graph(
     *,
     compensation: CompensationSettings = CompensationSettings(),
     weights: WeightQuantizer | None = None,
+    qdq_style: QDQStyle = QDQStyle.ORT,
 ) -> QuantizeResult:
     """Calibrate and insert QDQ for ``plan``; returns the simulator graph and what it used.
 
     Weights are quantized by ``weights`` when given (a quantizer computed once for many
     plans), else compensated as ``compensation`` asks (round to nearest for none).
+    ``qdq_style`` TENSORRT makes activation ranges symmetric (zero point 0; the plan must
+    ask for signed activations) and leaves the model's outputs unquantized.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
     graph = prepare_graph(graph, needs_int4=plan.uses_4bit_types)
     equalization = equalize_if_asked(graph, compensation)
     sites = find_activation_sites(graph, plan)
+    if qdq_style is QDQStyle.TENSORRT:
+        sites = without_output_sites(graph, sites)
     request = StatisticsRequest(frozenset(sites.tensors), bins=config.bins)
     statistics = collect_statistics(
         graph, request, calibration, image_preset=config.image_preset, limit=config.limit
     )
     timings["calibrate_s"] = statistics.seconds
     ranges = calibrated_ranges(statistics, sites, config)
+    if qdq_style is QDQStyle.TENSORRT:
+        ranges = symmetric_ranges(ranges)
     report = None
     if weights is None and compensation.enabled:
         t = time.perf_counter()
@@ -178,7 +229,15 @@ def quantize_graph(
     timings["rewrite_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     return QuantizeResult(
-        graph, plan, sites, qdq, statistics, timings=timings, weights=weights, compensation=report
+        graph,
+        plan,
+        sites,
+        qdq,
+        statistics,
+        timings=timings,
+        weights=weights,
+        compensation=report,
+        qdq_style=qdq_style,
     )
 
 
@@ -290,6 +349,7 @@ def quantize(
     check_batches: int = 8,
     compensation: CompensationSettings = CompensationSettings(),
     weights: WeightQuantizer | None = None,
+    qdq_style: QDQStyle = QDQStyle.ORT,
 ) -> QuantizeResult:
     """Quantize a model file; writes plan.json, model.qdq.onnx, report.json and, with
     ``integer``, model.int.onnx (verified bit-exact against the reference interpreter).
@@ -297,7 +357,12 @@ def quantize(
     ``plan`` (e.g. a mixed-precision plan.json) replaces the uniform plan made from
     ``weight_bits`` / ``act_bits`` / ``exclude``. ``compensation`` selects the weight-rounding
     compensation passes (``weights``: a compensated quantizer already computed, e.g. the one
-    the sensitivity analysis priced).
+    the sensitivity analysis priced). ``qdq_style`` TENSORRT writes TensorRT's explicit
+    quantization (:mod:`dyadiq.backends.onnx.qdq`): signed symmetric activations, which it
+    sets on the plan, and a float bias.
+
+    This is the pipeline step; :func:`dyadiq.quantize` adds budgets, targets, evaluation and
+    a summary of the run around it.
     """
     inputs = [Path(model)] if not isinstance(model, onnx.ModelProto) else []
     if isinstance(calibration, str | Path):
@@ -315,15 +380,24 @@ def quantize(
                 act_signed=act_signed,
                 exclude=exclude,
             )
+        if qdq_style is QDQStyle.TENSORRT:
+            check_tensorrt_plan(plan, integer)
+            plan = dataclasses.replace(plan, act_signed=True)
         plan.validate_for(graph)
         validate_plan(plan, graph, *((ONNX_QDQ, INTEGER_ONNX) if integer else (ONNX_QDQ,)))
         result = quantize_graph(
-            graph, plan, calibration, config, compensation=compensation, weights=weights
+            graph,
+            plan,
+            calibration,
+            config,
+            compensation=compensation,
+            weights=weights,
+            qdq_style=qdq_style,
         )
         result.timings["load_s"] = load_s
         plan.save(out / "plan.json")
         t = time.perf_counter()
-        result.model = write_qdq(result.qdq.graph, out / "model.qdq.onnx")
+        result.model = write_qdq(result.qdq.graph, out / "model.qdq.onnx", qdq_style)
         result.timings["export_s"] = time.perf_counter() - t
         float_bytes = read_model(model)[0].ByteSize()
         report = build_report(result, float_bytes)
@@ -336,6 +410,22 @@ def quantize(
             result.timings["integer_s"] = time.perf_counter() - t
         write_text_atomic(out / "report.json", json.dumps(report, indent=2))
         return result
+
+
+def check_tensorrt_plan(plan: PrecisionPlan, integer: bool) -> None:
+    """TensorRT's explicit quantization runs int8 x int8 kernels: W8A8 layers only. The
+    integer-only model and the compiled targets follow onnxruntime's layout (style ``ort``)."""
+    if integer:
+        raise ConfigError(
+            "--qdq-style tensorrt writes a QDQ model for TensorRT; the integer model and "
+            "--target builds use the default style: drop --integer / --target, or the style"
+        )
+    narrow = sorted(k for k, f in plan.layers.items() if f.weight_bits != 8 or f.act_bits != 8)
+    if narrow or plan.default_act_bits != 8:
+        raise ConfigError(
+            "--qdq-style tensorrt needs W8A8 layers (TensorRT's int8 Q/DQ kernels); the plan "
+            f"has other widths at {', '.join(narrow[:5]) or 'its activations'}"
+        )
 
 
 def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
@@ -354,7 +444,7 @@ def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
                 "fused_activation": result.sites.fused_activations.get(node.name),
             }
         )
-    return {
+    report = {
         "source": graph.source,
         "opset": graph.opset,
         "notes": graph.notes,
@@ -373,3 +463,6 @@ def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
         "layers": layers,
         "compensation": result.compensation,
     }
+    if result.qdq_style is not QDQStyle.ORT:  # absent for the default: reports stay as they were
+        report["qdq_style"] = result.qdq_style.value
+    return report

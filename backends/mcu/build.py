@@ -1,10 +1,11 @@
 """Build and run the generated microcontroller C: toolchain, ELF sizes, QEMU.
 
 CPU presets carry the compiler flags and the QEMU board that emulates the core. Two ELFs are
-built from the same objects: ``app.elf`` (semihosting harness: reads float inputs from
-``inputs.bin``, writes output codes to ``outputs.bin``) and ``size_probe.elf`` (the model and a
-bare start-up, no stdio), whose ``.text + .rodata + .data`` is the model's flash cost and
-whose ``.data + .bss`` is its static RAM (arena, scratch, the caller's buffers).
+built from the same objects, in a scratch copy of the project (only ``app.elf`` is kept):
+``app.elf`` (semihosting harness: reads float inputs from ``inputs.bin``, writes output codes
+to ``outputs.bin``) and ``size_probe.elf`` (the model and a bare start-up, no stdio), whose
+``.text + .rodata + .data`` is the model's flash cost and whose ``.data + .bss`` is its static
+RAM (arena, scratch, the caller's buffers).
 
 Instruction counts: under ``qemu -icount shift=0`` every guest instruction advances virtual
 time by 1 ns, and SysTick counts the board's 25 MHz processor clock, so one tick is 40
@@ -13,6 +14,7 @@ instructions; the harness prints ticks per inference (resolution: 40 instruction
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dyadiq.errors import DyadiqError
-from dyadiq.io import write_text_atomic
+from dyadiq.io import current_umask, write_text_atomic
 
 from .target import CpuPreset, mcu_target
 
@@ -139,8 +141,7 @@ class ElfSize:
 @dataclass(frozen=True)
 class BuildResult:
     app_elf: Path
-    probe_elf: Path
-    model_size: ElfSize  # of size_probe.elf
+    model_size: ElfSize  # of size_probe.elf (built, measured and discarded)
     stack_bytes: int  # dq_model_run's frame + the deepest kernel's (from -fstack-usage)
 
 
@@ -173,15 +174,36 @@ def stack_estimate(build_dir: Path) -> int:
 
 
 def build(project: McuProject, *, jobs: int = 1, profile: bool = False) -> BuildResult:
-    """``make all``; ``profile`` builds the harness with per-op clock readings (DQ_PROFILE)."""
+    """``make all`` in a scratch copy of the project; ``profile`` builds the harness with
+    per-op clock readings (DQ_PROFILE).
+
+    Only ``app.elf`` comes back into the project folder: the objects, the ``-fstack-usage``
+    files and ``size_probe.elf`` are build by-products, read here (flash, static RAM, stack)
+    and left behind, so the folder a user ships holds sources, build files and the one ELF.
+    ``make`` in that folder rebuilds them all."""
     tools = find_toolchain()
     out = project.out_dir
-    _run(["make", "clean"], cwd=out)
-    _run(["make", f"-j{jobs}", "all", f"EXTRA_CFLAGS={'-DDQ_PROFILE' if profile else ''}"], cwd=out)
-    return BuildResult(
-        out / "app.elf", out / "size_probe.elf", elf_size(out / "size_probe.elf", tools),
-        stack_estimate(out),
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="dq_mcu_build_") as tmp:
+        work = Path(tmp)
+        for item in out.iterdir():
+            if item.is_file() and item.suffix not in BUILD_PRODUCTS:
+                shutil.copy2(item, work / item.name)
+        flags = f"EXTRA_CFLAGS={'-DDQ_PROFILE' if profile else ''}"
+        _run(["make", f"-j{jobs}", "all", flags], cwd=work)
+        size = elf_size(work / "size_probe.elf", tools)
+        stack = stack_estimate(work)
+        app = out / "app.elf"
+        staged = out / ".app.elf.tmp"
+        shutil.copyfile(work / "app.elf", staged)
+        staged.chmod(0o777 & ~current_umask())  # an executable, like make leaves it
+        os.replace(staged, app)  # a reader never sees half an ELF
+        for stale in [*out.glob("*.o"), *out.glob("*.su"), out / "size_probe.elf"]:
+            stale.unlink(missing_ok=True)  # from a folder an older dyadiq built in place
+    return BuildResult(app, size, stack)
+
+
+# What `make` writes: never copied into the scratch build, never left in the project folder.
+BUILD_PRODUCTS = frozenset({".o", ".su", ".elf"})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """``dyadiq`` command line: inspect, quantize, analyze, frontier, run, eval, zoo.
 
-Every user-facing failure is a :class:`DyadiqError`; the CLI prints its message and exits 2,
-or 3 when a written model fails its bit-exactness check (:class:`VerificationError`).
+Every user-facing failure is a ``DyadiqError``; the CLI prints its message and exits 2, or 3
+when a written model fails its bit-exactness check (``VerificationError``). Progress goes to
+stderr (:mod:`dyadiq.progress`): live on a terminal, one line per stage when piped, none with
+``--quiet`` or a command's ``--json``.
 """
 
 from __future__ import annotations
@@ -26,16 +28,35 @@ def build_parser() -> argparse.ArgumentParser:
     from dyadiq.cli.commands import add_eval, add_inspect, add_run, add_zoo
     from dyadiq.cli.quantize import add_quantize
 
-    parser = argparse.ArgumentParser(prog="dyadiq", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="dyadiq", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step (INFO)")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress lines (results still print)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_inspect, add_quantize, add_run, add_analyze, add_frontier, add_eval, add_zoo):
         add(sub)
     return parser
 
 
+DESCRIPTION = (
+    "dyadiq: mixed-precision post-training quantization of ONNX models to QDQ and "
+    "integer-only ONNX, TVM libraries and Cortex-M C."
+)
+EPILOG = (
+    "Exit status: 0 done; 2 bad input or options (one error line); 3 a written model is not "
+    "bit-exact against the reference (its folder is kept); 130 interrupted. Progress goes to "
+    "stderr, one line per stage when piped; --quiet silences it."
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from dyadiq import progress
+
     args = build_parser().parse_args(argv)
+    # --json output is a document for another program: no progress around it either
+    quiet = args.quiet or bool(getattr(args, "json", False))
+    progress.configure(progress.Mode.QUIET if quiet else progress.Mode.AUTO)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

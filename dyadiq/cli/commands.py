@@ -47,16 +47,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run a compiled target folder; outputs are named alike on every target: ``NAME_codes``
+    (the integer output codes) and, where the target returns them, ``NAME`` (floats)."""
     import numpy as np
 
     from dyadiq.io import save_npz_atomic
     from dyadiq.runner import run_artifact
 
-    outputs = run_artifact(Path(args.artifact), Path(args.input))
+    folder = Path(args.artifact)
+    outputs = output.uniform_output_names(run_artifact(folder, Path(args.input)), folder)
     for name, value in outputs.items():
         output.console.print(f"{escape(name)}: {value.dtype} {list(value.shape)}")
         if value.size <= 20:
             output.console.print(f"  {np.array2string(value.ravel(), max_line_width=100)}")
+    if all(name.endswith(output.CODES_SUFFIX) for name in outputs):
+        output.console.print("(this target returns output codes only; the QDQ model's output")
+        output.console.print(" scale and zero point turn them into floats)")
     if args.output:
         save_npz_atomic(Path(args.output), outputs)
         output.console.print(f"wrote {args.output}")

@@ -40,3 +40,11 @@ def add_runtime_kernels(p: argparse.ArgumentParser) -> None:
         help="also score each model with onnxruntime's fused kernels on this CPU (scores are "
         "exact simulations otherwise, the same on every CPU)",
     )
+
+
+def fill_missing_help(p: argparse.ArgumentParser, helps: dict[str, str]) -> None:
+    """Give each option in ``helps`` its text where the code that declared it gave none."""
+    for action in p._actions:
+        for flag in action.option_strings:
+            if flag in helps and not action.help:
+                action.help = helps[flag]

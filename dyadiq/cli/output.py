@@ -1,10 +1,14 @@
-"""What every subcommand prints through: one console (tests swap it for a wide one) and the
-metrics table that ``quantize`` and ``eval`` share."""
+"""What every subcommand prints through: one console (tests swap it for a wide one), the
+metrics table that ``quantize`` and ``eval`` share, and the names ``run`` gives outputs."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 console = Console()
 
@@ -12,7 +16,11 @@ console = Console()
 def metrics_table(metrics: dict[str, dict[str, float]]) -> Table:
     """One row per metric, one column per model (float first), samples as a count."""
     names = sorted({k for m in metrics.values() for k in m} - {"samples"})
-    table = Table("metric", *metrics, title="evaluation on held-out data (exact simulation)")
+    # Readable at 80 columns: long metric and model names fold onto a second line instead of
+    # being cut to "top5_cont…", and a figure column never gets narrower than its figures.
+    columns = [Column("metric", overflow="fold", min_width=10)]
+    columns += [Column(name, overflow="fold", min_width=7, justify="right") for name in metrics]
+    table = Table(*columns, title="evaluation on held-out data (exact simulation)")
     for name in [*names, "samples"]:
         table.add_row(name, *[fmt(m.get(name)) for m in metrics.values()])
     return table
@@ -22,3 +30,19 @@ def fmt(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.4f}"
+
+
+CODES_SUFFIX = "_codes"  # what TVM libraries name an output's codes (backends/tvm/lower.py)
+
+
+def uniform_output_names(outputs: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A Cortex-M run's outputs (code tensors named as the integer program names them,
+    ``NAME_q``) renamed ``NAME_codes``, as a TVM library names them; others unchanged."""
+    info_path = folder / "model.json"
+    if not info_path.is_file() or "cpu" not in json.loads(info_path.read_text()):
+        return outputs
+    renamed = {}
+    for name, value in outputs.items():
+        base = name.removesuffix("_q") if not name.endswith(CODES_SUFFIX) else name
+        renamed[base if base.endswith(CODES_SUFFIX) else base + CODES_SUFFIX] = value
+    return renamed

@@ -1,165 +1,96 @@
-"""``dyadiq quantize``: a model (ONNX, a saved Relax IRModule, or a zoo model) to a QDQ model,
-optionally an integer-only model and a compiled target, with uniform formats, a plan file, or
-formats chosen under a budget / accuracy tolerance (:mod:`dyadiq.cli.allocation`)."""
+"""``dyadiq quantize``: flags -> one call of :func:`dyadiq.api.quantize` -> the summary.
+
+A model (ONNX, a saved Relax IRModule, or a zoo model) to a QDQ model, optionally an
+integer-only model and a compiled target, with one format for every layer, a plan file, or
+formats chosen under a budget / accuracy tolerance. The run itself lives in the API; this
+module only reads flags, refuses what only the command line can get wrong, and prints."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from dyadiq.cli.allocation import add_allocation_flags, choose_plan, compensation_settings
-from dyadiq.cli.flags import CALIBRATORS, add_compensate, add_runtime_kernels, parse_shapes
+from dyadiq.cli.allocation import add_allocation_flags
+from dyadiq.cli.flags import (
+    CALIBRATORS,
+    add_compensate,
+    add_runtime_kernels,
+    fill_missing_help,
+    parse_shapes,
+)
 from dyadiq.cli.summary import print_summary
-from dyadiq.errors import ConfigError, VerificationError
-from dyadiq.io import check_output_dir, relocated, staged_output_dir, write_text_atomic
-from dyadiq.report_html import write_report_html
-
-
-def _model_file(path: Path, stack: contextlib.ExitStack) -> Path:
-    """An ONNX file for ``path``: itself, or the ONNX translation of a saved Relax IRModule
-    (``tvm.ir.save_json``) written to a temporary folder that lives as long as ``stack``."""
-    if path.suffix != ".json":
-        return path
-    import onnx
-
-    from dyadiq.frontends.relax_frontend import load_relax_file, relax_to_onnx
-
-    model = relax_to_onnx(load_relax_file(path))
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dyadiq_relax_")))
-    onnx_path = folder / (path.stem + ".onnx")
-    onnx.save(model, str(onnx_path))
-    return onnx_path
+from dyadiq.errors import ConfigError
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    with contextlib.ExitStack() as stack:
-        return _quantize(args, stack)
+    from dyadiq.api import SearchOptions, TargetOptions, quantize
 
-
-def _quantize(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
-    from dyadiq.consistency import verification_problems
-    from dyadiq.passes.calibration.observers import RangeMethod
-    from dyadiq.pipeline import CalibrationConfig, quantize, verification_batches
-    from dyadiq.plan import PrecisionPlan
-
-    _refuse_conflicting_options(args)
-    check_output_dir(Path(args.output), *_user_inputs(args, None))  # before any work
-    artifacts = None
-    if args.zoo:
-        from dyadiq import zoo
-
-        artifacts = zoo.get(args.zoo)
-        model_path = artifacts.model_path
-    elif args.model:
-        model_path = _model_file(Path(args.model), stack)
-    else:
-        raise ConfigError("give a MODEL.onnx (or a Relax IRModule .json) or --zoo NAME")
-    if args.calib:
-        calibration: Any = args.calib
-    elif artifacts is not None:
-        calibration = list(artifacts.calibration_batches(args.calib_limit))
-    else:
-        raise ConfigError(
-            "calibration data is required: --calib FOLDER (.npz/.npy files, or images with "
-            "--calib-preset)"
-        )
-    config = CalibrationConfig(
-        method=RangeMethod(args.calibrator),
-        percentile=args.percentile,
-        limit=args.calib_limit,
-        image_preset=args.calib_preset,
-    )
-    plan = PrecisionPlan.load(Path(args.plan)) if args.plan else None
-    # Everything is written to a hidden sibling of the output folder that replaces it only at
-    # the end (kept on a verification failure, for inspection): a failure leaves it as it was.
-    final = Path(args.output)
-    out = stack.enter_context(
-        staged_output_dir(final, *_user_inputs(args, artifacts), keep_on=(VerificationError,))
-    )
-    allocation_info = None
-    compensation = compensation_settings(args)
-    weights = None
-    if args.budget or args.max_drop:
-        chosen = choose_plan(args, model_path, calibration, artifacts, compensation)
-        plan, allocation_info, weights = chosen.plan, chosen.info, chosen.weights
-    result = quantize(
-        model_path,
-        out,
-        calibration,
-        weight_bits=args.wbits,
-        act_bits=args.abits,
-        act_signed=args.act_dtype == "int8",
-        exclude=frozenset(args.exclude),
-        config=config,
-        input_shapes=parse_shapes(args.input_shape) or None,
-        plan=plan,
-        integer=args.integer or args.target is not None,
-        compensation=compensation,
-        weights=weights,
-    )
-    report = json.loads((out / "report.json").read_text())
-    if allocation_info is not None:
-        report["allocation"] = allocation_info
-    if args.target is not None:
-        from dyadiq.targets import emit_for_target, single_inputs
-
-        assert result.program is not None  # integer=True above
-        if artifacts is not None:  # real held-out inputs
-            batches = [f for f, _ in artifacts.evaluation_batches(args.check_inputs)]
-        else:
-            batches = verification_batches(
-                calibration, result.graph, config.image_preset, args.check_inputs
-            )
-        feeds = single_inputs(batches, args.check_inputs)
-        target_info = emit_for_target(
-            result.program,
-            args.target,
-            out / args.target,
-            feeds,
-            tune_trials=args.tune_trials,
-            tuning_db=Path(args.tuning_db) if args.tuning_db else None,
-            layer_latency_ids=list(result.plan.layers) if args.layer_latency else None,
-        )
-        report["target"] = relocated(target_info, out, final)  # paths as they will be
-    if artifacts is not None and not args.no_eval:
-        report["metrics"] = _evaluate_zoo(artifacts, out, calibration, args)
-
-    problems = verification_problems(report)
-    report["verification"] = {
-        "passed": not problems,
-        "problems": problems,
-        "mismatch_allowed": bool(problems) and args.allow_mismatch,
-    }
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    # Written for failed verifications too: the kept folder's page says what failed.
-    write_report_html(out, report, plan=result.plan.to_json())
-    print_summary(report, result.plan.to_json(), final)
-    if problems and not args.allow_mismatch:
-        raise VerificationError(
-            "verification failed:\n  - "
-            + "\n  - ".join(problems)
-            + f"\n{final} is written for inspection; --allow-mismatch accepts such a result"
-        )
-    return 0
-
-
-def _refuse_conflicting_options(args: argparse.Namespace) -> None:
-    """Options that contradict each other or mean nothing are refused, never ignored."""
     if args.zoo and args.model:
         raise ConfigError(
             f"give a MODEL or --zoo {args.zoo}, not both (the model {args.model} would be ignored)"
         )
-    if args.plan and (args.budget or args.max_drop):
-        chooser = "--budget" if args.budget else "--max-drop"
-        raise ConfigError(
-            f"--plan gives every layer's format; {chooser} would choose them: pick one"
-        )
-    if args.pin and not (args.budget or args.max_drop):
-        raise ConfigError("--pin restricts what --budget / --max-drop may choose: add one of them")
+    if not (args.zoo or args.model):
+        raise ConfigError("give a MODEL.onnx (or a Relax IRModule .json) or --zoo NAME")
+    _refuse_bad_numbers(args)
+    quantize(
+        f"zoo:{args.zoo}" if args.zoo else args.model,
+        args.calib,
+        out=args.output,
+        budget=args.budget,
+        max_drop=args.max_drop,
+        target=args.target,
+        wbits=args.wbits,
+        abits=args.abits,
+        act_dtype=args.act_dtype,
+        qdq_style=args.qdq_style,
+        calibrator=args.calibrator,
+        percentile=args.percentile,
+        calib_preset=args.calib_preset,
+        calib_limit=args.calib_limit,
+        compensate=args.compensate,
+        exclude=args.exclude,
+        pin=args.pin,
+        plan=args.plan,
+        integer=args.integer,
+        input_shapes=parse_shapes(args.input_shape) or None,
+        evaluate=not args.no_eval,
+        eval_limit=args.eval_limit,
+        compare_ort=args.compare_ort,
+        runtime_kernels=args.runtime_kernels,
+        allow_mismatch=args.allow_mismatch,
+        search=SearchOptions(
+            wbits_candidates=_widths(args.wbits_candidates, "--wbits-candidates"),
+            abits_candidates=_widths(args.abits_candidates, "--abits-candidates")
+            if args.abits_candidates
+            else None,
+            proxy=args.proxy,
+            analysis_samples=args.analysis_samples,
+            bisect_steps=args.bisect_steps,
+            latency_table=Path(args.latency_table) if args.latency_table else None,
+            memory_plan=Path(args.memory_plan) if args.memory_plan else None,
+        ),
+        build=TargetOptions(
+            check_inputs=args.check_inputs,
+            tune_trials=args.tune_trials,
+            tuning_db=Path(args.tuning_db) if args.tuning_db else None,
+            layer_latency=args.layer_latency,
+        ),
+        # printed before a verification failure is raised: the summary says what failed
+        on_written=lambda made: print_summary(made.report, made.plan.to_json(), made.paths),
+    )
+    return 0
+
+
+def _widths(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{option} wants comma-separated widths like 4,8, got {text!r}") from exc
+
+
+def _refuse_bad_numbers(args: argparse.Namespace) -> None:
+    """Counts that mean nothing are refused before any work, with the flag named."""
     if args.calib_limit is not None and args.calib_limit < 1:
         raise ConfigError(f"--calib-limit must be at least 1 batch, got {args.calib_limit}")
     if not 0.0 < args.percentile <= 100.0:  # also false for NaN
@@ -168,49 +99,27 @@ def _refuse_conflicting_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--check-inputs must be at least 1, got {args.check_inputs}")
 
 
-def _user_inputs(args: argparse.Namespace, artifacts: Any) -> list[Path]:
-    """Every file or folder the run reads, as the user named it (the Relax JSON, not its ONNX
-    translation): the output folder may be none of them, hold none, nor lie in one."""
-    named = [
-        args.model,
-        args.calib,
-        args.plan,
-        args.latency_table,
-        args.memory_plan,
-        args.tuning_db,
-    ]
-    inputs = [Path(item) for item in named if item]
-    if artifacts is not None:
-        inputs.append(Path(artifacts.model_path))
-    return inputs
-
-
-def _evaluate_zoo(artifacts: Any, out: Path, calibration: Any, args: argparse.Namespace) -> Any:
-    from dyadiq.evaluation import evaluate
-
-    mixed = args.plan or args.budget or args.max_drop
-    label = "dyadiq plan" if mixed else f"dyadiq W{args.wbits}A{args.abits}"
-    models = {label: out / "model.qdq.onnx"}
-    if args.integer:
-        models[f"{label} integer"] = out / "model.int.onnx"
-    if args.compare_ort:
-        from dyadiq.ort_baseline import quantize_static_baseline
-
-        ort_path = out / "ort_quantize_static.qdq.onnx"
-        quantize_static_baseline(artifacts.model_path, ort_path, calibration)
-        models["onnxruntime quantize_static W8A8"] = ort_path
-    return evaluate(artifacts, models, limit=args.eval_limit, runtime_kernels=args.runtime_kernels)
-
-
 def add_quantize(sub: Any) -> None:
     from dyadiq.targets import TARGETS
 
-    p = sub.add_parser("quantize", help="quantize a model (uniform formats in this release)")
-    p.add_argument("model", nargs="?", help="float ONNX model (or use --zoo)")
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model: one format for every layer, a plan, or formats chosen under a "
+        "budget / accuracy tolerance",
+        description="Quantize a float model to a QDQ ONNX model (+ plan.json, report.json, "
+        "report.html; optionally an integer-only model and a compiled target).",
+    )
+    p.add_argument("model", nargs="?", help="float ONNX model or Relax IRModule .json (or --zoo)")
     p.add_argument("--zoo", help="quantize a zoo model with its own calibration/eval data")
     p.add_argument("-o", "--output", required=True, help="output folder (never the input's)")
-    p.add_argument("--calib", help="folder of .npz/.npy batches or images")
-    p.add_argument("--calib-preset", help="image preprocessing preset for an image folder")
+    p.add_argument(
+        "--calib",
+        help="calibration data: a folder of .npz/.npy batches or images, or one .npz file "
+        "(one batch keyed by input name); a zoo model brings its own",
+    )
+    p.add_argument(
+        "--calib-preset", help="image preprocessing preset for an image folder (e.g. imagenet)"
+    )
     p.add_argument("--calib-limit", type=int, help="use at most this many calibration batches")
     p.add_argument(
         "--calibrator",
@@ -218,14 +127,47 @@ def add_quantize(sub: Any) -> None:
         choices=CALIBRATORS,
         help="activation range estimator (default percentile 99.99; minmax suits transformers)",
     )
-    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=99.99,
+        help="the percentile calibrator's clipping point, in (0, 100] (default %(default)s)",
+    )
     p.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (per channel)")
     p.add_argument("--abits", type=int, default=8, choices=[4, 8], help="activation bits")
-    p.add_argument("--act-dtype", default="uint8", choices=["uint8", "int8"])
-    p.add_argument("--exclude", action="append", default=[], metavar="NODE_ID")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument(
+        "--act-dtype",
+        default="uint8",
+        choices=["uint8", "int8"],
+        help="activation code type (asymmetric; default %(default)s, what onnxruntime's fast "
+        "kernels want); --qdq-style tensorrt uses symmetric int8",
+    )
+    p.add_argument(
+        "--qdq-style",
+        default="ort",
+        choices=["ort", "tensorrt"],
+        help="QDQ layout: ort (default; onnxruntime's, asymmetric activations) or tensorrt "
+        "(TensorRT explicit quantization: symmetric int8, zero point 0, float bias, float "
+        "outputs; W8A8 only)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="NAME|PATTERN|OP",
+        help="keep layers in float: a node id, a glob pattern ('/classifier*') or an op type "
+        "('Gemm'); repeatable; one that matches no layer is an error",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=1x3x224x224",
+        help="fix an input's dynamic dimensions; repeatable",
+    )
     p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
     add_allocation_flags(p)
+    fill_missing_help(p, _ALLOCATION_HELP)
     p.add_argument(
         "--integer",
         action="store_true",
@@ -247,7 +189,12 @@ def add_quantize(sub: Any) -> None:
         help="with --target x86: also time each layer's kernel per candidate format here and "
         "write OUT/x86/layer_latency.json (input for --latency-table)",
     )
-    p.add_argument("--compare-ort", action="store_true", help="also run onnxruntime's quantizer")
+    p.add_argument(
+        "--compare-ort",
+        action="store_true",
+        help="also quantize with onnxruntime's quantize_static (W8A8) and score it beside "
+        "dyadiq's model (zoo models)",
+    )
     add_compensate(p)
     p.add_argument(
         "--allow-mismatch",
@@ -256,6 +203,19 @@ def add_quantize(sub: Any) -> None:
         "reference (a warning in the summary and report.json instead of exit status 3)",
     )
     add_runtime_kernels(p)
-    p.add_argument("--no-eval", action="store_true", help="skip zoo evaluation")
+    p.add_argument(
+        "--no-eval", action="store_true", help="skip the held-out evaluation of a zoo model"
+    )
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")
     p.set_defaults(func=cmd_quantize)
+
+
+# Help for the allocation flags that dyadiq.cli.allocation declares without any (shown only
+# where the flag has none of its own).
+_ALLOCATION_HELP = {
+    "--analysis-samples": "calibration batches the sensitivity analysis reads (default 8)",
+    "--bisect-steps": "--max-drop: plans measured at most while bisecting (default 6)",
+    "--wbits-candidates": "weight widths the ILP may pick (default 2,3,4,6,8)",
+    "--latency-table": "a backend's measured {layer: {format: ms}} JSON, for latency=3ms",
+    "--memory-plan": "live sets (+ tensor bytes, flash) JSON for ram= / flash= budgets",
+}

@@ -1,9 +1,15 @@
-"""The lines ``dyadiq quantize`` prints when it is done: what was quantized, how the integer
-model and the target build checked against the reference, what verification found, the
-held-out metrics and the files written."""
+"""What ``dyadiq quantize`` prints when it is done: a verdict a user can act on.
+
+In order: what was quantized; one size accounting (the model file before and after, and the
+weights as stored; an allocation's own figure, weights at their bit-widths, is labelled as
+that); quality against float with its metric and a judgement; bit-exactness with a
+judgement (41/44 is a failure, not a number); every warning; the held-out metrics table; and
+the files written with the runtime each one is for. Every figure carries its unit.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,44 +17,166 @@ from rich.markup import escape
 
 from dyadiq.cli import output
 
+# Quality drop against float (percentage points of the metric) that the verdict calls
+# "close to float"; beyond it the summary says "drops", beyond 5x it says "large drop".
+CLOSE_DROP_PT = 0.5
 
-def print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> None:
+# What to deploy where, by the role of the file (dyadiq.api's paths).
+DEPLOY = {
+    "qdq": "onnxruntime (CPU / GPU) or any ONNX runtime with QDQ support",
+    "integer": "integer-only ONNX (ConvInteger / MatMulInteger + dyadic rescale); onnxruntime",
+    "ort_baseline": "onnxruntime quantize_static's model, for comparison only",
+}
+
+
+def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[str, Path]) -> None:
+    """The closing lines of a quantize run (``paths``: the files written, by role)."""
+    say = output.console.print
+    warnings: list[str] = []
+    formats = sorted({layer["format"] for layer in plan["layers"].values()})
+    say(
+        f"[bold green]quantized[/] {escape(report['source'])}: {len(plan['layers'])} layers "
+        f"({', '.join(formats)}), {report['quantized_activation_tensors']} activation tensors "
+        f"in {report['scale_groups']} scale groups, {report['calibration_batches']} "
+        f"calibration batches, {report['timings']['total_s']:.1f} s"
+    )
+    for line in _size_lines(report):
+        say(f"  {line}")
+    quality = _quality_line(report.get("metrics"), warnings)
+    if quality:
+        say(f"  {quality}")
+    for line in _exactness_lines(report, paths, warnings):
+        say(f"  {line}")
+    for layer in report["float_layers"]:
+        warnings.append(f"layer {layer['id']} kept in float ({layer['reason']})")
+    verification = report.get("verification", {})
+    for problem in verification.get("problems", []):
+        label = "accepted by --allow-mismatch" if verification.get("mismatch_allowed") else "FAILED"
+        warnings.append(f"verification {label}: {problem}")
+    for warning in warnings:
+        say(f"  [bold yellow]warning:[/] {escape(warning)}")
+    metrics = report.get("metrics")
+    if metrics:
+        say(output.metrics_table(metrics))
+    _print_files(report, paths, say)
+
+
+def _size_lines(report: dict[str, Any]) -> list[str]:
+    """Sizes, every one in bytes with what it counts."""
     sizes = report["sizes"]
-    output.console.print(
-        f"[bold green]quantized[/] {report['source']}: "
-        f"{len(plan['layers'])} layers, {report['quantized_activation_tensors']} activation "
-        f"tensors in {report['scale_groups']} scale groups, "
-        f"{report['calibration_batches']} calibration batches"
+    before, after = sizes["float_model_bytes"], sizes["qdq_model_bytes"]
+    ratio = f" ({before / after:.1f}x smaller)" if after else ""
+    lines = [
+        f"size: model file {before:,} B float -> {after:,} B QDQ{ratio}; weights "
+        f"{sizes['quantized_weight_bytes_packed']:,} B as stored (int8 codes, int4 two per byte)"
+    ]
+    allocation = report.get("allocation")
+    if allocation and allocation.get("weight_bytes") is not None:
+        chooser = (
+            f"--budget {allocation['budget']}"
+            if "budget" in allocation
+            else f"--max-drop {allocation['max_drop']:g}"
+        )
+        extra = _resource_text(allocation)
+        lines.append(
+            f"allocation ({chooser}): {allocation['weight_bytes']:,.0f} B of weights counted at "
+            "their bit-widths (params x bits / 8, what budgets count; the stored figure above "
+            f"rounds 3-bit up to int4 and 6-bit to int8){extra}"
+        )
+    return lines
+
+
+def _resource_text(allocation: dict[str, Any]) -> str:
+    parts = []
+    if allocation.get("latency") is not None:
+        measured = "table" in str(allocation.get("latency_source", "")).lower()
+        unit = "ms (measured table)" if measured else "MAC x bit units (relative cost model)"
+        parts.append(f"latency {allocation['latency']:,.4g} {unit}")
+    if allocation.get("flash_bytes") is not None:
+        parts.append(f"flash {allocation['flash_bytes']:,.0f} B")
+    if allocation.get("peak_ram_bytes") is not None:
+        parts.append(f"peak RAM {allocation['peak_ram_bytes']:,.0f} B")
+    if allocation.get("predicted_damage") is not None:
+        parts.append(f"predicted damage {allocation['predicted_damage']:.4g} (loss units)")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def _quality_line(metrics: dict[str, dict[str, float]] | None, warnings: list[str]) -> str:
+    """The first quantized model against float on its headline metric, with a judgement."""
+    if not metrics or "float" not in metrics:
+        return ""
+    names = [n for n in metrics if n != "float" and not n.startswith("onnxruntime")]
+    if not names:
+        return ""
+    model = metrics[names[0]]
+    metric = next((m for m in ("accuracy", "top1_agreement", "mean_cosine") if m in model), None)
+    if metric is None:
+        return ""
+    reference = metrics["float"].get(metric, 1.0)
+    drop_pt = (reference - model[metric]) * 100
+    if drop_pt <= CLOSE_DROP_PT:
+        verdict = "[green]close to float[/]"
+    else:
+        verdict = "[bold red]large drop[/]" if drop_pt > 5 * CLOSE_DROP_PT else "[yellow]drops[/]"
+        warnings.append(f"{metric} drops {drop_pt:.2f} points against float")
+    samples = int(model.get("samples", 0))
+    return (
+        f"quality: {metric} {model[metric]:.4f} vs float {reference:.4f} "
+        f"({-drop_pt:+.2f} points) on {samples:,} held-out samples: {verdict}"
     )
-    output.console.print(
-        f"  weights {sizes['quantized_weight_bytes_packed']:,} B packed; model file "
-        f"{sizes['float_model_bytes']:,} B float -> {sizes['qdq_model_bytes']:,} B QDQ; "
-        f"{report['timings']['total_s']:.1f} s"
-    )
+
+
+def _exactness_lines(
+    report: dict[str, Any], paths: Mapping[str, Path], warnings: list[str]
+) -> list[str]:
+    lines = []
     integer = report.get("integer")
     if integer:
         exact = integer.get("bit_exact_vs_reference", {})
+        n, ok = exact.get("tensors", 0), exact.get("exact_tensors", 0)
+        if not n:
+            verdict = "[yellow]not checked[/] (no check batches)"
+        elif ok == n:
+            verdict = f"[green]bit-exact[/] vs the reference on all {n} tensors"
+        else:
+            verdict = f"[bold red]NOT bit-exact[/]: {n - ok} of {n} tensors differ"
+        islands = integer["float_ops"]
+        kind = "fully integer" if not islands else f"float islands: {', '.join(islands)}"
+        lines.append(f"integer model ({kind}): {verdict}")
         agreement = integer.get("qdq_vs_integer", {})
-        matched = exact.get("exact_tensors", 0) == exact.get("tensors", 0)
-        verdict = "[green]bit-exact[/]" if matched else "[bold red]NOT bit-exact[/]"
         lsb = agreement.get("max_output_diff_lsb")
-        output.console.print(
-            f"  integer model: {'fully integer' if integer['fully_integer'] else 'float ops: '}"
-            f"{', '.join(integer['float_ops'])}; {verdict} vs reference on "
-            f"{exact.get('exact_tensors', 0)}/{exact.get('tensors', 0)} tensors; QDQ vs "
-            "integer max "
-            + (f"{lsb:.1f} LSB" if lsb is not None else "n/a (no integer outputs)")
-            + f", top-1 agreement {output.fmt(agreement.get('top1_agreement_qdq_vs_integer'))}"
-        )
+        if lsb is not None:
+            lines.append(
+                f"QDQ vs integer model: outputs differ by at most {lsb:.1f} LSB (output codes), "
+                f"top-1 agreement {output.fmt(agreement.get('top1_agreement_qdq_vs_integer'))}: "
+                + _lsb_verdict(lsb, bool(islands), warnings)
+            )
     target = report.get("target")
     if target:
-        exact = target.get("bit_exact_vs_reference")
+        lines.append(_target_line(target, paths))
+    return lines
+
+
+def _lsb_verdict(lsb: float, islands: bool, warnings: list[str]) -> str:
+    """The QDQ simulator rounds in float, the integer model with dyadic multipliers: a code
+    or two apart is the expected rounding difference; more is worth a look."""
+    if lsb <= 2:
+        return "[green]agree[/] (rounding differences only)"
+    why = "float islands round differently" if islands else "dyadic requantization error"
+    warnings.append(f"QDQ and integer outputs differ by up to {lsb:.1f} LSB ({why})")
+    return f"[yellow]differ[/] ({why}; compare their metrics above)"
+
+
+def _target_line(target: dict[str, Any], paths: Mapping[str, Path]) -> str:
+    exact = target.get("bit_exact_vs_reference")
+    if exact:
+        same = exact["exact"] == exact["inputs"]
+        verdict = "[green]bit-exact[/]" if same else "[bold red]NOT bit-exact[/]"
         checked = (
-            f"output codes equal to the reference's on {exact['exact']}/{exact['inputs']} inputs"
-            if exact
-            else target.get("ran_on", target.get("built", ""))
+            f"{verdict}: output codes equal to the reference's on {exact['exact']}/"
+            f"{exact['inputs']} inputs"
         )
-        if exact and target.get("code_tolerance"):
+        if target.get("code_tolerance"):
             checked += (
                 f" (float islands: within {exact['max_code_diff']} codes"
                 + (
@@ -58,27 +186,39 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], out: Path) -> No
                 )
                 + f"; tolerance {target['code_tolerance']} codes)"
             )
-        extras = [
-            f"{key.replace('_', ' ')} {target[key]:,}"
-            for key in ("flash_bytes", "arena_bytes", "instructions_per_inference")
-            if key in target
-        ]
-        output.console.print(
-            f"  target {target['target']}: {checked}"
-            + (f"; {', '.join(extras)}" if extras else "")
-            + f" -> {out / target['target']}"
-        )
-    verification = report.get("verification", {})
-    for problem in verification.get("problems", []):
-        label = "warning (--allow-mismatch)" if verification.get("mismatch_allowed") else "FAILED"
-        output.console.print(f"  [bold red]verification {label}:[/] {escape(problem)}")
-    if report["float_layers"]:
-        kept = ", ".join(f["id"] for f in report["float_layers"])
-        output.console.print(f"  kept in float: {kept}")
-    metrics = report.get("metrics")
-    if metrics:
-        output.console.print(output.metrics_table(metrics))
-    written = ["model.qdq.onnx", "plan.json", "report.json", "report.html"]
-    if integer:
-        written.insert(1, "model.int.onnx")
-    output.console.print(f"  wrote {', '.join(str(out / name) for name in written)}")
+    else:
+        checked = f"[yellow]not run here[/]: {target.get('ran_on', target.get('built', ''))}"
+    units = {
+        "flash_bytes": "B",
+        "arena_bytes": "B",
+        "instructions_per_inference": "instructions",
+    }
+    extras = [
+        f"{key.replace('_bytes', '').replace('_', ' ')} {target[key]:,} {unit}"
+        for key, unit in units.items()
+        if key in target
+    ]
+    return f"target {target['target']}: {checked}" + (f"; {', '.join(extras)}" if extras else "")
+
+
+def _print_files(report: dict[str, Any], paths: Mapping[str, Path], say: Any) -> None:
+    """Which file to deploy for which runtime, then the rest."""
+    say("  deploy:")
+    qdq_for = DEPLOY["qdq"]
+    if report.get("qdq_style") == "tensorrt":
+        qdq_for = "TensorRT (explicit quantization: trtexec --onnx=... --stronglyTyped)"
+    roles = {"qdq": qdq_for, **{k: v for k, v in DEPLOY.items() if k != "qdq"}}
+    target = report.get("target")
+    if target and "target" in paths:
+        roles["target"] = _target_use(str(target["target"]), paths["target"])
+    for role, use in roles.items():
+        if role in paths:
+            say(f"    {escape(str(paths[role]))}  {escape(use)}")
+    rest = [paths[r] for r in ("plan", "report", "report_html") if r in paths]
+    say(f"  also wrote {', '.join(escape(str(p)) for p in rest)}")
+
+
+def _target_use(name: str, folder: Path) -> str:
+    if name.startswith("cortex-m"):
+        return f"C sources (+ Makefile, app.elf) for {name}: build into your firmware"
+    return f"TVM library for {name}: `dyadiq run {folder} --input x.npy` or run_model.py"

