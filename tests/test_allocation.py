@@ -224,7 +224,7 @@ def test_a_proxy_the_report_lacks_is_an_error_not_zero_damage():
     formats = [LayerFormat(b, 8) for b in (2, 4, 8)]
     layer = next(iter(report.layers.values()))
     assert layer_damage(layer, 2, Proxy.EMPIRICAL) > layer_damage(layer, 8, "empirical") >= 0
-    with pytest.raises(MissingProxyError, match=r"no hessian damage.*trace=True"):
+    with pytest.raises(MissingProxyError, match=r"no trace damage.*trace=True"):
         problem_from_report(graph, report, formats, Proxy.HESSIAN)
     with pytest.raises(MissingProxyError, match=r"no fisher damage.*--gradients"):
         layer_damage(layer, 4, "fisher")

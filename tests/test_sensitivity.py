@@ -15,6 +15,7 @@ from dyadiq.passes.sensitivity.analysis import (
 )
 from dyadiq.passes.sensitivity.estimators import hutchinson_trace, power_iteration
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, softmax
+from dyadiq.passes.sensitivity.report import SCHEMA_VERSION
 from tests.builders import with_weights
 
 MLP = """
@@ -105,11 +106,17 @@ def test_analysis_report_is_consistent_and_round_trips():
     model, _, _ = _mlp(rng)
     graph = load_onnx(model, simplify=False)
     batches = [{"x": rng.normal(size=(8, 6)).astype(np.float32)} for _ in range(4)]
-    config = SensitivityConfig(weight_bits=(2, 4, 8), hutchinson_max_iters=32, gradients=True)
+    config = SensitivityConfig(
+        weight_bits=(2, 4, 8), hutchinson_max_iters=32, gradients=True, pairs=True
+    )
     report = analyze(graph, batches, OutputKind.LOGITS, config)
     assert report.reverse_passes > 0 and not report.notes
     assert set(report.layers) == {n.name for n in graph.weighted_layers()}
-    assert len(report.pairs) == 1  # two layers: one pair
+    # two layers: one pair, measured at each width pair of pair_bits (2, 3, 4) & (2, 4, 8)
+    assert {(p.bits_a, p.bits_b) for p in report.pairs} == {(2, 2), (2, 4), (4, 2), (4, 4)}
+    for term in report.pairs:
+        assert term.stderr > 0
+        assert term.single_a == report.layers[term.a].empirical_damage[term.bits_a]
     for layer in report.layers.values():
         # fewer bits, more damage, measured and predicted
         assert layer.empirical_damage[2] > layer.empirical_damage[4] > layer.empirical_damage[8]
@@ -212,7 +219,7 @@ def test_a_cached_report_of_an_older_schema_is_recomputed(tmp_path, monkeypatch)
         SensitivityReport.from_json(old)
     again, cached = analyze_cached(graph, batches, OutputKind.LOGITS, config)
     assert not cached and again.to_json() == report.to_json() | {"seconds": again.seconds}
-    assert json.loads(path.read_text())["schema_version"] == 2
+    assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
 
 
 def test_output_kind_detection():

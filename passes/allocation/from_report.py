@@ -123,6 +123,28 @@ def report_activation_damage(report: SensitivityReport) -> Mapping[str, Mapping[
     return {i: d for i, d in table.items() if d} or None
 
 
+def _pair_costs(
+    report: SensitivityReport, proxy: Proxy, allowed: Mapping[str, Sequence[LayerFormat]]
+) -> list[PairCost]:
+    """One :class:`PairCost` per measured layer pair: the safe cross term of each width pair
+    it was measured at (``damage_model.pair_damage``); other width pairs cost nothing, and
+    all-zero pairs are left out of the ILP."""
+    by_pair: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
+    for term in report.pairs:
+        value = pair_damage(report, term, proxy)
+        by_pair.setdefault((term.a, term.b), {})[(term.bits_a, term.bits_b)] = value
+    costs = []
+    for (a, b), table in by_pair.items():
+        cost = {
+            (fa, fb): table.get((fa.weight_bits, fb.weight_bits), 0.0)
+            for fa in allowed[a]
+            for fb in allowed[b]
+        }
+        if any(cost.values()):
+            costs.append(PairCost(a, b, cost))
+    return costs
+
+
 def problem_from_report(
     graph: QGraph,
     report: SensitivityReport,
@@ -148,11 +170,15 @@ def problem_from_report(
     int8 containers). Table rows may be keyed by LayerFormat or by label ("W4A8").
     """
     layers = list(report.layers)
-    missing = [f for f in formats if f.weight_bits not in report.layers[layers[0]].empirical_damage]
+    chosen = Proxy.parse(proxy)
+    first = report.layers[layers[0]]
+    layer_damage(first, 8, chosen)  # MissingProxyError when the report lacks this proxy
+    measured = getattr(first, chosen.damage_field)
+    missing = [f for f in formats if f.weight_bits not in measured]
     if missing:
         raise ConfigError(
-            f"the sensitivity report has no data for {[f.label for f in missing]}; "
-            "rerun analyze with those widths"
+            f"the sensitivity report has no {chosen.base.value} data for "
+            f"{[f.label for f in missing]}; rerun analyze with those widths"
         )
     allowed = {
         i: list(candidates[i]) if candidates and i in candidates else list(formats) for i in layers
@@ -194,15 +220,9 @@ def problem_from_report(
     size = {i: {f: report.layers[i].params * f.weight_bits / 8 for f in allowed[i]} for i in layers}
     macs = {i: layer_macs(graph, i) for i in layers}
     bops = {i: {f: macs[i] * f.weight_bits * f.act_bits for f in allowed[i]} for i in layers}
-    pairs = []
-    if Proxy.parse(proxy).with_pairs:
-        for term in report.pairs:
-            cost = {
-                (fa, fb): pair_damage(report, term, fa.weight_bits, fb.weight_bits)
-                for fa in allowed[term.a]
-                for fb in allowed[term.b]
-            }
-            pairs.append(PairCost(term.a, term.b, cost))
+    pairs: list[PairCost] = []
+    if chosen.with_pairs:
+        pairs = _pair_costs(report, chosen, allowed)
     ram = None
     if ram_live_sets is not None:
         live = [sorted(s) for s in ram_live_sets]

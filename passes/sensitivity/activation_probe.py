@@ -18,7 +18,7 @@ output over its own range, averaged over batches: a cheap data-only importance s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -44,6 +44,20 @@ class ActivationSite:
             "consumers": list(self.consumers),
             "damage": {str(b): v for b, v in self.damage.items()},
         }
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What an analysis worker needs to price activation sites: the model with its switchable
+    quantizers (serialized), the batches, the float reference and each site's range."""
+
+    model: bytes
+    kind: OutputKind
+    output_name: str
+    sites: list[str]
+    batches: list[dict[str, np.ndarray]]
+    reference: list[np.ndarray]
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _fake_quant_nodes(tensor: str, index: int) -> tuple[list[onnx.NodeProto], str]:
@@ -109,14 +123,11 @@ class ActivationProbe:
         sorted_graph = gs.import_onnx(model)
         sorted_graph.toposort()
         model = gs.export_onnx(sorted_graph)
+        self._model_bytes = model.SerializeToString()
         self.session = _session(model)
         self.forward_passes = 0
         self._outputs = [o.name for o in self.session.get_outputs()]
-        self._disabled = {
-            f"__aq{i}_{s}": np.array(1.0 if s in ("scale", "qmax") else 0.0, np.float32)
-            for i in range(len(self.sites))
-            for s in _SWITCHES
-        }
+        self._disabled = self._switches_off(len(self.sites))
         first = [self._run(b, {}) for b in self.batches]
         self.reference = [f[self.output_name] for f in first]
         self.ranges = {
@@ -126,6 +137,42 @@ class ActivationProbe:
         self._layer_values = {
             layer: [f[name] for f in first] for layer, name in self.layer_outputs.items()
         }
+
+    @staticmethod
+    def _switches_off(sites: int) -> dict[str, np.ndarray]:
+        return {
+            f"__aq{i}_{s}": np.array(1.0 if s in ("scale", "qmax") else 0.0, np.float32)
+            for i in range(sites)
+            for s in _SWITCHES
+        }
+
+    def spec(self) -> ProbeSpec:
+        return ProbeSpec(
+            self._model_bytes,
+            self.kind,
+            self.output_name,
+            list(self.sites),
+            self.batches,
+            self.reference,
+            dict(self.ranges),
+        )
+
+    @classmethod
+    def from_spec(cls, spec: ProbeSpec, threads: int = 2) -> ActivationProbe:
+        """A probe that prices sites (:meth:`site_damage`) with its own session."""
+        probe = cls.__new__(cls)
+        probe.kind = spec.kind
+        probe.batches = spec.batches
+        probe.sites = list(spec.sites)
+        probe.output_name = spec.output_name
+        probe.session = _session(spec.model, threads)
+        probe._model_bytes = spec.model
+        probe.forward_passes = 0
+        probe._outputs = [o.name for o in probe.session.get_outputs()]
+        probe._disabled = cls._switches_off(len(probe.sites))
+        probe.reference = spec.reference
+        probe.ranges = dict(spec.ranges)
+        return probe
 
     def _run(
         self,

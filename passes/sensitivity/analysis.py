@@ -6,8 +6,9 @@ For every weighted layer i and candidate weight width b, on label-free calibrati
   HAWQ-V2 damage Omega_i(b) = 1/2 Tr(H_i)/n_i ||Q_b(W_i) - W_i||^2 (predicted KL);
 - empirical damage Delta L_i(b): the loss with layer i alone at b bits;
 - output SNR (dB) of that single-layer perturbation, a cheap baseline proxy;
-- inter-layer terms Delta_ij = L(Q_i, Q_j) - L(Q_i) - L(Q_j) + L(none) at ``pair_bits`` for all
-  pairs of small models, or neighbours plus pairs among the most sensitive layers otherwise;
+- inter-layer terms Delta_ij = L(Q_i, Q_j) - L(Q_i) - L(Q_j) + L(none) at every width pair of
+  ``pair_bits``, with their noise, for all pairs of small models, or pairs by structure plus
+  pairs among the most sensitive layers otherwise (``pairs.py``; off unless asked);
 - with ``gradients=True`` (reverse mode through TVM, ``gradient_proxies.py``): the top
   Gauss-Newton eigenvalue lambda_i (HAWQ; damage 1/2 lambda_i ||dW||^2), the Fisher diagonal
   (damage 1/2 sum F_jj dW_j^2) and the Taylor term |g . dW| with g the gradient of the
@@ -17,8 +18,14 @@ For every weighted layer i and candidate weight width b, on label-free calibrati
 - activation damage: the loss with one activation site alone fake-quantized to each of
   ``activation_bits`` (``activation_probe.py``); a layer whose data input is exactly one site
   carries that site's damage as ``activation_damage``.
-The report is data (:mod:`.report`, versioned JSON); :func:`predict_damage` turns it into a damage
-model over plans.
+Every evaluation above (a layer at a width, a pair, a probe vector, a site at a width) is an
+independent task run by an executor (``executor.py``: serial, or Ray workers), with its own
+seed, so the report does not depend on where or in what order they ran; finished tasks are
+journalled so an interrupted analysis resumes. The Hutchinson estimate stops on its standard
+error (``hutchinson_rtol`` of the mean, after ``hutchinson_min_iters``, at most
+``hutchinson_max_iters``), reported with it.
+The report is data (:mod:`.report`, versioned JSON); :func:`predict_damage`
+(``damage_model.py``) turns it into a damage model over plans.
 """
 
 from __future__ import annotations
@@ -31,19 +38,25 @@ from typing import Any
 
 import numpy as np
 
-from dyadiq.errors import ConfigError
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.passes.sensitivity.activation_probe import ActivationProbe, ActivationSite
-from dyadiq.passes.sensitivity.estimators import Estimate, hutchinson_trace
-from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel, loss
+from dyadiq.passes.sensitivity.damage_model import MissingProxyError as MissingProxyError
+from dyadiq.passes.sensitivity.damage_model import layer_damage as layer_damage
+from dyadiq.passes.sensitivity.damage_model import pair_damage as pair_damage
+from dyadiq.passes.sensitivity.damage_model import predict_damage as predict_damage
+from dyadiq.passes.sensitivity.estimators import Estimate, estimate_of, hutchinson_stop
+from dyadiq.passes.sensitivity.executor import Executor, Journal, SerialExecutor, run_tasks
+from dyadiq.passes.sensitivity.pairs import pairs_to_measure
+from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
 from dyadiq.passes.sensitivity.proxy import PROXIES as PROXIES  # re-exported: callers list them
-from dyadiq.passes.sensitivity.proxy import Proxy
+from dyadiq.passes.sensitivity.proxy import Proxy as Proxy
 from dyadiq.passes.sensitivity.report import (
     LayerSensitivity,
     PairTerm,
     SensitivityConfig,
     SensitivityReport,
 )
+from dyadiq.passes.sensitivity.tasks import AnalysisSpec, SiteLoss, TraceProbe, WeightLoss
 from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
 DEFAULT_CONFIG = SensitivityConfig()  # frozen: one shared default is safe
@@ -72,27 +85,6 @@ def _corrected_biases(
     }
 
 
-def _snr_db(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
-    noise = sum(
-        float(np.sum((o.astype(np.float64) - r) ** 2))
-        for r, o in zip(reference, outputs, strict=True)
-    )
-    return float(10 * np.log10(signal / max(noise, 1e-30)))
-
-
-def _pairs_to_measure(
-    layer_ids: list[str], damage: Mapping[str, float], config: SensitivityConfig
-) -> list[tuple[str, str]]:
-    if len(layer_ids) <= config.all_pairs_up_to:
-        return list(itertools.combinations(layer_ids, 2))
-    chosen = set(itertools.pairwise(layer_ids))  # graph neighbours
-    top = sorted(layer_ids, key=lambda i: -damage.get(i, 0.0))[: config.top_k_pairs]
-    chosen |= {tuple(sorted(p)) for p in itertools.combinations(top, 2)}  # type: ignore[misc]
-    order = {k: i for i, k in enumerate(layer_ids)}
-    return sorted(chosen, key=lambda p: (order[p[0]], order[p[1]]))
-
-
 def detect_output_kind(outputs: Sequence[np.ndarray]) -> OutputKind:
     """Probabilities if rows are non-negative and sum to 1; embeddings if rows have unit
     norm and the output is not one row per class (rank 2, >= 64 wide); logits otherwise."""
@@ -118,11 +110,13 @@ def analyze_cached(
     *,
     labels: np.ndarray | None = None,
     weights: WeightQuantizer = ROUND_TO_NEAREST,
+    executor: Executor | None = None,
 ) -> tuple[SensitivityReport, bool]:
     """``analyze`` with the on-disk cache; returns (report, whether it came from the cache).
 
     The key covers the weight quantizer: a compensated one by the digest of its settings and
-    every compensated array, so damage priced for other weights is never reused."""
+    every compensated array, so damage priced for other weights is never reused. Finished
+    tasks are journalled under the same key, so an interrupted analysis resumes."""
     import hashlib
 
     from dyadiq.passes.sensitivity import cache
@@ -137,10 +131,97 @@ def analyze_cached(
     cached = cache.load(key)
     if cached is not None:
         return cached, True
-    report = analyze(graph, batches, kind, config, labels=labels, weights=weights)
+    journal = cache.PartialResults(key)
+    report = analyze(
+        graph,
+        batches,
+        kind,
+        config,
+        labels=labels,
+        weights=weights,
+        executor=executor,
+        journal=journal,
+    )
     report = dataclasses.replace(report, fingerprint=key)
     cache.store(key, report)
     return report, False
+
+
+def _hutchinson_rounds(
+    executor: Executor,
+    spec: AnalysisSpec,
+    model: PerturbableModel,
+    config: SensitivityConfig,
+    first: Mapping[str, Any],
+    journal: Journal | None,
+) -> tuple[dict[str, Estimate], int]:
+    """Average trace Tr(H)/n per layer: probes in rounds (the first, ``min_iters`` per layer,
+    already in ``first``), each round doubling a layer's samples until its standard error is
+    within ``hutchinson_rtol`` of its mean. The stopping sample is the one a sequential loop
+    would stop at (``hutchinson_stop``), so the estimate does not depend on the rounds."""
+    layers = list(model.weights)
+    epsilon = _epsilons(model, config)
+    values = {
+        layer: [first[_probe_key(layer, k)]["value"] for k in range(config.hutchinson_min_iters)]
+        for layer in layers
+    }
+    passes = 0
+    checked = dict.fromkeys(layers, 0)
+    stop: dict[str, int | None] = {}
+    for round_index in itertools.count(1):
+        for layer in layers:
+            if stop.get(layer) is None:
+                stop[layer] = hutchinson_stop(
+                    values[layer],
+                    min_iters=config.hutchinson_min_iters,
+                    rtol=config.hutchinson_rtol,
+                    checked=checked[layer],
+                )
+                checked[layer] = len(values[layer])
+        pending = [
+            layer
+            for layer in layers
+            if stop[layer] is None and len(values[layer]) < config.hutchinson_max_iters
+        ]
+        if not pending:
+            break
+        tasks = []
+        for layer in pending:
+            drawn = len(values[layer])
+            more = min(config.hutchinson_max_iters, 2 * drawn)
+            index = layers.index(layer)
+            tasks += [_probe(layer, index, k, config, epsilon) for k in range(drawn, more)]
+        results = run_tasks(
+            executor, spec, tasks, f"sensitivity: Hutchinson round {round_index}", journal
+        )
+        for task in tasks:
+            values[task.layer].append(results[task.key]["value"])
+            passes += int(results[task.key]["passes"])
+    traces = {}
+    for layer in layers:
+        used = values[layer][: stop[layer] or len(values[layer])]
+        total = estimate_of(used)
+        n = model.weights[layer].size
+        traces[layer] = Estimate(total.mean / n, total.stderr / n, total.samples)
+    return traces, passes
+
+
+def _epsilons(model: PerturbableModel, config: SensitivityConfig) -> dict[str, float]:
+    """Finite-difference steps: ``epsilon_rel`` times each layer's RMS weight."""
+    return {
+        layer: config.epsilon_rel * float(np.sqrt(np.mean(w**2)) or 1.0)
+        for layer, w in model.weights.items()
+    }
+
+
+def _probe_key(layer: str, k: int) -> str:
+    return f"trace/{layer}/{k}"
+
+
+def _probe(
+    layer: str, index: int, k: int, config: SensitivityConfig, epsilon: Mapping[str, float]
+) -> TraceProbe:
+    return TraceProbe(_probe_key(layer, k), layer, (config.seed, index, k), epsilon[layer])
 
 
 def analyze(
@@ -152,13 +233,39 @@ def analyze(
     *,
     labels: np.ndarray | None = None,
     weights: WeightQuantizer = ROUND_TO_NEAREST,
+    executor: Executor | None = None,
+    journal: Journal | None = None,
 ) -> SensitivityReport:
     """``labels``: one class index per output row of ``batches`` (in order); they switch the
     Taylor proxy's loss from cross-entropy against the float argmax to the real task loss.
     ``weights``: the quantizer the plans will use (a compensated one prices the damage of its
-    compensated weights and corrected biases)."""
+    compensated weights and corrected biases). ``executor``: where the independent
+    evaluations run (serial by default; the results do not depend on it). ``journal``:
+    finished tasks (an interrupted run's are skipped)."""
     start = time.perf_counter()
-    rng = np.random.default_rng(config.seed)
+    own_executor = executor is None
+    executor = executor if executor is not None else SerialExecutor()
+    try:
+        return _analyze(
+            graph, batches, kind, config, layer_ids, labels, weights, executor, journal, start
+        )
+    finally:
+        if own_executor:
+            executor.close()
+
+
+def _analyze(
+    graph: QGraph,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    kind: OutputKind,
+    config: SensitivityConfig,
+    layer_ids: Sequence[str] | None,
+    labels: np.ndarray | None,
+    weights: WeightQuantizer,
+    executor: Executor,
+    journal: Journal | None,
+    start: float,
+) -> SensitivityReport:
     model = PerturbableModel(graph, batches, kind, layer_ids)
     notes: list[str] = []
     extra: dict[str, dict[str, Any]] = {layer: {} for layer in model.weights}
@@ -167,104 +274,155 @@ def analyze(
         reverse_passes, extra_forward = _gradient_statistics(
             graph, batches, kind, config, layer_ids, labels, extra, notes
         )
-    activations: dict[str, ActivationSite] = {}
+    probe: ActivationProbe | None = None
     if config.entropy or config.activations:
         probe = ActivationProbe(graph, batches, kind)
         if config.entropy:
             for layer, value in probe.feature_entropy().items():
                 if layer in extra:
                     extra[layer]["entropy"] = value
-        if config.activations:
-            for site in probe.activation_sites(config.activation_bits):
-                activations[site.tensor] = site
-            for layer in extra:
-                reading = [a for a in activations.values() if layer in a.consumers]
-                if len(reading) == 1:
-                    extra[layer]["input_activation"] = reading[0].tensor
-                    extra[layer]["activation_damage"] = dict(reading[0].damage)
         extra_forward += probe.forward_passes
-    layers: dict[str, LayerSensitivity] = {}
-    low_damage: dict[str, float] = {}
-    for layer_id, weight in model.weights.items():
-        widths = sorted({*config.weight_bits, config.pair_bits})  # pair terms rescale by these
-        quantized = {b: quantized_weight(graph, layer_id, b, weights) for b in widths}
-        pert_sq = {b: float(np.sum((quantized[b] - weight) ** 2)) for b in widths}
-        trace = None
-        hessian: dict[int, float] = {}
-        if config.trace:
-            epsilon = config.epsilon_rel * float(np.sqrt(np.mean(weight**2)) or 1.0)
-
-            def quadratic_form(v: np.ndarray, lid: str = layer_id, eps: float = epsilon) -> float:
-                return model.fisher_quadratic_form(lid, v, eps)
-
-            total = hutchinson_trace(
-                quadratic_form,
-                weight.shape,
-                rng=rng,
-                max_iters=config.hutchinson_max_iters,
-                min_iters=config.hutchinson_min_iters,
-                rtol=config.hutchinson_rtol,
-            )
-            n = weight.size
-            trace = Estimate(total.mean / n, total.stderr / n, total.samples)
-            hessian = {b: 0.5 * trace.mean * pert_sq[b] for b in config.weight_bits}
+    spec = AnalysisSpec(model.spec(), probe.spec() if probe and config.activations else None)
+    layers = list(model.weights)
+    pair_widths: tuple[int, ...] = ()
+    if config.pairs:
+        pair_widths = tuple(b for b in config.pair_bits if b in config.weight_bits) or (
+            min(config.weight_bits),
+        )
+    loss_widths = sorted({*(config.weight_bits if config.empirical else ()), *pair_widths})
+    widths = sorted({*config.weight_bits, *pair_widths})
+    quantized = {
+        layer: {b: quantized_weight(graph, layer, b, weights) for b in widths} for layer in layers
+    }
+    epsilon = _epsilons(model, config)
+    tasks: list[Any] = [
+        WeightLoss(
+            _loss_key(layer, b),
+            {layer: quantized[layer][b]},
+            _corrected_biases(model, weights, {layer: b}),
+        )
+        for layer in layers
+        for b in loss_widths
+    ]
+    if probe is not None and config.activations:
+        tasks += [
+            SiteLoss(f"act/{site}/{b}", i, b)
+            for i, site in enumerate(probe.sites)
+            for b in config.activation_bits
+        ]
+    if config.trace:
+        tasks += [
+            _probe(layer, i, k, config, epsilon)
+            for i, layer in enumerate(layers)
+            for k in range(config.hutchinson_min_iters)
+        ]
+    first = run_tasks(executor, spec, tasks, "sensitivity: layers and sites", journal)
+    task_passes = sum(int(first[t.key]["passes"]) for t in tasks)
+    traces: dict[str, Estimate] = {}
+    if config.trace:
+        traces, more = _hutchinson_rounds(executor, spec, model, config, first, journal)
+        task_passes += more
+    activations: dict[str, ActivationSite] = {}
+    if probe is not None and config.activations:
+        for site in probe.sites:
+            damage = {b: float(first[f"act/{site}/{b}"]["value"]) for b in config.activation_bits}
+            activations[site] = ActivationSite(site, probe.consumers[site], damage)
+        for layer in extra:
+            reading = [a for a in activations.values() if layer in a.consumers]
+            if len(reading) == 1:
+                extra[layer]["input_activation"] = reading[0].tensor
+                extra[layer]["activation_damage"] = dict(reading[0].damage)
+    result: dict[str, LayerSensitivity] = {}
+    for layer in layers:
+        weight = model.weights[layer]
+        pert_sq = {b: float(np.sum((quantized[layer][b] - weight) ** 2)) for b in widths}
+        trace = traces.get(layer)
+        hessian = {b: 0.5 * trace.mean * pert_sq[b] for b in config.weight_bits} if trace else {}
         empirical: dict[int, float] = {}
         snr: dict[int, float] = {}
         if config.empirical:
             for b in config.weight_bits:
-                q = quantized[b]
-                outs = model.outputs(
-                    {layer_id: q}, _corrected_biases(model, weights, {layer_id: b})
-                )
-                pairs_ro = zip(model.reference, outs, strict=True)
-                empirical[b] = float(np.mean([loss(r, o, kind) for r, o in pairs_ro]))
-                snr[b] = _snr_db(model.reference, outs)
-        low = min(config.weight_bits)
-        low_damage[layer_id] = empirical.get(low, hessian.get(low, 0.0))
-        layers[layer_id] = LayerSensitivity(
-            graph.node(layer_id).op,
+                measured = first[_loss_key(layer, b)]
+                empirical[b] = float(np.mean(measured["batch"]))
+                snr[b] = float(measured["snr_db"])
+        result[layer] = LayerSensitivity(
+            graph.node(layer).op,
             int(weight.size),
             pert_sq,
             trace,
             hessian,
             empirical,
             snr,
-            **_per_width_proxies(extra[layer_id], weight, quantized, config.weight_bits),
+            **_per_width_proxies(extra[layer], weight, quantized[layer], config.weight_bits),
         )
     pairs: list[PairTerm] = []
-    if config.pairs and config.empirical:
-        pb = config.pair_bits
-        single: dict[str, float] = {}
-        for layer_id in model.weights:
-            measured = layers[layer_id].empirical_damage
-            single[layer_id] = (
-                measured[pb]
-                if pb in measured
-                else model.loss(
-                    {layer_id: quantized_weight(graph, layer_id, pb, weights)},
-                    _corrected_biases(model, weights, {layer_id: pb}),
-                )
-            )
-        for first, second in _pairs_to_measure(list(model.weights), low_damage, config):
-            both = model.loss(
-                {
-                    first: quantized_weight(graph, first, pb, weights),
-                    second: quantized_weight(graph, second, pb, weights),
-                },
-                _corrected_biases(model, weights, {first: pb, second: pb}),
-            )
-            pairs.append(PairTerm(first, second, pb, both - single[first] - single[second]))
+    if config.pairs:
+        pairs, more = _pair_terms(
+            graph, executor, spec, model, weights, config, quantized, first, pair_widths, journal
+        )
+        task_passes += more
     return SensitivityReport(
-        layers,
+        result,
         tuple(pairs),
         kind.value,
-        model.forward_passes + extra_forward,
+        model.forward_passes + extra_forward + task_passes,
         time.perf_counter() - start,
         config.to_json(),
         activations=activations,
         reverse_passes=reverse_passes,
         notes=tuple(notes),
     )
+
+
+def _loss_key(layer: str, bits: int) -> str:
+    return f"loss/{layer}/{bits}"
+
+
+def _pair_terms(
+    graph: QGraph,
+    executor: Executor,
+    spec: AnalysisSpec,
+    model: PerturbableModel,
+    weights: WeightQuantizer,
+    config: SensitivityConfig,
+    quantized: Mapping[str, Mapping[int, np.ndarray]],
+    singles: Mapping[str, Any],
+    widths: Sequence[int],
+    journal: Journal | None,
+) -> tuple[list[PairTerm], int]:
+    """Delta_ab at every width pair of ``widths`` for the selected pairs, with the standard
+    error of its per-row differences (``pairs.py``)."""
+    layers = list(model.weights)
+    low = min(widths)
+    damage = {layer: float(np.mean(singles[_loss_key(layer, low)]["batch"])) for layer in layers}
+    chosen = pairs_to_measure(
+        graph, layers, damage, all_pairs_up_to=config.all_pairs_up_to, top_k=config.top_k_pairs
+    )
+    tasks = [
+        WeightLoss(
+            f"pair/{a}/{b}/{ba}/{bb}",
+            {a: quantized[a][ba], b: quantized[b][bb]},
+            _corrected_biases(model, weights, {a: ba, b: bb}),
+        )
+        for a, b in chosen
+        for ba in widths
+        for bb in widths
+    ]
+    results = run_tasks(executor, spec, tasks, "sensitivity: pair terms", journal)
+    terms = []
+    passes = 0
+    for a, b in chosen:
+        for ba in widths:
+            for bb in widths:
+                both = results[f"pair/{a}/{b}/{ba}/{bb}"]
+                one, two = singles[_loss_key(a, ba)], singles[_loss_key(b, bb)]
+                rows = np.asarray(both["rows"]) - np.asarray(one["rows"]) - np.asarray(two["rows"])
+                stderr = float(rows.std(ddof=1) / np.sqrt(rows.size)) if rows.size > 1 else 0.0
+                d_one, d_two = float(np.mean(one["batch"])), float(np.mean(two["batch"]))
+                delta = float(np.mean(both["batch"])) - d_one - d_two
+                terms.append(PairTerm(a, b, ba, bb, delta, stderr, d_one, d_two))
+                passes += int(both["passes"])
+    return terms, passes
 
 
 def _gradient_statistics(
@@ -341,61 +499,3 @@ def _per_width_proxies(
         if key in extra:
             fields[key] = extra[key]
     return fields
-
-
-# what an analysis needs to compute each proxy, for the error when a report lacks one
-_HOW_TO_GET = {
-    "hessian_damage": "SensitivityConfig(trace=True)",
-    "empirical_damage": "SensitivityConfig(empirical=True)",
-    "snr_db": "SensitivityConfig(empirical=True)",
-    "eigen_damage": "analyze --gradients (SensitivityConfig(gradients=True))",
-    "fisher_damage": "analyze --gradients (SensitivityConfig(gradients=True))",
-    "taylor_damage": "analyze --gradients, on a model with a labelled task loss (not embeddings)",
-    "entropy_damage": "SensitivityConfig(entropy=True)",
-}
-
-
-class MissingProxyError(ConfigError):
-    """The sensitivity report has no data for the chosen proxy: pricing every layer at 0
-    would let the allocator pick the narrowest widths for free."""
-
-
-def layer_damage(layer: LayerSensitivity, bits: int, proxy: Proxy | str) -> float:
-    """One layer's predicted damage at ``bits`` weight bits (0 when left in float, at 32
-    bits). Raises :class:`MissingProxyError` when the report lacks that proxy."""
-    chosen = Proxy.parse(proxy)
-    values: Mapping[int, float] = getattr(layer, chosen.damage_field)
-    if not values:
-        raise MissingProxyError(
-            f"the sensitivity report has no {chosen.value} damage for this {layer.op} layer: "
-            f"rerun the analysis with {_HOW_TO_GET[chosen.damage_field]}, or choose another proxy"
-        )
-    if chosen is Proxy.SNR:
-        return 10 ** (-values.get(bits, 300.0) / 10) if bits < 32 else 0.0
-    return values.get(bits, 0.0)
-
-
-def pair_damage(report: SensitivityReport, pair: PairTerm, bits_a: int, bits_b: int) -> float:
-    """A pair term measured at ``pair.bits``, rescaled to other widths by the product of the
-    two layers' relative perturbation norms: exact for a quadratic loss whose cross term is
-    bilinear in the two perturbations."""
-    la, lb = report.layers[pair.a], report.layers[pair.b]
-    ref_a = la.perturbation_sq.get(pair.bits, 0.0)
-    ref_b = lb.perturbation_sq.get(pair.bits, 0.0)
-    if ref_a <= 0 or ref_b <= 0:
-        return 0.0
-    scale = np.sqrt(la.perturbation_sq.get(bits_a, 0.0) / ref_a) * np.sqrt(
-        lb.perturbation_sq.get(bits_b, 0.0) / ref_b
-    )
-    return pair.delta * float(scale)
-
-
-def predict_damage(report: SensitivityReport, bits: Mapping[str, int], proxy: Proxy | str) -> float:
-    """Predicted damage of giving each layer ``bits[layer]`` weight bits (8 where absent)."""
-    chosen = Proxy.parse(proxy)
-    total = sum(layer_damage(layer, bits.get(i, 8), chosen) for i, layer in report.layers.items())
-    if chosen.with_pairs:
-        total += sum(
-            pair_damage(report, p, bits.get(p.a, 8), bits.get(p.b, 8)) for p in report.pairs
-        )
-    return total

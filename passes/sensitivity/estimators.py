@@ -2,13 +2,16 @@
 
 ``hutchinson_trace``: Tr(A) = E[v^T A v] for Rademacher v (HAWQ-V2), stopping once the
 standard error falls below ``rtol`` times the running mean (after ``min_iters``).
+``hutchinson_stop``: that stopping rule on samples already drawn, so that a caller drawing
+probes in parallel rounds (the analysis executor) stops at exactly the sample a sequential
+loop would have stopped at, whatever the round sizes.
 ``power_iteration``: the top eigenvalue of a symmetric PSD A from A v products (HAWQ),
 stopping when successive Rayleigh quotients agree to ``rtol``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +26,39 @@ class Estimate:
     def to_json(self) -> dict[str, float]:
         return {"mean": self.mean, "stderr": self.stderr, "samples": self.samples}
 
+    @property
+    def relative_stderr(self) -> float:
+        return self.stderr / abs(self.mean) if self.mean else float("inf")
+
 
 def rademacher(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.integers(0, 2, size=shape).astype(np.float32) * 2 - 1
+
+
+def _converged(head: np.ndarray, rtol: float) -> bool:
+    mean = float(head.mean())
+    stderr = float(head.std(ddof=1) / np.sqrt(head.size))
+    return abs(mean) > 0 and stderr <= rtol * abs(mean)
+
+
+def hutchinson_stop(
+    values: Sequence[float], *, min_iters: int, rtol: float, checked: int = 0
+) -> int | None:
+    """The smallest n >= ``min_iters`` at which the first n samples' standard error is within
+    ``rtol`` of their mean (None: no prefix of ``values`` meets it). ``checked``: prefixes up
+    to this length are known not to meet it (an earlier round looked at them)."""
+    arr = np.asarray(values, np.float64)
+    for n in range(max(min_iters, 2, checked + 1), arr.size + 1):
+        if _converged(arr[:n], rtol):
+            return n
+    return None
+
+
+def estimate_of(values: Sequence[float]) -> Estimate:
+    """Mean and standard error of the mean of independent samples."""
+    arr = np.asarray(values, np.float64)
+    stderr = float(arr.std(ddof=1) / np.sqrt(arr.size)) if arr.size > 1 else float("inf")
+    return Estimate(float(arr.mean()), stderr, int(arr.size))
 
 
 def hutchinson_trace(
@@ -39,16 +72,11 @@ def hutchinson_trace(
 ) -> Estimate:
     """Estimate Tr(A) from ``quadratic_form(v) = v^T A v``."""
     values: list[float] = []
-    for i in range(max_iters):
+    for _ in range(max_iters):
         values.append(float(quadratic_form(rademacher(rng, shape))))
-        if i + 1 >= min_iters:
-            mean = float(np.mean(values))
-            stderr = float(np.std(values, ddof=1) / np.sqrt(len(values)))
-            if abs(mean) > 0 and stderr <= rtol * abs(mean):
-                break
-    arr = np.asarray(values)
-    stderr = float(arr.std(ddof=1) / np.sqrt(arr.size)) if arr.size > 1 else float("inf")
-    return Estimate(float(arr.mean()), stderr, int(arr.size))
+        if len(values) >= max(min_iters, 2) and _converged(np.asarray(values), rtol):
+            break
+    return estimate_of(values)
 
 
 def power_iteration(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -50,13 +51,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(logits))
 
 
-def loss(reference: np.ndarray, output: np.ndarray, kind: OutputKind) -> float:
-    """Mean per-row label-free loss of ``output`` against the float ``reference``."""
+def row_losses(reference: np.ndarray, output: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """The label-free loss of each output row against the float ``reference``'s row."""
     if kind is OutputKind.EMBEDDING:
-        return float(0.5 * np.mean(np.sum((_rows(output) - _rows(reference)) ** 2, axis=-1)))
+        return 0.5 * np.sum((_rows(output) - _rows(reference)) ** 2, axis=-1)
     log_p = log_softmax(as_logits(reference, kind))
     log_q = log_softmax(as_logits(output, kind))
-    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+    return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def loss(reference: np.ndarray, output: np.ndarray, kind: OutputKind) -> float:
+    """Mean per-row label-free loss of ``output`` against the float ``reference``."""
+    return float(np.mean(row_losses(reference, output, kind)))
 
 
 def logit_delta(reference: np.ndarray, delta: np.ndarray, kind: OutputKind) -> np.ndarray:
@@ -76,10 +82,26 @@ def output_quadratic_form(reference: np.ndarray, delta: np.ndarray, kind: Output
     return float(np.mean(np.sum(p * d * d, axis=-1) - np.sum(p * d, axis=-1) ** 2))
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto | bytes, threads: int = 2) -> ort.InferenceSession:
     # a float model with weights swapped in: onnxruntime's optimised kernels are safe (and
     # fast) here, there is no QDQ pair for them to fuse
-    return open_session(model, kernels=Kernels.RUNTIME)
+    return open_session(model, kernels=Kernels.RUNTIME, threads=threads)
+
+
+@dataclass(frozen=True)
+class PerturbableSpec:
+    """Everything a :class:`PerturbableModel` holds, as plain data: what an analysis worker
+    (another process or machine) rebuilds its own session from. The float reference outputs
+    travel with it, so every worker compares against the same arrays."""
+
+    model: bytes  # serialized, weights and biases as graph inputs
+    kind: OutputKind
+    batches: list[dict[str, np.ndarray]]
+    weights: dict[str, np.ndarray]
+    weight_input: dict[str, str]
+    biases: dict[str, np.ndarray]
+    bias_input: dict[str, str]
+    reference: list[np.ndarray]
 
 
 class PerturbableModel:
@@ -122,10 +144,38 @@ class PerturbableModel:
                     onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
                 )
         self.session = _session(model)
+        self._model_bytes = model.SerializeToString()
         self.output_name = self.session.get_outputs()[0].name
         self.forward_passes = 0
         self._stack_batches(model)
         self.reference = self.outputs({})
+
+    def spec(self) -> PerturbableSpec:
+        return PerturbableSpec(
+            self._model_bytes,
+            self.kind,
+            self.batches,
+            self.weights,
+            self.weight_input,
+            self.biases,
+            self.bias_input,
+            self.reference,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: PerturbableSpec, threads: int = 2) -> PerturbableModel:
+        """The model a :meth:`spec` describes, with its own onnxruntime session."""
+        model = cls.__new__(cls)
+        model.kind = spec.kind
+        model.batches = spec.batches
+        model.weights, model.weight_input = spec.weights, spec.weight_input
+        model.biases, model.bias_input = spec.biases, spec.bias_input
+        model.session = _session(spec.model, threads)
+        model._model_bytes = spec.model
+        model.output_name = model.session.get_outputs()[0].name
+        model.forward_passes = 0
+        model.reference = spec.reference
+        return model
 
     def _stack_batches(self, model: onnx.ModelProto, rows: int = 16) -> None:
         """Run many samples per call when the model tolerates a dynamic batch dimension.
@@ -161,6 +211,7 @@ class PerturbableModel:
             return
         if stacked.shape != separate.shape or not np.allclose(stacked, separate, atol=1e-4):
             return
+        self._model_bytes = dynamic.SerializeToString()
         flat = {k: np.concatenate([b[k] for b in self.batches]) for k in self.batches[0]}
         total = next(iter(flat.values())).shape[0]
         self.batches = [
@@ -202,6 +253,16 @@ class PerturbableModel:
         outs = self.outputs(overrides, bias_overrides)
         pairs = zip(self.reference, outs, strict=True)
         return float(np.mean([loss(r, o, self.kind) for r, o in pairs]))
+
+    def losses(
+        self,
+        overrides: Mapping[str, np.ndarray],
+        bias_overrides: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(outputs, per-row losses per batch) with these layers replaced."""
+        outs = self.outputs(overrides, bias_overrides)
+        rows = [row_losses(r, o, self.kind) for r, o in zip(self.reference, outs, strict=True)]
+        return outs, rows
 
     def fisher_quadratic_form(self, layer_id: str, v: np.ndarray, epsilon: float) -> float:
         """v^T J^T H_out J v for one layer, J v by a central finite difference."""

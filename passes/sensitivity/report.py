@@ -16,17 +16,20 @@ from dyadiq.passes.sensitivity.estimators import Estimate
 @dataclass(frozen=True)
 class SensitivityConfig:
     weight_bits: tuple[int, ...] = (2, 3, 4, 6, 8)
-    hutchinson_max_iters: int = 64
+    hutchinson_max_iters: int = 100  # HAWQ-V2's cap
     hutchinson_min_iters: int = 8
-    hutchinson_rtol: float = 0.1
+    hutchinson_rtol: float = 0.02  # stop when the standard error is 2% of the estimate
     epsilon_rel: float = 1e-3  # finite-difference step, relative to the layer's RMS weight
-    pair_bits: int = 3
-    all_pairs_up_to: int = 24  # layers; above this, neighbours + top-k sensitive pairs
+    # widths (of weight_bits) at which every pair's cross term is measured, each width pair;
+    # a cross term with a layer at another (wider) width is 0 in the model
+    pair_bits: tuple[int, ...] = (2, 3, 4)
+    pair_noise_z: float = 2.0  # a cross term within z standard errors of 0 is noise
+    all_pairs_up_to: int = 24  # layers; above this, structural + top-k sensitive pairs
     top_k_pairs: int = 8
     seed: int = 0
     trace: bool = True
     empirical: bool = True
-    pairs: bool = True
+    pairs: bool = False  # costly (pairs x width pairs): on for a +pairs proxy
     gradients: bool = False  # eigenvalue, Fisher diagonal, Taylor: needs TVM, compiles once
     gradient_samples: int = 8  # leading analysis samples the reverse-mode proxies use
     eigen_max_iters: int = 20
@@ -83,13 +86,22 @@ class LayerSensitivity:
 
 @dataclass(frozen=True)
 class PairTerm:
+    """Delta_ab = L(Q_a, Q_b) - L(Q_a) - L(Q_b) measured at (bits_a, bits_b), its standard
+    error over the calibration rows, and the two single-layer losses it was measured with."""
+
     a: str
     b: str
-    bits: int
+    bits_a: int
+    bits_b: int
     delta: float
+    stderr: float
+    single_a: float
+    single_b: float
 
 
-SCHEMA_VERSION = 2  # 2: eigenvalue/Fisher/Taylor/entropy/activation fields; 1 had none
+# 3: pair terms per width pair with their noise; 2: eigenvalue/Fisher/Taylor/entropy/activation
+# fields; 1 had none
+SCHEMA_VERSION = 3
 
 
 class StaleReportError(ValueError):
