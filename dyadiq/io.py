@@ -52,12 +52,116 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
-def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() >= 2**31 - 1:
-        raise OutputPathError(
-            f"{path}: models over 2 GB need external data, which dyadiq does not write yet"
-        )
-    write_bytes_atomic(path, model.SerializeToString())
+# A protobuf message cannot exceed 2 GiB; a model at or above this size keeps its weights in
+# an external data file (the limit leaves room for the graph itself).
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors at least this large go to the data file when a model is written with external data.
+EXTERNAL_DATA_THRESHOLD = 1024
+# Offsets in the data file are aligned (onnxruntime can then memory-map each tensor).
+EXTERNAL_DATA_ALIGNMENT = 4096
+
+
+def save_model_atomic(
+    model: onnx.ModelProto, path: Path, *, external_data: bool | None = None
+) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; returns the files written.
+
+    ``external_data``: True puts every tensor of at least ``EXTERNAL_DATA_THRESHOLD`` bytes in
+    ``<name>.data`` beside the model (offsets relative to that file, so the pair can move
+    together); None (the default) does so only when the model would not fit one protobuf
+    (2 GiB); False refuses such a model. ``model`` itself is never modified. The data file is
+    renamed into place before the graph, so a graph on disk always finds its data.
+    """
+    path = Path(path)
+    too_big = model.ByteSize() >= PROTOBUF_LIMIT
+    if external_data is None:
+        external_data = too_big
+    if not external_data:
+        if too_big:
+            raise OutputPathError(f"{path}: a model over 2 GB must be written with external data")
+        write_bytes_atomic(path, model.SerializeToString())
+        return [path]
+    data_path = path.with_name(path.name + ".data")
+    header = _write_external_data(model, data_path)
+    write_bytes_atomic(path, header.SerializeToString())
+    return [path, data_path]
+
+
+def _write_external_data(model: onnx.ModelProto, data_path: Path) -> onnx.ModelProto:
+    """Stream the large tensors of ``model`` into ``data_path`` (atomically) and return a copy
+    of the model whose tensors point there instead of holding their bytes. Only the small
+    tensors are ever copied: the large ones are detached from ``model`` while the copy is
+    made, then put back, so peak memory stays near one model."""
+    from onnx import external_data_helper
+
+    tensors = list(external_data_helper._get_all_tensors(model))
+    large = [
+        k
+        for k, t in enumerate(tensors)
+        if not external_data_helper.uses_external_data(t)
+        and t.data_type != onnx.TensorProto.STRING  # strings cannot be external data
+        and _tensor_nbytes(t) >= EXTERNAL_DATA_THRESHOLD
+    ]
+    detached: list[onnx.TensorProto] = []
+    for k in large:
+        keep = onnx.TensorProto()
+        keep.CopyFrom(tensors[k])
+        detached.append(keep)
+        tensors[k].Clear()
+        tensors[k].name, tensors[k].data_type = keep.name, keep.data_type
+        tensors[k].dims.extend(keep.dims)
+    try:
+        header = onnx.ModelProto()
+        header.CopyFrom(model)
+    finally:
+        for k, keep in zip(large, detached, strict=True):
+            tensors[k].CopyFrom(keep)
+    header_tensors = list(external_data_helper._get_all_tensors(header))
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as handle:
+            offset = 0
+            for k, keep in zip(large, detached, strict=True):
+                payload = keep.raw_data or _as_raw(keep)
+                pad = -offset % EXTERNAL_DATA_ALIGNMENT
+                handle.write(b"\0" * pad)
+                offset += pad
+                handle.write(payload)
+                _point_to(header_tensors[k], data_path.name, offset, len(payload))
+                offset += len(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, data_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return header
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make a payload-free tensor refer to ``length`` bytes at ``offset`` of ``location``."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _as_raw(tensor: onnx.TensorProto) -> bytes:
+    """The raw little-endian bytes of a tensor held in typed fields (int4 packed two a byte,
+    as the external-data format stores it)."""
+    from onnx import numpy_helper
+
+    return bytes(numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's payload as stored (raw bytes, or its typed fields)."""
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return tensor.ByteSize()
 
 
 def input_overlap(output_dir: Path, item: Path) -> str | None:

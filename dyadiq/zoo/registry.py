@@ -21,6 +21,7 @@ from dyadiq.zoo._install import cache_dir, log
 class Task(enum.Enum):
     CLASSIFICATION = "classification"  # logits output; labels may or may not exist
     EMBEDDING = "embedding"  # sentence embedding output
+    LANGUAGE_MODEL = "language_model"  # next-token logits [1, seq, vocab]; no labels
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,19 @@ _MODELS: tuple[tuple[ZooModel, str], ...] = (
             has_labels=True,
         ),
         "dyadiq.zoo.ppocr_cls",
+    ),
+    (
+        ZooModel(
+            name="gemma3_270m",
+            description=(
+                "Gemma 3 270M base language model, int64 input_ids 1x64 -> logits 1x64x262144 "
+                "(float = the Q4_K_M GGUF dequantised to fp32; 1.07 GB external data); "
+                "Britannica 1911 prose to evaluate, Shakespeare's plays to calibrate"
+            ),
+            task=Task.LANGUAGE_MODEL,
+            has_labels=False,
+        ),
+        "dyadiq.zoo.gemma3",
     ),
 )
 
