@@ -13,11 +13,15 @@ Preconditions and choices:
   inputs that are always zero (diag 0) get H_jj = 1 and weight 0 (they never matter);
 - act order: quantize columns by decreasing H_jj (the largest inputs first, while the most
   columns remain free to compensate);
-- all groups of a grouped / depthwise convolution run together ([G, R, d] arrays).
+- all groups of a grouped / depthwise convolution run together ([G, R, d] arrays);
+- group-wise grids (weight-only LLM quantization, :func:`gptq_group_codes`): one scale and
+  zero point per ``group_size`` consecutive inputs of a row, fixed before the sweep; the same
+  sweep runs with a different rounding of each column.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,13 +101,31 @@ def gptq_codes(
         else gptq_factor(hessian, damp=damp, act_order=act_order)
     )
     qmax = qmax_of(bits)
+    s = scales.astype(np.float64)[..., None]  # [G, R, 1]
+
+    def round_column(column: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.clip(np.round(column / s), -qmax, qmax)
+        return q, q * s
+
+    return _obq_sweep(weights, factor, round_column, block)
+
+
+RoundColumn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _obq_sweep(
+    weights: np.ndarray, factor: GptqFactor, round_column: RoundColumn, block: int
+) -> np.ndarray:
+    """The OBQ sweep shared by every grid: ``round_column(column [G, R, 1], positions [G])``
+    returns the codes and the dequantised values of the column at original index
+    ``positions`` (per group); its error is pushed onto the later columns. Codes come back
+    in the original column order, [G, R, d] float64."""
     w = weights.astype(np.float64).copy()
     w[np.broadcast_to(factor.dead[:, None, :], w.shape)] = 0.0
     columns = w.shape[2]
     order = factor.order
     w = np.take_along_axis(w, order[:, None, :], axis=2)
     u = factor.inverse_factor
-    s = scales.astype(np.float64)[..., None]  # [G, R, 1]
     codes = np.zeros_like(w)
     for start in range(0, columns, block):
         stop = min(start + block, columns)
@@ -112,11 +134,62 @@ def gptq_codes(
         errors = np.zeros_like(w_block)
         for j in range(stop - start):
             column = w_block[:, :, j : j + 1]  # [G, R, 1]
-            q = np.clip(np.round(column / s), -qmax, qmax)
+            q, value = round_column(column, order[:, start + j])
             codes[:, :, start + j] = q[..., 0]
-            error = (column - q * s) / u_block[:, j, j][:, None, None]
+            error = (column - value) / u_block[:, j, j][:, None, None]
             w_block[:, :, j:] -= error * u_block[:, None, j, j:]
             errors[:, :, j] = error[..., 0]
         w[:, :, stop:] -= np.matmul(errors, u[:, start:stop, stop:])
     inverse_order = np.argsort(order, axis=1)
     return np.take_along_axis(codes, inverse_order[:, None, :], axis=2)
+
+
+def gptq_group_codes(
+    weights: np.ndarray,
+    hessian: np.ndarray | GptqFactor,
+    scales: np.ndarray,
+    zero_points: np.ndarray,
+    group_size: int,
+    code_range: tuple[int, int],
+    *,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    row_chunk: int = 8192,
+) -> np.ndarray:
+    """Integer codes [R, K] (int16) for ``weights`` [R, K] on a group-wise grid: column k
+    uses ``scales[:, k // group_size]`` and ``zero_points[:, k // group_size]`` (value
+    ``s (q - z)``, codes clipped to ``code_range``).
+
+    The grid is fixed before the sweep ("static groups"), so act order only changes which
+    column is rounded first, never which scale a weight is stored with: the result exports
+    as plain blocks. ``hessian``: H [K, K] or its :func:`gptq_factor` of one group
+    ([1, K, K]). Rows are independent given H, so they are swept ``row_chunk`` at a time
+    (bounded memory for a 262,144-row LM head)."""
+    factor = (
+        hessian
+        if isinstance(hessian, GptqFactor)
+        else gptq_factor(hessian[None], damp=damp, act_order=act_order)
+    )
+    lo, hi = code_range
+    group_of = np.arange(weights.shape[1]) // group_size
+    out = np.empty(weights.shape, np.int16)
+    for first in range(0, weights.shape[0], row_chunk):
+        rows = slice(first, first + row_chunk)
+        s = scales[rows].astype(np.float64)
+        z = zero_points[rows].astype(np.float64)
+
+        def round_column(
+            column: np.ndarray,
+            positions: np.ndarray,
+            s: np.ndarray = s,
+            z: np.ndarray = z,
+        ) -> tuple[np.ndarray, np.ndarray]:
+            g = group_of[positions[0]]
+            scale, zero = s[None, :, g : g + 1], z[None, :, g : g + 1]
+            q = np.clip(np.round(column / scale) + zero, lo, hi)
+            return q, (q - zero) * scale
+
+        codes = _obq_sweep(weights[None, rows], factor, round_column, block)
+        out[rows] = codes[0].astype(np.int16)
+    return out

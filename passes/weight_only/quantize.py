@@ -1,0 +1,127 @@
+"""Weight-only quantization of each layer: round to nearest, or GPTQ on the layer's input
+Hessian, on a group-wise grid (:mod:`.groupwise`).
+
+GPTQ (:func:`dyadiq.passes.compensation.gptq.gptq_group_codes`) minimises
+tr((W - Q) H (W - Q)^T) with H = E[x x^T] of the layer's inputs; the grid (min-max scales per
+group) is fixed first, act order visits the columns by decreasing H_jj. A weight read by no
+MatMul (an untied embedding) has no H and is rounded to nearest. The inverse-Hessian factor
+depends only on H, so it is computed once per activation and reused for every width and
+for every weight that reads that activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from dyadiq.errors import ConfigError
+from dyadiq.passes.compensation.gptq import GptqFactor, gptq_factor, gptq_group_codes
+from dyadiq.passes.weight_only.groupwise import (
+    GroupwiseFormat,
+    GroupwiseWeight,
+    dequantize,
+    group_scales,
+    quantize,
+)
+from dyadiq.passes.weight_only.layers import WeightLayer
+
+
+class Method(StrEnum):
+    RTN = "rtn"  # round to nearest on the min-max grid
+    GPTQ = "gptq"  # GPTQ with act order on the same grid
+
+
+@dataclass(frozen=True)
+class WeightOnlySettings:
+    method: Method = Method.GPTQ
+    group_size: int = 128
+    symmetric: bool = False
+    act_order: bool = True
+    damp: float = 0.01
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"GPTQ dampening must be in (0, 1), got {self.damp}")
+        if self.block < 1:
+            raise ConfigError(f"GPTQ block must be positive, got {self.block}")
+        GroupwiseFormat(4, self.group_size, self.symmetric)  # validates the group size
+
+    def format(self, bits: int) -> GroupwiseFormat:
+        return GroupwiseFormat(bits, self.group_size, self.symmetric)
+
+
+def layer_hessian(layer: WeightLayer, hessians: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """H of a weight: the sum over its MatMul readers (a shared weight's output errors add)."""
+    found = [hessians[a] for a in layer.activations if a in hessians]
+    return sum(found[1:], found[0]) if found else None
+
+
+def quantize_weight(
+    w: np.ndarray,
+    fmt: GroupwiseFormat,
+    *,
+    method: Method,
+    factor: GptqFactor | None = None,
+    block: int = 128,
+) -> GroupwiseWeight:
+    """One weight W [R, K] on ``fmt``'s grid, by ``method`` (GPTQ needs ``factor``)."""
+    scales, zeros = group_scales(w, fmt)
+    if method is Method.GPTQ and factor is not None:
+        codes = gptq_group_codes(
+            w, factor, scales, zeros, fmt.group_size, fmt.code_range, block=block
+        )
+    else:
+        codes = quantize(w, scales, zeros, fmt)
+    return GroupwiseWeight(codes, scales, zeros, fmt)
+
+
+@dataclass
+class LayerQuantizer:
+    """Quantizes any layer at any width with one settings object; factors cached."""
+
+    settings: WeightOnlySettings
+    hessians: Mapping[str, np.ndarray]
+    _factors: dict[tuple[str, ...], GptqFactor | None] = field(default_factory=dict)
+
+    def factor(self, layer: WeightLayer) -> GptqFactor | None:
+        if self.settings.method is not Method.GPTQ:
+            return None
+        key = layer.activations
+        if key not in self._factors:
+            h = layer_hessian(layer, self.hessians)
+            self._factors[key] = (
+                None
+                if h is None
+                else gptq_factor(
+                    h[None], damp=self.settings.damp, act_order=self.settings.act_order
+                )
+            )
+        return self._factors[key]
+
+    def __call__(self, layer: WeightLayer, w: np.ndarray, bits: int) -> GroupwiseWeight:
+        return quantize_weight(
+            w,
+            self.settings.format(bits),
+            method=self.settings.method,
+            factor=self.factor(layer),
+            block=self.settings.block,
+        )
+
+
+def relative_output_error(
+    w: np.ndarray, quantized: GroupwiseWeight, hessian: np.ndarray, max_rows: int = 4096
+) -> float:
+    """tr(D H D^T) / tr(W H W^T) with D = W - Q(W), on at most ``max_rows`` evenly spaced
+    rows (an LM head has 262,144): the layer's relative output error on calibration inputs."""
+    step = max(1, w.shape[0] // max_rows)
+    rows = slice(None, None, step)
+    ref = np.asarray(w[rows], np.float64)
+    q = quantized
+    delta = ref - dequantize(q.codes[rows], q.scales[rows], q.zero_points[rows], q.format)
+    num = np.einsum("rk,kl,rl->", delta, hessian, delta)
+    den = np.einsum("rk,kl,rl->", ref, hessian, ref)
+    return float(num / den) if den > 0 else 0.0
