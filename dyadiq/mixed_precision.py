@@ -4,15 +4,18 @@ measured frontier.
 
 This is the driver above :mod:`dyadiq.passes.allocation`: it runs the calibration and
 compensation (``pipeline.PlanBuilder``) and measures plans on held-out data (``evaluation``),
-which the allocation package, lower in the flow, must not import. Options come in typed
-(:class:`MixedPrecisionOptions`, built once by the CLI) and results go out typed; printing is
-the CLI's.
+which the allocation package, lower in the flow, must not import. The sensitivity analysis and
+the plan measurements run on one executor (``passes/sensitivity/executor.py``: serial, or Ray
+with ``workers`` / ``ray_address``): plans are built here and scored by the workers. Options
+come in typed (:class:`MixedPrecisionOptions`, built once by the CLI) and results go out
+typed; printing is the CLI's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,11 @@ from dyadiq.passes.allocation import (
     parse_budget,
     solve,
 )
-from dyadiq.passes.allocation.search import bisect_budget
+from dyadiq.passes.allocation.search import Measure, bisect_budget
 from dyadiq.passes.calibration.observers import RangeMethod
 from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.sensitivity.analysis import SensitivityReport
+from dyadiq.passes.sensitivity.executor import Executor, make_executor, run_tasks
 from dyadiq.plan import LayerFormat, PrecisionPlan
 
 Calibration = Any  # a folder of batches, or batches already read (a list)
@@ -50,10 +54,17 @@ class MixedPrecisionOptions:
     compensation: CompensationSettings = CompensationSettings()
     act_signed: bool = False  # int8 activations in the written plan (else uint8)
     eval_limit: int | None = None  # held-out samples per measured plan
+    workers: int | None = None  # > 1: a local Ray with this many workers (None/1: serial)
+    ray_address: str | None = None  # an existing Ray cluster
 
     @property
     def act_bits(self) -> int:
         return self.allocation.default_act_bits
+
+
+def executor_for(options: MixedPrecisionOptions) -> Executor:
+    """The executor the options ask for (serial by default); the caller closes it."""
+    return make_executor(workers=options.workers, ray_address=options.ray_address)
 
 
 @dataclass(frozen=True)
@@ -141,23 +152,34 @@ def candidate_weights(builder: Any, options: MixedPrecisionOptions) -> Any:
     return builder.compensator.ensure(options.allocation.weight_bits)
 
 
+def analysis_config(options: MixedPrecisionOptions) -> Any:
+    """The sensitivity analysis the allocation needs: the proxy's quantities at the candidate
+    widths, activation sites only when activation widths are chosen, and nothing else."""
+    from dyadiq.passes.sensitivity.analysis import SensitivityConfig
+
+    allocation = options.allocation
+    return SensitivityConfig(
+        weight_bits=allocation.weight_bits,
+        activations=any(b != allocation.default_act_bits for b in allocation.act_bits),
+        **allocation.proxy.analysis_fields(),
+    )
+
+
 def analyzed_problem(
     model_path: Path,
     calibration: Calibration,
     options: MixedPrecisionOptions,
     builder: Any = None,
+    executor: Executor | None = None,
 ) -> AnalyzedProblem:
     """Sensitivity (cached) -> the model's allocation problem.
 
     ``builder``: a :func:`plan_builder`; the analysis then runs on its graph (equalised when
-    asked) and measures the damage of its compensated weights at every candidate width."""
+    asked) and measures the damage of its compensated weights at every candidate width.
+    ``executor``: where the analysis's evaluations run (else the options' own, closed after)."""
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.calibration.data import validated_batches
-    from dyadiq.passes.sensitivity.analysis import (
-        SensitivityConfig,
-        analyze_cached,
-        output_kind_of,
-    )
+    from dyadiq.passes.sensitivity.analysis import analyze_cached, output_kind_of
     from dyadiq.pipeline import prepare_graph
 
     graph = builder.graph if builder is not None else prepare_graph(load_onnx(model_path))
@@ -171,13 +193,20 @@ def analyzed_problem(
         )
     )
     kind = output_kind_of(graph, batches)
-    report, cached = analyze_cached(
-        graph,
-        batches,
-        kind,
-        SensitivityConfig(weight_bits=options.allocation.weight_bits),
-        **({"weights": weights} if weights is not None else {}),
-    )
+    own = executor is None
+    executor = executor if executor is not None else executor_for(options)
+    try:
+        report, cached = analyze_cached(
+            graph,
+            batches,
+            kind,
+            analysis_config(options),
+            executor=executor,
+            **({"weights": weights} if weights is not None else {}),
+        )
+    finally:
+        if own:
+            executor.close()
     return AnalyzedProblem(graph, model_problem(graph, report, options.allocation), cached)
 
 
@@ -225,6 +254,35 @@ def primary_metric(artifacts: Any) -> str:
     return str(artifacts.model.primary_metric)
 
 
+@dataclass(frozen=True)
+class PlanScoring:
+    """Worker spec of plan measurements: the zoo model's held-out split and its metric."""
+
+    artifacts: Any
+    metric: str
+    eval_limit: int | None
+
+    def open(self, threads: int) -> PlanScoring:
+        return self  # evaluation opens its own sessions per plan
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """One plan's QDQ model (serialized, built by the driver), scored on the held-out split."""
+
+    key: str
+    model: bytes
+
+    def run(self, state: PlanScoring) -> float:
+        from dyadiq.evaluation import evaluate
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.qdq.onnx"
+            path.write_bytes(self.model)
+            metrics = evaluate(state.artifacts, {"plan": path}, limit=state.eval_limit)
+        return float(metrics["plan"][state.metric])
+
+
 def plan_measurer(
     graph: QGraph,
     artifacts: Any,
@@ -233,15 +291,15 @@ def plan_measurer(
     options: MixedPrecisionOptions,
     metric: str,
     builder: Any = None,
-) -> Callable[[dict[str, LayerFormat]], float]:
-    """formats -> the plan's QDQ model measured on the zoo model's held-out split.
+    executor: Executor | None = None,
+) -> Measure:
+    """plans -> each plan's QDQ model measured on the zoo model's held-out split, the
+    measurements run on ``executor`` (serial when None).
 
     All plans share one calibration pass (``PlanBuilder``): they differ in weight bits only.
     ``builder``: one already made (with its compensated quantizer), else a new one.
     """
-    import onnx
-
-    from dyadiq.evaluation import evaluate
+    from dyadiq.passes.sensitivity.executor import SerialExecutor
     from dyadiq.pipeline import CalibrationConfig, PlanBuilder
 
     config = CalibrationConfig(method=options.calibrator)
@@ -255,14 +313,19 @@ def plan_measurer(
             exclude=excluded,
             compensation=options.compensation,
         )
+    scoring = PlanScoring(artifacts, metric, options.eval_limit)
+    runner = executor if executor is not None else SerialExecutor()
 
-    def measure(formats: dict[str, LayerFormat]) -> float:
-        plan = PrecisionPlan(formats, options.act_bits, False, excluded)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.qdq.onnx"
-            onnx.save(builder.build(plan), str(path))
-            metrics = evaluate(artifacts, {"plan": path}, limit=options.eval_limit)
-        return float(metrics["plan"][metric])
+    def measure(plans: Sequence[dict[str, LayerFormat]]) -> list[float]:
+        tasks = []
+        for formats in plans:
+            plan = PrecisionPlan(dict(formats), options.act_bits, False, excluded)
+            model = builder.build(plan).SerializeToString()
+            key = hashlib.sha256(model).hexdigest()[:16]
+            tasks.append(ScorePlan(key, model))
+        unique = list({t.key: t for t in tasks}.values())
+        results = run_tasks(runner, scoring, unique, f"measuring {len(unique)} plan(s)")
+        return [float(results[t.key]) for t in tasks]
 
     return measure
 
@@ -284,18 +347,23 @@ def bisect(
     if artifacts is None:
         raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
     drop = parse_max_drop(max_drop)
-    analysis = analyzed_problem(model_path, calibration, options, builder)
-    floats = analysis.model.floats
-    metric = primary_metric(artifacts)
-    reference = evaluate(artifacts, {}, limit=options.eval_limit)["float"][metric]
-    prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
-    result = bisect_budget(
-        analysis.model.problem,
-        plan_measurer(analysis.graph, artifacts, calibration, floats, options, metric, builder),
-        threshold=reference - drop,
-        iterations=bisect_steps,
-        state_path=out / "bisection_state.json",
-    )
+    with executor_for(options) as executor:
+        analysis = analyzed_problem(model_path, calibration, options, builder, executor)
+        floats = analysis.model.floats
+        metric = primary_metric(artifacts)
+        reference = evaluate(artifacts, {}, limit=options.eval_limit)["float"][metric]
+        prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
+        measure = plan_measurer(
+            analysis.graph, artifacts, calibration, floats, options, metric, builder, executor
+        )
+        result = bisect_budget(
+            analysis.model.problem,
+            measure,
+            threshold=reference - drop,
+            iterations=bisect_steps,
+            state_path=out / "bisection_state.json",
+            probes=executor.workers,  # one plan per worker per round
+        )
     if result.formats is None:
         raise ConfigError(
             f"even the largest plan (all W8) measures below float {metric} {reference:.4f} - "

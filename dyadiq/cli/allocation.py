@@ -22,7 +22,30 @@ if TYPE_CHECKING:
     from dyadiq.passes.compensation.settings import CompensationSettings
     from dyadiq.plan import PrecisionPlan
 
-PROXY_CHOICES = [p.value for p in ALLOCATION_PROXIES]
+# every proxy, alone or +pairs; hessian[+pairs]: the older name of trace[+pairs]
+PROXY_CHOICES = [p.value for p in ALLOCATION_PROXIES] + ["hessian", "hessian+pairs"]
+PROXY_HELP = (
+    "sensitivity model the ILP minimises: the measured single-layer damage (empirical, the "
+    "default), HAWQ-V2's trace, HAWQ's eigenvalue, fisher, taylor (these three need TVM's "
+    "reverse mode), snr or entropy; +pairs adds measured inter-layer terms (opt-in: they "
+    "ranked plans no better in benchmarks/results/proxy_quality.md). The analysis computes "
+    "only what the proxy needs"
+)
+
+
+def add_executor_flags(p: argparse.ArgumentParser) -> None:
+    """Where the sensitivity analysis and plan measurements run."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="run the analysis (and plan measurements) on this many local Ray workers "
+        "(pip install 'dyadiq[scale]'); default: serial, in this process",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="run them on an existing Ray cluster (e.g. 10.0.0.1:6379, from 'ray start "
+        "--head'); every CPU of it unless --workers caps it",
+    )
 
 
 def compensation_settings(args: argparse.Namespace) -> CompensationSettings:
@@ -85,6 +108,8 @@ def mixed_precision_options(
         compensation=compensation if compensation is not None else compensation_settings(args),
         act_signed=getattr(args, "act_dtype", "uint8") == "int8",
         eval_limit=getattr(args, "eval_limit", None),
+        workers=getattr(args, "workers", None),
+        ray_address=getattr(args, "ray_address", None),
     )
 
 
@@ -180,13 +205,7 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--latency-table", help="a backend's measured {layer: {format: ms}} JSON")
     p.add_argument("--memory-plan", help="live sets (+ tensor bytes, flash) JSON for ram=/flash=")
-    p.add_argument(
-        "--proxy",
-        default="empirical",
-        choices=PROXY_CHOICES,
-        help="sensitivity model the ILP minimises (pair terms measured worse in "
-        "benchmarks/results/proxy_quality.md, so they are opt-in)",
-    )
+    p.add_argument("--proxy", default="empirical", choices=PROXY_CHOICES, help=PROXY_HELP)
     p.add_argument("--analysis-samples", type=int, default=8)
     p.add_argument(
         "--max-drop",
@@ -208,7 +227,13 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from dyadiq.evaluation import evaluate
     from dyadiq.frontier import save
     from dyadiq.io import prepare_output_dir
-    from dyadiq.mixed_precision import analyzed_problem, plan_builder, plan_measurer, primary_metric
+    from dyadiq.mixed_precision import (
+        analyzed_problem,
+        executor_for,
+        plan_builder,
+        plan_measurer,
+        primary_metric,
+    )
     from dyadiq.passes.allocation import sweep
 
     artifacts = zoo.get(args.zoo)
@@ -218,19 +243,21 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     builder = None
     if options.compensation.enabled:
         builder = plan_builder(artifacts.model_path, calibration, options)
-    analysis = analyzed_problem(artifacts.model_path, calibration, options, builder)
-    metric_name = primary_metric(artifacts)
-    measure = plan_measurer(
-        analysis.graph,
-        artifacts,
-        calibration,
-        analysis.model.floats,
-        options,
-        metric_name,
-        builder,
-    )
-
-    frontier = sweep(analysis.model.problem, args.points, measure)
+    # one executor (one Ray start) for the analysis and the plans' measurements
+    with executor_for(options) as executor:
+        analysis = analyzed_problem(artifacts.model_path, calibration, options, builder, executor)
+        metric_name = primary_metric(artifacts)
+        measure = plan_measurer(
+            analysis.graph,
+            artifacts,
+            calibration,
+            analysis.model.floats,
+            options,
+            metric_name,
+            builder,
+            executor,
+        )
+        frontier = sweep(analysis.model.problem, args.points, measure)
     # the float model on the same held-out data: the line every plan is judged against
     float_metric = evaluate(artifacts, {}, limit=options.eval_limit)["float"].get(metric_name)
     save(frontier, out, metric_name, float_metric)
@@ -258,13 +285,10 @@ def add_frontier(sub: Any) -> None:
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--wbits-candidates", default="2,3,4,6,8")
     p.add_argument("--abits", type=int, default=8, choices=[4, 8])
-    p.add_argument(
-        "--proxy",
-        default="empirical",
-        choices=PROXY_CHOICES,
-    )
+    p.add_argument("--proxy", default="empirical", choices=PROXY_CHOICES, help=PROXY_HELP)
     p.add_argument("--calibrator", default="percentile", choices=CALIBRATORS)
     p.add_argument("--pin", action="append", default=[])
     p.add_argument("--exclude", action="append", default=[])
     add_compensate(p)
+    add_executor_flags(p)
     p.set_defaults(func=cmd_frontier)

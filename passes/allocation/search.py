@@ -1,18 +1,22 @@
 """Searches over the size budget, each step an ILP solve whose plan a caller measures:
 
 - :func:`bisect_budget` (accuracy-tolerance mode, the 2023 "Augmenting Hessians" procedure):
-  halve the size interval until the measured metric is within tolerance;
+  narrow the size interval until the measured metric is within tolerance - by halving, or,
+  with ``probes`` > 1 plans measured at once (one per worker), by splitting it into
+  ``probes + 1`` parts per round;
 - :func:`sweep` (the Pareto frontier, HAWQ-V2): budgets evenly spaced over the interval.
 
-Both move in :func:`size_range`'s interval. Measuring a plan (building its model, evaluating
-it on held-out data) is the caller's ``measure`` callback: that needs the pipeline and the
-evaluation, which sit above allocation in the flow, so only the search logic lives here.
+Both move in :func:`size_range`'s interval. Measuring plans (building their models,
+evaluating them on held-out data) is the caller's ``measure`` callback, which takes a list of
+plans so that it can score them in parallel (the analysis executor): that needs the pipeline
+and the evaluation, which sit above allocation in the flow, so only the search logic lives
+here.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,12 @@ from dyadiq.passes.allocation.ilp import solve
 from dyadiq.passes.allocation.problem import AllocationProblem, Budget, size_range
 from dyadiq.plan import LayerFormat
 
-Measure = Callable[[dict[str, LayerFormat]], float]
+Measure = Callable[[Sequence[dict[str, LayerFormat]]], list[float]]  # plans -> metrics
+
+
+def measure_each(measure_one: Callable[[dict[str, LayerFormat]], float]) -> Measure:
+    """A one-plan measure as a :data:`Measure` (plans one after the other)."""
+    return lambda plans: [measure_one(p) for p in plans]
 
 
 @dataclass
@@ -42,46 +51,58 @@ def bisect_budget(
     threshold: float,
     iterations: int,
     state_path: Path,
+    probes: int = 1,
 ) -> BisectionResult:
-    """Smallest size (within ``iterations`` halvings) whose plan measures >= ``threshold``.
+    """Smallest size (within ``iterations`` rounds) whose plan measures >= ``threshold``.
 
-    The best passing plan found so far is kept, and every measurement is written to
-    ``state_path`` after each step, so an interrupted run resumes without re-measuring."""
+    Each round measures ``probes`` budgets evenly inside the interval (1: its midpoint, a
+    bisection); the interval becomes (largest failing budget below the smallest passing one,
+    smallest passing one). The best passing plan found so far is kept, and every
+    measurement is written to ``state_path`` after each round, so an interrupted run resumes
+    without re-measuring."""
     state: dict[str, float] = {}
     if state_path.is_file():
         state = {k: float(v) for k, v in json.loads(state_path.read_text()).items()}
     history: list[dict[str, Any]] = []
 
-    def evaluate(budget: float) -> tuple[dict[str, LayerFormat], float, float]:
-        allocation = solve(problem, Budget(size_bytes=budget))
-        key = json.dumps({k: v.label for k, v in sorted(allocation.formats.items())})
-        if key not in state:
-            state[key] = measure(dict(allocation.formats))
+    def evaluate(budgets: Sequence[float]) -> list[tuple[dict[str, LayerFormat], float, float]]:
+        allocations = [solve(problem, Budget(size_bytes=b)) for b in budgets]
+        keys = [json.dumps({k: v.label for k, v in sorted(a.formats.items())}) for a in allocations]
+        todo = [i for i, key in enumerate(keys) if key not in state]
+        todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
+        if todo:
+            values = measure([dict(allocations[i].formats) for i in todo])
+            state.update({keys[i]: float(v) for i, v in zip(todo, values, strict=True)})
             write_text_atomic(state_path, json.dumps(state, indent=1))
-        history.append(
-            {
-                "budget": budget,
-                "size": allocation.size_bytes,
-                "bops": allocation.bops,
-                "latency": allocation.latency,
-                "metric": state[key],
-                "passed": state[key] >= threshold,
-            }
-        )
-        return dict(allocation.formats), allocation.size_bytes, state[key]
+        out = []
+        for budget, allocation, key in zip(budgets, allocations, keys, strict=True):
+            history.append(
+                {
+                    "budget": budget,
+                    "size": allocation.size_bytes,
+                    "bops": allocation.bops,
+                    "latency": allocation.latency,
+                    "metric": state[key],
+                    "passed": state[key] >= threshold,
+                }
+            )
+            out.append((dict(allocation.formats), allocation.size_bytes, state[key]))
+        return out
 
     lo, hi = size_range(problem)
     best: tuple[dict[str, LayerFormat], float, float] | None = None
-    formats, size, metric = evaluate(hi)
+    ((formats, size, metric),) = evaluate([hi])
     if metric >= threshold:
         best = (formats, size, metric)
         for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            formats, size, metric = evaluate(mid)
-            if metric >= threshold:
-                best, hi = (formats, size, metric), mid
-            else:
-                lo = mid
+            budgets = [lo + (hi - lo) * (j + 1) / (probes + 1) for j in range(probes)]
+            measured = list(zip(budgets, evaluate(budgets), strict=True))
+            passing = [(b, m) for b, m in measured if m[2] >= threshold]
+            if passing:
+                hi, best = passing[0]  # budgets ascend: the smallest passing one
+            failing = [b for b, m in measured if m[2] < threshold and b < hi]
+            if failing:
+                lo = failing[-1]
     if best is None:
         return BisectionResult(None, None, None, history)
     return BisectionResult(best[0], best[1], best[2], history)
@@ -101,14 +122,16 @@ class FrontierPoint:
 def sweep(
     problem: AllocationProblem,
     points: int,
-    measure: Callable[[dict[str, LayerFormat]], float | None],
+    measure: Callable[[Sequence[dict[str, LayerFormat]]], Sequence[float | None]],
 ) -> list[FrontierPoint]:
-    """Budgets evenly spaced from the smallest feasible size to the largest useful one."""
+    """Budgets evenly spaced from the smallest feasible size to the largest useful one; every
+    plan is solved first, then all are measured in one call (in parallel where it can)."""
     smallest, largest = size_range(problem)
+    budgets = [float(b) for b in np.linspace(smallest, largest, points)]
+    allocations = [solve(problem, Budget(size_bytes=b)) for b in budgets]
+    metrics = measure([dict(a.formats) for a in allocations])
     frontier = []
-    for budget in np.linspace(smallest, largest, points):
-        allocation = solve(problem, Budget(size_bytes=float(budget)))
-        metric = measure(dict(allocation.formats))
+    for budget, allocation, metric in zip(budgets, allocations, metrics, strict=True):
         frontier.append(
             FrontierPoint(
                 float(budget),
