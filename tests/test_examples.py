@@ -51,3 +51,20 @@ def test_training_script_smoke(tmp_path):
 def test_every_example_is_tested():
     tested = {"quantize_with_python_api.py", "train_fashion_cnn.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+@pytest.mark.realmodel
+def test_notebook_example(tmp_path):
+    """The notebook-style script runs top to bottom as a script, and writes what it says."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "notebook_quantize.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "<QuantizedModel fashion_cnn-v1.onnx" in result.stdout
+    for folder in ("w8a8", "w4a8", "tensorrt"):
+        assert (tmp_path / folder / "model.qdq.onnx").is_file()
+    assert "TensorRT W8A8" in result.stdout

@@ -258,6 +258,10 @@ def test_target_emit_writes_sources_elf_and_memory_plan(tmp_path):
     assert report["static_ram_bytes"] >= report["arena_bytes"] > 0
     for name in ("model.c", "model.h", "dq_kernels.c", "Makefile", "link.ld"):
         assert (tmp_path / "m4" / name).exists()
+    # build by-products stay in the scratch build: the folder holds sources and app.elf
+    leftovers = [p.name for p in (tmp_path / "m4").iterdir() if p.suffix in (".o", ".su")]
+    assert leftovers == [] and not (tmp_path / "m4" / "size_probe.elf").exists()
+    assert oct((tmp_path / "m4" / "app.elf").stat().st_mode & 0o111) != "0o0"
     # the memory plan the allocator's ram= budget reads: the arena's live sets, graph names
     memory = load_memory_plan(Path(report["memory_plan"]))
     assert memory.tensor_bytes is not None and memory.flash is None

@@ -112,7 +112,7 @@ def tensorrt_violations(model: onnx.ModelProto) -> list[str]:
             continue
         zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
-            problems.append(f"{node.name}: zero point must be int8 0, got {zero!r}")
+            problems.append(f"{node.name}: zero point must be int8 0, got {_describe(zero)}")
         scale = inits.get(node.input[1])
         if scale is None or np.any(scale <= 0):
             problems.append(f"{node.name}: scale must be a positive constant")
@@ -152,3 +152,9 @@ def tensorrt_violations(model: onnx.ModelProto) -> list[str]:
         if made_by is not None and made_by.op_type == "DequantizeLinear":
             problems.append(f"model output {name} comes out of a DequantizeLinear")
     return problems
+
+
+def _describe(zero: np.ndarray | None) -> str:
+    if zero is None:
+        return "none"
+    return f"{zero.dtype} {np.unique(zero)[:4].tolist()}"
