@@ -53,7 +53,8 @@ INTEGER_ONNX = Capabilities(
     name="integer-onnx",
     weight_bits=frozenset(range(2, 9)),  # codes in int8 containers
     act_bits=frozenset({4, 8}),  # codes in uint8/int8 containers, clipped to the width
-    weighted_kinds=_WEIGHTED,  # ConvTranspose has no integer lowering
+    # ConvTranspose: integerize lowers stride = kernel ones; others run as float islands
+    weighted_kinds=_WEIGHTED | {OpKind.CONV_TRANSPOSE},
     per_channel_weights=True,
     requantization=Requantization.DYADIC,
 )
@@ -63,7 +64,7 @@ MCU_C = Capabilities(
     name="mcu-c",
     weight_bits=frozenset(range(2, 9)),  # <= 4 bits packed two per byte, wider as int8
     act_bits=frozenset({4, 8}),  # one byte per code either way
-    weighted_kinds=_WEIGHTED,
+    weighted_kinds=_WEIGHTED | {OpKind.CONV_TRANSPOSE},  # as integer-onnx
     per_channel_weights=True,
     requantization=Requantization.DYADIC,
 )
@@ -72,7 +73,7 @@ TVM_INTEGER = Capabilities(
     name="tvm-integer",
     weight_bits=frozenset(range(2, 9)),  # codes in int8 containers; x86 kernels for every width
     act_bits=frozenset({4, 8}),  # codes in uint8/int8 containers
-    weighted_kinds=_WEIGHTED,  # the integer program's layers: no ConvTranspose
+    weighted_kinds=_WEIGHTED | {OpKind.CONV_TRANSPOSE},  # as integer-onnx
     per_channel_weights=True,
     requantization=Requantization.DYADIC,
 )

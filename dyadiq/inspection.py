@@ -9,12 +9,22 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph
+from dyadiq.op_facts import OpKind
 
 
 def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
-    """Whether dyadiq quantizes a node, and the reason in words."""
+    """Whether dyadiq quantizes a node, and the reason in words (with what integer models
+    and compiled targets do with it where that differs from the QDQ model)."""
     facts = graph.facts(node)
-    if facts.quantizable and graph.weight(node) is not None:
+    weight = graph.weight(node)
+    if facts.quantizable and weight is not None:
+        island = _integer_island_reason(graph, node, weight)
+        if island is not None:
+            return (
+                True,
+                "weighted layer, quantized in QDQ; a float island in --integer and --target: "
+                + island,
+            )
         return True, "weighted layer: per-channel weights and quantized inputs"
     if facts.quantizable and facts.has_weight:
         return True, "no constant weight: both operands quantized as activations"
@@ -27,6 +37,19 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
     if facts.fusable_activation:
         return False, "activation: fused into the producing layer's quantizer bounds"
     return False, f"{node.op} has no integer kernel here: runs in float between DQ and Q"
+
+
+def _integer_island_reason(graph: QGraph, node: gs.Node, weight: gs.Constant) -> str | None:
+    """Why integerize keeps this weighted layer in float, or None (it gets a kernel); the
+    same tests integerize applies."""
+    from dyadiq.passes.integerize import conv_transpose_blocker
+
+    kind = graph.kind(node)
+    if kind is OpKind.CONV_TRANSPOSE:
+        return conv_transpose_blocker(node)
+    if kind is OpKind.CONV and len(weight.shape) != 4:
+        return f"integer Conv is 2-D only, this kernel is {len(weight.shape) - 2}-D"
+    return None
 
 
 def _element_count(constant: gs.Constant) -> int:

@@ -204,6 +204,9 @@ class ReferenceInterpreter(IntOpVisitor[None]):
     def visit_Reshape(self, op: ip.Reshape) -> None:
         x = self.env[op.input]
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(op.shape)]
+        if shape.count(-1) == 1:  # ONNX Reshape's inferred dim, as numpy's
+            known = int(np.prod([d for d in shape if d != -1]))
+            shape[shape.index(-1)] = x.size // known if known and x.size % known == 0 else 0
         if int(np.prod(shape)) != x.size:  # shapes inferred for other dims than the data's
             raise UnsupportedModelError(
                 f"reshape to {op.output}: {list(x.shape)} cannot become {shape}; the model's "

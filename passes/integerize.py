@@ -11,7 +11,9 @@ Per op (v = q - z, the zero-point-free codes):
   (``single_rounding_add=False``: requant(v_a; s_a/s_y) + requant(v_b; s_b/s_y) + z_y);
   Mul: requant(v_a v_b; s_a s_b/s_y);
 - GlobalAveragePool: requant(sum_hw v; s_x / (H W s_y));  HardSigmoid, HardSwish in fixed point;
-- MaxPool, Reshape-likes, Transpose, Concat, Max, Min: on codes (they share one scale).
+- MaxPool, Reshape-likes, Transpose, Concat, Max, Min: on codes (they share one scale);
+- ConvTranspose with stride = kernel (no overlap): a 1x1 Conv to C_out kh kw columns, then
+  Reshape / Transpose on codes interleave them (``conv_transpose_blocker`` says when not).
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
 Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
 """
@@ -80,6 +82,14 @@ def _static_shape(tensor: gs.Tensor) -> tuple[int, ...]:
             dims.append(0)
         else:
             raise UnsupportedModelError(f"tensor {tensor.name} has a dynamic dim {d} at axis {i}")
+    return tuple(dims)
+
+
+def _known_dims(tensor: gs.Tensor) -> tuple[int, ...]:
+    """:func:`_static_shape` with -1 for any dynamic dim after the first."""
+    dims = [d if isinstance(d, int) and d >= 0 else -1 for d in tensor.shape or ()]
+    if dims and dims[0] < 0:
+        dims[0] = 0
     return tuple(dims)
 
 
@@ -166,7 +176,13 @@ class _Integerizer:
             else:
                 self._float(node)
         outputs = [t.name for t in g.outputs]
-        self.shapes.update({t.name: _static_shape(t) for t in g.outputs})
+        # a float output (an If's, say) may keep a dim only the data fixes: -1
+        self.shapes.update(
+            {
+                t.name: _static_shape(t) if t.name in self.int_name else _known_dims(t)
+                for t in g.outputs
+            }
+        )
         int_outputs = {}
         for name in outputs:
             if name in self.int_name:
@@ -199,6 +215,10 @@ class _Integerizer:
             if node.name not in self.plan.layers:
                 return False
             return self._weighted(node, kind, weight)
+        if weight is not None and kind is OpKind.CONV_TRANSPOSE:
+            if node.name not in self.plan.layers or conv_transpose_blocker(node) is not None:
+                return False  # a float island, as inspect says (conv_transpose_blocker)
+            return self._weighted(node, kind, weight)
         data = [t for t in node.inputs if isinstance(t, gs.Variable)]
         out = node.outputs[0]
         if not data or not self._quantized(*data, out):
@@ -229,13 +249,16 @@ class _Integerizer:
         return lowering(node) if lowering is not None else False
 
     def _float(self, node: gs.Node) -> None:
-        inputs = [self.real(t) for t in node.inputs if isinstance(t, gs.Variable) and t.name]
-        initializers = tuple(
-            OnnxExporter.export_tensor_proto(t) for t in node.inputs if isinstance(t, gs.Constant)
-        )
         proto = OnnxExporter.export_node(node)
-        outputs = tuple(t.name for t in node.outputs)
         tensors = self.graph.tensors()
+        # an If / Loop / Scan body may read tensors of this graph by name (outer scope): they
+        # are inputs of the island too, or the island would run before they exist
+        captured = [tensors[n] for n in outer_scope_names(proto) if n in tensors]
+        read = [t for t in [*node.inputs, *captured] if t.name]
+        inputs = [self.real(t) for t in read if isinstance(t, gs.Variable)]
+        constants = {t.name: t for t in read if isinstance(t, gs.Constant)}
+        initializers = tuple(OnnxExporter.export_tensor_proto(t) for t in constants.values())
+        outputs = tuple(t.name for t in node.outputs)
         self.ops.append(
             ip.FloatIsland(
                 (proto,),
@@ -316,6 +339,15 @@ class _Integerizer:
             or float(node.attrs.get("beta", 1.0)) != 1.0
         ):
             return False
+        if kind is OpKind.CONV:
+            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                raise UnsupportedModelError(
+                    f"{node.name}: auto_pad is not supported; simplify first"
+                )
+            if np.asarray(weight.values).ndim != 4:
+                # a 1-D or 3-D convolution runs in float; decided before any codes are
+                # declared, or consumers would read codes that nothing produces
+                return False
         codes, w_scales, bias, bits = self._quantized_weight(node, weight, kind)
         if bias is not None:
             bias = bias.astype(np.int32)
@@ -324,14 +356,12 @@ class _Integerizer:
         out_codes, qy = self.define(out)
         bounds = _code_bounds(qy, real_lo, real_hi)
         multiplier = qx.scale * w_scales.astype(np.float64) / qy.scale
+        if kind is OpKind.CONV_TRANSPOSE:
+            operands = (x_codes, qx, out_codes, qy)
+            self._conv_transpose(node, operands, codes, bias, multiplier, bounds, bits)
+            return True
         if kind is OpKind.CONV:
-            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-                raise UnsupportedModelError(
-                    f"{node.name}: auto_pad is not supported; simplify first"
-                )
             spatial = codes.ndim - 2
-            if spatial != 2:
-                return False
             self.ops.append(
                 ip.Conv(
                     out_codes,
@@ -374,11 +404,13 @@ class _Integerizer:
             codes, _, bias, _ = self._quantized_weight(node, weight, kind)
             qx = self.params[x.name]
             vmax = max(abs(qx.qmin - qx.zero_point), abs(qx.qmax - qx.zero_point))
-            per_channel = (
-                np.abs(codes.astype(np.int64)).reshape(codes.shape[0], -1).sum(axis=1)
-                if kind is OpKind.CONV
-                else np.abs(codes.astype(np.int64)).sum(axis=0)
-            )
+            magnitudes = np.abs(codes.astype(np.int64))
+            if kind is OpKind.CONV:
+                per_channel = magnitudes.reshape(codes.shape[0], -1).sum(axis=1)
+            elif kind is OpKind.CONV_TRANSPOSE:  # [C_in, C_out, kh, kw]: every tap may overlap
+                per_channel = magnitudes.sum(axis=(0, 2, 3))
+            else:
+                per_channel = magnitudes.sum(axis=0)
             bound = per_channel * vmax + (np.abs(bias) if bias is not None else 0)
             if bound.max() > INT32_LIMIT:
                 risky.append(f"{layer_id} (worst-case |acc| {int(bound.max()):,})")
@@ -388,6 +420,67 @@ class _Integerizer:
                 + "; ".join(risky)
                 + ". Lower the weight or activation bits of these layers, or keep them in float."
             )
+
+    def _conv_transpose(
+        self,
+        node: gs.Node,
+        operands: tuple[str, ActQuant, str, ActQuant],
+        codes: np.ndarray,
+        bias: np.ndarray | None,
+        multiplier: np.ndarray,
+        bounds: tuple[int, int],
+        bits: int,
+    ) -> None:
+        """A ConvTranspose whose stride equals its kernel (``conv_transpose_blocker`` is None)
+        as existing integer ops: each input pixel writes its own kh x kw output block, so
+
+            cols = Conv1x1(x; W[c_in, (c_out, i, j)])      (N, C_out kh kw, H, W), requantized
+            y[n, o, h kh + i, w kw + j] = cols[n, (o, i, j), h, w]
+
+        and the interleave is a chain of rank-4 Reshape / Transpose on codes (every consumer,
+        the microcontroller one included, moves codes of rank <= 4). The requantization is per
+        output channel, so it is the same before or after the interleave."""
+        x_codes, qx, out_codes, qy = operands
+        c_in, c_out, kh, kw = codes.shape
+        taps = kh * kw
+        n, _, h, w = _static_shape(node.inputs[0])
+        weight = np.ascontiguousarray(codes.transpose(1, 2, 3, 0).reshape(c_out * taps, c_in, 1, 1))
+        per_column = np.repeat(np.broadcast_to(np.atleast_1d(multiplier), (c_out,)), taps)
+
+        def stage(index: int, shape: tuple[int, ...]) -> str:
+            name = f"{out_codes}__convt{index}"
+            self.quant[name] = qy
+            self.shapes[name] = shape
+            return name
+
+        rows = n * c_out  # 0 when the batch is dynamic, as elsewhere in the program's shapes
+        cols = stage(0, (n, c_out * taps, h, w))
+        self.ops.append(
+            ip.Conv(
+                cols,
+                x_codes,
+                qx.zero_point,
+                weight,
+                np.repeat(bias, taps).astype(np.int32) if bias is not None else None,
+                (1, 1),
+                (0, 0, 0, 0),
+                (1, 1),
+                1,
+                _requant(per_column, qy, axis=1, bounds=bounds),
+                bits,
+            )
+        )
+        # (N C_out kh, kw, H, W) -> (N C_out kh, H, W, kw): j moves next to w
+        split = stage(1, (rows * kh, kw, h, w))
+        self.ops.append(ip.Reshape(split, cols, (-1, kw, h, w)))
+        moved = stage(2, (rows * kh, h, w, kw))
+        self.ops.append(ip.Transpose(moved, split, (0, 2, 3, 1)))
+        # (N C_out, kh, H, W kw) -> (N C_out, H, kh, W kw): i moves next to h
+        grouped = stage(3, (rows, kh, h, w * kw))
+        self.ops.append(ip.Reshape(grouped, moved, (-1, kh, h, w * kw)))
+        interleaved = stage(4, (rows, h, kh, w * kw))
+        self.ops.append(ip.Transpose(interleaved, grouped, (0, 2, 1, 3)))
+        self.ops.append(ip.Reshape(out_codes, interleaved, (-1, c_out, h * kh, w * kw)))
 
     # --- activation ops ----------------------------------------------------------------------
     def _act_matmul(self, node: gs.Node) -> bool:
@@ -610,6 +703,54 @@ class _Integerizer:
         out_codes, _ = self.define(out)
         self.ops.append(ip.Clip(out_codes, x_codes, lo, hi))
         return True
+
+
+def outer_scope_names(node: onnx.NodeProto) -> list[str]:
+    """Tensors that ``node``'s subgraphs (If branches, Loop / Scan bodies, nested) read from
+    the enclosing graph, in first-use order: names no subgraph defines before using them."""
+    found: dict[str, None] = {}
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            bodies = [attr.g]
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            bodies = list(attr.graphs)
+        else:
+            continue
+        for body in bodies:
+            local = {i.name for i in body.input} | {t.name for t in body.initializer}
+            local |= {t.values.name for t in body.sparse_initializer}
+            for inner in body.node:
+                for name in [*inner.input, *outer_scope_names(inner)]:
+                    if name and name not in local:
+                        found[name] = None
+                local.update(inner.output)
+    return list(found)
+
+
+def conv_transpose_blocker(node: gs.Node) -> str | None:
+    """Why a ConvTranspose runs as a float island in integer models, or None when integerize
+    lowers it (2-D, one group, stride equal to the kernel, no padding, dilation or output
+    padding: the non-overlapping upsampling of FPN / DB-style detector heads)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(weight, gs.Constant) or np.asarray(weight.values).ndim != 4:
+        return "integer ConvTranspose needs a constant 2-D kernel"
+    kernel = list(np.asarray(weight.values).shape[2:])
+    attrs = node.attrs
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return "integer ConvTranspose does not take auto_pad"
+    if int(attrs.get("group", 1)) != 1:
+        return "integer ConvTranspose needs group 1"
+    if [int(s) for s in attrs.get("strides", [1, 1])] != kernel:
+        return f"integer ConvTranspose needs strides equal to the kernel {kernel}"
+    if any(int(p) for p in attrs.get("pads", [0] * 4)) or any(
+        int(p) for p in attrs.get("output_padding", [0, 0])
+    ):
+        return "integer ConvTranspose takes no pads or output_padding"
+    if any(int(d) != 1 for d in attrs.get("dilations", [1, 1])):
+        return "integer ConvTranspose takes no dilation"
+    if "output_shape" in attrs:
+        return "integer ConvTranspose does not take output_shape"
+    return None
 
 
 def common_shift_dyadic(ratio_a: float, ratio_b: float) -> tuple[tuple[int, int], int]:

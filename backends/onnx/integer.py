@@ -383,7 +383,10 @@ _ONNX_TYPES = {
 
 
 def _dims(shape: tuple[int, ...]) -> list[int | str]:
-    return ["N" if (i == 0 and d == 0) else d for i, d in enumerate(shape)]
+    """A dynamic batch (0) is ``N``; another unknown dim (-1, a float output's) is named."""
+    return [
+        "N" if (i == 0 and d == 0) else (f"dim{i}" if d < 0 else d) for i, d in enumerate(shape)
+    ]
 
 
 def export_integer_onnx(

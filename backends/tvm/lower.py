@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import tvm
 from onnx import numpy_helper
 from tvm import IRModule, relax
@@ -379,7 +380,8 @@ class _Lowering(IntOpVisitor[None]):
         from dyadiq.reference_interpreter import island_model
 
         model = island_model(op, self.program.opset)
-        names = [name for name in op.inputs if name not in self.constants]
+        # Mul(x, x) lists x twice; the imported function takes each input once
+        names = [name for name in dict.fromkeys(op.inputs) if name not in self.constants]
         for name in op.inputs:
             if name in self.constants:
                 model.graph.initializer.append(numpy_helper.from_array(self.constants[name], name))
@@ -400,20 +402,25 @@ class _Lowering(IntOpVisitor[None]):
             raise UnsupportedModelError(
                 f"TVM cannot import the float island [{ops}]: {exc}"
             ) from exc
-        if len(imported.functions) != 1:
-            raise UnsupportedModelError(
-                f"the float island [{', '.join(n.op_type for n in op.nodes)}] imports as "
-                f"{len(imported.functions)} functions; dyadiq calls islands as one"
-            )
         self.island_count += 1
-        func = imported["main"].without_attr("global_symbol").without_attr("num_input")
-        gv = self.bb.add_func(func, f"dq_float_island_{self.island_count}")
+        prefix = f"dq_float_island_{self.island_count}"
+        # The importer may emit helpers beside main (a Pad becomes a TIR PrimFunc that main
+        # calls with call_tir): each joins the module under a name unique to this island.
+        renamed = {
+            gv.name_hint: self.bb.add_func(helper, f"{prefix}_{gv.name_hint}")
+            for gv, helper in imported.functions_items()
+            if gv.name_hint != "main"
+        }
+        func = _RenameGlobals(renamed).visit_expr(imported["main"])
+        func = func.without_attr("global_symbol").without_attr("num_input")
+        gv = self.bb.add_func(func, prefix)
         result = self.emit(relax.Call(gv, args))
         values = (
             [result]
             if len(op.outputs) == 1
             else [self.emit(relax.TupleGetItem(result, i)) for i in range(len(op.outputs))]
         )
+        measured: dict[str, tuple[int, ...]] | None = None
         for name, value in zip(op.outputs, values, strict=True):
             # the importer turns ONNX Shape into a Relax shape value; the program's tensors
             # (and the next island's inputs) are int64 tensors
@@ -422,7 +429,46 @@ class _Lowering(IntOpVisitor[None]):
                 if dims is not None and all(isinstance(d, tvm.tirx.IntImm) for d in dims):
                     self.constants[name] = np.array([int(d) for d in dims], np.int64)
                 value = self.emit(relax.op.shape_to_tensor(value))
+            elif isinstance(value.ty, relax.TensorType) and not _static(value.ty):
+                # the importer could not infer it (a Squeeze whose axes are an input, say);
+                # every input shape is static, so one run of the island gives it
+                if measured is None:
+                    measured = _island_output_shapes(model, shapes, dtypes)
+                ty = relax.TensorType(measured[name], str(value.ty.dtype))
+                value = self.bb.match_cast(value, ty)
             self.env[name] = value
+
+
+def _static(ty: relax.TensorType) -> bool:
+    return ty.shape is not None and all(
+        isinstance(d, tvm.tirx.IntImm) for d in getattr(ty.shape, "values", None) or [None]
+    )
+
+
+def _island_output_shapes(
+    model: onnx.ModelProto, shapes: dict[str, list[int]], dtypes: dict[str, str]
+) -> dict[str, tuple[int, ...]]:
+    """Each island output's shape, from one onnxruntime run on zeros of the inputs' static
+    shapes (the island's ops have static output shapes for static inputs, or TVM could not
+    lower them either)."""
+    from dyadiq.ort_sessions import Kernels, open_session
+
+    session = open_session(model, kernels=Kernels.EXACT, threads=1)
+    feeds = {name: np.zeros(shapes[name], dtypes[name]) for name in shapes}
+    names = [o.name for o in session.get_outputs()]
+    return {n: tuple(v.shape) for n, v in zip(names, session.run(names, feeds), strict=True)}
+
+
+@relax.expr_functor.mutator
+class _RenameGlobals(relax.PyExprMutator):
+    """Point references to an imported module's functions at their new global vars."""
+
+    def __init__(self, renamed: dict[str, relax.GlobalVar]) -> None:
+        super().__init__()
+        self.renamed = renamed
+
+    def visit_global_var_(self, op: relax.GlobalVar) -> relax.Expr:
+        return self.renamed.get(op.name_hint, op)
 
 
 def _lowering_for(
