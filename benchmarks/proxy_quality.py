@@ -38,8 +38,17 @@ Results: ``results/proxy_quality.json`` and ``proxy_quality.md``, written atomic
 model so that partial results survive. A run replaces only its own models' entries in an
 existing results file (``--no-merge`` starts afresh); each entry names the run (command, date,
 machine, load) it came from. ``--reuse-measured MODEL`` keeps that model's configurations and
-measured damage and recomputes only the gradient proxies (the configurations are redrawn with
-the same seed and checked to be identical).
+measured damage and recomputes every prediction from fresh analyses (the configurations are
+redrawn with the same seed and checked to be identical); with ``--no-gradients`` too, the
+eigenvalue / Fisher / Taylor predictions of the earlier run are kept (and their ``+pairs``
+variants are n/a).
+
+Every proxy is scored alone and ``+pairs`` (``damage_model.py``: the measured cross terms as a
+relative interaction, safe model: noise zeroed, floored, non-negative). For the empirical and
+trace proxies the pair terms are also scored as measured (``[raw]``: no noise filter, no
+clamp, the formulation the "Augmenting Hessians" paper uses) and floored but signed
+(``[floor]``), and each model's pair terms are counted by sign and significance, which is what
+decides whether pairs can help.
 
     .venv/bin/python -m benchmarks.proxy_quality                       # all four models
     .venv/bin/python -m benchmarks.proxy_quality --models fashion_cnn --configs 60
@@ -248,18 +257,74 @@ def evaluate_configs(
 
 
 def _timed_analysis(
-    graph: Any, batches: list[Any], kind: Any, config: Any, use_cache: bool
+    graph: Any, batches: list[Any], kind: Any, config: Any, use_cache: bool, workers: int | None
 ) -> tuple[Any, float, bool]:
     """(report, seconds, from cache). A cached report's seconds are those of the run that
-    computed it (recorded in the report), not the instant read."""
+    computed it (recorded in the report), not the instant read. ``workers`` > 1: on a local
+    Ray (same report)."""
     from dyadiq.passes.sensitivity.analysis import analyze, analyze_cached
+    from dyadiq.passes.sensitivity.executor import make_executor
 
     t = time.perf_counter()
-    if use_cache:
-        report, cached = analyze_cached(graph, batches, kind, config)
-    else:
-        report, cached = analyze(graph, batches, kind, config), False
+    with make_executor(workers=workers) as executor:
+        if use_cache:
+            report, cached = analyze_cached(graph, batches, kind, config, executor=executor)
+        else:
+            report = analyze(graph, batches, kind, config, executor=executor)
+            cached = False
     return report, (report.seconds if cached else time.perf_counter() - t), cached
+
+
+PAIR_VARIANTS = ("empirical+pairs", "trace+pairs")
+
+
+def proxy_columns() -> list[str]:
+    """Every proxy alone and +pairs (safe model), then the raw and floored pair variants."""
+    from dyadiq.passes.sensitivity.analysis import PROXIES
+
+    return [
+        *(p.value for p in PROXIES),
+        *(f"{p}[{v}]" for p in PAIR_VARIANTS for v in ("raw", "floor")),
+    ]
+
+
+def with_gradient_proxies(report: Any, grad_report: Any) -> Any:
+    """``report`` with the gradient analysis' per-layer eigenvalue / Fisher / Taylor damage,
+    so that their +pairs variants use the main report's pair terms."""
+    if report is None or grad_report is None:
+        return report if report is not None else grad_report
+    fields = ("top_eigenvalue", "eigen_damage", "fisher_damage", "taylor_damage")
+    layers = {
+        k: dataclasses.replace(v, **{f: getattr(grad_report.layers[k], f) for f in fields})
+        for k, v in report.layers.items()
+    }
+    return dataclasses.replace(report, layers=layers)
+
+
+def pair_statistics(report: Any) -> dict[str, Any]:
+    """The measured pair terms by sign and significance (|delta| > z stderr), and how large
+    they are next to the pair's single-layer damage: what decides whether pairs can help."""
+    z = float(report.settings.get("pair_noise_z", 2.0))
+    terms = list(report.pairs)
+    if not terms:
+        return {"terms": 0}
+    significant = [t for t in terms if abs(t.delta) > z * t.stderr]
+    negative = [t for t in significant if t.delta < 0]
+    below_floor = [t for t in negative if t.delta < -min(t.single_a, t.single_b)]
+    ratios = [
+        t.delta / (t.single_a + t.single_b) for t in significant if t.single_a + t.single_b > 0
+    ]
+    return {
+        "terms": len(terms),
+        "noise_z": z,
+        "within_noise": len(terms) - len(significant),
+        "significant_positive": len(significant) - len(negative),
+        "significant_negative": len(negative),
+        "below_floor": len(below_floor),
+        "relative_median": float(np.median(ratios)) if ratios else None,
+        "relative_p10": float(np.percentile(ratios, 10)) if ratios else None,
+        "relative_p90": float(np.percentile(ratios, 90)) if ratios else None,
+    }
 
 
 def benchmark_model(
@@ -275,12 +340,13 @@ def benchmark_model(
     from dyadiq import zoo
     from dyadiq.passes.calibration.observers import RangeMethod
     from dyadiq.passes.sensitivity.analysis import (
-        PROXIES,
         MissingProxyError,
         SensitivityConfig,
         predict_damage,
     )
+    from dyadiq.passes.sensitivity.pairs import PairModel
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from dyadiq.passes.sensitivity.proxy import Proxy
     from dyadiq.pipeline import CalibrationConfig
 
     t_model = time.perf_counter()
@@ -299,9 +365,10 @@ def benchmark_model(
     space = CONFIG_SPACE.get(name, DEFAULT_CONFIG_SPACE)
     use_cache = not args.no_cache
     if previous is not None:
-        # everything measured before is kept; only the gradient proxies are new
+        # the configurations and their measured damage are kept; every prediction is new
         result = {k: v for k, v in previous.items() if k not in ("run", "notes")}
         result["gradient_config"] = grad_cfg.to_json()
+        result["sensitivity_config"] = sens_cfg.to_json()
     else:
         result = {
             "output_kind": kind.value,
@@ -329,21 +396,23 @@ def benchmark_model(
     raw = load_onnx(artifacts.model_path)
     graph = prepare_graph(raw)
     analysis_batches = list(artifacts.calibration_batches(analysis_n))
-    report = None
-    if previous is None:
-        log.info("%s: analysing %d samples", name, analysis_n)
-        report, seconds, cached = _timed_analysis(
-            graph, analysis_batches, kind, sens_cfg, use_cache
-        )
-        result["analysis"] = {
-            "wall_s": seconds,
-            "from_cache": cached,
-            "report_seconds": report.seconds,
-            "forward_passes": report.forward_passes,
-            "layers": len(report.layers),
-            "pairs": len(report.pairs),
-        }
-        log.info("%s: analysis %.1fs, %d forward passes", name, seconds, report.forward_passes)
+    # the analysis runs (cached) with --reuse-measured too: every prediction is recomputed
+    log.info("%s: analysing %d samples", name, analysis_n)
+    report, seconds, cached = _timed_analysis(
+        graph, analysis_batches, kind, sens_cfg, use_cache, args.workers
+    )
+    result["analysis"] = {
+        "wall_s": seconds,
+        "from_cache": cached,
+        "report_seconds": report.seconds,
+        "forward_passes": report.forward_passes,
+        "layers": len(report.layers),
+        "pairs": len({(p.a, p.b) for p in report.pairs}),
+        "pair_width_terms": len(report.pairs),
+        "workers": args.workers or 1,
+    }
+    result["pair_terms"] = pair_statistics(report)
+    log.info("%s: analysis %.1fs, %d forward passes", name, seconds, report.forward_passes)
     grad_report = None
     if args.no_gradients:
         result["gradient_analysis"] = {
@@ -356,7 +425,7 @@ def benchmark_model(
         }
     else:
         grad_report, seconds, cached = _timed_analysis(
-            graph, analysis_batches, kind, grad_cfg, use_cache
+            graph, analysis_batches, kind, grad_cfg, use_cache, None
         )
         result["gradient_analysis"] = {
             "wall_s": seconds,
@@ -373,40 +442,41 @@ def benchmark_model(
         }
         log.info("%s: gradient proxies %.1fs", name, seconds)
     from_gradients = {"eigenvalue", "fisher", "taylor"}
+    combined = with_gradient_proxies(report, grad_report)
+    proxies = proxy_columns()
 
-    def predict(proxy: str, bits: dict[str, int]) -> float | None:
+    def predict(column: str, bits: dict[str, int]) -> float | None:
         """None where the analysis has no data for the proxy (no gradients were computed, or
         a proxy such as taylor that needs labels on an embedding model): not a ranking of 0s."""
-        source = grad_report if proxy in from_gradients else report
-        if source is None:
+        proxy, _, variant = column.partition("[")
+        if Proxy.parse(proxy).base.value in from_gradients and grad_report is None:
             return None
+        model = PairModel(variant.rstrip("]")) if variant else PairModel.NONNEGATIVE
         try:
-            return predict_damage(source, bits, proxy)
+            return predict_damage(combined, bits, proxy, pair_model=model)
         except MissingProxyError:
             return None
 
     # 2. configurations
-    layer_ids = list((report or grad_report).layers)
+    assert combined is not None  # the main analysis always runs
+    layer_ids = list(combined.layers)
     configs = sample_configs(layer_ids, args.configs, space=space)
     if previous is not None:
         kept = [c["bits"] for c in previous["configurations"]]
         if [c["bits"] for c in configs[: len(kept)]] != kept:
             raise RuntimeError(f"{name}: the configurations differ from the previous results'")
         n = len(kept)
-        predicted = {
-            p: (
-                [predict(p, c["bits"]) for c in configs[:n]]
-                if p in from_gradients
-                else list(previous["predicted_damage"][p])
-            )
-            for p in PROXIES
-        }
+        predicted = {p: [predict(p, c["bits"]) for c in configs[:n]] for p in proxies}
+        if grad_report is None:  # --no-gradients: the earlier run's gradient predictions
+            for p in from_gradients:
+                if p in previous["predicted_damage"]:
+                    predicted[p] = list(previous["predicted_damage"][p])
         measured = list(previous["measured_damage"])
         secondary = list(previous["measured_secondary"])
         extra = {k: list(v["measured"]) for k, v in previous.get("extra_metrics", {}).items()}
         result["predicted_damage"] = predicted
     else:
-        predicted = {p: [predict(p, c["bits"]) for c in configs] for p in PROXIES}
+        predicted = {p: [predict(p, c["bits"]) for c in configs] for p in proxies}
         measured, secondary, extra = _measure(
             name, args, artifacts, kind, raw, cal_cfg, calib_n, eval_n, configs, deadline, result
         )
@@ -426,19 +496,19 @@ def benchmark_model(
                 "mean_bits": [float(np.mean(list(c["bits"].values()))) for c in configs[:n]],
             }
         )
-    table = {p: correlations(predicted[p], measured) for p in PROXIES}
+    table = {p: correlations(predicted[p], measured) for p in proxies}
     result["correlations"] = table
     result["secondary_metric"] = {
         "metric": SECONDARY_METRIC[name],
         "damage": "1 - config",
-        "correlations": {p: correlations(predicted[p], secondary) for p in PROXIES},
+        "correlations": {p: correlations(predicted[p], secondary) for p in proxies},
     }
     if extra:
         result["extra_metrics"] = {
             metric: {
                 "damage": EXTRA_METRIC_DAMAGE[metric],
                 "measured": values,
-                "correlations": {p: correlations(predicted[p], values) for p in PROXIES},
+                "correlations": {p: correlations(predicted[p], values) for p in proxies},
             }
             for metric, values in extra.items()
         }
@@ -528,7 +598,7 @@ def _measure(
 
 
 def _verdict(table: dict[str, dict[str, float | None]]) -> dict[str, Any]:
-    """Does adding pair terms help (tau), for Hessian and for the empirical proxy?"""
+    """Do pair terms help (tau), per proxy; which proxy ranks best."""
 
     def tau(p: str) -> float | None:
         return table.get(p, {}).get("kendall_tau")
@@ -541,9 +611,12 @@ def _verdict(table: dict[str, dict[str, float | None]]) -> dict[str, Any]:
 
     taus = {p: tau(p) for p in table}
     valid = {p: v for p, v in taus.items() if v is not None}
+    bases = [p for p in table if "+" not in p and "[" not in p]
     return {
-        "hessian+pairs_vs_hessian": cmp("hessian+pairs", "hessian"),
-        "empirical+pairs_vs_empirical": cmp("empirical+pairs", "empirical"),
+        "pairs_vs_alone": {p: cmp(f"{p}+pairs", p) for p in bases},
+        "raw_pairs_vs_alone": {
+            p.split("+")[0]: cmp(f"{p}[raw]", p.split("+")[0]) for p in PAIR_VARIANTS
+        },
         "best_proxy_by_tau": max(valid, key=lambda p: valid[p]) if valid else None,
     }
 
@@ -603,28 +676,44 @@ def render_markdown(data: dict[str, Any]) -> str:
     ]
     if data.get("notes"):
         lines += [f"- {n}" for n in data["notes"]] + [""]
-    lines += [
-        "| model | N | analysis s | fwd passes | gradient s | rev passes | "
-        + " | ".join(f"{p} tau / rho" for p in data["settings"]["proxies"])
-        + " | pairs help (Hessian)? |",
-        "|---|---:|---:|---:|---:|---:|" + "---|" * len(data["settings"]["proxies"]) + "---|",
-    ]
+    models = {n: r for n, r in data["models"].items() if "error" not in r and "skipped" not in r}
     for name, res in data["models"].items():
-        if "error" in res or "skipped" in res:
-            lines.append(f"| {name} | {res.get('skipped') or 'error: ' + res['error']} |")
-            continue
-        cells = [
-            f"{_f(res['correlations'][p]['kendall_tau'])} / "
-            f"{_f(res['correlations'][p]['spearman_rho'])}"
-            for p in data["settings"]["proxies"]
-        ]
+        if name not in models:
+            lines.append(f"- {name}: {res.get('skipped') or 'error: ' + res['error']}")
+    columns = [
+        p
+        for p in data["settings"]["proxies"]
+        if any(p in r["correlations"] for r in models.values())
+    ]
+    lines += [
+        "| proxy | " + " | ".join(f"{n} tau / rho" for n in models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for p in columns:
+        cells = []
+        for res in models.values():
+            c = res["correlations"].get(p)
+            cells.append(f"{_f(c['kendall_tau'])} / {_f(c['spearman_rho'])}" if c else "n/a")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| model | N | analysis s | fwd passes | gradient s | rev passes | pair terms (layer "
+        "pairs x width pairs) | within noise | significant + / - | below floor | "
+        "relative cross term p10 / median / p90 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for name, res in models.items():
+        st = res.get("pair_terms") or {}
         lines.append(
             f"| {name} | {res['configs']} | {res['analysis']['wall_s']:.1f} | "
             f"{res['analysis']['forward_passes']} | "
             f"{res['gradient_analysis']['wall_s']:.1f} | "
             f"{res['gradient_analysis']['reverse_passes']} | "
-            + " | ".join(cells)
-            + f" | {res['verdict']['hessian+pairs_vs_hessian']} |"
+            f"{res['analysis']['pairs']} x {st.get('terms', 0)} | "
+            f"{st.get('within_noise', 'n/a')} | {st.get('significant_positive', 'n/a')} / "
+            f"{st.get('significant_negative', 'n/a')} | {st.get('below_floor', 'n/a')} | "
+            f"{_f(st.get('relative_p10'))} / {_f(st.get('relative_median'))} / "
+            f"{_f(st.get('relative_p90'))} |"
         )
     lines += ["", "## Details", ""]
     for name, res in data["models"].items():
@@ -637,8 +726,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             "",
             f"- run {res.get('run', 0)}"
             + (
-                f" (configurations measured in run {res['measured_in_run']}; only the gradient "
-                "proxies were recomputed in this run)"
+                f" (configurations and measured damage from run {res['measured_in_run']}; "
+                "the predictions were recomputed in this run)"
                 if res.get("measured_in_run") is not None
                 else ""
             )
@@ -649,7 +738,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"evaluation {c['evaluation_samples']} samples",
             f"- analysis: {res['analysis']['wall_s']:.1f} s, "
             f"{res['analysis']['forward_passes']} forward passes, "
-            f"{res['analysis']['layers']} layers, {res['analysis']['pairs']} pair terms",
+            f"{res['analysis']['layers']} layers, {res['analysis']['pairs']} layer pairs",
             f"- gradient proxies (eigenvalue, Fisher, Taylor): "
             f"{res['gradient_analysis']['wall_s']:.1f} s incl. TVM compile, "
             f"{res['gradient_analysis']['samples']} samples, "
@@ -678,10 +767,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                 for metric, v in res.get("extra_metrics", {}).items()
             ],
             *[f"- note: {n}" for n in res.get("notes", [])],
-            f"- pairs vs per-layer: hessian+pairs vs hessian "
-            f"{res['verdict']['hessian+pairs_vs_hessian']}, empirical+pairs vs empirical "
-            f"{res['verdict']['empirical+pairs_vs_empirical']}; best by tau: "
-            f"{res['verdict']['best_proxy_by_tau']}",
+            "- +pairs vs alone (tau): "
+            + ", ".join(f"{p} {v}" for p, v in (res["verdict"].get("pairs_vs_alone") or {}).items())
+            + f"; best by tau: {res['verdict']['best_proxy_by_tau']}",
             "",
         ]
     if data.get("conclusion"):
@@ -691,27 +779,28 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 def conclusion(data: dict[str, Any]) -> str:
     rows = []
+    helped: dict[str, int] = {}
+    total = 0
     for name, res in data["models"].items():
         if "verdict" not in res:
             continue
+        total += 1
         t = {p: res["correlations"][p]["kendall_tau"] for p in res["correlations"]}
+        verdict = res["verdict"].get("pairs_vs_alone") or {}
+        for p, v in verdict.items():
+            helped[p] = helped.get(p, 0) + (v == "better")
         best = res["verdict"]["best_proxy_by_tau"]
         rows.append(
-            f"{name}: hessian tau {_f(t['hessian'])}, hessian+pairs {_f(t['hessian+pairs'])} "
-            f"({res['verdict']['hessian+pairs_vs_hessian']}); best by tau {best} "
-            f"({_f(t.get(best))})"
+            f"{name}: empirical {_f(t.get('empirical'))}, empirical+pairs "
+            f"{_f(t.get('empirical+pairs'))}, raw pairs {_f(t.get('empirical+pairs[raw]'))}; "
+            f"best by tau {best} ({_f(t.get(best))})"
         )
     if not rows:
         return ""
-    better = sum(
-        1
-        for r in data["models"].values()
-        if r.get("verdict", {}).get("hessian+pairs_vs_hessian") == "better"
-    )
-    total = sum(1 for r in data["models"].values() if "verdict" in r)
+    counts = ", ".join(f"{p} {n}/{total}" for p, n in helped.items())
     return (
-        f"Pair-augmented Hessian beats the per-layer Hessian (Kendall tau) on {better} of "
-        f"{total} models measured. " + "; ".join(rows) + "."
+        f"Models on which +pairs (safe model) ranks better than the proxy alone (Kendall tau): "
+        f"{counts}. " + "; ".join(rows) + "."
     )
 
 
@@ -748,10 +837,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         choices=ALL_MODELS,
         metavar="MODEL",
-        help="keep these models' configurations, measured damage and non-gradient predictions "
-        "from the existing results; rerun only the gradient proxies (eigenvalue/Fisher/Taylor)",
+        help="keep these models' configurations and measured damage from the existing results; "
+        "recompute every prediction (with --no-gradients: keep the gradient proxies' too)",
     )
     p.add_argument("--no-cache", action="store_true", help="do not use the analysis cache")
+    p.add_argument(
+        "--workers", type=int, default=None, help="run the analysis on a local Ray (same result)"
+    )
     p.add_argument(
         "--no-gradients",
         action="store_true",
@@ -782,8 +874,6 @@ def _load_previous(output_dir: Path) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from dyadiq.passes.sensitivity.analysis import PROXIES
-
     start = time.perf_counter()
     deadline = time.time() + (args.budget_s if args.budget_s else 1e9)
     argv_used = sys.argv[1:] if argv is None else argv
@@ -813,7 +903,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "act_bits": 8,
         "hutchinson_max_iters": args.hutchinson_max_iters,
         "budget_s": args.budget_s,
-        "proxies": list(PROXIES),
+        "proxies": proxy_columns(),
     }
     order = [m for m in ALL_MODELS if m in args.models]
     for name in order:

@@ -43,13 +43,19 @@ def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
             value = res["correlations"][proxy][stat]
             assert isinstance(value, float) and math.isfinite(value), (proxy, stat, value)
             assert -1.0 <= value <= 1.0
-    assert res["verdict"]["hessian+pairs_vs_hessian"] in ("better", "worse", "equal")
+    assert res["verdict"]["pairs_vs_alone"]["trace"] in ("better", "worse", "equal")
+    for column in ("empirical+pairs[raw]", "trace+pairs[floor]"):
+        assert math.isfinite(res["correlations"][column]["kendall_tau"])
+    stats = res["pair_terms"]
+    assert stats["terms"] == stats["within_noise"] + stats["significant_positive"] + stats[
+        "significant_negative"
+    ]
     kl = res["extra_metrics"]["kl"]["measured"]
     assert len(kl) == 8 and all(v >= 0 for v in kl)
     assert res["float_metrics"]["kl"] == pytest.approx(0.0, abs=1e-9)
 
-    # a second run reusing the measurements: same damage, gradient proxies recomputed, the
-    # first run still named in the merged file
+    # a second run reusing the measurements: same damage, predictions recomputed (from the
+    # cached analyses: the same), the first run still named in the merged file
     proxy_quality.main(
         [
             "--quick",
@@ -63,7 +69,7 @@ def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
     assert len(merged["runs"]) == 2
     assert again["run"] == 1 and again["measured_in_run"] == 0
     assert again["measured_damage"] == res["measured_damage"]
-    assert again["predicted_damage"]["hessian"] == res["predicted_damage"]["hessian"]
+    assert again["predicted_damage"]["trace"] == res["predicted_damage"]["trace"]
     assert again["gradient_analysis"]["from_cache"]  # same settings: the cached report
     assert again["correlations"]["fisher"] == res["correlations"]["fisher"]
 
