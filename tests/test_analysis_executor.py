@@ -34,6 +34,7 @@ net (float[8, 6] x) => (float[8, 3] y) {
 CONFIG = SensitivityConfig(
     weight_bits=(2, 4, 8), pairs=True, hutchinson_max_iters=24, hutchinson_rtol=0.05
 )
+ONE_WIDTH = SensitivityConfig(weight_bits=(4,), trace=False, entropy=False, activations=False)
 
 
 def _graph_and_batches() -> tuple[Any, list[dict[str, np.ndarray]]]:
@@ -97,9 +98,15 @@ def test_the_ray_executor_gives_the_serial_report():
         with RayExecutor(workers=2) as executor:
             assert executor.workers == 2
             parallel = analyze(graph, batches, OutputKind.LOGITS, CONFIG, executor=executor)
+            # a second analysis (a new worker spec) on the same executor: its workers must
+            # not wait for CPUs the first analysis' idle workers hold
+            again = analyze(graph, batches[:1], OutputKind.LOGITS, ONE_WIDTH, executor=executor)
     finally:
         ray.shutdown()
     assert _comparable(parallel) == _comparable(serial)
+    assert _comparable(again) == _comparable(
+        analyze(graph, batches[:1], OutputKind.LOGITS, ONE_WIDTH)
+    )
     assert parallel.pairs and all(layer.trace for layer in parallel.layers.values())
 
 

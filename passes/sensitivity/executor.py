@@ -150,10 +150,19 @@ class RayExecutor(Executor):
 
     def _actors_for(self, spec: WorkerSpec) -> list[Any]:
         if id(spec) not in self._actors:
+            # one spec's actors at a time: each holds a CPU, and a new spec's actors would
+            # wait forever for the CPUs the previous spec's idle actors hold
+            self._kill_actors()
             ref = self._ray.put(spec)  # shipped once to the object store, not per actor
             actors = [self._actor_class.remote(ref, self.threads) for _ in range(self.workers)]
             self._actors[id(spec)] = (spec, actors)
         return self._actors[id(spec)][1]
+
+    def _kill_actors(self) -> None:
+        for _, actors in self._actors.values():
+            for actor in actors:
+                self._ray.kill(actor)
+        self._actors.clear()
 
     def imap(self, spec: WorkerSpec, tasks: Sequence[Task]) -> Iterator[tuple[int, Any]]:
         ray = self._ray
@@ -177,10 +186,7 @@ class RayExecutor(Executor):
             yield index, ray.get(ready[0])
 
     def close(self) -> None:
-        for _, actors in self._actors.values():
-            for actor in actors:
-                self._ray.kill(actor)
-        self._actors.clear()
+        self._kill_actors()
         if self._started:
             self._ray.shutdown()
             self._started = False
