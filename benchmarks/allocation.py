@@ -10,9 +10,12 @@
 2. Per zoo model (fashion_cnn, ppocr_cls, mobilenet_v2):
    - heuristic: uniform W4 with the first and last weighted layer at W8 (activations 8 bits);
      its weight size S = sum(params x bits / 8);
-   - ILP: ``solve(problem_from_report(..., proxy="empirical+pairs"), Budget(size_bytes=S))``,
-     sensitivity from ``analyze_cached`` (weight bits 2/3/4/6/8; 256 samples for fashion_cnn,
-     8 for the others);
+   - ILP, per proxy (``--proxies``: empirical, trace, snr, entropy, each alone and +pairs; the
+     reverse-mode ones with ``--gradients``) at the budgets S and 0.9 S:
+     ``solve(problem_from_report(..., proxy), Budget(size_bytes=budget))``, sensitivity from
+     ``analyze_cached`` (weight bits 2/3/4/6/8, trace, entropy, pair terms; 256 samples for
+     fashion_cnn, 8 for the others: the settings of ``proxy_quality``, so the two benchmarks
+     share one cached analysis);
    - random: plans with per-layer widths drawn uniformly from {2, 3, 4, 6, 8} (shared-weight
      layers alike), kept only when their size is in [0.97 S, S] (rejection sampling, seed 0).
    Every plan becomes a real QDQ model on the same calibration samples (256 for fashion_cnn,
@@ -28,6 +31,7 @@ Results: ``results/allocation.json`` and ``allocation.md``, written atomically a
 solver part and after every model.
 
     .venv/bin/python -m benchmarks.allocation
+    .venv/bin/python -m benchmarks.allocation --models fashion_cnn --skip-solver
     .venv/bin/python -m benchmarks.allocation --quick --output-dir /tmp/alloc   # smoke test
     .venv/bin/python -m benchmarks.allocation --solver-only   # solver part, into the results
 """
@@ -54,7 +58,19 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 ALL_MODELS = ("fashion_cnn", "ppocr_cls", "mobilenet_v2")
 BITS = (2, 3, 4, 6, 8)
 SEED = 0
-PROXY = "empirical+pairs"
+PROXY = "empirical+pairs"  # the proxy of the solver timing section (pair terms)
+PROXIES = (
+    "empirical",
+    "empirical+pairs",
+    "trace",
+    "trace+pairs",
+    "snr",
+    "snr+pairs",
+    "entropy",
+    "entropy+pairs",
+)
+GRADIENT_PROXIES = ("eigenvalue", "eigenvalue+pairs", "fisher", "fisher+pairs")
+BUDGET_SCALES = (1.0, 0.9)  # ILP budgets as fractions of the heuristic's size S
 WINDOW = 0.97  # random plans: size in [WINDOW * S, S]
 OUTPUT_KIND = {"fashion_cnn": "LOGITS", "mobilenet_v2": "LOGITS", "ppocr_cls": "PROBABILITIES"}
 ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8}
@@ -295,13 +311,20 @@ def solver_benchmark(quick: bool, compare: bool = True) -> dict[str, Any]:
     return out
 
 
-def real_problem_timing(name: str, quick: bool, trace: bool) -> dict[str, Any]:
+def sensitivity_config() -> Any:
+    """benchmarks.proxy_quality's analysis settings (one cached analysis for both)."""
+    from dyadiq.passes.sensitivity.analysis import SensitivityConfig
+
+    return SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED, activations=False)
+
+
+def real_problem_timing(name: str, quick: bool) -> dict[str, Any]:
     """The ILP of a zoo model as the model part poses it (proxy with pair terms, budget S of
     the heuristic), timed with both pair linearisations; sensitivity from the cache."""
     from dyadiq import zoo
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import Budget, problem_from_report, solve
-    from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze_cached
+    from dyadiq.passes.sensitivity.analysis import analyze_cached
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
     from dyadiq.pipeline import prepare_graph
     from dyadiq.plan import LayerFormat
@@ -315,7 +338,7 @@ def real_problem_timing(name: str, quick: bool, trace: bool) -> dict[str, Any]:
         graph,
         list(artifacts.calibration_batches(analysis_n)),
         OutputKind[OUTPUT_KIND[name]],
-        SensitivityConfig(weight_bits=BITS, trace=trace),
+        sensitivity_config(),
     )
     analysis_s = time.perf_counter() - t
     heuristic = {i: 4 for i in layers}
@@ -377,16 +400,50 @@ def sample_random_plans(
     return plans, info
 
 
-def _plan_row(bits: dict[str, int], params: dict[str, int], report: Any) -> dict[str, Any]:
-    from dyadiq.passes.sensitivity.analysis import predict_damage
+def _plan_row(
+    bits: dict[str, int], params: dict[str, int], report: Any, proxies: list[str]
+) -> dict[str, Any]:
+    from dyadiq.passes.sensitivity.analysis import MissingProxyError, predict_damage
 
     size = sum(params[i] * b / 8 for i, b in bits.items())
+    predicted: dict[str, float | None] = {}
+    for proxy in proxies:
+        try:
+            predicted[proxy] = predict_damage(report, bits, proxy)
+        except MissingProxyError:
+            predicted[proxy] = None
     return {
         "bits": bits,
         "size_bytes": size,
         "avg_weight_bits": size * 8 / sum(params.values()),
-        "predicted_damage": predict_damage(report, bits, PROXY),
+        "predicted_damage": predicted,
     }
+
+
+def _analysis(
+    name: str, graph: Any, batches: list[Any], kind: Any, args: argparse.Namespace
+) -> tuple[Any, float, bool]:
+    """The cached analysis (proxy_quality's settings), plus the reverse-mode proxies when
+    asked; (report, seconds, from cache)."""
+    import dataclasses
+
+    from dyadiq.passes.sensitivity.analysis import analyze_cached
+    from dyadiq.passes.sensitivity.executor import make_executor
+
+    t = time.perf_counter()
+    with make_executor(workers=args.workers) as executor:
+        report, cached = analyze_cached(
+            graph, batches, kind, sensitivity_config(), executor=executor
+        )
+        if args.gradients:
+            from benchmarks.proxy_quality import gradient_config, with_gradient_proxies
+
+            grad_config = gradient_config(name, args.quick, len(batches))
+            grad, grad_cached = analyze_cached(graph, batches, kind, grad_config, executor=executor)
+            report = with_gradient_proxies(report, grad)
+            cached = cached and grad_cached
+            report = dataclasses.replace(report, notes=report.notes + grad.notes)
+    return report, time.perf_counter() - t, cached
 
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -396,7 +453,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq.evaluation import evaluate
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import Budget, problem_from_report, shared_weight_ties, solve
-    from dyadiq.passes.sensitivity.analysis import SensitivityConfig, analyze_cached
+    from dyadiq.passes.sensitivity.analysis import MissingProxyError
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
     from dyadiq.pipeline import PlanBuilder, prepare_graph
     from dyadiq.plan import LayerFormat, PrecisionPlan
@@ -408,16 +465,13 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     calib_n = (QUICK_CALIBRATION_SAMPLES if args.quick else CALIBRATION_SAMPLES)[name]
     eval_n = args.eval_limit or (QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES)[name]
     metric = artifacts.model.primary_metric
+    proxies = list(args.proxies) + (list(GRADIENT_PROXIES) if args.gradients else [])
 
     raw = load_onnx(artifacts.model_path)
     graph = prepare_graph(raw)
     layers = [n.name for n in graph.weighted_layers()]
-    sens_cfg = SensitivityConfig(weight_bits=BITS, trace=args.trace)
-    t = time.perf_counter()
-    report, cached = analyze_cached(
-        graph, list(artifacts.calibration_batches(analysis_n)), kind, sens_cfg
-    )
-    analysis_s = time.perf_counter() - t
+    batches = list(artifacts.calibration_batches(analysis_n))
+    report, analysis_s, cached = _analysis(name, graph, batches, kind, args)
     if list(report.layers) != layers:
         raise RuntimeError("the sensitivity report does not cover the graph's weighted layers")
     log.info("%s: analysis %.1fs (cached: %s)", name, analysis_s, cached)
@@ -428,26 +482,30 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     budget = sum(params[i] * b / 8 for i, b in heuristic.items())
 
     formats = [LayerFormat(b, 8) for b in BITS]
-    problem = problem_from_report(graph, report, formats, PROXY)
-    t = time.perf_counter()
-    allocation = solve(problem, Budget(size_bytes=budget))
-    solve_s = time.perf_counter() - t
-    ilp = {i: allocation.formats[i].weight_bits for i in layers}
-    # diagnostic: the same ILP without the pair terms (proxy "empirical")
-    t = time.perf_counter()
-    no_pairs = solve(
-        problem_from_report(graph, report, formats, PROXY.split("+")[0]),
-        Budget(size_bytes=budget),
-    )
-    solve_no_pairs_s = time.perf_counter() - t
-    ilp_no_pairs = {i: no_pairs.formats[i].weight_bits for i in layers}
+    plans: dict[str, dict[str, int]] = {"heuristic": heuristic}
+    solves: dict[str, dict[str, Any]] = {}
+    for proxy in proxies:
+        try:
+            problem = problem_from_report(graph, report, formats, proxy)
+        except MissingProxyError as exc:
+            solves[proxy] = {"error": str(exc)}
+            continue
+        for scale in BUDGET_SCALES:
+            t = time.perf_counter()
+            allocation = solve(problem, Budget(size_bytes=scale * budget))
+            key = f"ilp:{proxy}@{scale:g}"
+            solves[key] = {
+                "solve_s": time.perf_counter() - t,
+                "proven_optimal": allocation.optimal,
+                "predicted_damage": allocation.predicted_damage,
+                "pair_costs": len(problem.pairs),
+            }
+            plans[key] = {i: allocation.formats[i].weight_bits for i in layers}
     ties = shared_weight_ties(graph, layers)
     randoms, sampling = sample_random_plans(layers, params, ties, budget, args.random_plans)
-    log.info("%s: ILP solved in %.3fs; %s", name, solve_s, sampling)
-
-    plans = {"heuristic": heuristic, "ilp": ilp, "ilp_no_pairs": ilp_no_pairs}
+    log.info("%s: %d ILP plans solved; %s", name, len(plans) - 1, sampling)
     plans.update({f"random_{k:02d}": p for k, p in enumerate(randoms)})
-    rows = {key: _plan_row(bits, params, report) for key, bits in plans.items()}
+    rows = {key: _plan_row(bits, params, report, proxies) for key, bits in plans.items()}
 
     # build and measure each distinct plan once
     t = time.perf_counter()
@@ -464,7 +522,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             paths: dict[str, Path] = {}
             t = time.perf_counter()
             for key in todo[start : start + EVAL_CHUNK]:
-                path = Path(tmp) / f"{key}.onnx"
+                path = Path(tmp) / f"{key.replace(':', '_').replace('@', '_')}.onnx"
                 onnx.save(builder.build(PrecisionPlan.from_weight_bits(plans[key])), str(path))
                 paths[key] = path
             build_s += time.perf_counter() - t
@@ -481,27 +539,36 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         rows[key]["metric"] = rows[key]["metrics"][metric]
 
     random_metric = [rows[k]["metric"] for k in rows if k.startswith("random_")]
-    h, i = rows["heuristic"]["metric"], rows["ilp"]["metric"]
-    i0 = rows["ilp_no_pairs"]["metric"]
+    h = rows["heuristic"]["metric"]
     med = float(np.median(random_metric)) if random_metric else None
     best = float(np.max(random_metric)) if random_metric else None
+    ilp = {
+        proxy: {
+            f"{scale:g}": rows[f"ilp:{proxy}@{scale:g}"]["metric"]
+            for scale in BUDGET_SCALES
+            if f"ilp:{proxy}@{scale:g}" in rows
+        }
+        for proxy in proxies
+    }
+    pairs_vs_alone = {
+        proxy: {
+            scale: _compare(ilp[f"{proxy}+pairs"].get(scale), value)
+            for scale, value in ilp[proxy].items()
+        }
+        for proxy in proxies
+        if "+" not in proxy and f"{proxy}+pairs" in ilp
+    }
     summary = {
         "metric": metric,
         "float": reference.get(metric),
         "heuristic": h,
-        "ilp": i,
+        "ilp": ilp,
+        "pairs_vs_alone": pairs_vs_alone,
         "random_median": med,
         "random_best": best,
         "random_worst": float(np.min(random_metric)) if random_metric else None,
         "random_n": len(random_metric),
-        "ilp_no_pairs": i0,
-        "ilp_beats_heuristic": i > h,
-        "ilp_no_pairs_beats_heuristic": i0 > h,
-        "ilp_ties_heuristic": i == h,
-        "ilp_beats_random_median": None if med is None else i > med,
-        "ilp_beats_random_best": None if best is None else i > best,
         "budget_bytes": budget,
-        "ilp_size_bytes": rows["ilp"]["size_bytes"],
         "random_size_range": [
             min(rows[k]["size_bytes"] for k in rows if k.startswith("random_")),
             max(rows[k]["size_bytes"] for k in rows if k.startswith("random_")),
@@ -519,16 +586,16 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "evaluation_samples": eval_n,
             "evaluated_samples": reference.get("samples"),
         },
-        "sensitivity_config": sens_cfg.to_json(),
+        "sensitivity_config": sensitivity_config().to_json(),
         "analysis": {
             "wall_s": analysis_s,
             "cached": cached,
             "forward_passes": report.forward_passes,
-            "pairs": len(report.pairs),
+            "pairs": len({(p.a, p.b) for p in report.pairs}),
+            "pair_width_terms": len(report.pairs),
+            "notes": list(report.notes),
         },
-        "ilp_solve_s": solve_s,
-        "ilp_no_pairs_solve_s": solve_no_pairs_s,
-        "ilp_predicted_damage": allocation.predicted_damage,
+        "solves": solves,
         "random_sampling": sampling,
         "ties": ties,
         "calibration_s": builder.calibration_s,
@@ -541,6 +608,12 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "plans": rows,
         "wall_s": time.perf_counter() - t_model,
     }
+
+
+def _compare(with_pairs: float | None, alone: float | None) -> str | None:
+    if with_pairs is None or alone is None:
+        return None
+    return "better" if with_pairs > alone else "worse" if with_pairs < alone else "equal"
 
 
 # --- machine info, output ----------------------------------------------------------------------
@@ -628,37 +701,65 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += [
         "## Real models",
         "",
-        "Heuristic: W4 everywhere, first and last weighted layer W8, activations 8 bits; "
-        f"its weight size S is the budget. ILP: proxy `{PROXY}`, `Budget(size_bytes=S)`. "
-        f"Random: widths uniform over {{{', '.join(map(str, BITS))}}} per layer, size in "
-        f"[{WINDOW} S, S], seed {SEED}. Metric on the held-out split (higher is better).",
+        "Heuristic: W4 everywhere, first and last weighted layer W8, activations 8 bits; its "
+        "weight size S is the budget. ILP: each proxy at `Budget(size_bytes=S)` and "
+        f"`0.9 S`. Random: widths uniform over {{{', '.join(map(str, BITS))}}} per layer, size "
+        f"in [{WINDOW} S, S], seed {SEED}. Metric on the held-out split (higher is better). "
+        "+pairs: the safe pair model (noise zeroed, floored, non-negative; "
+        "`passes/sensitivity/pairs.py`).",
         "",
-        "| model | metric | float | heuristic | ILP | random median | random best | "
-        "ILP > heuristic? | ILP > random median? | S (bytes) | ILP size | avg W bits (S) | "
-        "ILP without pairs |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
+    models = {n: r for n, r in data["models"].items() if "error" not in r}
     for name, res in data["models"].items():
-        if "error" in res:
-            lines.append(f"| {name} | error: {res['error']} |")
-            continue
-        s = res["summary"]
+        if name not in models:
+            lines.append(f"- {name}: error: {res['error']}")
+    if models:
+        header = " | ".join(f"{n} S | {n} 0.9 S" for n in models)
+        lines += [
+            f"| plan | {header} |",
+            "|---|" + "---:|" * (2 * len(models)),
+        ]
+
+        def cells(get: Any) -> str:
+            out = []
+            for res in models.values():
+                for scale in ("1", "0.9"):
+                    out.append(_f(get(res, scale)))
+            return " | ".join(out)
+
         lines.append(
-            f"| {name} | {s['metric']} | {_f(s['float'])} | {_f(s['heuristic'])} | "
-            f"{_f(s['ilp'])} | {_f(s['random_median'])} | {_f(s['random_best'])} | "
-            f"{_yes(s['ilp_beats_heuristic'])}"
-            + (" (tie)" if s["ilp_ties_heuristic"] else "")
-            + f" | {_yes(s['ilp_beats_random_median'])} | {s['budget_bytes']:,.0f} | "
-            f"{s['ilp_size_bytes']:,.0f} | {res['plans']['heuristic']['avg_weight_bits']:.2f} | "
-            f"{_f(s.get('ilp_no_pairs'))} |"
+            "| float | " + cells(lambda r, sc: r["summary"]["float"] if sc == "1" else None) + " |"
         )
+        lines.append(
+            "| heuristic | "
+            + cells(lambda r, sc: r["summary"]["heuristic"] if sc == "1" else None)
+            + " |"
+        )
+        lines.append(
+            "| random median / best | "
+            + " | ".join(
+                f"{_f(r['summary']['random_median'])} / {_f(r['summary']['random_best'])} | n/a"
+                for r in models.values()
+            )
+            + " |"
+        )
+        proxies = list(dict.fromkeys(p for r in models.values() for p in r["summary"]["ilp"]))
+        for proxy in proxies:
+            lines.append(
+                f"| ILP {proxy} | "
+                + cells(lambda r, sc, p=proxy: r["summary"]["ilp"].get(p, {}).get(sc))
+                + " |"
+            )
+        lines += ["", "+pairs vs the same proxy alone (measured metric, S / 0.9 S):", ""]
+        for name, res in models.items():
+            verdicts = res["summary"].get("pairs_vs_alone") or {}
+            lines.append(
+                f"- {name}: "
+                + ", ".join(f"{p} {v.get('1')} / {v.get('0.9')}" for p, v in verdicts.items())
+            )
     lines += ["", "## Details", ""]
-    for name, res in data["models"].items():
-        if "error" in res:
-            continue
+    for name, res in models.items():
         c, s, a = res["caps"], res["summary"], res["analysis"]
-        ilp_bits = _counts(f"W{b}" for b in res["plans"]["ilp"]["bits"].values())
-        no_pairs = res["plans"].get("ilp_no_pairs")
         lines += [
             f"### {name}",
             "",
@@ -666,7 +767,10 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{c['analysis_samples']}, calibration {c['calibration_samples']}, evaluation "
             f"{c['evaluation_samples']} samples ({_f(c['evaluated_samples'], '.0f')} evaluated)",
             f"- analysis {a['wall_s']:.1f} s (cached: {a['cached']}), {a['forward_passes']} "
-            f"forward passes, {a['pairs']} pair terms; ILP solve {res['ilp_solve_s']:.3f} s",
+            f"forward passes, {a['pairs']} layer pairs x width pairs = "
+            f"{a.get('pair_width_terms', 'n/a')} pair terms",
+            f"- S = {s['budget_bytes']:,.0f} bytes "
+            f"({res['plans']['heuristic']['avg_weight_bits']:.2f} average weight bits)",
             f"- random plans: {res['random_sampling']['accepted']} accepted of "
             f"{res['random_sampling']['drawn']:,} drawn, "
             f"{res['random_sampling']['distinct']} distinct; sizes "
@@ -676,32 +780,16 @@ def render_markdown(data: dict[str, Any]) -> str:
                 else "n/a"
             )
             + f"; random worst {_f(s['random_worst'])}",
-            f"- ILP widths: {ilp_bits}; avg {res['plans']['ilp']['avg_weight_bits']:.2f} bits",
-            (
-                f"- ILP without pair terms (proxy `{PROXY.split('+')[0]}`): widths "
-                f"{_counts(f'W{b}' for b in no_pairs['bits'].values())}, metric "
-                f"{_f(no_pairs['metric'])}, predicted damage ({PROXY}) "
-                f"{no_pairs['predicted_damage']:.4g}"
-                if no_pairs
-                else "- ILP without pair terms: not run"
-            ),
-            f"- predicted damage ({PROXY}): heuristic "
-            f"{res['plans']['heuristic']['predicted_damage']:.4g}, ILP "
-            f"{res['plans']['ilp']['predicted_damage']:.4g}, random median "
-            + _f(
-                float(
-                    np.median(
-                        [
-                            v["predicted_damage"]
-                            for k, v in res["plans"].items()
-                            if k.startswith("random_")
-                        ]
-                    )
-                )
-                if s["random_n"]
-                else None,
-                ".4g",
-            ),
+            *[
+                f"- {key}: widths {_counts(f'W{b}' for b in row['bits'].values())}, "
+                f"avg {row['avg_weight_bits']:.2f} bits, metric {_f(row['metric'])}, "
+                f"predicted damage {_f(res['solves'][key]['predicted_damage'], '.4g')}, "
+                f"{res['solves'][key]['pair_costs']} pair costs in the ILP, solve "
+                f"{res['solves'][key]['solve_s']:.2f} s"
+                for key, row in res["plans"].items()
+                if key.startswith("ilp:")
+            ],
+            *[f"- {key}: {v['error']}" for key, v in res["solves"].items() if "error" in v],
             f"- calibration statistics {res['calibration_s']:.1f} s, build {res['build_s']:.1f} s "
             f"({res['build_fallbacks']} fallbacks), evaluate {res['evaluate_s']:.1f} s "
             f"({res['distinct_plans_measured']} distinct models), model total "
@@ -731,11 +819,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--eval-limit", type=int, default=None, help="override evaluation samples")
+    p.add_argument("--proxies", nargs="+", default=list(PROXIES), help="ILP proxies compared")
     p.add_argument(
-        "--trace",
+        "--gradients",
         action="store_true",
-        help="also run the Hutchinson trace in the analysis (the empirical proxy does not use it)",
+        help="also eigenvalue and fisher (+pairs): TVM reverse mode, proxy_quality's settings",
     )
+    p.add_argument(
+        "--skip-solver",
+        action="store_true",
+        help="keep the solver sections of the existing results file, run only the models",
+    )
+    p.add_argument("--workers", type=int, default=None, help="analysis on a local Ray")
     args = p.parse_args(argv)
     if args.models is None:
         args.models = ["fashion_cnn"] if args.quick else list(ALL_MODELS)
@@ -760,23 +855,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": SEED,
             "weight_bits": list(BITS),
             "act_bits": 8,
-            "proxy": PROXY,
+            "proxies": list(args.proxies),
+            "gradients": args.gradients,
+            "budget_scales": list(BUDGET_SCALES),
             "random_window": [WINDOW, 1.0],
-            "trace": args.trace,
         },
         "notes": [],
         "models": {},
     }
-    if not args.trace:
-        data["notes"].append(
-            "sensitivity analysis without the Hutchinson trace (trace=False): the ILP's proxy "
-            f"({PROXY}) uses only empirical single-layer and pair losses"
-        )
     if args.solver_only:
         return _solver_only(args, data["command"])
-    t = time.perf_counter()
-    data["solver"] = solver_benchmark(args.quick, compare=not args.quick)
-    data["solver_wall_s"] = time.perf_counter() - t
+    if args.skip_solver:
+        _keep_solver_sections(args.output_dir, data)
+    else:
+        t = time.perf_counter()
+        data["solver"] = solver_benchmark(args.quick, compare=not args.quick)
+        data["solver_wall_s"] = time.perf_counter() - t
     data["total_wall_s"] = time.perf_counter() - start
     write_results(data, args.output_dir)
     for name in [m for m in ALL_MODELS if m in args.models]:
@@ -798,6 +892,32 @@ SOLVER_ONLY_NOTE = (
 )
 
 
+SOLVER_KEYS = (
+    "solver",
+    "solver_real",
+    "solver_wall_s",
+    "solver_command",
+    "solver_date",
+    "solver_machine",
+    "solver_load_avg",
+)
+
+
+def _keep_solver_sections(output_dir: Path, data: dict[str, Any]) -> None:
+    """--skip-solver: the solver sections (and their note) of the existing results file."""
+    import json
+
+    path = output_dir / "allocation.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    data.update({k: old[k] for k in SOLVER_KEYS if k in old})
+    if "solver" in old and "solver_command" not in old:
+        data["solver_command"], data["solver_date"] = old["command"], old["date"]
+        data["solver_load_avg"] = old["machine"]["load_avg_start"]
+    data["notes"] += [n for n in old.get("notes", []) if n.startswith("solver ")]
+
+
 def _solver_only(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Run the solver part and put it into the existing results (the model part is slow)."""
     import json
@@ -810,9 +930,7 @@ def _solver_only(args: argparse.Namespace, command: str) -> dict[str, Any]:
     t = time.perf_counter()
     data["solver"] = solver_benchmark(args.quick, compare=not args.quick)
     data["solver_real"] = {
-        name: real_problem_timing(name, args.quick, args.trace)
-        for name in ALL_MODELS
-        if name in args.models
+        name: real_problem_timing(name, args.quick) for name in ALL_MODELS if name in args.models
     }
     data["solver_wall_s"] = time.perf_counter() - t
     data["solver_command"] = command
