@@ -71,10 +71,14 @@ def _typed(name: str, values: np.ndarray, data_type: int) -> TensorProto:
     if data_type in (TensorProto.INT8, TensorProto.UINT8):
         dtype = np.int8 if data_type == TensorProto.INT8 else np.uint8
         return numpy_helper.from_array(values.astype(dtype), name)
-    tensor = helper.make_tensor(name, data_type, values.shape, values.flatten().tolist())
-    # make_tensor packs 4-bit values into int32_data; raw bytes are what onnxruntime and
-    # the external-data writer read fastest
-    return numpy_helper.from_array(numpy_helper.to_array(tensor), name)
+    # ONNX stores 4-bit tensors two a byte, the first element in the low nibble (two's
+    # complement nibbles for int4), the last byte zero-padded
+    flat = (values.reshape(-1).astype(np.int16) & 15).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    tensor = TensorProto(name=name, data_type=data_type, dims=list(values.shape))
+    tensor.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
+    return tensor
 
 
 def _dequantize_linear(

@@ -3,24 +3,38 @@
 Language models do not fit comfortably in memory twice, and over 2 GB cannot be one
 protobuf at all, so weight-only quantization never serialises the whole model: it edits the
 header (the graph, with initializers that only *point* into the data files), reads one
-weight at a time, and opens onnxruntime sessions from a header written into a temporary
-folder beside links to the original data files.
+weight at a time, and opens onnxruntime sessions from the header, told where the original
+data files are (nothing copied or linked).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
 
 from dyadiq.errors import ModelLoadError
-from dyadiq.ort_sessions import Kernels, open_session
+from dyadiq.ort_sessions import Kernels
+
+# onnxruntime reads external data of a model given as bytes from this folder
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def session_options(kernels: Kernels, threads: int = 2) -> ort.SessionOptions:
+    """The options :func:`dyadiq.ort_sessions.open_session` uses, to add to."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if kernels is Kernels.EXACT:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
 
 
 @dataclass(frozen=True)
@@ -62,23 +76,14 @@ class ModelFile:
         external_data_helper.load_external_data_for_model(model, str(self.base_dir))
         return model
 
-    @staticmethod
-    def _links(folder: Path, base: Path, header: onnx.ModelProto) -> None:
-        for location in _locations(header):
-            link = folder / location
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                os.symlink(base / location, link)
-
-    def session(self, header: onnx.ModelProto, *, kernels: Kernels = Kernels.RUNTIME) -> object:
-        """An onnxruntime session for ``header`` (this file's header, edited), reading the
-        unchanged external tensors from the original data files (linked, never copied)."""
-        with tempfile.TemporaryDirectory(prefix="dyadiq-header-") as tmp:
-            folder = Path(tmp)
-            self._links(folder, self.base_dir, header)
-            path = folder / "model.onnx"
-            path.write_bytes(header.SerializeToString())
-            return open_session(path, kernels=kernels)
+    def session(self, header: onnx.ModelProto, *, kernels: Kernels = Kernels.RUNTIME) -> Any:
+        """An onnxruntime session for ``header`` (this file's header, edited), its unchanged
+        external tensors read from the original data files (``base_dir``), never copied."""
+        options = session_options(kernels)
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(self.base_dir))
+        return ort.InferenceSession(
+            header.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
 
 
 def _locations(header: onnx.ModelProto) -> set[str]:

@@ -1,0 +1,230 @@
+"""``dyadiq quantize --weight-only``: group-wise integer weights, float activations.
+
+:func:`add_weight_only_arguments` adds the flags only this mode has; the mode also reads
+the ``quantize`` flags it shares (``MODEL`` / ``--zoo``, ``-o``, ``--calib``,
+``--calib-limit``, ``--wbits``, ``--exclude``, ``--plan``, ``--budget``,
+``--wbits-candidates``, ``--analysis-samples``), which :func:`add_shared_arguments` declares
+for a parser of its own (tests, or a standalone entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dyadiq.errors import CalibrationDataError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHT_ONLY_BITS = 4
+DEFAULT_CALIBRATION_BATCHES = 32
+
+
+def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of weight-only mode (none of them clashes with ``quantize``'s own)."""
+    from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+    from dyadiq.passes.weight_only.groupwise import GROUP_SIZES
+    from dyadiq.passes.weight_only.quantize import Method
+
+    group = p.add_argument_group("weight-only (language models)")
+    group.add_argument(
+        "--weight-only",
+        action="store_true",
+        help="quantize weights only, group-wise (MatMul, Gemm and Gather weights; tied "
+        "embeddings stored once); activations stay float",
+    )
+    group.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        choices=GROUP_SIZES,
+        help="weights per scale along the input dimension (default %(default)s)",
+    )
+    group.add_argument(
+        "--wo-method",
+        default=str(Method.GPTQ),
+        choices=[str(m) for m in Method],
+        help="gptq (act order, on calibration Hessians) or rtn (default %(default)s)",
+    )
+    group.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="signed codes without zero points (default: asymmetric, with zero points)",
+    )
+    group.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
+    group.add_argument(
+        "--wo-format",
+        default=str(WeightOnlyForm.DEQUANTIZE_LINEAR),
+        choices=[str(f) for f in WeightOnlyForm],
+        help="dequantize-linear: standard blocked DequantizeLinear (opset 21); matmul-nbits: "
+        "onnxruntime's MatMulNBits / GatherBlockQuantized for 4-bit weights (default "
+        "%(default)s)",
+    )
+
+
+def add_shared_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``quantize`` flags weight-only mode reads, for a parser without them."""
+    p.add_argument("model", nargs="?", help="float ONNX model (external data allowed)")
+    p.add_argument("--zoo", help="a zoo model with its own calibration text")
+    p.add_argument("-o", "--output", required=True, help="output folder (never the input's)")
+    p.add_argument("--calib", help="folder of .npz/.npy batches (one file per batch)")
+    p.add_argument("--calib-limit", type=int, help="use at most this many calibration batches")
+    p.add_argument("--wbits", type=int, help="weight bits, 2..8 (weight-only default 4)")
+    p.add_argument("--exclude", action="append", default=[], help="layer id kept in float")
+    p.add_argument("--plan", help="a weight-only plan.json (layer -> bits)")
+    p.add_argument("--budget", help="avg-wbits=3.5 or size=120MB: widths chosen by the ILP")
+    p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")
+    p.add_argument(
+        "--analysis-samples", type=int, default=8, help="calibration batches for sensitivity"
+    )
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(b) for b in text.split(",")}))
+    except ValueError as exc:
+        raise ConfigError(f"--wbits-candidates wants widths like 2,3,4,8, got {text!r}") from exc
+
+
+def _numpy_batches(folder: Path, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    files = sorted([*folder.glob("*.npz"), *folder.glob("*.npy")])
+    if not files:
+        raise CalibrationDataError(f"no .npz / .npy calibration batches in {folder}")
+    for path in files:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            if len(input_names) != 1:
+                raise CalibrationDataError(
+                    f"{path} is one array but the model has inputs {input_names}: use .npz"
+                )
+            yield {input_names[0]: data}
+        else:
+            yield {name: data[name] for name in data.files}
+
+
+def _source(args: argparse.Namespace) -> tuple[Path, Any, Any]:
+    """(model path, calibration batches factory(limit), zoo module or None)."""
+    if args.zoo and args.model:
+        raise ConfigError(f"give a MODEL or --zoo {args.zoo}, not both")
+    if args.zoo:
+        from dyadiq import zoo
+
+        artifacts = zoo.get(args.zoo)
+        return artifacts.model_path, artifacts.calibration_batches, artifacts
+    if not args.model:
+        raise ConfigError("give a MODEL.onnx or --zoo NAME")
+    path = Path(args.model)
+    if not args.calib:
+        raise ConfigError("weight-only quantization of a model file needs --calib FOLDER")
+    import onnx
+
+    header = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name for t in header.graph.initializer}
+    names = [i.name for i in header.graph.input if i.name not in initializers]
+    folder = Path(args.calib)
+
+    def batches(limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+        for k, feeds in enumerate(_numpy_batches(folder, names)):
+            if limit is not None and k >= limit:
+                return
+            yield feeds
+
+    return path, batches, None
+
+
+def run_weight_only(args: argparse.Namespace) -> int:
+    """Run weight-only quantization from parsed flags; prints a summary, returns 0."""
+    from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+    from dyadiq.passes.weight_only.allocation import allocate_widths
+    from dyadiq.passes.weight_only.pipeline import prepare, read_plan, run
+    from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
+    from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage
+
+    chosen = [f for f in ("plan", "budget") if getattr(args, f, None)]
+    if len(chosen) > 1:
+        raise ConfigError("give --plan or --budget, not both")
+    if args.calib_limit is not None and args.calib_limit < 1:
+        raise ConfigError(f"--calib-limit must be at least 1 batch, got {args.calib_limit}")
+    settings = WeightOnlySettings(
+        method=Method(args.wo_method),
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        act_order=not args.no_act_order,
+    )
+    model_path, batches, _ = _source(args)
+    limit = args.calib_limit or DEFAULT_CALIBRATION_BATCHES
+    prepared = prepare(
+        model_path, batches(limit), settings, exclude=args.exclude, memo=bool(args.budget)
+    )
+    layers = prepared.inventory.layers
+    extra: dict[str, Any] = {}
+    if args.plan:
+        bits = read_plan(Path(args.plan))
+        unknown = sorted(set(bits) - {layer.id for layer in layers})
+        if unknown:
+            raise ConfigError(f"the plan names layers this model lacks: {unknown[:5]}")
+    elif args.budget:
+        widths = _widths(args.wbits_candidates)
+        if args.analysis_samples < 1:
+            raise ConfigError("--analysis-samples must be at least 1")
+        fed = WeightFedModel(prepared.source, layers, list(batches(args.analysis_samples)))
+        damage = kl_damage(fed, lambda layer, b: prepared.quantize(layer, b).dequantize(), widths)
+        bits, allocation = allocate_widths(layers, damage, widths, args.budget)
+        extra["allocation"] = {
+            "budget": args.budget,
+            "widths": list(widths),
+            "predicted_damage": allocation.predicted_damage,
+            "optimal": allocation.optimal,
+            "damage": {k: {str(b): v for b, v in d.items()} for k, d in damage.items()},
+        }
+    else:
+        width = args.wbits if args.wbits is not None else DEFAULT_WEIGHT_ONLY_BITS
+        settings.format(width)  # validates
+        bits = {layer.id: width for layer in layers}
+    report = run(
+        model_path,
+        Path(args.output),
+        prepared,
+        bits,
+        WeightOnlyForm(args.wo_format),
+        extra_report=extra,
+    )
+    _print_summary(report, Path(args.output))
+    return 0
+
+
+def _print_summary(report: Mapping[str, Any], out: Path) -> None:
+    export = report["export"]
+    files = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in report["files"].items())
+    print(f"weight-only model: {out} -> {files}")
+    print(
+        f"  {len(report['layers'])} weights, {report['quantized_params']:,} params at "
+        f"{report['average_code_bits']:.3f} code bits on average "
+        f"({report['stored_weight_bytes'] / 1e6:.1f} MB with scales and zero points)"
+    )
+    print(
+        f"  form {export['form']}: {len(export['matmul_nbits'])} MatMulNBits weights, "
+        f"{len(export['dequantize_linear'])} DequantizeLinear weights"
+    )
+    if report["float_layers"]:
+        print(f"  kept float: {json.dumps(report['float_layers'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dyadiq.cli.weight_only ...`` until ``quantize --weight-only`` is wired."""
+    parser = argparse.ArgumentParser(prog="dyadiq-weight-only", description=__doc__)
+    add_shared_arguments(parser)
+    add_weight_only_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return run_weight_only(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
