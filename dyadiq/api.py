@@ -374,7 +374,7 @@ def _no_match(option: str, entry: str, layers: Mapping[str, str]) -> str:
     ops = sorted(set(layers.values()))
     hint = f"closest layer ids: {', '.join(close)}" if close else "no layer id is close"
     return (
-        f"{option} {entry!r} matches no weighted layer ({hint}; op types here: "
+        f"{option} {entry!r} matches no layer ({hint}; op types here: "
         f"{', '.join(ops)}; `dyadiq inspect MODEL` lists every id)"
     )
 

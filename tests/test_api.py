@@ -127,10 +127,10 @@ def test_exclude_by_name_pattern_or_op_type(
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"exclude": ["fcc"]}, "--exclude 'fcc' matches no weighted layer (closest layer ids: fc"),
+        ({"exclude": ["fcc"]}, "--exclude 'fcc' matches no layer (closest layer ids: fc"),
         (
             {"budget": "avg-wbits=6", "pin": ["/classifier*=W8A8"]},
-            "--pin '/classifier*' matches no weighted layer",
+            "--pin '/classifier*' matches no layer",
         ),
         ({"budget": "avg-wbits=6", "pin": ["con*=W8A8"], "plan": "p.json"}, "pick one"),
     ],

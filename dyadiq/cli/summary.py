@@ -49,12 +49,13 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[s
         say(f"  {line}")
     for layer in report["float_layers"]:
         warnings.append(f"layer {layer['id']} kept in float ({layer['reason']})")
-    verification = report.get("verification", {})
-    for problem in verification.get("problems", []):
-        label = "accepted by --allow-mismatch" if verification.get("mismatch_allowed") else "FAILED"
-        warnings.append(f"verification {label}: {problem}")
     for warning in warnings:
         say(f"  [bold yellow]warning:[/] {escape(warning)}")
+    verification = report.get("verification", {})
+    for problem in verification.get("problems", []):
+        allowed = verification.get("mismatch_allowed")
+        label = "warning (--allow-mismatch)" if allowed else "verification FAILED"
+        say(f"  [bold red]{label}:[/] {escape(problem)}")
     metrics = report.get("metrics")
     if metrics:
         say(output.metrics_table(metrics))
