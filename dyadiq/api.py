@@ -76,10 +76,12 @@ class QuantizedModel:
 
     @property
     def plan(self) -> PrecisionPlan:
+        """Every layer's format, as written to plan.json."""
         return self.pipeline.plan
 
     @property
     def metrics(self) -> dict[str, dict[str, float]] | None:
+        """Held-out metrics per model (``float`` first); None without held-out data."""
         return self.report.get("metrics")
 
     @property

@@ -53,6 +53,9 @@ INT4_OPSET = 21
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """How activation ranges are estimated: the range method (and its percentile), how many
+    batches are read, the image preset for a folder of images, the histogram resolution."""
+
     method: RangeMethod = RangeMethod.PERCENTILE
     percentile: float = 99.99
     limit: int | None = None  # batches
@@ -98,6 +101,8 @@ class QuantizeResult:
 def calibrated_ranges(
     statistics: CalibrationStatistics, sites: ActivationSites, config: CalibrationConfig
 ) -> dict[str, tuple[float, float]]:
+    """Each quantized tensor's ``(lo, hi)`` from its histogram, by ``config``'s method at its
+    scale group's width."""
     return {
         name: estimate_range(
             statistics.histograms[name],
@@ -283,6 +288,7 @@ class PlanBuilder:
         )
 
     def build(self, plan: PrecisionPlan) -> onnx.ModelProto:
+        """The QDQ model of ``plan`` (calibrated again only when its sites differ)."""
         sites = find_activation_sites(self.graph, plan)
         same = (
             sites.tensors == self.sites.tensors
@@ -429,6 +435,7 @@ def check_tensorrt_plan(plan: PrecisionPlan, integer: bool) -> None:
 
 
 def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
+    """report.json's pipeline sections: source, rewrites, sites, sizes, timings, layers."""
     plan = result.plan
     graph = result.graph
     layers = []

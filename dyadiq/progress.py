@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 
 class Mode(enum.Enum):
+    """How progress is shown (see the module docstring)."""
+
     AUTO = "auto"  # RICH on a terminal, LINES otherwise
     RICH = "rich"
     LINES = "lines"

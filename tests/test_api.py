@@ -167,3 +167,24 @@ def test_package_is_typed_and_documented() -> None:
     assert dyadiq.__doc__ and "dyadiq.quantize" in dyadiq.__doc__
     for name in dyadiq.__all__:
         assert inspect.getdoc(getattr(dyadiq, name)), name
+
+
+def test_public_functions_have_docstrings() -> None:
+    import dyadiq.api
+    import dyadiq.backends.onnx.qdq
+    import dyadiq.cli.summary
+    import dyadiq.pipeline
+    import dyadiq.progress
+
+    modules = [dyadiq.api, dyadiq.pipeline, dyadiq.progress, dyadiq.backends.onnx.qdq]
+    modules.append(dyadiq.cli.summary)
+    undocumented = [
+        f"{module.__name__}.{name}"
+        for module in modules
+        for name, item in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isfunction(item) or inspect.isclass(item))
+        and item.__module__ == module.__name__
+        and not (item.__doc__ or "").strip()
+    ]
+    assert undocumented == []

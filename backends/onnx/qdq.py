@@ -40,11 +40,14 @@ from dyadiq.io import save_model_atomic
 
 
 class QDQStyle(enum.Enum):
+    """The QDQ layout written: onnxruntime's (default) or TensorRT's (module docstring)."""
+
     ORT = "ort"
     TENSORRT = "tensorrt"
 
     @classmethod
     def parse(cls, value: str | QDQStyle) -> QDQStyle:
+        """``"ort"`` / ``"tensorrt"`` (or a style) as a style; anything else is a ConfigError."""
         if isinstance(value, QDQStyle):
             return value
         try:
@@ -61,6 +64,7 @@ _WEIGHT_CHANNEL_AXIS = {"Conv": 0, "ConvTranspose": 1}
 
 
 def export_qdq(graph: QGraph, style: QDQStyle = QDQStyle.ORT) -> onnx.ModelProto:
+    """The simulator graph as a checked ONNX model in ``style``."""
     model = graph.to_onnx()
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", graph.opset))
@@ -70,6 +74,7 @@ def export_qdq(graph: QGraph, style: QDQStyle = QDQStyle.ORT) -> onnx.ModelProto
 
 
 def write_qdq(graph: QGraph, path: Path, style: QDQStyle = QDQStyle.ORT) -> onnx.ModelProto:
+    """:func:`export_qdq`, saved atomically to ``path``; returns the model."""
     model = export_qdq(graph, style)
     save_model_atomic(model, path)
     return model

@@ -27,6 +27,7 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> Table:
 
 
 def fmt(value: float | None) -> str:
+    """A metric for a table: counts as integers, scores to four decimals, None as blank."""
     if value is None:
         return ""
     return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.4f}"
