@@ -36,7 +36,10 @@ REPORT: dict[str, Any] = {
         "qdq_model_bytes": 32_423,
         "quantized_weight_bytes_packed": 89_016,
     },
-    "float_layers": [{"id": "head", "reason": "excluded by the plan"}],
+    "float_layers": [
+        {"id": "head", "reason": "excluded by the plan"},
+        {"id": "emb", "reason": "not in the plan"},
+    ],
     "allocation": {
         "budget": "avg-wbits=5",
         "weight_bytes": 77_514.0,
@@ -90,7 +93,9 @@ def test_verdict_has_units_judgements_and_files(monkeypatch: pytest.MonkeyPatch)
     assert "accuracy 0.8851 vs float 0.9082 (-2.31 points)" in flat and "drops" in flat
     assert "bit-exact vs the reference on all 44 tensors" in flat
     assert "target cortex-m4: bit-exact" in flat and "arena 9,216 B" in flat
-    assert "warning: layer head kept in float (excluded by the plan)" in flat
+    assert "warning: layer emb kept in float (not in the plan)" in flat
+    assert "note: kept in float as asked (--exclude / plan): head" in flat
+    assert "warning: layer head" not in flat
     assert "warning: accuracy drops 2.31 points against float" in flat
     assert "OUT/model.qdq.onnx onnxruntime" in flat
     assert "OUT/cortex-m4 C sources" in flat

@@ -37,8 +37,8 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[s
     say(
         f"[bold green]quantized[/] {escape(report['source'])}: {len(plan['layers'])} layers "
         f"({', '.join(formats)}), {report['quantized_activation_tensors']} activation tensors "
-        f"in {report['scale_groups']} scale groups, {report['calibration_batches']} "
-        f"calibration batches, {report['timings']['total_s']:.1f} s"
+        f"in {report['scale_groups']} scale groups, {_count(report['calibration_batches'])}, "
+        f"{report['timings']['total_s']:.1f} s"
     )
     for line in _size_lines(report):
         say(f"  {line}")
@@ -47,10 +47,14 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[s
         say(f"  {quality}")
     for line in _exactness_lines(report, paths, warnings):
         say(f"  {line}")
+    excluded = [f["id"] for f in report["float_layers"] if f["reason"] == "excluded by the plan"]
     for layer in report["float_layers"]:
-        warnings.append(f"layer {layer['id']} kept in float ({layer['reason']})")
+        if layer["id"] not in excluded:  # dyadiq's decision, not the user's
+            warnings.append(f"layer {layer['id']} kept in float ({layer['reason']})")
     for warning in warnings:
         say(f"  [bold yellow]warning:[/] {escape(warning)}")
+    if excluded:
+        say(f"  note: kept in float as asked (--exclude / plan): {escape(', '.join(excluded))}")
     verification = report.get("verification", {})
     for problem in verification.get("problems", []):
         allowed = verification.get("mismatch_allowed")
@@ -60,6 +64,10 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[s
     if metrics:
         say(output.metrics_table(metrics))
     _print_files(report, paths, say)
+
+
+def _count(batches: int) -> str:
+    return f"{batches} calibration batch" + ("" if batches == 1 else "es")
 
 
 def _size_lines(report: dict[str, Any]) -> list[str]:
