@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
+from dyadiq.passes.elementwise_lookup import ELEMENTWISE
 
 
 def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
@@ -36,6 +37,12 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
         return True, "integer op on quantized activations"
     if facts.fusable_activation:
         return False, "activation: fused into the producing layer's quantizer bounds"
+    if graph.kind(node) in ELEMENTWISE:
+        return False, (
+            "elementwise float op: in --integer and --target, a chain of these from one "
+            "quantized tensor to another (SiLU, Sigmoid, Tanh, GELU) becomes an integer lookup "
+            "table; otherwise it runs in float between DQ and Q"
+        )
     return False, f"{node.op} has no integer kernel here: runs in float between DQ and Q"
 
 

@@ -253,6 +253,23 @@ class Min:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """``y = table[q_x - c]``: an elementwise function of one tensor's codes, tabulated.
+
+    ``c`` is the smallest code of the input's container (0 for uint8, -128 for int8), so the
+    table has 256 entries, one per byte, each an output code. Any chain of elementwise float
+    ops that reads one quantized tensor (and scalar constants) and ends in a quantized one
+    (SiLU ``x * sigmoid(x)``, Sigmoid, Tanh, GELU, ...) is exactly such a function of the
+    input code: integerize tabulates ``Q(f(DQ(q)))`` once, with the float island's own kernels
+    (:mod:`dyadiq.passes.elementwise_lookup`), so no backend evaluates a float function.
+    """
+
+    output: str
+    input: str
+    table: np.ndarray  # output codes, 256 entries, indexed by input code - container minimum
+
+
+@dataclass(frozen=True)
 class Dequantize:
     """Codes -> float at a float island's entry or a model output."""
 
@@ -298,6 +315,7 @@ IntOp = (
     | Concat
     | Max
     | Min
+    | Lookup
     | Dequantize
     | Quantize
     | FloatIsland
@@ -320,3 +338,7 @@ class IntegerProgram:
     def code_dtype(self, tensor: str) -> np.dtype:
         q = self.quant[tensor]
         return np.dtype(np.int8 if q.signed else np.uint8)
+
+    def code_offset(self, tensor: str) -> int:
+        """The smallest code of the tensor's container: a :class:`Lookup` table's index 0."""
+        return -128 if self.quant[tensor].signed else 0

@@ -226,6 +226,10 @@ class ReferenceInterpreter(IntOpVisitor[None]):
     def visit_Min(self, op: ip.Min) -> None:
         self._store(op.output, np.minimum(self._codes(op.inputs[0]), self._codes(op.inputs[1])))
 
+    def visit_Lookup(self, op: ip.Lookup) -> None:
+        index = self._codes(op.input) - self.program.code_offset(op.input)
+        self._store(op.output, np.asarray(op.table, np.int64)[index])
+
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         key = id(op)
         if key not in self._islands:

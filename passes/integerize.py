@@ -12,6 +12,8 @@ Per op (v = q - z, the zero-point-free codes):
   Mul: requant(v_a v_b; s_a s_b/s_y);
 - GlobalAveragePool: requant(sum_hw v; s_x / (H W s_y));  HardSigmoid, HardSwish in fixed point;
 - MaxPool, Reshape-likes, Transpose, Concat, Max, Min: on codes (they share one scale);
+- an elementwise float chain from one quantized tensor to another (SiLU, Sigmoid, Tanh, GELU):
+  a 256-entry table of output codes (``elementwise_lookup``);
 - ConvTranspose with stride = kernel (no overlap): a 1x1 Conv to C_out kh kw columns, then
   Reshape / Transpose on codes interleave them (``conv_transpose_blocker`` says when not).
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
@@ -33,6 +35,7 @@ from dyadiq.errors import InternalError, UnsupportedModelError
 from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
+from dyadiq.passes.elementwise_lookup import lookup_chain, lookup_table
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import (
     ROUND_TO_NEAREST,
@@ -121,6 +124,7 @@ class _Integerizer:
         self.float_ready: set[str] = set()
         self.float_ops: list[str] = []
         self.absorbed = set(sites.fused_activations.values()) | set(sites.fused_biases.values())
+        self.tabulated: set[str] = set()  # nodes folded into an ip.Lookup
 
     # --- tensor availability -----------------------------------------------------------------
     def codes(self, tensor: gs.Tensor) -> str:
@@ -171,9 +175,11 @@ class _Integerizer:
         for node in g.nodes:
             if node.name in self.absorbed and layer_of[node.name] in lowered:
                 continue  # its bounds are the lowered layer's clip
+            if node.name in self.tabulated:
+                continue  # part of a lookup table an earlier node started
             if self._lower(node):
                 lowered.add(node.name)
-            else:
+            elif not self._lookup(node):
                 self._float(node)
         outputs = [t.name for t in g.outputs]
         # a float output (an If's, say) may keep a dim only the data fixes: -1
@@ -247,6 +253,22 @@ class _Integerizer:
             OpKind.CLIP: self._clip,
         }.get(kind)
         return lowering(node) if lowering is not None else False
+
+    def _lookup(self, node: gs.Node) -> bool:
+        """An elementwise float chain from one quantized tensor to another, starting at
+        ``node``, as one integer table (:mod:`dyadiq.passes.elementwise_lookup`)."""
+        chain = lookup_chain(self.graph, node, self.params, self.absorbed)
+        if chain is None:
+            return False
+        qx, qy = self.q(chain.source), self.q(chain.result)
+        table = lookup_table(chain, qx, qy, qx.signed, self.graph.opset)
+        if table is None:
+            return False
+        x_codes = self.codes(chain.source)
+        out_codes, _ = self.define(chain.result)
+        self.ops.append(ip.Lookup(out_codes, x_codes, table))
+        self.tabulated.update(n.name for n in chain.nodes)
+        return True
 
     def _float(self, node: gs.Node) -> None:
         proto = OnnxExporter.export_node(node)

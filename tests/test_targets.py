@@ -161,7 +161,7 @@ def test_a_mismatch_fails_quantize_unless_allowed(
 def test_target_with_float_islands_builds_and_checks_with_a_stated_tolerance(
     tmp_path: Path,
 ) -> None:
-    """A model with ops that have no integer kernel (Sigmoid, Tanh) reaches a compiled x86
+    """A model with ops that have no integer kernel (Softmax, LRN) reaches a compiled x86
     target: the islands run as float Relax functions, and report.json says the check allowed
     dyadiq.targets.ISLAND_CODE_TOLERANCE codes for them."""
     from dyadiq.targets import ISLAND_CODE_TOLERANCE

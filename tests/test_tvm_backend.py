@@ -257,12 +257,12 @@ def test_float_islands_are_refused_with_every_op_listed():
     with pytest.raises(UnsupportedModelError) as info:
         lower_program(program)
     message = str(info.value)
-    assert "2 op(s)" in message and "Sigmoid" in message and "Tanh" in message
+    assert "2 op(s)" in message and "Softmax" in message and "LRN" in message
 
 
 @pytest.mark.parametrize("lowering", ["portable", "x86 kernels"])
 def test_float_islands_run_through_tvms_onnx_importer(lowering):
-    """With ``float_islands=True`` (what --target builds use) Sigmoid and Tanh run as Relax
+    """With ``float_islands=True`` (what --target builds use) Softmax and LRN run as Relax
     functions imported from the island's ONNX nodes; the codes after them match the reference
     interpreter, which runs the islands in onnxruntime (float rounding may differ: at most
     dyadiq.targets.ISLAND_CODE_TOLERANCE codes, and on these inputs none)."""

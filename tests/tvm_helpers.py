@@ -141,14 +141,15 @@ def attention(rng: np.random.Generator) -> onnx.ModelProto:
 
 
 def float_islands(rng: np.random.Generator) -> onnx.ModelProto:
-    """Two ops without an integer kernel (Sigmoid, Tanh) between integer convolutions."""
+    """Two ops without an integer kernel (a channel Softmax, LRN) between integer convolutions
+    (elementwise ones such as Sigmoid would become integer lookup tables)."""
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
     net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
         c = Conv <pads = [1, 1, 1, 1]> (x, w1)
-        s = Sigmoid (c)
+        s = Softmax <axis = 1> (c)
         d = Conv (s, w2)
-        t = Tanh (d)
+        t = LRN <size = 3> (d)
         y = Conv (t, w3)
     }
     """

@@ -447,6 +447,13 @@ class _Emitter(IntOpVisitor[None]):
 
     visit_HardSigmoid = visit_HardSwish = visit_LeakyRelu = visit_Clip = unary
 
+    def visit_Lookup(self, op: ip.Lookup) -> None:
+        """The program's table, reindexed by raw byte (what dq_lookup reads)."""
+        tag = self.tag
+        self.decls.append(_c_array("uint8_t", f"{tag}_lut", lookup_table(self.program, op)))
+        refs = f"{self.ref(op.input)}, {self.ref(op.output)}"
+        self.calls.append(f"dq_lookup({tag}_lut, {_prod(self.shape(op.input))}, {refs});")
+
     def visit_Softmax(self, op: ip.Softmax) -> None:
         tag = self.tag
         shape = self.shape(op.input)

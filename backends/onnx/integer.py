@@ -1,7 +1,7 @@
 """Integer-only ONNX backend: an :class:`IntegerProgram` as standard ONNX ops.
 
 Only default-domain ops: ConvInteger / MatMulInteger (int32 accumulation), integer Add / Sub /
-Mul, Max / Min, Cast, Clip, ReduceSum, MaxPool and an exact floor shift.
+Mul, Max / Min, Cast, Clip, ReduceSum, MaxPool, Gather (lookup tables) and an exact floor shift.
 
 Both operands of every ConvInteger / MatMulInteger have the same signedness (u8 x u8 or
 s8 x s8): onnxruntime's u8 x s8 kernels on AVX2 without VNNI use ``vpmaddubsw``, which saturates
@@ -361,6 +361,16 @@ class _Lowering(_Builder, IntOpVisitor[None]):
 
     def visit_Min(self, op: ip.Min) -> None:
         self.nodes.append(helper.make_node("Min", list(op.inputs), [op.output], name=op.output))
+
+    def visit_Lookup(self, op: ip.Lookup) -> None:
+        index = self.cast(op.input, TensorProto.INT32)
+        offset = self.program.code_offset(op.input)
+        if offset:
+            index = self.node("Sub", [index, self.const("offset", np.int32(offset))], "index")
+        table = self.const("table", np.asarray(op.table).astype(self.program.code_dtype(op.output)))
+        self.nodes.append(
+            helper.make_node("Gather", [table, index], [op.output], name=op.output, axis=0)
+        )
 
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         self.nodes.extend(op.nodes)

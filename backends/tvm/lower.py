@@ -370,6 +370,15 @@ class _Lowering(IntOpVisitor[None]):
         a, b = (self.value(name) for name in op.inputs)
         self.env[op.output] = self.emit(relax.op.minimum(a, b))
 
+    def visit_Lookup(self, op: ip.Lookup) -> None:
+        index = self.emit(relax.op.astype(self.value(op.input), "int32"))
+        offset = self.program.code_offset(op.input)
+        if offset:
+            index = self.emit(relax.op.subtract(index, relax.const(np.int32(offset), "int32")))
+        dtype = self.code_dtype(op.output)
+        table = relax.const(np.asarray(op.table).astype(dtype), dtype)
+        self.env[op.output] = self.emit(relax.op.take(table, index, axis=0))
+
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function.
 
