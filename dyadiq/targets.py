@@ -39,11 +39,13 @@ def single_inputs(batches: Feeds, limit: int) -> list[dict[str, np.ndarray]]:
     """Batches split into batch-1 feeds (the compiled targets take one input at a time)."""
     rows: list[dict[str, np.ndarray]] = []
     for batch in batches:
-        n = len(next(iter(batch.values())))
+        arrays = {name: np.asarray(v) for name, v in batch.items()}
+        # a 0-d input (silero_vad's sample rate) has no batch axis: every row gets it whole
+        n = max((len(v) for v in arrays.values() if v.ndim), default=1)
         for i in range(n):
             if len(rows) == limit:
                 return rows
-            rows.append({name: np.asarray(v)[i : i + 1] for name, v in batch.items()})
+            rows.append({name: v[i : i + 1] if v.ndim else v for name, v in arrays.items()})
     return rows
 
 

@@ -301,3 +301,13 @@ def test_tvm_float_islands_of_real_models(lowering: str) -> None:
         want = reference.outputs({"x": x})["y"]
         # float islands: TVM's float kernels against onnxruntime's, within a code (and here exact)
         assert np.abs(got.astype(np.int64) - want).max() <= 1
+
+
+def test_target_check_inputs_keep_a_scalar_input_whole() -> None:
+    """silero_vad: a 0-d input (the sample rate) has no batch axis to split."""
+    from dyadiq.targets import single_inputs
+
+    batch = {"x": np.zeros((3, 4), np.float32), "sr": np.array(16000, np.int64)}
+    rows = single_inputs([batch], limit=8)
+    assert len(rows) == 3
+    assert all(r["x"].shape == (1, 4) and r["sr"].shape == () for r in rows)
