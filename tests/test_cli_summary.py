@@ -90,7 +90,9 @@ def test_verdict_has_units_judgements_and_files(monkeypatch: pytest.MonkeyPatch)
     assert "77,514 B of weights counted at their bit-widths" in flat
     assert "latency 1.177e+07 MAC x bit units (relative cost model)" in flat
     assert "flash 105,800 B" in flat
-    assert "accuracy 0.8851 vs float 0.9082 (-2.31 points)" in flat and "drops" in flat
+    # 5% of 10,000 answers differ: the drop's 95% interval is +-0.44 points, 2.31 is beyond
+    assert "accuracy 0.8851 vs float 0.9082 (-2.31 points ± 0.44, 95%) on" in flat
+    assert "drops" in flat
     assert "bit-exact vs the reference on all 44 tensors" in flat
     assert "target cortex-m4: bit-exact" in flat and "arena 9,216 B" in flat
     assert "warning: layer emb kept in float (not in the plan)" in flat
@@ -100,6 +102,17 @@ def test_verdict_has_units_judgements_and_files(monkeypatch: pytest.MonkeyPatch)
     assert "OUT/model.qdq.onnx onnxruntime" in flat
     assert "OUT/cortex-m4 C sources" in flat
     assert "…" not in text  # 80 columns: nothing cut
+
+
+def test_a_drop_within_sampling_noise_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    report = copy.deepcopy(REPORT)
+    report["metrics"] = {
+        "float": {"accuracy": 0.915, "top1_agreement": 1.0, "samples": 400.0},
+        "dyadiq W8A8": {"accuracy": 0.895, "top1_agreement": 0.95, "samples": 400.0},
+    }
+    flat = _flat(_summary(report, monkeypatch))
+    assert "(-2.00 points ± 2.19, 95%) on 400 held-out samples: within sampling noise" in flat
+    assert "accuracy drops" not in flat
 
 
 def test_partial_bit_exactness_is_a_failure_not_a_number(

@@ -123,16 +123,30 @@ def _quality_line(metrics: dict[str, dict[str, float]] | None, warnings: list[st
         return ""
     reference = metrics["float"].get(metric, 1.0)
     drop_pt = (reference - model[metric]) * 100
+    samples = int(model.get("samples", 0))
+    noise_pt = _noise_points(model, metric, samples)
+    spread = f" ± {noise_pt:.2f}, 95%" if noise_pt is not None else ""
     if drop_pt <= CLOSE_DROP_PT:
         verdict = "[green]close to float[/]"
+    elif noise_pt is not None and drop_pt <= noise_pt:
+        verdict = "[yellow]within sampling noise of float[/] (more samples would tell)"
     else:
         verdict = "[bold red]large drop[/]" if drop_pt > 5 * CLOSE_DROP_PT else "[yellow]drops[/]"
         warnings.append(f"{metric} drops {drop_pt:.2f} points against float")
-    samples = int(model.get("samples", 0))
     return (
         f"quality: {metric} {model[metric]:.4f} vs float {reference:.4f} "
-        f"({-drop_pt:+.2f} points) on {samples:,} held-out samples: {verdict}"
+        f"({-drop_pt:+.2f} points{spread}) on {samples:,} held-out samples: {verdict}"
     )
+
+
+def _noise_points(model: Mapping[str, float], metric: str, samples: int) -> float | None:
+    """Half-width of a 95% interval of the accuracy difference, in points. The models are
+    scored on the same samples, and a sample moves the difference only where their top-1
+    answers differ, so its per-sample variance is at most the disagreement rate."""
+    if metric != "accuracy" or "top1_agreement" not in model or samples < 1:
+        return None
+    disagreement = max(0.0, 1.0 - float(model["top1_agreement"]))
+    return 196.0 * (disagreement / samples) ** 0.5
 
 
 def _exactness_lines(
