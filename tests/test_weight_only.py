@@ -232,3 +232,22 @@ def test_packing_agrees_with_onnxruntime_quantizer(tmp_path: pathlib.Path) -> No
     ours = round_to_nearest(b.T, fmt)
     np.testing.assert_allclose(ours.scales, scales.reshape(n, blocks), rtol=1e-6)
     assert np.mean(ours.codes == codes) > 0.999
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_never_rounds_worse_than_min_max(symmetric: bool) -> None:
+    from dyadiq.passes.weight_only.groupwise import clipped_group_scales, dequantize, quantize
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, size=(16, 200)).astype(np.float32)  # heavy tails: clipping pays
+    fmt = GroupwiseFormat(3, 64, symmetric)
+    plain = round_to_nearest(w, fmt)
+    scales, zeros = clipped_group_scales(w, fmt)
+    clipped = dequantize(quantize(w, scales, zeros, fmt), scales, zeros, fmt)
+    pad = np.zeros((16, 56), np.float32)
+
+    def per_group(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([(x - w) ** 2, pad], axis=1).reshape(16, 4, 64).sum(axis=2)
+
+    assert np.all(per_group(clipped) <= per_group(plain.dequantize()) * (1 + 1e-6))
+    assert per_group(clipped).sum() < 0.9 * per_group(plain.dequantize()).sum()

@@ -76,7 +76,13 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="folder of .npz/.npy batches (one file per batch)")
     p.add_argument("--calib-limit", type=int, help="use at most this many calibration batches")
     p.add_argument("--wbits", type=int, help="weight bits, 2..8 (weight-only default 4)")
-    p.add_argument("--exclude", action="append", default=[], help="layer id kept in float")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="keep weights in float: a layer id, a glob over node names, or an op type "
+        "(Gather); repeatable",
+    )
     p.add_argument("--plan", help="a weight-only plan.json (layer -> bits)")
     p.add_argument("--budget", help="avg-wbits=3.5 or size=120MB: widths chosen by the ILP")
     p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")

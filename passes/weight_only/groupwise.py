@@ -98,19 +98,53 @@ def _grouped_extremes(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.nd
 
 def group_scales(w: np.ndarray, fmt: GroupwiseFormat) -> tuple[np.ndarray, np.ndarray]:
     """Min-max scales [R, G] (float32) and zero points [R, G] (int16) of ``w`` [R, K]."""
-    w = np.asarray(w, np.float32)
-    lo, hi = _grouped_extremes(w, fmt.group_size)
+    lo, hi = _grouped_extremes(np.asarray(w, np.float32), fmt.group_size)
+    return _grid(lo, hi, fmt)
+
+
+def _grid(lo: np.ndarray, hi: np.ndarray, fmt: GroupwiseFormat) -> tuple[np.ndarray, np.ndarray]:
     qlo, qhi = fmt.code_range
     if fmt.symmetric:
         scales = np.maximum(np.abs(lo), np.abs(hi)) / np.float32(qhi)
-        zeros = np.zeros(scales.shape, np.int16)
-    else:
-        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-        scales = (hi - lo) / np.float32(qhi - qlo)
+        scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
+        return scales, np.zeros(scales.shape, np.int16)
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+    scales = (hi - lo) / np.float32(qhi - qlo)
     scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
-    if not fmt.symmetric:
-        zeros = np.clip(np.round(-lo / scales), qlo, qhi).astype(np.int16)
+    zeros = np.clip(np.round(-lo / scales), qlo, qhi).astype(np.int16)
     return scales, zeros
+
+
+# Range shrink factors tried by the clipping search (1 = min-max): a narrower range rounds
+# the bulk of a group more finely at the price of clipping its extremes.
+CLIP_SHRINKS = tuple(np.round(np.arange(1.0, 0.69, -0.05), 2))
+
+
+def clipped_group_scales(
+    w: np.ndarray, fmt: GroupwiseFormat, shrinks: tuple[float, ...] = CLIP_SHRINKS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the shrunk range (min-max times a factor of ``shrinks``) whose grid has the
+    least squared rounding error on the group's own weights; ties keep min-max."""
+    w = np.asarray(w, np.float32)
+    rows, columns = w.shape
+    lo, hi = _grouped_extremes(w, fmt.group_size)
+    best_scales, best_zeros = _grid(lo, hi, fmt)
+    best_error = np.full(lo.shape, np.inf, np.float32)
+    g, groups = fmt.group_size, lo.shape[1]
+    pad = groups * g - columns
+    padded = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    valid = np.ones((1, groups * g), bool)
+    valid[:, columns:] = False
+    for shrink in shrinks:
+        scales, zeros = _grid(lo * np.float32(shrink), hi * np.float32(shrink), fmt)
+        q = quantize(padded, scales, zeros, fmt)
+        err = ((dequantize(q, scales, zeros, fmt) - padded) ** 2) * valid
+        error = err.reshape(rows, groups, g).sum(axis=2)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scales = np.where(better, scales, best_scales)
+        best_zeros = np.where(better, zeros, best_zeros)
+    return best_scales.astype(np.float32), best_zeros.astype(np.int16)
 
 
 def quantize(

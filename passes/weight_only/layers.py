@@ -19,6 +19,7 @@ with its reason, as is anything not 2-D or not float32.
 from __future__ import annotations
 
 import enum
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class Reader:
     node: str  # node name
     use: Use
     activation: str | None  # the MatMul / Gemm activation input (None for Gather)
+    op: str = ""  # the node's op type
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ def find_weights(model: onnx.ModelProto) -> WeightInventory:
             found = (node.input[0], Orientation.ROWS, Use.GATHER, None)
         if found is not None:
             name, orient, use, activation = found
-            seen.setdefault(name, []).append((Reader(node.name, use, activation), orient))
+            reader = Reader(node.name, use, activation, node.op_type)
+            seen.setdefault(name, []).append((reader, orient))
     layers: list[WeightLayer] = []
     skipped: dict[str, str] = {}
     for name, readers in seen.items():
@@ -168,6 +171,15 @@ def find_weights(model: onnx.ModelProto) -> WeightInventory:
             )
         )
     return WeightInventory(tuple(layers), skipped)
+
+
+def matches(layer: WeightLayer, pattern: str) -> bool:
+    """``--exclude`` semantics: a layer id, a glob over its id, initializer or reader node
+    names, or the op type of one of its readers (``Gather`` keeps a tied table in float)."""
+    names = [layer.id, layer.initializer, *(r.node for r in layer.readers)]
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names) or any(
+        r.op == pattern for r in layer.readers
+    )
 
 
 def weight_matrix(model: onnx.ModelProto, layer: WeightLayer) -> np.ndarray:

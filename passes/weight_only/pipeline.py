@@ -23,7 +23,12 @@ from dyadiq.backends.onnx.weight_only import ExportReport, WeightOnlyForm, expor
 from dyadiq.errors import ConfigError
 from dyadiq.io import save_model_atomic, staged_output_dir, write_text_atomic
 from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
-from dyadiq.passes.weight_only.layers import WeightInventory, WeightLayer, find_weights
+from dyadiq.passes.weight_only.layers import (
+    WeightInventory,
+    WeightLayer,
+    find_weights,
+    matches,
+)
 from dyadiq.passes.weight_only.model_file import ModelFile
 from dyadiq.passes.weight_only.quantize import (
     LayerQuantizer,
@@ -88,13 +93,12 @@ def prepare(
     t0 = time.perf_counter()
     source = ModelFile.load(Path(model_path))
     inventory = find_weights(source.header)
-    unknown = sorted(set(exclude) - {layer.id for layer in inventory.layers})
+    unknown = [p for p in exclude if not any(matches(x, p) for x in inventory.layers)]
     if unknown:
-        raise ConfigError(f"--exclude names no weight-only layer: {unknown}")
-    inventory = WeightInventory(
-        tuple(layer for layer in inventory.layers if layer.id not in exclude),
-        inventory.skipped,
-    )
+        raise ConfigError(f"--exclude matches no weight-only layer: {unknown}")
+    kept = [x for x in inventory.layers if not any(matches(x, p) for p in exclude)]
+    excluded = {x.initializer: "excluded (--exclude)" for x in inventory.layers if x not in kept}
+    inventory = WeightInventory(tuple(kept), {**inventory.skipped, **excluded})
     if not inventory.layers:
         raise ConfigError("the model has no MatMul / Gemm / Gather weight to quantize")
     hessians = (

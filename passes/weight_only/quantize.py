@@ -2,8 +2,9 @@
 Hessian, on a group-wise grid (:mod:`.groupwise`).
 
 GPTQ (:func:`dyadiq.passes.compensation.gptq.gptq_group_codes`) minimises
-tr((W - Q) H (W - Q)^T) with H = E[x x^T] of the layer's inputs; the grid (min-max scales per
-group) is fixed first, act order visits the columns by decreasing H_jj. A weight read by no
+tr((W - Q) H (W - Q)^T) with H = E[x x^T] of the layer's inputs; the grid (per group, the
+min-max range or, by default, the shrunk range of least rounding error) is fixed first,
+act order visits the columns by decreasing H_jj. A weight read by no
 MatMul (an untied embedding) has no H and is rounded to nearest. The inverse-Hessian factor
 depends only on H, so it is computed once per activation and reused for every width and
 for every weight that reads that activation.
@@ -22,6 +23,7 @@ from dyadiq.passes.compensation.gptq import GptqFactor, gptq_factor, gptq_group_
 from dyadiq.passes.weight_only.groupwise import (
     GroupwiseFormat,
     GroupwiseWeight,
+    clipped_group_scales,
     dequantize,
     group_scales,
     quantize,
@@ -42,6 +44,7 @@ class WeightOnlySettings:
     act_order: bool = True
     damp: float = 0.01
     block: int = 128
+    clip_search: bool = True  # per-group range shrink of least rounding error, else min-max
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -67,9 +70,11 @@ def quantize_weight(
     method: Method,
     factor: GptqFactor | None = None,
     block: int = 128,
+    clip_search: bool = False,
 ) -> GroupwiseWeight:
-    """One weight W [R, K] on ``fmt``'s grid, by ``method`` (GPTQ needs ``factor``)."""
-    scales, zeros = group_scales(w, fmt)
+    """One weight W [R, K] on ``fmt``'s grid (min-max, or with ``clip_search`` each group's
+    best shrunk range), by ``method`` (GPTQ needs ``factor``)."""
+    scales, zeros = clipped_group_scales(w, fmt) if clip_search else group_scales(w, fmt)
     if method is Method.GPTQ and factor is not None:
         codes = gptq_group_codes(
             w, factor, scales, zeros, fmt.group_size, fmt.code_range, block=block
@@ -109,6 +114,7 @@ class LayerQuantizer:
             method=self.settings.method,
             factor=self.factor(layer),
             block=self.settings.block,
+            clip_search=self.settings.clip_search,
         )
 
 
@@ -122,6 +128,6 @@ def relative_output_error(
     ref = np.asarray(w[rows], np.float64)
     q = quantized
     delta = ref - dequantize(q.codes[rows], q.scales[rows], q.zero_points[rows], q.format)
-    num = np.einsum("rk,kl,rl->", delta, hessian, delta)
-    den = np.einsum("rk,kl,rl->", ref, hessian, ref)
+    num = float(np.sum((delta @ hessian) * delta))  # BLAS; a 3-operand einsum is not
+    den = float(np.sum((ref @ hessian) * ref))
     return float(num / den) if den > 0 else 0.0
