@@ -311,11 +311,17 @@ def solver_benchmark(quick: bool, compare: bool = True) -> dict[str, Any]:
     return out
 
 
-def sensitivity_config() -> Any:
-    """benchmarks.proxy_quality's analysis settings (one cached analysis for both)."""
+def sensitivity_config(hutchinson_max_iters: int | None = None) -> Any:
+    """benchmarks.proxy_quality's analysis settings (one cached analysis for both; give both
+    the same ``--hutchinson-max-iters``)."""
+    import dataclasses
+
     from dyadiq.passes.sensitivity.analysis import SensitivityConfig
 
-    return SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED, activations=False)
+    config = SensitivityConfig(weight_bits=BITS, pairs=True, seed=SEED, activations=False)
+    if hutchinson_max_iters is not None:
+        config = dataclasses.replace(config, hutchinson_max_iters=hutchinson_max_iters)
+    return config
 
 
 def real_problem_timing(name: str, quick: bool) -> dict[str, Any]:
@@ -586,7 +592,9 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "evaluation_samples": eval_n,
             "evaluated_samples": reference.get("samples"),
         },
-        "sensitivity_config": sensitivity_config().to_json(),
+        "sensitivity_config": sensitivity_config(args.hutchinson_max_iters).to_json(),
+        "command": args.command,
+        "date": args.date,
         "analysis": {
             "wall_s": analysis_s,
             "cached": cached,
@@ -831,6 +839,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep the solver sections of the existing results file, run only the models",
     )
     p.add_argument("--workers", type=int, default=None, help="analysis on a local Ray")
+    p.add_argument(
+        "--hutchinson-max-iters",
+        type=int,
+        default=None,
+        help="default: SensitivityConfig's; give proxy_quality's to share its cached analysis",
+    )
     args = p.parse_args(argv)
     if args.models is None:
         args.models = ["fashion_cnn"] if args.quick else list(ALL_MODELS)
@@ -865,8 +879,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.solver_only:
         return _solver_only(args, data["command"])
+    args.command, args.date = data["command"], data["date"]
     if args.skip_solver:
-        _keep_solver_sections(args.output_dir, data)
+        _merge_existing(args.output_dir, data, args.models)
     else:
         t = time.perf_counter()
         data["solver"] = solver_benchmark(args.quick, compare=not args.quick)
@@ -903,14 +918,19 @@ SOLVER_KEYS = (
 )
 
 
-def _keep_solver_sections(output_dir: Path, data: dict[str, Any]) -> None:
-    """--skip-solver: the solver sections (and their note) of the existing results file."""
+def _merge_existing(output_dir: Path, data: dict[str, Any], models: list[str]) -> None:
+    """--skip-solver: the solver sections (and their note) and the other models' entries of
+    the existing results file (each model entry names the command and date of its run)."""
     import json
 
     path = output_dir / "allocation.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text())
+    for name, res in old.get("models", {}).items():
+        # entries of this version's format (per-proxy ILP results) only
+        if name not in models and isinstance(res.get("summary", {}).get("ilp"), dict):
+            data["models"][name] = res
     data.update({k: old[k] for k in SOLVER_KEYS if k in old})
     if "solver" in old and "solver_command" not in old:
         data["solver_command"], data["solver_date"] = old["command"], old["date"]

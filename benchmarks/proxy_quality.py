@@ -692,7 +692,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     for p in columns:
         cells = []
         for res in models.values():
-            c = res["correlations"].get(p)
+            # results of earlier runs name the trace proxy by its older name, hessian
+            c = res["correlations"].get(p) or res["correlations"].get(p.replace("trace", "hessian"))
             cells.append(f"{_f(c['kendall_tau'])} / {_f(c['spearman_rho'])}" if c else "n/a")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines += [
