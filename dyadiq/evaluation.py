@@ -7,6 +7,7 @@ and reports per-model metrics (the float model under the key ``"float"``).
 
 from __future__ import annotations
 
+import enum
 import pathlib
 from typing import TYPE_CHECKING, Any
 
@@ -207,3 +208,210 @@ def evaluate(
         metrics["samples"] = float(out.shape[0])
         results[name] = metrics
     return results
+
+
+# --- any model, the user's data ------------------------------------------------------------
+class OutputKind(enum.Enum):
+    """What a model output holds, which decides how a quantized copy is scored."""
+
+    CLASSES = "classes"  # logits or probabilities over the last axis
+    EMBEDDING = "embedding"  # one vector per sample
+    MAP = "map"  # a spatial map (detection heads, segmentation, text-region masks)
+    OTHER = "other"  # anything else: SNR and mean error only
+
+    @classmethod
+    def parse(cls, text: str) -> OutputKind | None:
+        """``auto`` is None (:func:`output_kind` decides); anything else names a kind."""
+        if text == "auto":
+            return None
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ["auto", *(k.value for k in cls)]
+            raise ConfigError(f"output kind {text!r}: choose one of {choices}") from None
+
+
+def _is_probability_rows(rows: np.ndarray) -> bool:
+    return bool(
+        rows.shape[1] >= 2
+        and (rows >= -1e-6).all()
+        and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3)
+    )
+
+
+def output_kind(reference: np.ndarray, *, has_labels: bool = False) -> OutputKind:
+    """A float output's kind from its values (``--output-kind`` overrides it):
+
+    - (N, C), C >= 2: probabilities, or with labels, are ``classes``; rows of unit length
+      are an ``embedding``; other rows are logits (``classes``) when C <= 1000 and no row is
+      flat, an ``embedding`` otherwise;
+    - (N, ..., C) whose last axis holds probabilities (a CTC recogniser's softmax) is
+      ``classes`` per position; any other output of rank >= 3 is a ``map``;
+    - everything else (scores, one value per sample) is ``other``.
+    """
+    ref = np.asarray(reference, np.float64)
+    if ref.ndim >= 3:
+        rows = ref.reshape(-1, ref.shape[-1])
+        return OutputKind.CLASSES if _is_probability_rows(rows) else OutputKind.MAP
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        return OutputKind.OTHER
+    if has_labels or _is_probability_rows(ref):
+        return OutputKind.CLASSES
+    norms = np.linalg.norm(ref, axis=1)
+    if np.allclose(norms, 1.0, atol=1e-3):
+        return OutputKind.EMBEDDING
+    flat = np.ptp(ref, axis=1) < _EPS
+    return OutputKind.CLASSES if ref.shape[1] <= 1000 and not flat.any() else OutputKind.EMBEDDING
+
+
+def _softmax(rows: np.ndarray) -> np.ndarray:
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """10 log10(|ref|^2 / |ref - other|^2); inf when they are equal."""
+    ref, out = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    noise = float(np.sum((ref - out) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(signal, _EPS) / noise))
+
+
+def class_metrics(
+    reference: np.ndarray, other: np.ndarray, labels: np.ndarray | None
+) -> dict[str, float]:
+    """:func:`classification_metrics` over the last axis (one row per sample or position)
+    plus the mean KL divergence of the candidate's class distribution from the reference's
+    (softmax of logits; probabilities as they are) and, with labels, top-5 accuracy."""
+    c = reference.shape[-1]
+    ref = np.asarray(reference, np.float64).reshape(-1, c)
+    out = np.asarray(other, np.float64).reshape(-1, c)
+    if labels is not None and labels.size != ref.shape[0]:
+        raise ConfigError(f"{labels.size} labels for {ref.shape[0]} samples")
+    metrics = classification_metrics(ref, out, labels)
+    probabilities = _is_probability_rows(ref)
+    p = np.clip(ref if probabilities else _softmax(ref), _EPS, None)
+    q = np.clip(out if probabilities else _softmax(out), _EPS, None)
+    metrics["kl_divergence"] = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+    if labels is not None:
+        k = min(5, c)
+        top = np.argsort(-out, axis=1)[:, :k]
+        metrics["top5_accuracy"] = float(np.mean((top == labels.reshape(-1, 1)).any(axis=1)))
+    return metrics
+
+
+def map_metrics(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Mean absolute error relative to the reference's range, and the IoU of the two maps
+    thresholded at the middle of the reference's range (a mask or heat map's foreground)."""
+    ref, out = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    span = float(np.ptp(ref)) or 1.0
+    threshold = float(ref.min()) + span / 2
+    a, b = ref > threshold, out > threshold
+    union = int(np.sum(a | b))
+    return {
+        "mean_abs_error_rel": float(np.mean(np.abs(ref - out)) / span),
+        "iou": float(np.sum(a & b) / union) if union else 1.0,
+    }
+
+
+def score_output(
+    kind: OutputKind, reference: np.ndarray, other: np.ndarray, labels: np.ndarray | None
+) -> dict[str, float]:
+    """The metrics of ``kind`` for one output (stacked over samples), always with SNR."""
+    if reference.shape != other.shape:
+        raise ConfigError(f"output shape mismatch: {reference.shape} vs {other.shape}")
+    if kind is OutputKind.CLASSES:
+        metrics = class_metrics(reference, other, labels)
+    elif kind is OutputKind.EMBEDDING:
+        metrics = embedding_metrics(reference, other)
+    elif kind is OutputKind.MAP:
+        metrics = map_metrics(reference, other)
+    else:
+        ref, out = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+        metrics = {"mean_abs_error": float(np.mean(np.abs(ref - out)))}
+    metrics["snr_db"] = snr_db(reference, other)
+    return metrics
+
+
+def read_labels(path: pathlib.Path) -> np.ndarray:
+    """Class indices, one per sample: a .npy array or a text file with one integer a line."""
+    try:
+        if path.suffix == ".npy":
+            return np.asarray(np.load(path)).reshape(-1).astype(np.int64)
+        return np.array([int(x) for x in path.read_text().split()], np.int64)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read labels from {path}: {exc}") from exc
+
+
+def _input_specs(model_path: pathlib.Path) -> dict[str, tuple[np.dtype, tuple[Any, ...]]]:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    constants = {t.name for t in model.graph.initializer}
+    specs = {}
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        specs[value.name] = (onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), dims)
+    return specs
+
+
+def evaluate_on_data(
+    float_model: pathlib.Path,
+    models: dict[str, pathlib.Path],
+    data: pathlib.Path,
+    *,
+    labels: np.ndarray | None = None,
+    kind: OutputKind | None = None,
+    limit: int | None = None,
+    runtime_kernels: bool = False,
+) -> tuple[dict[str, OutputKind], dict[str, dict[str, float]]]:
+    """Run ``float_model`` and each of ``models`` on the batches of ``data`` (a folder of
+    .npz / .npy batches, as ``--calib`` reads), every output of every model, and score each
+    candidate's outputs against the float model's with the metrics of the output's kind
+    (:func:`output_kind`, or ``kind`` for all). Returns the kinds per output and the metrics
+    per ``"MODEL"`` (one output) or ``"MODEL: OUTPUT"``."""
+    from dyadiq.passes.calibration.data import validated_batches
+
+    if "float" in models:
+        raise ConfigError('the name "float" is reserved for the reference model')
+    sessions = {"float": _session(float_model)}
+    sessions.update({name: _session(p) for name, p in models.items()})
+    if runtime_kernels:
+        sessions.update(
+            {name + RUNTIME_SUFFIX: _session(p, Kernels.RUNTIME) for name, p in models.items()}
+        )
+    names = [o.name for o in sessions["float"].get_outputs()]
+    collected: dict[str, dict[str, list[np.ndarray]]] = {
+        model: {n: [] for n in names} for model in sessions
+    }
+    for feeds in validated_batches(data, _input_specs(float_model), limit=limit):
+        for model, sess in sessions.items():
+            missing = [o for o in names if o not in {x.name for x in sess.get_outputs()}]
+            if missing:
+                raise ConfigError(f"{model} lacks the float model's outputs {missing}")
+            for name, value in zip(names, sess.run(names, dict(feeds)), strict=True):
+                collected[model][name].append(np.asarray(value))
+    stacked = {
+        model: {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in outs.items()}
+        for model, outs in collected.items()
+    }
+    kinds = {
+        n: kind or output_kind(stacked["float"][n], has_labels=labels is not None) for n in names
+    }
+    results: dict[str, dict[str, float]] = {}
+    for model, outs in stacked.items():
+        if model == "float":
+            continue
+        for n in names:
+            key = model if len(names) == 1 else f"{model}: {n}"
+            use_labels = labels if kinds[n] is OutputKind.CLASSES else None
+            metrics = score_output(kinds[n], stacked["float"][n], outs[n], use_labels)
+            metrics["samples"] = float(outs[n].shape[0]) if outs[n].ndim else 1.0
+            results[key] = metrics
+    return kinds, results

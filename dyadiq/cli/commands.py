@@ -1,5 +1,6 @@
 """The small subcommands: ``inspect`` (a model's layers), ``run`` (a compiled target folder),
-``eval`` (score models against a zoo model's float original) and ``zoo`` (list, fetch)."""
+``eval`` (score quantized models against their float original, on a zoo model's data or
+yours) and ``zoo`` (list, fetch)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dyadiq import zoo
+    from dyadiq.errors import ConfigError
     from dyadiq.evaluation import evaluate
 
+    if args.zoo is None:
+        if args.data is None or len(args.models) < 2:
+            raise ConfigError(
+                "eval wants MODEL QUANTIZED... --data DIR (your float model, the quantized "
+                "models, a folder of .npz/.npy input batches), or --zoo NAME QUANTIZED..."
+            )
+        return _eval_on_data(args)
+    if args.data is not None or args.labels is not None:
+        raise ConfigError("--data and --labels are for your own model; --zoo brings its data")
     artifacts = zoo.get(args.zoo)
     metrics = evaluate(
         artifacts,
@@ -84,6 +95,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         output.console.print(output.metrics_table(metrics))
+    return 0
+
+
+def _eval_on_data(args: argparse.Namespace) -> int:
+    """``eval MODEL QUANTIZED... --data DIR [--labels FILE]``: metrics by output kind."""
+    from dyadiq.evaluation import OutputKind, evaluate_on_data, read_labels
+
+    float_model, *candidates = (Path(m) for m in args.models)
+    kinds, metrics = evaluate_on_data(
+        float_model,
+        {m.name: m for m in candidates},
+        Path(args.data),
+        labels=read_labels(Path(args.labels)) if args.labels else None,
+        kind=OutputKind.parse(args.output_kind),
+        limit=args.limit,
+        runtime_kernels=args.runtime_kernels,
+    )
+    if args.json:
+        print(json.dumps({"kinds": {k: v.value for k, v in kinds.items()}, **metrics}, indent=2))
+        return 0
+    for name, kind in kinds.items():
+        output.console.print(f"output {escape(name)}: scored as {kind.value} (--output-kind)")
+    output.console.print(output.metrics_table(metrics))
     return 0
 
 
@@ -118,9 +152,22 @@ def add_run(sub: Any) -> None:
 
 
 def add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="score models against a zoo model's float original")
-    p.add_argument("--zoo", required=True)
-    p.add_argument("models", nargs="+")
+    p = sub.add_parser(
+        "eval",
+        help="score quantized models against their float original: MODEL QUANTIZED... --data "
+        "DIR, or --zoo NAME QUANTIZED...",
+    )
+    p.add_argument("--zoo", help="a zoo model: its float model and held-out data")
+    p.add_argument(
+        "models", nargs="+", help="with --data: the float model first, then quantized copies"
+    )
+    p.add_argument("--data", help="folder of .npz / .npy input batches (as --calib reads)")
+    p.add_argument("--labels", help="class indices, one per sample (.npy or one a line)")
+    p.add_argument(
+        "--output-kind",
+        default="auto",
+        help="how to score outputs: auto (from the float outputs), classes, embedding, map, other",
+    )
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_runtime_kernels(p)
