@@ -9,6 +9,7 @@ subprocess with a timeout per stage:
     integer    ... -o OUT/integer --integer
     x86        ... -o OUT/x86 --target x86
     cortex-m4  ... -o OUT/cortex-m4 --target cortex-m4
+    eval       dyadiq eval MODEL QDQ [INT] --data HELD_OUT --json    (the models a stage wrote)
 
 and classifies each stage: ``ok``, ``refused`` (the CLI's one-line error, exit 2), ``not
 bit-exact`` (exit 3), ``crashed`` (a Python traceback or any other exit status) or ``timeout``.
@@ -17,8 +18,9 @@ integer model where one was written), both in onnxruntime, with a metric chosen 
 output's kind (``CoverageModel.metric``): ``classes`` top-1 agreement and KL of the softmax,
 ``sequence`` per-step argmax agreement (CTC recognisers), ``embedding`` cosine, ``map``
 mean absolute error relative to the float output's range, and SNR (dB) for every output.
-``dyadiq eval`` scores zoo models only in this release (it requires ``--zoo``), so it is not
-used.
+The ``eval`` stage runs ``dyadiq eval`` itself on the same held-out folder, with its own
+choice of metrics per output (``--output-kind auto``), on the QDQ model of the ``qdq`` stage
+and the integer model of the ``integer`` (else ``x86``) stage of this work folder.
 
 Usage: python -m benchmarks.coverage [--models a,b] [--stages inspect,qdq] [--timeout 900]
 """
@@ -42,7 +44,7 @@ from benchmarks.coverage_data import Feeds, write_split
 from benchmarks.coverage_models import BY_NAME, MODELS, CoverageModel, fetch, sha256
 from dyadiq.zoo._install import cache_dir
 
-STAGES = ("inspect", "qdq", "integer", "x86", "cortex-m4")
+STAGES = ("inspect", "qdq", "integer", "x86", "cortex-m4", "eval")
 STAGE_FLAGS = {
     "qdq": [],
     "integer": ["--integer"],
@@ -323,6 +325,16 @@ def run_model_stage(
         cmd = [_cli(), "inspect", str(path), *shapes, "--json"]
         result = run_stage(cmd, timeout, out_root / "inspect.log")
         result.update(_inspect_facts(result["stdout"]))
+    elif stage == "eval":
+        candidates = _eval_candidates(out_root)
+        held_out = work / "data" / model.name / "eval"
+        cmd = [_cli(), "eval", str(path), *map(str, candidates), "--data", str(held_out)]
+        result = run_stage([*cmd, "--json"], timeout, out_root / "eval.log")
+        result["evaluated"] = [str(c) for c in candidates]
+        if not candidates:
+            result.update(status="not run", reason="no quantized model from an earlier stage")
+        elif result["status"] == "ok":
+            result["eval"] = json.loads(result["stdout"])
     else:
         out_dir = out_root / stage
         if out_dir.exists():
@@ -345,6 +357,37 @@ def run_model_stage(
         flush=True,
     )
     return result
+
+
+def _eval_candidates(out_root: Path) -> list[Path]:
+    """The QDQ model of the qdq stage and the integer model of the integer or x86 stage."""
+    found = []
+    for stage, name in (("qdq", "model.qdq.onnx"), ("integer", "model.int.onnx")):
+        for folder in (stage, "x86"):
+            if (out_root / folder / name).is_file():
+                found.append(out_root / folder / name)
+                break
+    return found
+
+
+def _eval_headline(result: dict[str, Any]) -> str:
+    """``dyadiq eval``'s kind and headline metric per evaluated model (first output)."""
+    data = result.get("eval")
+    if not data:
+        return "-"
+    kinds = data.get("kinds", {})
+    first_output, first_kind = next(iter(kinds.items()), ("", "?"))
+    parts = []
+    for name, metrics in data.items():
+        # one output: keyed by model; several: "model: output" (the first output's only)
+        if name == "kinds" or (len(kinds) > 1 and not name.endswith(f": {first_output}")):
+            continue
+        short = "qdq" if ".qdq." in name else "int" if ".int." in name else name
+        for key in ("top1_agreement", "mean_cosine", "iou", "mean_abs_error"):
+            if key in metrics:
+                parts.append(f"{short} {key} {metrics[key]:.3f}, SNR {metrics['snr_db']:.1f} dB")
+                break
+    return f"[{first_kind}] " + "; ".join(parts)
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -408,7 +451,9 @@ def render(data: dict[str, Any]) -> str:
         "Each stage is the installed CLI in a subprocess: `ok`, `refused` (its one-line error), "
         "`not bit-exact` (exit 3), `crashed` (a traceback or any other exit status) or `timeout`. "
         "Quality is float vs quantized in onnxruntime on held-out real inputs, disjoint from "
-        "calibration (`dyadiq eval` requires `--zoo` in this release). Models marked * have dummy "
+        "calibration, computed by this script; the `eval` stage is `dyadiq eval MODEL QUANTIZED "
+        "--data HELD_OUT` itself, [its metric choice] then the first output of each model. "
+        "Models marked * have dummy "
         "weights (the onnx wheel's test architectures): op coverage only, not counted among the "
         "real models.",
         "",
@@ -446,11 +491,12 @@ def render(data: dict[str, Any]) -> str:
             if not st:
                 continue
             q = st.get("quality_qdq") or st.get("quality_integer")
+            headline = _eval_headline(st) if stage == "eval" else _headline_quality(q)
             exact = st.get("target_bit_exact", st.get("bit_exact"))
             integer = st.get("fully_integer") if stage != "qdq" else None
             lines.append(
                 f"| {row['model']} | {stage} | {_cell(st)} | {_yes_no(integer)} | "
-                f"{_yes_no(exact)} | {_headline_quality(q)} | {st['seconds']:.0f} | "
+                f"{_yes_no(exact)} | {headline} | {st['seconds']:.0f} | "
                 f"{st.get('cli_commit', data.get('cli_commit', 'working tree'))[:12]} |"
             )
     superseded = [(row["model"], st) for row in rows for st in row.get("superseded", [])]

@@ -109,3 +109,19 @@ def test_probability_maps_get_the_iou_of_their_masks() -> None:
     out[0, 0, 3, 3] = 0.8  # one spurious
     assert coverage.output_metrics("map", ref, out)["mask_iou"] == pytest.approx(3 / 5)
     assert "mask_iou" not in coverage.output_metrics("map", ref * 5, out * 5)  # not a probability
+
+
+def test_eval_stage_headline_reads_dyadiq_eval_json() -> None:
+    result = {
+        "eval": {
+            "kinds": {"y": "classes", "aux": "map"},
+            "model.qdq.onnx: y": {"top1_agreement": 0.975, "snr_db": 21.04},
+            "model.qdq.onnx: aux": {"iou": 0.5, "snr_db": 3.0},
+            "model.int.onnx: y": {"top1_agreement": 0.95, "snr_db": 20.0},
+        }
+    }
+    line = coverage._eval_headline(result)
+    assert line == (
+        "[classes] qdq top1_agreement 0.975, SNR 21.0 dB; int top1_agreement 0.950, SNR 20.0 dB"
+    )
+    assert coverage._eval_headline({}) == "-"
