@@ -31,7 +31,6 @@ The report is data (:mod:`.report`, versioned JSON); :func:`predict_damage`
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,9 +43,9 @@ from dyadiq.passes.sensitivity.damage_model import MissingProxyError as MissingP
 from dyadiq.passes.sensitivity.damage_model import layer_damage as layer_damage
 from dyadiq.passes.sensitivity.damage_model import pair_damage as pair_damage
 from dyadiq.passes.sensitivity.damage_model import predict_damage as predict_damage
-from dyadiq.passes.sensitivity.estimators import Estimate, estimate_of, hutchinson_stop
+from dyadiq.passes.sensitivity.estimators import Estimate
 from dyadiq.passes.sensitivity.executor import Executor, Journal, SerialExecutor, run_tasks
-from dyadiq.passes.sensitivity.pairs import pairs_to_measure
+from dyadiq.passes.sensitivity.pair_terms import loss_key, measure_pair_terms
 from dyadiq.passes.sensitivity.perturbable_model import OutputKind, PerturbableModel
 from dyadiq.passes.sensitivity.proxy import PROXIES as PROXIES  # re-exported: callers list them
 from dyadiq.passes.sensitivity.proxy import Proxy as Proxy
@@ -56,7 +55,8 @@ from dyadiq.passes.sensitivity.report import (
     SensitivityConfig,
     SensitivityReport,
 )
-from dyadiq.passes.sensitivity.tasks import AnalysisSpec, SiteLoss, TraceProbe, WeightLoss
+from dyadiq.passes.sensitivity.tasks import AnalysisSpec, SiteLoss, WeightLoss
+from dyadiq.passes.sensitivity.trace_rounds import first_round, hutchinson_traces
 from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
 DEFAULT_CONFIG = SensitivityConfig()  # frozen: one shared default is safe
@@ -147,83 +147,6 @@ def analyze_cached(
     return report, False
 
 
-def _hutchinson_rounds(
-    executor: Executor,
-    spec: AnalysisSpec,
-    model: PerturbableModel,
-    config: SensitivityConfig,
-    first: Mapping[str, Any],
-    journal: Journal | None,
-) -> tuple[dict[str, Estimate], int]:
-    """Average trace Tr(H)/n per layer: probes in rounds (the first, ``min_iters`` per layer,
-    already in ``first``), each round doubling a layer's samples until its standard error is
-    within ``hutchinson_rtol`` of its mean. The stopping sample is the one a sequential loop
-    would stop at (``hutchinson_stop``), so the estimate does not depend on the rounds."""
-    layers = list(model.weights)
-    epsilon = _epsilons(model, config)
-    values = {
-        layer: [first[_probe_key(layer, k)]["value"] for k in range(config.hutchinson_min_iters)]
-        for layer in layers
-    }
-    passes = 0
-    checked = dict.fromkeys(layers, 0)
-    stop: dict[str, int | None] = {}
-    for round_index in itertools.count(1):
-        for layer in layers:
-            if stop.get(layer) is None:
-                stop[layer] = hutchinson_stop(
-                    values[layer],
-                    min_iters=config.hutchinson_min_iters,
-                    rtol=config.hutchinson_rtol,
-                    checked=checked[layer],
-                )
-                checked[layer] = len(values[layer])
-        pending = [
-            layer
-            for layer in layers
-            if stop[layer] is None and len(values[layer]) < config.hutchinson_max_iters
-        ]
-        if not pending:
-            break
-        tasks = []
-        for layer in pending:
-            drawn = len(values[layer])
-            more = min(config.hutchinson_max_iters, 2 * drawn)
-            index = layers.index(layer)
-            tasks += [_probe(layer, index, k, config, epsilon) for k in range(drawn, more)]
-        results = run_tasks(
-            executor, spec, tasks, f"sensitivity: Hutchinson round {round_index}", journal
-        )
-        for task in tasks:
-            values[task.layer].append(results[task.key]["value"])
-            passes += int(results[task.key]["passes"])
-    traces = {}
-    for layer in layers:
-        used = values[layer][: stop[layer] or len(values[layer])]
-        total = estimate_of(used)
-        n = model.weights[layer].size
-        traces[layer] = Estimate(total.mean / n, total.stderr / n, total.samples)
-    return traces, passes
-
-
-def _epsilons(model: PerturbableModel, config: SensitivityConfig) -> dict[str, float]:
-    """Finite-difference steps: ``epsilon_rel`` times each layer's RMS weight."""
-    return {
-        layer: config.epsilon_rel * float(np.sqrt(np.mean(w**2)) or 1.0)
-        for layer, w in model.weights.items()
-    }
-
-
-def _probe_key(layer: str, k: int) -> str:
-    return f"trace/{layer}/{k}"
-
-
-def _probe(
-    layer: str, index: int, k: int, config: SensitivityConfig, epsilon: Mapping[str, float]
-) -> TraceProbe:
-    return TraceProbe(_probe_key(layer, k), layer, (config.seed, index, k), epsilon[layer])
-
-
 def analyze(
     graph: QGraph,
     batches: Sequence[Mapping[str, np.ndarray]],
@@ -294,10 +217,9 @@ def _analyze(
     quantized = {
         layer: {b: quantized_weight(graph, layer, b, weights) for b in widths} for layer in layers
     }
-    epsilon = _epsilons(model, config)
     tasks: list[Any] = [
         WeightLoss(
-            _loss_key(layer, b),
+            loss_key(layer, b),
             {layer: quantized[layer][b]},
             _corrected_biases(model, weights, {layer: b}),
         )
@@ -311,16 +233,12 @@ def _analyze(
             for b in config.activation_bits
         ]
     if config.trace:
-        tasks += [
-            _probe(layer, i, k, config, epsilon)
-            for i, layer in enumerate(layers)
-            for k in range(config.hutchinson_min_iters)
-        ]
+        tasks += first_round(model, config)
     first = run_tasks(executor, spec, tasks, "sensitivity: layers and sites", journal)
     task_passes = sum(int(first[t.key]["passes"]) for t in tasks)
     traces: dict[str, Estimate] = {}
     if config.trace:
-        traces, more = _hutchinson_rounds(executor, spec, model, config, first, journal)
+        traces, more = hutchinson_traces(executor, spec, model, config, first, journal)
         task_passes += more
     activations: dict[str, ActivationSite] = {}
     if probe is not None and config.activations:
@@ -342,7 +260,7 @@ def _analyze(
         snr: dict[int, float] = {}
         if config.empirical:
             for b in config.weight_bits:
-                measured = first[_loss_key(layer, b)]
+                measured = first[loss_key(layer, b)]
                 empirical[b] = float(np.mean(measured["batch"]))
                 snr[b] = float(measured["snr_db"])
         result[layer] = LayerSensitivity(
@@ -357,8 +275,12 @@ def _analyze(
         )
     pairs: list[PairTerm] = []
     if config.pairs:
-        pairs, more = _pair_terms(
-            graph, executor, spec, model, weights, config, quantized, first, pair_widths, journal
+        biases = {
+            layer: {b: _corrected_biases(model, weights, {layer: b}) for b in pair_widths}
+            for layer in layers
+        }
+        pairs, more = measure_pair_terms(
+            graph, executor, spec, model, config, quantized, biases, first, pair_widths, journal
         )
         task_passes += more
     return SensitivityReport(
@@ -372,57 +294,6 @@ def _analyze(
         reverse_passes=reverse_passes,
         notes=tuple(notes),
     )
-
-
-def _loss_key(layer: str, bits: int) -> str:
-    return f"loss/{layer}/{bits}"
-
-
-def _pair_terms(
-    graph: QGraph,
-    executor: Executor,
-    spec: AnalysisSpec,
-    model: PerturbableModel,
-    weights: WeightQuantizer,
-    config: SensitivityConfig,
-    quantized: Mapping[str, Mapping[int, np.ndarray]],
-    singles: Mapping[str, Any],
-    widths: Sequence[int],
-    journal: Journal | None,
-) -> tuple[list[PairTerm], int]:
-    """Delta_ab at every width pair of ``widths`` for the selected pairs, with the standard
-    error of its per-row differences (``pairs.py``)."""
-    layers = list(model.weights)
-    low = min(widths)
-    damage = {layer: float(np.mean(singles[_loss_key(layer, low)]["batch"])) for layer in layers}
-    chosen = pairs_to_measure(
-        graph, layers, damage, all_pairs_up_to=config.all_pairs_up_to, top_k=config.top_k_pairs
-    )
-    tasks = [
-        WeightLoss(
-            f"pair/{a}/{b}/{ba}/{bb}",
-            {a: quantized[a][ba], b: quantized[b][bb]},
-            _corrected_biases(model, weights, {a: ba, b: bb}),
-        )
-        for a, b in chosen
-        for ba in widths
-        for bb in widths
-    ]
-    results = run_tasks(executor, spec, tasks, "sensitivity: pair terms", journal)
-    terms = []
-    passes = 0
-    for a, b in chosen:
-        for ba in widths:
-            for bb in widths:
-                both = results[f"pair/{a}/{b}/{ba}/{bb}"]
-                one, two = singles[_loss_key(a, ba)], singles[_loss_key(b, bb)]
-                rows = np.asarray(both["rows"]) - np.asarray(one["rows"]) - np.asarray(two["rows"])
-                stderr = float(rows.std(ddof=1) / np.sqrt(rows.size)) if rows.size > 1 else 0.0
-                d_one, d_two = float(np.mean(one["batch"])), float(np.mean(two["batch"]))
-                delta = float(np.mean(both["batch"])) - d_one - d_two
-                terms.append(PairTerm(a, b, ba, bb, delta, stderr, d_one, d_two))
-                passes += int(both["passes"])
-    return terms, passes
 
 
 def _gradient_statistics(
