@@ -60,6 +60,7 @@ REPORT: dict[str, Any] = {
         "bit_exact_vs_reference": {"exact": 8, "inputs": 8},
         "flash_bytes": 105_800,
         "arena_bytes": 9_216,
+        "instructions_per_inference": 1_234_560,
     },
     "metrics": {
         "float": {"accuracy": 0.9082, "top1_agreement": 1.0, "samples": 10000.0},
@@ -95,6 +96,7 @@ def test_verdict_has_units_judgements_and_files(monkeypatch: pytest.MonkeyPatch)
     assert "drops" in flat
     assert "bit-exact vs the reference on all 44 tensors" in flat
     assert "target cortex-m4: bit-exact" in flat and "arena 9,216 B" in flat
+    assert "1,234,560 instructions per inference" in flat
     assert "warning: layer emb kept in float (not in the plan)" in flat
     assert "note: kept in float as asked (--exclude / plan): head" in flat
     assert "warning: layer head" not in flat
@@ -113,6 +115,13 @@ def test_a_drop_within_sampling_noise_is_said_so(monkeypatch: pytest.MonkeyPatch
     flat = _flat(_summary(report, monkeypatch))
     assert "(-2.00 points ± 2.19, 95%) on 400 held-out samples: within sampling noise" in flat
     assert "accuracy drops" not in flat
+
+
+def test_max_drop_allocation_in_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    report = copy.deepcopy(REPORT)
+    report["allocation"] = {"max_drop": 0.005, "metric": "accuracy", "weight_bytes": 8064}
+    flat = _flat(_summary(report, monkeypatch))
+    assert "allocation (--max-drop: within 0.5 points of float accuracy): 8,064 B" in flat
 
 
 def test_partial_bit_exactness_is_a_failure_not_a_number(

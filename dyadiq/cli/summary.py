@@ -84,7 +84,8 @@ def _size_lines(report: dict[str, Any]) -> list[str]:
         chooser = (
             f"--budget {allocation['budget']}"
             if "budget" in allocation
-            else f"--max-drop {allocation['max_drop']:g}"
+            else f"--max-drop: within {allocation['max_drop'] * 100:g} points of float "
+            f"{allocation.get('metric', '')}"
         )
         extra = _resource_text(allocation)
         lines.append(
@@ -211,16 +212,12 @@ def _target_line(target: dict[str, Any], paths: Mapping[str, Path]) -> str:
             )
     else:
         checked = f"[yellow]not run here[/]: {target.get('ran_on', target.get('built', ''))}"
-    units = {
-        "flash_bytes": "B",
-        "arena_bytes": "B",
-        "instructions_per_inference": "instructions",
+    figures = {
+        "flash_bytes": "flash {:,} B",
+        "arena_bytes": "arena {:,} B",
+        "instructions_per_inference": "{:,} instructions per inference",
     }
-    extras = [
-        f"{key.replace('_bytes', '').replace('_', ' ')} {target[key]:,} {unit}"
-        for key, unit in units.items()
-        if key in target
-    ]
+    extras = [text.format(target[key]) for key, text in figures.items() if key in target]
     return f"target {target['target']}: {checked}" + (f"; {', '.join(extras)}" if extras else "")
 
 
