@@ -160,7 +160,7 @@ def _fake_target(folder: Path, info: dict[str, Any]) -> Path:
 @pytest.mark.parametrize(
     ("info", "returned", "expected"),
     [
-        ({"cpu": "cortex-m4"}, {"y_q": np.zeros((1, 5), np.uint8)}, ["y_codes"]),
+        ({"cpu": "cortex-m4"}, {"y_q": np.zeros((1, 1, 5), np.uint8)}, ["y_codes"]),
         (
             {"target_name": "x86"},
             {"y_codes": np.zeros((1, 5), np.uint8), "y": np.zeros((1, 5), np.float32)},
@@ -182,3 +182,4 @@ def test_run_names_outputs_alike_on_every_target(
     assert main(["run", str(folder), "--input", str(tmp_path / "x.npy"), "-o", str(out)]) == 0
     with np.load(out) as saved:
         assert sorted(saved.files) == expected
+        assert saved["y_codes"].shape == (1, 5)  # one row per input on every target

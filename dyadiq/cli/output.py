@@ -38,12 +38,15 @@ CODES_SUFFIX = "_codes"  # what TVM libraries name an output's codes (backends/t
 
 def uniform_output_names(outputs: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A Cortex-M run's outputs (code tensors named as the integer program names them,
-    ``NAME_q``) renamed ``NAME_codes``, as a TVM library names them; others unchanged."""
+    ``NAME_q``, one ``[1, ...]`` row per input) renamed ``NAME_codes`` and stacked along the
+    batch axis (``[inputs, ...]``), as a TVM library returns them; others unchanged."""
     info_path = folder / "model.json"
     if not info_path.is_file() or "cpu" not in json.loads(info_path.read_text()):
         return outputs
     renamed = {}
     for name, value in outputs.items():
         base = name.removesuffix("_q") if not name.endswith(CODES_SUFFIX) else name
+        if value.ndim >= 2 and value.shape[1] == 1:  # [inputs, 1, ...] -> [inputs, ...]
+            value = value.reshape(value.shape[0], *value.shape[2:])
         renamed[base if base.endswith(CODES_SUFFIX) else base + CODES_SUFFIX] = value
     return renamed
