@@ -106,18 +106,22 @@ def _rich_task(description: str, total: int | None) -> Iterator[Callable[[], Non
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
 
     owner = _live is None
     if owner:
+        # the description takes three quarters of the line and folds rather than being cut
+        # ("quantizing model.onnx: calibration, weight compensation (range,gptq,b…")
         _live = Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
+            TextColumn("{task.description}", table_column=Column(ratio=3, overflow="fold")),
+            BarColumn(bar_width=None, table_column=Column(ratio=1)),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=True,
+            expand=True,
         )
         _live.start()
     progress = _live
