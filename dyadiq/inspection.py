@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
-from dyadiq.passes.elementwise_lookup import ELEMENTWISE
+from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY
 
 
 def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
@@ -33,6 +33,8 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
         return True, "data movement: output shares its input's scale"
     if facts.unifies_input_scales:
         return True, "inputs and output share one scale: an integer op on their codes"
+    if facts.quantizable and graph.kind(node) in UNARY:
+        return True, "on a quantized input: an integer lookup table of its 256 codes"
     if facts.quantizable:
         return True, "integer op on quantized activations"
     if facts.fusable_activation:

@@ -191,6 +191,9 @@ OP_FACTS.update(
         OpKind.SQUEEZE: _SHARES,
         OpKind.UNSQUEEZE: _SHARES,
         OpKind.HARD_SIGMOID: OpFacts(quantizable=True),  # affine + clip: dyadic
+        # a 256-entry table of codes (passes/elementwise_lookup), only on an input quantized
+        # already: SiLU's x * sigmoid(x) then is an integer Mul of two quantized tensors
+        OpKind.SIGMOID: OpFacts(quantizable=True, needs_quantized_inputs=True),
         OpKind.HARD_SWISH: OpFacts(quantizable=True),  # fixed-point gate, see integerize
         OpKind.LEAKY_RELU: OpFacts(quantizable=True),  # two dyadic slopes, see integerize
         OpKind.PRELU: OpFacts(quantizable=True),

@@ -60,6 +60,8 @@ ELEMENTWISE = frozenset(
         OpKind.POW,
     }
 )
+# one input: a table by themselves when quantized on both sides (op_facts makes Sigmoid so)
+UNARY = ELEMENTWISE - {OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.POW}
 MAX_BITS = 8  # a table of 2^bits entries; the container has 256 codes either way
 
 

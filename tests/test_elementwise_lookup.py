@@ -71,9 +71,11 @@ def test_chain_is_one_table_equal_to_the_qdq_simulators_codes(which: str, act_si
     result, program, calib = _quantized(model, act_signed)
     assert program.float_ops == []
     lookups = [op for op in program.ops if isinstance(op, ip.Lookup)]
-    # GELU: the QDQ model quantizes g = x * (1 + erf), so the table ends there (the integer
-    # program handles g * 0.5 itself)
-    chains = [("c_q", "a_q")] if which == "silu" else [("c_q", "g_q")]
+    # SiLU: a quantized Sigmoid (a table) and an integer Mul; GELU: the QDQ model quantizes
+    # g = x * (1 + erf), so the table ends there (the integer program handles g * 0.5 itself)
+    chains = [("c_q", "s_q")] if which == "silu" else [("c_q", "g_q")]
+    if which == "silu":
+        assert any(isinstance(op, ip.Mul) and op.output == "a_q" for op in program.ops)
     assert [(op.input, op.output) for op in lookups] == chains
     assert all(len(op.table) == 256 for op in lookups)
     report = bit_exactness(program, export_integer_onnx(program), calib)
@@ -105,8 +107,10 @@ def test_a_per_channel_constant_keeps_the_chain_in_float() -> None:
 
 
 def test_inspect_says_elementwise_ops_become_tables() -> None:
+    layers = {row["op"]: row for row in describe(load_onnx(_gelu()))["layers"]}
+    assert "lookup table" in layers["Erf"]["reason"]
     layers = {row["op"]: row for row in describe(load_onnx(_model(SILU)))["layers"]}
-    assert "lookup table" in layers["Sigmoid"]["reason"]
+    assert layers["Sigmoid"]["quantizable"] and "lookup table" in layers["Sigmoid"]["reason"]
 
 
 @pytest.mark.parametrize("lowering", ["portable", "x86 kernels"])
