@@ -154,13 +154,17 @@ def candidate_weights(builder: Any, options: MixedPrecisionOptions) -> Any:
 
 def analysis_config(options: MixedPrecisionOptions) -> Any:
     """The sensitivity analysis the allocation needs: the proxy's quantities at the candidate
-    widths, activation sites only when activation widths are chosen, and nothing else."""
+    widths, activation sites only when activation widths are chosen (with their Hessian
+    trace under the trace proxy), and nothing else."""
     from dyadiq.passes.sensitivity.analysis import SensitivityConfig
 
     allocation = options.allocation
+    activations = any(b != allocation.default_act_bits for b in allocation.act_bits)
     return SensitivityConfig(
         weight_bits=allocation.weight_bits,
-        activations=any(b != allocation.default_act_bits for b in allocation.act_bits),
+        activations=activations,
+        # the trace proxy prices activation widths by the activation Hessian trace too
+        activation_trace=activations and allocation.proxy.base.value == "trace",
         **allocation.proxy.analysis_fields(),
     )
 

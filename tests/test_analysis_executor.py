@@ -32,7 +32,11 @@ net (float[8, 6] x) => (float[8, 3] y) {
 }
 """
 CONFIG = SensitivityConfig(
-    weight_bits=(2, 4, 8), pairs=True, hutchinson_max_iters=24, hutchinson_rtol=0.05
+    weight_bits=(2, 4, 8),
+    pairs=True,
+    hutchinson_max_iters=24,
+    hutchinson_rtol=0.05,
+    activation_trace=True,
 )
 ONE_WIDTH = SensitivityConfig(weight_bits=(4,), trace=False, entropy=False, activations=False)
 
@@ -108,6 +112,7 @@ def test_the_ray_executor_gives_the_serial_report():
         analyze(graph, batches[:1], OutputKind.LOGITS, ONE_WIDTH)
     )
     assert parallel.pairs and all(layer.trace for layer in parallel.layers.values())
+    assert all(site.trace for site in parallel.activations.values())
 
 
 def test_hutchinson_stops_on_its_standard_error_at_the_sample_a_loop_would():
@@ -153,3 +158,42 @@ def test_the_safe_pair_model_zeroes_noise_and_never_buys_cancellation():
     assert safe_cross_term(-5.0, 0.1, 1.0, 3.0, model=PairModel.FLOOR) == -1.0
     assert safe_cross_term(-5.0, 0.1, 1.0, 3.0, model=PairModel.RAW) == -5.0
     assert safe_cross_term(0.4, 0.1, 1.0, 3.0) == 0.4
+
+
+def test_the_activation_hessian_trace_matches_the_closed_form():
+    """h feeds the last Gemm only: per row, H_h = W2^T (diag(p) - p p^T) W2 exactly."""
+    from dyadiq.passes.sensitivity.perturbable_model import softmax
+    from tests.test_sensitivity import _mlp
+
+    rng = np.random.default_rng(11)
+    model, w1, w2 = _mlp(rng)
+    graph = load_onnx(model, simplify=False)
+    batches = [{"x": rng.normal(size=(8, 6)).astype(np.float32)} for _ in range(2)]
+    config = SensitivityConfig(
+        weight_bits=(4, 8),
+        trace=False,
+        entropy=False,
+        activation_trace=True,
+        hutchinson_max_iters=400,
+        hutchinson_rtol=0.02,
+    )
+    report = analyze(graph, batches, OutputKind.LOGITS, config)
+    site = report.activations["h"]
+    assert site.trace is not None
+    traces = []
+    for x in batches:
+        h = np.maximum(x["x"].astype(np.float64) @ w1.T, 0)
+        for p in softmax(h @ w2.T.astype(np.float64)):
+            traces.append(np.trace(w2.T @ (np.diag(p) - np.outer(p, p)) @ w2) / 5)
+    expected = float(np.mean(traces))
+    assert abs(site.trace.mean - expected) <= 3 * site.trace.stderr + 0.02 * expected
+    # fewer bits, more predicted damage; the layer reading h carries it
+    assert site.hessian_damage[4] > site.hessian_damage[8] > 0
+    assert report.layers["Gemm_2"].activation_hessian_damage == site.hessian_damage
+    # same order of magnitude as the measured damage at 8 bits (the quadratic regime)
+    assert 0.2 < site.hessian_damage[8] / site.damage[8] < 5
+    # the trace proxy prices activation widths by it, the empirical one by the measurement
+    from dyadiq.passes.allocation import report_activation_damage
+
+    assert report_activation_damage(report, "trace")["Gemm_2"] == site.hessian_damage
+    assert report_activation_damage(report, "empirical")["Gemm_2"] == site.damage

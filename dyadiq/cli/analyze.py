@@ -94,11 +94,19 @@ def _config(args: argparse.Namespace) -> Any:
 
     widths = tuple(int(b) for b in args.wbits.split(","))
     if args.proxy:
-        fields = Proxy.parse(args.proxy).analysis_fields()
+        proxy = Proxy.parse(args.proxy)
+        fields = proxy.analysis_fields()
         fields["pairs"] = fields["pairs"] or args.pairs
         fields["gradients"] = fields["gradients"] or args.gradients
+        # the trace proxy prices activation sites by their Hessian trace too
+        fields["activation_trace"] = proxy.base is Proxy.TRACE
         return SensitivityConfig(weight_bits=widths, **fields)
-    return SensitivityConfig(weight_bits=widths, pairs=args.pairs, gradients=args.gradients)
+    return SensitivityConfig(
+        weight_bits=widths,
+        pairs=args.pairs,
+        gradients=args.gradients,
+        activation_trace=args.activation_trace,
+    )
 
 
 def add_analyze(sub: Any) -> None:
@@ -122,6 +130,11 @@ def add_analyze(sub: Any) -> None:
     )
     p.add_argument(
         "--no-pairs", action="store_true", help="no pair terms (the default; kept for scripts)"
+    )
+    p.add_argument(
+        "--activation-trace",
+        action="store_true",
+        help="also each activation site's Hessian trace (HAWQ-V2; on with --proxy trace)",
     )
     p.add_argument("--output-kind", choices=["logits", "probabilities", "embedding"])
     p.add_argument(

@@ -116,10 +116,18 @@ def model_problem(
     return ModelProblem(problem, report, tuple(floats))
 
 
-def report_activation_damage(report: SensitivityReport) -> Mapping[str, Mapping[int, float]] | None:
+def report_activation_damage(
+    report: SensitivityReport, proxy: Proxy | str = Proxy.EMPIRICAL
+) -> Mapping[str, Mapping[int, float]] | None:
     """{layer id: {activation bits: damage}} for the layers whose input is one activation site
-    the report measured (that site alone quantized); None when it measured none."""
+    the report measured (that site alone quantized); None when it measured none. Under the
+    trace proxy, the sites' HAWQ-V2 damage (1/2 Tr(H_a)/n_a ||Q(a) - a||^2) where the report
+    has it (``SensitivityConfig(activation_trace=True)``)."""
     table = {i: layer.activation_damage for i, layer in report.layers.items()}
+    if Proxy.parse(proxy).base is Proxy.TRACE:
+        hessian = {i: layer.activation_hessian_damage for i, layer in report.layers.items()}
+        if any(hessian.values()):
+            table = hessian
     return {i: d for i, d in table.items() if d} or None
 
 
@@ -185,7 +193,7 @@ def problem_from_report(
     }
     act_damage = activation_damage
     if act_damage is None:
-        act_damage = report_activation_damage(report)
+        act_damage = report_activation_damage(report, chosen)
     act = activation_ties(graph, layers, act_bits)
     if act_damage is None and any(f.act_bits != act_bits for f in formats):
         log.warning(

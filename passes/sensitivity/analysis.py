@@ -56,7 +56,13 @@ from dyadiq.passes.sensitivity.report import (
     SensitivityReport,
 )
 from dyadiq.passes.sensitivity.tasks import AnalysisSpec, SiteLoss, WeightLoss
-from dyadiq.passes.sensitivity.trace_rounds import first_round, hutchinson_traces
+from dyadiq.passes.sensitivity.trace_rounds import (
+    first_round,
+    hutchinson_rounds,
+    layer_probes,
+    per_weight,
+    site_probes,
+)
 from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
 DEFAULT_CONFIG = SensitivityConfig()  # frozen: one shared default is safe
@@ -199,7 +205,8 @@ def _analyze(
         )
     probe: ActivationProbe | None = None
     if config.entropy or config.activations:
-        probe = ActivationProbe(graph, batches, kind)
+        traced = config.activations and config.activation_trace
+        probe = ActivationProbe(graph, batches, kind, trace=traced)
         if config.entropy:
             for layer, value in probe.feature_entropy().items():
                 if layer in extra:
@@ -232,24 +239,57 @@ def _analyze(
             for i, site in enumerate(probe.sites)
             for b in config.activation_bits
         ]
+    layer_make = layer_probes(model, config)
     if config.trace:
-        tasks += first_round(model, config)
+        tasks += first_round(layers, layer_make, config)
+    site_make = site_probes(probe, config) if probe is not None and probe.traced else None
+    if probe is not None and site_make is not None:
+        tasks += first_round(probe.sites, site_make, config)
     first = run_tasks(executor, spec, tasks, "sensitivity: layers and sites", journal)
     task_passes = sum(int(first[t.key]["passes"]) for t in tasks)
     traces: dict[str, Estimate] = {}
     if config.trace:
-        traces, more = hutchinson_traces(executor, spec, model, config, first, journal)
+        totals, more = hutchinson_rounds(
+            executor, spec, layers, layer_make, config, first, journal, "sensitivity: Hutchinson"
+        )
+        traces = per_weight(model, totals)
         task_passes += more
     activations: dict[str, ActivationSite] = {}
     if probe is not None and config.activations:
+        site_traces: dict[str, Estimate] = {}
+        if site_make is not None:
+            site_traces, more = hutchinson_rounds(
+                executor,
+                spec,
+                probe.sites,
+                site_make,
+                config,
+                first,
+                journal,
+                "sensitivity: activation Hutchinson",
+            )
+            task_passes += more
         for site in probe.sites:
             damage = {b: float(first[f"act/{site}/{b}"]["value"]) for b in config.activation_bits}
-            activations[site] = ActivationSite(site, probe.consumers[site], damage)
+            estimate = site_traces.get(site)
+            hessian = (
+                {
+                    b: 0.5 * estimate.mean * probe.quantization_error(site, b)
+                    for b in config.activation_bits
+                }
+                if estimate
+                else {}
+            )
+            activations[site] = ActivationSite(
+                site, probe.consumers[site], damage, estimate, hessian
+            )
         for layer in extra:
             reading = [a for a in activations.values() if layer in a.consumers]
             if len(reading) == 1:
                 extra[layer]["input_activation"] = reading[0].tensor
                 extra[layer]["activation_damage"] = dict(reading[0].damage)
+                if reading[0].hessian_damage:
+                    extra[layer]["activation_hessian_damage"] = dict(reading[0].hessian_damage)
     result: dict[str, LayerSensitivity] = {}
     for layer in layers:
         weight = model.weights[layer]
@@ -366,7 +406,7 @@ def _per_width_proxies(
         fields["entropy_damage"] = {
             b: extra["entropy"] * float(np.sum(d**2)) / norm for b, d in delta.items()
         }
-    for key in ("input_activation", "activation_damage"):
+    for key in ("input_activation", "activation_damage", "activation_hessian_damage"):
         if key in extra:
             fields[key] = extra[key]
     return fields

@@ -38,9 +38,17 @@ class SensitivityConfig:
     entropy: bool = True
     activations: bool = True
     activation_bits: tuple[int, ...] = (4, 8)
+    # HAWQ-V2's Hessian trace of each activation site too (with ``activations``): the trace
+    # proxy's price of activation widths
+    activation_trace: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        if not self.activation_trace:
+            # absent when off, as before the field existed: the cache keys of analyses
+            # without it (the settings are part of the key) stay what they were
+            del data["activation_trace"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class LayerSensitivity:
     entropy_damage: Mapping[int, float] = field(default_factory=dict)
     input_activation: str | None = None  # the activation site this layer reads, if exactly one
     activation_damage: Mapping[int, float] = field(default_factory=dict)  # that site alone
+    # that site's HAWQ-V2 damage, 1/2 Tr(H_a)/n_a ||Q(a) - a||^2 (activation_trace)
+    activation_hessian_damage: Mapping[int, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         def by_bits(m: Mapping[int, float]) -> dict[str, float]:
@@ -81,6 +91,7 @@ class LayerSensitivity:
             "entropy_damage": by_bits(self.entropy_damage),
             "input_activation": self.input_activation,
             "activation_damage": by_bits(self.activation_damage),
+            "activation_hessian_damage": by_bits(self.activation_hessian_damage),
         }
 
 
@@ -173,10 +184,17 @@ class SensitivityReport:
                 entropy_damage=bits_map(d["entropy_damage"]),
                 input_activation=d["input_activation"],
                 activation_damage=bits_map(d["activation_damage"]),
+                activation_hessian_damage=bits_map(d.get("activation_hessian_damage", {})),
             )
         pairs = tuple(PairTerm(**p) for p in data["pairs"])
         activations = {
-            t: ActivationSite(t, tuple(a["consumers"]), bits_map(a["damage"]))
+            t: ActivationSite(
+                t,
+                tuple(a["consumers"]),
+                bits_map(a["damage"]),
+                estimate(a.get("trace")),
+                bits_map(a.get("hessian_damage", {})),
+            )
             for t, a in data["activations"].items()
         }
         return cls(

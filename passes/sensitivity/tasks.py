@@ -9,7 +9,8 @@ when activation sites are priced, the model with switchable fake quantizers
   per output row: the rows give each pair term its noise;
 - :class:`TraceProbe`: one Hutchinson sample v^T J^T H_out J v, v Rademacher drawn from the
   task's own seed, so it is the same number wherever and whenever it runs;
-- :class:`SiteLoss`: one activation site alone fake-quantized to a width.
+- :class:`SiteLoss`: one activation site alone fake-quantized to a width;
+- :class:`SiteTraceProbe`: one Hutchinson sample of an activation site's Hessian trace.
 
 Every result is JSON (floats, lists of floats) and counts its forward passes.
 """
@@ -82,6 +83,21 @@ class TraceProbe:
         v = rademacher(np.random.default_rng(list(self.seed)), model.weights[self.layer].shape)
         value = model.fisher_quadratic_form(self.layer, v, self.epsilon)
         return {"value": float(value), "passes": model.forward_passes - before}
+
+
+@dataclass(frozen=True)
+class SiteTraceProbe:
+    key: str
+    index: int  # into the probe's sites
+    seed: float  # of the in-graph hash that draws the probe vector
+    epsilon: float  # finite-difference step
+
+    def run(self, state: AnalysisState) -> dict[str, object]:
+        probe = state.probe
+        assert probe is not None and probe.traced  # made only with a traced probe spec
+        before = probe.forward_passes
+        value = probe.trace_sample(self.index, self.seed, self.epsilon)
+        return {"value": float(value), "passes": probe.forward_passes - before}
 
 
 @dataclass(frozen=True)
