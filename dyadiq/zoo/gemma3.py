@@ -130,6 +130,8 @@ def _export(cache: pathlib.Path, dst: pathlib.Path) -> None:
                 output_names=[OUTPUT_NAME],
             )
             expected = wrapper(torch.from_numpy(ids)).numpy()
+        if program is None:  # the dynamo exporter always returns one; typed Optional
+            raise ZooError("torch.onnx.export returned no program; report this bug")
         program.save(str(staging / dst.name), external_data=True)
         if not (staging / data_name).is_file():
             raise ZooError(f"the exporter did not write {data_name}; report this bug")

