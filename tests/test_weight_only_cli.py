@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 
@@ -10,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from dyadiq.cli.weight_only import main
+from dyadiq.cli.weight_only import main, run_weight_only
 from dyadiq.errors import ConfigError
 from dyadiq.io import save_model_atomic
 from tests.test_weight_only import SEQ, VOCAB, tied_lm
@@ -100,5 +101,7 @@ def test_conflicting_flags_are_config_errors(
         main([*base, "--wbits", "9"])
     with pytest.raises(ConfigError, match="--exclude matches no"):
         main([*base, "--exclude", "nosuchlayer"])
+    with pytest.raises(ConfigError, match="does not take --integer"):
+        run_weight_only(argparse.Namespace(integer=True))
     with pytest.raises(ConfigError, match="needs --calib"):
         main([str(model), "-o", str(tmp_path / "o")])

@@ -152,6 +152,20 @@ def run_weight_only(args: argparse.Namespace) -> int:
     from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
     from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage
 
+    # quantize's flags that mean nothing without integer activations: refused, not ignored
+    unsupported = [
+        flag
+        for flag, attr in (
+            ("--integer", "integer"),
+            ("--target", "target"),
+            ("--max-drop", "max_drop"),
+            ("--abits-candidates", "abits_candidates"),
+            ("--compare-ort", "compare_ort"),
+        )
+        if getattr(args, attr, None)
+    ]
+    if unsupported:
+        raise ConfigError(f"--weight-only does not take {', '.join(unsupported)}")
     chosen = [f for f in ("plan", "budget") if getattr(args, f, None)]
     if len(chosen) > 1:
         raise ConfigError("give --plan or --budget, not both")
