@@ -28,6 +28,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from dyadiq.passes.sensitivity.analysis import analyze_cached, output_kind_of
     from dyadiq.passes.sensitivity.executor import make_executor
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+    from dyadiq.passes.sensitivity.proxy import Proxy
     from dyadiq.pipeline import prepare_graph
 
     if args.zoo:
@@ -58,12 +59,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with make_executor(workers=args.workers, ray_address=args.ray_address) as executor:
         report, cached = analyze_cached(graph, batches, kind, config, executor=executor)
     write_text_atomic(out / "sensitivity.json", json.dumps(report.to_json(), indent=1))
+    # the chosen proxy's damage per width (the measured one without --proxy)
+    field = Proxy.parse(args.proxy).damage_field if args.proxy else "empirical_damage"
+    base = Proxy.parse(args.proxy).base.value if args.proxy else "dL"
+    label = {"empirical_damage": "dL", "snr_db": "SNR dB"}.get(field, base)
     table = Table(
         "layer",
         "op",
         "params",
         "avg trace",
-        *(f"dL W{b}" for b in config.weight_bits),
+        *(f"{label} W{b}" for b in config.weight_bits),
         title=f"sensitivity ({kind.value} loss, {report.forward_passes} forward passes, "
         f"{report.seconds:.0f} s{', cached' if cached else ''})",
     )
@@ -77,7 +82,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             layer.op,
             f"{layer.params:,}",
             trace,
-            *(f"{layer.empirical_damage.get(b, float('nan')):.2g}" for b in config.weight_bits),
+            *(f"{getattr(layer, field).get(b, float('nan')):.2g}" for b in config.weight_bits),
         )
     output.console.print(table)
     pairs = {(p.a, p.b) for p in report.pairs}
