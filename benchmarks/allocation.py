@@ -439,7 +439,7 @@ def _analysis(
     t = time.perf_counter()
     with make_executor(workers=args.workers) as executor:
         report, cached = analyze_cached(
-            graph, batches, kind, sensitivity_config(), executor=executor
+            graph, batches, kind, sensitivity_config(args.hutchinson_max_iters), executor=executor
         )
         if args.gradients:
             from benchmarks.proxy_quality import gradient_config, with_gradient_proxies
