@@ -47,9 +47,10 @@ def test_quick_proxy_quality_fashion_cnn(tmp_path: pathlib.Path) -> None:
     for column in ("empirical+pairs[raw]", "trace+pairs[floor]"):
         assert math.isfinite(res["correlations"][column]["kendall_tau"])
     stats = res["pair_terms"]
-    assert stats["terms"] == stats["within_noise"] + stats["significant_positive"] + stats[
-        "significant_negative"
-    ]
+    assert (
+        stats["terms"]
+        == stats["within_noise"] + stats["significant_positive"] + stats["significant_negative"]
+    )
     kl = res["extra_metrics"]["kl"]["measured"]
     assert len(kl) == 8 and all(v >= 0 for v in kl)
     assert res["float_metrics"]["kl"] == pytest.approx(0.0, abs=1e-9)
