@@ -49,7 +49,7 @@ def test_training_script_smoke(tmp_path):
 
 
 def test_every_example_is_tested():
-    tested = {"quantize_with_python_api.py", "train_fashion_cnn.py"}
+    tested = {"quantize_with_python_api.py", "train_fashion_cnn.py", "notebook_quantize.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
