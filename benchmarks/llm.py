@@ -60,8 +60,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def score(path: Path, windows: Sequence[np.ndarray], window_bytes: Sequence[int]) -> dict[str, Any]:
-    """Perplexity and bits per byte of the model at ``path`` on ``windows``."""
-    source = ModelFile.load(path)
+    """Perplexity and bits per byte of the model at ``path`` (a file, or a folder holding
+    ``model.wo.onnx``) on ``windows``."""
+    source = ModelFile.load(path / MODEL_FILE if path.is_dir() else path)
     session = source.session(source.header, kernels=Kernels.RUNTIME)
     output = session.get_outputs()[0].name
     t0 = time.perf_counter()
