@@ -191,9 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     if "float" in stages:
         record("float", float_path)
     if "dyadiq" in stages:
-        rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
-        _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
-
         t0 = time.perf_counter()
         gptq = prepare(float_path, calib, WeightOnlySettings(method=Method.GPTQ), memo=True)
         log.info("Hessians from %d windows: %.0f s", len(calib), time.perf_counter() - t0)
@@ -252,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                 predicted_damage=allocation.predicted_damage,
                 sensitivity_seconds=round(sens_seconds, 1),
                 sensitivity_windows=args.sens_windows,
+                plan=bits,
             )
         (work / "damage.json").write_text(json.dumps(damage, indent=1))
+        del gptq
+        rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
+        _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
 
     for algorithm in ("rtn", "gptq") if "ort" in stages else ():
         if algorithm == "gptq" and args.skip_ort_gptq:
