@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq import zoo
@@ -77,3 +78,22 @@ def test_small_models_stay_inline_by_default(tmp_path: pathlib.Path) -> None:
     model = _model(np.ones((64, 8), np.float32), np.zeros((8, 8), np.int8))
     assert save_model_atomic(model, tmp_path / "m.onnx") == [tmp_path / "m.onnx"]
     assert not (tmp_path / "m.onnx.data").exists()
+
+
+def test_models_over_the_protobuf_limit_get_external_data(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model too big for one protobuf is written with external data, never inline (the
+    limit is lowered here: the real one is 2 GiB)."""
+    from dyadiq import io
+    from dyadiq.errors import OutputPathError
+
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1024)
+    model = _model(np.ones((64, 8), np.float32), np.zeros((8, 8), np.int8))
+    written = save_model_atomic(model, tmp_path / "big.onnx")
+    assert written == [tmp_path / "big.onnx", tmp_path / "big.onnx.data"]
+    loaded = onnx.load(str(tmp_path / "big.onnx"))
+    w = next(t for t in loaded.graph.initializer if t.name == "w")
+    np.testing.assert_array_equal(numpy_helper.to_array(w), np.ones((64, 8), np.float32))
+    with pytest.raises(OutputPathError, match="external data"):
+        save_model_atomic(model, tmp_path / "inline.onnx", external_data=False)
