@@ -771,6 +771,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [
             f"### {name}",
             "",
+            f"- run: `{res.get('command', data['command'])}` at {res.get('date', data['date'])}",
             f"- {res['layers']} weighted layers, {res['params']:,} weights; caps: analysis "
             f"{c['analysis_samples']}, calibration {c['calibration_samples']}, evaluation "
             f"{c['evaluation_samples']} samples ({_f(c['evaluated_samples'], '.0f')} evaluated)",
@@ -935,7 +936,11 @@ def _merge_existing(output_dir: Path, data: dict[str, Any], models: list[str]) -
     if "solver" in old and "solver_command" not in old:
         data["solver_command"], data["solver_date"] = old["command"], old["date"]
         data["solver_load_avg"] = old["machine"]["load_avg_start"]
-    data["notes"] += [n for n in old.get("notes", []) if n.startswith("solver ")]
+    if "solver" in data:
+        data["notes"].append(
+            "solver sections: from the earlier run named in each section (its command, date "
+            "and load); the Real models section: each model from the run named in its details"
+        )
 
 
 def _solver_only(args: argparse.Namespace, command: str) -> dict[str, Any]:
