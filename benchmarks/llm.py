@@ -121,9 +121,15 @@ def ort_quantize(
         config = GPTQWeightOnlyQuantConfig(
             calibration_data_reader=OrtReader(calib), block_size=128, actorder=True
         )
-    # the quantizer takes a path (external data loaded by onnx) so GPTQ can run the model
-    quantizer = MatMulNBitsQuantizer(str(model_path), block_size=128, algo_config=config)
-    quantizer.process()
+    # the quantizer takes a path (external data loaded by onnx); its GPTQ opens a session
+    # from bytes, which resolves external data against the working directory
+    here = os.getcwd()
+    os.chdir(model_path.parent)
+    try:
+        quantizer = MatMulNBitsQuantizer(str(model_path), block_size=128, algo_config=config)
+        quantizer.process()
+    finally:
+        os.chdir(here)
     out.mkdir(parents=True, exist_ok=True)
     target = out / MODEL_FILE
     onnx.save_model(
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default="2,3,4", help="widths the ILP may pick")
     p.add_argument("--nbits-check-windows", type=int, default=8)
     p.add_argument("--skip-ort-gptq", action="store_true")
+    p.add_argument("--ort-algorithms", default="rtn,gptq", help="onnxruntime rows: rtn, gptq")
     p.add_argument(
         "--ort-gptq-windows",
         type=int,
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
         _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
 
-    for algorithm in ("rtn", "gptq") if "ort" in stages else ():
+    for algorithm in args.ort_algorithms.split(",") if "ort" in stages else []:
         if algorithm == "gptq" and args.skip_ort_gptq:
             continue
         name = f"onnxruntime {algorithm.upper()} int4 g128 (MatMulNBits)"
