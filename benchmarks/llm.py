@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--stages",
-        default="float,dyadiq,ort",
-        help="which rows to run (float, dyadiq, ort); separate runs combine with --merge",
+        default="float,dyadiq,rtn,ort",
+        help="which rows to run (float, dyadiq: GPTQ and ILP, rtn, ort); separate runs "
+        "combine with --merge",
     )
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         (work / "damage.json").write_text(json.dumps(damage, indent=1))
         del gptq
+    if "rtn" in stages:
         rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
         _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
 
