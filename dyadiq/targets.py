@@ -40,13 +40,25 @@ def single_inputs(batches: Feeds, limit: int) -> list[dict[str, np.ndarray]]:
     rows: list[dict[str, np.ndarray]] = []
     for batch in batches:
         arrays = {name: np.asarray(v) for name, v in batch.items()}
-        # a 0-d input (silero_vad's sample rate) has no batch axis: every row gets it whole
-        n = max((len(v) for v in arrays.values() if v.ndim), default=1)
-        for i in range(n):
+        # split along axis 0 only when every input with an axis has one length there;
+        # otherwise (silero_vad: input 1x512, state 2x1x128) the leading dims are not a
+        # batch and the feed is one sample. A 0-d input (a sample rate) goes whole to each row.
+        leading = {len(v) for v in arrays.values() if v.ndim}
+        count = leading.pop() if len(leading) == 1 else 0
+        for i in range(max(count, 1)):
             if len(rows) == limit:
                 return rows
-            rows.append({name: v[i : i + 1] if v.ndim else v for name, v in arrays.items()})
+            rows.append(
+                {name: v[i : i + 1] if count and v.ndim else v for name, v in arrays.items()}
+            )
     return rows
+
+
+def _one_sample(feed: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``feed`` is one sample, as :func:`single_inputs` decides: not a common leading
+    length above 1 over its inputs."""
+    leading = {len(v) for v in map(np.asarray, feed.values()) if v.ndim}
+    return len(leading) != 1 or leading == {1}
 
 
 def _code_diff(expected: np.ndarray, got: np.ndarray) -> int:
@@ -130,7 +142,7 @@ def emit_for_target(
         raise ConfigError(
             f"per-layer latency is measured where the code runs: x86 here, not {target}"
         )
-    batched = [f for f in feeds if len(next(iter(f.values()))) != 1]
+    batched = [f for f in feeds if not _one_sample(f)]
     if batched:
         raise ConfigError("emit_for_target checks batch-1 inputs: split them with single_inputs")
     problems = chosen.unsupported(program)

@@ -303,10 +303,18 @@ def test_tvm_float_islands_of_real_models(lowering: str) -> None:
         assert np.abs(got.astype(np.int64) - want).max() <= 1
 
 
-def test_target_check_inputs_keep_a_scalar_input_whole() -> None:
-    """silero_vad: a 0-d input (the sample rate) has no batch axis to split."""
+def test_target_check_inputs_split_only_a_real_batch() -> None:
+    """silero_vad: input 1x512, state 2x1x128 and a 0-d sample rate are one sample (their
+    leading dims are not a batch); a batch of 3 is split, the 0-d input going whole to each."""
     from dyadiq.targets import single_inputs
 
+    sample = {
+        "input": np.zeros((1, 512), np.float32),
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(16000, np.int64),
+    }
+    (row,) = single_inputs([sample], limit=8)
+    assert {k: v.shape for k, v in row.items()} == {k: v.shape for k, v in sample.items()}
     batch = {"x": np.zeros((3, 4), np.float32), "sr": np.array(16000, np.int64)}
     rows = single_inputs([batch], limit=8)
     assert len(rows) == 3

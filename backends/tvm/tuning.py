@@ -129,6 +129,8 @@ def _schedule_elementwise(sch: s_tir.Schedule, block: s_tir.SBlockRV, bits: int)
     if not loops:
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if not isinstance(sch.get(fused).extent, tvm.tirx.IntImm):
+        return  # a symbolic extent (an island kernel TVM imported without static shapes)
     extent = int(sch.get(fused).extent)
     lanes = _largest_divisor(extent, _vector_lanes(sch, block, bits))
     if lanes > 1 and extent > lanes:
