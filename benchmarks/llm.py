@@ -90,16 +90,24 @@ def file_bytes(folder_or_file: Path) -> int:
 
 
 class OrtReader:
-    """onnxruntime's CalibrationDataReader over the calibration windows."""
+    """onnxruntime's CalibrationDataReader over the calibration windows (its GPTQ also
+    iterates the reader and deep-copies it)."""
 
     def __init__(self, windows: Sequence[dict[str, np.ndarray]]) -> None:
-        self._iter: Iterator[dict[str, np.ndarray]] = iter(list(windows))
+        self.windows = list(windows)
+        self._next = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
+        if self._next >= len(self.windows):
+            return None
+        self._next += 1
+        return self.windows[self._next - 1]
 
-    def rewind(self) -> None:  # pragma: no cover - called by some onnxruntime versions
-        pass
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.windows)
+
+    def rewind(self) -> None:
+        self._next = 0
 
 
 def ort_quantize(
