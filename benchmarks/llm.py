@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stages",
         default="float,dyadiq,rtn,ort",
-        help="which rows to run (float, dyadiq: GPTQ and ILP, rtn, ort); separate runs "
-        "combine with --merge",
+        help="which rows to run (float, dyadiq: GPTQ and its ILP, rtn, ilp-rtn: the ILP on "
+        "round-to-nearest weights, ort); separate runs combine with --merge",
     )
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -233,45 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         _quantized(gptq, float_path, "dyadiq GPTQ int3 g128", 3, work, record)
 
-        t0 = time.perf_counter()
-        fed = WeightFedModel(gptq.source, gptq.inventory.layers, calib[: args.sens_windows])
-        damage = kl_damage(
-            fed,
-            lambda layer, b: gptq.quantize(layer, b).dequantize(),
-            widths,
-            progress=lambda done, total: (
-                log.info("sensitivity %d / %d", done, total) if done % 25 == 0 else None
-            ),
-        )
-        del fed
-        sens_seconds = time.perf_counter() - t0
-        (work / "damage.json").write_text(json.dumps(damage, indent=1))
-        for average in (3.5, 3.0):
-            bits, allocation = allocate_widths(
-                gptq.inventory.layers, damage, widths, f"avg-wbits={average}"
-            )
-            name = f"dyadiq ILP avg {average} bits (GPTQ g128)"
-            folder = work / f"ilp{average}"
-            report = run(float_path, folder, gptq, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
-            histogram = {str(b): sum(1 for v in bits.values() if v == b) for b in widths}
-            head = next((layer.id for layer in gptq.inventory.layers if layer.tied), None)
-            record(
-                name,
-                folder,
-                average_code_bits=report["average_code_bits"],
-                stored_weight_bytes=report["stored_weight_bytes"],
-                layers_per_width=histogram,
-                tied_embedding_bits=bits.get(head) if head else None,
-                predicted_damage=allocation.predicted_damage,
-                sensitivity_seconds=round(sens_seconds, 1),
-                sensitivity_windows=args.sens_windows,
-                plan=bits,
-            )
-        (work / "damage.json").write_text(json.dumps(damage, indent=1))
+        _ilp_rows(gptq, "GPTQ", float_path, calib[: args.sens_windows], widths, work, record)
         del gptq
     if "rtn" in stages:
         rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
         _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
+    if "ilp-rtn" in stages:
+        rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN), memo=True)
+        _ilp_rows(rtn, "RTN", float_path, calib[: args.sens_windows], widths, work, record)
 
     for algorithm in args.ort_algorithms.split(",") if "ort" in stages else []:
         if algorithm == "gptq" and args.skip_ort_gptq:
@@ -289,6 +258,52 @@ def main(argv: list[str] | None = None) -> int:
         record(name, folder, **info)
     _write(args.out, command, args, rows, started, partial=False)
     return 0
+
+
+def _ilp_rows(
+    prepared: Prepared,
+    label: str,
+    float_path: Path,
+    sens_batches: Sequence[dict[str, np.ndarray]],
+    widths: tuple[int, ...],
+    work: Path,
+    record: Callable[..., None],
+) -> None:
+    """Per-layer KL damage of ``prepared``'s quantizer at ``widths``, then the ILP's plans at
+    3.5 and 3.0 average code bits, each quantized, written and scored."""
+    t0 = time.perf_counter()
+    fed = WeightFedModel(prepared.source, prepared.inventory.layers, sens_batches)
+    damage = kl_damage(
+        fed,
+        lambda layer, b: prepared.quantize(layer, b).dequantize(),
+        widths,
+        progress=lambda done, total: (
+            log.info("sensitivity %d / %d", done, total) if done % 25 == 0 else None
+        ),
+    )
+    del fed
+    sens_seconds = time.perf_counter() - t0
+    (work / f"damage_{label}.json").write_text(json.dumps(damage, indent=1))
+    head = next((layer.id for layer in prepared.inventory.layers if layer.tied), None)
+    for average in (3.5, 3.0):
+        bits, allocation = allocate_widths(
+            prepared.inventory.layers, damage, widths, f"avg-wbits={average}"
+        )
+        folder = work / f"ilp{average}_{label}"
+        report = run(float_path, folder, prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+        record(
+            f"dyadiq ILP avg {average} bits ({label} g128)",
+            folder,
+            average_code_bits=report["average_code_bits"],
+            stored_weight_bytes=report["stored_weight_bytes"],
+            layers_per_width={str(b): sum(v == b for v in bits.values()) for b in widths},
+            tied_embedding_bits=bits.get(head) if head else None,
+            predicted_damage=allocation.predicted_damage,
+            sensitivity_seconds=round(sens_seconds, 1),
+            sensitivity_windows=len(sens_batches),
+            damage=damage,
+            plan=bits,
+        )
 
 
 def _merge(parts: Sequence[Path], out: Path) -> int:
