@@ -124,6 +124,25 @@ def test_max_drop_allocation_in_points(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "allocation (--max-drop: within 0.5 points of float accuracy): 8,064 B" in flat
 
 
+def test_without_labels_agreement_is_judged_beside_onnxruntime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report = copy.deepcopy(REPORT)
+    report["metrics"] = {
+        "float": {"top1_agreement": 1.0, "samples": 248.0},
+        "dyadiq W8A8": {"top1_agreement": 0.8347, "samples": 248.0},
+        "onnxruntime quantize_static W8A8": {"top1_agreement": 0.75, "samples": 248.0},
+    }
+    flat = _flat(_summary(report, monkeypatch))
+    assert (
+        "quality (no labels): top-1 answers agree with float's on 83.47% of 248 held-out "
+        "samples; onnxruntime quantize_static W8A8: 75.00%: differs from float (better than "
+        "onnxruntime's quantizer)"
+    ) in flat
+    assert "warning: top-1 answers differ from float's on 16.53% of the samples" in flat
+    assert "points" not in flat.split("quality")[1].split("warning")[0]  # not an accuracy
+
+
 def test_partial_bit_exactness_is_a_failure_not_a_number(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

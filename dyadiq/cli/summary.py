@@ -21,6 +21,9 @@ from dyadiq.cli import output
 # "close to float"; beyond it the summary says "drops", beyond 5x it says "large drop".
 CLOSE_DROP_PT = 0.5
 
+# Top-1 agreement with float (models without labels) that the verdict calls "close to float".
+CLOSE_AGREEMENT = 0.99
+
 # What to deploy where, by the role of the file (dyadiq.api's paths).
 DEPLOY = {
     "qdq": "onnxruntime (CPU / GPU) or any ONNX runtime with QDQ support",
@@ -112,31 +115,66 @@ def _resource_text(allocation: dict[str, Any]) -> str:
 
 
 def _quality_line(metrics: dict[str, dict[str, float]] | None, warnings: list[str]) -> str:
-    """The first quantized model against float on its headline metric, with a judgement."""
+    """The first quantized model against float on its headline metric, with a judgement (and
+    onnxruntime's quantizer beside it when it was run)."""
     if not metrics or "float" not in metrics:
         return ""
     names = [n for n in metrics if n != "float" and not n.startswith("onnxruntime")]
+    baselines = [n for n in metrics if n.startswith("onnxruntime quantize_static")]
     if not names:
         return ""
     model = metrics[names[0]]
-    metric = next((m for m in ("accuracy", "top1_agreement", "mean_cosine") if m in model), None)
-    if metric is None:
-        return ""
-    reference = metrics["float"].get(metric, 1.0)
-    drop_pt = (reference - model[metric]) * 100
     samples = int(model.get("samples", 0))
-    noise_pt = _noise_points(model, metric, samples)
+    if "accuracy" in model:
+        return _accuracy_line(metrics, names[0], baselines, warnings)
+    # No labels: the quantized model is judged by how often its top-1 answer is float's.
+    for metric, what in (("top1_agreement", "top-1 answers"), ("mean_cosine", "mean cosine")):
+        if metric not in model:
+            continue
+        value = float(model[metric])
+        beside = "".join(
+            f"; {b}: {metrics[b][metric]:.2%}" for b in baselines if metric in metrics[b]
+        )
+        if value >= CLOSE_AGREEMENT:
+            verdict = "[green]close to float[/]"
+        else:
+            better = all(value >= metrics[b].get(metric, 1.0) for b in baselines) and baselines
+            verdict = "[yellow]differs from float[/]" + (
+                " (better than onnxruntime's quantizer)" if better else ""
+            )
+            warnings.append(f"{what} differ from float's on {1 - value:.2%} of the samples")
+        shown = (
+            f"agree with float's on {value:.2%}"
+            if metric == "top1_agreement"
+            else (f"{value:.4f} against float")
+        )
+        return (
+            f"quality (no labels): {what} {shown} of {samples:,} held-out samples{beside}: "
+            f"{verdict}"
+        )
+    return ""
+
+
+def _accuracy_line(
+    metrics: dict[str, dict[str, float]], name: str, baselines: list[str], warnings: list[str]
+) -> str:
+    model = metrics[name]
+    reference = metrics["float"]["accuracy"]
+    drop_pt = (reference - model["accuracy"]) * 100
+    samples = int(model.get("samples", 0))
+    noise_pt = _noise_points(model, "accuracy", samples)
     spread = f" ± {noise_pt:.2f}, 95%" if noise_pt is not None else ""
+    beside = "".join(f"; {b}: {metrics[b]['accuracy']:.4f}" for b in baselines)
     if drop_pt <= CLOSE_DROP_PT:
         verdict = "[green]close to float[/]"
     elif noise_pt is not None and drop_pt <= noise_pt:
         verdict = "[yellow]within sampling noise of float[/] (more samples would tell)"
     else:
         verdict = "[bold red]large drop[/]" if drop_pt > 5 * CLOSE_DROP_PT else "[yellow]drops[/]"
-        warnings.append(f"{metric} drops {drop_pt:.2f} points against float")
+        warnings.append(f"accuracy drops {drop_pt:.2f} points against float")
     return (
-        f"quality: {metric} {model[metric]:.4f} vs float {reference:.4f} "
-        f"({-drop_pt:+.2f} points{spread}) on {samples:,} held-out samples: {verdict}"
+        f"quality: accuracy {model['accuracy']:.4f} vs float {reference:.4f} "
+        f"({-drop_pt:+.2f} points{spread}) on {samples:,} held-out samples{beside}: {verdict}"
     )
 
 
