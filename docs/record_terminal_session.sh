@@ -34,6 +34,7 @@ run() {
 {
     echo "# dyadiq quantize, the README's commands, output piped (one progress line per stage)"
     echo "# recorded with: bash docs/record_terminal_session.sh; /tmp/demo stands for its folder"
+    echo "# code: commit ${DYADIQ_COMMIT:-$(git rev-parse --short HEAD)}"
     echo
     run quantize --zoo fashion_cnn --compare-ort -o "$out/fashion_cnn"
     run quantize "$out/model.onnx" -o "$out/npz" --calib "$out/one.npz" --exclude Gemm
