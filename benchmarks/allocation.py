@@ -62,6 +62,7 @@ PROXY = "empirical+pairs"  # the proxy of the solver timing section (pair terms)
 PROXIES = (
     "empirical",
     "empirical+pairs",
+    "empirical+pairs[raw]",  # the measured cross terms unfiltered: what the safe model avoids
     "trace",
     "trace+pairs",
     "snr",
@@ -410,12 +411,15 @@ def _plan_row(
     bits: dict[str, int], params: dict[str, int], report: Any, proxies: list[str]
 ) -> dict[str, Any]:
     from dyadiq.passes.sensitivity.analysis import MissingProxyError, predict_damage
+    from dyadiq.passes.sensitivity.pairs import PairModel
 
     size = sum(params[i] * b / 8 for i, b in bits.items())
     predicted: dict[str, float | None] = {}
     for proxy in proxies:
+        name, _, variant = proxy.partition("[")
+        model = PairModel(variant.rstrip("]")) if variant else PairModel.NONNEGATIVE
         try:
-            predicted[proxy] = predict_damage(report, bits, proxy)
+            predicted[proxy] = predict_damage(report, bits, name, pair_model=model)
         except MissingProxyError:
             predicted[proxy] = None
     return {
@@ -460,6 +464,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.allocation import Budget, problem_from_report, shared_weight_ties, solve
     from dyadiq.passes.sensitivity.analysis import MissingProxyError
+    from dyadiq.passes.sensitivity.pairs import PairModel
     from dyadiq.passes.sensitivity.perturbable_model import OutputKind
     from dyadiq.pipeline import PlanBuilder, prepare_graph
     from dyadiq.plan import LayerFormat, PrecisionPlan
@@ -491,8 +496,10 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     plans: dict[str, dict[str, int]] = {"heuristic": heuristic}
     solves: dict[str, dict[str, Any]] = {}
     for proxy in proxies:
+        name, _, variant = proxy.partition("[")  # empirical+pairs[raw]: the raw cross terms
+        model = PairModel(variant.rstrip("]")) if variant else PairModel.NONNEGATIVE
         try:
-            problem = problem_from_report(graph, report, formats, proxy)
+            problem = problem_from_report(graph, report, formats, name, pair_model=model)
         except MissingProxyError as exc:
             solves[proxy] = {"error": str(exc)}
             continue
@@ -562,7 +569,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for scale, value in ilp[proxy].items()
         }
         for proxy in proxies
-        if "+" not in proxy and f"{proxy}+pairs" in ilp
+        if "+" not in proxy and "[" not in proxy and f"{proxy}+pairs" in ilp
     }
     summary = {
         "metric": metric,

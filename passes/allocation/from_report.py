@@ -33,6 +33,7 @@ from dyadiq.passes.sensitivity.analysis import (
     layer_damage,
     pair_damage,
 )
+from dyadiq.passes.sensitivity.pairs import PairModel
 from dyadiq.plan import LayerFormat
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,17 @@ def report_activation_damage(
 
 
 def _pair_costs(
-    report: SensitivityReport, proxy: Proxy, allowed: Mapping[str, Sequence[LayerFormat]]
+    report: SensitivityReport,
+    proxy: Proxy,
+    allowed: Mapping[str, Sequence[LayerFormat]],
+    pair_model: PairModel,
 ) -> list[PairCost]:
     """One :class:`PairCost` per measured layer pair: the safe cross term of each width pair
     it was measured at (``damage_model.pair_damage``); other width pairs cost nothing, and
     all-zero pairs are left out of the ILP."""
     by_pair: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     for term in report.pairs:
-        value = pair_damage(report, term, proxy)
+        value = pair_damage(report, term, proxy, model=pair_model)
         by_pair.setdefault((term.a, term.b), {})[(term.bits_a, term.bits_b)] = value
     costs = []
     for (a, b), table in by_pair.items():
@@ -166,6 +170,7 @@ def problem_from_report(
     flash: Mapping[str, Mapping[Any, float]] | None = None,
     ram_live_sets: Sequence[Iterable[str]] | None = None,
     tensor_bytes: TensorBytes | None = None,
+    pair_model: PairModel = PairModel.NONNEGATIVE,
 ) -> AllocationProblem:
     """The ILP for a model: damage(layer, W w A a) = weight damage(w) + activation damage(a).
 
@@ -176,6 +181,8 @@ def problem_from_report(
     bytes}} (else an estimate), ``ram_live_sets`` the tensors live at each step of a static
     schedule with ``tensor_bytes`` {tensor: bytes or {act bits: bytes}} (else graph shapes,
     int8 containers). Table rows may be keyed by LayerFormat or by label ("W4A8").
+    ``pair_model``: how a +pairs proxy's measured cross terms are priced (``pairs.py``; the
+    raw terms only for benchmarks that show why they are not).
     """
     layers = list(report.layers)
     chosen = Proxy.parse(proxy)
@@ -230,7 +237,7 @@ def problem_from_report(
     bops = {i: {f: macs[i] * f.weight_bits * f.act_bits for f in allowed[i]} for i in layers}
     pairs: list[PairCost] = []
     if chosen.with_pairs:
-        pairs = _pair_costs(report, chosen, allowed)
+        pairs = _pair_costs(report, chosen, allowed, pair_model)
     ram = None
     if ram_live_sets is not None:
         live = [sorted(s) for s in ram_live_sets]
