@@ -127,7 +127,10 @@ def ort_quantize(
         config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)
     else:
         config = GPTQWeightOnlyQuantConfig(
-            calibration_data_reader=OrtReader(calib), block_size=128, actorder=True
+            calibration_data_reader=OrtReader(calib),
+            block_size=128,
+            actorder=True,
+            perchannel=False,  # its default (True) fails to reshape its scales on this model
         )
     # the quantizer takes a path (external data loaded by onnx); its GPTQ opens a session
     # from bytes, which resolves external data against the working directory
@@ -410,6 +413,41 @@ def _markdown(data: dict[str, Any]) -> str:
             f"| {name} | {row['perplexity']:.2f} | {rel} | {row['bits_per_byte']:.4f} | "
             f"{row['file_bytes'] / 1e6:.1f} | {'' if avg is None else f'{avg:.2f}'} |"
         )
+    lines += ["", "Details:", ""]
+    for name, row in rows.items():
+        notes = []
+        if "stored_weight_bytes" in row:
+            mb = row["stored_weight_bytes"] / 1e6
+            notes.append(f"quantized weights with scales and zero points {mb:.1f} MB")
+        if "layers_per_width" in row:
+            notes.append(
+                f"layers per width {row['layers_per_width']}, tied embedding / LM head at "
+                f"{row.get('tied_embedding_bits')} bits, predicted damage (sum of KL) "
+                f"{row['predicted_damage']:.4f}, sensitivity {row['sensitivity_seconds']:.0f} s "
+                f"on {row['sensitivity_windows']} window(s)"
+            )
+        check = row.get("matmul_nbits_form")
+        if check:
+            dq = check["perplexity_dequantize_linear_same_windows"]
+            notes.append(
+                "the same codes as MatMulNBits / GatherBlockQuantized "
+                f"({check['matmul_nbits_weights']} weights, {check['file_bytes'] / 1e6:.1f} MB): "
+                f"perplexity {check['perplexity']:.4f} vs {dq:.4f} as DequantizeLinear on the "
+                f"first {check['windows']} windows"
+            )
+        if "matmul_nbits" in row:
+            notes.append(
+                f"{row['matmul_nbits']} MatMulNBits, {row['matmul_float']} MatMul left float "
+                "(the tied LM head and the attention products); the embedding Gather stays float"
+            )
+        if row.get("calibration_windows"):
+            notes.append(f"{row['calibration_windows']} calibration windows")
+        if "quantize_seconds" in row:
+            notes.append(f"quantized in {row['quantize_seconds']:.0f} s")
+        if "seconds" in row:
+            notes.append(f"scored in {row['seconds']:.0f} s")
+        if notes:
+            lines.append(f"- {name}: " + "; ".join(notes) + ".")
     lines.append("")
     return "\n".join(lines)
 
