@@ -243,7 +243,8 @@ def _island(
 
 
 def island_chain_program() -> ip.IntegerProgram:
-    """Codes -> float -> Squeeze(axes from a Constant island) -> Mul(t, t) -> Pad -> codes."""
+    """Codes -> float -> Squeeze(axes from a Constant island: only axis 0 of the two unit
+    axes goes) -> Mul(t, t) -> Pad -> codes."""
     q_in = ActQuant(0.02, 128, 8, False)
     q_out = ActQuant(0.01, 0, 8, False)
     axes = helper.make_node(
@@ -262,7 +263,9 @@ def island_chain_program() -> ip.IntegerProgram:
         ),
         _island(helper.make_node("Mul", ["sq", "sq"], ["m"]), ("sq", "sq")),
         _island(
-            helper.make_node("Pad", ["m", "pads"], ["p"]), ("m",), np.array([1, 0, 1, 0], np.int64)
+            helper.make_node("Pad", ["m", "pads"], ["p"]),
+            ("m",),
+            np.array([0, 1, 0, 0, 1, 0], np.int64),
         ),
         ip.Quantize("p_q", "p"),
         ip.Dequantize("y", "p_q"),
@@ -270,8 +273,8 @@ def island_chain_program() -> ip.IntegerProgram:
     return ip.IntegerProgram(
         ops,
         {"x_q": q_in, "p_q": q_out},
-        {"x_q": (1, 4, 5), "p_q": (6, 5), "y": (6, 5)},
-        {"x": (np.dtype(np.float32), (1, 4, 5))},
+        {"x_q": (1, 4, 1, 5), "p_q": (4, 3, 5), "y": (4, 3, 5)},
+        {"x": (np.dtype(np.float32), (1, 4, 1, 5))},
         ["y"],
         {"y": "p_q"},
         ["Constant", "Squeeze", "Mul", "Pad"],
@@ -296,7 +299,7 @@ def test_tvm_float_islands_of_real_models(lowering: str) -> None:
     reference = ReferenceInterpreter(program)
     rng = np.random.default_rng(6)
     for _ in range(3):
-        x = rng.uniform(-2.5, 2.5, size=(1, 4, 5)).astype(np.float32)
+        x = rng.uniform(-2.5, 2.5, size=(1, 4, 1, 5)).astype(np.float32)
         got = vm["main"](tvm.runtime.tensor(x))[0].numpy()
         want = reference.outputs({"x": x})["y"]
         # float islands: TVM's float kernels against onnxruntime's, within a code (and here exact)

@@ -379,6 +379,20 @@ class _Lowering(IntOpVisitor[None]):
         table = relax.const(np.asarray(op.table).astype(dtype), dtype)
         self.env[op.output] = self.emit(relax.op.take(table, index, axis=0))
 
+    def fold_constant_island(self, op: ip.FloatIsland) -> None:
+        """An island of constants only (a Constant node, or ops on other folded values) is
+        computed here, once, with onnxruntime as the reference computes it: later islands
+        then import its values as initializers (TVM's importer mishandles e.g. a Squeeze
+        whose axes arrive as a tensor)."""
+        from dyadiq.reference_interpreter import island_session
+
+        feeds = {name: self.constants[name] for name in dict.fromkeys(op.inputs)}
+        values = island_session(op, self.program.opset).run(list(op.outputs), feeds)
+        for name, value in zip(op.outputs, values, strict=True):
+            array = np.asarray(value)
+            self.constants[name] = array
+            self.env[name] = relax.const(array, str(array.dtype))
+
     def visit_FloatIsland(self, op: ip.FloatIsland) -> None:
         """The island's ONNX nodes through TVM's ONNX importer, called as one Relax function.
 
@@ -388,6 +402,9 @@ class _Lowering(IntOpVisitor[None]):
 
         from dyadiq.reference_interpreter import island_model
 
+        if all(name in self.constants for name in op.inputs):
+            self.fold_constant_island(op)
+            return
         model = island_model(op, self.program.opset)
         # Mul(x, x) lists x twice; the imported function takes each input once
         names = [name for name in dict.fromkeys(op.inputs) if name not in self.constants]
