@@ -313,9 +313,15 @@ def _merge(parts: Sequence[Path], out: Path) -> int:
     """One results file from runs of separate stages (same windows), in stage order."""
     datas = [json.loads(Path(p).read_text()) for p in parts]
     merged = dict(datas[0])
-    merged["rows"] = {}
+    rows: dict[str, Any] = {}
     for data in datas:
-        merged["rows"].update(data["rows"])
+        rows.update(data["rows"])
+    order = ("float", "dyadiq RTN", "dyadiq GPTQ", "dyadiq ILP", "onnxruntime")
+    rank = {
+        name: next((k for k, p in enumerate(order) if name.startswith(p)), len(order))
+        for name in rows
+    }
+    merged["rows"] = dict(sorted(rows.items(), key=lambda item: rank[item[0]]))
     merged["command"] = " ; ".join(d["command"] for d in datas)
     merged["partial"] = any(d["partial"] for d in datas)
     merged["merged_from"] = [{k: d[k] for k in ("command", "date", "seconds")} for d in datas]

@@ -34,7 +34,7 @@ def test_merge_keeps_every_row_and_compares_with_float(tmp_path: pathlib.Path) -
     )
     assert llm.main(["--merge", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     merged = json.loads((tmp_path / "out" / "llm.json").read_text())
-    assert list(merged["rows"]) == ["float", "ort", "broken"]
+    assert list(merged["rows"]) == ["float", "ort", "broken"]  # float first, then in order
     table = (tmp_path / "out" / "llm.md").read_text()
     assert "| ort | 21.00 | +5.0% |" in table and "failed: RuntimeError" in table
     assert "dequantised to fp32" in table
