@@ -556,9 +556,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only recompute the quality of the outputs the --merge results point to",
     )
+    parser.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="only merge the --merge results (figures as their runs computed them)",
+    )
     args = parser.parse_args(argv)
-    if args.rescore:
-        rescore(args.merge, args.work, args.output, args.stem)
+    if args.rescore or args.merge_only:
+        rescore(args.merge, args.work, args.output, args.stem, recompute=not args.merge_only)
         return
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = [s for s in stages if s not in STAGES]
@@ -615,9 +620,12 @@ def main(argv: list[str] | None = None) -> None:
             write_results(data, args.output, args.stem, render)  # partial results survive
 
 
-def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
+def rescore(
+    files: list[str], work: Path, output: Path, stem: str, *, recompute: bool = True
+) -> None:
     """Recompute every quality entry of earlier results from the models they wrote (the
-    metrics changed, the quantized models did not); writes the merged results."""
+    metrics changed, the quantized models did not); writes the merged results. Without
+    ``recompute`` the files are only merged (later stages win, earlier ones are listed)."""
     data: dict[str, Any] = {}
     for f in files:
         old = json.loads(Path(f).read_text())
@@ -633,7 +641,11 @@ def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
             if kept is row:
                 continue
             for name, result in row["stages"].items():  # the later run wins; the earlier is shown
-                if name in kept["stages"]:
+                earlier = kept["stages"].get(name)
+                same = earlier is not None and all(
+                    earlier.get(k) == result.get(k) for k in ("log", "seconds")
+                )  # the same run, merged twice (an interim merge and its source file)
+                if earlier is not None and not same:
                     kept.setdefault("superseded", []).append(
                         {"stage": name, **kept["stages"][name]}
                     )
@@ -641,6 +653,12 @@ def rescore(files: list[str], work: Path, output: Path, stem: str) -> None:
         order = {m.name: i for i, m in enumerate(MODELS)}
         data["models"] = sorted(by_name.values(), key=lambda r: order[r["model"]])
         data["stages"] = [s for s in STAGES if s in {*data["stages"], *old["stages"]}]
+    if not recompute:
+        data["commands"].append(
+            "python -m benchmarks.coverage --merge-only --merge " + " ".join(files)
+        )
+        write_results(data, output, stem, render)
+        return
     for row in data["models"]:
         for stage in row["stages"].values():  # verdicts again from the logs (the CLI's stderr)
             log = Path(stage["log"]).read_text()
