@@ -182,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         "round-to-nearest weights, ort); separate runs combine with --merge",
     )
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
+    p.add_argument("--note", action="append", default=[], help="a line for the merged file")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, help="folder for the models (default: a temporary one)")
     args = p.parse_args(argv)
     if args.merge:
-        return _merge(args.merge, args.out)
+        return _merge(args.merge, args.out, args.note)
     stages = set(args.stages.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.llm " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -309,7 +310,7 @@ def _ilp_rows(
         )
 
 
-def _merge(parts: Sequence[Path], out: Path) -> int:
+def _merge(parts: Sequence[Path], out: Path, notes: Sequence[str] = ()) -> int:
     """One results file from runs of separate stages (same windows), in stage order."""
     datas = [json.loads(Path(p).read_text()) for p in parts]
     merged = dict(datas[0])
@@ -326,6 +327,7 @@ def _merge(parts: Sequence[Path], out: Path) -> int:
     merged["partial"] = any(d["partial"] for d in datas)
     merged["merged_from"] = [{k: d[k] for k in ("command", "date", "seconds")} for d in datas]
     merged["seconds"] = max(d["seconds"] for d in datas)
+    merged["notes"] = list(notes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "llm.json").write_text(json.dumps(merged, indent=1, default=str))
     (out / "llm.md").write_text(_markdown(merged))
@@ -419,6 +421,13 @@ def _markdown(data: dict[str, Any]) -> str:
             f"| {name} | {row['perplexity']:.2f} | {rel} | {row['bits_per_byte']:.4f} | "
             f"{row['file_bytes'] / 1e6:.1f} | {'' if avg is None else f'{avg:.2f}'} |"
         )
+    if data.get("merged_from"):
+        lines += ["", "Merged from separate runs (same windows), each with its command:", ""]
+        lines += [
+            f"- `{m['command']}` ({m['date']}, {m['seconds']:.0f} s)" for m in data["merged_from"]
+        ]
+    if data.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in data["notes"]]
     lines += ["", "Details:", ""]
     for name, row in rows.items():
         notes = []
