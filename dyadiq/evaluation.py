@@ -249,7 +249,7 @@ def output_kind(reference: np.ndarray, *, has_labels: bool = False) -> OutputKin
       ``classes`` per position; any other output of rank >= 3 is a ``map``;
     - everything else (scores, one value per sample) is ``other``.
     """
-    ref = np.asarray(reference, np.float64)
+    ref = _squeezed(np.asarray(reference, np.float64))
     if ref.ndim >= 3:
         rows = ref.reshape(-1, ref.shape[-1])
         return OutputKind.CLASSES if _is_probability_rows(rows) else OutputKind.MAP
@@ -262,6 +262,11 @@ def output_kind(reference: np.ndarray, *, has_labels: bool = False) -> OutputKin
         return OutputKind.EMBEDDING
     flat = np.ptp(ref, axis=1) < _EPS
     return OutputKind.CLASSES if ref.shape[1] <= 1000 and not flat.any() else OutputKind.EMBEDDING
+
+
+def _squeezed(a: np.ndarray) -> np.ndarray:
+    """Unit dims after the first dropped: (N, 1000, 1, 1) logits are (N, 1000)."""
+    return a.reshape(a.shape[0], *(d for d in a.shape[1:] if d != 1)) if a.ndim > 1 else a
 
 
 def _softmax(rows: np.ndarray) -> np.ndarray:
@@ -323,6 +328,7 @@ def score_output(
     """The metrics of ``kind`` for one output (stacked over samples), always with SNR."""
     if reference.shape != other.shape:
         raise ConfigError(f"output shape mismatch: {reference.shape} vs {other.shape}")
+    reference, other = _squeezed(reference), _squeezed(other)
     if kind is OutputKind.CLASSES:
         metrics = class_metrics(reference, other, labels)
     elif kind is OutputKind.EMBEDDING:

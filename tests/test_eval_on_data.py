@@ -79,6 +79,7 @@ def test_output_kind_follows_the_values() -> None:
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     unit = logits / np.linalg.norm(logits, axis=1, keepdims=True)
     assert output_kind(logits) is OutputKind.CLASSES
+    assert output_kind(logits.reshape(8, 10, 1, 1)) is OutputKind.CLASSES  # a conv head's
     assert output_kind(probs) is OutputKind.CLASSES
     assert output_kind(unit) is OutputKind.EMBEDDING
     assert output_kind(rng.normal(size=(8, 1, 16, 16))) is OutputKind.MAP
