@@ -496,10 +496,10 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     plans: dict[str, dict[str, int]] = {"heuristic": heuristic}
     solves: dict[str, dict[str, Any]] = {}
     for proxy in proxies:
-        name, _, variant = proxy.partition("[")  # empirical+pairs[raw]: the raw cross terms
+        base, _, variant = proxy.partition("[")  # empirical+pairs[raw]: the raw cross terms
         model = PairModel(variant.rstrip("]")) if variant else PairModel.NONNEGATIVE
         try:
-            problem = problem_from_report(graph, report, formats, name, pair_model=model)
+            problem = problem_from_report(graph, report, formats, base, pair_model=model)
         except MissingProxyError as exc:
             solves[proxy] = {"error": str(exc)}
             continue
