@@ -645,10 +645,13 @@ def rescore(
                 same = earlier is not None and all(
                     earlier.get(k) == result.get(k) for k in ("log", "seconds")
                 )  # the same run, merged twice (an interim merge and its source file)
-                if earlier is not None and not same:
-                    kept.setdefault("superseded", []).append(
-                        {"stage": name, **kept["stages"][name]}
-                    )
+                listed = kept.setdefault("superseded", [])
+                if (
+                    earlier is not None
+                    and not same
+                    and not any(e.get("log") == earlier.get("log") for e in listed)
+                ):
+                    listed.append({"stage": name, **earlier})
                 kept["stages"][name] = result
         order = {m.name: i for i, m in enumerate(MODELS)}
         data["models"] = sorted(by_name.values(), key=lambda r: order[r["model"]])
