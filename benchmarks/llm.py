@@ -328,6 +328,8 @@ def _merge(parts: Sequence[Path], out: Path, notes: Sequence[str] = ()) -> int:
     merged["merged_from"] = [{k: d[k] for k in ("command", "date", "seconds")} for d in datas]
     merged["seconds"] = max(d["seconds"] for d in datas)
     merged["notes"] = list(notes)
+    sens = [r["sensitivity_windows"] for r in rows.values() if "sensitivity_windows" in r]
+    merged["sens_windows"] = sens[0] if sens else merged["sens_windows"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "llm.json").write_text(json.dumps(merged, indent=1, default=str))
     (out / "llm.md").write_text(_markdown(merged))
