@@ -105,3 +105,19 @@ def test_conflicting_flags_are_config_errors(
         run_weight_only(argparse.Namespace(integer=True))
     with pytest.raises(ConfigError, match="needs --calib"):
         main([str(model), "-o", str(tmp_path / "o")])
+
+
+def test_dyadiq_quantize_weight_only_reaches_the_weight_only_mode(
+    model_and_calib: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """`dyadiq quantize --weight-only` (the documented entry point), with quantize's default
+    width left unset so the mode's own default (4 bits) applies."""
+    from dyadiq.cli import main as dyadiq_main
+
+    model, calib = model_and_calib
+    out = tmp_path / "out"
+    argv = ["quantize", str(model), "-o", str(out), "--calib", str(calib), "--weight-only"]
+    assert dyadiq_main([*argv, "--wo-method", "rtn"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["average_code_bits"] == 4
+    assert (out / "model.wo.onnx").exists() and not (out / "model.qdq.onnx").exists()

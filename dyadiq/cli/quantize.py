@@ -20,7 +20,10 @@ from dyadiq.cli.flags import (
     parse_shapes,
 )
 from dyadiq.cli.summary import print_summary
+from dyadiq.cli.weight_only import add_weight_only_arguments, run_weight_only
 from dyadiq.errors import ConfigError
+
+DEFAULT_WBITS = 8
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -32,6 +35,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     if not (args.zoo or args.model):
         raise ConfigError("give a MODEL.onnx (or a Relax IRModule .json) or --zoo NAME")
+    if args.weight_only:  # language models: group-wise weights, float activations
+        return run_weight_only(args)
     _refuse_bad_numbers(args)
     quantize(
         f"zoo:{args.zoo}" if args.zoo else args.model,
@@ -40,7 +45,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         budget=args.budget,
         max_drop=args.max_drop,
         target=args.target,
-        wbits=args.wbits,
+        wbits=DEFAULT_WBITS if args.wbits is None else args.wbits,
         abits=args.abits,
         act_dtype=args.act_dtype,
         qdq_style=args.qdq_style,
@@ -133,7 +138,12 @@ def add_quantize(sub: Any) -> None:
         default=99.99,
         help="the percentile calibrator's clipping point, in (0, 100] (default %(default)s)",
     )
-    p.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (per channel)")
+    # no default here: --weight-only has its own (4), the QDQ path DEFAULT_WBITS
+    p.add_argument(
+        "--wbits",
+        type=int,
+        help=f"weight bits, 2..8 (per channel; default {DEFAULT_WBITS}, 4 with --weight-only)",
+    )
     p.add_argument("--abits", type=int, default=8, choices=[4, 8], help="activation bits")
     p.add_argument(
         "--act-dtype",
@@ -168,6 +178,7 @@ def add_quantize(sub: Any) -> None:
     p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
     add_allocation_flags(p)
     fill_missing_help(p, _ALLOCATION_HELP)
+    add_weight_only_arguments(p)
     p.add_argument(
         "--integer",
         action="store_true",
