@@ -656,6 +656,11 @@ def rescore(
         order = {m.name: i for i, m in enumerate(MODELS)}
         data["models"] = sorted(by_name.values(), key=lambda r: order[r["model"]])
         data["stages"] = [s for s in STAGES if s in {*data["stages"], *old["stages"]}]
+    data["commands"] = list(dict.fromkeys(data["commands"]))  # a file merged twice: once
+    for row in data["models"]:  # a run listed as replaced that is the current one after all
+        current = {st.get("log") for st in row["stages"].values()}
+        if row.get("superseded"):
+            row["superseded"] = [e for e in row["superseded"] if e.get("log") not in current]
     if not recompute:
         data["commands"].append(
             "python -m benchmarks.coverage --merge-only --merge " + " ".join(files)
