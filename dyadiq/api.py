@@ -45,6 +45,8 @@ class SearchOptions:
     bisect_steps: int = 6  # --max-drop measurements
     latency_table: Path | None = None  # a backend's measured {layer: {format: ms}}
     memory_plan: Path | None = None  # live sets for ram= / flash= budgets
+    workers: int | None = None  # > 1: analysis and plan measurements on a local Ray
+    ray_address: str | None = None  # or on an existing Ray cluster
 
 
 @dataclass(frozen=True)
@@ -528,6 +530,8 @@ class _Run:
             compensation=compensation,
             act_signed=s["act_dtype"] == "int8",
             eval_limit=s["eval_limit"],
+            workers=search.workers,
+            ray_address=search.ray_address,
         )
 
     def _build_target(self, result: QuantizeResult, config: Any, staged: Path) -> Any:

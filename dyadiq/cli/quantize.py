@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dyadiq.cli.allocation import add_allocation_flags
+from dyadiq.cli.allocation import add_allocation_flags, add_executor_flags
 from dyadiq.cli.flags import (
     CALIBRATORS,
     add_compensate,
@@ -74,6 +74,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             bisect_steps=args.bisect_steps,
             latency_table=Path(args.latency_table) if args.latency_table else None,
             memory_plan=Path(args.memory_plan) if args.memory_plan else None,
+            workers=args.workers,
+            ray_address=args.ray_address,
         ),
         build=TargetOptions(
             check_inputs=args.check_inputs,
@@ -178,6 +180,7 @@ def add_quantize(sub: Any) -> None:
     p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
     add_allocation_flags(p)
     fill_missing_help(p, _ALLOCATION_HELP)
+    add_executor_flags(p)
     add_weight_only_arguments(p)
     p.add_argument(
         "--integer",
