@@ -163,7 +163,14 @@ def test_backend_capabilities_validate_plans_and_filter_candidates():
         validate_plan(PrecisionPlan.uniform(graph, weight_bits=4), graph, narrow)
     assert str(info.value).count("int8-only") == 2  # both layers listed in one message
     assert allowed_formats(narrow, OpKind.CONV, FORMATS) == [LayerFormat(8, 8)]
-    assert not INTEGER_ONNX.allows(OpKind.CONV_TRANSPOSE, LayerFormat(8, 8))
+    # ConvTranspose has an integer form (stride = kernel: a 1x1 Conv + Reshape/Transpose on
+    # codes; any other runs as a float island), so a plan may quantize it; a backend without
+    # the kind refuses every format of it
+    assert INTEGER_ONNX.allows(OpKind.CONV_TRANSPOSE, LayerFormat(8, 8))
+    kinds = INTEGER_ONNX.weighted_kinds - {OpKind.CONV_TRANSPOSE}
+    no_deconv = type(ONNX_QDQ)("no-deconv", frozenset({8}), frozenset({8}), kinds, True, "float")
+    assert not no_deconv.allows(OpKind.CONV_TRANSPOSE, LayerFormat(8, 8))
+    assert no_deconv.allows(OpKind.CONV, LayerFormat(8, 8))
 
 
 def _analyzed_small_model(config_bits=(2, 4, 8)):

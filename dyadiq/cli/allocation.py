@@ -5,7 +5,6 @@ printed about the plan it chose. ``quantize --budget`` / ``--max-drop`` and ``fr
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +17,8 @@ from dyadiq.passes.sensitivity.proxy import ALLOCATION_PROXIES, Proxy
 
 if TYPE_CHECKING:
     from dyadiq.backends.capabilities import Capabilities
-    from dyadiq.mixed_precision import BisectedPlan, BudgetPlan, MixedPrecisionOptions
+    from dyadiq.mixed_precision import MixedPrecisionOptions
     from dyadiq.passes.compensation.settings import CompensationSettings
-    from dyadiq.plan import PrecisionPlan
 
 # every proxy, alone or +pairs; hessian[+pairs]: the older name of trace[+pairs]
 PROXY_CHOICES = [p.value for p in ALLOCATION_PROXIES] + ["hessian", "hessian+pairs"]
@@ -113,82 +111,6 @@ def mixed_precision_options(
     )
 
 
-@dataclass(frozen=True)
-class QuantizePlan:
-    """What ``quantize`` takes from the allocation: the plan, report.json's ``allocation``
-    section, and the compensated weights the plan was priced with (None: plain rounding)."""
-
-    plan: PrecisionPlan
-    info: dict[str, Any]
-    weights: Any
-
-
-def choose_plan(
-    args: argparse.Namespace,
-    model_path: Path,
-    calibration: Any,
-    artifacts: Any,
-    compensation: CompensationSettings,
-) -> QuantizePlan:
-    """--budget (ILP) or --max-drop (bisection): the plan, printed as it is chosen."""
-    from dyadiq.mixed_precision import allocate, bisect, candidate_weights, plan_builder
-
-    options = mixed_precision_options(args, compensation)
-    builder = weights = None
-    measures_plans = args.budget or (args.max_drop and artifacts is not None)
-    if measures_plans and compensation.enabled:
-        # one compensated quantizer for the analysis, the measured plans and the output
-        builder = plan_builder(model_path, calibration, options)
-        weights = candidate_weights(builder, options)
-    if args.max_drop:
-        out = Path(args.output)
-        bisected = bisect(
-            model_path,
-            calibration,
-            options,
-            args.max_drop,
-            args.bisect_steps,
-            artifacts,
-            out,
-            builder,
-        )
-        print_bisected_plan(bisected, args.max_drop)
-        return QuantizePlan(bisected.plan, bisected.info, weights)
-    chosen = allocate(model_path, calibration, options, args.budget, builder)
-    print_budget_plan(chosen, args.budget)
-    return QuantizePlan(chosen.plan, chosen.info, weights)
-
-
-def print_budget_plan(chosen: BudgetPlan, budget: str) -> None:
-    allocation, report = chosen.allocation, chosen.analysis.report
-    extra = "".join(
-        f", {name} {value:,.4g}"
-        for name, value in (
-            ("latency", allocation.latency),
-            ("flash B", allocation.flash_bytes),
-            ("peak RAM B", allocation.peak_ram_bytes),
-        )
-        if value is not None
-    )
-    cached = ", cached" if chosen.analysis.cached else ""
-    output.console.print(
-        f"  allocated {len(allocation.formats)} layers under {budget}: weights "
-        f"{allocation.size_bytes:,.0f} B{extra}, predicted damage "
-        f"{allocation.predicted_damage:.4g} "
-        f"({report.forward_passes} forward passes of analysis{cached})"
-    )
-
-
-def print_bisected_plan(bisected: BisectedPlan, max_drop: str) -> None:
-    search, result = bisected.search, bisected.result
-    assert result.metric is not None and result.size_bytes is not None  # a plan passed
-    output.console.print(
-        f"  --max-drop {max_drop}: {search.metric} {result.metric:.4f} "
-        f"(float {search.reference:.4f}) at {result.size_bytes:,.0f} B of weights after "
-        f"{len(result.history)} measurements"
-    )
-
-
 def add_allocation_flags(p: argparse.ArgumentParser) -> None:
     """quantize's flags that choose per-layer formats."""
     p.add_argument(
@@ -206,12 +128,22 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-table", help="a backend's measured {layer: {format: ms}} JSON")
     p.add_argument("--memory-plan", help="live sets (+ tensor bytes, flash) JSON for ram=/flash=")
     p.add_argument("--proxy", default="empirical", choices=PROXY_CHOICES, help=PROXY_HELP)
-    p.add_argument("--analysis-samples", type=int, default=8)
+    p.add_argument(
+        "--analysis-samples",
+        type=int,
+        default=8,
+        help="calibration batches the sensitivity analysis reads (default %(default)s)",
+    )
     p.add_argument(
         "--max-drop",
         help="accuracy mode: smallest plan within this drop of float on held-out data (0.5%%)",
     )
-    p.add_argument("--bisect-steps", type=int, default=6)
+    p.add_argument(
+        "--bisect-steps",
+        type=int,
+        default=6,
+        help="--max-drop: plans measured at most while bisecting (default %(default)s)",
+    )
     p.add_argument(
         "--pin",
         action="append",
