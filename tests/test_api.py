@@ -17,6 +17,7 @@ from conftest import TINY_INPUT_SHAPE, random_batches
 import dyadiq
 from dyadiq.api import SearchOptions, TargetOptions
 from dyadiq.cli import build_parser, main
+from dyadiq.cli.quantize import DEFAULT_WBITS
 from dyadiq.errors import ConfigError
 from dyadiq.progress import Mode, configure
 
@@ -58,8 +59,9 @@ def test_defaults_equal_the_command_line() -> None:
     """Every API default is the CLI's (compensation included): one run, two spellings."""
     args = build_parser().parse_args(["quantize", "m.onnx", "-o", "OUT"])
     params = inspect.signature(dyadiq.quantize).parameters
+    # --wbits has no parser default (--weight-only has its own): unset means DEFAULT_WBITS
+    assert args.wbits is None and params["wbits"].default == DEFAULT_WBITS
     flag_of = {
-        "wbits": "wbits",
         "abits": "abits",
         "act_dtype": "act_dtype",
         "qdq_style": "qdq_style",
