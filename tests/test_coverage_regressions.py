@@ -144,8 +144,9 @@ def test_tvm_conv_transpose_is_bit_exact() -> None:
 
 
 def test_cortex_m_conv_transpose_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from dyadiq.backends.mcu.build import ToolchainError, build, find_toolchain, run_qemu
+    from dyadiq.backends.mcu.build import ToolchainError, find_toolchain
     from dyadiq.backends.mcu.emit_c import emit_c_project
+    from tests.mcu_helpers import assert_bit_exact_on_qemu
 
     try:
         find_toolchain(need_qemu=True)
@@ -153,14 +154,7 @@ def test_cortex_m_conv_transpose_is_bit_exact_under_qemu(tmp_path) -> None:  # t
         pytest.skip(str(exc))
     program, calib = _program(conv_transpose_model(np.random.default_rng(1)))
     project = emit_c_project(program, tmp_path, cpu="cortex-m4")
-    inputs = np.stack([feeds["x"] for feeds in calib])
-    run = run_qemu(project, build(project, jobs=2).app_elf, inputs, timeout_s=120)
-    device = project.decode_outputs(run.outputs)
-    reference = ReferenceInterpreter(program)
-    for i, feeds in enumerate(calib):
-        for spec in project.outputs:
-            want = reference.run(feeds)[spec.name].reshape(spec.shape)
-            assert np.array_equal(device[spec.name][i], want), (spec.name, i)
+    assert_bit_exact_on_qemu(project, program, calib)
 
 
 def test_float_conv1d_declares_no_codes_its_consumers_would_miss() -> None:

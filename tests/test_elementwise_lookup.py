@@ -133,8 +133,9 @@ def test_tvm_lookup_is_bit_exact(lowering: str) -> None:
 
 
 def test_cortex_m_lookup_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from dyadiq.backends.mcu.build import ToolchainError, build, find_toolchain, run_qemu
+    from dyadiq.backends.mcu.build import ToolchainError, find_toolchain
     from dyadiq.backends.mcu.emit_c import emit_c_project
+    from tests.mcu_helpers import assert_bit_exact_on_qemu
 
     try:
         find_toolchain(need_qemu=True)
@@ -143,11 +144,4 @@ def test_cortex_m_lookup_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ign
     _, program, calib = _quantized(_gelu(), act_signed=True)
     project = emit_c_project(program, tmp_path, cpu="cortex-m4")
     assert "dq_lookup(" in (tmp_path / "model.c").read_text()
-    inputs = np.stack([feeds["x"] for feeds in calib])
-    run = run_qemu(project, build(project, jobs=2).app_elf, inputs, timeout_s=120)
-    device = project.decode_outputs(run.outputs)
-    reference = ReferenceInterpreter(program)
-    for i, feeds in enumerate(calib):
-        for spec in project.outputs:
-            want = reference.run(feeds)[spec.name].reshape(spec.shape)
-            assert np.array_equal(device[spec.name][i], want), (spec.name, i)
+    assert_bit_exact_on_qemu(project, program, calib)
