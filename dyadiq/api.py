@@ -403,7 +403,7 @@ class _Run:
         from dyadiq.io import relocated, write_text_atomic
         from dyadiq.passes.calibration.observers import RangeMethod
         from dyadiq.passes.compensation.settings import CompensationSettings
-        from dyadiq.report_html import write_report_html
+        from dyadiq.html_report import write_report_html
 
         s = self.settings
         config = pipeline.CalibrationConfig(

@@ -1,6 +1,6 @@
 """The figures of a run, drawn with matplotlib (Agg, no display): the Pareto frontier of measured
 plans and the per-layer sensitivity chart. Each figure comes as a :class:`Figure`, and as PNG
-bytes or SVG text for files and for the self-contained HTML report (:mod:`dyadiq.report_html`).
+bytes or SVG text for files and for the self-contained HTML report (:mod:`dyadiq.html_report`).
 
 Every axis names its quantity and unit; the float model's metric is drawn as a line on the
 frontier so a point's distance from it reads off the axis.

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dyadiq.cli import main
 from dyadiq.plots import PlanMarker, frontier_figure, plot_frontier_png
-from dyadiq.report_html import render_report_html, write_report_html
+from dyadiq.html_report import render_report_html, write_report_html
 
 CHROMIUM = Path("/usr/bin/chromium")
 NARROW_PX = 640  # about an 80-column terminal's width in a browser
