@@ -41,7 +41,7 @@ from dyadiq.passes.compensation.sequential import SequentialCompensator
 from dyadiq.passes.compensation.settings import CompensationPass, CompensationSettings
 from dyadiq.passes.fold_batch_norm import fold_batch_norm
 from dyadiq.passes.insert_qdq import QDQResult, group_quantizers, insert_qdq
-from dyadiq.passes.integerize import integerize
+from dyadiq.passes.integerize import AccumulatorOverflowError, integerize
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
 
@@ -318,13 +318,70 @@ def verification_batches(
     return []
 
 
-def build_integer(
-    result: QuantizeResult, check_batches: list[dict[str, Any]]
-) -> tuple[IntegerProgram, onnx.ModelProto, dict[str, Any]]:
-    """Integerize a quantized result, export it, and verify it against the reference."""
-    program = integerize(
+def integer_program(result: QuantizeResult) -> IntegerProgram:
+    """The integer program of a quantized result (raises AccumulatorOverflowError)."""
+    return integerize(
         result.graph, result.plan, result.sites, result.qdq.act_params, weights=result.weights
     )
+
+
+OVERFLOW_REASON = (
+    "its int32 accumulator could overflow (worst case |acc| {acc:,} > 2^31 - 1): kept in float "
+    "in both models (--strict-integer refuses instead)"
+)
+
+
+def overflowing_layers_in_float(
+    result: QuantizeResult,
+    source: QGraph,
+    calibration: CalibrationSource,
+    config: CalibrationConfig,
+    *,
+    compensation: CompensationSettings,
+    strict: bool,
+) -> tuple[QuantizeResult, IntegerProgram, dict[str, int]]:
+    """``result`` and its integer program, with every layer whose accumulator could overflow
+    moved to float (a float island of the integer model, and float in the QDQ model too, so
+    that the two still agree); the moved layers with their worst-case |accumulator|.
+    ``source`` is the graph ``result`` was quantized from, before :func:`prepare_graph`.
+
+    The bound is a worst case over all inputs, so this only drops layers that could
+    overflow; ``strict`` raises the error instead, as integerize does."""
+    try:
+        return result, integer_program(result), {}
+    except AccumulatorOverflowError as error:
+        if strict or not error.layers:
+            raise
+        overflowing = error.layers
+    log.warning("keeping %d layer(s) in float: %s", len(overflowing), OVERFLOW_REASON)
+    plan = dataclasses.replace(
+        result.plan,
+        layers={k: v for k, v in result.plan.layers.items() if k not in overflowing},
+        excluded=result.plan.excluded | frozenset(overflowing),
+    )
+    redone = quantize_graph(
+        source,
+        plan,
+        calibration,
+        config,
+        compensation=compensation,  # for its equalisation, which the weights were made on
+        weights=result.weights,  # the compensation already computed; float layers skip it
+        qdq_style=result.qdq_style,
+    )
+    redone.compensation = result.compensation
+    redone.timings = {**result.timings, "overflow_requantize_s": redone.timings["total_s"]}
+    return redone, integer_program(redone), overflowing
+
+
+def build_integer(
+    result: QuantizeResult,
+    check_batches: list[dict[str, Any]],
+    program: IntegerProgram | None = None,
+) -> tuple[IntegerProgram, onnx.ModelProto, dict[str, Any]]:
+    """Integerize a quantized result (unless ``program`` is given), export it, and verify it
+    against the reference."""
+    if program is None:
+        program = integer_program(result)
     model = export_integer_onnx(program)
     report: dict[str, Any] = {
         "float_ops": program.float_ops,
@@ -356,6 +413,7 @@ def quantize(
     compensation: CompensationSettings = CompensationSettings(),
     weights: WeightQuantizer | None = None,
     qdq_style: QDQStyle = QDQStyle.ORT,
+    strict_integer: bool = False,
 ) -> QuantizeResult:
     """Quantize a model file; writes plan.json, model.qdq.onnx, report.json and, with
     ``integer``, model.int.onnx (verified bit-exact against the reference interpreter).
@@ -365,7 +423,9 @@ def quantize(
     compensation passes (``weights``: a compensated quantizer already computed, e.g. the one
     the sensitivity analysis priced). ``qdq_style`` TENSORRT writes TensorRT's explicit
     quantization (:mod:`dyadiq.backends.onnx.qdq`): signed symmetric activations, which it
-    sets on the plan, and a float bias.
+    sets on the plan, and a float bias. With ``integer``, a layer whose int32 accumulator
+    could overflow is kept in float (named in report.json's ``float_layers``), unless
+    ``strict_integer``.
 
     This is the pipeline step; :func:`dyadiq.quantize` adds budgets, targets, evaluation and
     a summary of the run around it.
@@ -401,16 +461,26 @@ def quantize(
             qdq_style=qdq_style,
         )
         result.timings["load_s"] = load_s
+        program, overflowing = None, {}
+        if integer:
+            result, program, overflowing = overflowing_layers_in_float(
+                result, graph, calibration, config, compensation=compensation, strict=strict_integer
+            )
+            plan = result.plan
         plan.save(out / "plan.json")
         t = time.perf_counter()
         result.model = write_qdq(result.qdq.graph, out / "model.qdq.onnx", qdq_style)
         result.timings["export_s"] = time.perf_counter() - t
         float_bytes = read_model(model)[0].ByteSize()
         report = build_report(result, float_bytes)
+        for entry in report["float_layers"]:
+            if entry["id"] in overflowing:
+                entry["reason"] = OVERFLOW_REASON.format(acc=overflowing[entry["id"]])
         if integer:
             t = time.perf_counter()
             batches = verification_batches(calibration, graph, config.image_preset, check_batches)
-            result.program, int_model, report["integer"] = build_integer(result, batches)
+            result.program, int_model, report["integer"] = build_integer(result, batches, program)
+            report["integer"]["overflow_float_layers"] = sorted(overflowing)
             save_model_atomic(int_model, out / "model.int.onnx")
             report["sizes"]["integer_model_bytes"] = int_model.ByteSize()
             result.timings["integer_s"] = time.perf_counter() - t

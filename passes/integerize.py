@@ -51,7 +51,14 @@ INT32_LIMIT = 2**31 - 1
 
 
 class AccumulatorOverflowError(UnsupportedModelError):
-    """A layer's int32 accumulator could overflow for some input."""
+    """A layer's int32 accumulator could overflow for some input.
+
+    ``layers`` maps each such layer to its worst-case |accumulator|, so that a caller can keep
+    exactly those layers in float (:func:`dyadiq.pipeline.quantize` does, unless strict)."""
+
+    def __init__(self, message: str, layers: dict[str, int] | None = None) -> None:
+        super().__init__(message)  # args stay (message,), so the error still pickles
+        self.layers = dict(layers or {})
 
 
 def _requant(
@@ -415,7 +422,7 @@ class _Integerizer:
 
     def _check_overflow(self) -> None:
         """Bound |acc| over all inputs: sum_k |q_w[c, k]| * max|v_x| + |q_b[c]| < 2^31."""
-        risky = []
+        risky: dict[str, int] = {}
         for layer_id in self.plan.layers:
             node = self.graph.node(layer_id)
             weight = self.graph.weight(node)
@@ -435,12 +442,13 @@ class _Integerizer:
                 per_channel = magnitudes.sum(axis=0)
             bound = per_channel * vmax + (np.abs(bias) if bias is not None else 0)
             if bound.max() > INT32_LIMIT:
-                risky.append(f"{layer_id} (worst-case |acc| {int(bound.max()):,})")
+                risky[layer_id] = int(bound.max())
         if risky:
             raise AccumulatorOverflowError(
                 "int32 accumulators could overflow in: "
-                + "; ".join(risky)
-                + ". Lower the weight or activation bits of these layers, or keep them in float."
+                + "; ".join(f"{layer} (worst-case |acc| {acc:,})" for layer, acc in risky.items())
+                + ". Lower the weight or activation bits of these layers, or keep them in float.",
+                risky,
             )
 
     def _conv_transpose(
