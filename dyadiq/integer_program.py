@@ -191,6 +191,65 @@ class Softmax:
     requant: Requant
 
 
+# Newton steps of the integer square root from 2^ceil(bits(n)/2) >= sqrt(n): 6 reach
+# floor(sqrt(n)) for every n < 2^62 (tests/test_integer_layer_norm.py sweeps every bit length);
+# one more is margin, and a converged iterate stays put.
+ISQRT_STEPS = 7
+# sum_i c_i^2 (plus eps) must stay below 2^62 in int64: with |c_i| <= 2^9 N, N <= 2^14 does.
+LAYER_NORM_MAX_WIDTH = 1 << 14
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """I-BERT integer LayerNorm over the last axis (width N), gamma / beta per channel.
+
+    With v = q - z_x (|v| < 2^9) and the row's integer sum sum_v:
+        c_i = N v_i - sum_v                       (= N (v_i - mean), exact)
+        r = isqrt(sum_i c_i^2 + eps_codes)        (floor square root, Newton; eps_codes =
+                                                   round(N^3 eps / s_x^2))
+        t_i = sign(c_i) floor(|c_i| S / max(r, 1))   (S = round(sqrt(N) 2^F): t ~ x_hat 2^F)
+        acc_i = t_i gamma_i + beta_i              (gamma_i = round(g_i 2^G / s_y),
+                                                   beta_i = round(b_i 2^(F+G) / s_y))
+        y_i = requant(acc_i) + z_y                (the requant is the shift by F + G)
+    since x_hat_i = (v_i - mean) / sqrt(var_v + eps / s_x^2) = c_i sqrt(N) / sqrt(sum c^2 +
+    N^3 eps / s_x^2). The one division is of non-negative integers (the same floor everywhere).
+    Precondition (integerize checks it): N <= LAYER_NORM_MAX_WIDTH and |acc| far inside int64.
+    """
+
+    output: str
+    input: str
+    input_zero_point: int
+    eps_codes: int
+    norm_mult: int  # S
+    gamma: np.ndarray  # int64 [N]
+    beta: np.ndarray  # int64 [N]
+    requant: Requant  # mult 1, shift F + G, the output's zero point and bounds
+
+
+@dataclass(frozen=True)
+class MaskedSoftmax:
+    """:class:`Softmax` of ``scores + mask`` where the additive mask is 0 at kept positions
+    and a large negative number elsewhere (a transformer's attention mask).
+
+    ``mask`` is an integer or boolean tensor that broadcasts to the scores (numpy rules);
+    a position is kept where ``(mask != 0) == keep_nonzero``. Masked positions take no part
+    in the row's maximum or sum and get probability 0 (the output's zero point); the kept
+    ones follow :class:`Softmax` exactly. A row with no kept position is a plain softmax over
+    all positions (what a finite mask such as -1e4 gives).
+    """
+
+    output: str
+    input: str
+    mask: str
+    keep_nonzero: bool
+    upscale_bits: int
+    ln2_codes: int
+    b_codes: int
+    c_codes: int
+    frac_bits: int
+    requant: Requant
+
+
 @dataclass(frozen=True)
 class MaxPool:
     output: str
@@ -308,6 +367,8 @@ IntOp = (
     | HardSwish
     | LeakyRelu
     | Softmax
+    | MaskedSoftmax
+    | LayerNorm
     | MaxPool
     | Clip
     | Reshape

@@ -199,6 +199,10 @@ OP_FACTS.update(
         OpKind.PRELU: OpFacts(quantizable=True),
         # I-BERT integer exp; only on quantized logits (never on a float mask-added score).
         OpKind.SOFTMAX: OpFacts(quantizable=True, needs_quantized_inputs=True),
+        # I-BERT integer LayerNorm (integer mean, variance and square root): its input, the
+        # residual stream, and its output are quantized, so residual Adds between a layer's
+        # output and a LayerNorm's become integer Adds too
+        OpKind.LAYER_NORM: OpFacts(quantizable=True),
         OpKind.RELU: OpFacts(fusable_activation=True),
         OpKind.CLIP: OpFacts(fusable_activation=True),
     }

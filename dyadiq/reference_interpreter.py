@@ -67,6 +67,34 @@ def conv_accumulate(v: np.ndarray, op: ip.Conv) -> np.ndarray:
     return acc
 
 
+def integer_exp(d: np.ndarray, op: ip.Softmax | ip.MaskedSoftmax) -> np.ndarray:
+    """I-BERT's exp of ``d <= 0`` at the working scale, as integers (:class:`ip.Softmax`)."""
+    z = (-d) // op.ln2_codes
+    p = d + z * op.ln2_codes
+    poly = (p + op.b_codes) ** 2 + op.c_codes
+    result: np.ndarray = np.right_shift(poly, np.minimum(z, SOFTMAX_MAX_SHIFT))
+    return result
+
+
+def bit_length(n: np.ndarray) -> np.ndarray:
+    """Bits of each ``0 <= n < 2^63``: the count of j in [0, 63) with n >= 2^j."""
+    n = np.asarray(n, np.int64)
+    powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
+    counts: np.ndarray = (n[..., None] >= powers).sum(axis=-1).astype(np.int64)
+    return counts
+
+
+def integer_sqrt(n: np.ndarray) -> np.ndarray:
+    """``floor(sqrt(n))`` for int64 ``1 <= n < 2^62``: Newton's iteration
+    x <- min(x, (x + n // x) >> 1) from x = 2^ceil(bits(n) / 2) >= sqrt(n), ISQRT_STEPS
+    times (from above it decreases to the floor root and then stays there)."""
+    n = np.asarray(n, np.int64)
+    x = np.left_shift(np.int64(1), (bit_length(n) + 1) >> 1)
+    for _ in range(ip.ISQRT_STEPS):
+        x = np.minimum(x, (x + n // x) >> 1)
+    return x
+
+
 def maxpool(x: np.ndarray, op: ip.MaxPool, fill: int) -> np.ndarray:
     top, left, bottom, right = op.pads[0], op.pads[1], op.pads[2], op.pads[3]
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
@@ -186,13 +214,27 @@ class ReferenceInterpreter(IntOpVisitor[None]):
 
     def visit_Softmax(self, op: ip.Softmax) -> None:
         q = self._codes(op.input)
-        d = (q - q.max(axis=-1, keepdims=True)) << op.upscale_bits
-        z = (-d) // op.ln2_codes
-        p = d + z * op.ln2_codes
-        poly = (p + op.b_codes) ** 2 + op.c_codes
-        e = np.right_shift(poly, np.minimum(z, SOFTMAX_MAX_SHIFT))
+        e = integer_exp((q - q.max(axis=-1, keepdims=True)) << op.upscale_bits, op)
         prob = (e << op.frac_bits) // e.sum(axis=-1, keepdims=True)
         self._store(op.output, apply_requant(prob, op.requant))
+
+    def visit_MaskedSoftmax(self, op: ip.MaskedSoftmax) -> None:
+        q = self._codes(op.input)
+        keep = np.broadcast_to((np.asarray(self.env[op.mask]) != 0) == op.keep_nonzero, q.shape)
+        keep = keep | ~keep.any(axis=-1, keepdims=True)  # a fully masked row: plain softmax
+        top = np.where(keep, q, np.iinfo(np.int64).min).max(axis=-1, keepdims=True)
+        d = np.where(keep, q - top, 0) << op.upscale_bits  # masked: any d <= 0, zeroed below
+        e = np.where(keep, integer_exp(d, op), 0)
+        prob = (e << op.frac_bits) // e.sum(axis=-1, keepdims=True)
+        self._store(op.output, apply_requant(prob, op.requant))
+
+    def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
+        v = self._centered(op.input, op.input_zero_point)
+        c = v.shape[-1] * v - v.sum(axis=-1, keepdims=True)
+        r = integer_sqrt(np.maximum((c * c).sum(axis=-1, keepdims=True) + op.eps_codes, 1))
+        t = np.sign(c) * ((np.abs(c) * op.norm_mult) // r)
+        acc = t * op.gamma.astype(np.int64) + op.beta.astype(np.int64)
+        self._store(op.output, apply_requant(acc, op.requant))
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         fill = self.program.quant[op.output].qmin

@@ -36,6 +36,8 @@ from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.passes.elementwise_lookup import lookup_chain, lookup_table
+from dyadiq.passes.integer_layer_norm import integer_layer_norm
+from dyadiq.passes.masked_softmax import MaskedSoftmaxMatch, find_masked_softmax
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import (
     ROUND_TO_NEAREST,
@@ -132,6 +134,11 @@ class _Integerizer:
         self.float_ops: list[str] = []
         self.absorbed = set(sites.fused_activations.values()) | set(sites.fused_biases.values())
         self.tabulated: set[str] = set()  # nodes folded into an ip.Lookup
+        self.notes: list[str] = []
+        masked = find_masked_softmax(graph, params.keys(), self._softmax_blocker)
+        self.masked_softmax = masked.matches
+        self.tabulated.update(masked.absorbed)  # Softmax and mask ops a match replaces
+        self.notes.extend(f"masked softmax declined: {reason}" for reason in masked.declined)
 
     # --- tensor availability -----------------------------------------------------------------
     def codes(self, tensor: gs.Tensor) -> str:
@@ -183,8 +190,11 @@ class _Integerizer:
             if node.name in self.absorbed and layer_of[node.name] in lowered:
                 continue  # its bounds are the lowered layer's clip
             if node.name in self.tabulated:
-                continue  # part of a lookup table an earlier node started
-            if self._lower(node):
+                continue  # part of a lookup table (or masked softmax) an earlier node started
+            if node.name in self.masked_softmax:
+                self._masked_softmax(self.masked_softmax[node.name])
+                lowered.add(node.name)
+            elif self._lower(node):
                 lowered.add(node.name)
             elif not self._lookup(node):
                 self._float(node)
@@ -215,6 +225,7 @@ class _Integerizer:
             outputs,
             int_outputs,
             self.float_ops,
+            self.notes,
             opset=self.graph.opset,
         )
 
@@ -245,6 +256,7 @@ class _Integerizer:
             OpKind.HARD_SIGMOID: self._hard_sigmoid,
             OpKind.HARD_SWISH: self._hard_swish,
             OpKind.SOFTMAX: self._softmax,
+            OpKind.LAYER_NORM: self._layer_norm,
             OpKind.LEAKY_RELU: self._leaky_relu,
             OpKind.PRELU: self._leaky_relu,
             OpKind.MAXPOOL: self._maxpool,
@@ -631,31 +643,70 @@ class _Integerizer:
         )
         return True
 
-    def _softmax(self, node: gs.Node) -> bool:
-        x, out = node.inputs[0], node.outputs[0]
-        rank = len(x.shape or ())
-        if int(node.attrs.get("axis", -1)) % max(rank, 1) != rank - 1:
-            return False
-        qx = self.q(x)
+    @staticmethod
+    def _softmax_constants(qx: ActQuant) -> tuple[int, int, int, int] | str:
+        """(upscale bits, q_ln2, q_b, q_c) of the I-BERT exp at input scale ``qx.scale``, or
+        why this scale has none."""
         # Work at a scale of at most 2^-10 so that ln 2 and the fit's constants have ~10 bits.
         upscale = max(0, int(np.ceil(np.log2(qx.scale * 2**SOFTMAX_WORK_BITS))))
         if upscale > ip.SOFTMAX_MAX_UPSCALE_BITS:
-            return False  # logits too large for the int64 working scale: keep it in float
+            return "logits too large for the int64 working scale"
         work = qx.scale / 2**upscale
         if work < 2.0**-20:
-            return False  # (p + q_b)^2 2^F could leave int64: keep this softmax in float
+            return "(p + q_b)^2 2^F could leave int64 at this fine an input scale"
         ln2_codes = int(np.floor(np.log(2.0) / work))
         # I-BERT's second-order fit exp(p) ~ 0.3585 (p + 1.353)^2 + 0.344 on (-ln 2, 0];
         # q_c folds c into the squared term's scale a S^2.
         b_codes = int(np.floor(1.353 / work))
         c_codes = int(np.floor(0.344 / (0.3585 * work**2)))
+        return upscale, ln2_codes, b_codes, c_codes
+
+    def _softmax_blocker(self, scores: gs.Tensor) -> str | None:
+        found = self._softmax_constants(self.q(scores))
+        return found if isinstance(found, str) else None
+
+    def _softmax(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        rank = len(x.shape or ())
+        if int(node.attrs.get("axis", -1)) % max(rank, 1) != rank - 1:
+            return False
+        constants = self._softmax_constants(self.q(x))
+        if isinstance(constants, str):
+            return False  # keep this softmax in float
         x_codes = self.codes(x)
         out_codes, qy = self.define(out)
         frac = SOFTMAX_FRAC_BITS
         rq = _requant(1.0 / (2**frac * qy.scale), qy, axis=-1)
+        self.ops.append(ip.Softmax(out_codes, x_codes, *constants, frac, rq))
+        return True
+
+    def _masked_softmax(self, match: MaskedSoftmaxMatch) -> None:
+        constants = self._softmax_constants(self.q(match.scores))
+        if isinstance(constants, str):
+            raise InternalError(f"{match.add.name}: a matched masked softmax {constants}")
+        x_codes = self.codes(match.scores)
+        keep = match.keep.name
+        if keep not in self.float_ready:
+            raise InternalError(f"{match.add.name}: the mask {keep} is not computed before it")
+        self.shapes.setdefault(keep, _known_dims(match.keep))
+        out_codes, qy = self.define(match.softmax.outputs[0])
+        frac = SOFTMAX_FRAC_BITS
+        rq = _requant(1.0 / (2**frac * qy.scale), qy, axis=-1)
         self.ops.append(
-            ip.Softmax(out_codes, x_codes, upscale, ln2_codes, b_codes, c_codes, frac, rq)
+            ip.MaskedSoftmax(out_codes, x_codes, keep, match.keep_nonzero, *constants, frac, rq)
         )
+
+    def _layer_norm(self, node: gs.Node) -> bool:
+        x, out = node.inputs[0], node.outputs[0]
+        op = integer_layer_norm(node, f"{out.name}_q", f"{x.name}_q", self.q(x), self.q(out))
+        if isinstance(op, str):
+            self.notes.append(f"LayerNormalization {node.name} in float: {op}")
+            return False
+        x_codes = self.codes(x)
+        out_codes, _ = self.define(out)
+        if (x_codes, out_codes) != (op.input, op.output):
+            raise InternalError(f"{node.name}: integer LayerNorm names {x_codes}, {out_codes}")
+        self.ops.append(op)
         return True
 
     def _same_scale(self, node: gs.Node, tensors: list[gs.Tensor]) -> bool:

@@ -254,15 +254,17 @@ class _Lowering(_Builder, IntOpVisitor[None]):
         )
         self.requant(self.node("Mul", [v, gate], "hswish"), op.requant, ndim, op.output)
 
-    def visit_Softmax(self, op: ip.Softmax) -> None:
-        """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
-        axes = self.const("axes", np.array([-1], np.int64))
-        v = self.cast(op.input, TensorProto.INT64)
-        if self.opset >= 18:
-            top = self.node("ReduceMax", [v, axes], "row_max", keepdims=1)
-        else:  # before opset 18 ReduceMax takes its axes as an attribute
-            top = self.node("ReduceMax", [v], "row_max", keepdims=1, axes=[-1])
-        d = self.node("Sub", [v, top], "d")
+    def row_reduce(self, op_type: str, x: str, hint: str) -> str:
+        """``op_type`` (ReduceMax, ReduceSum) over the last axis, kept as a unit dim."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.node(
+                op_type, [x, self.const("axes", np.array([-1], np.int64))], hint, keepdims=1
+            )
+        # before opset 18 ReduceMax takes its axes as an attribute
+        return self.node(op_type, [x], hint, keepdims=1, axes=[-1])
+
+    def ibert_exp(self, d: str, op: ip.Softmax | ip.MaskedSoftmax) -> str:
+        """I-BERT's integer exp of int64 ``d = q - max q <= 0`` (before the upscale)."""
         if op.upscale_bits > ip.SOFTMAX_MAX_UPSCALE_BITS:
             # A huge input scale (weights near 1e27): d * 2^upscale would leave int64.
             raise UnsupportedModelError(
@@ -290,11 +292,91 @@ class _Lowering(_Builder, IntOpVisitor[None]):
             "exp",
             direction="RIGHT",
         )
-        e = self.cast(e, TensorProto.INT64)
-        total = self.node("ReduceSum", [e, axes], "row_sum", keepdims=1)
+        return self.cast(e, TensorProto.INT64)
+
+    def normalize(self, e: str, op: ip.Softmax | ip.MaskedSoftmax) -> None:
+        """floor(e 2^F / sum e) (a Div of non-negative int64: a floor), requantized."""
+        total = self.row_reduce("ReduceSum", e, "row_sum")
         scaled = self.node("Mul", [e, self.const("one", np.int64(1 << op.frac_bits))], "scaled")
         prob = self.node("Div", [scaled, total], "prob")
         self.requant(prob, op.requant, self.ndim(op.output), op.output)
+
+    def visit_Softmax(self, op: ip.Softmax) -> None:
+        """I-BERT softmax (see :class:`ip.Softmax`); Div is on non-negative int64: a floor."""
+        v = self.cast(op.input, TensorProto.INT64)
+        d = self.node("Sub", [v, self.row_reduce("ReduceMax", v, "row_max")], "d")
+        self.normalize(self.ibert_exp(d, op), op)
+
+    def visit_MaskedSoftmax(self, op: ip.MaskedSoftmax) -> None:
+        """:class:`ip.MaskedSoftmax`: the softmax over kept positions, 0 elsewhere."""
+        v = self.cast(op.input, TensorProto.INT64)
+        keep = self.cast(op.mask, TensorProto.BOOL)
+        if not op.keep_nonzero:
+            keep = self.node("Not", [keep], "keep")
+        keep = self.node("Expand", [keep, self.node("Shape", [v], "scores_shape")], "keep_full")
+        kept_any = self.row_reduce("ReduceMax", self.cast(keep, TensorProto.INT64), "kept_any")
+        none_kept = self.node("Not", [self.cast(kept_any, TensorProto.BOOL)], "none_kept")
+        keep = self.node("Or", [keep, none_kept], "keep_rows")
+        floor = self.const("int64_min", np.int64(np.iinfo(np.int64).min))
+        top = self.row_reduce("ReduceMax", self.node("Where", [keep, v, floor], "kept"), "row_max")
+        zero = self.const("zero", np.int64(0))
+        d = self.node("Where", [keep, self.node("Sub", [v, top], "d_all"), zero], "d")
+        e = self.node("Where", [keep, self.ibert_exp(d, op), zero], "e_kept")
+        self.normalize(e, op)
+
+    def integer_sqrt(self, n: str) -> str:
+        """floor(sqrt(n)) of int64 1 <= n < 2^62 by the reference's Newton iteration
+        (:func:`dyadiq.reference_interpreter.integer_sqrt`); Divs of positive int64 floor."""
+        powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
+        wide = self.node("Unsqueeze", [n, self.const("axes", np.array([-1], np.int64))], "n_wide")
+        above = self.node("GreaterOrEqual", [wide, self.const("powers", powers)], "n_above")
+        bits = self.node(
+            "ReduceSum",
+            [self.cast(above, TensorProto.INT64), self.const("axes", np.array([-1], np.int64))],
+            "bits",
+            keepdims=0,
+        )
+        two = self.const("two", np.int64(2))
+        half = self.node(
+            "Div",
+            [self.node("Add", [bits, self.const("one", np.int64(1))], "b1"), two],
+            "half_bits",
+        )
+        x = self.node("Gather", [self.const("pow2", powers[:33]), half], "isqrt_start", axis=0)
+        for _ in range(ip.ISQRT_STEPS):
+            step = self.node(
+                "Div",
+                [self.node("Add", [x, self.node("Div", [n, x], "n_x")], "x_n_x"), two],
+                "newton",
+            )
+            x = self.node("Min", [x, step], "isqrt")
+        return x
+
+    def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
+        """:class:`ip.LayerNorm`; its one division is of non-negative int64 (a floor)."""
+        v = self.centered(op.input, op.input_zero_point)
+        width = self.program.shapes[op.input][-1]
+        total = self.row_reduce("ReduceSum", v, "row_sum")
+        c = self.node(
+            "Sub", [self.node("Mul", [v, self.const("n", np.int64(width))], "nv"), total], "c"
+        )
+        squares = self.row_reduce("ReduceSum", self.node("Mul", [c, c], "c_sq"), "sum_c_sq")
+        squares = self.node("Add", [squares, self.const("eps", np.int64(op.eps_codes))], "var_eps")
+        squares = self.node("Max", [squares, self.const("one", np.int64(1))], "var_pos")
+        r = self.integer_sqrt(squares)
+        scaled = self.node(
+            "Mul", [self.node("Abs", [c], "abs_c"), self.const("s", np.int64(op.norm_mult))], "c_s"
+        )
+        t = self.node(
+            "Mul", [self.node("Div", [scaled, r], "abs_t"), self.node("Sign", [c], "sign_c")], "t"
+        )
+        gamma = self.const("gamma", op.gamma.astype(np.int64))
+        acc = self.node(
+            "Add",
+            [self.node("Mul", [t, gamma], "t_gamma"), self.const("beta", op.beta.astype(np.int64))],
+            "ln_acc",
+        )
+        self.requant(acc, op.requant, self.ndim(op.output), op.output)
 
     def visit_LeakyRelu(self, op: ip.LeakyRelu) -> None:
         ndim = self.ndim(op.output)

@@ -312,12 +312,8 @@ class _Lowering(IntOpVisitor[None]):
         total = self.emit(relax.op.add(positive, negative))
         self.finish(total, rq.zero_point, rq.lo, rq.hi, op.output)
 
-    def visit_Softmax(self, op: ip.Softmax) -> None:
-        """I-BERT softmax (:class:`ip.Softmax`); both divisions are floor divisions."""
-        ndim = len(self.shape(op.input))
-        q = self.emit(relax.op.astype(self.value(op.input), "int64"))
-        top = self.emit(relax.op.max(q, axis=-1, keepdims=True))
-        d = self.emit(relax.op.subtract(q, top))
+    def ibert_exp(self, d: relax.Expr, op: ip.Softmax | ip.MaskedSoftmax) -> relax.Var:
+        """I-BERT's integer exp of int64 ``d = q - max q <= 0`` (before the upscale)."""
         if op.upscale_bits:
             d = self.emit(relax.op.left_shift(d, _int64(op.upscale_bits)))
         ln2 = _int64(op.ln2_codes)
@@ -326,11 +322,78 @@ class _Lowering(IntOpVisitor[None]):
         t = self.emit(relax.op.add(p, _int64(op.b_codes)))
         poly = self.emit(relax.op.add(self.emit(relax.op.multiply(t, t)), _int64(op.c_codes)))
         z_cap = self.emit(relax.op.minimum(z, _int64(SOFTMAX_MAX_SHIFT)))
-        e = self.emit(relax.op.right_shift(poly, z_cap))
+        return self.emit(relax.op.right_shift(poly, z_cap))
+
+    def normalize(self, e: relax.Expr, op: ip.Softmax | ip.MaskedSoftmax, ndim: int) -> None:
+        """floor(e 2^F / sum e) over the last axis, requantized to ``op.output``."""
         total = self.emit(relax.op.sum(e, axis=[-1], keepdims=True))
         scaled = self.emit(relax.op.left_shift(e, _int64(op.frac_bits)))
         prob = self.emit(relax.op.floor_divide(scaled, total))
         self.requant(prob, op.requant, ndim, op.output)
+
+    def visit_Softmax(self, op: ip.Softmax) -> None:
+        """I-BERT softmax (:class:`ip.Softmax`); both divisions are floor divisions."""
+        ndim = len(self.shape(op.input))
+        q = self.emit(relax.op.astype(self.value(op.input), "int64"))
+        top = self.emit(relax.op.max(q, axis=-1, keepdims=True))
+        self.normalize(self.ibert_exp(self.emit(relax.op.subtract(q, top)), op), op, ndim)
+
+    def visit_MaskedSoftmax(self, op: ip.MaskedSoftmax) -> None:
+        """:class:`ip.MaskedSoftmax`: the I-BERT softmax over kept positions, 0 elsewhere."""
+        shape = self.shape(op.input)
+        q = self.emit(relax.op.astype(self.value(op.input), "int64"))
+        mask = self.emit(relax.op.astype(self.value(op.mask), "int64"))
+        compare = relax.op.not_equal if op.keep_nonzero else relax.op.equal
+        keep = self.emit(relax.op.broadcast_to(self.emit(compare(mask, _int64(0))), shape))
+        kept = self.emit(relax.op.astype(keep, "int64"))
+        kept_any = self.emit(relax.op.max(kept, axis=-1, keepdims=True))
+        none_kept = self.emit(relax.op.equal(kept_any, _int64(0)))
+        keep = self.emit(relax.op.logical_or(keep, none_kept))  # a fully masked row: all
+        lowest = _int64(np.iinfo(np.int64).min)
+        top = self.emit(
+            relax.op.max(self.emit(relax.op.where(keep, q, lowest)), axis=-1, keepdims=True)
+        )
+        zero = _int64(0)
+        d = self.emit(relax.op.where(keep, self.emit(relax.op.subtract(q, top)), zero))
+        e = self.emit(relax.op.where(keep, self.ibert_exp(d, op), zero))
+        self.normalize(e, op, len(shape))
+
+    def integer_sqrt(self, n: relax.Expr) -> relax.Var:
+        """floor(sqrt(n)) of int64 1 <= n < 2^62: the reference's Newton iteration
+        (:func:`dyadiq.reference_interpreter.integer_sqrt`)."""
+        powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
+        wide = self.emit(relax.op.expand_dims(n, axis=-1))
+        above = self.emit(relax.op.greater_equal(wide, _int64(powers)))
+        bits = self.emit(relax.op.sum(self.emit(relax.op.astype(above, "int64")), axis=[-1]))
+        half = self.emit(relax.op.right_shift(self.emit(relax.op.add(bits, _int64(1))), _int64(1)))
+        index = self.emit(relax.op.astype(half, "int32"))
+        x: relax.Expr = self.emit(relax.op.take(_int64(powers[:33]), index, axis=0))
+        for _ in range(ip.ISQRT_STEPS):
+            quotient = self.emit(relax.op.floor_divide(n, x))
+            step = self.emit(relax.op.right_shift(self.emit(relax.op.add(x, quotient)), _int64(1)))
+            x = self.emit(relax.op.minimum(x, step))
+        return self.emit(x)
+
+    def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
+        """:class:`ip.LayerNorm`; its one division is of non-negative int64 (a floor)."""
+        shape = self.shape(op.input)
+        v = self.centered(op.input, op.input_zero_point)
+        total = self.emit(relax.op.sum(v, axis=[-1], keepdims=True))
+        c = self.emit(relax.op.subtract(self.emit(relax.op.multiply(v, _int64(shape[-1]))), total))
+        squares = self.emit(
+            relax.op.sum(self.emit(relax.op.multiply(c, c)), axis=[-1], keepdims=True)
+        )
+        squares = self.emit(relax.op.add(squares, _int64(op.eps_codes)))
+        r = self.integer_sqrt(self.emit(relax.op.maximum(squares, _int64(1))))
+        magnitude = self.emit(relax.op.multiply(self.emit(relax.op.abs(c)), _int64(op.norm_mult)))
+        quotient = self.emit(relax.op.floor_divide(magnitude, r))
+        negative = self.emit(relax.op.less(c, _int64(0)))
+        t = self.emit(relax.op.where(negative, self.emit(relax.op.negative(quotient)), quotient))
+        gamma = _int64(op.gamma.astype(np.int64))
+        acc = self.emit(
+            relax.op.add(self.emit(relax.op.multiply(t, gamma)), _int64(op.beta.astype(np.int64)))
+        )
+        self.requant(acc, op.requant, len(shape), op.output)
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         # TVM pads with the dtype's minimum, the reference with the output's qmin; every

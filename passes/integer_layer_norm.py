@@ -1,0 +1,123 @@
+"""Rewrite rule: an ONNX ``LayerNormalization`` between quantized tensors -> :class:`ip.LayerNorm`.
+
+The algebra (I-BERT's integer LayerNorm) is stated on :class:`dyadiq.integer_program.LayerNorm`;
+this module chooses its integer constants. With input scale s_x, output scale s_y, width N,
+gamma g and beta b (per channel of the last axis):
+
+- S = round(sqrt(N) 2^F): t = c S / r is the normalised value x_hat at scale 2^-F
+  (F = ``LAYER_NORM_FRAC_BITS``; |t| <= 2 S since c_i^2 <= sum c^2 < (r + 1)^2);
+- gamma_i = round(g_i 2^G / s_y) with G the largest shift that keeps max |gamma_i| below
+  2^``LAYER_NORM_GAMMA_BITS``, beta_i = round(b_i 2^(F+G) / s_y): acc = t gamma + beta is the
+  output code times 2^(F+G), and the requant is a rounding shift by F + G (one rounding);
+- eps_codes = round(N^3 eps / s_x^2) adds the epsilon in c's units.
+
+Preconditions, checked (a rule that does not apply says why, and the node runs in float):
+normalisation over the last axis only, constant gamma (and beta, if given), a static width
+N <= ``LAYER_NORM_MAX_WIDTH``, and every intermediate (sum c^2 + eps, |c| S, |acc|) provably
+below 2^62.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from dyadiq import integer_program as ip
+from dyadiq.quantizers import ActQuant
+
+LAYER_NORM_FRAC_BITS = 12
+LAYER_NORM_GAMMA_BITS = 12
+INT64_HEADROOM = 1 << 62
+
+
+def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values, np.float64)
+    return None
+
+
+def layer_norm_blocker(node: gs.Node) -> str | None:
+    """Why this LayerNormalization cannot be an integer op (whatever its quantizers), or None."""
+    x = node.inputs[0]
+    rank = len(x.shape or ())
+    if rank == 0:
+        return "integer LayerNorm needs the input's rank"
+    if int(node.attrs.get("axis", -1)) % rank != rank - 1:
+        return "integer LayerNorm normalises over the last axis only"
+    width = (x.shape or [None])[-1]
+    if not isinstance(width, int) or width <= 0:
+        return "integer LayerNorm needs a static last dimension"
+    if width > ip.LAYER_NORM_MAX_WIDTH:
+        return f"integer LayerNorm takes widths up to {ip.LAYER_NORM_MAX_WIDTH}, not {width}"
+    gamma = _constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    if gamma is None or gamma.size not in (1, width):
+        return "integer LayerNorm needs a constant scale of one value per channel"
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        beta = _constant(node.inputs[2])
+        if beta is None or beta.size not in (1, width):
+            return "integer LayerNorm needs a constant bias of one value per channel"
+    if len(node.outputs) > 1 and any(t.name and t.outputs for t in node.outputs[1:]):
+        return "integer LayerNorm does not produce the mean / inverse std outputs"
+    return None
+
+
+def integer_layer_norm(
+    node: gs.Node, output: str, input_codes: str, qx: ActQuant, qy: ActQuant
+) -> ip.LayerNorm | str:
+    """The integer op for ``node`` (see the module docstring), or why there is none."""
+    reason = layer_norm_blocker(node)
+    if reason is not None:
+        return reason
+    width = int(node.inputs[0].shape[-1])
+    gamma_constant = _constant(node.inputs[1])
+    if gamma_constant is None:  # layer_norm_blocker has checked it
+        return "integer LayerNorm needs a constant scale"
+    gamma_real = np.broadcast_to(gamma_constant, (width,)).astype(np.float64)
+    beta_node = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    beta_constant = _constant(beta_node)
+    beta_real = np.zeros(width) if beta_constant is None else beta_constant
+    beta_real = np.broadcast_to(beta_real, (width,)).astype(np.float64)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+
+    frac = LAYER_NORM_FRAC_BITS
+    norm_mult = round(math.sqrt(width) * 2**frac)
+    largest = float(np.abs(gamma_real).max()) / qy.scale
+    if largest > 0:
+        gamma_shift = LAYER_NORM_GAMMA_BITS - 1 - math.floor(math.log2(largest))
+    else:
+        gamma_shift = LAYER_NORM_GAMMA_BITS
+    shift = frac + gamma_shift
+    if shift < 1 or shift > 62:
+        return f"integer LayerNorm: gamma / s_y = {largest:.3g} needs a shift of {shift}"
+    gamma = np.round(gamma_real * 2.0**gamma_shift / qy.scale).astype(np.int64)
+    beta_codes = beta_real * 2.0**shift / qy.scale
+    eps_real = width**3 * eps / qx.scale**2
+    largest_v = max(qx.qmax - qx.zero_point, qx.zero_point - qx.qmin)
+    largest_c = 2 * largest_v * width
+    bounds = {
+        "sum c^2 + eps": width * largest_c**2 + eps_real,
+        "|c| S": largest_c * norm_mult,
+        "|acc|": 2 * norm_mult * int(np.abs(gamma).max()) + float(np.abs(beta_codes).max()),
+    }
+    too_large = [name for name, bound in bounds.items() if bound >= INT64_HEADROOM]
+    if too_large:
+        return f"integer LayerNorm: {', '.join(too_large)} could leave int64"
+    return ip.LayerNorm(
+        output,
+        input_codes,
+        qx.zero_point,
+        round(eps_real),
+        norm_mult,
+        gamma,
+        np.round(beta_codes).astype(np.int64),
+        ip.Requant(
+            np.array([1], np.int64),
+            np.array([shift], np.int64),
+            qy.zero_point,
+            qy.qmin,
+            qy.qmax,
+            axis=-1,
+        ),
+    )
