@@ -1,8 +1,10 @@
 """Static activation memory for an :class:`IntegerProgram`: one arena, offsets from liveness.
 
-A *buffer* is the storage one op writes. Reshape writes nothing: its output aliases its input's
-bytes (same layout), so a buffer lives from the step that writes it to the last step that reads
-it or any alias of it; model outputs live to the end (the driver copies them out last).
+A *buffer* is the storage one op writes (codes: one byte per element; the float tensors at a
+float island's edges: their element size, :func:`element_bytes`). Reshape writes nothing: its
+output aliases its input's bytes (same layout), so a buffer lives from the step that writes it
+to the last step that reads it or any alias of it; model outputs live to the end (the driver
+copies them out last).
 
 Two buffers may share bytes only if their live intervals are disjoint. Offsets come from the
 greedy-by-size heuristic (largest buffer first, placed at the lowest aligned offset that does
@@ -13,6 +15,7 @@ RAM budget needs as linear constraints (sum over a live set of activation bytes 
 
 The model input is the caller's buffer (outside the arena); ops are numbered by their position
 in ``program.ops``, and host-side ops (QuantizeInput, Dequantize of an output) own no buffer.
+A float island's own intermediate tensors live in its scratch (:mod:`.float_c`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from dyadiq import integer_program as ip
 from dyadiq.errors import UnsupportedModelError
@@ -74,8 +78,31 @@ def static_shape(program: ip.IntegerProgram, tensor: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def element_bytes(program: ip.IntegerProgram, tensor: str) -> int:
+    """1 for codes; a float island's tensors and the model's float input by their type."""
+    if tensor in program.quant:
+        return 1
+    if tensor in program.inputs:
+        return int(np.dtype(program.inputs[tensor][0]).itemsize)
+    for op in program.ops:
+        if isinstance(op, ip.FloatIsland) and tensor in op.outputs:
+            types = op.output_types or (onnx.TensorProto.FLOAT,) * len(op.outputs)
+            kind = types[op.outputs.index(tensor)]
+            return int(onnx.helper.tensor_dtype_to_np_dtype(kind).itemsize)
+    return 4  # a Dequantize's float32 output
+
+
 def tensor_bytes(program: ip.IntegerProgram, tensor: str) -> int:
-    return int(np.prod(static_shape(program, tensor), dtype=np.int64))
+    count = int(np.prod(static_shape(program, tensor), dtype=np.int64))
+    return count * element_bytes(program, tensor)
+
+
+def _host_side(program: ip.IntegerProgram, op: ip.IntOp) -> bool:
+    """The caller quantizes the input and dequantizes the outputs; a Dequantize into a float
+    island runs on the device."""
+    if isinstance(op, ip.QuantizeInput):
+        return True
+    return isinstance(op, ip.Dequantize) and op.output in program.outputs
 
 
 def _reads(op: ip.IntOp) -> tuple[str, ...]:
@@ -97,14 +124,14 @@ def _align(n: int) -> int:
 def plan_arena(program: ip.IntegerProgram) -> ArenaPlan:
     """Liveness-based arena offsets for every activation the device computes."""
     external = frozenset(op.output for op in program.ops if isinstance(op, ip.QuantizeInput))
+    external |= frozenset(program.inputs)  # a float input a float island reads directly
     aliases: dict[str, str] = {}
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     end = len(program.ops)
     for step, op in enumerate(program.ops):
-        if isinstance(op, ip.QuantizeInput | ip.Dequantize | ip.FloatIsland):
-            continue  # host side (the caller quantizes the input, dequantizes the outputs);
-            # float islands are refused by the emitter
+        if _host_side(program, op):
+            continue
         for name in _reads(op):
             root = aliases.get(name)
             if root is not None:
@@ -114,9 +141,11 @@ def plan_arena(program: ip.IntegerProgram) -> ArenaPlan:
         elif isinstance(op, ip.Reshape):
             aliases[op.output] = aliases[op.input]
         else:
-            aliases[op.output] = op.output
-            first[op.output] = step
-            last[op.output] = step
+            written = op.outputs if isinstance(op, ip.FloatIsland) else (op.output,)
+            for name in written:
+                aliases[name] = name
+                first[name] = step
+                last[name] = step
     for output in program.outputs:
         code = program.int_outputs.get(output, output)
         if code in aliases:

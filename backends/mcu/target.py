@@ -62,6 +62,7 @@ class McuTarget(base.Target[McuArtifact]):
         from .build import build_if_toolchain
         from .costs import allocator_memory_plan
         from .emit_c import emit_c_project
+        from .float_c import island_report
 
         project = emit_c_project(program, out_dir, cpu=self.name)
         memory_plan = out_dir / MEMORY_PLAN_NAME
@@ -73,6 +74,7 @@ class McuTarget(base.Target[McuArtifact]):
             "weights_stored_as": "int4 packed two per byte, wider codes one per byte",
             "memory_plan": str(memory_plan),  # feed back with --memory-plan (--budget ram=)
         }
+        report.update(island_report(program, [o.name for o in project.outputs]))
         (input_name,) = list(program.inputs)
         built, why_not = build_if_toolchain(project)
         if built is None:

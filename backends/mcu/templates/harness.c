@@ -37,7 +37,8 @@ void dq_profile_step(int32_t step, const char *op)
 #endif
 
 static float input[DQ_INPUT_COUNT];
-static uint8_t codes[DQ_INPUT_COUNT];
+/* DQ_INPUT_BYTES: one byte per code, or the float bytes a float island reads directly */
+static uint8_t codes[DQ_INPUT_BYTES] __attribute__((aligned(8)));
 static uint8_t output[DQ_OUTPUT_BYTES];
 
 int main(void)

@@ -3,7 +3,7 @@
 
 #include "model.h"
 
-static uint8_t codes[DQ_INPUT_COUNT];
+static uint8_t codes[DQ_INPUT_BYTES] __attribute__((aligned(8)));
 static uint8_t output[DQ_OUTPUT_BYTES];
 
 int main(void)
