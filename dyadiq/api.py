@@ -67,7 +67,9 @@ class QuantizedModel:
     and ``integer``, ``target``, ``ort_baseline`` when made). ``report``: report.json as a
     dict. ``metrics``: held-out metrics per model (``float`` first), zoo models only.
     ``pipeline``: the graph, plan, activation sites and integer program behind them.
+    ``report["held_out"]``: which data the plan was searched on and the metrics reported on.
     ``allocation``: the chosen plan's search (a ``BudgetPlan`` / ``BisectedPlan``) or None.
+    ``metrics``: see the property.
     """
 
     paths: dict[str, Path]
@@ -83,7 +85,8 @@ class QuantizedModel:
 
     @property
     def metrics(self) -> dict[str, dict[str, float]] | None:
-        """Held-out metrics per model (``float`` first); None without held-out data."""
+        """Metrics per model (``float`` first) on held-out data (a zoo model's, ``test`` or
+        ``validation``) and by an ``evaluate`` callback; None when none was measured."""
         return self.report.get("metrics")
 
     @property
@@ -122,6 +125,10 @@ def quantize(
     model: ModelInput,
     calibration: Any = None,
     *,
+    validation: Any = None,
+    test: Any = None,
+    labels: Any = None,
+    test_labels: Any = None,
     out: str | os.PathLike[str] | None = None,
     budget: str | None = None,
     max_drop: str | None = None,
@@ -140,7 +147,7 @@ def quantize(
     plan: PrecisionPlan | str | os.PathLike[str] | None = None,
     integer: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    evaluate: bool = True,
+    evaluate: bool | Callable[[Path], float] = True,
     eval_limit: int | None = None,
     compare_ort: bool = False,
     runtime_kernels: bool = False,
@@ -156,8 +163,17 @@ def quantize(
     ``calibration``: an iterable of ``{input name: array}`` batches, an onnxruntime
     ``CalibrationDataReader``, a folder of .npz/.npy batches or images (``calib_preset``), or
     one .npz file (one batch); None for a zoo model.
-    ``budget`` (``"size=2MB"``, ``"avg-wbits=5"``, ...) or ``max_drop`` (``"0.5%"``, zoo only)
-    choose per-layer formats; ``plan`` gives them; else every layer is W``wbits``A``abits``.
+    ``budget`` (``"size=2MB"``, ``"avg-wbits=5"``, ...) or ``max_drop`` choose per-layer
+    formats; ``plan`` gives them; else every layer is W``wbits``A``abits``.
+    ``max_drop``: the smallest plan whose score is within this drop of the float model's:
+    ``"0.01"`` in the metric's units, ``"0.5%"`` of its scale (half a point of an accuracy or
+    agreement; of a callback's score, 0.5 % of float's). Plans are scored by ``evaluate``
+    when it is a callable ``evaluate(model_path) -> float`` (higher is better; it gets the
+    path of a complete QDQ model), else on ``validation`` (the user's held-out batches, read
+    like ``calibration``: by ``labels`` accuracy when given, else by agreement with float,
+    chosen by what the first output holds), else on a zoo model's held-out data. The written
+    model is reported on ``test`` (with ``test_labels``), else on the half of ``validation``
+    (or of the zoo's data) that the search did not read. ``evaluate=False`` skips reporting.
     ``exclude``: layers kept in float, by node id, glob pattern or op type (``"Gemm"``).
     ``pin``: ``"ID_OR_PATTERN=W8A8[,W4A8]"`` restrictions for ``budget`` / ``max_drop``.
     ``target``: also compile the integer model (``"x86"``, ``"cortex-m4"``, ...) into
@@ -169,8 +185,18 @@ def quantize(
     the reference (unless ``allow_mismatch``; the folder is kept for inspection).
     ``on_written`` is called with the result once every file is written, before that error.
     """
+    from dyadiq.quality_sources import QualityInputs, input_problems
+
     style = QDQStyle.parse(qdq_style)
-    _refuse_conflicts(budget, max_drop, plan, pin, style, integer, target, act_dtype)
+    quality_inputs = QualityInputs(validation, test, labels, test_labels, evaluate)
+    problems = _conflicts(budget, max_drop, plan, pin, style, integer, target, act_dtype)
+    problems += input_problems(
+        quality_inputs, zoo=_is_zoo(model), max_drop=max_drop, calibration=calibration
+    )
+    if problems:
+        raise ConfigError(
+            problems[0] if len(problems) == 1 else "\n  - ".join(["bad options:", *problems])
+        )
     with contextlib.ExitStack() as stack:
         scratch = None
         if out is None:
@@ -180,6 +206,7 @@ def quantize(
         calib_path = Path(calibration) if isinstance(calibration, str | os.PathLike) else None
         plan_path = Path(plan) if isinstance(plan, str | os.PathLike) else None
         named = [model if isinstance(model, str | os.PathLike) else None, calib_path, plan_path]
+        named += [p for p in (validation, test) if isinstance(p, str | os.PathLike)]
         named += [search.latency_table, search.memory_plan, build.tuning_db]
         inputs = [Path(p) for p in named if p is not None and not _is_zoo(p)]
         _check_output(final, inputs)  # before any work
@@ -188,6 +215,16 @@ def quantize(
             inputs.append(Path(artifacts.model_path))
         calibration = _calibration(calibration, artifacts, calib_limit)
         excluded = _resolve_layers(model_path, exclude, pin, input_shapes) if exclude or pin else ()
+        from dyadiq.quality_sources import resolve
+
+        quality = resolve(
+            model_path,
+            artifacts,
+            quality_inputs,
+            searching=max_drop is not None,
+            image_preset=calib_preset,
+            eval_limit=eval_limit,
+        )
         run = _Run(
             final=final,
             model_path=model_path,
@@ -219,6 +256,7 @@ def quantize(
             plan=PrecisionPlan.load(plan_path) if plan_path else plan,  # type: ignore[arg-type]
             search=search,
             build=build,
+            quality=quality,
         )
         from dyadiq.io import staged_output_dir
 
@@ -248,7 +286,7 @@ def _check_output(final: Path, inputs: list[Path]) -> None:
     check_output_dir(final, *inputs)
 
 
-def _refuse_conflicts(
+def _conflicts(
     budget: str | None,
     max_drop: str | None,
     plan: Any,
@@ -257,22 +295,25 @@ def _refuse_conflicts(
     integer: bool,
     target: str | None,
     act_dtype: str,
-) -> None:
-    """Options that contradict each other or mean nothing are refused, never ignored."""
+) -> list[str]:
+    """Options that contradict each other or mean nothing: refused (all at once), never
+    ignored."""
+    problems = []
     if plan is not None and (budget or max_drop):
         chooser = "--budget" if budget else "--max-drop"
-        raise ConfigError(
-            f"--plan gives every layer's format; {chooser} would choose them: pick one"
-        )
+        problems.append(f"--plan gives every layer's format; {chooser} would choose them: pick one")
+    if budget and max_drop:
+        problems.append("--budget and --max-drop both choose the plan: pick one")
     if pin and not (budget or max_drop):
-        raise ConfigError("--pin restricts what --budget / --max-drop may choose: add one of them")
+        problems.append("--pin restricts what --budget / --max-drop may choose: add one of them")
     if act_dtype not in ("uint8", "int8"):
-        raise ConfigError(f"--act-dtype must be uint8 or int8, got {act_dtype!r}")
+        problems.append(f"--act-dtype must be uint8 or int8, got {act_dtype!r}")
     if style is QDQStyle.TENSORRT and (integer or target is not None):
-        raise ConfigError(
+        problems.append(
             "--qdq-style tensorrt writes a QDQ model for TensorRT; the integer model and "
             "--target builds use the default style: drop --integer / --target, or the style"
         )
+    return problems
 
 
 def _source(model: ModelInput, stack: contextlib.ExitStack) -> tuple[Any, Path]:
@@ -396,14 +437,15 @@ class _Run:
     plan: PrecisionPlan | None
     search: SearchOptions
     build: TargetOptions
+    quality: Any  # dyadiq.quality_sources.Quality
 
     def execute(self, staged: Path, scratch: Any) -> QuantizedModel:
         from dyadiq import pipeline
         from dyadiq.consistency import verification_problems
+        from dyadiq.html_report import write_report_html
         from dyadiq.io import relocated, write_text_atomic
         from dyadiq.passes.calibration.observers import RangeMethod
         from dyadiq.passes.compensation.settings import CompensationSettings
-        from dyadiq.html_report import write_report_html
 
         s = self.settings
         config = pipeline.CalibrationConfig(
@@ -446,8 +488,12 @@ class _Run:
             info = self._build_target(result, config, staged)
             report["target"] = relocated(info, staged, self.final)  # paths as they will be
             paths["target"] = self.final / s["target"]
-        if self.artifacts is not None and s["evaluate"]:
-            report["metrics"] = self._evaluate(staged, paths)
+        if s["evaluate"] is not False:
+            metrics = self._evaluate(staged, paths)
+            if metrics:
+                report["metrics"] = metrics
+        if self.quality.held_out:
+            report["held_out"] = self.quality.held_out
         problems = verification_problems(report)
         report["verification"] = {
             "passed": not problems,
@@ -467,13 +513,14 @@ class _Run:
         s = self.settings
         options = self._mixed_precision_options(compensation)
         builder = weights = None
-        measures_plans = s["budget"] or (s["max_drop"] and self.artifacts is not None)
-        if measures_plans and compensation.enabled:
+        if compensation.enabled:
             # one compensated quantizer for the analysis, the measured plans and the output
             with stage(f"compensating weights at widths {_widths(options)} ({compensation.label})"):
                 builder = mp.plan_builder(self.model_path, self.calibration, options)
                 weights = mp.candidate_weights(builder, options)
         if s["max_drop"]:
+            if builder is None:  # one calibration pass for every measured plan
+                builder = mp.plan_builder(self.model_path, self.calibration, options)
             with stage(
                 f"searching the smallest plan within --max-drop {s['max_drop']} of float "
                 f"({self.search.bisect_steps} measured plans at most)"
@@ -484,7 +531,7 @@ class _Run:
                     options,
                     s["max_drop"],
                     self.search.bisect_steps,
-                    self.artifacts,
+                    self.quality.search,
                     self.final,
                     builder,
                 )
@@ -497,41 +544,20 @@ class _Run:
         return chosen, weights
 
     def _mixed_precision_options(self, compensation: Any) -> Any:
-        from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ
-        from dyadiq.mixed_precision import MixedPrecisionOptions
-        from dyadiq.passes.allocation import AllocationOptions
-        from dyadiq.passes.calibration.observers import RangeMethod
-        from dyadiq.passes.sensitivity.proxy import Proxy
-        from dyadiq.targets import TARGETS
-
-        s, search = self.settings, self.search
-        runs_on = [ONNX_QDQ]
-        if s["integer"] or s["target"] is not None:
-            runs_on.append(INTEGER_ONNX)
-        if s["target"] is not None:
-            runs_on.append(TARGETS[s["target"]].capabilities)
-        allocation = AllocationOptions(
-            weight_bits=search.wbits_candidates,
-            act_bits=search.abits_candidates or (s["abits"],),
-            default_act_bits=s["abits"],
-            proxy=Proxy.parse(search.proxy),
-            pins=s["pin"],
-            exclude=s["exclude"],
-            runs_on=tuple(runs_on),
-            latency_table=search.latency_table,
-            memory_plan=search.memory_plan,
-        )
-        return MixedPrecisionOptions(
-            allocation,
-            calibrator=RangeMethod(s["calibrator"]),
+        s = self.settings
+        return mixed_precision_options(
+            self.search,
+            compensation=compensation,
+            abits=s["abits"],
+            act_dtype=s["act_dtype"],
+            calibrator=s["calibrator"],
             calib_preset=s["calib_preset"],
             calib_limit=s["calib_limit"],
-            analysis_samples=search.analysis_samples,
-            compensation=compensation,
-            act_signed=s["act_dtype"] == "int8",
+            pin=s["pin"],
+            exclude=s["exclude"],
+            integer=s["integer"],
+            target=s["target"],
             eval_limit=s["eval_limit"],
-            workers=search.workers,
-            ray_address=search.ray_address,
         )
 
     def _build_target(self, result: QuantizeResult, config: Any, staged: Path) -> Any:
@@ -560,8 +586,11 @@ class _Run:
                 layer_latency_ids=list(result.plan.layers) if build.layer_latency else None,
             )
 
-    def _evaluate(self, staged: Path, paths: dict[str, Path]) -> Any:
+    def _evaluate(self, staged: Path, paths: dict[str, Path]) -> dict[str, dict[str, float]]:
+        """The written models scored: on the zoo model's held-out data (its report half
+        after --max-drop), on the user's report split, and by the user's callback."""
         from dyadiq.evaluation import evaluate
+        from dyadiq.quality_sources import report_metrics
 
         s = self.settings
         mixed = self.plan is not None or s["budget"] or s["max_drop"]
@@ -569,6 +598,9 @@ class _Run:
         models = {label: staged / "model.qdq.onnx"}
         if s["integer"]:
             models[f"{label} integer"] = staged / "model.int.onnx"
+        metrics = report_metrics(self.quality, self.model_path, models)
+        if self.artifacts is None:
+            return metrics
         if s["compare_ort"]:
             from dyadiq.ort_baseline import quantize_static_baseline
 
@@ -577,9 +609,16 @@ class _Run:
                 quantize_static_baseline(self.artifacts.model_path, ort_path, self.calibration)
             models["onnxruntime quantize_static W8A8"] = ort_path
             paths["ort_baseline"] = self.final / ort_path.name
-        return evaluate(
-            self.artifacts, models, limit=s["eval_limit"], runtime_kernels=s["runtime_kernels"]
+        zoo = evaluate(
+            self.artifacts,
+            models,
+            limit=s["eval_limit"],
+            runtime_kernels=s["runtime_kernels"],
+            part=self.quality.zoo_part,
         )
+        for name, values in metrics.items():  # the callback's score beside the zoo's metrics
+            zoo.setdefault(name, {}).update(values)
+        return zoo
 
 
 # The files every run writes, by role.
@@ -602,6 +641,62 @@ def _widths(options: Any) -> str:
     return ",".join(str(b) for b in options.allocation.weight_bits)
 
 
+def mixed_precision_options(
+    search: SearchOptions,
+    *,
+    compensation: Any,
+    abits: int = 8,
+    act_dtype: str = "uint8",
+    calibrator: str = "percentile",
+    calib_preset: str | None = None,
+    calib_limit: int | None = None,
+    pin: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    integer: bool = False,
+    target: str | None = None,
+    eval_limit: int | None = None,
+) -> Any:
+    """The one place a run's options become :class:`~dyadiq.mixed_precision.MixedPrecisionOptions`
+    (``quantize --budget`` / ``--max-drop`` and ``frontier``). The plan must run on the QDQ
+    model; with ``integer`` or a ``target`` also on the integer model; with a ``target`` on
+    that target's backend too."""
+    from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ
+    from dyadiq.mixed_precision import MixedPrecisionOptions
+    from dyadiq.passes.allocation import AllocationOptions
+    from dyadiq.passes.calibration.observers import RangeMethod
+    from dyadiq.passes.sensitivity.proxy import Proxy
+    from dyadiq.targets import TARGETS
+
+    runs_on = [ONNX_QDQ]
+    if integer or target is not None:
+        runs_on.append(INTEGER_ONNX)
+    if target is not None:
+        runs_on.append(TARGETS[target].capabilities)
+    allocation = AllocationOptions(
+        weight_bits=tuple(search.wbits_candidates),
+        act_bits=tuple(search.abits_candidates or (abits,)),
+        default_act_bits=abits,
+        proxy=Proxy.parse(search.proxy),
+        pins=tuple(pin),
+        exclude=tuple(exclude),
+        runs_on=tuple(runs_on),
+        latency_table=search.latency_table,
+        memory_plan=search.memory_plan,
+    )
+    return MixedPrecisionOptions(
+        allocation,
+        calibrator=RangeMethod(calibrator),
+        calib_preset=calib_preset,
+        calib_limit=calib_limit,
+        analysis_samples=search.analysis_samples,
+        compensation=compensation,
+        act_signed=act_dtype == "int8",
+        eval_limit=eval_limit,
+        workers=search.workers,
+        ray_address=search.ray_address,
+    )
+
+
 def layer_ids(model: ModelInput) -> list[str]:
     """The ids of ``model``'s weighted layers, as ``exclude`` / ``pin`` / plans name them."""
     from dyadiq.frontends.onnx_frontend import load_onnx
@@ -617,5 +712,6 @@ __all__ = [
     "TargetOptions",
     "layer_ids",
     "match_layers",
+    "mixed_precision_options",
     "quantize",
 ]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import enum
 import pathlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dyadiq.errors import ConfigError, ZooError
+from dyadiq.held_out import Part, zoo_part
 from dyadiq.ort_sessions import Kernels, open_session
 
 if TYPE_CHECKING:
@@ -161,8 +163,12 @@ def evaluate(
     *,
     limit: int | None = None,
     runtime_kernels: bool = False,
+    part: Part = Part.ALL,
 ) -> dict[str, dict[str, float]]:
     """Run the float model (key ``"float"``) and each of ``models`` over the evaluation set once.
+
+    ``limit`` caps the held-out samples read; ``part`` keeps only its split of them
+    (:mod:`dyadiq.held_out`: ``SEARCH`` the even positions, ``REPORT`` the odd ones).
 
     Every model runs as an exact simulation (``dyadiq.ort_sessions``), so the figures are the
     same on every CPU. ``runtime_kernels`` also scores each of ``models`` with onnxruntime's
@@ -186,7 +192,7 @@ def evaluate(
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     labels: list[np.ndarray] = []
     has_labels = True
-    batches = artifacts.evaluation_batches(limit)
+    batches = zoo_part(artifacts.evaluation_batches(limit), part)
     for feeds, lab in track(batches, f"evaluating {len(sessions)} models", total=None):
         for name, sess in sessions.items():
             outputs[name].append(_run(sess, feeds, name))
@@ -337,7 +343,11 @@ def score_output(
         metrics = map_metrics(reference, other)
     else:
         ref, out = np.asarray(reference, np.float64), np.asarray(other, np.float64)
-        metrics = {"mean_abs_error": float(np.mean(np.abs(ref - out)))}
+        span = float(np.ptp(ref)) or float(np.max(np.abs(ref), initial=0.0)) or 1.0
+        metrics = {
+            "mean_abs_error": float(np.mean(np.abs(ref - out))),
+            "mean_abs_error_rel": float(np.mean(np.abs(ref - out)) / span),
+        }
     metrics["snr_db"] = snr_db(reference, other)
     return metrics
 
@@ -367,10 +377,42 @@ def _input_specs(model_path: pathlib.Path) -> dict[str, tuple[np.dtype, tuple[An
     return specs
 
 
+def run_outputs(
+    model: pathlib.Path,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    kernels: Kernels = Kernels.EXACT,
+) -> dict[str, np.ndarray]:
+    """Outputs ``names`` of ``model`` (an exact simulation unless ``kernels`` says otherwise)
+    over ``batches``, stacked over samples (a scalar output stacked over batches)."""
+    session = _session(model, kernels)
+    have = {o.name for o in session.get_outputs()}
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ConfigError(f"{model.name} lacks the float model's outputs {missing}")
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feeds in batches:
+        for name, value in zip(names, session.run(list(names), dict(feeds)), strict=True):
+            collected[name].append(np.asarray(value))
+    return {
+        n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in collected.items()
+    }
+
+
+def output_names(model: pathlib.Path) -> list[str]:
+    """The model's output names, in order."""
+    return [o.name for o in _session(model).get_outputs()]
+
+
+def input_specs(model_path: pathlib.Path) -> dict[str, tuple[np.dtype, tuple[Any, ...]]]:
+    """Each graph input's (dtype, dims; None for a symbolic dim), as calibration checks them."""
+    return _input_specs(model_path)
+
+
 def evaluate_on_data(
     float_model: pathlib.Path,
     models: dict[str, pathlib.Path],
-    data: pathlib.Path,
+    data: Any,
     *,
     labels: np.ndarray | None = None,
     kind: OutputKind | None = None,
@@ -378,46 +420,28 @@ def evaluate_on_data(
     runtime_kernels: bool = False,
 ) -> tuple[dict[str, OutputKind], dict[str, dict[str, float]]]:
     """Run ``float_model`` and each of ``models`` on the batches of ``data`` (a folder of
-    .npz / .npy batches, as ``--calib`` reads), every output of every model, and score each
-    candidate's outputs against the float model's with the metrics of the output's kind
-    (:func:`output_kind`, or ``kind`` for all). Returns the kinds per output and the metrics
-    per ``"MODEL"`` (one output) or ``"MODEL: OUTPUT"``."""
+    .npz / .npy batches, as ``--calib`` reads, or a list of feed dicts), every output of every
+    model, and score each candidate's outputs against the float model's with the metrics of
+    the output's kind (:func:`output_kind`, or ``kind`` for all). Returns the kinds per output
+    and the metrics per ``"MODEL"`` (one output) or ``"MODEL: OUTPUT"``."""
     from dyadiq.passes.calibration.data import validated_batches
 
     if "float" in models:
         raise ConfigError('the name "float" is reserved for the reference model')
-    sessions = {"float": _session(float_model)}
-    sessions.update({name: _session(p) for name, p in models.items()})
+    batches = list(validated_batches(data, _input_specs(float_model), limit=limit))
+    names = output_names(float_model)
+    reference = run_outputs(float_model, batches, names)
+    candidates = {name: run_outputs(p, batches, names) for name, p in models.items()}
     if runtime_kernels:
-        sessions.update(
-            {name + RUNTIME_SUFFIX: _session(p, Kernels.RUNTIME) for name, p in models.items()}
-        )
-    names = [o.name for o in sessions["float"].get_outputs()]
-    collected: dict[str, dict[str, list[np.ndarray]]] = {
-        model: {n: [] for n in names} for model in sessions
-    }
-    for feeds in validated_batches(data, _input_specs(float_model), limit=limit):
-        for model, sess in sessions.items():
-            missing = [o for o in names if o not in {x.name for x in sess.get_outputs()}]
-            if missing:
-                raise ConfigError(f"{model} lacks the float model's outputs {missing}")
-            for name, value in zip(names, sess.run(names, dict(feeds)), strict=True):
-                collected[model][name].append(np.asarray(value))
-    stacked = {
-        model: {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in outs.items()}
-        for model, outs in collected.items()
-    }
-    kinds = {
-        n: kind or output_kind(stacked["float"][n], has_labels=labels is not None) for n in names
-    }
+        for name, path in models.items():
+            candidates[name + RUNTIME_SUFFIX] = run_outputs(path, batches, names, Kernels.RUNTIME)
+    kinds = {n: kind or output_kind(reference[n], has_labels=labels is not None) for n in names}
     results: dict[str, dict[str, float]] = {}
-    for model, outs in stacked.items():
-        if model == "float":
-            continue
+    for model, outs in candidates.items():
         for n in names:
             key = model if len(names) == 1 else f"{model}: {n}"
             use_labels = labels if kinds[n] is OutputKind.CLASSES else None
-            metrics = score_output(kinds[n], stacked["float"][n], outs[n], use_labels)
+            metrics = score_output(kinds[n], reference[n], outs[n], use_labels)
             metrics["samples"] = float(outs[n].shape[0]) if outs[n].ndim else 1.0
             results[key] = metrics
     return kinds, results

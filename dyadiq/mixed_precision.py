@@ -3,8 +3,9 @@ a plan under a budget (ILP), the smallest plan within an accuracy tolerance (bis
 measured frontier.
 
 This is the driver above :mod:`dyadiq.passes.allocation`: it runs the calibration and
-compensation (``pipeline.PlanBuilder``) and measures plans on held-out data (``evaluation``),
-which the allocation package, lower in the flow, must not import. The sensitivity analysis and
+compensation (``pipeline.PlanBuilder``) and scores plans (``plan_scores``: held-out zoo data,
+the user's data, or the user's callback), which the allocation package, lower in the flow,
+must not import. The sensitivity analysis and
 the plan measurements run on one executor (``passes/sensitivity/executor.py``: serial, or Ray
 with ``workers`` / ``ray_address``): plans are built here and scored by the workers. Options
 come in typed (:class:`MixedPrecisionOptions`, built once by the CLI) and results go out
@@ -14,7 +15,6 @@ typed; printing is the CLI's.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.sensitivity.analysis import SensitivityReport
 from dyadiq.passes.sensitivity.executor import Executor, make_executor, run_tasks
 from dyadiq.plan import LayerFormat, PrecisionPlan
+from dyadiq.plan_scores import ScorePlan, Tolerance, describe_plan, float_score
 
 Calibration = Any  # a folder of batches, or batches already read (a list)
 
@@ -98,11 +99,12 @@ class BudgetPlan(ChosenPlan):
 
 @dataclass(frozen=True)
 class ToleranceSearch:
-    """What --max-drop compares: the held-out metric, float's value, the tolerance."""
+    """What --max-drop compares: the search split's metric, float's value on it, the
+    tolerance in the metric's units."""
 
     metric: str
     reference: float  # the float model's value
-    drop: float  # absolute
+    drop: float  # absolute, in the metric's units
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,6 @@ class BisectedPlan(ChosenPlan):
 
     search: ToleranceSearch
     result: BisectionResult
-
-
-def parse_max_drop(text: str) -> float:
-    """``0.5%`` -> 0.005, ``0.01`` -> 0.01 (absolute, in the metric's units)."""
-    text = text.strip()
-    try:
-        return float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError as exc:
-        raise ConfigError(f"--max-drop wants a drop like 0.5% or 0.01, got {text!r}") from exc
 
 
 def plan_builder(model_path: Path, calibration: Calibration, options: MixedPrecisionOptions) -> Any:
@@ -254,51 +247,18 @@ def allocate(
     return BudgetPlan(plan, info, allocation, analysis)
 
 
-def primary_metric(artifacts: Any) -> str:
-    return str(artifacts.model.primary_metric)
-
-
-@dataclass(frozen=True)
-class PlanScoring:
-    """Worker spec of plan measurements: the zoo model's held-out split and its metric."""
-
-    artifacts: Any
-    metric: str
-    eval_limit: int | None
-
-    def open(self, threads: int) -> PlanScoring:
-        return self  # evaluation opens its own sessions per plan
-
-
-@dataclass(frozen=True)
-class ScorePlan:
-    """One plan's QDQ model (serialized, built by the driver), scored on the held-out split."""
-
-    key: str
-    model: bytes
-
-    def run(self, state: PlanScoring) -> float:
-        from dyadiq.evaluation import evaluate
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.qdq.onnx"
-            path.write_bytes(self.model)
-            metrics = evaluate(state.artifacts, {"plan": path}, limit=state.eval_limit)
-        return float(metrics["plan"][state.metric])
-
-
 def plan_measurer(
     graph: QGraph,
-    artifacts: Any,
+    scorer: Any,
     calibration: Calibration,
     floats: Sequence[str],
     options: MixedPrecisionOptions,
-    metric: str,
     builder: Any = None,
     executor: Executor | None = None,
 ) -> Measure:
-    """plans -> each plan's QDQ model measured on the zoo model's held-out split, the
-    measurements run on ``executor`` (serial when None).
+    """plans -> each plan's QDQ model scored by ``scorer`` (:mod:`dyadiq.plan_scores`: a zoo
+    model's held-out data, the user's data, or the user's callback), the measurements run on
+    ``executor`` (serial when None).
 
     All plans share one calibration pass (``PlanBuilder``): they differ in weight bits only.
     ``builder``: one already made (with its compensated quantizer), else a new one.
@@ -317,7 +277,6 @@ def plan_measurer(
             exclude=excluded,
             compensation=options.compensation,
         )
-    scoring = PlanScoring(artifacts, metric, options.eval_limit)
     runner = executor if executor is not None else SerialExecutor()
 
     def measure(plans: Sequence[dict[str, LayerFormat]]) -> list[float]:
@@ -326,9 +285,9 @@ def plan_measurer(
             plan = PrecisionPlan(dict(formats), options.act_bits, False, excluded)
             model = builder.build(plan).SerializeToString()
             key = hashlib.sha256(model).hexdigest()[:16]
-            tasks.append(ScorePlan(key, model))
+            tasks.append(ScorePlan(key, model, describe_plan(formats)))
         unique = list({t.key: t for t in tasks}.values())
-        results = run_tasks(runner, scoring, unique, f"measuring {len(unique)} plan(s)")
+        results = run_tasks(runner, scorer, unique, f"measuring {len(unique)} plan(s)")
         return [float(results[t.key]) for t in tasks]
 
     return measure
@@ -340,47 +299,52 @@ def bisect(
     options: MixedPrecisionOptions,
     max_drop: str,
     bisect_steps: int,
-    artifacts: Any,
+    scorer: Any,
     out: Path,
     builder: Any = None,
 ) -> BisectedPlan:
-    """--max-drop: bisect the size budget until the held-out metric is within tolerance."""
-    from dyadiq.evaluation import evaluate
+    """--max-drop: bisect the size budget until the plan's score (``scorer``, on the search
+    split) is within the tolerance of the float model's score on the same data."""
     from dyadiq.io import prepare_output_dir
 
-    if artifacts is None:
-        raise ConfigError("--max-drop measures on held-out data: use it with --zoo NAME")
-    drop = parse_max_drop(max_drop)
+    tolerance = Tolerance.parse(max_drop)
+    metric = scorer.metric
     with executor_for(options) as executor:
         analysis = analyzed_problem(model_path, calibration, options, builder, executor)
         floats = analysis.model.floats
-        metric = primary_metric(artifacts)
-        reference = evaluate(artifacts, {}, limit=options.eval_limit)["float"][metric]
+        reference = float_score(scorer, model_path)
+        threshold = tolerance.threshold(metric, reference)
         prepare_output_dir(out, model_path)  # refuse the input's folder before writing state
         measure = plan_measurer(
-            analysis.graph, artifacts, calibration, floats, options, metric, builder, executor
+            analysis.graph, scorer, calibration, floats, options, builder, executor
         )
         result = bisect_budget(
             analysis.model.problem,
             measure,
-            threshold=reference - drop,
+            threshold=threshold,
             iterations=bisect_steps,
             state_path=out / "bisection_state.json",
             probes=executor.workers,  # one plan per worker per round
+            higher_is_better=metric.higher_is_better,
         )
     if result.formats is None:
         raise ConfigError(
-            f"even the largest plan (all W8) measures below float {metric} {reference:.4f} - "
-            f"{drop:g}; no plan meets --max-drop {max_drop}"
+            f"even the largest plan (all W8) measures {metric.name} "
+            f"{result.history[0]['metric']:.4g}, beyond float's {reference:.4g} by more than "
+            f"--max-drop {max_drop} ({tolerance.absolute(metric, reference):.4g}); no plan meets it"
         )
     plan = PrecisionPlan(result.formats, options.act_bits, options.act_signed, frozenset(floats))
+    drop = tolerance.absolute(metric, reference)
     info = {
-        "max_drop": drop,
-        "metric": metric,
+        "max_drop": tolerance.text,
+        "drop": drop,  # in the metric's units
+        "threshold": threshold,
+        "metric": metric.name,
+        "metric_info": metric.describe(),
         "float_metric": reference,
         "plan_metric": result.metric,
         "weight_bytes": result.size_bytes,
         "history": result.history,
         "sensitivity_fingerprint": analysis.report.fingerprint,
     }
-    return BisectedPlan(plan, info, ToleranceSearch(metric, reference, drop), result)
+    return BisectedPlan(plan, info, ToleranceSearch(metric.name, reference, drop), result)

@@ -13,10 +13,10 @@ from rich.table import Table
 from dyadiq.cli import output
 from dyadiq.cli.flags import CALIBRATORS, add_compensate
 from dyadiq.errors import ConfigError
-from dyadiq.passes.sensitivity.proxy import ALLOCATION_PROXIES, Proxy
+from dyadiq.passes.sensitivity.proxy import ALLOCATION_PROXIES
 
 if TYPE_CHECKING:
-    from dyadiq.backends.capabilities import Capabilities
+    from dyadiq.api import SearchOptions
     from dyadiq.mixed_precision import MixedPrecisionOptions
     from dyadiq.passes.compensation.settings import CompensationSettings
 
@@ -53,62 +53,56 @@ def compensation_settings(args: argparse.Namespace) -> CompensationSettings:
     return CompensationSettings.parse(getattr(args, "compensate", None) or "none")
 
 
-def _widths(text: str, option: str) -> tuple[int, ...]:
+def widths(text: str, option: str) -> tuple[int, ...]:
+    """``4,8`` -> (4, 8); anything else names the flag."""
     try:
         return tuple(int(b) for b in text.split(","))
     except ValueError as exc:
         raise ConfigError(f"{option} wants comma-separated widths like 4,8, got {text!r}") from exc
 
 
-def target_backends(args: argparse.Namespace) -> tuple[Capabilities, ...]:
-    """Every backend the plan must run on: the QDQ model always; the integer model with
-    --integer and with --target (which writes and compiles it); and the --target's own
-    backend (``TARGETS[name].capabilities``)."""
-    from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ
-    from dyadiq.targets import TARGETS
+def search_options(args: argparse.Namespace) -> SearchOptions:
+    """The search flags of ``quantize`` or ``frontier`` as the API's :class:`SearchOptions`."""
+    from dyadiq.api import SearchOptions
 
-    target = getattr(args, "target", None)
-    backends = [ONNX_QDQ]
-    if getattr(args, "integer", False) or target is not None:
-        backends.append(INTEGER_ONNX)
-    if target is not None:
-        backends.append(TARGETS[target].capabilities)
-    return tuple(backends)
+    abits = getattr(args, "abits_candidates", None)
+    latency_table = getattr(args, "latency_table", None)
+    memory_plan = getattr(args, "memory_plan", None)
+    return SearchOptions(
+        wbits_candidates=widths(args.wbits_candidates, "--wbits-candidates"),
+        abits_candidates=widths(abits, "--abits-candidates") if abits else None,
+        proxy=args.proxy,
+        analysis_samples=args.analysis_samples,
+        bisect_steps=getattr(args, "bisect_steps", SearchOptions.bisect_steps),
+        latency_table=Path(latency_table) if latency_table else None,
+        memory_plan=Path(memory_plan) if memory_plan else None,
+        workers=getattr(args, "workers", None),
+        ray_address=getattr(args, "ray_address", None),
+    )
 
 
 def mixed_precision_options(
     args: argparse.Namespace, compensation: CompensationSettings | None = None
 ) -> MixedPrecisionOptions:
-    """The flags of ``quantize`` or ``frontier`` as typed options, read once."""
-    from dyadiq.mixed_precision import MixedPrecisionOptions
-    from dyadiq.passes.allocation import AllocationOptions
-    from dyadiq.passes.calibration.observers import RangeMethod
+    """The flags of ``quantize`` or ``frontier`` as typed options, through the API's one
+    builder (:func:`dyadiq.api.mixed_precision_options`)."""
+    from dyadiq.api import mixed_precision_options as build
 
-    latency_table = getattr(args, "latency_table", None)
-    memory_plan = getattr(args, "memory_plan", None)
-    allocation = AllocationOptions(
-        weight_bits=_widths(args.wbits_candidates, "--wbits-candidates"),
-        act_bits=_widths(getattr(args, "abits_candidates", None) or str(args.abits), "--abits"),
-        default_act_bits=args.abits,
-        proxy=Proxy.parse(args.proxy),
-        pins=tuple(args.pin),
-        exclude=tuple(args.exclude),
-        runs_on=target_backends(args),
-        latency_table=Path(latency_table) if latency_table else None,
-        memory_plan=Path(memory_plan) if memory_plan else None,
-    )
-    return MixedPrecisionOptions(
-        allocation,
-        calibrator=RangeMethod(args.calibrator),
+    options: MixedPrecisionOptions = build(
+        search_options(args),
+        compensation=compensation if compensation is not None else compensation_settings(args),
+        abits=args.abits,
+        act_dtype=getattr(args, "act_dtype", "uint8"),
+        calibrator=args.calibrator,
         calib_preset=getattr(args, "calib_preset", None),
         calib_limit=getattr(args, "calib_limit", None),
-        analysis_samples=args.analysis_samples,
-        compensation=compensation if compensation is not None else compensation_settings(args),
-        act_signed=getattr(args, "act_dtype", "uint8") == "int8",
+        pin=tuple(args.pin),
+        exclude=tuple(args.exclude),
+        integer=getattr(args, "integer", False),
+        target=getattr(args, "target", None),
         eval_limit=getattr(args, "eval_limit", None),
-        workers=getattr(args, "workers", None),
-        ray_address=getattr(args, "ray_address", None),
     )
+    return options
 
 
 def add_allocation_flags(p: argparse.ArgumentParser) -> None:
@@ -136,7 +130,9 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-drop",
-        help="accuracy mode: smallest plan within this drop of float on held-out data (0.5%%)",
+        help="accuracy mode: the smallest plan within this drop of float, measured on --val "
+        "(or a zoo model's held-out data) and reported on --test (or the other half): 0.01 in "
+        "the metric's units, 0.5%% of its scale (half a point of accuracy / agreement)",
     )
     p.add_argument(
         "--bisect-steps",
@@ -153,47 +149,50 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_quality_data_flags(p: argparse.ArgumentParser) -> None:
+    """Your own held-out data, for --max-drop / frontier (a zoo model brings its own)."""
+    p.add_argument(
+        "--val",
+        metavar="DIR",
+        help="held-out batches (as --calib reads them) that plans are measured on: accuracy "
+        "with --labels, else agreement with float, by what the first output holds",
+    )
+    p.add_argument("--labels", metavar="FILE", help="--val's class indices (.npy or one a line)")
+
+
 def cmd_frontier(args: argparse.Namespace) -> int:
-    """Pareto frontier of a zoo model: ILP plans over a size sweep, each measured."""
-    from dyadiq import zoo
-    from dyadiq.evaluation import evaluate
+    """Pareto frontier: ILP plans over a size sweep, each measured on held-out data (a zoo
+    model's, or --val)."""
     from dyadiq.frontier import save
     from dyadiq.io import prepare_output_dir
-    from dyadiq.mixed_precision import (
-        analyzed_problem,
-        executor_for,
-        plan_builder,
-        plan_measurer,
-        primary_metric,
-    )
+    from dyadiq.mixed_precision import analyzed_problem, executor_for, plan_builder, plan_measurer
     from dyadiq.passes.allocation import sweep
+    from dyadiq.plan_scores import float_score
 
-    artifacts = zoo.get(args.zoo)
-    out = prepare_output_dir(Path(args.output), artifacts.model_path)
-    calibration = list(artifacts.calibration_batches(args.calib_limit))
+    model_path, calibration, scorer, data = _frontier_sources(args)
+    out = prepare_output_dir(Path(args.output), model_path)
     options = mixed_precision_options(args)
     builder = None
     if options.compensation.enabled:
-        builder = plan_builder(artifacts.model_path, calibration, options)
+        builder = plan_builder(model_path, calibration, options)
     # one executor (one Ray start) for the analysis and the plans' measurements
     with executor_for(options) as executor:
-        analysis = analyzed_problem(artifacts.model_path, calibration, options, builder, executor)
-        metric_name = primary_metric(artifacts)
+        analysis = analyzed_problem(model_path, calibration, options, builder, executor)
         measure = plan_measurer(
             analysis.graph,
-            artifacts,
+            scorer,
             calibration,
             analysis.model.floats,
             options,
-            metric_name,
             builder,
             executor,
         )
         frontier = sweep(analysis.model.problem, args.points, measure)
     # the float model on the same held-out data: the line every plan is judged against
-    float_metric = evaluate(artifacts, {}, limit=options.eval_limit)["float"].get(metric_name)
-    save(frontier, out, metric_name, float_metric)
-    table = Table("budget (B)", "size (B)", "predicted damage", metric_name, title="frontier")
+    float_metric = float_score(scorer, model_path)
+    metric = scorer.metric
+    save(frontier, out, metric.name, float_metric, {"metric_info": metric.describe(), **data})
+    table = Table("budget (B)", "size (B)", "predicted damage", metric.name, title="frontier")
     for point in frontier:
         table.add_row(
             f"{point.budget_bytes:,.0f}",
@@ -202,13 +201,79 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             f"{point.metric:.4f}" if point.metric is not None else "",
         )
     output.console.print(table)
+    output.console.print(f"  {metric.name}: {metric.meaning}; float {float_metric:.4f}")
     output.console.print(f"  wrote {out / 'frontier.json'}, {out / 'frontier.png'}")
     return 0
 
 
+def _frontier_sources(args: argparse.Namespace) -> tuple[Path, Any, Any, dict[str, Any]]:
+    """(float model, calibration batches, plan scorer, where the scores come from): a zoo
+    model's own data, or MODEL --calib DIR --val DIR [--labels FILE]; every problem at once."""
+    from dyadiq.plan_scores import ZooScorer, zoo_metric
+
+    problems = []
+    if args.zoo and args.model:
+        problems.append(f"give a MODEL or --zoo {args.zoo}, not both")
+    if not (args.zoo or args.model):
+        problems.append("give --zoo NAME, or MODEL.onnx --calib DIR --val DIR")
+    if args.zoo and (args.calib or args.val or args.labels):
+        problems.append(
+            "--calib / --val / --labels are for your own model: a zoo model has its own"
+        )
+    if args.model and not (args.calib and args.val):
+        missing = " and ".join(
+            f for f, v in (("--calib", args.calib), ("--val", args.val)) if not v
+        )
+        problems.append(f"MODEL needs {missing} DIR (its calibration and held-out batches)")
+    if args.labels and not args.val:
+        problems.append("--labels are --val's labels: give --val DIR too")
+    if problems:
+        raise ConfigError(
+            "\n  - ".join(["frontier:", *problems]) if len(problems) > 1 else problems[0]
+        )
+    if args.zoo:
+        from dyadiq import zoo
+
+        artifacts = zoo.get(args.zoo)
+        calibration = list(artifacts.calibration_batches(args.calib_limit))
+        metric = zoo_metric(artifacts.model.primary_metric)
+        scorer = ZooScorer(artifacts, metric, eval_limit=args.eval_limit)
+        return Path(artifacts.model_path), calibration, scorer, {"data": f"zoo {args.zoo}"}
+    from dyadiq.evaluation import input_specs
+    from dyadiq.held_out import read_held_out
+    from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.plan_scores import data_scorer
+    from dyadiq.quality_sources import QualityInputs, input_problems, labels_array
+
+    model = Path(args.model)
+    inputs = QualityInputs(validation=args.val, labels=args.labels)
+    folder_problems = input_problems(inputs, zoo=False, max_drop=None, calibration=args.calib)
+    if folder_problems:
+        raise ConfigError("\n  - ".join(["frontier:", *folder_problems]))
+    specs = input_specs(model)
+    calibration = list(
+        validated_batches(args.calib, specs, image_preset=args.calib_preset, limit=args.calib_limit)
+    )
+    val = read_held_out(
+        args.val,
+        specs,
+        option="--val",
+        labels=labels_array(args.labels, "--labels"),
+        image_preset=args.calib_preset,
+    )
+    return model, calibration, data_scorer(model, val), {"data": val.describe()}
+
+
 def add_frontier(sub: Any) -> None:
-    p = sub.add_parser("frontier", help="Pareto frontier: ILP plans over a size sweep, measured")
-    p.add_argument("--zoo", required=True)
+    p = sub.add_parser(
+        "frontier",
+        help="Pareto frontier: ILP plans over a size sweep, each measured on held-out data "
+        "(--zoo NAME, or MODEL --calib DIR --val DIR)",
+    )
+    p.add_argument("model", nargs="?", help="float ONNX model (with --calib and --val)")
+    p.add_argument("--zoo", help="a zoo model, with its own calibration and held-out data")
+    p.add_argument("--calib", metavar="DIR", help="calibration batches (a folder, as quantize)")
+    add_quality_data_flags(p)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--points", type=int, default=6)
     p.add_argument("--calib-limit", type=int, default=None)

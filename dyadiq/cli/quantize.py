@@ -11,7 +11,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dyadiq.cli.allocation import add_allocation_flags, add_executor_flags
+from dyadiq.cli.allocation import (
+    add_allocation_flags,
+    add_executor_flags,
+    add_quality_data_flags,
+    search_options,
+)
 from dyadiq.cli.flags import (
     CALIBRATORS,
     add_compensate,
@@ -27,7 +32,7 @@ DEFAULT_WBITS = 8
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from dyadiq.api import SearchOptions, TargetOptions, quantize
+    from dyadiq.api import TargetOptions, quantize
 
     if args.zoo and args.model:
         raise ConfigError(
@@ -41,6 +46,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quantize(
         f"zoo:{args.zoo}" if args.zoo else args.model,
         args.calib,
+        validation=args.val,
+        test=args.test,
+        labels=args.labels,
+        test_labels=args.test_labels,
         out=args.output,
         budget=args.budget,
         max_drop=args.max_drop,
@@ -64,19 +73,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         compare_ort=args.compare_ort,
         runtime_kernels=args.runtime_kernels,
         allow_mismatch=args.allow_mismatch,
-        search=SearchOptions(
-            wbits_candidates=_widths(args.wbits_candidates, "--wbits-candidates"),
-            abits_candidates=_widths(args.abits_candidates, "--abits-candidates")
-            if args.abits_candidates
-            else None,
-            proxy=args.proxy,
-            analysis_samples=args.analysis_samples,
-            bisect_steps=args.bisect_steps,
-            latency_table=Path(args.latency_table) if args.latency_table else None,
-            memory_plan=Path(args.memory_plan) if args.memory_plan else None,
-            workers=args.workers,
-            ray_address=args.ray_address,
-        ),
+        search=search_options(args),
         build=TargetOptions(
             check_inputs=args.check_inputs,
             tune_trials=args.tune_trials,
@@ -87,13 +84,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         on_written=lambda made: print_summary(made.report, made.plan.to_json(), made.paths),
     )
     return 0
-
-
-def _widths(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(","))
-    except ValueError as exc:
-        raise ConfigError(f"{option} wants comma-separated widths like 4,8, got {text!r}") from exc
 
 
 def _refuse_bad_numbers(args: argparse.Namespace) -> None:
@@ -179,6 +169,14 @@ def add_quantize(sub: Any) -> None:
     )
     p.add_argument("--plan", help="a plan.json (per-layer formats) instead of --wbits/--abits")
     add_allocation_flags(p)
+    add_quality_data_flags(p)
+    p.add_argument(
+        "--test",
+        metavar="DIR",
+        help="held-out batches the written model is reported on (--max-drop chose it on "
+        "--val; without --test, --val is split in two: even samples search, odd ones report)",
+    )
+    p.add_argument("--test-labels", metavar="FILE", help="--test's class indices")
     fill_missing_help(p, _ALLOCATION_HELP)
     add_executor_flags(p)
     add_weight_only_arguments(p)
@@ -218,7 +216,9 @@ def add_quantize(sub: Any) -> None:
     )
     add_runtime_kernels(p)
     p.add_argument(
-        "--no-eval", action="store_true", help="skip the held-out evaluation of a zoo model"
+        "--no-eval",
+        action="store_true",
+        help="skip the held-out evaluation (a zoo model's data, --val / --test)",
     )
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many samples")
     p.set_defaults(func=cmd_quantize)

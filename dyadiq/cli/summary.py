@@ -45,6 +45,8 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[s
     )
     for line in _size_lines(report):
         say(f"  {line}")
+    for line in _held_out_lines(report):
+        say(f"  {line}")
     quality = _quality_line(report.get("metrics"), warnings)
     if quality:
         say(f"  {quality}")
@@ -87,8 +89,7 @@ def _size_lines(report: dict[str, Any]) -> list[str]:
         chooser = (
             f"--budget {allocation['budget']}"
             if "budget" in allocation
-            else f"--max-drop: within {allocation['max_drop'] * 100:g} points of float "
-            f"{allocation.get('metric', '')}"
+            else _max_drop_text(allocation)
         )
         extra = _resource_text(allocation)
         lines.append(
@@ -96,6 +97,42 @@ def _size_lines(report: dict[str, Any]) -> list[str]:
             "their bit-widths (params x bits / 8, what budgets count; the stored figure above "
             f"rounds 3-bit up to int4 and 6-bit to int8){extra}"
         )
+    return lines
+
+
+def _max_drop_text(allocation: dict[str, Any]) -> str:
+    """``--max-drop 0.5%: within 0.5 points of float accuracy``: a fraction metric's drop in
+    points, any other (a callback's) in its own units."""
+    given = allocation["max_drop"]
+    drop = float(allocation.get("drop", given if not isinstance(given, str) else 0.0))
+    units = (allocation.get("metric_info") or {}).get("units", "fraction of 1")
+    amount = f"{drop * 100:g} points" if units == "fraction of 1" else f"{drop:.4g}"
+    head = f"--max-drop {given}" if isinstance(given, str) else "--max-drop"
+    return f"{head}: within {amount} of float {allocation.get('metric', '')}"
+
+
+def _held_out_lines(report: dict[str, Any]) -> list[str]:
+    """Which data chose the plan and which data the quality figures come from (a plan is
+    chosen on one split and reported on another), and what the search's metric means."""
+    held_out = report.get("held_out") or {}
+    allocation = report.get("allocation") or {}
+    lines = []
+    search = held_out.get("search")
+    if search and "plan_metric" in allocation:
+        metric = held_out.get("metric") or allocation.get("metric_info") or {}
+        samples = f" ({search['samples']:,} samples)" if search.get("samples") else ""
+        lines.append(
+            f"plan chosen on {search['source']}{samples}: {allocation['metric']} "
+            f"{allocation['plan_metric']:.4f} vs float {allocation['float_metric']:.4f}, "
+            f"allowed {allocation['threshold']:.4f} ({metric.get('meaning', '')}; "
+            f"{metric.get('units', '')})"
+        )
+    report_split = held_out.get("report")
+    if report_split:
+        samples = f" ({report_split['samples']:,} samples)" if report_split.get("samples") else ""
+        lines.append(f"quality reported on {report_split['source']}{samples}")
+    if held_out.get("note"):
+        lines.append(f"note: {held_out['note']}")
     return lines
 
 
@@ -127,6 +164,16 @@ def _quality_line(metrics: dict[str, dict[str, float]] | None, warnings: list[st
     samples = int(model.get("samples", 0))
     if "accuracy" in model:
         return _accuracy_line(metrics, names[0], baselines, warnings)
+    if "evaluate" in model and "top1_agreement" not in model and "mean_cosine" not in model:
+        return (
+            f"quality (your evaluate callback): {model['evaluate']:.4f} vs float "
+            f"{metrics['float'].get('evaluate', float('nan')):.4f}"
+        )
+    if "mean_abs_error_rel" in model and "top1_agreement" not in model:
+        return (
+            f"quality: outputs differ from float's by {model['mean_abs_error_rel']:.2%} of "
+            f"float's output range on average, on {samples:,} held-out samples"
+        )
     # No labels: the quantized model is judged by how often its top-1 answer is float's.
     for metric, what in (("top1_agreement", "top-1 answers"), ("mean_cosine", "mean cosine")):
         if metric not in model:

@@ -52,8 +52,10 @@ def bisect_budget(
     iterations: int,
     state_path: Path,
     probes: int = 1,
+    higher_is_better: bool = True,
 ) -> BisectionResult:
-    """Smallest size (within ``iterations`` rounds) whose plan measures >= ``threshold``.
+    """Smallest size (within ``iterations`` rounds) whose plan measures >= ``threshold``
+    (<= it for a metric where lower is better, such as an error).
 
     Each round measures ``probes`` budgets evenly inside the interval (1: its midpoint, a
     bisection); the interval becomes (largest failing budget below the smallest passing one,
@@ -64,6 +66,9 @@ def bisect_budget(
     if state_path.is_file():
         state = {k: float(v) for k, v in json.loads(state_path.read_text()).items()}
     history: list[dict[str, Any]] = []
+
+    def ok(metric: float) -> bool:
+        return metric >= threshold if higher_is_better else metric <= threshold
 
     def evaluate(budgets: Sequence[float]) -> list[tuple[dict[str, LayerFormat], float, float]]:
         allocations = [solve(problem, Budget(size_bytes=b)) for b in budgets]
@@ -83,7 +88,7 @@ def bisect_budget(
                     "bops": allocation.bops,
                     "latency": allocation.latency,
                     "metric": state[key],
-                    "passed": state[key] >= threshold,
+                    "passed": ok(state[key]),
                 }
             )
             out.append((dict(allocation.formats), allocation.size_bytes, state[key]))
@@ -92,15 +97,15 @@ def bisect_budget(
     lo, hi = size_range(problem)
     best: tuple[dict[str, LayerFormat], float, float] | None = None
     ((formats, size, metric),) = evaluate([hi])
-    if metric >= threshold:
+    if ok(metric):
         best = (formats, size, metric)
         for _ in range(iterations):
             budgets = [lo + (hi - lo) * (j + 1) / (probes + 1) for j in range(probes)]
             measured = list(zip(budgets, evaluate(budgets), strict=True))
-            passing = [(b, m) for b, m in measured if m[2] >= threshold]
+            passing = [(b, m) for b, m in measured if ok(m[2])]
             if passing:
                 hi, best = passing[0]  # budgets ascend: the smallest passing one
-            failing = [b for b, m in measured if m[2] < threshold and b < hi]
+            failing = [b for b, m in measured if not ok(m[2]) and b < hi]
             if failing:
                 lo = failing[-1]
     if best is None:
