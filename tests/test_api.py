@@ -79,12 +79,16 @@ def test_defaults_equal_the_command_line() -> None:
         "runtime_kernels": "runtime_kernels",
         "allow_mismatch": "allow_mismatch",
         "calibration": "calib",
+        "validation": "val",
+        "test": "test",
+        "labels": "labels",
+        "test_labels": "test_labels",
     }
     for param, flag in flag_of.items():
         assert params[param].default == getattr(args, flag), param
     assert tuple(args.exclude) == params["exclude"].default == ()
     assert tuple(args.pin) == params["pin"].default == ()
-    assert params["evaluate"].default is not args.no_eval
+    assert params["evaluate"].default is (not args.no_eval)  # True: no callback, do evaluate
     search, build = SearchOptions(), TargetOptions()
     assert search.wbits_candidates == tuple(int(b) for b in args.wbits_candidates.split(","))
     assert (search.abits_candidates, search.proxy) == (args.abits_candidates, args.proxy)
