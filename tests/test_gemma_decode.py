@@ -1,0 +1,196 @@
+"""The KV-cache decode step of a Gemma 3 causal LM (dyadiq/zoo/gemma3_decode.py), on a tiny
+randomly initialised Gemma3ForCausalLM (2 layers, hidden 64, a sliding-window layer and a
+global one) exported exactly as the zoo exports Gemma 3 270M: a fixed-length prefill graph
+and the decode step beside it, sharing its weights.
+
+Checked: greedy decoding over the decode graph in onnxruntime reproduces the prefill graph's
+logits at every position (1e-4 abs; every argmax equal), past the sliding window; the decode
+graph reads every weight from the prefill graph's data file under the prefill's names; the
+prefill graph's weight-only codes move to the decode graph unchanged (both forms), and the
+quantized decode loop reproduces the quantized prefill graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import external_data_helper
+
+from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+from dyadiq.errors import ConfigError, ZooError
+from dyadiq.passes.weight_only.layers import find_weights
+from dyadiq.passes.weight_only.model_file import ModelFile
+from dyadiq.passes.weight_only.pipeline import MODEL_FILE, prepare, run
+from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
+from dyadiq.passes.weight_only.transfer import (
+    codes_for_layers,
+    quantize_like,
+    read_groupwise_codes,
+)
+from dyadiq.zoo.gemma3_decode import (
+    CacheShape,
+    OnnxruntimeStep,
+    agreement,
+    export_decode_sharing,
+    greedy_decode,
+    prefill_logits,
+)
+
+PREFILL_LEN = 16
+MAX_POSITIONS = 32
+SLIDING_WINDOW = 6  # shorter than the compared positions: the sliding mask is exercised
+LOGIT_TOL = 1e-4
+PROMPT = [2, 17, 300, 45, 9, 101]
+NEW_TOKENS = PREFILL_LEN - len(PROMPT)
+
+
+def _tiny_gemma() -> Any:
+    from dyadiq.zoo._install import ensure_torch
+
+    torch = ensure_torch()
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    settings: dict[str, Any] = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=MAX_POSITIONS,
+        attn_implementation="eager",
+    )
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**settings)).eval()
+    with torch.no_grad():  # random init leaves the norms at 0 (scale 1): make them matter
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from dyadiq.zoo.gemma3 import export_prefill
+
+    folder = tmp_path_factory.mktemp("tiny_gemma")
+    model = _tiny_gemma()
+    prefill = folder / "prefill.onnx"
+    ids = np.arange(PREFILL_LEN, dtype=np.int64)[None, :] * 7 % 512
+    export_prefill(model, ids, prefill)
+    decode = folder / "decode.onnx"
+    export_decode_sharing(model, decode, prefill, max_positions=MAX_POSITIONS)
+    return prefill, decode
+
+
+def _session(path: Path, *, optimized: bool = True) -> Any:
+    """A session; unoptimized, onnxruntime fuses nothing (a DequantizeLinear + MatMul would
+    otherwise become its own int4 kernel in one graph and not in the other, with another
+    summation order)."""
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _decode(path: Path, prompt: list[int], new_tokens: int, *, optimized: bool = True) -> Any:
+    shape = CacheShape.of_graph(onnx.load(str(path), load_external_data=False))
+    step = OnnxruntimeStep(_session(path, optimized=optimized), shape.layers)
+    return greedy_decode(step, shape, prompt, new_tokens)
+
+
+def test_decode_loop_reproduces_the_prefill_graph(exported: tuple[Path, Path]) -> None:
+    prefill, decode = exported
+    decoded = _decode(decode, PROMPT, NEW_TOKENS)
+    assert len(decoded.tokens) == PREFILL_LEN and decoded.tokens[: len(PROMPT)] == PROMPT
+    expected = prefill_logits(_session(prefill), decoded.tokens[:-1], PREFILL_LEN)
+    found = agreement(expected, decoded.step_logits)
+    assert found.positions == PREFILL_LEN - 1
+    assert found.max_abs_logit_diff <= LOGIT_TOL, found
+    assert found.argmax_agree == found.positions
+    # the generated tokens are the prefill graph's argmax at each position
+    assert decoded.generated == [int(t) for t in expected[len(PROMPT) - 1 :].argmax(-1)]
+
+
+def test_decode_graph_reads_the_prefill_weights(exported: tuple[Path, Path]) -> None:
+    prefill, decode = exported
+    header = onnx.load(str(decode), load_external_data=False)
+    prefill_names = {
+        t.name for t in onnx.load(str(prefill), load_external_data=False).graph.initializer
+    }
+    inits = {t.name: t for t in header.graph.initializer}
+    weights = find_weights(header).layers
+    assert len(weights) == 1 + 2 * 7  # tied embedding + 7 projections per layer
+    for layer in weights:
+        tensor = inits[layer.initializer]
+        assert layer.initializer in prefill_names
+        assert external_data_helper.ExternalDataInfo(tensor).location == prefill.name + ".data"
+    own = decode.parent / (decode.name + ".data")
+    assert own.stat().st_size < 0.2 * (prefill.parent / (prefill.name + ".data")).stat().st_size
+
+
+def test_prefill_codes_move_to_the_decode_graph(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    prefill, decode = exported
+    settings = WeightOnlySettings(method=Method.RTN, group_size=32)
+    prepared = prepare(prefill, [], settings)
+    bits = {layer.id: 4 for layer in prepared.inventory.layers}
+    run(prefill, tmp_path / "wo", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+    quantized_prefill = tmp_path / "wo" / MODEL_FILE
+    outputs = {}
+    for form in WeightOnlyForm:
+        outputs[form] = tmp_path / f"decode.{form}.onnx"
+        transfer, report = quantize_like(quantized_prefill, decode, outputs[form], form)
+        assert not transfer.left_float and len(transfer.quantized) == len(bits)
+        if form is WeightOnlyForm.MATMUL_NBITS:
+            assert len(report.as_matmul_nbits) == len(bits) and not report.fallbacks
+    theirs = read_groupwise_codes(ModelFile.load(quantized_prefill))
+    ours = read_groupwise_codes(ModelFile.load(outputs[WeightOnlyForm.DEQUANTIZE_LINEAR]))
+    assert sorted(theirs) == sorted(ours)
+    for name, stored in theirs.items():
+        mine = ours[name].weight
+        assert np.array_equal(stored.weight.codes, mine.codes)
+        assert np.array_equal(stored.weight.scales, mine.scales)
+        assert np.array_equal(stored.weight.zero_points, mine.zero_points)
+    decoded = _decode(
+        outputs[WeightOnlyForm.DEQUANTIZE_LINEAR], PROMPT, NEW_TOKENS, optimized=False
+    )
+    reference = _session(quantized_prefill, optimized=False)
+    expected = prefill_logits(reference, decoded.tokens[:-1], PREFILL_LEN)
+    found = agreement(expected, decoded.step_logits)
+    assert found.max_abs_logit_diff <= LOGIT_TOL and found.argmax_agree == found.positions
+    # MatMulNBits computes the same weights with other kernels: same tokens, close logits
+    nbits = _decode(outputs[WeightOnlyForm.MATMUL_NBITS], PROMPT, NEW_TOKENS)
+    found = agreement(np.stack(decoded.step_logits), nbits.step_logits)
+    assert found.max_abs_logit_diff <= 1e-3 and nbits.tokens == decoded.tokens
+
+
+def test_codes_that_do_not_fit_are_refused(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    prefill, decode = exported
+    prepared = prepare(prefill, [], WeightOnlySettings(method=Method.RTN, group_size=32))
+    bits = {layer.id: 4 for layer in prepared.inventory.layers}
+    run(prefill, tmp_path / "wo", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+    codes = read_groupwise_codes(ModelFile.load(tmp_path / "wo" / MODEL_FILE))
+    layers = find_weights(onnx.load(str(decode), load_external_data=False)).layers
+    first, second = sorted(codes)[:2]
+    swapped = {**codes, first: codes[second], second: codes[first], "no_such_weight": codes[first]}
+    with pytest.raises(ConfigError) as err:
+        codes_for_layers(swapped, layers)
+    assert "no_such_weight" in str(err.value)
+
+
+def test_greedy_decode_refuses_what_the_cache_cannot_hold(exported: tuple[Path, Path]) -> None:
+    _, decode = exported
+    with pytest.raises(ZooError, match="exceed"):
+        _decode(decode, PROMPT, MAX_POSITIONS)
+    with pytest.raises(ZooError, match="at least one new"):
+        _decode(decode, PROMPT, 0)
