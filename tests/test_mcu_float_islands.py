@@ -161,7 +161,9 @@ KERNEL_MIX = """
     sub = Sub (w, r)
     ex = Exp (sub)
     cc = Concat <axis = 1> (ex, w)
-    fl = Flatten <axis = 1> (cc)
+    a1, a2 = Split <axis = 1> (cc, sizes)
+    cc2 = Concat <axis = 1> (a2, a1)
+    fl = Flatten <axis = 1> (cc2)
     mm = MatMul (fl, mw)
     gm = Gemm <transB = 1, alpha = 0.5> (mm, gw, gb)
     cs = Cast <to = 1> (gm)
@@ -179,7 +181,7 @@ def test_float_kernels_on_qemu_match_onnxruntime_within_one_code(tmp_path):
         "pads": np.array([0, 0, 1, 2, 0, 0, 1, 2], np.int64), "pv": np.array(0.5, f32),
         "starts": np.array([0, 1], np.int64), "ends": np.array([4, 100], np.int64),
         "axes": np.array([1, 3], np.int64), "steps": np.array([1, 2], np.int64),
-        "idx": np.array([2, 0, -1, 1], np.int64),
+        "idx": np.array([2, 0, -1, 1], np.int64), "sizes": np.array([3, 5], np.int64),
         "bn_s": rng.normal(size=4).astype(f32), "bn_b": rng.normal(size=4).astype(f32),
         "bn_m": rng.normal(size=4).astype(f32), "bn_v": rng.uniform(0.5, 2, 4).astype(f32),
         "cw": rng.normal(size=(4, 2, 3, 3)).astype(f32), "cb": rng.normal(size=4).astype(f32),

@@ -306,6 +306,22 @@ def _concat(n: _Node) -> str:
     return "\n    ".join(blocks)
 
 
+def _split(n: _Node) -> str:
+    """Each output is a slice of the input along ``axis`` (sizes from the outputs' shapes)."""
+    shape = n.shape(0)
+    axis = int(n.at.get("axis", 0)) % len(shape)  # type: ignore[call-overload]
+    s = strides(shape)
+    blocks, start = [], 0
+    for k, name in enumerate(n.node.output):
+        if not name:
+            continue
+        out = n.out_shape(k)
+        coefs = s  # the output's axes map one to one onto the input's
+        blocks.append(nd_loop(out, [(start * s[axis], coefs)], f"{n.y(k)}[o] = {n.x(0)}[p0];"))
+        start += out[axis]
+    return "\n    ".join(blocks)
+
+
 def _gather(n: _Node) -> str:
     data = n.shape(0)
     axis = int(n.at.get("axis", 0)) % len(data)  # type: ignore[call-overload]
@@ -596,7 +612,7 @@ WRITERS: dict[str, Callable[[_Node], str]] = {
     "Cast": _cast, "Clip": _clip, "Transpose": _transpose, "Slice": _slice, "Expand": _expand,
     "Concat": _concat, "Gather": _gather, "Pad": _pad, "BatchNormalization": _batch_norm,
     "LayerNormalization": _layer_norm, "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
-    "MatMul": _matmul, "Gemm": _gemm, "Where": _where,
+    "MatMul": _matmul, "Gemm": _gemm, "Where": _where, "Split": _split,
     **{op: _reduce for op in REDUCE_INIT},
 }  # fmt: skip
 SOFTMAX = ("Softmax", "LogSoftmax")
