@@ -115,7 +115,7 @@ def _headline_metric(metrics: Mapping[str, Mapping[str, float]]) -> tuple[str, f
     if not names:
         return "", 0.0
     first = metrics[names[0]]
-    for key in ("accuracy", "top1_agreement", "mean_cosine", "logit_cosine"):
+    for key in ("accuracy", "top1_agreement", "mean_cosine", "logit_cosine", "evaluate"):
         if key in first and key in metrics["float"]:
             return key, float(first[key])
     return "", 0.0
@@ -174,6 +174,9 @@ def quantize(
     chosen by what the first output holds), else on a zoo model's held-out data. The written
     model is reported on ``test`` (with ``test_labels``), else on the half of ``validation``
     (or of the zoo's data) that the search did not read. ``evaluate=False`` skips reporting.
+    A callback is called once on the float model (the reference), once per measured plan and
+    once on the written model (reported as the metric ``evaluate``); what it raises, or a
+    result that is not a finite number, is a ``ConfigError`` naming the plan being measured.
     ``exclude``: layers kept in float, by node id, glob pattern or op type (``"Gemm"``).
     ``pin``: ``"ID_OR_PATTERN=W8A8[,W4A8]"`` restrictions for ``budget`` / ``max_drop``.
     ``target``: also compile the integer model (``"x86"``, ``"cortex-m4"``, ...) into
