@@ -48,8 +48,26 @@ def test_training_script_smoke(tmp_path):
     assert session.get_inputs()[0].shape[1:] == [1, 28, 28]
 
 
+@pytest.mark.realmodel
+def test_max_drop_with_callback_example(tmp_path):
+    """Your own metric as the --max-drop search's score: the plan is within a point of float's
+    accuracy (the callback's) and smaller than all-W8 (22,896 weights)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import max_drop_with_callback as example
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    made = example.main(tmp_path)
+    info = made.allocation.info
+    assert info["metric"] == "evaluate" and info["plan_metric"] >= info["float_metric"] - 0.01
+    assert info["float_metric"] == example.accuracy(example.ARTIFACTS.model_path)
+    assert info["weight_bytes"] < 22_896
+    assert made.metrics["dyadiq plan"]["evaluate"] == example.accuracy(made.paths["qdq"])
+
+
 def test_every_example_is_tested():
     tested = {"quantize_with_python_api.py", "train_fashion_cnn.py", "notebook_quantize.py"}
+    tested.add("max_drop_with_callback.py")
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
