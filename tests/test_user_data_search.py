@@ -274,3 +274,36 @@ def test_bad_input_is_one_error_listing_every_problem(
         assert f"{option} batch 0: input x has shape [2, 3, 9, 9]" in message
         assert f"{option} batch 2: inputs do not match the model" in message
     assert not (tmp_path / "o").exists()
+
+
+def test_a_zoo_models_held_out_data_splits_into_disjoint_halves(tmp_path: Path) -> None:
+    """evaluate(..., part=SEARCH / REPORT) reads the even / odd held-out positions only."""
+    from types import SimpleNamespace
+
+    import onnxruntime as ort
+
+    from dyadiq.evaluation import evaluate
+    from dyadiq.held_out import Part
+    from dyadiq.zoo import Task
+
+    onnx.save(small_classifier(), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(21, 3, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 10, size=21)
+    bounds = [(0, 8), (8, 16), (16, 21)]
+
+    def evaluation_batches(limit: int | None) -> object:
+        return (({"x": x[a:b]}, labels[a:b]) for a, b in bounds)
+
+    model = SimpleNamespace(task=Task.CLASSIFICATION, name="fake")
+    fake = SimpleNamespace(model=model, model_path=tmp_path / "m.onnx")
+    fake.evaluation_batches = evaluation_batches
+    whole = evaluate(fake, {})["float"]
+    halves = {part: evaluate(fake, {}, part=part)["float"] for part in (Part.SEARCH, Part.REPORT)}
+    assert (halves[Part.SEARCH]["samples"], halves[Part.REPORT]["samples"]) == (11, 10)
+    assert whole["samples"] == 21
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    predicted = np.asarray(session.run(None, {"x": x})[0]).argmax(axis=1)
+    for part, parity in ((Part.SEARCH, 0), (Part.REPORT, 1)):
+        expected = np.mean(predicted[parity::2] == labels[parity::2])
+        assert halves[part]["accuracy"] == pytest.approx(expected)
