@@ -4,7 +4,9 @@ Rules (onnxruntime's QDQ layout, so its kernels can fuse the result):
 - a quantized op (a weighted layer in the plan, or a non-weighted quantizable op such as
   pooling, activation x activation MatMul, Concat) quantizes its float activation inputs and
   its output; elementwise Add/Mul only when every non-constant input comes out of a quantized
-  op (a residual Add between two convs, not an attention-mask Add);
+  op (a residual Add between two convs, not an attention-mask Add); a wide-input op
+  (LayerNorm) quantizes only its output, and a residual Add that feeds only such an op is
+  not quantized (the integer op sums the Add's two inputs wide);
 - when that output's only consumer is a fusable activation (Relu, Clip with constant bounds),
   the activation's output is quantized instead, so the bounds become the quantizer's range;
 - scale-sharing ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) whose input is
@@ -113,6 +115,19 @@ def _is_quantized_op(graph: QGraph, node: gs.Node, plan: PrecisionPlan) -> bool:
     return node.name not in plan.excluded
 
 
+def _feeds_wide_input(graph: QGraph, node: gs.Node, graph_outputs: set[str]) -> bool:
+    """An Add whose output only a wide-input op (LayerNorm) reads: not quantized itself."""
+    if graph.kind(node) is not OpKind.ADD or len(node.outputs) != 1:
+        return False
+    output = node.outputs[0]
+    consumers = output.outputs
+    return (
+        output.name not in graph_outputs
+        and len(consumers) == 1
+        and graph.facts(consumers[0]).wide_input
+    )
+
+
 def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites:
     plan.validate_for(graph)
     graph.graph.toposort()
@@ -143,8 +158,11 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
             t.name in quantized_outputs for t in variable_inputs
         ):
             continue
+        if _feeds_wide_input(graph, node, graph_outputs):
+            continue  # summed inside the wide-input op (its inputs are quantized already)
         if _is_quantized_op(graph, node, plan):
-            inputs = [t for t in _data_inputs(graph, node) if mark(t)]
+            wide = facts.wide_input
+            inputs = [t for t in _data_inputs(graph, node) if not wide and mark(t)]
             output = node.outputs[0]
             bias = _bias_add(graph, node, graph_outputs) if node.name in plan.layers else None
             if bias is not None:  # the integer layer adds it to its int32 accumulator
