@@ -8,9 +8,14 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
+from dyadiq.errors import DyadiqError
 from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
+from dyadiq.passes.activation_sites import find_activation_sites
 from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY
+from dyadiq.passes.integer_layer_norm import layer_norm_operands
+from dyadiq.passes.masked_softmax import find_masked_softmax
+from dyadiq.plan import PrecisionPlan
 
 
 def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
@@ -48,6 +53,40 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
     return False, f"{node.op} has no integer kernel here: runs in float between DQ and Q"
 
 
+def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
+    """Node id -> (quantizable, reason) for the rules whose outcome depends on which tensors
+    a plan quantizes (integer LayerNorm, masked softmax): decided as integerize decides, on
+    the activation sites of a uniform 8-bit plan."""
+    try:
+        sites = find_activation_sites(graph, PrecisionPlan.uniform(graph))
+    except DyadiqError:
+        return {}
+    quantized = set(sites.tensors)
+    rules: dict[str, tuple[bool, str]] = {}
+    masked = find_masked_softmax(graph, quantized)
+    for match in masked.matches.values():
+        why = "with its attention-mask Add, one integer masked softmax (I-BERT exp over the "
+        why += "kept positions; it reads the integer mask, the float mask is never computed)"
+        rules[match.add.name] = rules[match.softmax.name] = (True, why)
+    for declined in masked.declined:
+        node_id, reason = declined.removeprefix("Add ").split(": ", 1)
+        rules[node_id] = (False, f"attention-mask Add runs in float ({reason})")
+    for node in graph.nodes():
+        if graph.kind(node) is not OpKind.LAYER_NORM:
+            continue
+        found = layer_norm_operands(node, quantized, ())
+        if isinstance(found, str):
+            rules[node.name] = (False, f"runs in float between DQ and Q: {found}")
+            continue
+        _, add = found
+        why = "integer LayerNorm (I-BERT: integer mean, variance and square root)"
+        if add is not None:
+            why += " over the residual Add, whose two quantized inputs it sums wide"
+            rules[add.name] = (True, "residual Add: summed wide inside the integer LayerNorm")
+        rules[node.name] = (True, why + "; its output is quantized")
+    return rules
+
+
 def _integer_island_reason(graph: QGraph, node: gs.Node, weight: gs.Constant) -> str | None:
     """Why integerize keeps this weighted layer in float, or None (it gets a kernel); the
     same tests integerize applies."""
@@ -69,8 +108,9 @@ def _element_count(constant: gs.Constant) -> int:
 def describe(graph: QGraph) -> dict[str, Any]:
     constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     layers = []
+    rules = transformer_rules(graph)
     for node in graph.nodes():
-        ok, reason = quantizability(graph, node)
+        ok, reason = rules.get(node.name) or quantizability(graph, node)
         weight = graph.weight(node)
         layers.append(
             {

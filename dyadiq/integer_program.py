@@ -195,30 +195,38 @@ class Softmax:
 # floor(sqrt(n)) for every n < 2^62 (tests/test_integer_layer_norm.py sweeps every bit length);
 # one more is margin, and a converged iterate stays put.
 ISQRT_STEPS = 7
-# sum_i c_i^2 (plus eps) must stay below 2^62 in int64: with |c_i| <= 2^9 N, N <= 2^14 does.
+# the row sums of c and the scaled |c| S stay far inside int64 up to this width
 LAYER_NORM_MAX_WIDTH = 1 << 14
 
 
 @dataclass(frozen=True)
 class LayerNorm:
-    """I-BERT integer LayerNorm over the last axis (width N), gamma / beta per channel.
+    """I-BERT integer LayerNorm over the last axis (width N) of a wide integer sum, gamma and
+    beta per channel.
 
-    With v = q - z_x (|v| < 2^9) and the row's integer sum sum_v:
-        c_i = N v_i - sum_v                       (= N (v_i - mean), exact)
-        r = isqrt(sum_i c_i^2 + eps_codes)        (floor square root, Newton; eps_codes =
-                                                   round(N^3 eps / s_x^2))
-        t_i = sign(c_i) floor(|c_i| S / max(r, 1))   (S = round(sqrt(N) 2^F): t ~ x_hat 2^F)
-        acc_i = t_i gamma_i + beta_i              (gamma_i = round(g_i 2^G / s_y),
-                                                   beta_i = round(b_i 2^(F+G) / s_y))
-        y_i = requant(acc_i) + z_y                (the requant is the shift by F + G)
-    since x_hat_i = (v_i - mean) / sqrt(var_v + eps / s_x^2) = c_i sqrt(N) / sqrt(sum c^2 +
-    N^3 eps / s_x^2). The one division is of non-negative integers (the same floor everywhere).
-    Precondition (integerize checks it): N <= LAYER_NORM_MAX_WIDTH and |acc| far inside int64.
+    The input is one tensor or the residual Add of two (``inputs``), summed exactly at a
+    common fine scale s_c with integer weights m_j = round(s_j / s_c) and v_j = q_j - z_j:
+        v_i = sum_j m_j v_ji,      c_i = N v_i - sum_k v_k    (= N (v_i - mean), exact)
+        r = isqrt(sum_i (|c_i| >> R)^2 + eps_codes)         (floor square root, Newton;
+                                                             eps_codes = round(N^3 eps /
+                                                             (s_c^2 4^R)))
+        t_i = sign(c_i) floor(|c_i| S / (r 2^R))   (S = round(sqrt(N) 2^F): t ~ x_hat 2^F)
+        acc_i = t_i gamma_i + beta_i               (gamma_i = round(g_i 2^G / s_y),
+                                                    beta_i = round(b_i 2^(F+G) / s_y))
+        y_i = requant(acc_i) + z_y                 (the requant is the shift by F + G)
+    since x_hat_i = (v_i - mean) / sqrt(var_v + eps / s_c^2) = c_i sqrt(N) / sqrt(sum c^2 +
+    N^3 eps / s_c^2); the variance shift R keeps sum (|c| >> R)^2 inside int64 and costs only
+    the low bits of a large r. The sum is never rounded to 8 bits: a residual stream's
+    outlier channels would crush the others under one 8-bit scale. The one division is of
+    non-negative integers (the same floor everywhere). Preconditions (integerize checks them):
+    N <= LAYER_NORM_MAX_WIDTH and every intermediate below 2^62.
     """
 
     output: str
-    input: str
-    input_zero_point: int
+    inputs: tuple[str, ...]  # one tensor, or the two operands of a residual Add
+    zero_points: tuple[int, ...]
+    input_mults: tuple[int, ...]  # m_j
+    var_shift: int  # R
     eps_codes: int
     norm_mult: int  # S
     gamma: np.ndarray  # int64 [N]

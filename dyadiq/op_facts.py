@@ -140,6 +140,10 @@ class OpFacts:
         input already comes out of a quantized op. Quantizing an Add that mixes in a float
         tensor of another range (an attention mask of -1e4, a transformer's residual stream
         after LayerNorm) forces one 8-bit scale over both and wipes out the smaller one.
+    wide_input: the op is quantized at its output only; its input stays unquantized, and a
+        residual Add that feeds only this op is not quantized either. The integer op reads
+        the Add's two quantized inputs and sums them at a wide precision (LayerNorm: a
+        transformer's residual stream has outlier channels that one 8-bit scale would crush).
     """
 
     quantizable: bool = False
@@ -150,6 +154,7 @@ class OpFacts:
     unifies_input_scales: bool = False
     fusable_activation: bool = False
     needs_quantized_inputs: bool = False
+    wide_input: bool = False
 
     @property
     def has_weight(self) -> bool:
@@ -199,10 +204,9 @@ OP_FACTS.update(
         OpKind.PRELU: OpFacts(quantizable=True),
         # I-BERT integer exp; only on quantized logits (never on a float mask-added score).
         OpKind.SOFTMAX: OpFacts(quantizable=True, needs_quantized_inputs=True),
-        # I-BERT integer LayerNorm (integer mean, variance and square root): its input, the
-        # residual stream, and its output are quantized, so residual Adds between a layer's
-        # output and a LayerNorm's become integer Adds too
-        OpKind.LAYER_NORM: OpFacts(quantizable=True),
+        # I-BERT integer LayerNorm (integer mean, variance and square root) over the residual
+        # Add of two quantized tensors, summed wide inside the op; its output is quantized
+        OpKind.LAYER_NORM: OpFacts(quantizable=True, wide_input=True),
         OpKind.RELU: OpFacts(fusable_activation=True),
         OpKind.CLIP: OpFacts(fusable_activation=True),
     }

@@ -229,9 +229,15 @@ class ReferenceInterpreter(IntOpVisitor[None]):
         self._store(op.output, apply_requant(prob, op.requant))
 
     def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
-        v = self._centered(op.input, op.input_zero_point)
+        v = sum(
+            self._centered(name, zp) * m
+            for name, zp, m in zip(op.inputs, op.zero_points, op.input_mults, strict=True)
+        )
+        assert isinstance(v, np.ndarray)
         c = v.shape[-1] * v - v.sum(axis=-1, keepdims=True)
-        r = integer_sqrt(np.maximum((c * c).sum(axis=-1, keepdims=True) + op.eps_codes, 1))
+        coarse = np.abs(c) >> op.var_shift
+        variance = (coarse * coarse).sum(axis=-1, keepdims=True) + op.eps_codes
+        r = integer_sqrt(np.maximum(variance, 1)) << op.var_shift
         t = np.sign(c) * ((np.abs(c) * op.norm_mult) // r)
         acc = t * op.gamma.astype(np.int64) + op.beta.astype(np.int64)
         self._store(op.output, apply_requant(acc, op.requant))

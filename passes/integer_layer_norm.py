@@ -1,32 +1,40 @@
-"""Rewrite rule: an ONNX ``LayerNormalization`` between quantized tensors -> :class:`ip.LayerNorm`.
+"""Rewrite rule: an ONNX ``LayerNormalization`` -> :class:`ip.LayerNorm` (I-BERT integer LayerNorm).
 
-The algebra (I-BERT's integer LayerNorm) is stated on :class:`dyadiq.integer_program.LayerNorm`;
-this module chooses its integer constants. With input scale s_x, output scale s_y, width N,
-gamma g and beta b (per channel of the last axis):
-
-- S = round(sqrt(N) 2^F): t = c S / r is the normalised value x_hat at scale 2^-F
+The algebra is stated on :class:`dyadiq.integer_program.LayerNorm`; this module finds the
+op's integer inputs and chooses its constants. The LayerNorm's input is either
+- the residual ``Add`` of two quantized tensors that feeds only this LayerNorm (the QDQ
+  simulator leaves that sum unquantized, ``OpFacts.wide_input``): the op reads both operands
+  and sums them at the fine scale s_c = min(s_a, s_b) / 2^P (P = ``LAYER_NORM_INPUT_BITS``)
+  with m_j = round(s_j / s_c), so the larger scale's ratio is exact to 2^-(P+1);
+- or a quantized tensor (one input, m = 1, s_c = s_x).
+Constants, with output scale s_y, width N, gamma g and beta b:
+- S = round(sqrt(N) 2^F): t = c S / r is the normalised value at scale 2^-F
   (F = ``LAYER_NORM_FRAC_BITS``; |t| <= 2 S since c_i^2 <= sum c^2 < (r + 1)^2);
 - gamma_i = round(g_i 2^G / s_y) with G the largest shift that keeps max |gamma_i| below
   2^``LAYER_NORM_GAMMA_BITS``, beta_i = round(b_i 2^(F+G) / s_y): acc = t gamma + beta is the
-  output code times 2^(F+G), and the requant is a rounding shift by F + G (one rounding);
-- eps_codes = round(N^3 eps / s_x^2) adds the epsilon in c's units.
+  output code times 2^(F+G), and the requant is one rounding shift by F + G;
+- R, the smallest shift with N (max |c| >> R)^2 + eps_codes < 2^61, and
+  eps_codes = round(N^3 eps / (s_c^2 4^R)).
 
 Preconditions, checked (a rule that does not apply says why, and the node runs in float):
 normalisation over the last axis only, constant gamma (and beta, if given), a static width
-N <= ``LAYER_NORM_MAX_WIDTH``, and every intermediate (sum c^2 + eps, |c| S, |acc|) provably
-below 2^62.
+N <= ``LAYER_NORM_MAX_WIDTH``, operands of one shape, and |c| S and |acc| provably below 2^62.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from dyadiq import integer_program as ip
+from dyadiq.graph import QGraph
+from dyadiq.op_facts import OpKind
 from dyadiq.quantizers import ActQuant
 
+LAYER_NORM_INPUT_BITS = 12
 LAYER_NORM_FRAC_BITS = 12
 LAYER_NORM_GAMMA_BITS = 12
 INT64_HEADROOM = 1 << 62
@@ -63,10 +71,36 @@ def layer_norm_blocker(node: gs.Node) -> str | None:
     return None
 
 
+def layer_norm_operands(
+    node: gs.Node, quantized: Collection[str], absorbed: Collection[str]
+) -> tuple[list[gs.Tensor], gs.Node | None] | str:
+    """The quantized tensors the integer LayerNorm reads, with the residual Add it absorbs
+    (None when it reads its own quantized input), or why there are none."""
+    reason = layer_norm_blocker(node)
+    if reason is not None:
+        return reason
+    x = node.inputs[0]
+    if x.name in quantized:
+        return [x], None
+    add = x.inputs[0] if len(x.inputs) == 1 else None
+    if add is None or QGraph.kind(add) is not OpKind.ADD or len(x.outputs) != 1:
+        return "its input is neither quantized nor a residual Add (it runs in float)"
+    operands = [t for t in add.inputs if isinstance(t, gs.Variable)]
+    if len(add.inputs) != 2 or len(operands) != 2 or add.name in absorbed:
+        return "its input Add does not add two activations"
+    missing = [t.name for t in operands if t.name not in quantized]
+    if missing:
+        return f"its input Add reads unquantized {', '.join(missing)} (it runs in float)"
+    if list(operands[0].shape or []) != list(operands[1].shape or []):
+        return "its input Add broadcasts"
+    return operands, add
+
+
 def integer_layer_norm(
-    node: gs.Node, output: str, input_codes: str, qx: ActQuant, qy: ActQuant
+    node: gs.Node, output: str, inputs: list[tuple[str, ActQuant]], qy: ActQuant
 ) -> ip.LayerNorm | str:
-    """The integer op for ``node`` (see the module docstring), or why there is none."""
+    """The integer op for ``node`` reading the codes ``inputs`` (see the module docstring),
+    or why there is none."""
     reason = layer_norm_blocker(node)
     if reason is not None:
         return reason
@@ -81,6 +115,19 @@ def integer_layer_norm(
     beta_real = np.broadcast_to(beta_real, (width,)).astype(np.float64)
     eps = float(node.attrs.get("epsilon", 1e-5))
 
+    scales = [q.scale for _, q in inputs]
+    fine = min(scales) / (2**LAYER_NORM_INPUT_BITS if len(inputs) > 1 else 1)
+    mults = [round(s / fine) for s in scales]
+    largest_v = sum(
+        m * max(q.qmax - q.zero_point, q.zero_point - q.qmin)
+        for m, (_, q) in zip(mults, inputs, strict=True)
+    )
+    largest_c = 2 * width * largest_v
+    var_shift = 0
+    while width * (largest_c >> var_shift) ** 2 >= INT64_HEADROOM // 2:
+        var_shift += 1
+    eps_real = width**3 * eps / (fine**2 * 4.0**var_shift)
+
     frac = LAYER_NORM_FRAC_BITS
     norm_mult = round(math.sqrt(width) * 2**frac)
     largest = float(np.abs(gamma_real).max()) / qy.scale
@@ -93,21 +140,20 @@ def integer_layer_norm(
         return f"integer LayerNorm: gamma / s_y = {largest:.3g} needs a shift of {shift}"
     gamma = np.round(gamma_real * 2.0**gamma_shift / qy.scale).astype(np.int64)
     beta_codes = beta_real * 2.0**shift / qy.scale
-    eps_real = width**3 * eps / qx.scale**2
-    largest_v = max(qx.qmax - qx.zero_point, qx.zero_point - qx.qmin)
-    largest_c = 2 * largest_v * width
     bounds = {
-        "sum c^2 + eps": width * largest_c**2 + eps_real,
+        "eps": eps_real,
         "|c| S": largest_c * norm_mult,
         "|acc|": 2 * norm_mult * int(np.abs(gamma).max()) + float(np.abs(beta_codes).max()),
     }
-    too_large = [name for name, bound in bounds.items() if bound >= INT64_HEADROOM]
+    too_large = [name for name, bound in bounds.items() if bound >= INT64_HEADROOM // 2]
     if too_large:
         return f"integer LayerNorm: {', '.join(too_large)} could leave int64"
     return ip.LayerNorm(
         output,
-        input_codes,
-        qx.zero_point,
+        tuple(name for name, _ in inputs),
+        tuple(q.zero_point for _, q in inputs),
+        tuple(mults),
+        var_shift,
         round(eps_real),
         norm_mult,
         gamma,

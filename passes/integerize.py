@@ -36,7 +36,7 @@ from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.passes.elementwise_lookup import lookup_chain, lookup_table
-from dyadiq.passes.integer_layer_norm import integer_layer_norm
+from dyadiq.passes.integer_layer_norm import integer_layer_norm, layer_norm_operands
 from dyadiq.passes.masked_softmax import MaskedSoftmaxMatch, find_masked_softmax
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import (
@@ -139,6 +139,7 @@ class _Integerizer:
         self.masked_softmax = masked.matches
         self.tabulated.update(masked.absorbed)  # Softmax and mask ops a match replaces
         self.notes.extend(f"masked softmax declined: {reason}" for reason in masked.declined)
+        self.layer_norms = self._plan_layer_norms()
 
     # --- tensor availability -----------------------------------------------------------------
     def codes(self, tensor: gs.Tensor) -> str:
@@ -193,6 +194,9 @@ class _Integerizer:
                 continue  # part of a lookup table (or masked softmax) an earlier node started
             if node.name in self.masked_softmax:
                 self._masked_softmax(self.masked_softmax[node.name])
+                lowered.add(node.name)
+            elif node.name in self.layer_norms:
+                self._layer_norm(node, self.layer_norms[node.name])
                 lowered.add(node.name)
             elif self._lower(node):
                 lowered.add(node.name)
@@ -256,7 +260,6 @@ class _Integerizer:
             OpKind.HARD_SIGMOID: self._hard_sigmoid,
             OpKind.HARD_SWISH: self._hard_swish,
             OpKind.SOFTMAX: self._softmax,
-            OpKind.LAYER_NORM: self._layer_norm,
             OpKind.LEAKY_RELU: self._leaky_relu,
             OpKind.PRELU: self._leaky_relu,
             OpKind.MAXPOOL: self._maxpool,
@@ -696,18 +699,37 @@ class _Integerizer:
             ip.MaskedSoftmax(out_codes, x_codes, keep, match.keep_nonzero, *constants, frac, rq)
         )
 
-    def _layer_norm(self, node: gs.Node) -> bool:
-        x, out = node.inputs[0], node.outputs[0]
-        op = integer_layer_norm(node, f"{out.name}_q", f"{x.name}_q", self.q(x), self.q(out))
+    def _plan_layer_norms(self) -> dict[str, list[gs.Tensor]]:
+        """LayerNorm node -> the quantized tensors its integer op reads; a residual Add it
+        absorbs is skipped (``tabulated``), a LayerNorm that stays float says why (notes)."""
+        planned: dict[str, list[gs.Tensor]] = {}
+        for node in self.graph.nodes():
+            if self.graph.kind(node) is not OpKind.LAYER_NORM:
+                continue
+            out = node.outputs[0]
+            found = layer_norm_operands(node, self.params.keys(), self.tabulated)
+            if out.name not in self.params:
+                found = "its output is not quantized"
+            if not isinstance(found, str):
+                operands, add = found
+                inputs = [(f"{t.name}_q", self.q(t)) for t in operands]
+                op = integer_layer_norm(node, f"{out.name}_q", inputs, self.q(out))
+                if isinstance(op, ip.LayerNorm):
+                    planned[node.name] = operands
+                    if add is not None:
+                        self.tabulated.add(add.name)
+                    continue
+                found = op
+            self.notes.append(f"LayerNormalization {node.name} in float: {found}")
+        return planned
+
+    def _layer_norm(self, node: gs.Node, operands: list[gs.Tensor]) -> None:
+        inputs = [(self.codes(t), self.q(t)) for t in operands]
+        out_codes, qy = self.define(node.outputs[0])
+        op = integer_layer_norm(node, out_codes, inputs, qy)
         if isinstance(op, str):
-            self.notes.append(f"LayerNormalization {node.name} in float: {op}")
-            return False
-        x_codes = self.codes(x)
-        out_codes, _ = self.define(out)
-        if (x_codes, out_codes) != (op.input, op.output):
-            raise InternalError(f"{node.name}: integer LayerNorm names {x_codes}, {out_codes}")
+            raise InternalError(f"{node.name}: a planned integer LayerNorm fails: {op}")
         self.ops.append(op)
-        return True
 
     def _same_scale(self, node: gs.Node, tensors: list[gs.Tensor]) -> bool:
         q = {self.q(t) for t in tensors}

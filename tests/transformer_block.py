@@ -16,7 +16,7 @@ from dyadiq.plan import PrecisionPlan
 from tests.builders import with_weights
 
 TOKENS, HIDDEN, HEADS, FFN = 6, 16, 2, 32
-SHAPE = (1, TOKENS, HIDDEN)
+SHAPE = (TOKENS, HIDDEN)  # 2-D: the first MatMul needs no Reshape of the float input
 
 # the two additive masks exporters write: transformers' Where(mask, 0, finfo.min), and the
 # BERT-era (1 - mask) * -10000
@@ -40,9 +40,11 @@ COMPLEMENT_MASK = """
 def block_text(mask: str) -> str:
     return f"""
     <ir_version: 8, opset_import: ["" : 18]>
-    block (float[1, {TOKENS}, {HIDDEN}] x, int64[1, {TOKENS}] attention_mask)
-        => (float[1, {TOKENS}, {HIDDEN}] y) {{
-        ln0 = LayerNormalization <axis = -1, epsilon = 1e-5> (x, g0, b0)
+    block (float[{TOKENS}, {HIDDEN}] x, int64[1, {TOKENS}] attention_mask)
+        => (float[{TOKENS}, {HIDDEN}] y) {{
+        xi0 = MatMul (x, wi)
+        xi = Add (xi0, bi)
+        ln0 = LayerNormalization <axis = -1, epsilon = 1e-5> (xi, g0, b0)
         q0 = MatMul (ln0, wq)
         q = Add (q0, bq)
         k0 = MatMul (ln0, wk)
@@ -65,7 +67,7 @@ def block_text(mask: str) -> str:
         p = Softmax <axis = -1> (masked)
         ctx = MatMul (p, vt)
         ctxt = Transpose <perm = [0, 2, 1, 3]> (ctx)
-        flat = Constant <value = int64[3] {{1, {TOKENS}, {HIDDEN}}}> ()
+        flat = Constant <value = int64[2] {{{TOKENS}, {HIDDEN}}}> ()
         ctxf = Reshape (ctxt, flat)
         o0 = MatMul (ctxf, wo)
         o = Add (o0, bo)
@@ -96,6 +98,8 @@ def block_model(mask: str = WHERE_MASK, seed: int = 0) -> onnx.ModelProto:
         return rng.normal(size=(rows, cols)) / np.sqrt(rows)
 
     weights = {
+        "wi": dense(HIDDEN, HIDDEN),
+        "bi": rng.normal(size=HIDDEN) * 0.1,
         "wq": dense(HIDDEN, HIDDEN),
         "wk": dense(HIDDEN, HIDDEN),
         "wv": dense(HIDDEN, HIDDEN),

@@ -354,28 +354,35 @@ class _Lowering(_Builder, IntOpVisitor[None]):
 
     def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
         """:class:`ip.LayerNorm`; its one division is of non-negative int64 (a floor)."""
-        v = self.centered(op.input, op.input_zero_point)
-        width = self.program.shapes[op.input][-1]
+        terms = [
+            self.node("Mul", [self.centered(name, zp), self.const("m", np.int64(m))], "wide")
+            for name, zp, m in zip(op.inputs, op.zero_points, op.input_mults, strict=True)
+        ]
+        v = terms[0]
+        for term in terms[1:]:
+            v = self.node("Add", [v, term], "wide_sum")
+        width = self.program.shapes[op.inputs[0]][-1]
         total = self.row_reduce("ReduceSum", v, "row_sum")
-        c = self.node(
-            "Sub", [self.node("Mul", [v, self.const("n", np.int64(width))], "nv"), total], "c"
+        nv = self.node("Mul", [v, self.const("n", np.int64(width))], "nv")
+        c = self.node("Sub", [nv, total], "c")
+        magnitude = self.node("Abs", [c], "abs_c")
+        coarse = self.node(
+            "Div", [magnitude, self.const("var_div", np.int64(1 << op.var_shift))], "coarse_c"
         )
-        squares = self.row_reduce("ReduceSum", self.node("Mul", [c, c], "c_sq"), "sum_c_sq")
-        squares = self.node("Add", [squares, self.const("eps", np.int64(op.eps_codes))], "var_eps")
+        squares = self.row_reduce("ReduceSum", self.node("Mul", [coarse, coarse], "sq"), "sum_sq")
+        squares = self.node("Add", [squares, self.const("eps", np.int64(op.eps_codes))], "var")
         squares = self.node("Max", [squares, self.const("one", np.int64(1))], "var_pos")
-        r = self.integer_sqrt(squares)
-        scaled = self.node(
-            "Mul", [self.node("Abs", [c], "abs_c"), self.const("s", np.int64(op.norm_mult))], "c_s"
+        r = self.node(
+            "Mul",
+            [self.integer_sqrt(squares), self.const("r_up", np.int64(1 << op.var_shift))],
+            "r",
         )
-        t = self.node(
-            "Mul", [self.node("Div", [scaled, r], "abs_t"), self.node("Sign", [c], "sign_c")], "t"
-        )
+        scaled = self.node("Mul", [magnitude, self.const("s", np.int64(op.norm_mult))], "c_s")
+        quotient = self.node("Div", [scaled, r], "abs_t")
+        t = self.node("Mul", [quotient, self.node("Sign", [c], "sign_c")], "t")
         gamma = self.const("gamma", op.gamma.astype(np.int64))
-        acc = self.node(
-            "Add",
-            [self.node("Mul", [t, gamma], "t_gamma"), self.const("beta", op.beta.astype(np.int64))],
-            "ln_acc",
-        )
+        beta = self.const("beta", op.beta.astype(np.int64))
+        acc = self.node("Add", [self.node("Mul", [t, gamma], "t_gamma"), beta], "ln_acc")
         self.requant(acc, op.requant, self.ndim(op.output), op.output)
 
     def visit_LeakyRelu(self, op: ip.LeakyRelu) -> None:

@@ -375,24 +375,32 @@ class _Lowering(IntOpVisitor[None]):
         return self.emit(x)
 
     def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
-        """:class:`ip.LayerNorm`; its one division is of non-negative int64 (a floor)."""
-        shape = self.shape(op.input)
-        v = self.centered(op.input, op.input_zero_point)
+        """:class:`ip.LayerNorm`; its divisions are of non-negative int64 (floors)."""
+        shape = self.shape(op.inputs[0])
+        terms = [
+            self.emit(relax.op.multiply(self.centered(name, zp), _int64(m)))
+            for name, zp, m in zip(op.inputs, op.zero_points, op.input_mults, strict=True)
+        ]
+        v = terms[0]
+        for term in terms[1:]:
+            v = self.emit(relax.op.add(v, term))
         total = self.emit(relax.op.sum(v, axis=[-1], keepdims=True))
-        c = self.emit(relax.op.subtract(self.emit(relax.op.multiply(v, _int64(shape[-1]))), total))
+        nv = self.emit(relax.op.multiply(v, _int64(shape[-1])))
+        c = self.emit(relax.op.subtract(nv, total))
+        magnitude = self.emit(relax.op.abs(c))
+        coarse = self.emit(relax.op.right_shift(magnitude, _int64(op.var_shift)))
         squares = self.emit(
-            relax.op.sum(self.emit(relax.op.multiply(c, c)), axis=[-1], keepdims=True)
+            relax.op.sum(self.emit(relax.op.multiply(coarse, coarse)), axis=[-1], keepdims=True)
         )
         squares = self.emit(relax.op.add(squares, _int64(op.eps_codes)))
-        r = self.integer_sqrt(self.emit(relax.op.maximum(squares, _int64(1))))
-        magnitude = self.emit(relax.op.multiply(self.emit(relax.op.abs(c)), _int64(op.norm_mult)))
-        quotient = self.emit(relax.op.floor_divide(magnitude, r))
+        root = self.integer_sqrt(self.emit(relax.op.maximum(squares, _int64(1))))
+        r = self.emit(relax.op.left_shift(root, _int64(op.var_shift)))
+        scaled = self.emit(relax.op.multiply(magnitude, _int64(op.norm_mult)))
+        quotient = self.emit(relax.op.floor_divide(scaled, r))
         negative = self.emit(relax.op.less(c, _int64(0)))
         t = self.emit(relax.op.where(negative, self.emit(relax.op.negative(quotient)), quotient))
-        gamma = _int64(op.gamma.astype(np.int64))
-        acc = self.emit(
-            relax.op.add(self.emit(relax.op.multiply(t, gamma)), _int64(op.beta.astype(np.int64)))
-        )
+        product = self.emit(relax.op.multiply(t, _int64(op.gamma.astype(np.int64))))
+        acc = self.emit(relax.op.add(product, _int64(op.beta.astype(np.int64))))
         self.requant(acc, op.requant, len(shape), op.output)
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
