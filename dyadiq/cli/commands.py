@@ -149,6 +149,9 @@ def add_run(sub: Any) -> None:
     p.add_argument("--input", required=True, help=".npy (the model's one input) or .npz")
     p.add_argument("-o", "--output", help="write the outputs to this .npz")
     p.set_defaults(func=cmd_run)
+    from dyadiq.cli.generate import add_generate  # runs a compiled decode target, as run does
+
+    add_generate(sub)
 
 
 def add_eval(sub: Any) -> None:
