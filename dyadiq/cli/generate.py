@@ -1,0 +1,237 @@
+"""``dyadiq generate OUT/x86 --prompt TEXT``: greedy decoding on a TVM-compiled weight-only
+language model, with the KV-cache decode step.
+
+``OUT`` is a ``dyadiq quantize --weight-only`` output folder (``model.wo.onnx`` in the
+blocked DequantizeLinear form, quantized from the fixed-length prefill graph). The first
+``generate`` on ``OUT/x86`` (or ``OUT/x86-avx2``, ``OUT/aarch64``) builds that target
+folder: the decode-step graph (``--decode-graph``; default the zoo's Gemma 3 270M decode
+step) gets the prefill model's codes by initializer name, written as ``decode.wo.onnx``
+(the onnxruntime reference of the same quantized decode graph) and compiled with TVM, every
+4-bit-or-narrower product on the int4 kernels, into ``model.so`` + ``decode.json``. Later
+runs reuse it.
+
+``--check`` decodes the same prompt with onnxruntime on ``decode.wo.onnx`` and reports how
+many generated tokens agree before the first difference and the largest logit difference
+over the agreeing steps (the activations are float in both, so they agree up to float
+rounding, not bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dyadiq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_MODEL = "model.wo.onnx"
+REFERENCE_MODEL = "decode.wo.onnx"
+TARGET_FOLDERS = {"x86": "x86-avx512", "x86-avx512": "x86-avx512", "x86-avx2": "x86-avx2"}
+TARGET_FOLDERS["aarch64"] = "aarch64"
+
+
+def host_x86_kind() -> Any:
+    from dyadiq.backends.tvm import model_runner
+    from dyadiq.backends.tvm.weight_only_kernels import CpuTarget
+
+    flags = model_runner.cpu_flags()
+    return CpuTarget.X86_AVX512 if "avx512f" in flags else CpuTarget.X86_AVX2
+
+
+def target_kind(folder: Path) -> Any:
+    """The CPU target a folder's name asks for (``x86`` means this machine's x86 level)."""
+    from dyadiq.backends.tvm.weight_only_kernels import CpuTarget
+
+    if folder.name not in TARGET_FOLDERS:
+        raise ConfigError(
+            f"{folder} is not a built decode target and its name is not a target to build: "
+            f"use OUT/{{{', '.join(TARGET_FOLDERS)}}}"
+        )
+    if folder.name == "x86":
+        return host_x86_kind()
+    return CpuTarget(TARGET_FOLDERS[folder.name])
+
+
+def default_decode_graph() -> Path:
+    from dyadiq.zoo._install import cache_dir
+    from dyadiq.zoo.gemma3 import materialise_decode
+
+    return materialise_decode(cache_dir())
+
+
+def build_decode_target(
+    quantized: Path, target: Path, decode_graph: Path, kind: Any, *, threads: int | None = None
+) -> dict[str, Any]:
+    """Write ``target`` (model.so, decode.json, decode.wo.onnx) from the weight-only model
+    ``quantized`` and the float decode-step graph; returns decode.json's content."""
+    from dyadiq.backends.tvm.weight_only_decode import (
+        METADATA_NAME,
+        build_decode_library,
+        kernel_graph,
+    )
+    from dyadiq.passes.weight_only.layers import find_weights
+    from dyadiq.passes.weight_only.model_file import ModelFile
+    from dyadiq.passes.weight_only.transfer import (
+        codes_for_layers,
+        quantize_like,
+        read_groupwise_codes,
+    )
+
+    t0 = time.perf_counter()
+    codes = read_groupwise_codes(ModelFile.load(quantized))
+    source = ModelFile.load(decode_graph)
+    inventory = find_weights(source.header)
+    transfer = codes_for_layers(codes, inventory.layers)
+    graph, off_kernel = kernel_graph(
+        source.header, inventory.layers, transfer.quantized, source.array
+    )
+    t1 = time.perf_counter()
+    build_decode_library(
+        graph,
+        kind,
+        target,
+        threads=threads,
+        extra={
+            "quantized_model": str(quantized.resolve()),
+            "decode_graph": str(decode_graph.resolve()),
+            "float_layers": transfer.left_float,
+            "not_on_kernels": off_kernel,
+            "kernel_layers": len(transfer.quantized) - len(off_kernel),
+        },
+    )
+    t2 = time.perf_counter()
+    quantize_like(quantized, decode_graph, target / REFERENCE_MODEL)
+    info: dict[str, Any] = json.loads((target / METADATA_NAME).read_text())
+    log.info(
+        "generate: built %s in %.0f s (graph %.0f s, compile %.0f s)",
+        target,
+        t2 - t0,
+        t1 - t0,
+        t2 - t1,
+    )
+    return info
+
+
+def _tokenizer(path: str | None) -> Any:
+    if path is None:
+        from dyadiq.zoo import gemma3
+
+        return gemma3.tokenizer()
+    from dyadiq.zoo._install import ensure_package
+
+    tokenizers = ensure_package("tokenizers", "tokenizers>=0.19", no_deps=False)
+    return tokenizers.Tokenizer.from_file(path)
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """``<bos>`` (when the tokenizer has one) followed by the text's tokens."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False).ids)
+    bos = tokenizer.token_to_id("<bos>")
+    return ([int(bos)] if bos is not None else []) + ids
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first position where two token lists differ (their length if none)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnx
+
+    from dyadiq.backends.tvm.weight_only_decode import METADATA_NAME, TvmDecodeStep
+    from dyadiq.cli import output
+    from dyadiq.zoo.gemma3_decode import CacheShape, agreement, greedy_decode
+
+    folder = Path(args.target)
+    if not (folder / METADATA_NAME).is_file():
+        quantized = folder.parent / QUANTIZED_MODEL
+        if not quantized.is_file():
+            raise ConfigError(
+                f"{folder} holds no decode build and {quantized} does not exist: run "
+                f"`dyadiq quantize --weight-only ... -o {folder.parent}` first"
+            )
+        kind = target_kind(folder)
+        graph = Path(args.decode_graph) if args.decode_graph else default_decode_graph()
+        output.console.print(f"building {folder} ({kind}) from {quantized} and {graph} ...")
+        build_decode_target(quantized, folder, graph, kind)
+    step = TvmDecodeStep(folder)
+    reference = folder / REFERENCE_MODEL
+    shape = CacheShape.of_graph(onnx.load(str(reference), load_external_data=False))
+    tokenizer = _tokenizer(args.tokenizer)
+    prompt = prompt_ids(tokenizer, args.prompt)
+    t0 = time.perf_counter()
+    decoded = greedy_decode(step, shape, prompt, args.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    text = tokenizer.decode(decoded.generated, skip_special_tokens=False)
+    result: dict[str, Any] = {
+        "prompt": args.prompt,
+        "prompt_tokens": len(prompt),
+        "generated_tokens": decoded.generated,
+        "text": text,
+        "seconds": seconds,
+    }
+    if args.check:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+        from dyadiq.zoo.gemma3_decode import OnnxruntimeStep
+
+        expected = greedy_decode(
+            OnnxruntimeStep(session, shape.layers), shape, prompt, args.max_new_tokens
+        )
+        same = first_difference(decoded.tokens, expected.tokens)
+        compared = agreement(np.stack(expected.step_logits[:same]), decoded.step_logits[:same])
+        result["check"] = {
+            "reference": str(reference),
+            "tokens_agreeing": same - len(prompt),
+            "of": args.max_new_tokens,
+            **compared.to_json(),
+        }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    output.console.print(f"{args.prompt}[bold]{text}[/]", markup=True, highlight=False)
+    rate = args.max_new_tokens / seconds if seconds else float("nan")
+    output.console.print(
+        f"({len(prompt)} prompt tokens, {args.max_new_tokens} new, {rate:.1f} tok/s)"
+    )
+    if "check" in result:
+        c = result["check"]
+        output.console.print(
+            f"check against onnxruntime ({REFERENCE_MODEL}): {c['tokens_agreeing']}/{c['of']} "
+            f"generated tokens agree; max |logit diff| {c['max_abs_logit_diff']:.3g} over "
+            f"{c['positions']} steps"
+        )
+    return 0
+
+
+def add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="greedy decoding on a TVM-compiled weight-only LM: OUT/x86 --prompt TEXT (built "
+        "on first use from OUT/model.wo.onnx)",
+    )
+    p.add_argument("target", help="OUT/x86, OUT/x86-avx2 or OUT/aarch64 (OUT from quantize)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--decode-graph",
+        help="the float KV-cache decode-step ONNX graph (default: the zoo's Gemma 3 270M)",
+    )
+    p.add_argument("--tokenizer", help="a tokenizer.json (default: the zoo's Gemma tokenizer)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also decode with onnxruntime on the same quantized decode graph and compare",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
