@@ -39,6 +39,7 @@ from dyadiq.passes.compensation.compensated_weights import CompensatedWeights
 from dyadiq.passes.compensation.cross_layer_equalization import equalize_cross_layer
 from dyadiq.passes.compensation.sequential import SequentialCompensator
 from dyadiq.passes.compensation.settings import CompensationPass, CompensationSettings
+from dyadiq.passes.decompose_lstm import decompose_lstm
 from dyadiq.passes.fold_batch_norm import fold_batch_norm
 from dyadiq.passes.insert_qdq import QDQResult, group_quantizers, insert_qdq
 from dyadiq.passes.integerize import AccumulatorOverflowError, integerize
@@ -159,7 +160,8 @@ def prepare_graph(graph: QGraph, *, needs_int4: bool = False) -> QGraph:
     swish = canonicalize_hard_swish(prepared)
     if swish.changed:
         prepared.notes.append(f"rewrote {len(swish.changed)} nodes into HardSwish")
-    prepared.rewrites.extend([folded, swish])
+    lstm = decompose_lstm(prepared)  # its cell's ops run on every backend; LSTM does not
+    prepared.rewrites.extend([folded, swish, *([lstm] if lstm.changed or lstm.skipped else [])])
     return prepared
 
 
@@ -461,7 +463,8 @@ def quantize(
             qdq_style=qdq_style,
         )
         result.timings["load_s"] = load_s
-        program, overflowing = None, {}
+        program: IntegerProgram | None = None
+        overflowing: dict[str, int] = {}
         if integer:
             result, program, overflowing = overflowing_layers_in_float(
                 result, graph, calibration, config, compensation=compensation, strict=strict_integer
