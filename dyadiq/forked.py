@@ -8,10 +8,14 @@ value, the exception's text, the signal that killed the child, or a timeout. For
 spawning) keeps the already-imported modules, so a call costs milliseconds, not the seconds a
 fresh interpreter needs to import onnxsim.
 
-Fork only from a process that has not yet started native thread pools (an onnxruntime
-session): a lock held by one of those threads stays held forever in the child. The fuzz
-harness forks from such a clean process; dyadiq's own load path, which runs after sessions
-may exist, goes through :mod:`dyadiq.isolation_server` instead.
+Fork only from a process that has not started native thread pools (an onnxruntime
+session, Ray): a lock held by one of those threads stays held forever in the child, which
+then hangs at random (CI saw it). No test of a process's threads tells a safe one from an
+unsafe one (OpenBLAS starts idle threads at import), so the rule is structural: a process
+declares itself a fork parent (:func:`declare_fork_parent`) when it is started for that
+purpose, and :func:`run_forked` refuses anywhere else. The fuzz campaign process
+(:mod:`dyadiq.fuzz.campaign_process`) is one; dyadiq's own load path, which runs after
+sessions may exist, goes through :mod:`dyadiq.isolation_server` instead.
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ class ForkedOutcome:
 
 FORK_AVAILABLE = hasattr(os, "fork")
 
+_declared_fork_parent = False
+
+
+class ForkUnsafeError(RuntimeError):
+    """:func:`run_forked` called in a process that was not started to fork children."""
+
+
+def declare_fork_parent() -> None:
+    """Mark this process as one started to fork children: fresh, and never running
+    onnxruntime or Ray itself (its children may)."""
+    global _declared_fork_parent
+    _declared_fork_parent = True
+
 
 def _child(function: Callable[[], Any], result_path: Path, log_fd: int) -> None:
     """Runs in the child: never returns, never runs the parent's cleanup handlers."""
@@ -76,7 +93,16 @@ def _child(function: Callable[[], Any], result_path: Path, log_fd: int) -> None:
 
 
 def run_forked(function: Callable[[], Any], *, timeout_s: float) -> ForkedOutcome:
-    """``function()`` in a forked child (its return value must pickle); see the module doc."""
+    """``function()`` in a forked child (its return value must pickle); see the module doc.
+
+    Raises :class:`ForkUnsafeError` unless :func:`declare_fork_parent` was called."""
+    if not _declared_fork_parent:
+        raise ForkUnsafeError(
+            "run_forked forks this process, which was not started for that: a process that has "
+            "run onnxruntime or Ray can leave its children hanging on a lock. Run the work in "
+            "a process that calls dyadiq.forked.declare_fork_parent() first (as "
+            "dyadiq.fuzz.campaign_process does)."
+        )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dyadiq_fork_") as folder:
         result_path = Path(folder) / "result.pickle"

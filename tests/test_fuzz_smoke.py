@@ -4,28 +4,51 @@ seeded campaign through the real CLI finds no failure. The long run is benchmark
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
+from dyadiq.forked import ForkUnsafeError, run_forked
 from dyadiq.fuzz import harness, mutators, seeds
-from dyadiq.fuzz.harness import Case
 
 
 def test_every_seed_quantizes_cleanly(tmp_path: Path) -> None:
-    plans = harness.base_plans()
-    for name in seeds.SEEDS:
-        case = Case(seed_model=name, command="quantize", options=("--integer",))
-        got, detail, *_ = harness.run_case(case, tmp_path / name, plans, timeout_s=120)
-        assert got == "ok", (name, detail)
+    """run_case forks, so it runs in a fresh interpreter declared a fork parent."""
+    code = f"""
+import json
+from pathlib import Path
+from dyadiq.forked import declare_fork_parent
+from dyadiq.fuzz import harness, seeds
+from dyadiq.forked import ForkUnsafeError, run_forked
+from dyadiq.fuzz.harness import Case
+declare_fork_parent()
+plans = harness.base_plans()
+got = {{}}
+for name in seeds.SEEDS:
+    case = Case(seed_model=name, command="quantize", options=("--integer",))
+    outcome, detail, *_ = harness.run_case(
+        case, Path({str(tmp_path)!r}) / name, plans, timeout_s=120
+    )
+    got[name] = [outcome, detail]
+print(json.dumps(got))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(got) == set(seeds.SEEDS)
+    assert all(outcome == "ok" for outcome, _ in got.values()), got
+
+
+def test_forking_is_refused_in_a_process_not_started_for_it() -> None:
+    """This pytest process has run onnxruntime sessions: a fork could hang on their locks."""
+    with pytest.raises(ForkUnsafeError, match="declare_fork_parent"):
+        run_forked(lambda: 1, timeout_s=5)
 
 
 def test_mutations_are_reproducible_from_their_seeds() -> None:
@@ -38,38 +61,20 @@ def test_mutations_are_reproducible_from_their_seeds() -> None:
     assert isinstance(onnx.load_from_string(first), onnx.ModelProto)
 
 
-# Planted failures: each runner stands in for a real failure class of issue 14.
-def _dies_with_sigfpe(argv: list[str]) -> int:
-    os.kill(os.getpid(), signal.SIGFPE)
-    return 0
-
-
-def _hangs(argv: list[str]) -> int:
-    time.sleep(3600)
-    return 0
-
-
-def _raises(argv: list[str]) -> int:
-    raise KeyError(99)  # what load_onnx raised for elem_type 99
-
-
-def _prints_a_traceback(argv: list[str]) -> int:
-    print('Traceback (most recent call last):\n  File "onnxsim.py", line 1, in simplify')
-    return 2
-
-
 @pytest.mark.parametrize(
     ("runner", "expected"),
     [
-        (_dies_with_sigfpe, "crash:SIGFPE"),
-        (_hangs, "hang"),
-        (_raises, "crash:KeyError"),
-        (_prints_a_traceback, "traceback"),
+        ("cli_dies_with_sigfpe", "crash:SIGFPE"),
+        ("cli_hangs", "hang"),
+        ("cli_raises", "crash:KeyError"),
+        ("cli_prints_a_traceback", "traceback"),
     ],
 )
 def test_the_harness_catches_minimises_and_saves_failures(
-    runner: Callable[[list[str]], int], expected: str, tmp_path: Path
+    runner: str, expected: str, tmp_path: Path
 ) -> None:
+    """Planted failures (dyadiq.fuzz.planted), each standing in for a real failure class."""
+    seen: list[int] = []
     campaign = harness.run_campaign(
         model_cases=1,
         input_cases=0,
@@ -77,8 +82,10 @@ def test_the_harness_catches_minimises_and_saves_failures(
         work=tmp_path / "work",
         crash_dir=tmp_path / "crashes",
         timeout_s=2,
-        runner=runner,
+        runner=f"dyadiq.fuzz.planted:{runner}",
+        progress=lambda c: seen.append(c.cases),
     )
+    assert seen == [1]  # one progress report per case, before the final result
     assert campaign.counts == {expected: 1}
     assert len(campaign.failures) == 1
     saved = Path(campaign.failures[0]["saved"])
@@ -94,30 +101,19 @@ def test_a_short_seeded_campaign_has_no_failures(tmp_path: Path) -> None:
     """A few hundred cases through the real CLI (inspect, quantize, --integer), bounded in
     time on a busy machine; the long run is benchmarks/fuzz.py.
 
-    The campaign forks a child per case, and forking is only safe from a process without
-    native thread pools: this pytest process has run onnxruntime sessions (and Ray) in earlier
-    tests, whose threads can hold a lock forever in the child (CI saw a 4 s quantize 'hang'
-    for 60 s). So the campaign runs in a fresh interpreter, as benchmarks/fuzz.py runs it."""
-    code = f"""
-import json
-from pathlib import Path
-from dyadiq.fuzz import harness
-campaign = harness.run_campaign(
-    model_cases=150,
-    input_cases=50,
-    seed=20261207,
-    work=Path({str(tmp_path / "work")!r}),
-    crash_dir=Path({str(tmp_path / "crashes")!r}),
-    timeout_s=60,
-    time_limit_s=75,
-)
-print(json.dumps(campaign.to_json(), default=str))
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    The campaign runs in its own fresh process (run_campaign starts it), which forks a child
+    per case: never this pytest process, whose onnxruntime sessions from earlier tests could
+    leave a forked child hanging on a lock (CI saw a 4 s quantize 'hang' for 60 s)."""
+    campaign = harness.run_campaign(
+        model_cases=150,
+        input_cases=50,
+        seed=20261207,
+        work=tmp_path / "work",
+        crash_dir=tmp_path / "crashes",
+        timeout_s=60,
+        time_limit_s=75,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads(json.dumps(campaign.to_json(), default=str))
     assert summary["cases"] >= 60, summary  # even on a loaded machine
     assert summary["failures"] == [], summary["failures"]
     assert not any(harness.is_failure(k) for k in summary["counts"]), summary["counts"]

@@ -2,10 +2,12 @@
 
 A case is data (:class:`Case`): a seed model, its mutations as ``(name, seed)`` pairs, byte
 flips, the command and options, and how its calibration data or plan is damaged. It is
-materialised into a folder and run as ``dyadiq.cli.main(argv)`` in a child forked from this
-process (:func:`dyadiq.forked.run_forked`: the modules are imported once, a native crash kills
-only the child, a hang is killed at the timeout). This process never runs onnxruntime itself,
-so forking it stays safe; the children share one isolation helper started before the first.
+materialised into a folder and run as ``dyadiq.cli.main(argv)`` in a child forked from the
+campaign process (:func:`dyadiq.forked.run_forked`: the modules are imported once, a native
+crash kills only the child, a hang is killed at the timeout). :func:`run_campaign` always
+starts that process afresh (:mod:`dyadiq.fuzz.campaign_process`), whoever calls it: it never
+runs onnxruntime itself, so forking it stays safe, and the children share one isolation
+helper started before the first.
 
 Outcome classes: ``ok``, ``typed:<Error>`` (exit 2 with one typed error), ``verification``
 (exit 3), and the failures: ``crash:<Exception>`` (a Python exception escaped main),
@@ -21,6 +23,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -130,7 +134,7 @@ def materialise(case: Case, folder: Path, base_plans: dict[str, dict[str, Any]])
 
 
 # --- running and classifying ------------------------------------------------------------------
-def _run_cli(argv: list[str]) -> int:
+def run_cli(argv: list[str]) -> int:
     from dyadiq.cli import main
 
     return main(argv)
@@ -175,7 +179,7 @@ def run_case(
     base_plans: dict[str, dict[str, Any]],
     *,
     timeout_s: float,
-    runner: Callable[[list[str]], int] = _run_cli,
+    runner: Callable[[list[str]], int] = run_cli,
 ) -> tuple[str, str, list[str], ForkedOutcome]:
     argv = materialise(case, folder, base_plans)
     outcome = run_forked(lambda: runner(argv), timeout_s=timeout_s)
@@ -190,7 +194,7 @@ def minimise(
     base_plans: dict[str, dict[str, Any]],
     *,
     timeout_s: float,
-    runner: Callable[[list[str]], int] = _run_cli,
+    runner: Callable[[list[str]], int] = run_cli,
 ) -> Case:
     """Drop mutations, byte flips and options one at a time while the class stays the same."""
 
@@ -243,6 +247,17 @@ class Campaign:
             "failures": self.failures,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Campaign:
+        return cls(
+            counts=Counter(data["counts"]),
+            by_kind={k: Counter(v) for k, v in data["by_kind"].items()},
+            by_command={k: Counter(v) for k, v in data["by_command"].items()},
+            failures=list(data["failures"]),
+            cases=int(data["cases"]),
+            seconds=float(data["seconds"]),
+        )
+
 
 def base_plans() -> dict[str, dict[str, Any]]:
     """The uniform W8A8 plan of every seed, computed in a forked child (this process must not
@@ -286,6 +301,9 @@ def save_failure(
     return target
 
 
+CLI_RUNNER = "dyadiq.fuzz.harness:run_cli"
+
+
 def run_campaign(
     *,
     model_cases: int,
@@ -297,17 +315,65 @@ def run_campaign(
     time_limit_s: float | None = None,
     integer_share: float = 0.3,
     target_share: float = 0.01,
-    runner: Callable[[list[str]], int] = _run_cli,
+    runner: str = CLI_RUNNER,
     progress: Callable[[Campaign], None] | None = None,
 ) -> Campaign:
-    """Run up to ``model_cases`` + ``input_cases`` cases (interleaved) from ``seed``; stop
-    early at ``time_limit_s``. Failures are minimised and saved under ``crash_dir``."""
+    """Run up to ``model_cases`` + ``input_cases`` cases (interleaved) from ``seed`` in a fresh
+    campaign process; stop early at ``time_limit_s``. Failures are minimised and saved under
+    ``crash_dir``. ``runner``: ``"module:function"`` taking argv and returning an exit
+    status (the CLI by default); ``progress`` sees the campaign after each case."""
+    spec = {
+        "model_cases": model_cases,
+        "input_cases": input_cases,
+        "seed": seed,
+        "work": str(work),
+        "crash_dir": str(crash_dir),
+        "timeout_s": timeout_s,
+        "time_limit_s": time_limit_s,
+        "integer_share": integer_share,
+        "target_share": target_share,
+        "runner": runner,
+    }
+    command = [sys.executable, "-m", "dyadiq.fuzz.campaign_process"]
+    final = None
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(json.dumps(spec))
+        p.stdin.close()
+        for line in p.stdout:
+            message = json.loads(line)
+            campaign = Campaign.from_json(message["campaign"])
+            if message["done"]:
+                final = campaign
+            elif progress is not None:
+                progress(campaign)
+    if p.returncode != 0 or final is None:
+        raise RuntimeError(f"the fuzz campaign process failed (exit status {p.returncode})")
+    return final
+
+
+def campaign_here(
+    *,
+    model_cases: int,
+    input_cases: int,
+    seed: int,
+    work: Path,
+    crash_dir: Path,
+    timeout_s: float = 120.0,
+    time_limit_s: float | None = None,
+    integer_share: float = 0.3,
+    target_share: float = 0.01,
+    runner: Callable[[list[str]], int] = run_cli,
+    progress: Callable[[Campaign], None] | None = None,
+) -> Campaign:
+    """:func:`run_campaign`'s loop, in this process, which must be a declared fork parent
+    (:func:`dyadiq.forked.declare_fork_parent`): the campaign process calls it."""
     from dyadiq.isolation_server import start_helper
 
     start = time.monotonic()
     rng = np.random.default_rng(seed)
     plans = base_plans()
-    if runner is _run_cli:  # import once here, so each forked case starts with it loaded
+    if runner is run_cli:  # import once here, so each forked case starts with it loaded
         import dyadiq.cli
         import dyadiq.pipeline  # noqa: F401
     start_helper()  # before forking: every child shares this one helper
