@@ -33,8 +33,14 @@ def test_max_drop_meets_the_tolerance_and_resumes(tmp_path, monkeypatch):
     args = ["quantize", "--zoo", "fashion_cnn", "--max-drop", "1%", "-o", str(out)]
     args += ["--analysis-samples", "128", "--eval-limit", "1000", "--bisect-steps", "3"]
     assert main(args) == 0
-    info = json.loads((out / "report.json").read_text())["allocation"]
+    report = json.loads((out / "report.json").read_text())
+    info = report["allocation"]
     assert info["plan_metric"] >= info["float_metric"] - 0.01
+    # chosen on the even-positioned held-out images, reported on the 500 odd ones
+    assert "even positions" in report["held_out"]["search"]["source"]
+    assert "odd positions" in report["held_out"]["report"]["source"]
+    assert report["metrics"]["float"]["samples"] == report["metrics"]["dyadiq plan"]["samples"]
+    assert report["metrics"]["float"]["samples"] == 500
     passing = [h for h in info["history"] if h["passed"]]
     assert info["weight_bytes"] == min(h["size"] for h in passing)
     assert info["weight_bytes"] < 22_896  # smaller than all-W8 (22,896 weights x 1 byte)
