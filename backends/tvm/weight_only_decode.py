@@ -172,7 +172,7 @@ def _converters() -> dict[str, Any]:
 
     kernels: dict[Int4Shape, Any] = {}
 
-    class Int4MatMulConverter(onnx_frontend.OnnxOpConverter):  # type: ignore[misc]
+    class Int4MatMulConverter(onnx_frontend.OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
             x, packed, scales, zeros = inputs
@@ -193,7 +193,7 @@ def _converters() -> dict[str, Any]:
             )
             return relax.op.reshape(out, (*x_shape[:-1], shape.n))
 
-    class Int4GatherConverter(onnx_frontend.OnnxOpConverter):  # type: ignore[misc]
+    class Int4GatherConverter(onnx_frontend.OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
             ids, rows, scales, zeros = inputs

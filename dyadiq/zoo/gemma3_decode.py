@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -346,16 +346,15 @@ class Decoded:
         return self.tokens[self.prompt_length :]
 
 
-class DecodeStep:
+class DecodeStep(Protocol):
     """Anything that runs one step: ``(token, position, cache) -> (logits [V], cache)``."""
 
     def __call__(
         self, token: int, position: int, cache: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        raise NotImplementedError
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
 
 
-class OnnxruntimeStep(DecodeStep):
+class OnnxruntimeStep:
     """One decode step in onnxruntime (any form of the decode graph: float, DequantizeLinear
     or MatMulNBits weights)."""
 
