@@ -114,6 +114,8 @@ def _reads(op: ip.IntOp) -> tuple[str, ...]:
     names.extend(getattr(op, "inputs", ()))
     if isinstance(op, ip.MatMul) and op.weight_input is not None:
         names.append(op.weight_input)
+    if isinstance(op, ip.MaskedSoftmax):
+        names.append(op.mask)
     return tuple(names)
 
 
