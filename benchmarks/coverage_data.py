@@ -456,10 +456,15 @@ def make(spec: str) -> Split:
     return MAKERS[name](*args)
 
 
-def write_split(spec: str, folder: Path) -> tuple[Path, Path, list[Feeds]]:
+def write_split(
+    spec: str, folder: Path, drop: tuple[str, ...] = ()
+) -> tuple[Path, Path, list[Feeds]]:
     """Write ``folder/calib/NNN.npz`` and ``folder/eval/NNN.npz``; return both folders and the
-    evaluation feeds."""
+    evaluation feeds. ``drop``: inputs the model file has as constants (bound inputs)."""
     calib, evaluation = make(spec)
+    if drop:
+        calib = [{k: v for k, v in f.items() if k not in drop} for f in calib]
+        evaluation = [{k: v for k, v in f.items() if k not in drop} for f in evaluation]
     for sub, feeds in (("calib", calib), ("eval", evaluation)):
         target = folder / sub
         if target.exists():

