@@ -146,6 +146,7 @@ def quantize(
     pin: Sequence[str] = (),
     plan: PrecisionPlan | str | os.PathLike[str] | None = None,
     integer: bool = False,
+    strict_integer: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     evaluate: bool | Callable[[Path], float] = True,
     eval_limit: int | None = None,
@@ -179,6 +180,8 @@ def quantize(
     result that is not a finite number, is a ``ConfigError`` naming the plan being measured.
     ``exclude``: layers kept in float, by node id, glob pattern or op type (``"Gemm"``).
     ``pin``: ``"ID_OR_PATTERN=W8A8[,W4A8]"`` restrictions for ``budget`` / ``max_drop``.
+    ``integer`` / ``target``: a layer whose int32 accumulator could overflow is kept in float
+    (in both models, named in the report) unless ``strict_integer``, which refuses instead.
     ``target``: also compile the integer model (``"x86"``, ``"cortex-m4"``, ...) into
     ``out/TARGET`` and check it bit for bit. ``qdq_style="tensorrt"`` writes TensorRT's
     explicit quantization (symmetric int8, zero point 0) instead of onnxruntime's layout.
@@ -249,6 +252,7 @@ def quantize(
                 exclude=tuple(sorted(excluded)),
                 pin=tuple(pin),
                 integer=integer,
+                strict_integer=strict_integer,
                 input_shapes=input_shapes,
                 evaluate=evaluate,
                 eval_limit=eval_limit,
@@ -477,6 +481,7 @@ class _Run:
                 else None,
                 plan=plan,
                 integer=s["integer"] or s["target"] is not None,
+                strict_integer=s["strict_integer"],
                 compensation=compensation,
                 weights=weights,
                 qdq_style=self.style,

@@ -66,3 +66,24 @@ def test_strict_integer_refuses_as_before(tmp_path: Path) -> None:
     with pytest.raises(AccumulatorOverflowError, match="could overflow") as caught:
         quantize(model, out, calib, integer=True, strict_integer=True)
     assert list(caught.value.layers) and not out.exists()
+
+
+def test_the_cli_warns_by_default_and_refuses_with_strict_integer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+
+    from dyadiq.cli import main
+
+    model, calib = _wide_then_narrow()
+    model_path, calib_path = tmp_path / "wide.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(model_path))  # type: ignore[arg-type]
+    np.savez(calib_path, **calib[0])
+    argv = ["quantize", str(model_path), "--calib", str(calib_path), "--integer", "--no-eval"]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "kept in float (its int32 accumulator could overflow" in said
+    assert main([*argv, "--strict-integer", "-o", str(tmp_path / "strict")]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "AccumulatorOverflowError" in said and "could overflow" in said
+    assert not (tmp_path / "strict").exists()

@@ -67,6 +67,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         pin=args.pin,
         plan=args.plan,
         integer=args.integer,
+        strict_integer=args.strict_integer,
         input_shapes=parse_shapes(args.input_shape) or None,
         evaluate=not args.no_eval,
         eval_limit=args.eval_limit,
@@ -184,6 +185,12 @@ def add_quantize(sub: Any) -> None:
         "--integer",
         action="store_true",
         help="also write model.int.onnx: integer-only (dyadic), verified bit-exact",
+    )
+    p.add_argument(
+        "--strict-integer",
+        action="store_true",
+        help="refuse a model with a layer whose int32 accumulator could overflow (by default "
+        "that layer is kept in float, in both models, and named in the summary)",
     )
     p.add_argument(
         "--target",
