@@ -165,22 +165,23 @@ def resolve(
             note=f"plan chosen on {held} at even sample positions, reported on the odd ones",
         )
     if validation is not None:
+        searches_data = searching and quality.search is None  # no callback, not a zoo model
+        search, report, note = validation, validation, ""  # nothing searched: report on all
         if test is not None:
-            search, report = validation, test
-            note = f"plan chosen on {validation.source}, reported on {test.source}"
-        elif searching and quality.search is None:
+            report = test
+            if searches_data:
+                note = f"plan chosen on {validation.source}, reported on {test.source}"
+        elif searches_data:
             splits = split_in_two(validation, fixed_batch=has_fixed_batch(specs))
             search, report, note = splits.search, splits.report, splits.note
-        else:  # nothing is searched on --val: report on all of it
-            search, report, note = validation, validation, f"reported on {validation.source}"
-        if searching and quality.search is None:
+        if searches_data:
             quality.search = data_scorer(model_path, search)
             quality.held_out["search"] = search.describe()
         quality.report_data = report
-        quality.held_out.update(report=report.describe(), note=note)
+        quality.held_out.update(report=report.describe(), **({"note": note} if note else {}))
     elif test is not None:
         quality.report_data = test
-        quality.held_out.update(report=test.describe(), note=f"reported on {test.source}")
+        quality.held_out.update(report=test.describe())
     if quality.callback is not None and quality.report_data is None and artifacts is None:
         note = "the evaluate callback scores the written model on its own data"
         if searching:
@@ -191,6 +192,9 @@ def resolve(
         quality.held_out.update(report={"source": "the evaluate callback's own data"}, note=note)
     if quality.search is not None:
         quality.held_out["metric"] = quality.search.metric.describe()
+    if inputs.evaluate is False:  # nothing is reported (--no-eval)
+        quality.report_data = None
+        quality.held_out.pop("report", None)
     return quality
 
 
