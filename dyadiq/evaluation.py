@@ -296,7 +296,9 @@ def class_metrics(
 ) -> dict[str, float]:
     """:func:`classification_metrics` over the last axis (one row per sample or position)
     plus the mean KL divergence of the candidate's class distribution from the reference's
-    (softmax of logits; probabilities as they are) and, with labels, top-5 accuracy."""
+    (softmax of logits; probabilities as they are) and, with labels, top-5 accuracy. With 5
+    classes or fewer the top 5 hold every class, so the top-5 figures (always 1) are left out:
+    a 2-class model is judged by its top-1 answers and KL only."""
     c = reference.shape[-1]
     ref = np.asarray(reference, np.float64).reshape(-1, c)
     out = np.asarray(other, np.float64).reshape(-1, c)
@@ -307,9 +309,10 @@ def class_metrics(
     p = np.clip(ref if probabilities else _softmax(ref), _EPS, None)
     q = np.clip(out if probabilities else _softmax(out), _EPS, None)
     metrics["kl_divergence"] = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
-    if labels is not None:
-        k = min(5, c)
-        top = np.argsort(-out, axis=1)[:, :k]
+    if c <= 5:
+        del metrics["top5_contains_reference_top1"]
+    elif labels is not None:
+        top = np.argsort(-out, axis=1)[:, :5]
         metrics["top5_accuracy"] = float(np.mean((top == labels.reshape(-1, 1)).any(axis=1)))
     return metrics
 
