@@ -65,11 +65,10 @@ class QuantizedModel:
 
     ``paths``: the files written, by role (``qdq``, ``plan``, ``report``, ``report_html``,
     and ``integer``, ``target``, ``ort_baseline`` when made). ``report``: report.json as a
-    dict. ``metrics``: held-out metrics per model (``float`` first), zoo models only.
+    dict. ``metrics``: metrics per model (``float`` first) on held-out data or by a callback.
     ``pipeline``: the graph, plan, activation sites and integer program behind them.
     ``report["held_out"]``: which data the plan was searched on and the metrics reported on.
     ``allocation``: the chosen plan's search (a ``BudgetPlan`` / ``BisectedPlan``) or None.
-    ``metrics``: see the property.
     """
 
     paths: dict[str, Path]
