@@ -194,3 +194,47 @@ def test_greedy_decode_refuses_what_the_cache_cannot_hold(exported: tuple[Path, 
         _decode(decode, PROMPT, MAX_POSITIONS)
     with pytest.raises(ZooError, match="at least one new"):
         _decode(decode, PROMPT, 0)
+
+
+def _word_tokenizer(path: Path) -> Path:
+    """A whitespace word-level tokenizer over the tiny model's 512 ids (t0 ... t511, with
+    id 2 as <bos>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(512)}
+    vocab["<bos>"] = vocab.pop("t2")
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    return path
+
+
+def test_generate_on_the_tvm_build_matches_onnxruntime(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dyadiq generate OUT/x86`` builds the target from a mixed plan (int4, one int3 layer
+    on the same nibble kernel, one int8 layer dequantised to float) and decodes greedily;
+    ``--check`` must find every generated token equal to onnxruntime's on the same quantized
+    decode graph, logits within 1e-4."""
+    import json
+
+    from dyadiq.cli import main
+
+    prefill, decode = exported
+    prepared = prepare(prefill, [], WeightOnlySettings(method=Method.RTN, group_size=32))
+    ids = [layer.id for layer in prepared.inventory.layers]
+    bits = {layer_id: 4 for layer_id in ids} | {ids[1]: 3, ids[2]: 8}
+    run(prefill, tmp_path / "out", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+    tokenizer = _word_tokenizer(tmp_path / "tokenizer.json")
+    prompt = " ".join(f"t{t}" for t in PROMPT[1:])
+    argv = ["generate", str(tmp_path / "out" / "x86-avx2"), "--prompt", prompt]
+    argv += ["--decode-graph", str(decode), "--tokenizer", str(tokenizer)]
+    argv += ["--max-new-tokens", str(NEW_TOKENS), "--check", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt_tokens"] == len(PROMPT)
+    check = result["check"]
+    assert check["tokens_agreeing"] == NEW_TOKENS, check
+    assert check["max_abs_logit_diff"] <= LOGIT_TOL, check
+    info = json.loads((tmp_path / "out" / "x86-avx2" / "decode.json").read_text())
+    assert info["kernel_layers"] == len(ids) - 1 and list(info["not_on_kernels"]) == [ids[2]]

@@ -161,7 +161,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         kind = target_kind(folder)
         graph = Path(args.decode_graph) if args.decode_graph else default_decode_graph()
-        output.console.print(f"building {folder} ({kind}) from {quantized} and {graph} ...")
+        message = f"building {folder} ({kind}) from {quantized} and {graph} ..."
+        if args.json:  # stdout is the JSON document
+            log.warning("generate: %s", message)
+        else:
+            output.console.print(message)
         build_decode_target(quantized, folder, graph, kind)
     step = TvmDecodeStep(folder)
     reference = folder / REFERENCE_MODEL
@@ -182,7 +186,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.check:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # unoptimized: onnxruntime would fuse DequantizeLinear + MatMul into its own int4
+        # kernels (another summation order, and on some CPUs int8 activations); the check
+        # wants the graph's plain semantics, dequantise then float MatMul
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
         from dyadiq.zoo.gemma3_decode import OnnxruntimeStep
 
         expected = greedy_decode(
