@@ -199,6 +199,7 @@ def quantize(
         quality_inputs, zoo=_is_zoo(model), max_drop=max_drop, calibration=calibration
     )
     if problems:
+        problems += _data_problems(model, quality_inputs, calib_preset)
         raise ConfigError(
             problems[0] if len(problems) == 1 else "\n  - ".join(["bad options:", *problems])
         )
@@ -280,6 +281,23 @@ def quantize(
                 + f"\n{final} is written for inspection; --allow-mismatch accepts such a result"
             )
     return result
+
+
+def _data_problems(model: ModelInput, inputs: Any, preset: str | None) -> list[str]:
+    """What is wrong with --val / --test data too, so that one error lists everything (an
+    ONNX file's inputs are read without loading the model; others are checked later)."""
+    from dyadiq.errors import DyadiqError
+    from dyadiq.quality_sources import read_user_data
+
+    if not isinstance(model, str | os.PathLike) or Path(model).suffix != ".onnx":
+        return []
+    try:
+        read_user_data(Path(model), inputs, image_preset=preset)
+    except DyadiqError as exc:
+        return [str(exc)]
+    except Exception:  # an unreadable model: its own error comes once the options are fixed
+        return []
+    return []
 
 
 def _is_zoo(item: Any) -> bool:

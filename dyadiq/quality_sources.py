@@ -125,30 +125,8 @@ def resolve(
     from dyadiq.evaluation import input_specs
 
     quality = Quality(callback=inputs.callback)
-    validation = test = None
-    if inputs.validation is not None or inputs.test is not None:
-        specs = input_specs(model_path)
-        problems: list[str] = []
-        read = {}
-        for option, source, labels in (
-            ("--val", inputs.validation, inputs.labels),
-            ("--test", inputs.test, inputs.test_labels),
-        ):
-            if source is None:
-                continue
-            try:
-                read[option] = read_held_out(
-                    source,
-                    specs,
-                    option=option,
-                    labels=labels_array(labels, option),
-                    image_preset=image_preset,
-                )
-            except (CalibrationDataError, ConfigError) as exc:
-                problems.append(str(exc))
-        if problems:
-            raise CalibrationDataError("\n".join(problems))
-        validation, test = read.get("--val"), read.get("--test")
+    validation, test = read_user_data(model_path, inputs, image_preset=image_preset)
+    specs = input_specs(model_path) if validation is not None else {}
     if searching and inputs.callback is not None:
         quality.search = CallbackScorer(inputs.callback)
         quality.held_out["search"] = {"source": "the evaluate callback's own data"}
@@ -196,6 +174,39 @@ def resolve(
         quality.report_data = None
         quality.held_out.pop("report", None)
     return quality
+
+
+def read_user_data(
+    model_path: Path, inputs: QualityInputs, *, image_preset: str | None
+) -> tuple[HeldOut | None, HeldOut | None]:
+    """(--val, --test) read and checked against the model's inputs (None where not given);
+    every problem of both in one :class:`CalibrationDataError`."""
+    from dyadiq.evaluation import input_specs
+
+    if inputs.validation is None and inputs.test is None:
+        return None, None
+    specs = input_specs(model_path)
+    problems: list[str] = []
+    read = {}
+    for option, source, labels in (
+        ("--val", inputs.validation, inputs.labels),
+        ("--test", inputs.test, inputs.test_labels),
+    ):
+        if source is None:
+            continue
+        try:
+            read[option] = read_held_out(
+                source,
+                specs,
+                option=option,
+                labels=labels_array(labels, option),
+                image_preset=image_preset,
+            )
+        except (CalibrationDataError, ConfigError) as exc:
+            problems.append(str(exc))
+    if problems:
+        raise CalibrationDataError("\n".join(problems))
+    return read.get("--val"), read.get("--test")
 
 
 def labels_array(labels: Any, option: str) -> np.ndarray | None:

@@ -273,6 +273,13 @@ def test_bad_input_is_one_error_listing_every_problem(
     for option in ("--val", "--test"):
         assert f"{option} batch 0: input x has shape [2, 3, 9, 9]" in message
         assert f"{option} batch 2: inputs do not match the model" in message
+    # ... and beside bad options, in the same error
+    with pytest.raises(ConfigError) as both:
+        dyadiq.quantize(
+            user["model"], str(user["calib"]), validation=str(tmp_path / "bad_val"), max_drop="-1"
+        )
+    assert "--max-drop wants a drop >= 0" in str(both.value)
+    assert "--val batch 0: input x has shape [2, 3, 9, 9]" in str(both.value)
     assert not (tmp_path / "o").exists()
 
 
