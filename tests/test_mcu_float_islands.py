@@ -20,7 +20,7 @@ from dyadiq.backends.mcu.float_c import downstream_of_islands, island_report
 from dyadiq.errors import UnsupportedModelError
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter
-from dyadiq.targets import ISLAND_CODE_TOLERANCE
+from dyadiq.targets import ISLAND_CODE_TOLERANCE, emit_for_target
 from tests.builders import calibration, with_weights
 from tests.tvm_helpers import integer_program
 
@@ -213,3 +213,54 @@ def test_constant_only_nodes_need_no_kernel():
              "z": np.array(0, np.int64), "o": np.array(1, np.int64)}  # fmt: skip
     program = _island_program(body, (1, 4, 3, 3), (1, 36), inits, out_scale=1 / 16)
     assert unsupported_ops(program) == []  # Shape, Range: constant, no kernel needed
+
+
+@needs_toolchain
+def test_integer_input_and_float_output_through_the_target_check(tmp_path):
+    """Magika's shape: int32 byte values in, one-hot by Equal + Cast, a float Softmax out
+    (no codes): the C build passes them through and the target check compares the floats."""
+    graph = onnx.parser.parse_graph(
+        "island (int32[1, 6] x) => (float[1, 6, 4] yf) {"
+        " u = Unsqueeze (x, ax)\n e = Equal (u, classes)\n f = Cast <to = 1> (e)\n"
+        " m = Mul (f, w)\n yf = Softmax <axis = -1> (m) }"
+    )
+    inits = {"ax": np.array([2], np.int64), "classes": np.arange(4, dtype=np.int32),
+             "w": np.linspace(-2, 2, 4).astype(np.float32)}  # fmt: skip
+    tensors = [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()]
+    island = ip.FloatIsland(
+        tuple(graph.node), tuple(tensors), ("x",), ("yf",), (onnx.TensorProto.INT32,)
+    )
+    program = ip.IntegerProgram(
+        [island], {}, {}, {"x": (np.dtype(np.int32), (1, 6))}, ["yf"], {}, ["Softmax"], opset=17
+    )
+    assert unsupported_ops(program) == []
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.integers(0, 5, (1, 6)).astype(np.int32)} for _ in range(3)]
+    info = emit_for_target(program, "cortex-m4", tmp_path / "m4", feeds)
+    check = info["bit_exact_vs_reference"]
+    assert check["inputs"] == 3 and check["max_float_diff_of_range"] < 1e-5
+    assert info["fully_integer"] is False and info["outputs_compared_with_tolerance"] == ["yf"]
+
+
+IF_ON_DATA = """
+    s = ReduceSum <keepdims = 0> (xf)
+    c = Greater (s, zero)
+    yf = If (c) <
+        then_branch = verify () => (float[1, 2, 3] a) { m = Mul (xf, two)
+ a = Tanh (m) },
+        else_branch = keep () => (float[1, 2, 3] b) { b = Neg (xf) }
+    >
+"""
+
+
+@needs_toolchain
+def test_if_on_data_runs_as_c_if_else(tmp_path):
+    """openWakeWord's verifier head: an If on the detector's score, both branches taken."""
+    inits = {"zero": np.array(0.0, np.float32), "two": np.array(2.0, np.float32)}
+    program = _island_program(IF_ON_DATA, (1, 2, 3), (1, 2, 3), inits, out_scale=1 / 64)
+    assert unsupported_ops(program) == []
+    rng = np.random.default_rng(4)
+    calib = [{"x": (rng.uniform(-1, 1, (1, 2, 3)) + sign).astype(np.float32)} for sign in (-1, 1)]
+    assert _device_vs_reference(program, calib, tmp_path)["y_q"] <= 1
+    model_c = (tmp_path / "m4" / "model.c").read_text()
+    assert "if (" in model_c and "else" in model_c

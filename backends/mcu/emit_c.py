@@ -44,11 +44,14 @@ from dyadiq.reference_interpreter import ReferenceInterpreter
 from .arena import ArenaPlan, plan_arena, static_shape
 from .float_c import (
     IslandEmitter,
+    island_output_dtype,
     island_problems,
     model_input_problems,
     quantize_problems,
+    raw_input_copy,
     with_float_shapes,
 )
+from .transformer_c import TransformerKernels
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
@@ -88,6 +91,7 @@ class TensorSpec:
     signed: bool
     scale: float
     zero_point: int
+    values: str | None = None  # a numpy dtype name: raw values (a float island's), not codes
 
     @property
     def count(self) -> int:
@@ -95,7 +99,13 @@ class TensorSpec:
 
     @property
     def dtype(self) -> np.dtype:
+        if self.values is not None:
+            return np.dtype(self.values)
         return np.dtype(np.int8 if self.signed else np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class McuProject:
 
     @property
     def output_bytes(self) -> int:
-        return sum(o.count for o in self.outputs)
+        return sum(o.nbytes for o in self.outputs)
 
     @property
     def weight_flash_bytes(self) -> int:
@@ -121,9 +131,9 @@ class McuProject:
         raw = np.asarray(raw, dtype=np.uint8).reshape(-1, self.output_bytes)
         decoded, start = {}, 0
         for spec in self.outputs:
-            chunk = raw[:, start : start + spec.count].view(spec.dtype)
+            chunk = raw[:, start : start + spec.nbytes].copy().view(spec.dtype)
             decoded[spec.name] = chunk.reshape((raw.shape[0], *spec.shape))
-            start += spec.count
+            start += spec.nbytes
         return decoded
 
 
@@ -182,6 +192,7 @@ class _Emitter(IntOpVisitor[None]):
         self.scratch = 1
         self.tag = ""
         self.islands = IslandEmitter(program, arena, self.decls, self.calls, self.ref)
+        self.transformer = TransformerKernels(program, self.decls, self.calls, self.ref)
 
     # --- tensors -----------------------------------------------------------------------------
     def shape(self, tensor: str) -> tuple[int, ...]:
@@ -482,6 +493,12 @@ class _Emitter(IntOpVisitor[None]):
         p = self.param("dq_softmax_params", tag, fields)
         self.calls.append(f"dq_softmax({p}, {self.ref(op.input)}, {self.ref(op.output)});")
 
+    def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
+        self.transformer.layer_norm(op, self.tag)
+
+    def visit_MaskedSoftmax(self, op: ip.MaskedSoftmax) -> None:
+        self.transformer.masked_softmax(op, self.tag)
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         tag = self.tag
         n, c, h, w = self.shape(op.input)
@@ -562,8 +579,9 @@ def unsupported_ops(program: ip.IntegerProgram) -> list[str]:
             problems.extend(p for p in island_problems(op) if p not in problems)
         elif isinstance(op, ip.Conv) and (len(op.strides) != 2 or op.weight.ndim != 4):
             problems.append(f"Conv {op.output}: only 2-d convolutions")
+    islands_write = {o for op in program.ops if isinstance(op, ip.FloatIsland) for o in op.outputs}
     for name in outputs:
-        if name not in program.quant:
+        if name not in program.quant and name not in islands_write:
             problems.append(f"output {name} has no integer codes")
     return problems
 
@@ -611,11 +629,10 @@ def emit_c_project(
     for step, op in enumerate(program.ops):
         emitter.emit(step, op)
     source = next((op for op in program.ops if isinstance(op, ip.QuantizeInput)), None)
-    if source is None:  # a float input that a float island reads: passed on as its bytes
+    if source is None:  # an input that a float island reads: passed on as its values
         (name,) = program.inputs
         project_input = TensorSpec(name, static_shape(program, name), False, 1.0, 0)
-        input_bytes = 4 * project_input.count
-        quantize = f"    memcpy(codes, x, {input_bytes});\n"
+        input_bytes, quantize = raw_input_copy(program, name)
     else:
         in_q = program.quant[source.output]
         project_input = TensorSpec(
@@ -633,11 +650,15 @@ def emit_c_project(
     copies, offset = [], 0
     for name in program.outputs:
         code = program.int_outputs.get(name, name)
-        q = program.quant[code]
-        spec = TensorSpec(code, static_shape(program, code), q.signed, q.scale, q.zero_point)
+        if code in program.quant:
+            q = program.quant[code]
+            spec = TensorSpec(code, static_shape(program, code), q.signed, q.scale, q.zero_point)
+        else:  # a float island's output, copied out as its values
+            values = island_output_dtype(program, code).name
+            spec = TensorSpec(code, static_shape(program, code), False, 1.0, 0, values)
         outputs.append(spec)
-        copies.append(f"memcpy(output_codes + {offset}, {emitter.ref(code)}, {spec.count});")
-        offset += spec.count
+        copies.append(f"memcpy(output_codes + {offset}, {emitter.ref(code)}, {spec.nbytes});")
+        offset += spec.nbytes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     body = "\n    ".join(emitter.calls + copies)
@@ -667,7 +688,10 @@ def emit_c_project(
     summary = {
         "cpu": preset.name,
         "input": {"name": project_input.name, "shape": project_input.shape},
-        "outputs": [{"name": o.name, "shape": o.shape, "signed": o.signed} for o in outputs],
+        "outputs": [
+            {"name": o.name, "shape": o.shape, "signed": o.signed, "values": o.values}
+            for o in outputs
+        ],
         "arena_bytes": arena.peak_bytes,
         "arena_lower_bound_bytes": arena.lower_bound_bytes,
         "scratch_bytes": emitter.scratch,
@@ -689,7 +713,7 @@ def load_project(folder: Path) -> McuProject:
             info["input"]["name"], tuple(info["input"]["shape"]), False, 1.0, 0
         )
         outputs = [
-            TensorSpec(o["name"], tuple(o["shape"]), bool(o["signed"]), 1.0, 0)
+            TensorSpec(o["name"], tuple(o["shape"]), bool(o["signed"]), 1.0, 0, o.get("values"))
             for o in info["outputs"]
         ]
         cpu, arena_bytes, scratch = (

@@ -22,7 +22,7 @@ with no kernel here are refused, all of them listed in one message.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,20 +33,47 @@ from dyadiq.errors import UnsupportedModelError
 
 from . import float_ops
 from .arena import ALIGNMENT, ArenaPlan, Buffer, _greedy_by_size, static_shape
+from .float_if import branch_ops, emit_if, node_reads
 
 CONSTANT_PRODUCERS = frozenset({"Constant", "Shape", "Size"})
 
 
+RAW_INPUT_TYPES = {np.dtype(np.float32): "float", np.dtype(np.int32): "int32_t",
+                   np.dtype(np.int64): "int64_t"}  # fmt: skip
+
+
 def model_input_problems(program: ip.IntegerProgram) -> list[str]:
-    """The device takes one input: float codes quantized on the device, or a float tensor a
-    float island reads directly."""
+    """The device takes one input: float codes quantized on the device, or a float or integer
+    tensor a float island reads directly."""
     if len(program.inputs) != 1:
         return [f"{len(program.inputs)} model inputs (exactly one is supported)"]
     (name,) = program.inputs
     dtype = np.dtype(program.inputs[name][0])
-    if dtype != np.float32:
-        return [f"input {name} is {dtype} (a float32 input is supported)"]
+    if dtype not in RAW_INPUT_TYPES:
+        return [f"input {name} is {dtype} (float32, int32 or int64 are supported)"]
     return []
+
+
+def raw_input_copy(program: ip.IntegerProgram, name: str) -> tuple[int, str]:
+    """(bytes, C body of ``dq_model_quantize_input``) for an input an island reads as it is:
+    the harness hands over floats, converted to the input's type (integer inputs such as byte
+    values or token ids are exact in float32 up to 2^24)."""
+    dtype = np.dtype(program.inputs[name][0])
+    count = int(np.prod(static_shape(program, name), dtype=np.int64))
+    ctype = RAW_INPUT_TYPES[dtype]
+    body = (
+        f"    {ctype} *values = ({ctype} *)(void *)codes;\n"
+        f"    for (int32_t i = 0; i < {count}; ++i) values[i] = ({ctype})x[i];\n"
+    )
+    return count * dtype.itemsize, body
+
+
+def island_output_dtype(program: ip.IntegerProgram, name: str) -> np.dtype:
+    for op in program.ops:
+        if isinstance(op, ip.FloatIsland) and name in op.outputs:
+            types = op.output_types or (onnx.TensorProto.FLOAT,) * len(op.outputs)
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[op.outputs.index(name)]))
+    raise UnsupportedModelError(f"{name} is not a float island's output")
 
 
 def quantize_problems(program: ip.IntegerProgram) -> list[str]:
@@ -66,8 +93,8 @@ def constant_tensors(island: ip.FloatIsland) -> set[str]:
     """Tensors of the island whose values do not depend on its inputs."""
     known = {t.name for t in island.initializers}
     for node in island.nodes:
-        inputs = [n for n in node.input if n]
-        if node.op_type in CONSTANT_PRODUCERS or (inputs and all(n in known for n in inputs)):
+        reads = node_reads(node)  # an If's branches read enclosing tensors by name
+        if node.op_type in CONSTANT_PRODUCERS or (reads and all(n in known for n in reads)):
             known.update(node.output)
     return known
 
@@ -75,12 +102,12 @@ def constant_tensors(island: ip.FloatIsland) -> set[str]:
 def island_problems(island: ip.FloatIsland) -> list[str]:
     """Every node of ``island`` that has no C kernel (nodes computing constants need none)."""
     constants = constant_tensors(island)
+    computed = [n for n in island.nodes if not all(o in constants for o in n.output if o)]
+    for node in list(computed):
+        if node.op_type == "If":  # C if / else over the branches' own nodes
+            computed.extend(n for n in branch_ops(node) if n.op_type not in CONSTANT_PRODUCERS)
     missing = sorted(
-        {
-            node.op_type
-            for node in island.nodes
-            if not all(o in constants for o in node.output if o) and not float_ops.has_kernel(node)
-        }
+        {n.op_type for n in computed if n.op_type != "If" and not float_ops.has_kernel(n)}
     )
     return [f"float op {op} has no Cortex-M C kernel" for op in missing]
 
@@ -130,8 +157,9 @@ def probe_island(program: ip.IntegerProgram, island: ip.FloatIsland) -> IslandLa
 def with_float_shapes(program: ip.IntegerProgram) -> ip.IntegerProgram:
     """The program with the shapes of its float tensors added (a Dequantize's output has its
     input's shape; an island's outputs, what onnxruntime computes on its input shapes)."""
-    if not any(isinstance(op, ip.FloatIsland) for op in program.ops):
-        return program
+    islands = [op for op in program.ops if isinstance(op, ip.FloatIsland)]
+    if all(o in program.shapes for op in islands for o in op.outputs):
+        return program  # nothing to add (or done already)
     shapes = dict(program.shapes)
     shapes.update({name: tuple(spec[1]) for name, spec in program.inputs.items()})
     extended = dataclasses.replace(program, shapes=shapes)
@@ -151,7 +179,7 @@ def island_scratch_plan(island: ip.FloatIsland, layout: IslandLayout) -> tuple[d
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for step, node in enumerate(island.nodes):
-        for name in node.input:
+        for name in node_reads(node):
             if name in first:
                 last[name] = step
         for name in node.output:
@@ -232,14 +260,30 @@ class IslandEmitter:
         for name, offset in offsets.items():
             ctype = float_ops.c_type(layout.dtypes[name])
             names[name] = f"(({ctype} *)(dq_island_scratch + {offset}))"
-        for node in op.nodes:
-            if all(o in layout.constants for o in node.output if o):
-                continue
-            body.append(f"/* {node.op_type} {node.name} */")
-            body.append(float_ops.emit_node(node, layout, names, self.program.opset))
+        body.extend(self.emit_nodes(op.nodes, layout, names, tag))
         head = f"static void {tag}_island(const uint8_t *input)\n{{\n    (void)input;\n    "
         self.decls.append(head + "\n    ".join(body) + "\n}\n")
         self.calls.append(f"{tag}_island(input);")  # ``input``: the model input, if it reads it
+
+    def emit_nodes(
+        self,
+        nodes: Sequence[onnx.NodeProto],
+        layout: float_ops.Layout,
+        names: dict[str, str],
+        tag: str,
+    ) -> list[str]:
+        """One C block per node that computes something (constants are already in flash)."""
+        body = []
+        for k, node in enumerate(nodes):
+            if all(o in layout.constants for o in node.output if o):
+                continue
+            body.append(f"/* {node.op_type} {node.name} */")
+            if node.op_type == "If":
+                opset = self.program.opset
+                body.append(emit_if(node, layout, names, f"{tag}_if{k}", self.emit_nodes, opset))
+            else:
+                body.append(float_ops.emit_node(node, layout, names, self.program.opset))
+        return body
 
     def scratch_declaration(self) -> str:
         size = max(self.scratch_bytes, 4)

@@ -622,8 +622,6 @@ def has_kernel(node: onnx.NodeProto) -> bool:
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return False
-    if op == "Dropout" and len([o for o in node.output if o]) > 1:
-        return False  # the mask output has no kernel
     return op in WRITERS or op in UNARY or op in WITH_ATTRIBUTES or op in SOFTMAX
 
 

@@ -62,8 +62,9 @@ class McuTarget(base.Target[McuArtifact]):
         from .build import build_if_toolchain
         from .costs import allocator_memory_plan
         from .emit_c import emit_c_project
-        from .float_c import island_report
+        from .float_c import island_report, with_float_shapes
 
+        program = with_float_shapes(program)  # the arena plans float island tensors too
         project = emit_c_project(program, out_dir, cpu=self.name)
         memory_plan = out_dir / MEMORY_PLAN_NAME
         plan = allocator_memory_plan(program)
@@ -103,10 +104,12 @@ class McuTarget(base.Target[McuArtifact]):
         inputs = np.stack([np.asarray(f[artifact.input_name], np.float32)[0] for f in feeds])
         run = run_qemu(project, artifact.elf, inputs, count_instructions=True)
         decoded = project.decode_outputs(run.outputs)
-        no_floats = np.zeros(0, np.float32)  # every output of a C build has codes
+        coded = [s.name for s in project.outputs if s.values is None]
+        plain = [s.name for s in project.outputs if s.values is not None]  # a float island's
         outputs = [
             base.ProgramOutputs(
-                base.flatten([decoded[s.name][i] for s in project.outputs], np.int64), no_floats
+                base.flatten([decoded[name][i] for name in coded], np.int64),
+                base.flatten([decoded[name][i] for name in plain], np.float32),
             )
             for i in range(len(feeds))
         ]
