@@ -647,6 +647,8 @@ def rescore(
             kept = by_name.setdefault(row["model"], row)
             if kept is row:
                 continue
+            # the later run's facts about the model win (e.g. the inputs it binds)
+            kept.update({k: v for k, v in row.items() if k not in ("stages", "superseded")})
             for name, result in row["stages"].items():  # the later run wins; the earlier is shown
                 earlier = kept["stages"].get(name)
                 same = earlier is not None and all(
