@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from dyadiq.cli import main
-from dyadiq.plots import PlanMarker, frontier_figure, plot_frontier_png
 from dyadiq.html_report import render_report_html, write_report_html
+from dyadiq.plots import PlanMarker, frontier_figure, plot_frontier_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 NARROW_PX = 640  # about an 80-column terminal's width in a browser
