@@ -121,8 +121,31 @@ def frontier_section(frontier: Mapping[str, Any] | None, report: Mapping[str, An
         series = "plan measured by the --max-drop bisection"
         caption = (
             f"the {len(points)} plans the --max-drop {esc(allocation.get('max_drop'))} "
-            f"bisection measured on held-out data ({esc(metric)})"
+            f"bisection measured on its search split of the held-out data ({esc(metric)}; the "
+            "quality table reports the chosen plan on the other split)"
         )
+        if allocation.get("float_metric") is not None:
+            # every point, the float line and the star on the one split the search read
+            chosen_size, chosen_metric = (
+                allocation.get("weight_bytes"),
+                allocation.get("plan_metric"),
+            )
+            star = (
+                plots.PlanMarker(float(chosen_size), float(chosen_metric))
+                if chosen_size is not None and chosen_metric is not None
+                else None
+            )
+            figure = plots.frontier_figure(
+                points,
+                metric,
+                float_metric=float(allocation["float_metric"]),
+                chosen=star,
+                series_label=series,
+            )
+            return (
+                f"<h2>Pareto frontier</h2><figure>{plots.figure_svg(figure)}<figcaption>"
+                f"{caption}; dashed: the float model; star: this run's plan.</figcaption></figure>"
+            )
     else:
         return (
             '<h2>Pareto frontier</h2><p class="note">Not measured for this run: '
