@@ -142,3 +142,52 @@ def test_the_frontend_folds_static_ifs_before_simplifying():
     graph = load_onnx(onnx.parser.parse_model(SHAPE_CONDITION))
     assert "If" not in [n.op for n in graph.graph.nodes]
     assert any("If" in note and "inlined" in note for note in graph.notes)
+
+
+SILERO_NETWORK = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[1, 1, 6] x, int64 sr) => (float[1, 3] y) {
+    rate = Constant <value = int64 {16000}> ()
+    c = Equal (sr, rate)
+    y = If (c) <
+        then_branch = fast () => (float[1, 3] out) {
+            p = Constant <value = int32[6] {0, 0, 1, 0, 0, 1}> ()
+            p64 = Cast <to = 7> (p)
+            padded = Pad (x, p64)
+            f = Conv <strides = [2]> (padded, cw)
+            r = Relu (f)
+            seq = Transpose <perm = [2, 0, 1]> (r)
+            ys, yh, yc = LSTM <hidden_size = 3> (seq, lw, lr, lb)
+            ax = Constant <value = int64[1] {0}> ()
+            out = Squeeze (yh, ax)
+        },
+        else_branch = slow () => (float[1, 3] out2) {
+            s = ReduceMean <axes = [2], keepdims = 0> (x)
+            out2 = Concat <axis = 1> (s, s, s)
+        }
+    >
+}
+"""
+
+
+def test_silero_shape_with_the_rate_bound_compiles_for_x86(tmp_path):
+    """The whole network under an If on the sample rate, a computed Pad and an LSTM (silero_vad
+    in small): with sr bound, the If folds, the LSTM unrolls and the program compiles for x86,
+    equal to the reference interpreter (TVM refused it: "Dynamic pads", then "LSTM")."""
+    from dyadiq.targets import emit_for_target
+    from tests.tvm_helpers import integer_program
+
+    rng = np.random.default_rng(5)
+    model = onnx.parser.parse_model(SILERO_NETWORK)
+    weights = {"cw": (4, 1, 3), "lw": (1, 12, 4), "lr": (1, 12, 3), "lb": (1, 24)}
+    branch = model.graph.node[2].attribute[0].g  # then_branch: where the weights are read
+    for name, shape in weights.items():
+        value = (rng.normal(size=shape) * 0.5).astype(np.float32)
+        branch.initializer.append(onnx.numpy_helper.from_array(value, name))
+    bound = fold_static_if(model, bound_inputs={"sr": np.array(16000, np.int64)}).model
+    assert "If" not in _ops(bound)
+    calib = [{"x": rng.normal(size=(1, 1, 6)).astype(np.float32)} for _ in range(6)]
+    program = integer_program(bound, calib)
+    info = emit_for_target(program, "x86", tmp_path / "x86", calib[:3])
+    check = info["bit_exact_vs_reference"]
+    assert check["inputs"] == 3 and check["max_code_diff"] <= 2
