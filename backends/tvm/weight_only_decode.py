@@ -7,10 +7,12 @@ into a graph TVM's ONNX importer takes with two extra ops of this module's domai
 - ``Int4MatMul(x, packed, scales, zeros)`` for every MatMul reader of a weight of 4 bits or
   fewer (2- and 3-bit codes fit a nibble): the kernel of
   :mod:`dyadiq.backends.tvm.weight_only_kernels`, weights in its tiled layout;
-- ``Int4Gather(ids, rows, scales, zeros)`` for a Gather reader (the token embedding): the
-  looked-up rows unpacked and dequantised, ``s (q - z)``, with Relax ops.
+- ``Int4Gather(ids, packed, scales, zeros)`` for a Gather reader (the token embedding): the
+  looked-up rows read out of the same tiled tensors (a tied embedding and LM head are
+  stored once), unpacked and dequantised, ``s (q - z)``, with Relax ops.
 
-Weights wider than 4 bits have no kernel here: they are dequantised at build time to float
+Weights wider than 4 bits (or of shapes the kernel refuses: N not a multiple of 8, K not
+one of the group size) have no kernel here: they are dequantised at build time to float
 initializers (``s (q - z)``, exactly what DequantizeLinear computes) and the report lists
 them. Everything else in the graph (norms, rotary embedding, attention over the cache) is
 imported by TVM's ONNX frontend and compiled with the default CPU pipeline, unscheduled.
@@ -92,41 +94,27 @@ def kernel_graph(
             continue
         codes, zeros = _unsigned(q)
         group = q.format.group_size
+        try:
+            shape = Int4Shape.of(1, layer.columns, layer.rows, group)
+        except ConfigError as exc:
+            off_kernel[layer_id] = f"dequantised to float: {exc}"
+            new_inits.append(numpy_helper.from_array(layer.stored(q.dequantize()), base))
+            continue
+        # one copy in the kernel's tiled layout, read by the MatMul readers and by the
+        # Gather readers alike (a tied embedding and LM head stay one tensor)
+        names = [f"{base}_t4_{part}" for part in ("packed", "scales", "zeros")]
+        arrays = kernel_weights(codes, q.scales, zeros, shape)
+        new_inits += [numpy_helper.from_array(a, n) for a, n in zip(arrays, names, strict=True)]
         for reader in layer.readers:
             old = nodes[reader.node]
-            if reader.use is Use.MATMUL:
-                shape = Int4Shape.of(1, layer.columns, layer.rows, group)
-                names = [f"{base}_t4_{part}" for part in ("packed", "scales", "zeros")]
-                if names[0] not in {t.name for t in new_inits}:
-                    arrays = kernel_weights(codes, q.scales, zeros, shape)
-                    new_inits += [
-                        numpy_helper.from_array(a, n) for a, n in zip(arrays, names, strict=True)
-                    ]
-                replaced[old.name] = helper.make_node(
-                    INT4_MATMUL,
-                    [old.input[0], *names],
-                    list(old.output),
-                    name=old.name,
-                    domain=DOMAIN,
-                    group=group,
-                )
-            else:
-                names = [f"{base}_t4_{part}" for part in ("rows", "row_scales", "row_zeros")]
-                if names[0] not in {t.name for t in new_inits}:
-                    pairs = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
-                    new_inits += [
-                        numpy_helper.from_array(np.ascontiguousarray(pairs), names[0]),
-                        numpy_helper.from_array(q.scales.astype(np.float32), names[1]),
-                        numpy_helper.from_array(zeros.astype(np.float32), names[2]),
-                    ]
-                replaced[old.name] = helper.make_node(
-                    INT4_GATHER,
-                    [old.input[1], *names],
-                    list(old.output),
-                    name=old.name,
-                    domain=DOMAIN,
-                    group=group,
-                )
+            op, first = (
+                (INT4_MATMUL, old.input[0])
+                if reader.use is Use.MATMUL
+                else (INT4_GATHER, old.input[1])
+            )
+            replaced[old.name] = helper.make_node(
+                op, [first, *names], list(old.output), name=old.name, domain=DOMAIN, group=group
+            )
     dropped = {by_id[i].initializer for i in quantized}
     kept = []
     for tensor in graph.initializer:
@@ -196,19 +184,32 @@ def _converters() -> dict[str, Any]:
     class Int4GatherConverter(onnx_frontend.OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
-            ids, rows, scales, zeros = inputs
+            ids, packed, scales, zeros = inputs
             group = int(attr["group"])
             id_shape = [int(d) for d in ids.ty.shape]
-            half = int(rows.ty.shape[1])
-            flat = bb.emit(relax.op.reshape(ids, (int(np.prod(id_shape)),)))
-            picked = bb.emit(relax.op.take(rows, flat, axis=0))  # [n, K/2] uint8
-            low = relax.op.bitwise_and(picked, relax.const(15, "uint8"))
-            high = relax.op.right_shift(picked, relax.const(4, "uint8"))
-            codes = bb.emit(relax.op.stack([low, high], axis=2))  # [n, K/2, 2]
             count = int(np.prod(id_shape))
+            _, half, tile = (int(d) for d in packed.ty.shape)
+            flat = bb.emit(relax.op.reshape(ids, (count,)))
+            tile_of = bb.emit(relax.op.floor_divide(flat, relax.const(tile, "int64")))
+            lane = bb.emit(relax.op.floor_mod(flat, relax.const(tile, "int64")))
+
+            def row(tiled: Any, width: int) -> Any:
+                """Row ``id`` of a [tiles, width, tile] tensor: [count, width]."""
+                slab = relax.op.take(tiled, tile_of, axis=0)  # [count, width, tile]
+                index = relax.op.broadcast_to(
+                    relax.op.reshape(lane, (count, 1, 1)), (count, width, 1)
+                )
+                picked = relax.op.gather_elements(slab, index, axis=2)
+                return bb.emit(relax.op.reshape(picked, (count, width)))
+
+            pairs = row(packed, half)  # [count, K/2] uint8
+            low = relax.op.bitwise_and(pairs, relax.const(15, "uint8"))
+            high = relax.op.right_shift(pairs, relax.const(4, "uint8"))
+            codes = bb.emit(relax.op.stack([low, high], axis=2))  # [count, K/2, 2]
             q = relax.op.astype(relax.op.reshape(codes, (count, 2 * half)), "float32")
-            s = relax.op.repeat(relax.op.take(scales, flat, axis=0), group, axis=1)
-            z = relax.op.repeat(relax.op.take(zeros, flat, axis=0), group, axis=1)
+            groups = 2 * half // group
+            s = relax.op.repeat(row(scales, groups), group, axis=1)
+            z = relax.op.repeat(row(zeros, groups), group, axis=1)
             w = bb.emit(relax.op.multiply(relax.op.subtract(q, z), s))
             return relax.op.reshape(w, (*id_shape, 2 * half))
 
