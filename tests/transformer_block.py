@@ -36,11 +36,27 @@ COMPLEMENT_MASK = """
         mask = Mul (dropped, big)
 """
 
+# a one-input model (what a microcontroller build takes): the mask is computed on the device,
+# by float islands, from the sign of one channel of the first layer's output
+DEVICE_MASK = """
+        start = Constant <value = int64[1] {0}> ()
+        stop = Constant <value = int64[1] {1}> ()
+        channel_axis = Constant <value = int64[1] {1}> ()
+        column = Slice (xi, start, stop, channel_axis)
+        row = Transpose <perm = [1, 0]> (column)
+        threshold = Constant <value = float {0.0}> ()
+        keep = Greater (row, threshold)
+        zero = Constant <value = float {0.0}> ()
+        lowest = Constant <value = float {-3.4028234e38}> ()
+        mask = Where (keep, zero, lowest)
+"""
+
 
 def block_text(mask: str) -> str:
+    mask_input = "" if mask == DEVICE_MASK else f", int64[1, {TOKENS}] attention_mask"
     return f"""
     <ir_version: 8, opset_import: ["" : 18]>
-    block (float[{TOKENS}, {HIDDEN}] x, int64[1, {TOKENS}] attention_mask)
+    block (float[{TOKENS}, {HIDDEN}] x{mask_input})
         => (float[{TOKENS}, {HIDDEN}] y) {{
         xi0 = MatMul (x, wi)
         xi = Add (xi0, bi)
@@ -119,7 +135,9 @@ def block_model(mask: str = WHERE_MASK, seed: int = 0) -> onnx.ModelProto:
     return with_weights(block_text(mask), **weights)
 
 
-def block_feeds(rng: np.random.Generator, n: int = 6) -> list[dict[str, np.ndarray]]:
+def block_feeds(
+    rng: np.random.Generator, n: int = 6, *, mask_input: bool = True
+) -> list[dict[str, np.ndarray]]:
     """Token vectors with a few large channels (as a residual stream has) and padding masks
     of every length from all tokens kept down to one."""
     feeds = []
@@ -129,6 +147,8 @@ def block_feeds(rng: np.random.Generator, n: int = 6) -> list[dict[str, np.ndarr
         mask = np.zeros((1, TOKENS), np.int64)
         mask[0, : TOKENS - i % TOKENS] = 1
         feeds.append({"x": x.astype(np.float32), "attention_mask": mask})
+        if not mask_input:
+            del feeds[-1]["attention_mask"]
     return feeds
 
 
@@ -142,7 +162,7 @@ class QuantizedBlock:
 def quantized_block(mask: str = WHERE_MASK, *, act_signed: bool = False) -> QuantizedBlock:
     graph = load_onnx(block_model(mask))
     plan = PrecisionPlan.uniform(graph, act_signed=act_signed)
-    feeds = block_feeds(np.random.default_rng(5))
+    feeds = block_feeds(np.random.default_rng(5), mask_input=mask != DEVICE_MASK)
     result = quantize_graph(graph, plan, feeds)
     program = integerize(result.graph, plan, result.sites, result.qdq.act_params)
     return QuantizedBlock(result, program, feeds)

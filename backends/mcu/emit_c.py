@@ -51,6 +51,7 @@ from .float_c import (
     raw_input_copy,
     with_float_shapes,
 )
+from .transformer_c import TransformerKernels
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
@@ -191,6 +192,7 @@ class _Emitter(IntOpVisitor[None]):
         self.scratch = 1
         self.tag = ""
         self.islands = IslandEmitter(program, arena, self.decls, self.calls, self.ref)
+        self.transformer = TransformerKernels(program, self.decls, self.calls, self.ref)
 
     # --- tensors -----------------------------------------------------------------------------
     def shape(self, tensor: str) -> tuple[int, ...]:
@@ -490,6 +492,12 @@ class _Emitter(IntOpVisitor[None]):
                   "rq": self.requant(tag, op.requant, shape[-1])}  # fmt: skip
         p = self.param("dq_softmax_params", tag, fields)
         self.calls.append(f"dq_softmax({p}, {self.ref(op.input)}, {self.ref(op.output)});")
+
+    def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
+        self.transformer.layer_norm(op, self.tag)
+
+    def visit_MaskedSoftmax(self, op: ip.MaskedSoftmax) -> None:
+        self.transformer.masked_softmax(op, self.tag)
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         tag = self.tag

@@ -1,0 +1,298 @@
+"""Cortex-M C for the transformer integer ops: :class:`ip.LayerNorm` and :class:`ip.MaskedSoftmax`.
+
+The kernels are static C functions written into ``model.c`` the first time a program uses
+them (the shared ``dq_kernels.c`` stays as it is). They compute the reference interpreter's
+integers exactly, in int64: the LayerNorm's integer square root is the reference's Newton
+iteration from 2^ceil(bits / 2) (:func:`dyadiq.reference_interpreter.integer_sqrt`), every
+division is of non-negative values (C's truncation is then the reference's floor), and shifts
+of negative values are arithmetic (a floor, as arm-none-eabi-gcc compiles ``>>``, which the
+other kernels rely on too). No row buffer: values are recomputed from the input bytes.
+
+A masked softmax reads its mask from the arena, where a float island computed it; a mask
+element of any integer or boolean type is "non-zero" when any of its bytes is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from dyadiq import integer_program as ip
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.reference_interpreter import SOFTMAX_MAX_SHIFT
+
+from .arena import static_shape
+
+INT32_MAX = 2**31 - 1
+
+KERNELS_C = f"""
+/* --- transformer kernels (backends/mcu/transformer_c.py) --- */
+typedef struct {{
+    int32_t rows, len, inputs;
+    int32_t flip[2], zero[2];
+    int64_t mult[2];
+    int32_t var_shift, shift, zero_point, lo, hi;
+    int64_t eps_codes, norm_mult;
+    const int32_t *gamma;
+    const int64_t *beta;
+}} dq_layer_norm_params;
+
+typedef struct {{
+    int32_t shape[4], mask_stride[4];
+    int32_t flip, mask_size, keep_nonzero;
+    int32_t upscale_bits, ln2_codes, b_codes, c_codes, frac_bits;
+    int32_t mult, shift, zero_point, lo, hi;
+}} dq_masked_softmax_params;
+
+static int64_t dq_isqrt(int64_t n) /* floor(sqrt(n)), 1 <= n < 2^62 */
+{{
+    int32_t bits = 0;
+    while (bits < 63 && (n >> bits) != 0) {{
+        ++bits;
+    }}
+    int64_t x = (int64_t)1 << ((bits + 1) >> 1);
+    for (int32_t k = 0; k < {ip.ISQRT_STEPS}; ++k) {{
+        int64_t step = (x + n / x) >> 1;
+        x = step < x ? step : x;
+    }}
+    return x;
+}}
+
+static inline uint8_t dq_tf_output(int64_t acc, int64_t mult, int32_t shift, int32_t zero_point,
+                                   int32_t lo, int32_t hi)
+{{
+    int64_t v = acc * mult + (shift > 0 ? ((int64_t)1 << (shift - 1)) : 0);
+    v = (v >> shift) + zero_point;
+    v = v < lo ? lo : (v > hi ? hi : v);
+    return (uint8_t)(int8_t)v; /* a signed code's two's complement byte */
+}}
+
+static inline int64_t dq_layer_norm_value(const dq_layer_norm_params *p, const uint8_t *const *x,
+                                          int32_t at)
+{{
+    int64_t v = 0;
+    for (int32_t j = 0; j < p->inputs; ++j) {{
+        v += p->mult[j] * (int64_t)((int32_t)(x[j][at] ^ p->flip[j]) - p->zero[j]);
+    }}
+    return v;
+}}
+
+static void dq_layer_norm(const dq_layer_norm_params *p, const uint8_t *const *x, uint8_t *y)
+{{
+    for (int32_t r = 0; r < p->rows; ++r) {{
+        int32_t base = r * p->len;
+        int64_t total = 0;
+        for (int32_t i = 0; i < p->len; ++i) {{
+            total += dq_layer_norm_value(p, x, base + i);
+        }}
+        int64_t squares = 0;
+        for (int32_t i = 0; i < p->len; ++i) {{
+            int64_t c = p->len * dq_layer_norm_value(p, x, base + i) - total;
+            int64_t coarse = (c < 0 ? -c : c) >> p->var_shift;
+            squares += coarse * coarse;
+        }}
+        squares += p->eps_codes;
+        int64_t root = dq_isqrt(squares < 1 ? 1 : squares) << p->var_shift;
+        for (int32_t i = 0; i < p->len; ++i) {{
+            int64_t c = p->len * dq_layer_norm_value(p, x, base + i) - total;
+            int64_t t = ((c < 0 ? -c : c) * p->norm_mult) / root;
+            t = c < 0 ? -t : t;
+            int64_t acc = t * p->gamma[i] + p->beta[i];
+            y[base + i] = dq_tf_output(acc, 1, p->shift, p->zero_point, p->lo, p->hi);
+        }}
+    }}
+}}
+
+static int64_t dq_masked_exp(const dq_masked_softmax_params *p, int32_t q, int32_t top)
+{{
+    int64_t d = (int64_t)(q - top) * ((int64_t)1 << p->upscale_bits);
+    int64_t z = (-d) / p->ln2_codes; /* -d >= 0: a floor */
+    int64_t t = d + z * p->ln2_codes + p->b_codes;
+    return (t * t + p->c_codes) >> (z < {SOFTMAX_MAX_SHIFT} ? z : {SOFTMAX_MAX_SHIFT});
+}}
+
+static inline int32_t dq_mask_kept(const dq_masked_softmax_params *p, const uint8_t *mask,
+                                   int32_t offset)
+{{
+    const uint8_t *m = mask + offset * p->mask_size;
+    int32_t any = 0;
+    for (int32_t b = 0; b < p->mask_size; ++b) {{
+        any |= m[b];
+    }}
+    return (any != 0) == p->keep_nonzero;
+}}
+
+static void dq_masked_softmax(const dq_masked_softmax_params *p, const uint8_t *x,
+                              const uint8_t *mask, uint8_t *y)
+{{
+    const int32_t len = p->shape[3];
+    const int32_t rows = p->shape[0] * p->shape[1] * p->shape[2];
+    for (int32_t r = 0; r < rows; ++r) {{
+        int32_t a = r / (p->shape[1] * p->shape[2]), b = (r / p->shape[2]) % p->shape[1];
+        int32_t c = r % p->shape[2];
+        int32_t m0 = a * p->mask_stride[0] + b * p->mask_stride[1] + c * p->mask_stride[2];
+        const uint8_t *xr = x + r * len;
+        int32_t top = 0, kept = 0;
+        for (int32_t i = 0; i < len; ++i) {{
+            if (dq_mask_kept(p, mask, m0 + i * p->mask_stride[3])) {{
+                int32_t q = xr[i] ^ p->flip; /* code + 128 for signed: differences unchanged */
+                top = (kept == 0 || q > top) ? q : top;
+                kept = 1;
+            }}
+        }}
+        int32_t all = !kept; /* a row with no kept position: a plain softmax */
+        if (all) {{
+            for (int32_t i = 0; i < len; ++i) {{
+                int32_t q = xr[i] ^ p->flip;
+                top = (i == 0 || q > top) ? q : top;
+            }}
+        }}
+        int64_t sum = 0;
+        for (int32_t i = 0; i < len; ++i) {{
+            if (all || dq_mask_kept(p, mask, m0 + i * p->mask_stride[3])) {{
+                sum += dq_masked_exp(p, xr[i] ^ p->flip, top);
+            }}
+        }}
+        for (int32_t i = 0; i < len; ++i) {{
+            int64_t e = 0;
+            if (all || dq_mask_kept(p, mask, m0 + i * p->mask_stride[3])) {{
+                e = dq_masked_exp(p, xr[i] ^ p->flip, top);
+            }}
+            int64_t prob = (e * ((int64_t)1 << p->frac_bits)) / sum;
+            y[r * len + i] = dq_tf_output(prob, p->mult, p->shift, p->zero_point, p->lo, p->hi);
+        }}
+    }}
+}}
+"""
+
+
+def _struct(fields: dict[str, object]) -> str:
+    return "{" + ", ".join(f".{k} = {v}" for k, v in fields.items()) + "}"
+
+
+def _array(ctype: str, name: str, values: np.ndarray) -> str:
+    items = ", ".join(str(int(v)) for v in np.asarray(values).reshape(-1))
+    return f"static const {ctype} {name}[{np.asarray(values).size}] = {{{items}}};\n"
+
+
+def _braces(values: list[int]) -> str:
+    return "{" + ", ".join(str(v) for v in values) + "}"
+
+
+class TransformerKernels:
+    """Appends the C of LayerNorm / MaskedSoftmax ops to the emitter's ``decls`` and
+    ``calls``; ``ref`` gives a tensor's address expression."""
+
+    def __init__(
+        self,
+        program: ip.IntegerProgram,
+        decls: list[str],
+        calls: list[str],
+        ref: Callable[[str], str],
+    ) -> None:
+        self.program = program
+        self.decls = decls
+        self.calls = calls
+        self.ref = ref
+        self.emitted = False
+
+    def _kernels(self) -> None:
+        if not self.emitted:
+            self.decls.append(KERNELS_C)
+            self.emitted = True
+
+    def _decode(self, tensor: str, zero_point: int) -> tuple[int, int]:
+        """(flip, zero) that turn a stored byte into ``code - zero_point``."""
+        return (0x80, zero_point + 128) if self.program.quant[tensor].signed else (0, zero_point)
+
+    def layer_norm(self, op: ip.LayerNorm, tag: str) -> None:
+        self._kernels()
+        shape = static_shape(self.program, op.output)
+        rq = op.requant
+        if np.size(rq.mult) != 1 or int(np.asarray(rq.mult).reshape(-1)[0]) != 1:
+            raise UnsupportedModelError(f"{op.output}: a LayerNorm requant other than a shift")
+        if np.abs(op.gamma).max(initial=0) > INT32_MAX:
+            raise UnsupportedModelError(f"{op.output}: LayerNorm gamma beyond int32")
+        decoded = [self._decode(n, z) for n, z in zip(op.inputs, op.zero_points, strict=True)]
+        pad = 2 - len(op.inputs)
+        self.decls.append(_array("int32_t", f"{tag}_gamma", op.gamma))
+        self.decls.append(_array("int64_t", f"{tag}_beta", op.beta))
+        fields: dict[str, object] = {
+            "rows": int(np.prod(shape[:-1], dtype=np.int64)),
+            "len": shape[-1],
+            "inputs": len(op.inputs),
+            "flip": _braces([f for f, _ in decoded] + [0] * pad),
+            "zero": _braces([z for _, z in decoded] + [0] * pad),
+            "mult": _braces([int(m) for m in op.input_mults] + [0] * pad),
+            "var_shift": op.var_shift,
+            "shift": int(np.asarray(rq.shift).reshape(-1)[0]),
+            "zero_point": rq.zero_point,
+            "lo": rq.lo,
+            "hi": rq.hi,
+            "eps_codes": op.eps_codes,
+            "norm_mult": op.norm_mult,
+            "gamma": f"{tag}_gamma",
+            "beta": f"{tag}_beta",
+        }
+        self.decls.append(f"static const dq_layer_norm_params {tag} = {_struct(fields)};\n")
+        sources = ", ".join(self.ref(name) for name in op.inputs)
+        self.calls.append(
+            f"{{ const uint8_t *{tag}_x[{len(op.inputs)}] = {{{sources}}}; "
+            f"dq_layer_norm(&{tag}, {tag}_x, {self.ref(op.output)}); }}"
+        )
+
+    def mask_size(self, mask: str) -> int:
+        """Bytes per element of ``mask``, which a float island computes on the device."""
+        for op in self.program.ops:
+            if isinstance(op, ip.FloatIsland) and mask in op.outputs:
+                types = op.output_types or (onnx.TensorProto.FLOAT,) * len(op.outputs)
+                kind = types[op.outputs.index(mask)]
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind))
+                if np.issubdtype(dtype, np.floating):
+                    break
+                return int(dtype.itemsize)
+        raise UnsupportedModelError(
+            f"masked softmax mask {mask}: not an integer tensor that a float island computes "
+            "on the device (the device takes one model input)"
+        )
+
+    def masked_softmax(self, op: ip.MaskedSoftmax, tag: str) -> None:
+        self._kernels()
+        shape = list(static_shape(self.program, op.input))
+        if len(shape) > 4:
+            raise UnsupportedModelError(f"{op.output}: a masked softmax of rank above 4")
+        rq = op.requant
+        if np.size(rq.mult) != 1:
+            raise UnsupportedModelError(f"{op.output}: a per-channel softmax requant")
+        mask_shape = list(self.program.shapes[op.mask])
+        shape = [1] * (4 - len(shape)) + shape
+        mask_shape = [1] * (4 - len(mask_shape)) + mask_shape
+        strides, step = [0, 0, 0, 0], 1
+        for d in range(3, -1, -1):  # broadcast dims (size 1 against more) read one element
+            strides[d] = step if mask_shape[d] == shape[d] else 0
+            step *= mask_shape[d]
+        flip, _ = self._decode(op.input, 0)
+        fields: dict[str, object] = {
+            "shape": _braces(shape),
+            "mask_stride": _braces(strides),
+            "flip": flip,
+            "mask_size": self.mask_size(op.mask),
+            "keep_nonzero": int(op.keep_nonzero),
+            "upscale_bits": op.upscale_bits,
+            "ln2_codes": op.ln2_codes,
+            "b_codes": op.b_codes,
+            "c_codes": op.c_codes,
+            "frac_bits": op.frac_bits,
+            "mult": int(np.asarray(rq.mult).reshape(-1)[0]),
+            "shift": int(np.asarray(rq.shift).reshape(-1)[0]),
+            "zero_point": rq.zero_point,
+            "lo": rq.lo,
+            "hi": rq.hi,
+        }
+        self.decls.append(f"static const dq_masked_softmax_params {tag} = {_struct(fields)};\n")
+        mask = f"(const uint8_t *){self.ref(op.mask)}"
+        self.calls.append(
+            f"dq_masked_softmax(&{tag}, {self.ref(op.input)}, {mask}, {self.ref(op.output)});"
+        )
