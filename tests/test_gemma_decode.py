@@ -238,3 +238,49 @@ def test_generate_on_the_tvm_build_matches_onnxruntime(
     assert check["max_abs_logit_diff"] <= LOGIT_TOL, check
     info = json.loads((tmp_path / "out" / "x86-avx2" / "decode.json").read_text())
     assert info["kernel_layers"] == len(ids) - 1 and list(info["not_on_kernels"]) == [ids[2]]
+
+
+def test_aarch64_decode_build_under_qemu(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    """The same kernel graph compiled for aarch64 (NEON) and run under qemu-user: each of
+    four decoding steps, fed onnxruntime's caches of the step before, must give
+    onnxruntime's logits and updated caches on the same quantized graph within 1e-4."""
+    from dyadiq.backends.tvm.aarch64 import locate_aarch64_runtime, run_many_under_qemu
+    from dyadiq.backends.tvm.weight_only_decode import (
+        LIBRARY_NAME,
+        build_decode_library,
+        kernel_graph,
+    )
+    from dyadiq.backends.tvm.weight_only_kernels import CpuTarget
+
+    locate_aarch64_runtime()  # fails with the setup command when missing
+    prefill, decode = exported
+    prepared = prepare(prefill, [], WeightOnlySettings(method=Method.RTN, group_size=32))
+    bits = {x.id: 4 for x in prepared.inventory.layers}
+    run(prefill, tmp_path / "wo", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+    quantized = tmp_path / "wo" / MODEL_FILE
+    reference = tmp_path / "decode.wo.onnx"
+    quantize_like(quantized, decode, reference)
+    source = ModelFile.load(decode)
+    layers = find_weights(source.header).layers
+    transfer = codes_for_layers(read_groupwise_codes(ModelFile.load(quantized)), layers)
+    graph, off_kernel = kernel_graph(source.header, layers, transfer.quantized, source.array)
+    assert not off_kernel
+    folder = build_decode_library(graph, CpuTarget.AARCH64, tmp_path / "aarch64")
+    shape = CacheShape.of_graph(source.header)
+    step = OnnxruntimeStep(_session(reference, optimized=False), shape.layers)
+    cache, feeds, expected = shape.empty(), [], []
+    for position, token in enumerate(PROMPT[:4]):
+        feeds.append(
+            {
+                "input_ids": np.array([[token]], np.int64),
+                "position": np.array([position], np.int64),
+                **cache,
+            }
+        )
+        logits, cache = step(token, position, cache)
+        expected.append([logits, *cache.values()])
+    got = run_many_under_qemu(folder / LIBRARY_NAME, feeds)
+    for want, have in zip(expected, got, strict=True):
+        assert len(want) == len(have)
+        for a, b in zip(want, have, strict=True):
+            assert np.max(np.abs(a.reshape(-1) - b.reshape(-1))) <= LOGIT_TOL
