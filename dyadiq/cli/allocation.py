@@ -85,8 +85,8 @@ def mixed_precision_options(
     args: argparse.Namespace, compensation: CompensationSettings | None = None
 ) -> MixedPrecisionOptions:
     """The flags of ``quantize`` or ``frontier`` as typed options, through the API's one
-    builder (:func:`dyadiq.api.mixed_precision_options`)."""
-    from dyadiq.api import mixed_precision_options as build
+    builder (:func:`dyadiq.quantize_run.mixed_precision_options`)."""
+    from dyadiq.quantize_run import mixed_precision_options as build
 
     options: MixedPrecisionOptions = build(
         search_options(args),
