@@ -91,6 +91,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return prefill, decode
 
 
+@pytest.fixture(scope="module")
+def int4_prefill(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prefill graph quantized to RTN int4 g32 (every weight), DequantizeLinear form."""
+    prefill, _ = exported
+    out = tmp_path_factory.mktemp("int4_prefill")
+    prepared = prepare(prefill, [], WeightOnlySettings(method=Method.RTN, group_size=32))
+    bits = {layer.id: 4 for layer in prepared.inventory.layers}
+    run(prefill, out, prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+    return out / MODEL_FILE
+
+
 def _session(path: Path, *, optimized: bool = True) -> Any:
     """A session; unoptimized, onnxruntime fuses nothing (a DequantizeLinear + MatMul would
     otherwise become its own int4 kernel in one graph and not in the other, with another
@@ -138,21 +149,18 @@ def test_decode_graph_reads_the_prefill_weights(exported: tuple[Path, Path]) -> 
 
 
 def test_prefill_codes_move_to_the_decode_graph(
-    exported: tuple[Path, Path], tmp_path: Path
+    exported: tuple[Path, Path], int4_prefill: Path, tmp_path: Path
 ) -> None:
-    prefill, decode = exported
-    settings = WeightOnlySettings(method=Method.RTN, group_size=32)
-    prepared = prepare(prefill, [], settings)
-    bits = {layer.id: 4 for layer in prepared.inventory.layers}
-    run(prefill, tmp_path / "wo", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
-    quantized_prefill = tmp_path / "wo" / MODEL_FILE
+    _, decode = exported
+    quantized_prefill = int4_prefill
+    layer_count = len(find_weights(onnx.load(str(decode), load_external_data=False)).layers)
     outputs = {}
     for form in WeightOnlyForm:
         outputs[form] = tmp_path / f"decode.{form}.onnx"
         transfer, report = quantize_like(quantized_prefill, decode, outputs[form], form)
-        assert not transfer.left_float and len(transfer.quantized) == len(bits)
+        assert not transfer.left_float and len(transfer.quantized) == layer_count
         if form is WeightOnlyForm.MATMUL_NBITS:
-            assert len(report.as_matmul_nbits) == len(bits) and not report.fallbacks
+            assert len(report.as_matmul_nbits) == layer_count and not report.fallbacks
     theirs = read_groupwise_codes(ModelFile.load(quantized_prefill))
     ours = read_groupwise_codes(ModelFile.load(outputs[WeightOnlyForm.DEQUANTIZE_LINEAR]))
     assert sorted(theirs) == sorted(ours)
@@ -174,12 +182,9 @@ def test_prefill_codes_move_to_the_decode_graph(
     assert found.max_abs_logit_diff <= 1e-3 and nbits.tokens == decoded.tokens
 
 
-def test_codes_that_do_not_fit_are_refused(exported: tuple[Path, Path], tmp_path: Path) -> None:
-    prefill, decode = exported
-    prepared = prepare(prefill, [], WeightOnlySettings(method=Method.RTN, group_size=32))
-    bits = {layer.id: 4 for layer in prepared.inventory.layers}
-    run(prefill, tmp_path / "wo", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
-    codes = read_groupwise_codes(ModelFile.load(tmp_path / "wo" / MODEL_FILE))
+def test_codes_that_do_not_fit_are_refused(exported: tuple[Path, Path], int4_prefill: Path) -> None:
+    _, decode = exported
+    codes = read_groupwise_codes(ModelFile.load(int4_prefill))
     layers = find_weights(onnx.load(str(decode), load_external_data=False)).layers
     first, second = sorted(codes)[:2]
     swapped = {**codes, first: codes[second], second: codes[first], "no_such_weight": codes[first]}
@@ -240,7 +245,9 @@ def test_generate_on_the_tvm_build_matches_onnxruntime(
     assert info["kernel_layers"] == len(ids) - 1 and list(info["not_on_kernels"]) == [ids[2]]
 
 
-def test_aarch64_decode_build_under_qemu(exported: tuple[Path, Path], tmp_path: Path) -> None:
+def test_aarch64_decode_build_under_qemu(
+    exported: tuple[Path, Path], int4_prefill: Path, tmp_path: Path
+) -> None:
     """The same kernel graph compiled for aarch64 (NEON) and run under qemu-user: each of
     four decoding steps, fed onnxruntime's caches of the step before, must give
     onnxruntime's logits and updated caches on the same quantized graph within 1e-4."""
@@ -253,11 +260,8 @@ def test_aarch64_decode_build_under_qemu(exported: tuple[Path, Path], tmp_path: 
     from dyadiq.backends.tvm.weight_only_kernels import CpuTarget
 
     locate_aarch64_runtime()  # fails with the setup command when missing
-    prefill, decode = exported
-    prepared = prepare(prefill, [], WeightOnlySettings(method=Method.RTN, group_size=32))
-    bits = {x.id: 4 for x in prepared.inventory.layers}
-    run(prefill, tmp_path / "wo", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
-    quantized = tmp_path / "wo" / MODEL_FILE
+    _, decode = exported
+    quantized = int4_prefill
     reference = tmp_path / "decode.wo.onnx"
     quantize_like(quantized, decode, reference)
     source = ModelFile.load(decode)

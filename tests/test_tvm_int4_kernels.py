@@ -46,7 +46,9 @@ def _problem(
     return x, codes, scales, zeros.astype(np.int32)
 
 
-def _bound(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int):
+def _bound(
+    x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int
+) -> np.ndarray:
     w = np.abs(reference_matmul(np.eye(codes.shape[1]), codes, scales, zeros, group)).T
     return RTOL * (np.abs(x.astype(np.float64)) @ w.T) + 1e-7
 
