@@ -192,13 +192,16 @@ def materialise_decode(cache: pathlib.Path) -> pathlib.Path:
     """The KV-cache decode step (:mod:`dyadiq.zoo.gemma3_decode`) beside the prefill graph,
     its weights read from the prefill graph's data file (exported once, about a minute and
     a transient 1 GB of disk while the shared tensors are matched)."""
-    prefill = materialise(cache)
-    dst = decode_model_path(cache)
-    if not dst.is_file() or not (dst.parent / (dst.name + ".data")).is_file():
-        log.warning("zoo: exporting the Gemma 3 270M decode step to %s (once)", dst)
-        ensure_package("onnxscript", "onnxscript>=0.2", no_deps=False)
-        model, _ = _load_torch_model(_gguf(cache))
-        export_decode_sharing(model, dst, prefill, max_positions=DECODE_MAX_POSITIONS)
+    from dyadiq.zoo.registry import _locked  # the lock zoo.get holds for this model
+
+    with _locked(cache, NAME):
+        prefill = materialise(cache)
+        dst = decode_model_path(cache)
+        if not dst.is_file() or not (dst.parent / (dst.name + ".data")).is_file():
+            log.warning("zoo: exporting the Gemma 3 270M decode step to %s (once)", dst)
+            ensure_package("onnxscript", "onnxscript>=0.2", no_deps=False)
+            model, _ = _load_torch_model(_gguf(cache))
+            export_decode_sharing(model, dst, prefill, max_positions=DECODE_MAX_POSITIONS)
     return dst
 
 
