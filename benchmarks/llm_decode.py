@@ -251,7 +251,8 @@ def render(data: dict[str, Any]) -> str:
     lines += [
         "",
         "tok/s counts generation steps only (the step for each new token after the first), "
-        "timed after one warm-up call per variant. 'tokens = ort_float': generated tokens "
+        "timed after a short warm-up decode per variant (2 prompt tokens, 3 new). "
+        "'tokens = ort_float': generated tokens "
         "equal to the float model's before the first difference.",
         "",
     ]

@@ -288,3 +288,15 @@ def test_aarch64_decode_build_under_qemu(
         assert len(want) == len(have)
         for a, b in zip(want, have, strict=True):
             assert np.max(np.abs(a.reshape(-1) - b.reshape(-1))) <= LOGIT_TOL
+
+
+def test_generate_explains_what_it_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dyadiq.cli import main
+
+    assert main(["generate", str(tmp_path / "x86"), "--prompt", "hi"]) == 2
+    assert "dyadiq quantize --weight-only" in capsys.readouterr().err
+    (tmp_path / MODEL_FILE).write_bytes(b"")
+    assert main(["generate", str(tmp_path / "riscv"), "--prompt", "hi"]) == 2
+    assert "OUT/{x86, x86-avx512, x86-avx2, aarch64}" in capsys.readouterr().err
