@@ -74,16 +74,21 @@ def _unroll(g: gs.Graph, node: gs.Node) -> None:
         return op("Squeeze", [t, gs.Constant(f"{name}/axis0_{index}", np.array([0]))])
 
     h, c = initial(5), initial(6)
+    weights = {}  # one copy per gate, read by every step
+    for k, gate in enumerate(GATES):
+        rows = slice(k * hidden, (k + 1) * hidden)
+        weights[gate] = (
+            const(f"W_{gate}", w.values[0][rows].T),
+            const(f"R_{gate}", r.values[0][rows].T),
+            const(f"B_{gate}", bias[rows] + bias[4 * hidden :][rows]),
+        )
     ys = []
     for t in range(steps):
         index = gs.Constant(f"{name}/t{t}", np.array(t, np.int64))
         x_t = op("Gather", [x, index], axis=0)
         gates = {}
-        for k, gate in enumerate(GATES):
-            rows = slice(k * hidden, (k + 1) * hidden)
-            w_k = const(f"W_{gate}_{t}", w.values[0][rows].T)
-            r_k = const(f"R_{gate}_{t}", r.values[0][rows].T)
-            b_k = const(f"B_{gate}_{t}", bias[rows] + bias[4 * hidden :][rows])
+        for gate in GATES:
+            w_k, r_k, b_k = weights[gate]
             pre = op("Add", [op("Add", [op("MatMul", [x_t, w_k]), op("MatMul", [h, r_k])]), b_k])
             gates[gate] = op("Tanh" if gate == "c" else "Sigmoid", [pre])
         c = op("Add", [op("Mul", [gates["f"], c]), op("Mul", [gates["i"], gates["c"]])])

@@ -264,3 +264,17 @@ def test_if_on_data_runs_as_c_if_else(tmp_path):
     assert _device_vs_reference(program, calib, tmp_path)["y_q"] <= 1
     model_c = (tmp_path / "m4" / "model.c").read_text()
     assert "if (" in model_c and "else" in model_c
+
+
+def test_a_model_too_large_for_flash_is_refused_with_the_sizes():
+    from dyadiq.backends.mcu.build import _does_not_fit, cpu_preset
+
+    linker = "ld: app.elf section `.rodata' will not fit in region `FLASH'\n"
+    linker += "ld: region `FLASH' overflowed by 1000 bytes"
+    refusal = _does_not_fit(linker, cpu_preset("m4"))
+    assert refusal is not None
+    assert (
+        str(refusal)
+        == f"does not fit: {4 * 2**20 + 1000} bytes > {4 * 2**20} bytes of flash on cortex-m4"
+    )
+    assert _does_not_fit("undefined reference to `foo'", cpu_preset("m4")) is None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dyadiq.errors import DyadiqError
+from dyadiq.errors import DyadiqError, UnsupportedModelError
 from dyadiq.io import current_umask, write_text_atomic
 
 from .target import CpuPreset, mcu_target
@@ -189,7 +189,13 @@ def build(project: McuProject, *, jobs: int = 1, profile: bool = False) -> Build
             if item.is_file() and item.suffix not in BUILD_PRODUCTS:
                 shutil.copy2(item, work / item.name)
         flags = f"EXTRA_CFLAGS={'-DDQ_PROFILE' if profile else ''}"
-        _run(["make", f"-j{jobs}", "all", flags], cwd=work)
+        try:
+            _run(["make", f"-j{jobs}", "all", flags], cwd=work)
+        except ToolchainError as exc:
+            too_large = _does_not_fit(str(exc), cpu_preset(project.cpu))
+            if too_large is None:
+                raise
+            raise too_large from exc
         size = elf_size(work / "size_probe.elf", tools)
         stack = stack_estimate(work)
         app = out / "app.elf"
@@ -200,6 +206,18 @@ def build(project: McuProject, *, jobs: int = 1, profile: bool = False) -> Build
         for stale in [*out.glob("*.o"), *out.glob("*.su"), out / "size_probe.elf"]:
             stale.unlink(missing_ok=True)  # from a folder an older dyadiq built in place
     return BuildResult(app, size, stack)
+
+
+def _does_not_fit(linker_output: str, preset: CpuPreset) -> UnsupportedModelError | None:
+    """The linker's "region `FLASH' overflowed by N bytes" as a refusal that says by how much
+    (a model too large for the board is refused, not a failed build)."""
+    over = re.search(r"region .FLASH. overflowed by (\d+) bytes", linker_output)
+    if over is None:
+        return None
+    need = preset.flash[1] + int(over.group(1))
+    return UnsupportedModelError(
+        f"does not fit: {need} bytes > {preset.flash[1]} bytes of flash on {preset.name}"
+    )
 
 
 # What `make` writes: never copied into the scratch build, never left in the project folder.

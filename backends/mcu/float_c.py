@@ -22,6 +22,7 @@ with no kernel here are refused, all of them listed in one message.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -218,6 +219,17 @@ class IslandEmitter:
         self.calls = calls
         self.ref = ref
         self.scratch_bytes = 0
+        self.stored: dict[tuple[str, tuple[int, ...], str], str] = {}  # value -> its C array
+
+    def constant(self, cname: str, value: np.ndarray) -> str:
+        """The C array holding ``value``, declared once: equal values (a weight every step
+        of an unrolled LSTM reads, in many islands) share one array in flash."""
+        value = np.ascontiguousarray(value)
+        key = (value.dtype.str, value.shape, hashlib.sha256(value.tobytes()).hexdigest())
+        if key not in self.stored:
+            self.stored[key] = cname
+            self.decls.append(float_ops.c_constant(cname, value))
+        return self.stored[key]
 
     def dequantize(self, op: ip.Dequantize) -> None:
         """``(float)(code - z) * s`` in float32: the reference's exact arithmetic."""
@@ -250,9 +262,7 @@ class IslandEmitter:
         names: dict[str, str] = {}
         body: list[str] = []
         for i, (name, value) in enumerate(sorted(layout.constants.items())):
-            cname = f"{tag}_c{i}"
-            names[name] = cname
-            self.decls.append(float_ops.c_constant(cname, value))
+            names[name] = self.constant(f"{tag}_c{i}", value)
         for name in {*op.inputs, *op.outputs}:
             if name not in names:
                 ctype = float_ops.c_type(layout.dtypes[name])
