@@ -278,3 +278,11 @@ def test_a_model_too_large_for_flash_is_refused_with_the_sizes():
         == f"does not fit: {4 * 2**20 + 1000} bytes > {4 * 2**20} bytes of flash on cortex-m4"
     )
     assert _does_not_fit("undefined reference to `foo'", cpu_preset("m4")) is None
+
+
+def test_infinite_constants_are_written_with_math_h_names():
+    """A -inf mask value in an island constant (magika) must compile: C has no ``inff``."""
+    from dyadiq.backends.mcu.float_ops import c_constant
+
+    text = c_constant("mask", np.array([-np.inf, np.inf, 1.5], np.float32))
+    assert "(-INFINITY), INFINITY, 0x1.8000000000000p+0f" in text

@@ -102,7 +102,10 @@ REDUCE_INIT = {"ReduceSum": "0", "ReduceMean": "0", "ReduceMax": "-INFINITY",
 
 
 def float_literal(value: float) -> str:
-    return float(np.float32(value)).hex() + "f"  # the exact float32 value
+    v = float(np.float32(value))
+    if not np.isfinite(v):  # math.h's constants (a -inf mask value, a NaN fill)
+        return "NAN" if np.isnan(v) else ("INFINITY" if v > 0 else "(-INFINITY)")
+    return v.hex() + "f"  # the exact float32 value
 
 
 def c_type(dtype: np.dtype) -> str:
@@ -118,7 +121,7 @@ def c_constant(name: str, value: np.ndarray) -> str:
     if value.dtype == np.float32:
         items = [float_literal(v) for v in flat]
     elif value.dtype == np.float64:
-        items = [repr(float(v)) for v in flat]
+        items = [repr(float(v)) if np.isfinite(v) else float_literal(v) for v in flat]
     else:
         items = [f"{int(v)}LL" if value.dtype == np.int64 else str(int(v)) for v in flat]
     items = items or ["0"]
