@@ -30,7 +30,7 @@ def _with_integer_outputs(program: IntegerProgram, model: onnx.ModelProto) -> on
     present = {o.name for o in augmented.graph.output}
     for name in program.quant:
         if name not in present:
-            elem = onnx.TensorProto.INT8 if program.quant[name].signed else onnx.TensorProto.UINT8
+            elem = onnx.helper.np_dtype_to_tensor_dtype(program.code_dtype(name))
             augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return augmented
 
