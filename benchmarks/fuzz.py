@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, machine_info, write_results
-from dyadiq.fuzz.harness import Campaign, is_failure, run_campaign
+from dyadiq.fuzz.harness import Campaign, CampaignSettings, is_failure, run_campaign
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -119,7 +119,7 @@ def main() -> None:
             save(campaign, finished=False)
 
     with tempfile.TemporaryDirectory(prefix="dyadiq_fuzz_") as work:
-        campaign = run_campaign(
+        settings = CampaignSettings(
             model_cases=args.model_cases,
             input_cases=args.input_cases,
             seed=args.seed,
@@ -129,8 +129,8 @@ def main() -> None:
             time_limit_s=args.time_limit,
             integer_share=args.integer_share,
             target_share=args.target_share,
-            progress=progress,
         )
+        campaign = run_campaign(settings, progress=progress)
     save(campaign, finished=campaign.cases == args.model_cases + args.input_cases)
     print(f"{campaign.cases} cases in {campaign.seconds:.0f} s: {dict(campaign.counts)}")
     os.environ.pop("DYADIQ_FUZZ", None)

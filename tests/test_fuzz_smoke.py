@@ -75,7 +75,7 @@ def test_the_harness_catches_minimises_and_saves_failures(
 ) -> None:
     """Planted failures (dyadiq.fuzz.planted), each standing in for a real failure class."""
     seen: list[int] = []
-    campaign = harness.run_campaign(
+    settings = harness.CampaignSettings(
         model_cases=1,
         input_cases=0,
         seed=3,
@@ -83,8 +83,8 @@ def test_the_harness_catches_minimises_and_saves_failures(
         crash_dir=tmp_path / "crashes",
         timeout_s=2,
         runner=f"dyadiq.fuzz.planted:{runner}",
-        progress=lambda c: seen.append(c.cases),
     )
+    campaign = harness.run_campaign(settings, progress=lambda c: seen.append(c.cases))
     assert seen == [1]  # one progress report per case, before the final result
     assert campaign.counts == {expected: 1}
     assert len(campaign.failures) == 1
@@ -104,7 +104,7 @@ def test_a_short_seeded_campaign_has_no_failures(tmp_path: Path) -> None:
     The campaign runs in its own fresh process (run_campaign starts it), which forks a child
     per case: never this pytest process, whose onnxruntime sessions from earlier tests could
     leave a forked child hanging on a lock (CI saw a 4 s quantize 'hang' for 60 s)."""
-    campaign = harness.run_campaign(
+    settings = harness.CampaignSettings(
         model_cases=150,
         input_cases=50,
         seed=20261207,
@@ -113,6 +113,7 @@ def test_a_short_seeded_campaign_has_no_failures(tmp_path: Path) -> None:
         timeout_s=60,
         time_limit_s=75,
     )
+    campaign = harness.run_campaign(settings)
     summary = json.loads(json.dumps(campaign.to_json(), default=str))
     assert summary["cases"] >= 60, summary  # even on a loaded machine
     assert summary["failures"] == [], summary["failures"]

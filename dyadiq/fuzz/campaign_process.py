@@ -15,10 +15,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from dyadiq.forked import declare_fork_parent
-from dyadiq.fuzz.harness import Campaign, campaign_here
+from dyadiq.fuzz.harness import Campaign, CampaignSettings, campaign_here
 
 
 def _resolve(runner: str) -> Callable[[list[str]], int]:
@@ -36,18 +35,9 @@ def main() -> None:
         protocol.write(json.dumps({"done": done, "campaign": campaign.to_json()}) + "\n")
 
     declare_fork_parent()
+    settings = CampaignSettings.from_json(spec)
     campaign = campaign_here(
-        model_cases=spec["model_cases"],
-        input_cases=spec["input_cases"],
-        seed=spec["seed"],
-        work=Path(spec["work"]),
-        crash_dir=Path(spec["crash_dir"]),
-        timeout_s=spec["timeout_s"],
-        time_limit_s=spec["time_limit_s"],
-        integer_share=spec["integer_share"],
-        target_share=spec["target_share"],
-        runner=_resolve(spec["runner"]),
-        progress=lambda c: report(c, done=False),
+        settings, _resolve(settings.runner), progress=lambda c: report(c, done=False)
     )
     report(campaign, done=True)
     protocol.close()

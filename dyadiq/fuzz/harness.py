@@ -304,36 +304,37 @@ def save_failure(
 CLI_RUNNER = "dyadiq.fuzz.harness:run_cli"
 
 
+@dataclass(frozen=True)
+class CampaignSettings:
+    """A campaign: up to ``model_cases`` + ``input_cases`` cases (interleaved) from ``seed``,
+    stopped early at ``time_limit_s``; failures minimised and saved under ``crash_dir``.
+    ``runner``: ``"module:function"`` taking argv and returning an exit status (the CLI)."""
+
+    model_cases: int
+    input_cases: int
+    seed: int
+    work: Path
+    crash_dir: Path
+    timeout_s: float = 120.0
+    time_limit_s: float | None = None
+    integer_share: float = 0.3
+    target_share: float = 0.01
+    runner: str = CLI_RUNNER
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "work": str(self.work), "crash_dir": str(self.crash_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CampaignSettings:
+        return cls(**{**data, "work": Path(data["work"]), "crash_dir": Path(data["crash_dir"])})
+
+
 def run_campaign(
-    *,
-    model_cases: int,
-    input_cases: int,
-    seed: int,
-    work: Path,
-    crash_dir: Path,
-    timeout_s: float = 120.0,
-    time_limit_s: float | None = None,
-    integer_share: float = 0.3,
-    target_share: float = 0.01,
-    runner: str = CLI_RUNNER,
-    progress: Callable[[Campaign], None] | None = None,
+    settings: CampaignSettings, progress: Callable[[Campaign], None] | None = None
 ) -> Campaign:
-    """Run up to ``model_cases`` + ``input_cases`` cases (interleaved) from ``seed`` in a fresh
-    campaign process; stop early at ``time_limit_s``. Failures are minimised and saved under
-    ``crash_dir``. ``runner``: ``"module:function"`` taking argv and returning an exit
-    status (the CLI by default); ``progress`` sees the campaign after each case."""
-    spec = {
-        "model_cases": model_cases,
-        "input_cases": input_cases,
-        "seed": seed,
-        "work": str(work),
-        "crash_dir": str(crash_dir),
-        "timeout_s": timeout_s,
-        "time_limit_s": time_limit_s,
-        "integer_share": integer_share,
-        "target_share": target_share,
-        "runner": runner,
-    }
+    """Run the campaign in a fresh campaign process (see the module doc); ``progress`` sees
+    the campaign after each case."""
+    spec = settings.to_json()
     command = [sys.executable, "-m", "dyadiq.fuzz.campaign_process"]
     final = None
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
@@ -353,52 +354,47 @@ def run_campaign(
 
 
 def campaign_here(
-    *,
-    model_cases: int,
-    input_cases: int,
-    seed: int,
-    work: Path,
-    crash_dir: Path,
-    timeout_s: float = 120.0,
-    time_limit_s: float | None = None,
-    integer_share: float = 0.3,
-    target_share: float = 0.01,
-    runner: Callable[[list[str]], int] = run_cli,
+    settings: CampaignSettings,
+    runner: Callable[[list[str]], int],
     progress: Callable[[Campaign], None] | None = None,
 ) -> Campaign:
     """:func:`run_campaign`'s loop, in this process, which must be a declared fork parent
-    (:func:`dyadiq.forked.declare_fork_parent`): the campaign process calls it."""
+    (:func:`dyadiq.forked.declare_fork_parent`): the campaign process calls it with
+    ``settings.runner`` imported as ``runner``."""
     from dyadiq.isolation_server import start_helper
 
+    s = settings
     start = time.monotonic()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(s.seed)
     plans = base_plans()
     if runner is run_cli:  # import once here, so each forked case starts with it loaded
         import dyadiq.cli
         import dyadiq.pipeline  # noqa: F401
     start_helper()  # before forking: every child shares this one helper
     campaign = Campaign()
-    kinds = ["model"] * model_cases + ["inputs"] * input_cases
+    kinds = ["model"] * s.model_cases + ["inputs"] * s.input_cases
     rng.shuffle(kinds)
     for index, kind in enumerate(kinds):
-        if time_limit_s is not None and time.monotonic() - start > time_limit_s:
+        if s.time_limit_s is not None and time.monotonic() - start > s.time_limit_s:
             break
         if kind == "model":
-            case = model_case(rng, integer_share=integer_share, target_share=target_share)
+            case = model_case(rng, integer_share=s.integer_share, target_share=s.target_share)
         else:
-            case = inputs_case(rng, integer_share=integer_share)
-        folder = work / f"case_{index:06d}"
+            case = inputs_case(rng, integer_share=s.integer_share)
+        folder = s.work / f"case_{index:06d}"
         outcome_class, detail, argv, outcome = run_case(
-            case, folder, plans, timeout_s=timeout_s, runner=runner
+            case, folder, plans, timeout_s=s.timeout_s, runner=runner
         )
         campaign.record(case, outcome_class)
         if is_failure(outcome_class):
-            small = minimise(case, outcome_class, folder, plans, timeout_s=timeout_s, runner=runner)
+            small = minimise(
+                case, outcome_class, folder, plans, timeout_s=s.timeout_s, runner=runner
+            )
             shutil.rmtree(folder, ignore_errors=True)
             _, detail, argv, outcome = run_case(
-                small, folder, plans, timeout_s=timeout_s, runner=runner
+                small, folder, plans, timeout_s=s.timeout_s, runner=runner
             )
-            saved = save_failure(small, outcome_class, detail, argv, outcome.output, crash_dir)
+            saved = save_failure(small, outcome_class, detail, argv, outcome.output, s.crash_dir)
             campaign.failures.append(
                 {
                     "class": outcome_class,
