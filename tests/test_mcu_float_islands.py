@@ -286,3 +286,30 @@ def test_infinite_constants_are_written_with_math_h_names():
 
     text = c_constant("mask", np.array([-np.inf, np.inf, 1.5], np.float32))
     assert "(-INFINITY), INFINITY, 0x1.8000000000000p+0f" in text
+
+
+@needs_toolchain
+def test_shape_island_feeds_a_later_island_as_a_constant(tmp_path):
+    """SqueezeNet's head: Reshape(Softmax(..), Shape(p)) with Shape in its own island: the
+    Reshape island reads the shape as a constant (probed with its value, not zeros)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 1, 1] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        p = GlobalAveragePool (c)
+        s = Shape (p)
+        f = Flatten (p)
+        g = Softmax <axis = 1> (f)
+        y = Reshape (g, s)
+    }
+    """
+    rng = np.random.default_rng(6)
+    model = with_weights(text, w=rng.normal(size=(4, 3, 3, 3)))
+    calib = calibration((1, 3, 6, 6), rng, n=4)
+    program = integer_program(model, calib, simplify=False)
+    islands = [op for op in program.ops if isinstance(op, ip.FloatIsland)]
+    shape_island = next(op for op in islands if op.nodes[0].op_type == "Shape")
+    assert any(shape_island.outputs[0] in op.inputs for op in islands)
+    info = emit_for_target(program, "cortex-m4", tmp_path / "m4", calib[:3])
+    check = info["bit_exact_vs_reference"]
+    assert check["inputs"] == 3 and check["max_float_diff_of_range"] < 1e-5

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,9 +90,10 @@ def quantize_problems(program: ip.IntegerProgram) -> list[str]:
     ]
 
 
-def constant_tensors(island: ip.FloatIsland) -> set[str]:
-    """Tensors of the island whose values do not depend on its inputs."""
-    known = {t.name for t in island.initializers}
+def constant_tensors(island: ip.FloatIsland, constant_inputs: Iterable[str] = ()) -> set[str]:
+    """Tensors of the island whose values do not depend on its inputs (``constant_inputs``:
+    inputs an earlier island computed from constants alone, e.g. a Shape)."""
+    known = {t.name for t in island.initializers} | set(constant_inputs)
     for node in island.nodes:
         reads = node_reads(node)  # an If's branches read enclosing tensors by name
         if node.op_type in CONSTANT_PRODUCERS or (reads and all(n in known for n in reads)):
@@ -122,9 +123,15 @@ class IslandLayout:
     constants: dict[str, np.ndarray]
 
 
-def probe_island(program: ip.IntegerProgram, island: ip.FloatIsland) -> IslandLayout:
-    """Run the island once in onnxruntime on zeros of its static input shapes, every node
-    output exposed: the shape and type of each tensor, the value of each constant one."""
+def probe_island(
+    program: ip.IntegerProgram,
+    island: ip.FloatIsland,
+    known: Mapping[str, np.ndarray] | None = None,
+) -> IslandLayout:
+    """Run the island once in onnxruntime on zeros of its static input shapes (``known``: the
+    values of inputs that earlier islands computed from constants), every node output
+    exposed: the shape and type of each tensor, the value of each constant one."""
+    known = known or {}
     from dyadiq.ort_sessions import Kernels, open_session
     from dyadiq.reference_interpreter import island_model
 
@@ -140,14 +147,14 @@ def probe_island(program: ip.IntegerProgram, island: ip.FloatIsland) -> IslandLa
         island.inputs, island.input_types or (1,) * len(island.inputs), strict=True
     ):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(kind)
-        feeds[name] = np.zeros(static_shape(program, name), dtype)
+        feeds[name] = known[name] if name in known else np.zeros(static_shape(program, name), dtype)
     session = open_session(model, kernels=Kernels.EXACT, threads=1)
     names = [o.name for o in model.graph.output]
     values = dict(zip(names, session.run(names, feeds), strict=True))
     values.update(feeds)
     for init in island.initializers:
         values[init.name] = onnx.numpy_helper.to_array(init)
-    constant = constant_tensors(island)
+    constant = constant_tensors(island, [n for n in island.inputs if n in known])
     return IslandLayout(
         {n: tuple(np.shape(v)) for n, v in values.items()},
         {n: np.asarray(v).dtype for n, v in values.items()},
@@ -164,13 +171,16 @@ def with_float_shapes(program: ip.IntegerProgram) -> ip.IntegerProgram:
     shapes = dict(program.shapes)
     shapes.update({name: tuple(spec[1]) for name, spec in program.inputs.items()})
     extended = dataclasses.replace(program, shapes=shapes)
+    known: dict[str, np.ndarray] = {}
     for op in program.ops:
         if isinstance(op, ip.Dequantize):
             shapes.setdefault(op.output, shapes[op.input])
         elif isinstance(op, ip.FloatIsland):
-            layout = probe_island(extended, op)
+            layout = probe_island(extended, op, known)
             for name in op.outputs:
                 shapes.setdefault(name, layout.shapes[name])
+                if name in layout.constants:
+                    known[name] = layout.constants[name]
     return extended
 
 
@@ -220,6 +230,7 @@ class IslandEmitter:
         self.ref = ref
         self.scratch_bytes = 0
         self.stored: dict[tuple[str, tuple[int, ...], str], str] = {}  # value -> its C array
+        self.known: dict[str, np.ndarray] = {}  # island outputs computed from constants alone
 
     def constant(self, cname: str, value: np.ndarray) -> str:
         """The C array holding ``value``, declared once: equal values (a weight every step
@@ -256,7 +267,7 @@ class IslandEmitter:
         problems = island_problems(op)
         if problems:
             raise UnsupportedModelError(f"{tag}: " + "; ".join(problems))
-        layout = probe_island(self.program, op)
+        layout = probe_island(self.program, op, self.known)
         offsets, scratch = island_scratch_plan(op, layout)
         self.scratch_bytes = max(self.scratch_bytes, scratch)
         names: dict[str, str] = {}
@@ -271,6 +282,11 @@ class IslandEmitter:
             ctype = float_ops.c_type(layout.dtypes[name])
             names[name] = f"(({ctype} *)(dq_island_scratch + {offset}))"
         body.extend(self.emit_nodes(op.nodes, layout, names, tag))
+        for name in op.outputs:
+            if name in layout.constants:  # later islands read it as a constant; Quantize not
+                self.known[name] = layout.constants[name]
+                size = layout.constants[name].nbytes
+                body.append(f"memcpy({self.ref(name)}, {names[name]}, {size});")
         head = f"static void {tag}_island(const uint8_t *input)\n{{\n    (void)input;\n    "
         self.decls.append(head + "\n    ".join(body) + "\n}\n")
         self.calls.append(f"{tag}_island(input);")  # ``input``: the model input, if it reads it
