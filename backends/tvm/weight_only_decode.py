@@ -209,7 +209,7 @@ def _converters() -> dict[str, Any]:
             q = relax.op.astype(relax.op.reshape(codes, (count, 2 * half)), "float32")
             groups = 2 * half // group
             s = relax.op.repeat(row(scales, groups), group, axis=1)
-            z = relax.op.repeat(row(zeros, groups), group, axis=1)
+            z = relax.op.repeat(relax.op.astype(row(zeros, groups), "float32"), group, axis=1)
             w = bb.emit(relax.op.multiply(relax.op.subtract(q, z), s))
             return relax.op.reshape(w, (*id_shape, 2 * half))
 

@@ -19,8 +19,8 @@ Layout (:func:`pack_columns`): the N outputs are cut into tiles of ``tile`` colu
 (``tile`` divides N); tile b stores ``packed[b, k2, i]`` = q[b*tile + i, 2 k2] | q[...,
 2 k2 + 1] << 4, so for each pair of inputs the ``tile`` codes of a tile are one contiguous
 load. The innermost loop is vectorized over the tile's columns (no horizontal sums), the
-outer loop over tiles runs in parallel. Scales and zero points are [N / tile, G, tile]
-float32, the same tile order.
+outer loop over tiles runs in parallel. Scales (float32) and zero points (uint8, widened in
+the register) are [N / tile, G, tile], the same tile order.
 
 Targets (:func:`cpu_target`): x86 with AVX-512 (``x86-64-v4``: 512-bit FMAs on zmm
 registers), x86 AVX2 (``x86-64-v3``: ymm) and aarch64 (NEON); the same TIR, LLVM picks the
@@ -117,9 +117,9 @@ def pack_columns(codes: np.ndarray, shape: Int4Shape) -> np.ndarray:
     return np.ascontiguousarray(pairs.reshape(shape.tiles, shape.tile, shape.k // 2).swapaxes(1, 2))
 
 
-def tile_groups(values: np.ndarray, shape: Int4Shape) -> np.ndarray:
-    """Per-group values [N, G] as [N / tile, G, tile] float32."""
-    v = np.asarray(values, np.float32)
+def tile_groups(values: np.ndarray, shape: Int4Shape, dtype: type = np.float32) -> np.ndarray:
+    """Per-group values [N, G] as [N / tile, G, tile] of ``dtype``."""
+    v = np.asarray(values).astype(dtype)
     if v.shape != (shape.n, shape.groups):
         raise ConfigError(f"group values of shape {v.shape}, expected {(shape.n, shape.groups)}")
     return np.ascontiguousarray(v.reshape(shape.tiles, shape.tile, shape.groups).swapaxes(1, 2))
@@ -135,7 +135,9 @@ def kernel_weights(
     z = np.asarray(zero_points, np.int32)
     if q.min() < 0:
         q, z = q + 8, z + 8
-    return pack_columns(q, shape), tile_groups(scales, shape), tile_groups(z, shape)
+    if z.min() < 0 or z.max() > 15:
+        raise ConfigError(f"zero points must lie in 0..15, got {z.min()}..{z.max()}")
+    return pack_columns(q, shape), tile_groups(scales, shape), tile_groups(z, shape, np.uint8)
 
 
 def int4_matmul(shape: Int4Shape) -> tvm.tirx.PrimFunc:
@@ -149,7 +151,7 @@ def int4_matmul(shape: Int4Shape) -> tvm.tirx.PrimFunc:
         x: T.Buffer((rows, k), "float32"),  # type: ignore[valid-type]
         packed: T.Buffer((tiles, k // 2, tile), "uint8"),  # type: ignore[valid-type]
         scales: T.Buffer((tiles, groups, tile), "float32"),  # type: ignore[valid-type]
-        zeros: T.Buffer((tiles, groups, tile), "float32"),  # type: ignore[valid-type]
+        zeros: T.Buffer((tiles, groups, tile), "uint8"),  # type: ignore[valid-type]
         y: T.Buffer((rows, n), "float32"),  # type: ignore[valid-type]
     ) -> None:
         T.func_attr({"tir.noalias": True})
@@ -175,7 +177,9 @@ def int4_matmul(shape: Int4Shape) -> tvm.tirx.PrimFunc:
                                 + hi * T.Cast("float32", packed[b, g * half + k2, i] >> T.uint8(4))
                             )
                     for i in T.vectorized(tile):
-                        acc[i] = acc[i] + scales[b, g, i] * (part[i] - zeros[b, g, i] * xsum[0])
+                        acc[i] = acc[i] + scales[b, g, i] * (
+                            part[i] - T.Cast("float32", zeros[b, g, i]) * xsum[0]
+                        )
                 for i in T.vectorized(tile):
                     y[r, b * tile + i] = acc[i]
 
@@ -212,7 +216,7 @@ def int4_linear_module(shape: Int4Shape) -> tvm.IRModule:
     packed = relax.Var("packed", relax.TensorType((shape.tiles, shape.k // 2, shape.tile), "uint8"))
     group_shape = (shape.tiles, shape.groups, shape.tile)
     scales = relax.Var("scales", relax.TensorType(group_shape, "float32"))
-    zeros = relax.Var("zeros", relax.TensorType(group_shape, "float32"))
+    zeros = relax.Var("zeros", relax.TensorType(group_shape, "uint8"))
     with bb.function("main", [x, packed, scales, zeros]):
         gv = bb.add_func(int4_matmul(shape), KERNEL_SYMBOL)
         out = bb.emit(
