@@ -18,11 +18,15 @@ DequantizeLinear form), e.g.
     .venv/bin/dyadiq quantize --weight-only --zoo gemma3_270m --wo-method rtn \\
         --group-size 128 -o /tmp/gemma-int4
     .venv/bin/dyadiq quantize --weight-only --zoo gemma3_270m --wo-method rtn \\
-        --group-size 128 --budget avg-wbits=3.5 --wbits-candidates 3,4,8 -o /tmp/gemma-mixed
+        --group-size 128 --budget avg-wbits=3.5 --wbits-candidates 3,4 -o /tmp/gemma-mixed
     .venv/bin/python -m benchmarks.llm_decode --int4 /tmp/gemma-int4 --mixed /tmp/gemma-mixed \\
         --threads 2                                   # the committed results (idle machine)
     .venv/bin/python -m benchmarks.llm_decode --int4 /tmp/gemma-int4 --prompt-tokens 8 \\
         --new-tokens 4 --out /tmp/decode-smoke        # a smoke check
+
+With candidates 3 and 4 every layer of the mixed plan runs on the nibble kernel (3-bit codes
+are read as 4-bit ones: no faster than int4); an 8-bit candidate would put those layers in
+float in the TVM build.
 
 Every variant's generated tokens are compared with ``ort_float``'s (first difference) and,
 for the TVM builds, with onnxruntime on the same quantized decode graph unoptimized (the
