@@ -144,7 +144,7 @@ def plan_arena(program: ip.IntegerProgram) -> ArenaPlan:
             aliases[op.output] = aliases[op.input]
         else:
             written = op.outputs if isinstance(op, ip.FloatIsland) else (op.output,)
-            for name in written:
+            for name in (n for n in written if n is not None):
                 aliases[name] = name
                 first[name] = step
                 last[name] = step

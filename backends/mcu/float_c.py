@@ -346,6 +346,6 @@ def downstream_of_islands(program: ip.IntegerProgram) -> set[str]:
             continue
         reads = [getattr(op, "input", None), *getattr(op, "inputs", ())]
         reads.append(getattr(op, "weight_input", None))
-        if any(r in tainted for r in reads if r):
+        if any(r in tainted for r in reads if r) and op.output is not None:
             tainted.add(op.output)
     return tainted
