@@ -12,6 +12,8 @@ quantized decode loop reproduces the quantized prefill graph.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +79,34 @@ def _tiny_gemma() -> Any:
     return model
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def export_tiny(folder: Path) -> None:
+    """The tiny model's prefill graph and decode step into ``folder`` (run in a child
+    interpreter by the fixture: torch's thread pools stay out of the pytest process)."""
     from dyadiq.zoo.gemma3 import export_prefill
 
-    folder = tmp_path_factory.mktemp("tiny_gemma")
     model = _tiny_gemma()
     prefill = folder / "prefill.onnx"
     ids = np.arange(PREFILL_LEN, dtype=np.int64)[None, :] * 7 % 512
     export_prefill(model, ids, prefill)
-    decode = folder / "decode.onnx"
-    export_decode_sharing(model, decode, prefill, max_positions=MAX_POSITIONS)
-    return prefill, decode
+    export_decode_sharing(model, folder / "decode.onnx", prefill, max_positions=MAX_POSITIONS)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tiny_gemma")
+    code = (
+        "import sys, pathlib; sys.path.insert(0, sys.argv[1]); import test_gemma_decode as t; "
+        "t.export_tiny(pathlib.Path(sys.argv[2]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "prefill.onnx", folder / "decode.onnx"
 
 
 @pytest.fixture(scope="module")
