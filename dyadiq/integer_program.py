@@ -197,6 +197,8 @@ class Softmax:
 ISQRT_STEPS = 7
 # the row sums of c and the scaled |c| S stay far inside int64 up to this width
 LAYER_NORM_MAX_WIDTH = 1 << 14
+# the bit width of a wide tensor's quantizer (a LayerNorm's wide_output: int32 codes)
+WIDE_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -211,18 +213,22 @@ class LayerNorm:
                                                              eps_codes = round(N^3 eps /
                                                              (s_c^2 4^R)))
         t_i = sign(c_i) floor(|c_i| S / (r 2^R))   (S = round(sqrt(N) 2^F): t ~ x_hat 2^F)
-        acc_i = t_i gamma_i + beta_i               (gamma_i = round(g_i 2^G / s_y),
-                                                    beta_i = round(b_i 2^(F+G) / s_y))
-        y_i = requant(acc_i) + z_y                 (the requant is the shift by F + G)
+        acc_i = t_i gamma_i + beta_i               (gamma_i = round(g_i 2^G),
+                                                    beta_i = round(b_i 2^(F+G)))
     since x_hat_i = (v_i - mean) / sqrt(var_v + eps / s_c^2) = c_i sqrt(N) / sqrt(sum c^2 +
     N^3 eps / s_c^2); the variance shift R keeps sum (|c| >> R)^2 inside int64 and costs only
-    the low bits of a large r. The sum is never rounded to 8 bits: a residual stream's
-    outlier channels would crush the others under one 8-bit scale. The one division is of
-    non-negative integers (the same floor everywhere). Preconditions (integerize checks them):
-    N <= LAYER_NORM_MAX_WIDTH and every intermediate below 2^62.
+    the low bits of a large r. acc is the LayerNorm's output at scale 2^-(F+G), |acc| < 2^31.
+    With ``requant``, ``output`` holds 8-bit codes requant(acc; 2^-(F+G) / s_y) + z_y (for
+    the quantized consumers) and ``wide_output``, if given, acc itself as int32 codes (scale
+    2^-(F+G), zero point 0); without ``requant``, ``output`` holds those int32 codes. The
+    int32 codes carry a residual stream that the QDQ simulator keeps in float: it has outlier
+    channels that one 8-bit scale would crush.
+    The one division is of non-negative integers (the same floor everywhere).
+    Preconditions (integerize checks them): N <= LAYER_NORM_MAX_WIDTH and every
+    intermediate below 2^62.
     """
 
-    output: str
+    output: str  # 8-bit codes with ``requant``, else int32 codes of acc
     inputs: tuple[str, ...]  # one tensor, or the two operands of a residual Add
     zero_points: tuple[int, ...]
     input_mults: tuple[int, ...]  # m_j
@@ -231,7 +237,12 @@ class LayerNorm:
     norm_mult: int  # S
     gamma: np.ndarray  # int64 [N]
     beta: np.ndarray  # int64 [N]
-    requant: Requant  # mult 1, shift F + G, the output's zero point and bounds
+    requant: Requant | None  # acc -> 8-bit output codes; None: the output is acc (int32)
+    wide_output: str | None = None  # acc as int32 codes beside 8-bit ``output``
+
+    def __post_init__(self) -> None:
+        if self.requant is None and self.wide_output is not None:
+            raise InternalError(f"LayerNorm {self.output}: two int32 outputs")
 
 
 @dataclass(frozen=True)
@@ -406,6 +417,8 @@ class IntegerProgram:
 
     def code_dtype(self, tensor: str) -> np.dtype:
         q = self.quant[tensor]
+        if q.bits > 8:  # a wide residual stream (LayerNorm's wide_output): int32 codes
+            return np.dtype(np.int32)
         return np.dtype(np.int8 if q.signed else np.uint8)
 
     def code_offset(self, tensor: str) -> int:

@@ -140,10 +140,10 @@ class OpFacts:
         input already comes out of a quantized op. Quantizing an Add that mixes in a float
         tensor of another range (an attention mask of -1e4, a transformer's residual stream
         after LayerNorm) forces one 8-bit scale over both and wipes out the smaller one.
-    wide_input: the op is quantized at its output only; its input stays unquantized, and a
-        residual Add that feeds only this op is not quantized either. The integer op reads
-        the Add's two quantized inputs and sums them at a wide precision (LayerNorm: a
-        transformer's residual stream has outlier channels that one 8-bit scale would crush).
+    wide_input: a residual Add that feeds only this op is not quantized, nor is the op's
+        input. The integer op reads the Add's two inputs and sums them at a wide precision
+        (LayerNorm: a transformer's residual stream has outlier channels that one 8-bit
+        scale would crush).
     """
 
     quantizable: bool = False
@@ -206,7 +206,8 @@ OP_FACTS.update(
         OpKind.SOFTMAX: OpFacts(quantizable=True, needs_quantized_inputs=True),
         # I-BERT integer LayerNorm (integer mean, variance and square root) over the residual
         # Add of two quantized tensors, summed wide inside the op; its output is quantized
-        OpKind.LAYER_NORM: OpFacts(quantizable=True, wide_input=True),
+        # only where a consumer quantizes it, and feeds the residual stream wide (int32)
+        OpKind.LAYER_NORM: OpFacts(wide_input=True),
         OpKind.RELU: OpFacts(fusable_activation=True),
         OpKind.CLIP: OpFacts(fusable_activation=True),
     }

@@ -240,7 +240,12 @@ class ReferenceInterpreter(IntOpVisitor[None]):
         r = integer_sqrt(np.maximum(variance, 1)) << op.var_shift
         t = np.sign(c) * ((np.abs(c) * op.norm_mult) // r)
         acc = t * op.gamma.astype(np.int64) + op.beta.astype(np.int64)
+        if op.requant is None:
+            self._store(op.output, acc)
+            return
         self._store(op.output, apply_requant(acc, op.requant))
+        if op.wide_output is not None:
+            self._store(op.wide_output, acc)
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         fill = self.program.quant[op.output].qmin

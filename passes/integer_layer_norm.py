@@ -2,34 +2,38 @@
 
 The algebra is stated on :class:`dyadiq.integer_program.LayerNorm`; this module finds the
 op's integer inputs and chooses its constants. The LayerNorm's input is either
-- the residual ``Add`` of two quantized tensors that feeds only this LayerNorm (the QDQ
-  simulator leaves that sum unquantized, ``OpFacts.wide_input``): the op reads both operands
-  and sums them at the fine scale s_c = min(s_a, s_b) / 2^P (P = ``LAYER_NORM_INPUT_BITS``)
-  with m_j = round(s_j / s_c), so the larger scale's ratio is exact to 2^-(P+1);
-- or a quantized tensor (one input, m = 1, s_c = s_x).
-Constants, with output scale s_y, width N, gamma g and beta b:
+- the residual ``Add`` that feeds only this LayerNorm (the QDQ simulator leaves that sum
+  unquantized, ``OpFacts.wide_input``) of two tensors with codes: 8-bit ones, or the wide
+  int32 output of the LayerNorm before. The op sums them at the fine scale s_c: the wide
+  operand's scale, or min(s_a, s_b) / 2^P for two 8-bit ones (P = ``LAYER_NORM_INPUT_BITS``),
+  with m_j = round(s_j / s_c), so every scale ratio is exact to 2^-(P+1) or better;
+- or a tensor with codes (one input, m = 1, s_c = s_x).
+Constants, with width N, gamma g and beta b:
 - S = round(sqrt(N) 2^F): t = c S / r is the normalised value at scale 2^-F
   (F = ``LAYER_NORM_FRAC_BITS``; |t| <= 2 S since c_i^2 <= sum c^2 < (r + 1)^2);
-- gamma_i = round(g_i 2^G / s_y) with G the largest shift that keeps max |gamma_i| below
-  2^``LAYER_NORM_GAMMA_BITS``, beta_i = round(b_i 2^(F+G) / s_y): acc = t gamma + beta is the
-  output code times 2^(F+G), and the requant is one rounding shift by F + G;
-- R, the smallest shift with N (max |c| >> R)^2 + eps_codes < 2^61, and
-  eps_codes = round(N^3 eps / (s_c^2 4^R)).
+- gamma_i = round(g_i 2^G), beta_i = round(b_i 2^(F+G)) with G the largest shift that keeps
+  max |gamma_i| below 2^``LAYER_NORM_GAMMA_BITS`` and |acc| = |t gamma + beta| below 2^31:
+  acc is the output at scale 2^-(F+G), the wide output as it is, and the 8-bit output is one
+  dyadic requantization of it, requant(acc; 2^-(F+G) / s_y) + z_y;
+- R, the smallest shift with N (max |c| >> R)^2 < 2^61, and eps_codes = round(N^3 eps /
+  (s_c^2 4^R)).
 
 Preconditions, checked (a rule that does not apply says why, and the node runs in float):
 normalisation over the last axis only, constant gamma (and beta, if given), a static width
-N <= ``LAYER_NORM_MAX_WIDTH``, operands of one shape, and |c| S and |acc| provably below 2^62.
+N <= ``LAYER_NORM_MAX_WIDTH``, operands of one shape, and |c| S and eps below 2^61.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from dyadiq import integer_program as ip
+from dyadiq.dyadic import dyadic
 from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
 from dyadiq.quantizers import ActQuant
@@ -96,11 +100,21 @@ def layer_norm_operands(
     return operands, add
 
 
+@dataclass(frozen=True)
+class IntegerLayerNorm:
+    op: ip.LayerNorm
+    wide: ActQuant  # the quantizer of acc (the op's wide_output, when it has one)
+
+
 def integer_layer_norm(
-    node: gs.Node, output: str, inputs: list[tuple[str, ActQuant]], qy: ActQuant
-) -> ip.LayerNorm | str:
-    """The integer op for ``node`` reading the codes ``inputs`` (see the module docstring),
-    or why there is none."""
+    node: gs.Node,
+    inputs: list[tuple[str, ActQuant]],
+    output: tuple[str, ActQuant] | None,
+    wide_output: str | None,
+) -> IntegerLayerNorm | str:
+    """The integer op for ``node`` reading the codes ``inputs`` (8-bit, or wide int32 ones of
+    an earlier LayerNorm) and writing ``output`` (8-bit codes and their quantizer) and / or
+    ``wide_output`` (see the module docstring), or why there is none."""
     reason = layer_norm_blocker(node)
     if reason is not None:
         return reason
@@ -115,8 +129,11 @@ def integer_layer_norm(
     beta_real = np.broadcast_to(beta_real, (width,)).astype(np.float64)
     eps = float(node.attrs.get("epsilon", 1e-5))
 
+    # the common fine scale: a wide input is fine already; two 8-bit ones get P more bits
     scales = [q.scale for _, q in inputs]
-    fine = min(scales) / (2**LAYER_NORM_INPUT_BITS if len(inputs) > 1 else 1)
+    wide_input = any(q.bits > 8 for _, q in inputs)
+    refine = 1 if wide_input or len(inputs) == 1 else 2**LAYER_NORM_INPUT_BITS
+    fine = min(scales) / refine
     mults = [round(s / fine) for s in scales]
     largest_v = sum(
         m * max(q.qmax - q.zero_point, q.zero_point - q.qmin)
@@ -130,26 +147,37 @@ def integer_layer_norm(
 
     frac = LAYER_NORM_FRAC_BITS
     norm_mult = round(math.sqrt(width) * 2**frac)
-    largest = float(np.abs(gamma_real).max()) / qy.scale
-    if largest > 0:
-        gamma_shift = LAYER_NORM_GAMMA_BITS - 1 - math.floor(math.log2(largest))
-    else:
-        gamma_shift = LAYER_NORM_GAMMA_BITS
-    shift = frac + gamma_shift
-    if shift < 1 or shift > 62:
-        return f"integer LayerNorm: gamma / s_y = {largest:.3g} needs a shift of {shift}"
-    gamma = np.round(gamma_real * 2.0**gamma_shift / qy.scale).astype(np.int64)
-    beta_codes = beta_real * 2.0**shift / qy.scale
-    bounds = {
-        "eps": eps_real,
-        "|c| S": largest_c * norm_mult,
-        "|acc|": 2 * norm_mult * int(np.abs(gamma).max()) + float(np.abs(beta_codes).max()),
-    }
+    largest_gamma = float(np.abs(gamma_real).max())
+    gamma_shift = LAYER_NORM_GAMMA_BITS
+    if largest_gamma > 0:
+        gamma_shift = LAYER_NORM_GAMMA_BITS - 1 - math.floor(math.log2(largest_gamma))
+
+    def acc_bound(shift: int) -> float:
+        return 2 * norm_mult * largest_gamma * 2.0**shift + float(
+            np.abs(beta_real).max() * 2.0 ** (frac + shift)
+        )
+
+    while acc_bound(gamma_shift) >= 2**31 - 2**20 and gamma_shift > -frac:
+        gamma_shift -= 1  # acc (the wide output) stays an int32
+    total_shift = frac + gamma_shift
+    if acc_bound(gamma_shift) >= 2**31 - 2**20 or total_shift < 1:
+        return "integer LayerNorm: gamma and beta are too large for an int32 output"
+    gamma = np.round(gamma_real * 2.0**gamma_shift).astype(np.int64)
+    beta = np.round(beta_real * 2.0**total_shift).astype(np.int64)
+    wide = ActQuant(2.0**-total_shift, 0, ip.WIDE_BITS, True)
+    bounds = {"eps": eps_real, "|c| S": largest_c * norm_mult}
     too_large = [name for name, bound in bounds.items() if bound >= INT64_HEADROOM // 2]
     if too_large:
         return f"integer LayerNorm: {', '.join(too_large)} could leave int64"
-    return ip.LayerNorm(
-        output,
+    requant = None
+    if output is not None:
+        qy = output[1]
+        mult, shift = dyadic(wide.scale / qy.scale)
+        requant = ip.Requant(mult, shift, qy.zero_point, qy.qmin, qy.qmax, axis=-1)
+    if output is None and wide_output is None:
+        return "integer LayerNorm: nothing reads its output"
+    op = ip.LayerNorm(
+        output[0] if output is not None else str(wide_output),
         tuple(name for name, _ in inputs),
         tuple(q.zero_point for _, q in inputs),
         tuple(mults),
@@ -157,13 +185,8 @@ def integer_layer_norm(
         round(eps_real),
         norm_mult,
         gamma,
-        np.round(beta_codes).astype(np.int64),
-        ip.Requant(
-            np.array([1], np.int64),
-            np.array([shift], np.int64),
-            qy.zero_point,
-            qy.qmin,
-            qy.qmax,
-            axis=-1,
-        ),
+        beta,
+        requant,
+        wide_output if output is not None else None,
     )
+    return IntegerLayerNorm(op, wide)

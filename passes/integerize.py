@@ -36,7 +36,11 @@ from dyadiq.graph import QGraph, activation_bounds, weight_channel_axis
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.passes.elementwise_lookup import lookup_chain, lookup_table
-from dyadiq.passes.integer_layer_norm import integer_layer_norm, layer_norm_operands
+from dyadiq.passes.integer_layer_norm import (
+    IntegerLayerNorm,
+    integer_layer_norm,
+    layer_norm_operands,
+)
 from dyadiq.passes.masked_softmax import MaskedSoftmaxMatch, find_masked_softmax
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import (
@@ -125,7 +129,7 @@ class _Integerizer:
         self.single_rounding_add = single_rounding_add
         self.plan = plan
         self.sites = sites
-        self.params = params
+        self.params = dict(params)  # LayerNorm outputs get their consumers' quantizers
         self.ops: list[ip.IntOp] = []
         self.quant: dict[str, ActQuant] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -139,6 +143,7 @@ class _Integerizer:
         self.masked_softmax = masked.matches
         self.tabulated.update(masked.absorbed)  # Softmax and mask ops a match replaces
         self.notes.extend(f"masked softmax declined: {reason}" for reason in masked.declined)
+        self.wide_of: dict[str, str] = {}  # float tensor -> its wide int32 codes
         self.layer_norms = self._plan_layer_norms()
 
     # --- tensor availability -----------------------------------------------------------------
@@ -159,10 +164,11 @@ class _Integerizer:
         return codes
 
     def real(self, tensor: gs.Tensor) -> str:
-        """The float value of a tensor, dequantizing integer codes if needed."""
+        """The float value of a tensor, dequantizing integer codes if needed (the wide ones,
+        unclipped, when it has them)."""
         name = tensor.name
         if name not in self.float_ready:
-            self.ops.append(ip.Dequantize(name, self.int_name[name]))
+            self.ops.append(ip.Dequantize(name, self.wide_of.get(name) or self.int_name[name]))
             self.float_ready.add(name)
         return name
 
@@ -212,10 +218,11 @@ class _Integerizer:
         )
         int_outputs = {}
         for name in outputs:
-            if name in self.int_name:
-                int_outputs[name] = self.int_name[name]
+            codes = self.wide_of.get(name) or self.int_name.get(name)
+            if codes is not None:
+                int_outputs[name] = codes
                 if name not in self.float_ready:
-                    self.ops.append(ip.Dequantize(name, self.int_name[name]))
+                    self.ops.append(ip.Dequantize(name, codes))
         inputs = {
             t.name: (np.dtype(t.dtype), _static_shape(t))
             for t in g.inputs
@@ -699,37 +706,110 @@ class _Integerizer:
             ip.MaskedSoftmax(out_codes, x_codes, keep, match.keep_nonzero, *constants, frac, rq)
         )
 
-    def _plan_layer_norms(self) -> dict[str, list[gs.Tensor]]:
-        """LayerNorm node -> the quantized tensors its integer op reads; a residual Add it
-        absorbs is skipped (``tabulated``), a LayerNorm that stays float says why (notes)."""
-        planned: dict[str, list[gs.Tensor]] = {}
+    def _plan_layer_norms(self) -> dict[str, IntegerLayerNorm]:
+        """LayerNorm node -> its integer op, in graph order; a residual Add it absorbs is
+        skipped (``tabulated``); a LayerNorm that stays float says why (notes).
+
+        Its 8-bit output takes the quantizer the simulator gives the output, or else the one
+        of a scale-sharing consumer (the Reshape before a MatMul); a wide int32 output carries
+        the value the simulator keeps in float (the residual stream) to the next LayerNorm."""
+        planned: dict[str, IntegerLayerNorm] = {}
+        simulated = set(self.params)
+        codes = {name: (f"{name}_q", q) for name, q in self.params.items()}
+        graph_outputs = {t.name for t in self.graph.graph.outputs}
+        self.graph.graph.toposort()
         for node in self.graph.nodes():
             if self.graph.kind(node) is not OpKind.LAYER_NORM:
                 continue
             out = node.outputs[0]
-            found = layer_norm_operands(node, self.params.keys(), self.tabulated)
-            if out.name not in self.params:
-                found = "its output is not quantized"
-            if not isinstance(found, str):
-                operands, add = found
-                inputs = [(f"{t.name}_q", self.q(t)) for t in operands]
-                op = integer_layer_norm(node, f"{out.name}_q", inputs, self.q(out))
-                if isinstance(op, ip.LayerNorm):
-                    planned[node.name] = operands
-                    if add is not None:
-                        self.tabulated.add(add.name)
-                    continue
-                found = op
-            self.notes.append(f"LayerNormalization {node.name} in float: {found}")
+            found = layer_norm_operands(node, codes.keys(), self.tabulated)
+            if isinstance(found, str):
+                self.notes.append(f"LayerNormalization {node.name} in float: {found}")
+                self._float_output_codes(out, codes)
+                continue
+            operands, add = found
+            out_q = self.params.get(out.name) or self._shared_quantizer(out)
+            coded = [c for c in out.outputs if out_q is not None and self._keeps_codes(c)]
+            wide = out.name not in simulated and (
+                len(coded) < len(out.outputs) or out.name in graph_outputs
+            )
+            built = integer_layer_norm(
+                node,
+                [codes[t.name] for t in operands],
+                (f"{out.name}_q", out_q) if out_q is not None else None,
+                f"{out.name}_wide" if wide else None,
+            )
+            if isinstance(built, str):
+                self.notes.append(f"LayerNormalization {node.name} in float: {built}")
+                self._float_output_codes(out, codes)
+                continue
+            planned[node.name] = built
+            if add is not None:
+                self.tabulated.add(add.name)
+            if out_q is not None:
+                self.params[out.name] = out_q
+                codes[out.name] = (f"{out.name}_q", out_q)
+            if wide:  # the next LayerNorm reads the residual stream wide
+                codes[out.name] = (f"{out.name}_wide", built.wide)
         return planned
 
-    def _layer_norm(self, node: gs.Node, operands: list[gs.Tensor]) -> None:
-        inputs = [(self.codes(t), self.q(t)) for t in operands]
-        out_codes, qy = self.define(node.outputs[0])
-        op = integer_layer_norm(node, out_codes, inputs, qy)
-        if isinstance(op, str):
-            raise InternalError(f"{node.name}: a planned integer LayerNorm fails: {op}")
+    def _float_output_codes(self, out: gs.Tensor, codes: dict[str, tuple[str, ActQuant]]) -> None:
+        """A float LayerNorm's output (the embeddings' in a BERT) gets 8-bit codes in its
+        scale-sharing consumer's quantizer, so the next LayerNorm can read it: quantized where
+        the simulator keeps it float (one 8-bit residual step), since only integer ops can
+        write the wide int32 codes."""
+        if out.name in self.params:
+            return
+        shared = self._shared_quantizer(out)
+        if shared is not None:
+            self.params[out.name] = shared
+            codes[out.name] = (f"{out.name}_q", shared)
+            self.notes.append(
+                f"{out.name}: a float LayerNorm's output, quantized to 8 bits for the residual "
+                "stream the simulator keeps in float"
+            )
+
+    def _shared_quantizer(self, tensor: gs.Tensor) -> ActQuant | None:
+        """The quantizer of a scale-sharing consumer's quantized output (the Reshape of a
+        LayerNorm's output before a MatMul), which the tensor's codes can share."""
+        for consumer in tensor.outputs:
+            if self._keeps_codes(consumer):
+                return self.params[consumer.outputs[0].name]
+        return None
+
+    def _keeps_codes(self, node: gs.Node) -> bool:
+        facts = self.graph.facts(node)
+        return (
+            facts.shares_input_scale
+            and not facts.unifies_input_scales
+            and len(node.outputs) == 1
+            and node.outputs[0].name in self.params
+        )
+
+    def _layer_norm(self, node: gs.Node, built: IntegerLayerNorm) -> None:
+        op = built.op
+        names = []
+        for tensor, name in zip(self._ln_operands(node), op.inputs, strict=True):
+            names.append(name if name == self.wide_of.get(tensor.name) else self.codes(tensor))
+        if tuple(names) != op.inputs:
+            raise InternalError(f"{node.name}: integer LayerNorm reads {names}, not {op.inputs}")
+        out = node.outputs[0]
+        if op.requant is not None:
+            out_codes, _ = self.define(out)
+            if out_codes != op.output:
+                raise InternalError(f"{node.name}: integer LayerNorm writes {out_codes}")
+        wide = op.output if op.requant is None else op.wide_output
+        if wide is not None:
+            self.quant[wide] = built.wide
+            self.shapes[wide] = _static_shape(out)
+            self.wide_of[out.name] = wide
         self.ops.append(op)
+
+    def _ln_operands(self, node: gs.Node) -> list[gs.Tensor]:
+        x = node.inputs[0]
+        if x.name in self.params or x.name in self.wide_of:
+            return [x]
+        return [t for t in x.inputs[0].inputs if isinstance(t, gs.Variable)]
 
     def _same_scale(self, node: gs.Node, tensors: list[gs.Tensor]) -> bool:
         q = {self.q(t) for t in tensors}

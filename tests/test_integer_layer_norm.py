@@ -48,16 +48,33 @@ def test_every_layer_norm_is_integer_and_absorbs_its_residual_add() -> None:
     program = block.program
     assert program.float_ops == []
     norms = _layer_norms(program)
-    assert [op.output for op in norms] == ["ln0_q", "ln1_q", "y_q"]
-    assert [len(op.inputs) for op in norms] == [1, 2, 2]  # after a MatMul; two residual Adds
+    assert [op.output for op in norms] == ["ln0_q", "ln1_q", "ln2_q"]
+    assert [op.inputs for op in norms] == [("xi_q",), ("o_q", "ln0_q"), ("d_q", "ln1_q")]
+    assert all(op.wide_output is None for op in norms)  # MatMuls quantize them right away
     assert not any(isinstance(op, ip.Add) for op in program.ops)
     sites = set(block.result.sites.tensors)
     # the residual sums stay unquantized in the simulator too: the integer op sums them wide
-    assert {"r1", "r2"}.isdisjoint(sites) and {"ln0", "ln1", "y"} <= sites
+    assert {"r1", "r2"}.isdisjoint(sites) and {"ln0", "ln1", "ln2"} <= sites
     for op in norms[1:]:  # the scale ratio of the two operands, exact to 2^-13
         q = [program.quant[name] for name in op.inputs]
         ratio = q[1].scale / q[0].scale
         assert abs(op.input_mults[1] / op.input_mults[0] - ratio) <= ratio * 2.0**-12
+
+
+def test_a_residual_stream_the_simulator_keeps_in_float_passes_on_wide() -> None:
+    """[1, tokens, hidden] tensors: a Reshape sits between each LayerNorm and its MatMuls,
+    so the simulator quantizes the Reshape, not the residual stream; the integer LayerNorm
+    writes 8-bit codes for the MatMuls and int32 codes for the next LayerNorm."""
+    block = quantized_block(batched=True)
+    program = block.program
+    assert [op.split()[0] for op in program.float_ops] == ["Reshape"]  # of the float input
+    norms = _layer_norms(program)
+    assert [op.wide_output for op in norms] == ["ln0_wide", "ln1_wide", None]
+    assert [op.inputs for op in norms] == [("xi_q",), ("o_q", "ln0_wide"), ("d_q", "ln1_wide")]
+    assert program.code_dtype("ln0_wide") == np.int32
+    assert {"ln0", "ln1"}.isdisjoint(block.result.sites.tensors)
+    report = bit_exactness(program, export_integer_onnx(program), block.feeds)
+    assert report["exact_tensors"] == report["tensors"], report["mismatches"]
 
 
 def _float_layer_norm(
@@ -76,9 +93,11 @@ def _float_layer_norm(
     return np.clip(np.round(y / q.scale) + q.zero_point, q.qmin, q.qmax).astype(np.int64)
 
 
-@pytest.mark.parametrize("act_signed", [False, True])
-def test_integer_layer_norm_is_within_one_code_of_the_float_layer_norm(act_signed: bool) -> None:
-    block = quantized_block(act_signed=act_signed)
+@pytest.mark.parametrize(("act_signed", "batched"), [(False, False), (True, False), (False, True)])
+def test_integer_layer_norm_is_within_one_code_of_the_float_layer_norm(
+    act_signed: bool, batched: bool
+) -> None:
+    block = quantized_block(act_signed=act_signed, batched=batched)
     program = block.program
     model = block_model()
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -87,6 +106,7 @@ def test_integer_layer_norm_is_within_one_code_of_the_float_layer_norm(act_signe
     for feeds in block.feeds:
         env = reference.run(feeds)
         for i, op in enumerate(_layer_norms(program)):
+            assert op.output is not None
             want = _float_layer_norm(op, program, env, weights[f"g{i}"], weights[f"b{i}"])
             diffs.append(np.abs(env[op.output].astype(np.int64) - want).ravel())
     diff = np.concatenate(diffs)

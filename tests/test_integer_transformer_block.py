@@ -32,10 +32,11 @@ def test_x86_tvm_build_is_bit_exact() -> None:
     if "avx2" not in model_runner.cpu_flags():
         pytest.skip("host CPU lacks AVX2")
     target = target_for("x86-64-v3")
-    block = quantized_block()
+    block = quantized_block(batched=True)  # the residual stream passed on wide (int32)
     program = block.program
-    assert program.float_ops == []
-    lowered = lower_program(program, target=target)
+    assert [op.split()[0] for op in program.float_ops] == ["Reshape"]  # of the float input
+    assert any(isinstance(op, ip.LayerNorm) and op.wide_output for op in program.ops)
+    lowered = lower_program(program, target=target, float_islands=True)
     vm = relax.VirtualMachine(compile_prepared(prepare(lowered, target), target), tvm.cpu())
     reference = ReferenceInterpreter(program)
     feeds_list = [*block.feeds, dict(block.feeds[0], attention_mask=np.zeros((1, 6), np.int64))]

@@ -52,12 +52,16 @@ DEVICE_MASK = """
 """
 
 
-def block_text(mask: str) -> str:
+def block_text(mask: str, *, batched: bool = False) -> str:
+    """``batched``: [1, tokens, hidden] tensors, as exporters write them; the frontend then
+    puts a Reshape between each LayerNorm and its MatMuls, so the simulator keeps LayerNorm
+    outputs (the residual stream) in float and the integer LayerNorms pass it on wide."""
     mask_input = "" if mask == DEVICE_MASK else f", int64[1, {TOKENS}] attention_mask"
+    lead = "1, " if batched else ""
     return f"""
     <ir_version: 8, opset_import: ["" : 18]>
-    block (float[{TOKENS}, {HIDDEN}] x{mask_input})
-        => (float[{TOKENS}, {HIDDEN}] y) {{
+    block (float[{lead}{TOKENS}, {HIDDEN}] x{mask_input})
+        => (float[{lead}{TOKENS}, {HIDDEN}] y) {{
         xi0 = MatMul (x, wi)
         xi = Add (xi0, bi)
         ln0 = LayerNormalization <axis = -1, epsilon = 1e-5> (xi, g0, b0)
@@ -83,7 +87,7 @@ def block_text(mask: str) -> str:
         p = Softmax <axis = -1> (masked)
         ctx = MatMul (p, vt)
         ctxt = Transpose <perm = [0, 2, 1, 3]> (ctx)
-        flat = Constant <value = int64[2] {{{TOKENS}, {HIDDEN}}}> ()
+        flat = Constant <value = int64[{2 + batched}] {{{lead}{TOKENS}, {HIDDEN}}}> ()
         ctxf = Reshape (ctxt, flat)
         o0 = MatMul (ctxf, wo)
         o = Add (o0, bo)
@@ -102,12 +106,13 @@ def block_text(mask: str) -> str:
         d0 = MatMul (gelu, w2)
         d = Add (d0, bf2)
         r2 = Add (d, ln1)
-        y = LayerNormalization <axis = -1, epsilon = 1e-5> (r2, g2, b2)
+        ln2 = LayerNormalization <axis = -1, epsilon = 1e-5> (r2, g2, b2)
+        y = MatMul (ln2, wy)
     }}
     """
 
 
-def block_model(mask: str = WHERE_MASK, seed: int = 0) -> onnx.ModelProto:
+def block_model(mask: str = WHERE_MASK, seed: int = 0, *, batched: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
 
     def dense(rows: int, cols: int) -> np.ndarray:
@@ -120,6 +125,7 @@ def block_model(mask: str = WHERE_MASK, seed: int = 0) -> onnx.ModelProto:
         "wk": dense(HIDDEN, HIDDEN),
         "wv": dense(HIDDEN, HIDDEN),
         "wo": dense(HIDDEN, HIDDEN),
+        "wy": dense(HIDDEN, HIDDEN),
         "w1": dense(HIDDEN, FFN),
         "w2": dense(FFN, HIDDEN),
         "bq": rng.normal(size=HIDDEN) * 0.1,
@@ -132,11 +138,11 @@ def block_model(mask: str = WHERE_MASK, seed: int = 0) -> onnx.ModelProto:
     for i in range(3):  # LayerNorm scales of both signs and several sizes, as trained ones
         weights[f"g{i}"] = rng.normal(size=HIDDEN) * 0.5 + 1.0
         weights[f"b{i}"] = rng.normal(size=HIDDEN) * 0.2
-    return with_weights(block_text(mask), **weights)
+    return with_weights(block_text(mask, batched=batched), **weights)
 
 
 def block_feeds(
-    rng: np.random.Generator, n: int = 6, *, mask_input: bool = True
+    rng: np.random.Generator, n: int = 6, *, mask_input: bool = True, batched: bool = False
 ) -> list[dict[str, np.ndarray]]:
     """Token vectors with a few large channels (as a residual stream has) and padding masks
     of every length from all tokens kept down to one."""
@@ -146,6 +152,7 @@ def block_feeds(
         x[..., 3] *= 4.0
         mask = np.zeros((1, TOKENS), np.int64)
         mask[0, : TOKENS - i % TOKENS] = 1
+        x = x.reshape((1, *SHAPE)) if batched else x
         feeds.append({"x": x.astype(np.float32), "attention_mask": mask})
         if not mask_input:
             del feeds[-1]["attention_mask"]
@@ -159,10 +166,13 @@ class QuantizedBlock:
     feeds: list[dict[str, np.ndarray]]
 
 
-def quantized_block(mask: str = WHERE_MASK, *, act_signed: bool = False) -> QuantizedBlock:
-    graph = load_onnx(block_model(mask))
+def quantized_block(
+    mask: str = WHERE_MASK, *, act_signed: bool = False, batched: bool = False
+) -> QuantizedBlock:
+    graph = load_onnx(block_model(mask, batched=batched))
     plan = PrecisionPlan.uniform(graph, act_signed=act_signed)
-    feeds = block_feeds(np.random.default_rng(5), mask_input=mask != DEVICE_MASK)
+    rng = np.random.default_rng(5)
+    feeds = block_feeds(rng, mask_input=mask != DEVICE_MASK, batched=batched)
     result = quantize_graph(graph, plan, feeds)
     program = integerize(result.graph, plan, result.sites, result.qdq.act_params)
     return QuantizedBlock(result, program, feeds)

@@ -33,7 +33,7 @@ typedef struct {{
     int32_t rows, len, inputs;
     int32_t flip[2], zero[2];
     int64_t mult[2];
-    int32_t var_shift, shift, zero_point, lo, hi;
+    int32_t var_shift, out_mult, shift, zero_point, lo, hi;
     int64_t eps_codes, norm_mult;
     const int32_t *gamma;
     const int64_t *beta;
@@ -100,7 +100,7 @@ static void dq_layer_norm(const dq_layer_norm_params *p, const uint8_t *const *x
             int64_t t = ((c < 0 ? -c : c) * p->norm_mult) / root;
             t = c < 0 ? -t : t;
             int64_t acc = t * p->gamma[i] + p->beta[i];
-            y[base + i] = dq_tf_output(acc, 1, p->shift, p->zero_point, p->lo, p->hi);
+            y[base + i] = dq_tf_output(acc, p->out_mult, p->shift, p->zero_point, p->lo, p->hi);
         }}
     }}
 }}
@@ -209,13 +209,20 @@ class TransformerKernels:
 
     def layer_norm(self, op: ip.LayerNorm, tag: str) -> None:
         self._kernels()
-        shape = static_shape(self.program, op.output)
-        rq = op.requant
-        if np.size(rq.mult) != 1 or int(np.asarray(rq.mult).reshape(-1)[0]) != 1:
-            raise UnsupportedModelError(f"{op.output}: a LayerNorm requant other than a shift")
         if np.abs(op.gamma).max(initial=0) > INT32_MAX:
             raise UnsupportedModelError(f"{op.output}: LayerNorm gamma beyond int32")
+        written = [op.output, op.wide_output or op.output]
+        wide = [n for n in [*op.inputs, *written] if self.program.quant[n].bits > 8]
+        if wide or op.requant is None:
+            raise UnsupportedModelError(
+                f"LayerNorm {op.output}: a wide (int32) residual stream "
+                f"({', '.join(sorted(set(wide)))}) has no Cortex-M kernel; 8-bit codes only"
+            )
         decoded = [self._decode(n, z) for n, z in zip(op.inputs, op.zero_points, strict=True)]
+        shape = static_shape(self.program, op.output)
+        rq = op.requant
+        if np.size(rq.mult) != 1:
+            raise UnsupportedModelError(f"{op.output}: a per-channel LayerNorm requant")
         pad = 2 - len(op.inputs)
         self.decls.append(_array("int32_t", f"{tag}_gamma", op.gamma))
         self.decls.append(_array("int64_t", f"{tag}_beta", op.beta))
@@ -227,6 +234,7 @@ class TransformerKernels:
             "zero": _braces([z for _, z in decoded] + [0] * pad),
             "mult": _braces([int(m) for m in op.input_mults] + [0] * pad),
             "var_shift": op.var_shift,
+            "out_mult": int(np.asarray(rq.mult).reshape(-1)[0]),
             "shift": int(np.asarray(rq.shift).reshape(-1)[0]),
             "zero_point": rq.zero_point,
             "lo": rq.lo,

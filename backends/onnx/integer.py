@@ -117,7 +117,7 @@ class _Builder:
 
     def zero_point_const(self, codes: str) -> str:
         q = self.program.quant[codes]
-        return self.const("xzp", np.array(q.zero_point, np.int8 if q.signed else np.uint8))
+        return self.const("xzp", np.array(q.zero_point, self.program.code_dtype(codes)))
 
     def ndim(self, codes: str) -> int:
         return len(self.program.shapes[codes])
@@ -383,7 +383,13 @@ class _Lowering(_Builder, IntOpVisitor[None]):
         gamma = self.const("gamma", op.gamma.astype(np.int64))
         beta = self.const("beta", op.beta.astype(np.int64))
         acc = self.node("Add", [self.node("Mul", [t, gamma], "t_gamma"), beta], "ln_acc")
-        self.requant(acc, op.requant, self.ndim(op.output), op.output)
+        if op.requant is not None:
+            self.requant(acc, op.requant, self.ndim(op.inputs[0]), op.output)
+        wide = op.output if op.requant is None else op.wide_output
+        if wide is not None:  # |acc| < 2^31 (integerize checks it)
+            self.nodes.append(
+                helper.make_node("Cast", [acc], [wide], name=wide, to=TensorProto.INT32)
+            )
 
     def visit_LeakyRelu(self, op: ip.LeakyRelu) -> None:
         ndim = self.ndim(op.output)
@@ -513,7 +519,7 @@ def export_integer_onnx(
         for name, codes in program.int_outputs.items():
             alias = f"{name}_codes"
             b.nodes.append(helper.make_node("Identity", [codes], [alias], name=alias))
-            dtype = TensorProto.INT8 if program.quant[codes].signed else TensorProto.UINT8
+            dtype = _ONNX_TYPES[program.code_dtype(codes)]  # int32 for a wide output
             outputs.append(helper.make_tensor_value_info(alias, dtype, output_dims(name)))
     graph = helper.make_graph(b.nodes, "dyadiq_integer", inputs, outputs, b.initializers)
     model = helper.make_model(

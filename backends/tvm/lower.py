@@ -401,7 +401,11 @@ class _Lowering(IntOpVisitor[None]):
         t = self.emit(relax.op.where(negative, self.emit(relax.op.negative(quotient)), quotient))
         product = self.emit(relax.op.multiply(t, _int64(op.gamma.astype(np.int64))))
         acc = self.emit(relax.op.add(product, _int64(op.beta.astype(np.int64))))
-        self.requant(acc, op.requant, len(shape), op.output)
+        if op.requant is not None:
+            self.requant(acc, op.requant, len(shape), op.output)
+        wide = op.output if op.requant is None else op.wide_output
+        if wide is not None:  # |acc| < 2^31 (integerize checks it)
+            self.env[wide] = self.emit(relax.op.astype(acc, "int32"))
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         # TVM pads with the dtype's minimum, the reference with the output's qmin; every
