@@ -31,10 +31,13 @@ needs_toolchain = pytest.mark.skipif(
 
 
 def _device_vs_reference(
-    program: ip.IntegerProgram, calib: list[dict[str, np.ndarray]], tmp_path
+    program: ip.IntegerProgram,
+    calib: list[dict[str, np.ndarray]],
+    tmp_path,
+    cpu: str = "cortex-m4",
 ) -> dict[str, int]:
-    """Largest |device code - reference code| per output, over ``calib``, on QEMU M4."""
-    project = emit_c_project(program, tmp_path / "m4", cpu="cortex-m4")
+    """Largest |device code - reference code| per output, over ``calib``, on QEMU."""
+    project = emit_c_project(program, tmp_path / "m4", cpu=cpu)
     inputs = np.stack([feeds["x"] for feeds in calib])
     run = run_qemu(project, build(project, jobs=2).app_elf, inputs, timeout_s=120)
     device = project.decode_outputs(run.outputs)
@@ -172,7 +175,8 @@ KERNEL_MIX = """
 
 
 @needs_toolchain
-def test_float_kernels_on_qemu_match_onnxruntime_within_one_code(tmp_path):
+@pytest.mark.parametrize("cpu", ["cortex-m4", "cortex-m3"])  # FPU (hard-float ABI), soft-float
+def test_float_kernels_on_qemu_match_onnxruntime_within_one_code(tmp_path, cpu):
     """A hand-made island through data movement, normalisation, float Conv / pooling, the
     transcendental functions, comparisons, reductions, MatMul and Gemm (one build)."""
     rng = np.random.default_rng(2)
@@ -191,7 +195,7 @@ def test_float_kernels_on_qemu_match_onnxruntime_within_one_code(tmp_path):
     program = _island_program(KERNEL_MIX, (1, 4, 5, 4), (1, 3), inits, out_scale=1 / 16)
     assert unsupported_ops(program) == []
     calib = [{"x": rng.uniform(-3, 3, (1, 4, 5, 4)).astype(f32)} for _ in range(4)]
-    assert _device_vs_reference(program, calib, tmp_path)["y_q"] <= 1
+    assert _device_vs_reference(program, calib, tmp_path, cpu)["y_q"] <= 1
 
 
 def test_ops_without_a_c_kernel_are_refused_all_in_one_message(tmp_path):
