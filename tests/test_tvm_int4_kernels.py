@@ -1,6 +1,7 @@
 """The group-wise int4 weight-only TVM kernel (backends/tvm/weight_only_kernels.py) against
 a float64 numpy reference (dequantise, then matmul), on x86 AVX-512, x86 AVX2 and aarch64
-(under qemu-user), at Gemma 3 270M's layer shapes for one decoding row.
+(under qemu-user), at Gemma 3 270M's layer shapes for one decoding row; the AVX2 build also
+on an emulated Haswell (no AVX-512).
 
 Tolerance: every output within 1e-5 of sum_k |x_k| |w_nk| (float32 summation error over K
 terms is far below that; a swapped nibble, a wrong group or tile is O(1) of it).
@@ -8,6 +9,10 @@ terms is far below that; a swapped nibble, a wrong group or tile is O(1) of it).
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,5 +141,43 @@ def test_aarch64_kernel_under_qemu(tmp_path: Path) -> None:
     (got,) = run_under_qemu(
         library, {"x": arrays[0], "packed": packed, "scales": scales, "zeros": zeros}
     )
+    expected = reference_matmul(*arrays, group=group)
+    assert np.all(np.abs(got - expected) <= _bound(*arrays, group=group))
+
+
+def test_avx2_kernel_on_an_emulated_haswell(tmp_path: Path) -> None:
+    """The x86-64-v3 build runs on a CPU without AVX-512 (``qemu-x86_64 -cpu Haswell``)
+    through the runner every x86 target folder ships, and matches the reference there."""
+    qemu = shutil.which("qemu-x86_64")
+    assert qemu, "qemu-x86_64 is missing: run scripts/setup.sh dev (Debian package qemu-user)"
+    k, n, group = 640, 256, 128
+    shape = Int4Shape.of(1, k, n, group)
+    arrays = _problem(1, k, n, group, seed=4)
+    packed, scales, zeros = kernel_weights(*arrays[1:], shape)
+    feeds = {"x": arrays[0], "packed": packed, "scales": scales, "zeros": zeros}
+    executable = tvm.compile(int4_linear_module(shape), target=cpu_target(CpuTarget.X86_AVX2))
+    executable.export_library(str(tmp_path / "model.so"))
+    info = {
+        "library": "model.so",
+        "inputs": [
+            {"name": name, "shape": list(a.shape), "dtype": str(a.dtype)}
+            for name, a in feeds.items()
+        ],
+        "outputs": [{"name": "y"}],
+    }
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    shutil.copyfile(model_runner.__file__, tmp_path / "run_model.py")
+    np.savez(tmp_path / "in.npz", **feeds)
+    runner, inputs, outputs = (str(tmp_path / f) for f in ("run_model.py", "in.npz", "out.npz"))
+    proc = subprocess.run(
+        [qemu, "-cpu", "Haswell", sys.executable, runner, inputs, outputs],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "out.npz") as stored:
+        got = stored["y"]
     expected = reference_matmul(*arrays, group=group)
     assert np.all(np.abs(got - expected) <= _bound(*arrays, group=group))
