@@ -71,13 +71,22 @@ def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
     for declined in masked.declined:
         node_id, reason = declined.removeprefix("Add ").split(": ", 1)
         rules[node_id] = (False, f"attention-mask Add runs in float ({reason})")
+    graph.graph.toposort()
     for node in graph.nodes():
         if graph.kind(node) is not OpKind.LAYER_NORM:
             continue
+        out = node.outputs[0]
         found = layer_norm_operands(node, quantized, ())
+        shared = any(
+            graph.facts(c).shares_input_scale and c.outputs and c.outputs[0].name in quantized
+            for c in out.outputs
+        )
         if isinstance(found, str):
             rules[node.name] = (False, f"runs in float between DQ and Q: {found}")
+            if shared:  # its output gets 8-bit codes for the next LayerNorm (integerize)
+                quantized.add(out.name)
             continue
+        quantized.add(out.name)  # 8-bit codes or the wide residual stream
         _, add = found
         why = "integer LayerNorm (I-BERT: integer mean, variance and square root)"
         if add is not None:

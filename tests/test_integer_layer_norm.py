@@ -148,10 +148,19 @@ def test_layer_norm_of_a_float_input_stays_float_and_says_why() -> None:
     assert report["exact_tensors"] == report["tensors"], report["mismatches"]
 
 
-def test_inspect_says_layer_norm_is_an_integer_op() -> None:
-    layers = describe(load_onnx(block_model()))["layers"]
+@pytest.mark.parametrize("batched", [False, True])
+def test_inspect_says_what_integerize_does_with_layer_norms(batched: bool) -> None:
+    layers = describe(load_onnx(block_model(batched=batched)))["layers"]
     norms = [layer for layer in layers if layer["op"] == "LayerNormalization"]
     assert len(norms) == 3
     for layer in norms:
         assert layer["quantizable"], layer
         assert "integer LayerNorm" in layer["reason"], layer
+    residual = [layer for layer in layers if "summed wide inside" in layer["reason"]]
+    assert len(residual) == 2  # the two residual Adds
+
+
+def test_inspect_says_a_layer_norm_of_a_float_input_runs_in_float() -> None:
+    layers = describe(load_onnx(_float_input_model()))["layers"]
+    (norm,) = [layer for layer in layers if layer["op"] == "LayerNormalization"]
+    assert not norm["quantizable"] and "in float" in norm["reason"], norm
