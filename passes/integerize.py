@@ -15,7 +15,12 @@ Per op (v = q - z, the zero-point-free codes):
 - an elementwise float chain from one quantized tensor to another (SiLU, Sigmoid, Tanh, GELU):
   a 256-entry table of output codes (``elementwise_lookup``);
 - ConvTranspose with stride = kernel (no overlap): a 1x1 Conv to C_out kh kw columns, then
-  Reshape / Transpose on codes interleave them (``conv_transpose_blocker`` says when not).
+  Reshape / Transpose on codes interleave them (``conv_transpose_blocker`` says when not);
+- LayerNormalization: I-BERT's integer LayerNorm over its input's codes or over the residual
+  Add before it, summed wide (``integer_layer_norm``); where the simulator keeps the output
+  (the residual stream) in float, the op also writes it as int32 codes for the next one;
+- Softmax(scores + attention mask): one masked softmax that reads the integer mask the float
+  mask was made from (``masked_softmax``; declined candidates are listed in the notes).
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
 Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
 """
