@@ -317,3 +317,18 @@ def test_shape_island_feeds_a_later_island_as_a_constant(tmp_path):
     info = emit_for_target(program, "cortex-m4", tmp_path / "m4", calib[:3])
     check = info["bit_exact_vs_reference"]
     assert check["inputs"] == 3 and check["max_float_diff_of_range"] < 1e-5
+
+
+@needs_toolchain
+def test_gather_with_indices_computed_on_the_device(tmp_path):
+    body = (
+        "a = Abs (xf)\n m = ReduceMax <axes = [1, 2, 3], keepdims = 0> (a)\n"
+        " n = Min (m, three)\n f = Floor (n)\n i = Cast <to = 7> (f)\n"
+        " yf = Gather <axis = 1> (xf, i)"
+    )
+    program = _island_program(
+        body, (1, 4, 3, 3), (1, 1, 3, 3), {"three": np.array(3.0, np.float32)}, 1 / 16
+    )
+    rng = np.random.default_rng(7)
+    calib = [{"x": rng.uniform(-s, s, (1, 4, 3, 3)).astype(np.float32)} for s in (0.9, 1.9, 3.5)]
+    assert _device_vs_reference(program, calib, tmp_path)["y_q"] == 0  # a copy: exact
