@@ -208,10 +208,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    output.console.print(f"{args.prompt}[bold]{text}[/]", markup=True, highlight=False)
-    rate = args.max_new_tokens / seconds if seconds else float("nan")
+    from rich.markup import escape
+
+    output.console.print(f"{escape(args.prompt)}[bold]{escape(text)}[/]", highlight=False)
     output.console.print(
-        f"({len(prompt)} prompt tokens, {args.max_new_tokens} new, {rate:.1f} tok/s)"
+        f"({len(prompt)} prompt tokens fed one at a time, {args.max_new_tokens} new: "
+        f"{seconds:.2f} s in all; benchmarks/llm_decode.py times the phases apart)"
     )
     if "check" in result:
         c = result["check"]
