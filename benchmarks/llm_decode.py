@@ -10,7 +10,10 @@ Variants, all in this process, the same prompt, the same threads:
   x86 level (int4 kernels of backends/tvm/weight_only_kernels.py);
 - ``tvm_mixed`` / ``ort_mixed_dq``: a mixed-width plan (``--mixed``) compiled the same way,
   and the same model in onnxruntime as blocked DequantizeLinear (layers of 5-8 bits have no
-  TVM kernel: they are dequantised to float there).
+  TVM kernel: they are dequantised to float there). onnxruntime's MatMulNBits form takes
+  4-bit layers only, hence the DequantizeLinear form for a mixed plan; in that form the tied
+  table's Gather dequantises all 262,144 rows (671 MB of float) every step, which makes
+  ``ort_mixed_dq`` slow for a reason unrelated to its MatMuls.
 
 The quantized models are ``dyadiq quantize --weight-only`` outputs (blocked
 DequantizeLinear form), e.g.
