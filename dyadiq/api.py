@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dyadiq.backends.onnx.qdq import QDQStyle
 from dyadiq.errors import ConfigError, VerificationError
 from dyadiq.passes.compensation.settings import DEFAULT_COMPENSATION
@@ -28,6 +30,7 @@ from dyadiq.quantize_run import QuantizeRun, mixed_precision_options
 from dyadiq.quantized_model import QuantizedModel, SearchOptions, TargetOptions
 from dyadiq.run_inputs import (
     ModelInput,
+    bound_model,
     calibration_source,
     check_output,
     data_problems,
@@ -67,6 +70,7 @@ def quantize(
     integer: bool = False,
     strict_integer: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    bind: Mapping[str, Any] | None = None,
     evaluate: bool | Callable[[Path], float] = True,
     eval_limit: int | None = None,
     compare_ort: bool = False,
@@ -97,6 +101,8 @@ def quantize(
     A callback is called once on the float model (the reference), once per measured plan and
     once on the written model (reported as the metric ``evaluate``); what it raises, or a
     result that is not a finite number, is a ``ConfigError`` naming the plan being measured.
+    ``bind``: inputs made constants before anything else (``{"sr": 16000}``: an input that
+    selects an ``If`` branch, which then folds); the data then feeds the other inputs.
     ``exclude``: layers kept in float, by node id, glob pattern or op type (``"Gemm"``).
     ``pin``: ``"ID_OR_PATTERN=W8A8[,W4A8]"`` restrictions for ``budget`` / ``max_drop``.
     ``integer`` / ``target``: a layer whose int32 accumulator could overflow is kept in float
@@ -115,6 +121,8 @@ def quantize(
     style = QDQStyle.parse(qdq_style)
     quality_inputs = QualityInputs(validation, test, labels, test_labels, evaluate)
     problems = option_conflicts(budget, max_drop, plan, pin, style, integer, target, act_dtype)
+    if bind and is_zoo(model):
+        problems.append("--bind is for your own model: a zoo model's inputs are fixed")
     problems += input_problems(
         quality_inputs, zoo=is_zoo(model), max_drop=max_drop, calibration=calibration
     )
@@ -137,6 +145,9 @@ def quantize(
         inputs = [Path(p) for p in named if p is not None and not is_zoo(p)]
         check_output(final, inputs)  # before any work
         artifacts, model_path = model_source(model, stack)
+        if bind:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="dyadiq_bound_"))
+            model_path = bound_model(model_path, bind, Path(folder))
         if artifacts is not None:
             inputs.append(Path(artifacts.model_path))
         calibration = calibration_source(calibration, artifacts, calib_limit)
@@ -174,6 +185,7 @@ def quantize(
                 integer=integer,
                 strict_integer=strict_integer,
                 input_shapes=input_shapes,
+                bind={k: np.asarray(v).tolist() for k, v in (bind or {}).items()},
                 evaluate=evaluate,
                 eval_limit=eval_limit,
                 compare_ort=compare_ort,

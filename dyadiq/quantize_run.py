@@ -78,6 +78,8 @@ class QuantizeRun:
             paths["integer"] = self.final / "model.int.onnx"
         if allocation is not None:
             report["allocation"] = allocation.info
+        if s["bind"]:  # the written models no longer take these inputs
+            report["bound_inputs"] = s["bind"]
         if s["target"] is not None:
             info = self._build_target(result, config, staged)
             report["target"] = relocated(info, staged, self.final)  # paths as they will be

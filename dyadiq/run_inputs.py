@@ -116,6 +116,75 @@ def model_source(model: ModelInput, stack: contextlib.ExitStack) -> tuple[Any, P
     return None, onnx_path
 
 
+def parse_bindings(items: Sequence[str]) -> dict[str, list[float]]:
+    """``--bind NAME=VALUE[,VALUE...]`` items as ``{name: values}``; every malformed item is
+    listed in one error."""
+    bound: dict[str, list[float]] = {}
+    problems = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        try:
+            values = [float(v) for v in text.split(",")] if sep and name else None
+        except ValueError:
+            values = None
+        if values is None:
+            problems.append(f"--bind {item!r}: expected NAME=VALUE or NAME=V1,V2,... (numbers)")
+        else:
+            bound[name.strip()] = values
+    if problems:
+        raise ConfigError(
+            "\n  - ".join(["bad --bind:", *problems]) if len(problems) > 1 else problems[0]
+        )
+    return bound
+
+
+def bound_model(path: Path, bind: Mapping[str, Any], folder: Path) -> Path:
+    """A copy of the ONNX file ``path`` in ``folder`` whose ``bind`` inputs are constants.
+
+    For inputs that select behaviour rather than carry data (a sample rate that picks an
+    ``If`` branch): once constant, the frontend folds what depends on them
+    (:mod:`dyadiq.passes.fold_static_if`), and calibration and evaluation data feed the
+    remaining inputs only. Values are cast to the input's element type and shaped to its
+    static shape (a single value also fills a shape of ones)."""
+    from onnx import helper
+    from onnx.external_data_helper import uses_external_data
+
+    from dyadiq.passes.fold_static_if import bind_inputs
+
+    model = onnx.load(str(path))
+    inputs = {i.name: i for i in model.graph.input}
+    problems = [
+        f"--bind {name}: not an input of {path.name} (its inputs: {', '.join(inputs)})"
+        for name in bind
+        if name not in inputs
+    ]
+    values: dict[str, np.ndarray] = {}
+    for name, given in bind.items():
+        if name not in inputs:
+            continue
+        tensor = inputs[name].type.tensor_type
+        array = np.asarray(given, dtype=helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        static = [d if d is not None else 1 for d in dims]
+        if array.size != int(np.prod(static)) or (array.size > 1 and None in dims):
+            problems.append(
+                f"--bind {name}: {array.size} value(s) for an input of shape "
+                f"{['?' if d is None else d for d in dims]}"
+            )
+            continue
+        values[name] = array.reshape(static)
+    if problems:
+        raise ConfigError(
+            problems[0] if len(problems) == 1 else "\n  - ".join(["bad --bind:", *problems])
+        )
+    bind_inputs(model, values)
+    out = folder / path.name
+    header = onnx.load(str(path), load_external_data=False)
+    external = any(uses_external_data(t) for t in header.graph.initializer)
+    onnx.save(model, str(out), save_as_external_data=external)  # as large as it came
+    return out
+
+
 def calibration_source(calibration: Any, artifacts: Any, limit: int | None) -> Any:
     """The calibration source: the given one, a single .npz file as one batch, or the zoo
     model's own batches."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_on_data(args: argparse.Namespace) -> int:
     """``eval MODEL QUANTIZED... --data DIR [--labels FILE]``: metrics by output kind."""
     from dyadiq.evaluation import OutputKind, evaluate_on_data, read_labels
+    from dyadiq.run_inputs import bound_model, parse_bindings
 
     float_model, *candidates = (Path(m) for m in args.models)
-    kinds, metrics = evaluate_on_data(
-        float_model,
-        {m.name: m for m in candidates},
-        Path(args.data),
-        labels=read_labels(Path(args.labels)) if args.labels else None,
-        kind=OutputKind.parse(args.output_kind),
-        limit=args.limit,
-        runtime_kernels=args.runtime_kernels,
-    )
+    with tempfile.TemporaryDirectory(prefix="dyadiq_bound_") as folder:
+        if args.bind:  # the float model as quantize --bind saw it
+            float_model = bound_model(float_model, parse_bindings(args.bind), Path(folder))
+        kinds, metrics = evaluate_on_data(
+            float_model,
+            {m.name: m for m in candidates},
+            Path(args.data),
+            labels=read_labels(Path(args.labels)) if args.labels else None,
+            kind=OutputKind.parse(args.output_kind),
+            limit=args.limit,
+            runtime_kernels=args.runtime_kernels,
+        )
     if args.json:
         print(json.dumps({"kinds": {k: v.value for k, v in kinds.items()}, **metrics}, indent=2))
         return 0
@@ -170,6 +175,12 @@ def add_eval(sub: Any) -> None:
         "--output-kind",
         default="auto",
         help="how to score outputs: auto (from the float outputs), classes, embedding, map, other",
+    )
+    p.add_argument(
+        "--bind",
+        action="append",
+        metavar="NAME=VALUE",
+        help="the float model's inputs made constants, as quantize --bind did",
     )
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -33,6 +33,7 @@ DEFAULT_WBITS = 8
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dyadiq.api import TargetOptions, quantize
+    from dyadiq.run_inputs import parse_bindings
 
     if args.zoo and args.model:
         raise ConfigError(
@@ -68,6 +69,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         plan=args.plan,
         integer=args.integer,
         strict_integer=args.strict_integer,
+        bind=parse_bindings(args.bind) if args.bind else None,
         input_shapes=parse_shapes(args.input_shape) or None,
         evaluate=not args.no_eval,
         eval_limit=args.eval_limit,
@@ -185,6 +187,14 @@ def add_quantize(sub: Any) -> None:
         "--integer",
         action="store_true",
         help="also write model.int.onnx: integer-only (dyadic), verified bit-exact",
+    )
+    p.add_argument(
+        "--bind",
+        action="append",
+        metavar="NAME=VALUE",
+        help="make an input a constant before quantizing (e.g. a sample rate that selects an "
+        "If branch, which then folds away); VALUE is a number or a comma list; repeatable; "
+        "the data then feeds the other inputs",
     )
     p.add_argument(
         "--strict-integer",

@@ -60,6 +60,13 @@ def print_summary(report: dict[str, Any], plan: dict[str, Any], paths: Mapping[s
         say(f"  [bold yellow]warning:[/] {escape(warning)}")
     if excluded:
         say(f"  note: kept in float as asked (--exclude / plan): {escape(', '.join(excluded))}")
+    bound = report.get("bound_inputs") or {}
+    if bound:  # the written models take the other inputs only
+        values = ", ".join(f"{k}={v}" for k, v in bound.items())
+        say(
+            f"  note: inputs bound to constants (--bind), not inputs of the written models: "
+            f"{escape(values)}"
+        )
     verification = report.get("verification", {})
     for problem in verification.get("problems", []):
         allowed = verification.get("mismatch_allowed")
