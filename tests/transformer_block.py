@@ -3,6 +3,7 @@ integerized: the shared fixture of the integer LayerNorm and masked-softmax test
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,6 +167,7 @@ class QuantizedBlock:
     feeds: list[dict[str, np.ndarray]]
 
 
+@functools.cache  # shared by the tests (none of them edits it): calibrate each variant once
 def quantized_block(
     mask: str = WHERE_MASK, *, act_signed: bool = False, batched: bool = False
 ) -> QuantizedBlock:
