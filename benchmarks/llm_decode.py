@@ -83,7 +83,7 @@ def ort_session(path: Path, threads: int, *, optimized: bool = True) -> Any:
 
 def timed_decode(step: Any, shape: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     """Greedy decoding with the prompt phase and the generation phase timed apart."""
-    from dyadiq.zoo.gemma3_decode import greedy_decode
+    from dyadiq.zoo.kv_decode import greedy_decode
 
     marks: list[float] = []
 
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dyadiq.passes.weight_only.transfer import quantize_like
     from dyadiq.zoo._install import cache_dir
     from dyadiq.zoo.gemma3 import materialise_decode
-    from dyadiq.zoo.gemma3_decode import CacheShape, OnnxruntimeStep, agreement
+    from dyadiq.zoo.gemma3_decode import CacheShape
+    from dyadiq.zoo.kv_decode import OnnxruntimeStep, agreement
 
     data: dict[str, Any] = {
         "machine": machine_info(),
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         variants.append((f"tvm_{label}", lambda t=target: TvmDecodeStep(t), target))
     baseline: list[int] | None = None
-    for name, make, target in variants:
+    for name, make, built in variants:
         log.info("variant %s", name)
         step = make()
         timed_decode(step, shape, prompt[:2], 3)  # warm-up: allocations, pages, threads
@@ -203,9 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if baseline is None:
             baseline = result["tokens"]
         result["tokens_equal_to_ort_float"] = _first_difference(result["tokens"], baseline)
-        if target is not None:  # the generate --check comparison, unoptimized onnxruntime
+        if built is not None:  # the generate --check comparison, unoptimized onnxruntime
             reference = OnnxruntimeStep(
-                ort_session(target / REFERENCE_MODEL, args.threads, optimized=False),
+                ort_session(built / REFERENCE_MODEL, args.threads, optimized=False),
                 shape.layers,
             )
             expected = timed_decode(reference, shape, prompt, args.new_tokens)

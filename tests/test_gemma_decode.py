@@ -1,4 +1,5 @@
-"""The KV-cache decode step of a Gemma 3 causal LM (dyadiq/zoo/gemma3_decode.py), on a tiny
+"""The KV-cache decode step of a Gemma 3 causal LM (dyadiq/zoo/gemma3_decode.py) and greedy
+decoding over it (dyadiq/zoo/kv_decode.py), on a tiny
 randomly initialised Gemma3ForCausalLM (2 layers, hidden 64, a sliding-window layer and a
 global one) exported exactly as the zoo exports Gemma 3 270M: a fixed-length prefill graph
 and the decode step beside it, sharing its weights.
@@ -34,14 +35,8 @@ from dyadiq.passes.weight_only.transfer import (
     quantize_like,
     read_groupwise_codes,
 )
-from dyadiq.zoo.gemma3_decode import (
-    CacheShape,
-    OnnxruntimeStep,
-    agreement,
-    export_decode_sharing,
-    greedy_decode,
-    prefill_logits,
-)
+from dyadiq.zoo.gemma3_decode import CacheShape, export_decode_sharing
+from dyadiq.zoo.kv_decode import OnnxruntimeStep, agreement, greedy_decode, prefill_logits
 
 PREFILL_LEN = 16
 MAX_POSITIONS = 32

@@ -296,7 +296,7 @@ def build_decode_library(
 class TvmDecodeStep:
     """One decoding step of a built folder, run here (an x86 build on an x86 host): the
     ``(token, position, cache) -> (logits, cache)`` interface of
-    :func:`dyadiq.zoo.gemma3_decode.greedy_decode`."""
+    :func:`dyadiq.zoo.kv_decode.greedy_decode`."""
 
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)

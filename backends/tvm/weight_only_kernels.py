@@ -119,7 +119,7 @@ def pack_columns(codes: np.ndarray, shape: Int4Shape) -> np.ndarray:
 
 def tile_groups(values: np.ndarray, shape: Int4Shape, dtype: type = np.float32) -> np.ndarray:
     """Per-group values [N, G] as [N / tile, G, tile] of ``dtype``."""
-    v = np.asarray(values).astype(dtype)
+    v: np.ndarray = np.asarray(values).astype(dtype)
     if v.shape != (shape.n, shape.groups):
         raise ConfigError(f"group values of shape {v.shape}, expected {(shape.n, shape.groups)}")
     return np.ascontiguousarray(v.reshape(shape.tiles, shape.tile, shape.groups).swapaxes(1, 2))

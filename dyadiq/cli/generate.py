@@ -149,7 +149,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from dyadiq.backends.tvm.weight_only_decode import METADATA_NAME, TvmDecodeStep
     from dyadiq.cli import output
-    from dyadiq.zoo.gemma3_decode import CacheShape, agreement, greedy_decode
+    from dyadiq.zoo.gemma3_decode import CacheShape
+    from dyadiq.zoo.kv_decode import agreement, greedy_decode
 
     folder = Path(args.target)
     if not (folder / METADATA_NAME).is_file():
@@ -192,7 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # wants the graph's plain semantics, dequantise then float MatMul
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
-        from dyadiq.zoo.gemma3_decode import OnnxruntimeStep
+        from dyadiq.zoo.kv_decode import OnnxruntimeStep
 
         expected = greedy_decode(
             OnnxruntimeStep(session, shape.layers), shape, prompt, args.max_new_tokens
