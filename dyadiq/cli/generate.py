@@ -233,8 +233,13 @@ def add_generate(sub: Any) -> None:
         "on first use from OUT/model.wo.onnx)",
     )
     p.add_argument("target", help="OUT/x86, OUT/x86-avx2 or OUT/aarch64 (OUT from quantize)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", required=True, help="the text to continue (<bos> is added)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="tokens to generate; prompt + new must fit the cache (default %(default)s)",
+    )
     p.add_argument(
         "--decode-graph",
         help="the float KV-cache decode-step ONNX graph (default: the zoo's Gemma 3 270M)",
@@ -245,5 +250,5 @@ def add_generate(sub: Any) -> None:
         action="store_true",
         help="also decode with onnxruntime on the same quantized decode graph and compare",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_generate)
