@@ -47,10 +47,14 @@ NEW_TOKENS = PREFILL_LEN - len(PROMPT)
 
 
 def _tiny_gemma() -> Any:
-    from dyadiq.zoo._install import ensure_torch
+    from dyadiq.zoo._install import ensure_package, ensure_torch
 
-    torch = ensure_torch()
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch = ensure_torch()  # a fresh machine installs what the zoo's export needs on demand
+    transformers = ensure_package("transformers", "transformers>=4.50", no_deps=False)
+    Gemma3ForCausalLM, Gemma3TextConfig = (
+        transformers.Gemma3ForCausalLM,
+        transformers.Gemma3TextConfig,
+    )
 
     torch.manual_seed(0)
     settings: dict[str, Any] = dict(
