@@ -7,7 +7,7 @@
    (size, BOPs, latency cost model, flash, peak RAM over a chain schedule). ``solve`` wall
    time, median of 3; instances with pairs also with the earlier McCormick linearisation.
    ``--solver-only`` runs just this part and updates the solver section of the results.
-2. Per zoo model (fashion_cnn, ppocr_cls, mobilenet_v2):
+2. Per zoo model (fashion_cnn, ppocr_cls, mobilenet_v2, minilm):
    - heuristic: uniform W4 with the first and last weighted layer at W8 (activations 8 bits);
      its weight size S = sum(params x bits / 8);
    - ILP, per proxy (``--proxies``: empirical, trace, snr, entropy, each alone and +pairs; the
@@ -55,7 +55,7 @@ from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
-ALL_MODELS = ("fashion_cnn", "ppocr_cls", "mobilenet_v2")
+ALL_MODELS = ("fashion_cnn", "ppocr_cls", "mobilenet_v2", "minilm")
 BITS = (2, 3, 4, 6, 8)
 SEED = 0
 PROXY = "empirical+pairs"  # the proxy of the solver timing section (pair terms)
@@ -73,13 +73,20 @@ PROXIES = (
 GRADIENT_PROXIES = ("eigenvalue", "eigenvalue+pairs", "fisher", "fisher+pairs")
 BUDGET_SCALES = (1.0, 0.9)  # ILP budgets as fractions of the heuristic's size S
 WINDOW = 0.97  # random plans: size in [WINDOW * S, S]
-OUTPUT_KIND = {"fashion_cnn": "LOGITS", "mobilenet_v2": "LOGITS", "ppocr_cls": "PROBABILITIES"}
-ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8}
-CALIBRATION_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 16, "mobilenet_v2": 16}
-EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 400, "mobilenet_v2": 248}
-QUICK_ANALYSIS_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 4, "mobilenet_v2": 4}
-QUICK_CALIBRATION_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 8, "mobilenet_v2": 8}
-QUICK_EVAL_SAMPLES = {"fashion_cnn": 500, "ppocr_cls": 64, "mobilenet_v2": 32}
+OUTPUT_KIND = {
+    "fashion_cnn": "LOGITS",
+    "mobilenet_v2": "LOGITS",
+    "ppocr_cls": "PROBABILITIES",
+    "minilm": "EMBEDDING",
+}
+ANALYSIS_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 8, "mobilenet_v2": 8, "minilm": 8}
+CALIBRATION_SAMPLES = {"fashion_cnn": 256, "ppocr_cls": 16, "mobilenet_v2": 16, "minilm": 16}
+# minilm: 128 of its 256 held-out sentences (each QDQ MiniLM takes ~15-30 s per 64 on 2 shared
+# cores, and a model section measures ~30 plans)
+EVAL_SAMPLES = {"fashion_cnn": 2000, "ppocr_cls": 400, "mobilenet_v2": 248, "minilm": 128}
+QUICK_ANALYSIS_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 4, "mobilenet_v2": 4, "minilm": 2}
+QUICK_CALIBRATION_SAMPLES = {"fashion_cnn": 64, "ppocr_cls": 8, "mobilenet_v2": 8, "minilm": 4}
+QUICK_EVAL_SAMPLES = {"fashion_cnn": 500, "ppocr_cls": 64, "mobilenet_v2": 32, "minilm": 16}
 EVAL_CHUNK = 8  # models per evaluate() call (onnxruntime sessions held at once)
 SOLVER_LIMIT_S = 2.0
 
