@@ -59,7 +59,7 @@ def quantize(
     abits: int = 8,
     act_dtype: str = "uint8",
     qdq_style: str | QDQStyle = "ort",
-    calibrator: str = "percentile",
+    calibrator: str = "auto",
     percentile: float = 99.99,
     calib_preset: str | None = None,
     calib_limit: int | None = None,

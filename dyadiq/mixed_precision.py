@@ -48,7 +48,7 @@ class MixedPrecisionOptions:
     """Everything a mixed-precision run reads, besides the model and its data."""
 
     allocation: AllocationOptions
-    calibrator: RangeMethod = RangeMethod.PERCENTILE
+    calibrator: RangeMethod = RangeMethod.AUTO
     calib_preset: str | None = None  # image preprocessing for a folder of images
     calib_limit: int | None = None  # calibration batches read from a folder
     analysis_samples: int = 8  # calibration batches the sensitivity analysis uses

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from dyadiq.backends.capabilities import INTEGER_ONNX, ONNX_QDQ, validate_plan
 from dyadiq.backends.onnx.integer import export_integer_onnx
@@ -33,7 +34,7 @@ from dyadiq.passes.calibration.collector import (
     collect_statistics,
 )
 from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
-from dyadiq.passes.calibration.observers import RangeMethod, estimate_range
+from dyadiq.passes.calibration.observers import RangeMethod, auto_method, estimate_range
 from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
 from dyadiq.passes.compensation.compensated_weights import CompensatedWeights
 from dyadiq.passes.compensation.cross_layer_equalization import equalize_cross_layer
@@ -57,7 +58,7 @@ class CalibrationConfig:
     """How activation ranges are estimated: the range method (and its percentile), how many
     batches are read, the image preset for a folder of images, the histogram resolution."""
 
-    method: RangeMethod = RangeMethod.PERCENTILE
+    method: RangeMethod = RangeMethod.AUTO
     percentile: float = 99.99
     limit: int | None = None  # batches
     image_preset: str | None = None
@@ -100,19 +101,37 @@ class QuantizeResult:
 
 
 def calibrated_ranges(
-    statistics: CalibrationStatistics, sites: ActivationSites, config: CalibrationConfig
+    statistics: CalibrationStatistics,
+    sites: ActivationSites,
+    config: CalibrationConfig,
+    graph: QGraph,
 ) -> dict[str, tuple[float, float]]:
     """Each quantized tensor's ``(lo, hi)`` from its histogram, by ``config``'s method at its
-    scale group's width."""
+    scale group's width (the auto method resolved per tensor by the op that made it)."""
+    tensors = graph.tensors()
     return {
         name: estimate_range(
             statistics.histograms[name],
-            config.method,
+            auto_method(_origin_op(graph, tensors[name]))
+            if config.method is RangeMethod.AUTO
+            else config.method,
             bits=sites.group_bits[sites.group_of[name]],
             percentile=config.percentile,
         )
         for name in sites.tensors
     }
+
+
+# Ops that only move values: a tensor they make has its source's distribution.
+_MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _origin_op(graph: QGraph, tensor: gs.Tensor) -> str | None:
+    """The op type whose values ``tensor`` holds, looking through data movement."""
+    node = graph.producer(tensor)
+    while node is not None and node.op in _MOVES_VALUES and node.inputs:
+        node = graph.producer(node.inputs[0])
+    return node.op if node is not None else None
 
 
 def symmetric_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -213,7 +232,7 @@ def quantize_graph(
         graph, request, calibration, image_preset=config.image_preset, limit=config.limit
     )
     timings["calibrate_s"] = statistics.seconds
-    ranges = calibrated_ranges(statistics, sites, config)
+    ranges = calibrated_ranges(statistics, sites, config, graph)
     if qdq_style is QDQStyle.TENSORRT:
         ranges = symmetric_ranges(ranges)
     report = None
@@ -279,7 +298,7 @@ class PlanBuilder:
             self.graph, request, self.calibration, image_preset=config.image_preset
         )
         self.calibration_s = statistics.seconds
-        self.ranges = calibrated_ranges(statistics, self.sites, config)
+        self.ranges = calibrated_ranges(statistics, self.sites, config, self.graph)
         self.fallbacks = 0
         self.compensation = compensation
         self.compensator = SequentialCompensator(

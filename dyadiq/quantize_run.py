@@ -243,7 +243,7 @@ def mixed_precision_options(
     compensation: Any,
     abits: int = 8,
     act_dtype: str = "uint8",
-    calibrator: str = "percentile",
+    calibrator: str = "auto",
     calib_preset: str | None = None,
     calib_limit: int | None = None,
     pin: Sequence[str] = (),

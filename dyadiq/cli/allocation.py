@@ -283,7 +283,7 @@ def add_frontier(sub: Any) -> None:
     p.add_argument("--wbits-candidates", default="2,3,4,6,8")
     p.add_argument("--abits", type=int, default=8, choices=[4, 8])
     p.add_argument("--proxy", default="empirical", choices=PROXY_CHOICES, help=PROXY_HELP)
-    p.add_argument("--calibrator", default="percentile", choices=CALIBRATORS)
+    p.add_argument("--calibrator", default="auto", choices=CALIBRATORS)
     p.add_argument("--pin", action="append", default=[])
     p.add_argument("--exclude", action="append", default=[])
     add_compensate(p)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from dyadiq.errors import ConfigError
 
-CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
+CALIBRATORS = ["auto", "percentile", "minmax", "mse", "entropy"]
 
 
 def parse_shapes(values: Sequence[str]) -> dict[str, list[int]]:

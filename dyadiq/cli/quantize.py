@@ -123,9 +123,10 @@ def add_quantize(sub: Any) -> None:
     p.add_argument("--calib-limit", type=int, help="use at most this many calibration batches")
     p.add_argument(
         "--calibrator",
-        default="percentile",
+        default="auto",
         choices=CALIBRATORS,
-        help="activation range estimator (default percentile 99.99; minmax suits transformers)",
+        help="activation range estimator (default auto: percentile 99.99, MSE for LayerNorm "
+        "outputs, whose outlier channels the percentile keeps)",
     )
     p.add_argument(
         "--percentile",

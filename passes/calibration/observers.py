@@ -29,6 +29,22 @@ class RangeMethod(enum.Enum):
     PERCENTILE = "percentile"
     MSE = "mse"
     ENTROPY = "entropy"
+    # percentile, except MSE for tensors that come out of an op in AUTO_MSE_PRODUCERS: the
+    # pipeline resolves it per tensor (it knows the graph), never estimate_range
+    AUTO = "auto"
+
+
+# Ops whose outputs the percentile clip serves badly. LayerNormalization: a few channels
+# carry outliers far beyond the rest, so the 99.99th percentile still spends the 8-bit grid
+# on them; MSE clips them. MiniLM W8A8 (percentile elsewhere): mean cosine 0.905 with
+# percentile LayerNorm outputs, 0.957 with MSE (benchmarks/results/compensation.md); no
+# LayerNorm in the CNNs, so their ranges do not change.
+AUTO_MSE_PRODUCERS = frozenset({"LayerNormalization"})
+
+
+def auto_method(producer_op: str | None) -> RangeMethod:
+    """What :attr:`RangeMethod.AUTO` means for a tensor made by ``producer_op``."""
+    return RangeMethod.MSE if producer_op in AUTO_MSE_PRODUCERS else RangeMethod.PERCENTILE
 
 
 @dataclass
@@ -173,4 +189,6 @@ def estimate_range(
         return percentile_range(hist, percentile)
     if method is RangeMethod.MSE:
         return mse_range(hist, bits)
+    if method is RangeMethod.AUTO:
+        raise ConfigError("the auto calibrator is resolved per tensor (pipeline.calibrated_ranges)")
     return entropy_range(hist, bits)
