@@ -122,14 +122,11 @@ def calibrated_ranges(
     }
 
 
-# Ops that only move values: a tensor they make has its source's distribution.
-_MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-
-
 def _origin_op(graph: QGraph, tensor: gs.Tensor) -> str | None:
-    """The op type whose values ``tensor`` holds, looking through data movement."""
+    """The op type whose values ``tensor`` holds, looking through ops that keep their input's
+    quantization (op_facts ``shares_input_scale``: data movement, order-preserving selection)."""
     node = graph.producer(tensor)
-    while node is not None and node.op in _MOVES_VALUES and node.inputs:
+    while node is not None and graph.facts(node).shares_input_scale and node.inputs:
         node = graph.producer(node.inputs[0])
     return node.op if node is not None else None
 
