@@ -147,11 +147,14 @@ def bound_model(path: Path, bind: Mapping[str, Any], folder: Path) -> Path:
     remaining inputs only. Values are cast to the input's element type and shaped to its
     static shape (a single value also fills a shape of ones)."""
     from onnx import helper
-    from onnx.external_data_helper import uses_external_data
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     from dyadiq.passes.fold_static_if import bind_inputs
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    external = any(uses_external_data(t) for t in model.graph.initializer)
+    if external:  # read once; the copy is written the way it came
+        load_external_data_for_model(model, str(path.parent))
     inputs = {i.name: i for i in model.graph.input}
     problems = [
         f"--bind {name}: not an input of {path.name} (its inputs: {', '.join(inputs)})"
@@ -179,9 +182,7 @@ def bound_model(path: Path, bind: Mapping[str, Any], folder: Path) -> Path:
         )
     bind_inputs(model, values)
     out = folder / path.name
-    header = onnx.load(str(path), load_external_data=False)
-    external = any(uses_external_data(t) for t in header.graph.initializer)
-    onnx.save(model, str(out), save_as_external_data=external)  # as large as it came
+    onnx.save(model, str(out), save_as_external_data=external)
     return out
 
 
