@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dyadiq.backends.onnx.qdq import QDQStyle
-from dyadiq.errors import ConfigError, VerificationError
+from dyadiq.errors import ConfigError, VerificationError, listed
 from dyadiq.passes.compensation.settings import DEFAULT_COMPENSATION
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantize_run import QuantizeRun, mixed_precision_options
@@ -128,9 +128,7 @@ def quantize(
     )
     if problems:
         problems += data_problems(model, quality_inputs, calib_preset)
-        raise ConfigError(
-            problems[0] if len(problems) == 1 else "\n  - ".join(["bad options:", *problems])
-        )
+        raise ConfigError(listed("bad options:", problems))
     with contextlib.ExitStack() as stack:
         scratch = None
         if out is None:

@@ -6,6 +6,16 @@ what to do. The CLI prints the message and exits with a non-zero status instead 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def listed(heading: str, problems: Sequence[str]) -> str:
+    """One message for every problem found: the problem itself when there is one, else
+    ``heading`` and a bulleted list, so a user fixes them all in one go instead of one per run."""
+    if len(problems) == 1:
+        return problems[0]
+    return "\n  - ".join([heading, *problems])
+
 
 class DyadiqError(Exception):
     """Base class of every error dyadiq raises on bad input."""

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from dyadiq.backends.onnx.qdq import QDQStyle
-from dyadiq.errors import CalibrationDataError, ConfigError
+from dyadiq.errors import CalibrationDataError, ConfigError, listed
 from dyadiq.progress import stage
 
 ModelInput = str | os.PathLike[str] | onnx.ModelProto
@@ -132,9 +132,7 @@ def parse_bindings(items: Sequence[str]) -> dict[str, list[float]]:
         else:
             bound[name.strip()] = values
     if problems:
-        raise ConfigError(
-            "\n  - ".join(["bad --bind:", *problems]) if len(problems) > 1 else problems[0]
-        )
+        raise ConfigError(listed("bad --bind:", problems))
     return bound
 
 
@@ -177,9 +175,7 @@ def bound_model(path: Path, bind: Mapping[str, Any], folder: Path) -> Path:
             continue
         values[name] = array.reshape(static)
     if problems:
-        raise ConfigError(
-            problems[0] if len(problems) == 1 else "\n  - ".join(["bad --bind:", *problems])
-        )
+        raise ConfigError(listed("bad --bind:", problems))
     bind_inputs(model, values)
     out = folder / path.name
     onnx.save(model, str(out), save_as_external_data=external)

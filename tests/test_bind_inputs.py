@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dyadiq.cli import main
-from dyadiq.errors import ConfigError
+from dyadiq.errors import ConfigError, listed
 from dyadiq.run_inputs import bound_model, parse_bindings
 
 
@@ -116,3 +116,8 @@ def test_bad_bindings_are_listed_together(tmp_path: Path) -> None:
         bound_model(source, {"nope": [1], "sr": [1, 2]}, tmp_path / "b")
     text = str(caught.value)
     assert "nope: not an input" in text and "sr: 2 value(s)" in text
+
+
+def test_one_problem_is_the_message_several_are_a_list() -> None:
+    assert listed("bad options:", ["--budget is negative"]) == "--budget is negative"
+    assert listed("bad options:", ["a", "b"]) == "bad options:\n  - a\n  - b"
