@@ -4,7 +4,10 @@ For every weighted layer i and candidate weight width b, on label-free calibrati
 - average Fisher/Hessian trace Tr(H_i)/n_i by Hutchinson (HAWQ-V2), v^T H_i v from two
   forward passes (central difference of the output, closed-form output Hessian), and the
   HAWQ-V2 damage Omega_i(b) = 1/2 Tr(H_i)/n_i ||Q_b(W_i) - W_i||^2 (predicted KL);
-- empirical damage Delta L_i(b): the loss with layer i alone at b bits;
+- empirical damage Delta L_i(b): the loss with layer i alone at b bits; given the plan's
+  activation quantizers (``activation_quant``), on top of the A8 model instead:
+  L(A8, layer i at b) - L(A8), so the damage includes the weights' interaction with the
+  activation rounding the deployed model has (``perturbable_model.py``);
 - output SNR (dB) of that single-layer perturbation, a cheap baseline proxy;
 - inter-layer terms Delta_ij = L(Q_i, Q_j) - L(Q_i) - L(Q_j) + L(none) at every width pair of
   ``pair_bits``, with their noise, for all pairs of small models, or pairs by structure plus
@@ -63,7 +66,7 @@ from dyadiq.passes.sensitivity.trace_rounds import (
     per_weight,
     site_probes,
 )
-from dyadiq.quantizers import ROUND_TO_NEAREST, WeightQuantizer
+from dyadiq.quantizers import ROUND_TO_NEAREST, ActQuant, WeightQuantizer
 
 DEFAULT_CONFIG = SensitivityConfig()  # frozen: one shared default is safe
 
@@ -108,6 +111,17 @@ def output_kind_of(graph: QGraph, batches: Sequence[Mapping[str, np.ndarray]]) -
     return detect_output_kind(probe.reference)
 
 
+def activation_quant_digest(activation_quant: Mapping[str, ActQuant]) -> str:
+    """A stable digest of activation quantizers (the cache key's part for them)."""
+    import hashlib
+
+    text = ";".join(
+        f"{name}:{q.scale!r}:{q.zero_point}:{q.bits}:{q.signed}"
+        for name, q in sorted(activation_quant.items())
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def analyze_cached(
     graph: QGraph,
     batches: Sequence[Mapping[str, np.ndarray]],
@@ -117,12 +131,15 @@ def analyze_cached(
     labels: np.ndarray | None = None,
     weights: WeightQuantizer = ROUND_TO_NEAREST,
     executor: Executor | None = None,
+    activation_quant: Mapping[str, ActQuant] | None = None,
 ) -> tuple[SensitivityReport, bool]:
     """``analyze`` with the on-disk cache; returns (report, whether it came from the cache).
 
     The key covers the weight quantizer: a compensated one by the digest of its settings and
-    every compensated array, so damage priced for other weights is never reused. Finished
-    tasks are journalled under the same key, so an interrupted analysis resumes."""
+    every compensated array, so damage priced for other weights is never reused; and the
+    activation quantizers the damage is measured under (absent for float activations, so
+    those keys are what they were). Finished tasks are journalled under the same key, so an
+    interrupted analysis resumes."""
     import hashlib
 
     from dyadiq.passes.sensitivity import cache
@@ -133,6 +150,8 @@ def analyze_cached(
         settings["weight_quantizer"] = fingerprint()
     if labels is not None:
         settings["labels"] = hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()
+    if activation_quant:
+        settings["activation_quant"] = activation_quant_digest(activation_quant)
     key = cache.fingerprint(graph.to_onnx(), batches, settings)
     cached = cache.load(key)
     if cached is not None:
@@ -147,6 +166,7 @@ def analyze_cached(
         weights=weights,
         executor=executor,
         journal=journal,
+        activation_quant=activation_quant,
     )
     report = dataclasses.replace(report, fingerprint=key)
     cache.store(key, report)
@@ -164,19 +184,33 @@ def analyze(
     weights: WeightQuantizer = ROUND_TO_NEAREST,
     executor: Executor | None = None,
     journal: Journal | None = None,
+    activation_quant: Mapping[str, ActQuant] | None = None,
 ) -> SensitivityReport:
     """``labels``: one class index per output row of ``batches`` (in order); they switch the
     Taylor proxy's loss from cross-entropy against the float argmax to the real task loss.
     ``weights``: the quantizer the plans will use (a compensated one prices the damage of its
     compensated weights and corrected biases). ``executor``: where the independent
     evaluations run (serial by default; the results do not depend on it). ``journal``:
-    finished tasks (an interrupted run's are skipped)."""
+    finished tasks (an interrupted run's are skipped). ``activation_quant``: the plan's
+    activation quantizers (site -> quantizer); the empirical damage (and pair terms) are then
+    measured on top of the model with all of them on (A8 damage), the other proxies as
+    before."""
     start = time.perf_counter()
     own_executor = executor is None
     executor = executor if executor is not None else SerialExecutor()
     try:
         return _analyze(
-            graph, batches, kind, config, layer_ids, labels, weights, executor, journal, start
+            graph,
+            batches,
+            kind,
+            config,
+            layer_ids,
+            labels,
+            weights,
+            executor,
+            journal,
+            start,
+            activation_quant,
         )
     finally:
         if own_executor:
@@ -194,9 +228,19 @@ def _analyze(
     executor: Executor,
     journal: Journal | None,
     start: float,
+    activation_quant: Mapping[str, ActQuant] | None = None,
 ) -> SensitivityReport:
     model = PerturbableModel(graph, batches, kind, layer_ids)
     notes: list[str] = []
+    damage_model: PerturbableModel | None = None
+    if activation_quant and (config.empirical or config.pairs):
+        damage_model = PerturbableModel(
+            graph, batches, kind, layer_ids, activation_quant=activation_quant
+        )
+        notes.append(
+            f"empirical damage on top of the model with {len(activation_quant)} activation "
+            f"sites quantized (A8 baseline loss {damage_model.baseline_loss:.6g} subtracted)"
+        )
     extra: dict[str, dict[str, Any]] = {layer: {} for layer in model.weights}
     reverse_passes = extra_forward = 0
     if config.gradients:
@@ -212,7 +256,11 @@ def _analyze(
                 if layer in extra:
                     extra[layer]["entropy"] = value
         extra_forward += probe.forward_passes
-    spec = AnalysisSpec(model.spec(), probe.spec() if probe and config.activations else None)
+    spec = AnalysisSpec(
+        model.spec(),
+        probe.spec() if probe and config.activations else None,
+        damage_model.spec() if damage_model is not None else None,
+    )
     layers = list(model.weights)
     pair_widths: tuple[int, ...] = ()
     if config.pairs:
@@ -323,6 +371,8 @@ def _analyze(
             graph, executor, spec, model, config, quantized, biases, first, pair_widths, journal
         )
         task_passes += more
+    if damage_model is not None:
+        extra_forward += damage_model.forward_passes
     return SensitivityReport(
         result,
         tuple(pairs),

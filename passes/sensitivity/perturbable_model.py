@@ -9,6 +9,14 @@ model's in a label-free loss (METHODS.md section 3):
   back into logits with a log). Its gradient at the float weights is zero and its Hessian
   in logit space is diag(p) - p p^T, so the weight Hessian is J^T (diag(p) - p p^T) J;
 - embeddings: 1/2 ||e - e_float||^2 per row, with output Hessian I.
+
+With ``activation_quant`` (site -> its quantizer, as the plan's QDQ model will hold it) every
+activation site is fake-quantized by a QuantizeLinear/DequantizeLinear pair, and a loss is the
+damage on top of that A8 model: loss(A8, weights replaced) - loss(A8, float weights), both
+against the float model's output. That prices what the deployed model pays for a layer's
+weights, including their interaction with the activation rounding, which a float-activation
+loss does not see. The A8 model is run on exact kernels (no QDQ fusion), and is only used for
+whole-loss evaluations: its rounding makes finite differences (the trace) meaningless.
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from dyadiq.graph import QGraph
 from dyadiq.ort_sessions import Kernels, open_session
 from dyadiq.passes.compensation.layer_matrix import bias_constant
+from dyadiq.passes.insert_qdq import insert_activation_qdq
+from dyadiq.quantizers import ActQuant
 
 
 class OutputKind(enum.Enum):
@@ -82,10 +93,25 @@ def output_quadratic_form(reference: np.ndarray, delta: np.ndarray, kind: Output
     return float(np.mean(np.sum(p * d * d, axis=-1) - np.sum(p * d, axis=-1) ** 2))
 
 
-def _session(model: onnx.ModelProto | bytes, threads: int = 2) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto | bytes, threads: int = 2, kernels: Kernels = Kernels.RUNTIME
+) -> ort.InferenceSession:
     # a float model with weights swapped in: onnxruntime's optimised kernels are safe (and
-    # fast) here, there is no QDQ pair for them to fuse
-    return open_session(model, kernels=Kernels.RUNTIME, threads=threads)
+    # fast) here, there is no QDQ pair for them to fuse; with activation QDQ pairs the caller
+    # asks for exact kernels
+    return open_session(model, kernels=kernels, threads=threads)
+
+
+def with_activation_quantizers(graph: QGraph, activation_quant: Mapping[str, ActQuant]) -> QGraph:
+    """A copy of ``graph`` with a QuantizeLinear/DequantizeLinear pair on every listed
+    activation tensor (those it has), as the plan's QDQ model places them."""
+    work = graph.copy()
+    tensors = work.tensors()
+    for name, quant in activation_quant.items():
+        if name in tensors and isinstance(tensors[name], gs.Variable):
+            insert_activation_qdq(work.graph, tensors[name], quant)
+    work.graph.cleanup().toposort()
+    return work
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,10 @@ class PerturbableSpec:
     biases: dict[str, np.ndarray]
     bias_input: dict[str, str]
     reference: list[np.ndarray]
+    # with activation quantizers: each batch's per-row loss of the A8 model with float weights
+    # (subtracted from every loss), and the kernels its QDQ pairs need
+    baseline: list[np.ndarray] | None = None
+    kernels: Kernels = Kernels.RUNTIME
 
 
 class PerturbableModel:
@@ -113,9 +143,20 @@ class PerturbableModel:
         batches: Sequence[Mapping[str, np.ndarray]],
         kind: OutputKind,
         layer_ids: Sequence[str] | None = None,
+        *,
+        activation_quant: Mapping[str, ActQuant] | None = None,
     ) -> None:
+        """``activation_quant``: losses on top of the model with these activation quantizers
+        (module docstring); None: the float model."""
         self.kind = kind
         self.batches = [dict(b) for b in batches]
+        self.kernels = Kernels.EXACT if activation_quant else Kernels.RUNTIME
+        self.baseline: list[np.ndarray] | None = None
+        float_reference: list[np.ndarray] | None = None
+        if activation_quant:
+            float_model = PerturbableModel(graph, batches, kind, layer_ids)
+            float_reference = list(float_model.outputs({}))
+            graph = with_activation_quantizers(graph, activation_quant)
         layers = [graph.node(i) for i in layer_ids] if layer_ids else graph.weighted_layers()
         model = graph.to_onnx()
         self.weights: dict[str, np.ndarray] = {}
@@ -143,12 +184,25 @@ class PerturbableModel:
                 model.graph.input.append(
                     onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
                 )
-        self.session = _session(model)
+        self.session = _session(model, kernels=self.kernels)
         self._model_bytes = model.SerializeToString()
         self.output_name = self.session.get_outputs()[0].name
         self.forward_passes = 0
         self._stack_batches(model)
-        self.reference = self.outputs({})
+        self.reference: list[np.ndarray] = self.outputs({})
+        if float_reference is not None:
+            # the float model stacks the same batches the same way (same check, same rows)
+            shapes = [r.shape for r in float_reference], [r.shape for r in self.reference]
+            assert shapes[0] == shapes[1], shapes
+            quantized, self.reference = self.reference, float_reference
+            self.baseline = [
+                row_losses(r, q, kind) for r, q in zip(self.reference, quantized, strict=True)
+            ]
+
+    @property
+    def baseline_loss(self) -> float:
+        """The loss of the A8 model with float weights (0 for the float model)."""
+        return float(np.mean([np.mean(b) for b in self.baseline])) if self.baseline else 0.0
 
     def spec(self) -> PerturbableSpec:
         return PerturbableSpec(
@@ -160,6 +214,8 @@ class PerturbableModel:
             self.biases,
             self.bias_input,
             self.reference,
+            self.baseline,
+            self.kernels,
         )
 
     @classmethod
@@ -170,11 +226,13 @@ class PerturbableModel:
         model.batches = spec.batches
         model.weights, model.weight_input = spec.weights, spec.weight_input
         model.biases, model.bias_input = spec.biases, spec.bias_input
-        model.session = _session(spec.model, threads)
+        model.kernels = spec.kernels
+        model.session = _session(spec.model, threads, spec.kernels)
         model._model_bytes = spec.model
         model.output_name = model.session.get_outputs()[0].name
         model.forward_passes = 0
         model.reference = spec.reference
+        model.baseline = spec.baseline
         return model
 
     def _stack_batches(self, model: onnx.ModelProto, rows: int = 16) -> None:
@@ -196,7 +254,7 @@ class PerturbableModel:
         del dynamic.graph.value_info[:]
         weights = self._parameters({}, None)
         try:
-            session = _session(dynamic)
+            session = _session(dynamic, kernels=self.kernels)
             pair = {k: np.concatenate([b[k] for b in self.batches[:2]]) for k in self.batches[0]}
             quiet = ort.RunOptions()
             quiet.log_severity_level = 4  # a failing probe is expected; keep stderr clean
@@ -250,18 +308,20 @@ class PerturbableModel:
         overrides: Mapping[str, np.ndarray],
         bias_overrides: Mapping[str, np.ndarray] | None = None,
     ) -> float:
-        outs = self.outputs(overrides, bias_overrides)
-        pairs = zip(self.reference, outs, strict=True)
-        return float(np.mean([loss(r, o, self.kind) for r, o in pairs]))
+        _, rows = self.losses(overrides, bias_overrides)
+        return float(np.mean([np.mean(r) for r in rows]))
 
     def losses(
         self,
         overrides: Mapping[str, np.ndarray],
         bias_overrides: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(outputs, per-row losses per batch) with these layers replaced."""
+        """(outputs, per-row losses per batch) with these layers replaced; on top of the A8
+        model, each row's loss less its A8 baseline's."""
         outs = self.outputs(overrides, bias_overrides)
         rows = [row_losses(r, o, self.kind) for r, o in zip(self.reference, outs, strict=True)]
+        if self.baseline is not None:
+            rows = [r - b for r, b in zip(rows, self.baseline, strict=True)]
         return outs, rows
 
     def fisher_quadratic_form(self, layer_id: str, v: np.ndarray, epsilon: float) -> float:

@@ -2,7 +2,8 @@
 
 The worker state is the float model with its weights as inputs (:class:`PerturbableModel`) and,
 when activation sites are priced, the model with switchable fake quantizers
-(:class:`ActivationProbe`), both rebuilt from plain specs. Tasks:
+(:class:`ActivationProbe`), both rebuilt from plain specs; when the empirical damage is priced
+on top of the A8 model, that model too (``damage``: :class:`WeightLoss` runs on it). Tasks:
 
 - :class:`WeightLoss`: some layers' weights (and corrected biases) replaced - one layer at a
   width (empirical damage, SNR) or two (a pair's joint damage). Returns the loss per batch and
@@ -30,17 +31,20 @@ from dyadiq.passes.sensitivity.perturbable_model import PerturbableModel, Pertur
 class AnalysisState:
     model: PerturbableModel
     probe: ActivationProbe | None
+    damage: PerturbableModel | None = None  # the A8 model weight losses are measured on
 
 
 @dataclass(frozen=True)
 class AnalysisSpec:
     perturbable: PerturbableSpec
     probe: ProbeSpec | None = None
+    damage: PerturbableSpec | None = None
 
     def open(self, threads: int) -> AnalysisState:
         model = PerturbableModel.from_spec(self.perturbable, threads)
         probe = ActivationProbe.from_spec(self.probe, threads) if self.probe else None
-        return AnalysisState(model, probe)
+        damage = PerturbableModel.from_spec(self.damage, threads) if self.damage else None
+        return AnalysisState(model, probe, damage)
 
 
 def _snr_db(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
@@ -59,7 +63,7 @@ class WeightLoss:
     biases: dict[str, np.ndarray] = field(default_factory=dict)
 
     def run(self, state: AnalysisState) -> dict[str, object]:
-        model = state.model
+        model = state.damage if state.damage is not None else state.model
         before = model.forward_passes
         outs, rows = model.losses(self.weights, self.biases)
         return {
