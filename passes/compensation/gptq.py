@@ -38,7 +38,15 @@ class GptqFactor:
     dead: np.ndarray  # [G, d] inputs that are always zero (their weights quantize to 0)
 
 
-def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True) -> GptqFactor:
+def gptq_factor(
+    hessian: np.ndarray,
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    last: np.ndarray | None = None,
+) -> GptqFactor:
+    """``last``: optional [G, d] mask of columns swept after all others (columns a caller
+    keeps at high precision: every other column's error can still be pushed onto them)."""
     h = hessian.astype(np.float64).copy()
     diagonal = np.einsum("gii->gi", h)  # a writable view of each diagonal
     dead = diagonal == 0
@@ -50,6 +58,10 @@ def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = Tr
         if act_order
         else np.broadcast_to(np.arange(columns), (groups, columns))
     )
+    if last is not None:  # a stable sort on "is kept" moves them to the end, in order
+        order = np.take_along_axis(
+            order, np.argsort(np.take_along_axis(last, order, 1), axis=1, kind="stable"), 1
+        )
     h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], 2)
     return GptqFactor(order, _inverse_factor(h, damp), dead)
 
@@ -156,6 +168,8 @@ def gptq_group_codes(
     damp: float = 0.01,
     act_order: bool = True,
     row_chunk: int = 8192,
+    kept: np.ndarray | None = None,
+    kept_values: np.ndarray | None = None,
 ) -> np.ndarray:
     """Integer codes [R, K] (int16) for ``weights`` [R, K] on a group-wise grid: column k
     uses ``scales[:, k // group_size]`` and ``zero_points[:, k // group_size]`` (value
@@ -165,7 +179,13 @@ def gptq_group_codes(
     column is rounded first, never which scale a weight is stored with: the result exports
     as plain blocks. ``hessian``: H [K, K] or its :func:`gptq_factor` of one group
     ([1, K, K]). Rows are independent given H, so they are swept ``row_chunk`` at a time
-    (bounded memory for a 262,144-row LM head)."""
+    (bounded memory for a 262,144-row LM head).
+
+    ``kept`` [K] (bool) marks columns left unrounded: their compensated float values are
+    written into ``kept_values`` [R, K] (their codes are meaningless); the factor should
+    sweep them last (:func:`gptq_factor` ``last=``)."""
+    if kept is not None and kept_values is None:
+        raise ValueError("kept columns need a kept_values array to receive them")
     factor = (
         hessian
         if isinstance(hessian, GptqFactor)
@@ -184,10 +204,15 @@ def gptq_group_codes(
             positions: np.ndarray,
             s: np.ndarray = s,
             z: np.ndarray = z,
+            rows: slice = rows,
         ) -> tuple[np.ndarray, np.ndarray]:
             g = group_of[positions[0]]
             scale, zero = s[None, :, g : g + 1], z[None, :, g : g + 1]
             q = np.clip(np.round(column / scale) + zero, lo, hi)
+            if kept_values is not None and kept is not None and kept[positions[0]]:
+                # kept exact: no error to push; its compensated value is the result
+                kept_values[rows, positions[0]] = column[0, :, 0]
+                return q, column
             return q, (q - zero) * scale
 
         codes = _obq_sweep(weights[None, rows], factor, round_column, block)

@@ -33,30 +33,51 @@ from dyadiq.plan import LayerFormat
 INERT_ACT_BITS = 8
 
 
+# candidate widths: the same for every layer, or per layer id (a tied embedding / LM head
+# that alone would exceed the budget at wide widths need not be measured there)
+Widths = Sequence[int] | Mapping[str, Sequence[int]]
+
+
+def _layer_widths(widths: Widths, layer: WeightLayer) -> Sequence[int]:
+    if isinstance(widths, Mapping):
+        if layer.id not in widths:
+            raise ConfigError(f"no candidate widths for {layer.id}")
+        return widths[layer.id]
+    return widths
+
+
 def weight_only_problem(
     layers: Sequence[WeightLayer],
     damage: Mapping[str, Mapping[int, float]],
-    widths: Sequence[int],
+    widths: Widths,
 ) -> AllocationProblem:
     """The ILP's problem: candidates ``widths`` for every layer, its measured damage at each,
     and code-bit sizes."""
+    per_layer = {layer.id: list(_layer_widths(widths, layer)) for layer in layers}
     missing = [
         f"{layer.id} at {b} bits"
         for layer in layers
-        for b in widths
+        for b in per_layer[layer.id]
         if b not in damage.get(layer.id, {})
     ]
     if missing:
         raise ConfigError(f"no measured damage for: {', '.join(missing[:5])}")
-    candidates = {layer.id: [LayerFormat(b, INERT_ACT_BITS) for b in widths] for layer in layers}
     return AllocationProblem(
-        candidates=candidates,
+        candidates={
+            layer.id: [LayerFormat(b, INERT_ACT_BITS) for b in per_layer[layer.id]]
+            for layer in layers
+        },
         damage={
-            layer.id: {LayerFormat(b, INERT_ACT_BITS): float(damage[layer.id][b]) for b in widths}
+            layer.id: {
+                LayerFormat(b, INERT_ACT_BITS): float(damage[layer.id][b])
+                for b in per_layer[layer.id]
+            }
             for layer in layers
         },
         size_bytes={
-            layer.id: {LayerFormat(b, INERT_ACT_BITS): layer.params * b / 8 for b in widths}
+            layer.id: {
+                LayerFormat(b, INERT_ACT_BITS): layer.params * b / 8 for b in per_layer[layer.id]
+            }
             for layer in layers
         },
     )
@@ -65,7 +86,7 @@ def weight_only_problem(
 def allocate_widths(
     layers: Sequence[WeightLayer],
     damage: Mapping[str, Mapping[int, float]],
-    widths: Sequence[int],
+    widths: Widths,
     budget: str,
 ) -> tuple[dict[str, int], Allocation]:
     """Least total predicted damage within ``budget`` (``avg-wbits=3.5``, ``size=120MB``;

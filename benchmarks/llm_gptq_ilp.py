@@ -1,0 +1,267 @@
+"""Gemma 3 270M: the ILP on GPTQ weights (issue 17), made cheap enough to run on a small machine.
+
+The expensive parts of ``benchmarks.llm --stages dyadiq`` are done once and kept on disk, so
+that every step can be resumed and every later experiment reuses them:
+
+1. ``hessians``: H = E[x x^T] of every distinct MatMul input over the calibration windows
+   (one pass of the float model per window) -> ``WORK/hessians.npz``;
+2. ``gptq``: every weight GPTQ-quantized at each width, one file per layer and width
+   (``WORK/gptq/b<bits>/<layer>.npz``: codes, scales, zero points), skipped when present;
+3. ``damage``: per layer and width, the next-token KL to the float model with that layer
+   alone at that width (GPTQ weights from step 2), on ``--sens-windows`` calibration
+   windows, written after every layer (``WORK/damage.json``);
+4. ``ilp``: the existing allocation ILP at each ``--budgets`` value; each plan is written as
+   blocked DequantizeLinear from the cached codes and scored on the evaluation windows.
+
+Widths: ``--widths`` for every weight; ``--table-widths`` for the tied embedding / LM head
+(62% of the weights: at 5 bits or more it alone exceeds a 3.5-bit budget, so measuring it
+there would be wasted forward passes).
+
+    .venv/bin/python -m benchmarks.llm_gptq_ilp --work /tmp/wo6 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.llm import file_bytes, score
+from dyadiq import zoo
+from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+from dyadiq.passes.weight_only.allocation import allocate_widths
+from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
+from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
+from dyadiq.passes.weight_only.model_file import ModelFile
+from dyadiq.passes.weight_only.pipeline import Prepared, run
+from dyadiq.passes.weight_only.quantize import LayerQuantizer, Method, WeightOnlySettings
+from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage
+from dyadiq.passes.weight_only.statistics import activation_hessians
+from dyadiq.zoo import gemma3
+
+log = logging.getLogger("benchmarks.llm_gptq_ilp")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def hessians(work: Path, source: ModelFile, layers: Sequence[WeightLayer], windows: int) -> dict:
+    path = work / f"hessians_{windows}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            names = json.loads(str(data["__names__"]))
+            return {name: data[f"h{k}"] for k, name in enumerate(names)}
+    t0 = time.perf_counter()
+    found = activation_hessians(source, layers, gemma3.calibration_batches(windows))
+    names = sorted(found)
+    arrays = {f"h{k}": found[name] for k, name in enumerate(names)}
+    np.savez(path, __names__=json.dumps(names), **arrays)
+    log.info(
+        "Hessians of %d inputs from %d windows: %.0f s",
+        len(names),
+        windows,
+        time.perf_counter() - t0,
+    )
+    return found
+
+
+class CachedGptq:
+    """GPTQ results per (layer, width) on disk; computed on first use."""
+
+    def __init__(self, folder: Path, prepared: Prepared) -> None:
+        self.folder = folder
+        self.prepared = prepared
+        self.seconds: dict[str, float] = {}
+
+    def path(self, layer: WeightLayer, bits: int) -> Path:
+        return self.folder / f"b{bits}" / f"{_safe(layer.id)}.npz"
+
+    def get(self, layer: WeightLayer, bits: int) -> GroupwiseWeight:
+        path = self.path(layer, bits)
+        fmt = self.prepared.quantizer.settings.format(bits)
+        if path.exists():
+            with np.load(path) as data:
+                return GroupwiseWeight(
+                    data["codes"].astype(np.int16), data["scales"], data["zeros"], fmt
+                )
+        t0 = time.perf_counter()
+        q = self.prepared.quantizer(layer, self.prepared.weight(layer), bits)
+        self.seconds[f"{layer.id}@{bits}"] = time.perf_counter() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        codes = q.codes.astype(np.int8 if q.format.symmetric else np.uint8)
+        np.savez(tmp, codes=codes, scales=q.scales, zeros=q.zero_points)
+        os.replace(tmp, path)
+        return q
+
+
+def _gptq_order(widths: Sequence[int]) -> list[int]:
+    """4 first (the uniform row), then down, then up: the cheap rows come early."""
+    unique = sorted(set(widths))
+    return sorted(unique, key=lambda b: (b > 4, abs(b - 4)))
+
+
+def widths_of(layer: WeightLayer, widths: Sequence[int], table: Sequence[int]) -> list[int]:
+    return list(table) if layer.tied else list(widths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="write llm_gptq_ilp.{md,json} here")
+    p.add_argument("--stages", default="hessians,gptq,damage,ilp")
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--sens-windows", type=int, default=1)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--widths", default="2,3,4,5,6,8")
+    p.add_argument("--table-widths", default="2,3,4")
+    p.add_argument("--budgets", default="3.5,3.0")
+    p.add_argument("--uniform", default="", help="uniform widths also scored, e.g. 4")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--no-clip-search", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m benchmarks.llm_gptq_ilp " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    stages = set(args.stages.split(","))
+    widths = [int(b) for b in args.widths.split(",")]
+    table = [int(b) for b in args.table_widths.split(",")]
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    float_path = zoo.get("gemma3_270m").model_path
+    source = ModelFile.load(float_path)
+    inventory = find_weights(source.header)
+    layers = inventory.layers
+    settings = WeightOnlySettings(
+        method=Method.GPTQ,
+        group_size=args.group_size,
+        damp=args.damp,
+        clip_search=not args.no_clip_search,
+    )
+    found = hessians(work, source, layers, args.calib_windows)
+    prepared = Prepared(source, inventory, LayerQuantizer(settings, found), 0.0, memo=True)
+    cache = CachedGptq(work / "gptq", prepared)
+
+    if "gptq" in stages:
+        for bits in _gptq_order([*widths, *table]):
+            t0 = time.perf_counter()
+            for layer in layers:
+                if bits in widths_of(layer, widths, table):
+                    cache.get(layer, bits)
+            log.info("GPTQ at %d bits: %.0f s", bits, time.perf_counter() - t0)
+
+    damage_path = work / f"damage_{args.sens_windows}.json"
+    damage: dict[str, dict[int, float]] = {}
+    if damage_path.exists():
+        damage = {
+            k: {int(b): float(v) for b, v in d.items()}
+            for k, d in json.loads(damage_path.read_text()).items()
+        }
+    if "damage" in stages:
+        t0 = time.perf_counter()
+        batches = list(gemma3.calibration_batches(args.sens_windows))
+        fed = WeightFedModel(source, layers, batches)
+        for layer in layers:
+            wanted = [
+                b for b in widths_of(layer, widths, table) if b not in damage.get(layer.id, {})
+            ]
+            if not wanted:
+                continue
+            part = kl_damage(_one(fed, layer), lambda x, b: cache.get(x, b).dequantize(), wanted)
+            damage.setdefault(layer.id, {}).update(part[layer.id])
+            damage_path.write_text(json.dumps(damage, indent=1))
+        del fed
+        log.info("damage: %.0f s", time.perf_counter() - t0)
+
+    rows: dict[str, dict[str, Any]] = {}
+    windows = gemma3.evaluation_windows(args.eval_windows)
+    window_bytes = [gemma3.window_bytes(w) for w in windows]
+    head = next((x.id for x in layers if x.tied), None)
+
+    def write_and_score(name: str, bits: Mapping[str, int], **extra: Any) -> None:
+        for layer in layers:  # the cached codes, not a second GPTQ run
+            prepared._done[(layer.id, bits[layer.id])] = (cache.get(layer, bits[layer.id]), 0.0)
+        folder = work / _safe(name)
+        report = run(float_path, folder, prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+        rows[name] = {
+            **score(folder, windows, window_bytes),
+            "file_bytes": file_bytes(folder),
+            "average_code_bits": report["average_code_bits"],
+            "stored_weight_bytes": report["stored_weight_bytes"],
+            "tied_embedding_bits": bits.get(head) if head else None,
+            "layers_per_width": {
+                str(b): sum(v == b for v in bits.values()) for b in sorted(set(bits.values()))
+            },
+            **extra,
+        }
+        log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "plan"})
+        _write(args.out, command, args, rows, started)
+
+    for u in [int(b) for b in args.uniform.split(",") if b]:
+        write_and_score(f"GPTQ int{u} g{args.group_size}", {x.id: u for x in layers})
+    if "ilp" in stages:
+        by_layer = {x.id: widths_of(x, widths, table) for x in layers}
+        for budget in [float(b) for b in args.budgets.split(",") if b]:
+            bits, allocation = allocate_widths(layers, damage, by_layer, f"avg-wbits={budget}")
+            write_and_score(
+                f"ILP avg {budget} bits (GPTQ g{args.group_size})",
+                bits,
+                predicted_damage=allocation.predicted_damage,
+                plan=bits,
+            )
+    return 0
+
+
+def _one(fed: WeightFedModel, layer: WeightLayer) -> WeightFedModel:
+    """``fed`` restricted to one layer (kl_damage iterates ``fed.layers``)."""
+    view = object.__new__(WeightFedModel)
+    view.__dict__.update(fed.__dict__)
+    view.layers = [layer]
+    return view
+
+
+def _write(
+    out: Path | None,
+    command: str,
+    args: argparse.Namespace,
+    rows: dict[str, dict[str, Any]],
+    started: float,
+) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    data = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "load_average": os.getloadavg(),
+        "args": vars(args) | {"work": str(args.work), "out": str(args.out)},
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    (out / "llm_gptq_ilp.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

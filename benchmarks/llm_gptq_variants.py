@@ -1,0 +1,301 @@
+"""Gemma 3 270M, GPTQ int4 g128: which change to the quantizer brings it closer to float
+(issue 17, target: within 3% of float perplexity).
+
+Each variant quantizes every weight (the tied embedding / LM head included) at 4 bits and is
+scored without writing a model: the dequantised weights are fed to one onnxruntime session
+of the float graph in which every weight is an input (the session the sensitivity analysis
+uses), on the same evaluation windows as ``benchmarks.llm`` (perplexity = exp(mean NLL) of
+all 63 predicted tokens of each window). ``baseline`` is checked against the exported,
+scored model of llm.md (57.60).
+
+Variants (names for ``--variants``):
+
+- ``baseline``: the default GPTQ (asymmetric, act order, static groups, damp 0.01,
+  per-group range shrink of least squared rounding error);
+- ``minmax``: the same without the range shrink;
+- ``damp0.1``: dampening 0.1;
+- ``hclip``: the range shrink chosen by the layer's input second moments (diag H weighted
+  rounding error) instead of the plain squared error;
+- ``salient1``, ``salient2``: the 1% / 2% input channels with the largest E[x_j^2] kept out
+  of the 4-bit grid: swept last (GPTQ pushes every other column's error onto them) and then
+  stored at 8 bits (per-row scale, symmetric) as in PB-LLM / PTQ1.61;
+- ``calib256``: Hessians from 256 calibration windows instead of 64;
+- ``table8``: the tied embedding / LM head at 8 bits (the rest the baseline).
+
+    .venv/bin/python -m benchmarks.llm_gptq_variants --work /tmp/wo6 --variants baseline,salient1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.llm_gptq_ilp import CachedGptq, hessians
+from dyadiq import zoo
+from dyadiq.passes.compensation.gptq import gptq_factor, gptq_group_codes
+from dyadiq.passes.weight_only.groupwise import (
+    GroupwiseWeight,
+    clipped_group_scales,
+    dequantize,
+)
+from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
+from dyadiq.passes.weight_only.model_file import ModelFile, with_fed_weights
+from dyadiq.passes.weight_only.pipeline import Prepared
+from dyadiq.passes.weight_only.quantize import (
+    LayerQuantizer,
+    Method,
+    WeightOnlySettings,
+    layer_hessian,
+)
+from dyadiq.passes.weight_only.sensitivity import log_softmax32
+from dyadiq.zoo import gemma3
+
+log = logging.getLogger("benchmarks.llm_gptq_variants")
+
+# layer, its float W [R, K], its H (None: no MatMul reader) -> dequantised W and code bits
+Quantizer = Callable[[WeightLayer, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, float]]
+
+
+class FedScorer:
+    """Perplexity of the float graph with every weight-only weight fed as an input."""
+
+    def __init__(self, source: ModelFile, layers: Sequence[WeightLayer], windows: int) -> None:
+        self.layers = list(layers)
+        shapes = {
+            x.initializer: tuple(int(d) for d in source.array(x.initializer).shape)
+            for x in self.layers
+        }
+        self.session = source.session(with_fed_weights(source.header, shapes))
+        self.output = self.session.get_outputs()[0].name
+        self.windows = gemma3.evaluation_windows(windows)
+        self.bytes = sum(gemma3.window_bytes(w) for w in self.windows)
+
+    def perplexity(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        nll, tokens = 0.0, 0
+        for window in self.windows:
+            feeds = {gemma3.INPUT_NAME: window[None, :], **weights}
+            logits = self.session.run([self.output], feeds)[0]
+            log_p = log_softmax32(logits)[:-1]
+            nll -= float(np.sum(log_p[np.arange(len(window) - 1), window[1:]], dtype=np.float64))
+            tokens += len(window) - 1
+        return {
+            "perplexity": math.exp(nll / tokens),
+            "bits_per_byte": nll / math.log(2) / self.bytes,
+        }
+
+
+def _kept_columns(h: np.ndarray, fraction: float) -> np.ndarray:
+    """The ``fraction`` of input channels with the largest E[x_j^2] (at least one)."""
+    count = max(1, round(fraction * h.shape[0]))
+    mask = np.zeros(h.shape[0], bool)
+    mask[np.argsort(-np.diag(h), kind="stable")[:count]] = True
+    return mask
+
+
+def _int8_rows(values: np.ndarray) -> np.ndarray:
+    """Symmetric 8-bit per-row round trip of ``values`` [R, k]."""
+    scale = np.abs(values).max(axis=1, keepdims=True) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(values / scale), -127, 127) * scale).astype(np.float32)
+
+
+def salient_quantizer(settings: WeightOnlySettings, fraction: float, bits: int = 4) -> Quantizer:
+    fmt = settings.format(bits)
+    factors: dict[int, Any] = {}
+
+    def quantize(
+        layer: WeightLayer, w: np.ndarray, h: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        if h is None:  # no reader with inputs: nothing is salient
+            raise ValueError(f"{layer.id} has no Hessian")
+        kept = _kept_columns(h, fraction)
+        key = id(h)
+        if key not in factors:
+            factors[key] = gptq_factor(h[None], damp=settings.damp, act_order=True, last=kept[None])
+        scales, zeros = clipped_group_scales(w, fmt)
+        values = np.zeros(w.shape, np.float64)
+        codes = gptq_group_codes(
+            w,
+            factors[key],
+            scales,
+            zeros,
+            fmt.group_size,
+            fmt.code_range,
+            kept=kept,
+            kept_values=values,
+        )
+        out = dequantize(codes, scales, zeros, fmt)
+        out[:, kept] = _int8_rows(values[:, kept])
+        # 4-bit codes stay stored for kept columns in a blocked layout; the 8-bit copy and
+        # its per-row scale come on top
+        extra = (8 * kept.sum() * w.shape[0] + 32 * w.shape[0]) / w.size
+        return out, float(bits + extra)
+
+    return quantize
+
+
+def hessian_clip_quantizer(settings: WeightOnlySettings, bits: int = 4) -> Quantizer:
+    """GPTQ on a grid whose per-group shrink minimises sum_j H_jj (w_j - q_j)^2."""
+    from dyadiq.passes.weight_only.groupwise import CLIP_SHRINKS, _grid, _grouped_extremes
+    from dyadiq.passes.weight_only.groupwise import quantize as rtn
+
+    fmt = settings.format(bits)
+    quantizer = LayerQuantizer(settings, {})
+
+    def quantize(
+        layer: WeightLayer, w: np.ndarray, h: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        if h is None:
+            raise ValueError(f"{layer.id} has no Hessian")
+        rows = w.shape[0]
+        g = fmt.group_size
+        weight = np.diag(h).astype(np.float32)[None, :]
+        lo, hi = _grouped_extremes(w, g)
+        best_s, best_z = _grid(lo, hi, fmt)
+        best_e = np.full(lo.shape, np.inf, np.float32)
+        for shrink in CLIP_SHRINKS:
+            s, z = _grid(lo * np.float32(shrink), hi * np.float32(shrink), fmt)
+            err = ((dequantize(rtn(w, s, z, fmt), s, z, fmt) - w) ** 2) * weight
+            e = err.reshape(rows, -1, g).sum(axis=2)
+            better = e < best_e
+            best_e = np.where(better, e, best_e)
+            best_s = np.where(better, s, best_s)
+            best_z = np.where(better, z, best_z)
+        quantizer.hessians = {a: h for a in layer.activations}
+        factor = quantizer.factor(layer)
+        codes = gptq_group_codes(
+            w, factor, best_s.astype(np.float32), best_z.astype(np.int16), g, fmt.code_range
+        )
+        return dequantize(codes, best_s.astype(np.float32), best_z.astype(np.int16), fmt), bits
+
+    return quantize
+
+
+def settings_quantizer(settings: WeightOnlySettings, bits: int = 4) -> Quantizer:
+    cache: dict[tuple[str, ...], LayerQuantizer] = {}
+
+    def quantize(
+        layer: WeightLayer, w: np.ndarray, h: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        q = LayerQuantizer(settings, {a: h for a in layer.activations} if h is not None else {})
+        key = layer.activations
+        if key in cache:  # reuse the factor of an input seen before
+            q._factors = cache[key]._factors
+        cache[key] = q
+        return q(layer, w, bits).dequantize(), float(bits)
+
+    return quantize
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="llm_gptq_ilp's work folder")
+    p.add_argument("--variants", default="baseline")
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m benchmarks.llm_gptq_variants " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    started = time.perf_counter()
+    source = ModelFile.load(zoo.get("gemma3_270m").model_path)
+    layers = find_weights(source.header).layers
+    found64 = hessians(args.work, source, layers, 64)
+    base = WeightOnlySettings(method=Method.GPTQ)
+    scorer = FedScorer(source, layers, args.eval_windows)
+    out_json = (args.out or args.work) / "llm_gptq_variants.json"
+    rows: dict[str, Any] = json.loads(out_json.read_text())["rows"] if out_json.exists() else {}
+    params = sum(x.params for x in layers)
+    for variant in args.variants.split(","):
+        t0 = time.perf_counter()
+        found = found64
+        table_bits = 4
+        if variant in ("baseline", "table8"):
+            prepared = Prepared(
+                source, find_weights(source.header), LayerQuantizer(base, found), 0.0
+            )
+            cached = CachedGptq(args.work / "gptq", prepared)
+            if variant == "table8":
+                table_bits = 8
+            quantize: Quantizer = _cached(cached, table_bits)
+        elif variant == "minmax":
+            quantize = settings_quantizer(WeightOnlySettings(method=Method.GPTQ, clip_search=False))
+        elif variant.startswith("damp"):
+            quantize = settings_quantizer(
+                WeightOnlySettings(method=Method.GPTQ, damp=float(variant[4:]))
+            )
+        elif variant == "hclip":
+            quantize = hessian_clip_quantizer(base)
+        elif variant.startswith("salient"):
+            quantize = salient_quantizer(base, float(variant[7:]) / 100)
+        elif variant.startswith("calib"):
+            found = hessians(args.work, source, layers, int(variant[5:]))
+            quantize = settings_quantizer(base)
+        else:
+            raise SystemExit(f"unknown variant {variant}")
+        weights: dict[str, np.ndarray] = {}
+        code_bits = 0.0
+        for layer in layers:
+            w = np.asarray(layer.matrix(source.array(layer.initializer)), np.float32)
+            h = layer_hessian(layer, found)
+            deq, b = quantize(layer, w, h)
+            weights[layer.initializer] = np.ascontiguousarray(layer.stored(deq))
+            code_bits += b * layer.params
+        quantize_s = time.perf_counter() - t0
+        result = scorer.perplexity(weights)
+        rows[variant] = {
+            **result,
+            "average_bits": code_bits / params,
+            "quantize_seconds": round(quantize_s, 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "load_average": os.getloadavg(),
+        }
+        log.info("%s: %s", variant, rows[variant])
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "commit": commit,
+                    "eval_windows": args.eval_windows,
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
+        del weights
+    return 0
+
+
+def _cached(cached: CachedGptq, table_bits: int) -> Quantizer:
+    def quantize(
+        layer: WeightLayer, w: np.ndarray, h: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        bits = table_bits if layer.tied else 4
+        q: GroupwiseWeight = cached.get(layer, bits)
+        return q.dequantize(), float(bits)
+
+    return quantize
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
