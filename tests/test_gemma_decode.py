@@ -260,6 +260,9 @@ def test_generate_on_the_tvm_build_matches_onnxruntime(
     assert check["max_abs_logit_diff"] <= LOGIT_TOL, check
     info = json.loads((tmp_path / "out" / "x86-avx2" / "decode.json").read_text())
     assert info["kernel_layers"] == len(ids) - 1 and list(info["not_on_kernels"]) == [ids[2]]
+    # both layers' attention on the fused kernel, all four cache writes in place
+    assert info["fusion"]["attention_layers"] == 2, info["fusion"]
+    assert info["fusion"]["cache_writes_in_place"] == 4, info["fusion"]
 
 
 def test_aarch64_decode_build_under_qemu(

@@ -14,11 +14,15 @@ into a graph TVM's ONNX importer takes with two extra ops of this module's domai
 Weights wider than 4 bits (or of shapes the kernel refuses: N not a multiple of 8, K not
 one of the group size) have no kernel here: they are dequantised at build time to float
 initializers (``s (q - z)``, exactly what DequantizeLinear computes) and the report lists
-them. Everything else in the graph (norms, rotary embedding, attention over the cache) is
-imported by TVM's ONNX frontend and compiled with the default CPU pipeline, unscheduled.
+them.
 
-:func:`build_decode_library` writes ``model.so`` and ``decode.json`` (target, inputs and
-outputs) into a folder; :class:`TvmDecodeStep` runs one decoding step of it.
+:func:`build_decode_library` first fuses each layer's attention over the KV cache into one
+kernel and turns the cache update into an in-place write
+(:mod:`dyadiq.backends.tvm.decode_attention`); everything else (norms, rotary embedding, the
+MLP's activation) is imported by TVM's ONNX frontend, fused by Relax and compiled with the
+default CPU pipeline. It writes ``model.so`` and ``decode.json`` (target, inputs and outputs)
+into a folder; :class:`TvmDecodeStep` runs one decoding step of it, keeping the cache in TVM
+tensors that each step updates in place.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import tvm
 from onnx import helper, numpy_helper
 from tvm import relax
 
+from dyadiq.backends.tvm import decode_attention
 from dyadiq.backends.tvm.weight_only_kernels import (
     CpuTarget,
     Int4Shape,
@@ -135,14 +140,7 @@ def kernel_graph(
 
 def _drop_dead(graph: onnx.GraphProto) -> None:
     """Nodes (a tied LM head's Transpose) and initializers nothing reads any more."""
-    while True:
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in read for o in n.output)]
-        if not dead:
-            break
-        keep = [n for n in graph.node if n not in dead]
-        del graph.node[:]
-        graph.node.extend(keep)
+    decode_attention.drop_dead_nodes(graph)
     read = {i for n in graph.node for i in n.input}
     inits = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
@@ -213,7 +211,11 @@ def _converters() -> dict[str, Any]:
             w = bb.emit(relax.op.multiply(relax.op.subtract(q, z), s))
             return relax.op.reshape(w, (*id_shape, 2 * half))
 
-    return {INT4_MATMUL: Int4MatMulConverter, INT4_GATHER: Int4GatherConverter}
+    return {
+        INT4_MATMUL: Int4MatMulConverter,
+        INT4_GATHER: Int4GatherConverter,
+        **decode_attention.converters(),
+    }
 
 
 @contextlib.contextmanager
@@ -270,7 +272,15 @@ def build_decode_library(
     from dyadiq.backends.tvm.build import compile_prepared, prepare
 
     target = cpu_target(kind, threads=threads or os.cpu_count() or 1)
-    mod = import_kernel_graph(model)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    constants = {t.name: t for t in fused.graph.initializer}
+    fusion = decode_attention.fuse_decode_attention(
+        fused,
+        lambda name: numpy_helper.to_array(constants[name]) if name in constants else None,
+    )
+    _drop_dead(fused.graph)  # the initializers only the replaced ops read
+    mod = import_kernel_graph(fused)
     executable = compile_prepared(prepare(mod, target), target)
     out = prepare_output_dir(Path(out_dir))
     staging = out / f".{LIBRARY_NAME}.tmp"
@@ -287,6 +297,7 @@ def build_decode_library(
         "target": str(kind),
         "inputs": _input_specs(model),
         "outputs": [o.name for o in model.graph.output],
+        "fusion": decode_attention.summarize(fusion),
         **(extra or {}),
     }
     write_text_atomic(out / METADATA_NAME, json.dumps(info, indent=1) + "\n")
@@ -296,7 +307,12 @@ def build_decode_library(
 class TvmDecodeStep:
     """One decoding step of a built folder, run here (an x86 build on an x86 host): the
     ``(token, position, cache) -> (logits, cache)`` interface of
-    :func:`dyadiq.zoo.kv_decode.greedy_decode`."""
+    :func:`dyadiq.zoo.kv_decode.greedy_decode`.
+
+    The cache it returns holds TVM tensors (no copy back to numpy per token), which the next
+    step takes as they are; numpy arrays (the first step's empty cache) are copied in. A
+    build whose cache writes are in place (decode.json ``fusion``) updates those tensors
+    themselves: the cache passed in is the cache returned, one slot further on."""
 
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
@@ -307,21 +323,23 @@ class TvmDecodeStep:
             raise ConfigError(f"{folder} is an aarch64 build: run it on an aarch64 machine")
         library = tvm.runtime.load_module(str(folder / LIBRARY_NAME))
         self.vm = relax.VirtualMachine(library, tvm.cpu())
+        self.main = self.vm["main"]
         self.inputs = [spec["name"] for spec in info["inputs"]]
         self.outputs = list(info["outputs"])
         self.info = info
 
     def __call__(
-        self, token: int, position: int, cache: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        self, token: int, position: int, cache: Mapping[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         feeds = {
             "input_ids": np.array([[token]], np.int64),
             "position": np.array([position], np.int64),
             **cache,
         }
-        args = [tvm.runtime.tensor(feeds[name]) for name in self.inputs]
-        result = self.vm["main"](*args)
-        values = [r.numpy() for r in result]
-        logits, presents = values[0], values[1:]
+        args = [
+            tvm.runtime.tensor(v) if isinstance(v, np.ndarray) else v
+            for v in (feeds[name] for name in self.inputs)
+        ]
+        logits, *presents = self.main(*args)
         pasts = [n.replace("present_", "past_", 1) for n in self.outputs[1:]]
-        return logits.reshape(-1), dict(zip(pasts, presents, strict=True))
+        return logits.numpy().reshape(-1), dict(zip(pasts, presents, strict=True))

@@ -41,11 +41,13 @@ class Decoded:
 
 
 class DecodeStep(Protocol):
-    """Anything that runs one step: ``(token, position, cache) -> (logits [V], cache)``."""
+    """Anything that runs one step: ``(token, position, cache) -> (logits [V], cache)``.
+    The first step gets :meth:`CacheShape.empty` (numpy arrays); each later step gets the
+    cache the step before returned, whatever its tensors are (a TVM step keeps its own)."""
 
     def __call__(
-        self, token: int, position: int, cache: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+        self, token: int, position: int, cache: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]: ...
 
 
 class OnnxruntimeStep:
