@@ -320,3 +320,49 @@ def test_generate_explains_what_it_needs(
     (tmp_path / MODEL_FILE).write_bytes(b"")
     assert main(["generate", str(tmp_path / "riscv"), "--prompt", "hi"]) == 2
     assert "OUT/{x86, x86-avx512, x86-avx2, aarch64}" in capsys.readouterr().err
+
+
+def test_quantize_weight_only_target_builds_what_generate_runs(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dyadiq quantize --weight-only --target x86-64-v3 --decode-graph DECODE`` writes the
+    compiled decode step to OUT/x86-avx2 and checks it against onnxruntime on the same
+    quantized decode graph (logits within 1e-4 here); ``dyadiq generate OUT/x86-avx2`` then
+    runs that build as it is (no second build) and agrees with onnxruntime token for token."""
+    import json
+
+    from dyadiq.cli import main
+
+    prefill, decode = exported
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    ids = (np.arange(PREFILL_LEN, dtype=np.int64)[None, :] * 13 + 5) % 512
+    np.savez(calib / "b0.npz", input_ids=ids)
+    out = tmp_path / "out"
+    base = ["quantize", str(prefill), "-o", str(out), "--calib", str(calib), "--weight-only"]
+    base += ["--wo-method", "rtn", "--group-size", "32"]
+    # refused before any quantizing: a target with no decode build, a missing decode graph
+    assert main([*base, "--target", "cortex-m4", "--decode-graph", str(decode)]) == 2
+    assert "not cortex-m4" in capsys.readouterr().err
+    assert main([*base, "--target", "x86"]) == 2
+    assert "--decode-graph" in capsys.readouterr().err
+    assert not (out / MODEL_FILE).exists()
+
+    assert main([*base, "--target", "x86-64-v3", "--decode-graph", str(decode)]) == 0
+    capsys.readouterr()
+    info = json.loads((out / "x86-avx2" / "decode.json").read_text())
+    assert info["target"] == "x86-avx2" and info["fusion"]["attention_layers"] == 2
+    check = info["check"]
+    assert check["positions"] == 8 and check["argmax_agree"] == 8, check
+    assert check["max_abs_logit_diff"] <= LOGIT_TOL, check
+    built = (out / "x86-avx2" / "model.so").stat().st_mtime_ns
+
+    tokenizer = _word_tokenizer(tmp_path / "tokenizer.json")
+    prompt = " ".join(f"t{t}" for t in PROMPT[1:])
+    argv = ["generate", str(out / "x86-avx2"), "--prompt", prompt, "--tokenizer", str(tokenizer)]
+    argv += ["--max-new-tokens", str(NEW_TOKENS), "--check", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["check"]["tokens_agreeing"] == NEW_TOKENS, result["check"]
+    assert result["check"]["max_abs_logit_diff"] <= LOGIT_TOL, result["check"]
+    assert (out / "x86-avx2" / "model.so").stat().st_mtime_ns == built  # not rebuilt

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dyadiq.errors import ConfigError
+from dyadiq.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,17 @@ QUANTIZED_MODEL = "model.wo.onnx"
 REFERENCE_MODEL = "decode.wo.onnx"
 TARGET_FOLDERS = {"x86": "x86-avx512", "x86-avx512": "x86-avx512", "x86-avx2": "x86-avx2"}
 TARGET_FOLDERS["aarch64"] = "aarch64"
+# `quantize --weight-only --target NAME` (quantize's target names) -> the OUT/ folder built
+QUANTIZE_TARGET_FOLDERS = {
+    "x86": "x86",
+    "x86-64-v3": "x86-avx2",
+    "x86-64-v4-vnni": "x86-avx512",
+    "aarch64": "aarch64",
+}
+ZOO_DECODE_GRAPHS = ("gemma3_270m",)  # zoo models whose decode-step graph the zoo exports
+# The build check's tolerance on logits: both sides compute in float32 (summation order
+# differs), and the benchmark's 192-step runs on Gemma 3 270M stay below 4e-4.
+CHECK_LOGIT_TOL = 1e-3
 
 
 def host_x86_kind() -> Any:
@@ -115,6 +127,92 @@ def build_decode_target(
         t2 - t1,
     )
     return info
+
+
+def quantize_target_folder(out: Path, name: str) -> Path:
+    """The folder ``quantize --weight-only --target NAME -o OUT`` builds (ConfigError for
+    targets the weight-only mode has no decode build for)."""
+    if name not in QUANTIZE_TARGET_FOLDERS:
+        raise ConfigError(
+            f"--weight-only --target builds a TVM decode step for "
+            f"{', '.join(QUANTIZE_TARGET_FOLDERS)}, not {name}"
+        )
+    return out / QUANTIZE_TARGET_FOLDERS[name]
+
+
+def decode_graph_for(decode_graph: str | None, zoo: str | None) -> Path:
+    """The float decode-step graph a weight-only target build starts from: ``--decode-graph``,
+    or the zoo's own for a zoo model that has one (checked before quantizing)."""
+    if decode_graph:
+        path = Path(decode_graph)
+        if not path.is_file():
+            raise ConfigError(f"--decode-graph {path} does not exist")
+        return path
+    if zoo in ZOO_DECODE_GRAPHS:
+        return default_decode_graph()
+    raise ConfigError(
+        "--weight-only --target needs the model's KV-cache decode-step graph: --decode-graph "
+        f"DECODE.onnx (the zoo exports it for {', '.join(ZOO_DECODE_GRAPHS)})"
+    )
+
+
+def check_decode_target(folder: Path, steps: int) -> dict[str, Any] | None:
+    """Feed tokens 1..``steps`` through the built step and through onnxruntime on the same
+    quantized decode graph (unoptimized); the logits' agreement, or None when the build
+    cannot run on this machine (another ISA)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from dyadiq.backends.tvm.weight_only_decode import TvmDecodeStep
+    from dyadiq.backends.tvm.weight_only_kernels import CpuTarget
+    from dyadiq.zoo.gemma3_decode import CacheShape
+    from dyadiq.zoo.kv_decode import OnnxruntimeStep, agreement, greedy_decode
+
+    info = json.loads((folder / "decode.json").read_text())
+    if info["target"] == str(CpuTarget.AARCH64) or (
+        info["target"] == str(CpuTarget.X86_AVX512) and host_x86_kind() != CpuTarget.X86_AVX512
+    ):
+        return None
+    reference = folder / REFERENCE_MODEL
+    shape = CacheShape.of_graph(onnx.load(str(reference), load_external_data=False))
+    prompt = list(range(1, min(steps, shape.max_positions - 1) + 1))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
+    expected = greedy_decode(OnnxruntimeStep(session, shape.layers), shape, prompt, 1)
+    got = greedy_decode(TvmDecodeStep(folder), shape, prompt, 1)
+    compared = agreement(np.stack(expected.step_logits), got.step_logits)
+    return {"reference": REFERENCE_MODEL, "tolerance": CHECK_LOGIT_TOL, **compared.to_json()}
+
+
+def build_quantize_target(out: Path, name: str, decode_graph: Path, check_steps: int) -> Path:
+    """``quantize --weight-only --target NAME``: build ``OUT/<folder>`` from the model just
+    written to ``OUT`` (what ``dyadiq generate OUT/<folder>`` would build on first use) and
+    check it on ``check_steps`` decoding steps where it runs here. A check outside
+    ``CHECK_LOGIT_TOL`` is an error; it is recorded in decode.json either way."""
+    from dyadiq.backends.tvm.weight_only_decode import METADATA_NAME
+    from dyadiq.errors import VerificationError
+
+    folder = quantize_target_folder(out, name)
+    info = build_decode_target(out / QUANTIZED_MODEL, folder, decode_graph, target_kind(folder))
+    check = check_decode_target(folder, check_steps) if check_steps > 0 else None
+    info["check"] = check
+    write_text_atomic(folder / METADATA_NAME, json.dumps(info, indent=1) + "\n")
+    if check is None:
+        print(f"decode target: {folder} ({info['target']}; not run here)")
+        return folder
+    print(
+        f"decode target: {folder} ({info['target']}); {check['positions']} steps against "
+        f"onnxruntime on {REFERENCE_MODEL}: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
+        f"{check['argmax_agree']}/{check['positions']} argmax equal"
+    )
+    if check["max_abs_logit_diff"] > CHECK_LOGIT_TOL:
+        raise VerificationError(
+            f"{folder}: logits differ from onnxruntime's by {check['max_abs_logit_diff']:.3g} "
+            f"(> {CHECK_LOGIT_TOL})"
+        )
+    return folder
 
 
 def _tokenizer(path: str | None) -> Any:

@@ -66,6 +66,12 @@ def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
         "onnxruntime's MatMulNBits / GatherBlockQuantized for 4-bit weights (default "
         "%(default)s)",
     )
+    group.add_argument(
+        "--decode-graph",
+        help="with --target: the float KV-cache decode-step graph to compile with the codes "
+        "(default for --zoo gemma3_270m: the zoo's); the build goes to OUT/x86 (x86-avx2, "
+        "x86-avx512, aarch64) for `dyadiq generate`, checked on --check-inputs steps",
+    )
 
 
 def add_shared_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,7 +163,6 @@ def run_weight_only(args: argparse.Namespace) -> int:
         flag
         for flag, attr in (
             ("--integer", "integer"),
-            ("--target", "target"),
             ("--max-drop", "max_drop"),
             ("--abits-candidates", "abits_candidates"),
             ("--compare-ort", "compare_ort"),
@@ -178,6 +183,12 @@ def run_weight_only(args: argparse.Namespace) -> int:
         act_order=not args.no_act_order,
     )
     model_path, batches, _ = _source(args)
+    target = getattr(args, "target", None)
+    if target:  # checked before the long part: the target's name and its decode graph
+        from dyadiq.cli import generate
+
+        generate.quantize_target_folder(Path(args.output), target)
+        decode_graph = generate.decode_graph_for(getattr(args, "decode_graph", None), args.zoo)
     limit = args.calib_limit or DEFAULT_CALIBRATION_BATCHES
     prepared = prepare(
         model_path, batches(limit), settings, exclude=args.exclude, memo=bool(args.budget)
@@ -216,6 +227,9 @@ def run_weight_only(args: argparse.Namespace) -> int:
         extra_report=extra,
     )
     _print_summary(report, Path(args.output))
+    if target:
+        steps = getattr(args, "check_inputs", 8)
+        generate.build_quantize_target(Path(args.output), target, decode_graph, steps)
     return 0
 
 
