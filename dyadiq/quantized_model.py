@@ -16,7 +16,9 @@ from dyadiq.plan import PrecisionPlan
 class SearchOptions:
     """How ``budget`` / ``max_drop`` search per-layer formats (``--wbits-candidates`` ...)."""
 
-    wbits_candidates: tuple[int, ...] = (2, 3, 4, 6, 8)
+    # 5 and 7 bits too: MobileNetV2 at avg-wbits=4.5 (range,gptq,bias) gains +0.040 top-1
+    # agreement over 2/3/4/6/8 on the 744-crop split, paired (benchmarks/results/compensation.md)
+    wbits_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     abits_candidates: tuple[int, ...] | None = None  # None: activations stay at ``abits``
     proxy: str = "empirical"  # the damage model the ILP minimises
     analysis_samples: int = 8  # calibration batches the sensitivity analysis reads

@@ -52,7 +52,8 @@ def depthwise_pointwise_matmul(rng: np.random.Generator) -> onnx.ModelProto:
     )
 
 
-@pytest.mark.parametrize("wbits", [4, 3])
+# 5 and 7 bits: widths the ILP may pick by default (--wbits-candidates 2,3,4,5,6,7,8)
+@pytest.mark.parametrize("wbits", [7, 5, 4, 3])
 @pytest.mark.parametrize("builder", [conv_relu_pool_fc, depthwise_pointwise_matmul])
 def test_integer_model_from_compensated_weights_is_bit_exact(builder, wbits: int) -> None:
     rng = np.random.default_rng(wbits)
@@ -65,6 +66,10 @@ def test_integer_model_from_compensated_weights_is_bit_exact(builder, wbits: int
     program = integerize(
         result.graph, plan, result.sites, result.qdq.act_params, weights=compensated
     )
+    # every weighted op holds codes of the plan's width (5 and 7 bits in int8 containers)
+    weighted = [op for op in program.ops if getattr(op, "weight_bits", None) is not None]
+    assert weighted and all(op.weight_bits == wbits for op in weighted)
+    assert all(np.abs(op.weight).max() <= 2 ** (wbits - 1) for op in weighted)
     int_model = export_integer_onnx(program)
     report = bit_exactness(program, int_model, calib)
     assert report["tensors"] > 0

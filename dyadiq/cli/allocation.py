@@ -113,7 +113,7 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
         "latency=0.7x (or 3ms with --latency-table), flash=256KB, ram=64KB (--memory-plan); "
         "Nx is relative to all-W8A8",
     )
-    p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")
+    p.add_argument("--wbits-candidates", default="2,3,4,5,6,7,8", help="widths the ILP may pick")
     p.add_argument(
         "--abits-candidates",
         help="activation widths the ILP may pick, e.g. 4,8 (needs activation damage in the "
@@ -280,7 +280,7 @@ def add_frontier(sub: Any) -> None:
     p.add_argument("--calib-preset")
     p.add_argument("--analysis-samples", type=int, default=8)
     p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--wbits-candidates", default="2,3,4,6,8")
+    p.add_argument("--wbits-candidates", default="2,3,4,5,6,7,8")
     p.add_argument("--abits", type=int, default=8, choices=[4, 8])
     p.add_argument("--proxy", default="empirical", choices=PROXY_CHOICES, help=PROXY_HELP)
     p.add_argument("--calibrator", default="auto", choices=CALIBRATORS)

@@ -247,7 +247,7 @@ def add_quantize(sub: Any) -> None:
 _ALLOCATION_HELP = {
     "--analysis-samples": "calibration batches the sensitivity analysis reads (default 8)",
     "--bisect-steps": "--max-drop: plans measured at most while bisecting (default 6)",
-    "--wbits-candidates": "weight widths the ILP may pick (default 2,3,4,6,8)",
+    "--wbits-candidates": "weight widths the ILP may pick (default 2,3,4,5,6,7,8)",
     "--latency-table": "a backend's measured {layer: {format: ms}} JSON, for latency=3ms",
     "--memory-plan": "live sets (+ tensor bytes, flash) JSON for ram= / flash= budgets",
 }

@@ -50,7 +50,7 @@ class AllocationOptions:
     """What the allocator may choose from and how it prices it, built once (the CLI builds it
     from its flags) and read everywhere after, instead of the flags themselves."""
 
-    weight_bits: tuple[int, ...] = (2, 3, 4, 6, 8)  # candidate weight widths
+    weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)  # candidate weight widths
     act_bits: tuple[int, ...] = (8,)  # candidate activation widths (need activation damage)
     default_act_bits: int = 8  # activations no candidate decides, and the fallback width
     proxy: Proxy = Proxy.EMPIRICAL
