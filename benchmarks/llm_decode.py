@@ -110,14 +110,14 @@ def timed_decode(step: Any, shape: Any, prompt: list[int], new_tokens: int) -> d
 
 
 def tvm_target(quantized: Path, work: Path, name: str, decode: Path, threads: int) -> Path:
-    from dyadiq.backends.tvm.weight_only_decode import METADATA_NAME
+    from dyadiq.backends.tvm.weight_only_decode import is_current_build
     from dyadiq.cli.generate import build_decode_target, host_x86_kind
 
-    built = quantized / "x86"  # what `dyadiq generate OUT/x86` built, if it ran
-    if (built / METADATA_NAME).is_file():
+    built = quantized / "x86"  # what `dyadiq generate OUT/x86` (or quantize --target) built
+    if is_current_build(built):
         return built
     target = work / name / "x86"
-    if not (target / METADATA_NAME).is_file():
+    if not is_current_build(target):  # none yet, or one of an older format: (re)built
         log.info("building %s from %s", target, quantized)
         build_decode_target(
             quantized / "model.wo.onnx", target, decode, host_x86_kind(), threads=threads
@@ -222,6 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "tokens_agreeing": same,
                 **compared.to_json(),
             }
+        if built is not None:
+            result["fusion"] = step.info.get("fusion")
         data["variants"][name] = result
         log.info(
             "%s: %.2f tok/s (%.1f ms/token)", name, result["tokens_per_s"], result["ms_per_token"]
@@ -270,6 +272,15 @@ def render(data: dict[str, Any]) -> str:
         "equal to the float model's before the first difference.",
         "",
     ]
+    fused = {n: v["fusion"] for n, v in data["variants"].items() if v.get("fusion")}
+    for name, fusion in fused.items():
+        lines.append(
+            f"{name}: attention over the KV cache fused on {fusion['attention_layers']} layers, "
+            f"{fusion['cache_writes_in_place']} cache writes in place "
+            "(backends/tvm/decode_attention.py).  "
+        )
+    if fused:
+        lines.append("")
     return "\n".join(lines)
 
 

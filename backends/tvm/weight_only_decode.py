@@ -58,7 +58,8 @@ INT4_MATMUL = "Int4MatMul"
 INT4_GATHER = "Int4Gather"
 LIBRARY_NAME = "model.so"
 METADATA_NAME = "decode.json"
-FORMAT = "dyadiq-tvm-decode/1"
+# /2: attention fused, cache written in place (a /1 build copied the cache every step)
+FORMAT = "dyadiq-tvm-decode/2"
 AARCH64_COMPILER = "aarch64-linux-gnu-gcc"
 _OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not fuse into the kernel
 
@@ -259,6 +260,12 @@ def import_kernel_graph(model: onnx.ModelProto) -> tvm.IRModule:
         )
 
 
+def is_current_build(folder: Path) -> bool:
+    """Whether ``folder`` holds a build of this version (an older one is rebuilt, not run)."""
+    metadata = Path(folder) / METADATA_NAME
+    return metadata.is_file() and json.loads(metadata.read_text()).get("format") == FORMAT
+
+
 def build_decode_library(
     model: onnx.ModelProto,
     kind: CpuTarget,
@@ -318,7 +325,10 @@ class TvmDecodeStep:
         folder = Path(folder)
         info = json.loads((folder / METADATA_NAME).read_text())
         if info.get("format") != FORMAT:
-            raise ConfigError(f"{folder} is not a dyadiq TVM decode build ({METADATA_NAME})")
+            raise ConfigError(
+                f"{folder} is not a {FORMAT} build ({METADATA_NAME} says "
+                f"{info.get('format')!r}): remove the folder and build it again"
+            )
         if info["target"] == str(CpuTarget.AARCH64):
             raise ConfigError(f"{folder} is an aarch64 build: run it on an aarch64 machine")
         library = tvm.runtime.load_module(str(folder / LIBRARY_NAME))

@@ -8,7 +8,8 @@ folder: the decode-step graph (``--decode-graph``; default the zoo's Gemma 3 270
 step) gets the prefill model's codes by initializer name, written as ``decode.wo.onnx``
 (the onnxruntime reference of the same quantized decode graph) and compiled with TVM, every
 4-bit-or-narrower product on the int4 kernels, into ``model.so`` + ``decode.json``. Later
-runs reuse it.
+runs reuse it. ``dyadiq quantize --weight-only --target x86 -o OUT`` builds the same folder
+as part of the quantize run (:func:`build_quantize_target`), checked against onnxruntime.
 
 ``--check`` decodes the same prompt with onnxruntime on ``decode.wo.onnx`` and reports how
 many generated tokens agree before the first difference and the largest logit difference
@@ -245,13 +246,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import onnx
 
-    from dyadiq.backends.tvm.weight_only_decode import METADATA_NAME, TvmDecodeStep
+    from dyadiq.backends.tvm.weight_only_decode import TvmDecodeStep, is_current_build
     from dyadiq.cli import output
     from dyadiq.zoo.gemma3_decode import CacheShape
     from dyadiq.zoo.kv_decode import agreement, greedy_decode
 
     folder = Path(args.target)
-    if not (folder / METADATA_NAME).is_file():
+    if not is_current_build(folder):  # none yet, or an older dyadiq's: built here
         quantized = folder.parent / QUANTIZED_MODEL
         if not quantized.is_file():
             raise ConfigError(
