@@ -200,6 +200,11 @@ def analyzed_problem(
             analysis_config(options),
             executor=executor,
             **({"weights": weights} if weights is not None else {}),
+            **(
+                {"activation_quant": builder.compensator.act_params}
+                if builder is not None and options.allocation.a8_damage
+                else {}
+            ),
         )
     finally:
         if own:

@@ -114,6 +114,9 @@ class QuantizeRun:
             with stage(f"compensating weights at widths {_widths(options)} ({compensation.label})"):
                 builder = mp.plan_builder(self.model_path, self.calibration, options)
                 weights = mp.candidate_weights(builder, options)
+        if builder is None and options.allocation.a8_damage:
+            # the plan's activation quantizers, which the A8 damage is measured under
+            builder = mp.plan_builder(self.model_path, self.calibration, options)
         if s["max_drop"]:
             if builder is None:  # one calibration pass for every measured plan
                 builder = mp.plan_builder(self.model_path, self.calibration, options)
@@ -273,6 +276,7 @@ def mixed_precision_options(
         act_bits=tuple(search.abits_candidates or (abits,)),
         default_act_bits=abits,
         proxy=Proxy.parse(search.proxy),
+        a8_damage=search.a8_damage,
         pins=tuple(pin),
         exclude=tuple(exclude),
         runs_on=tuple(runs_on),

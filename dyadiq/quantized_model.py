@@ -21,6 +21,9 @@ class SearchOptions:
     wbits_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     abits_candidates: tuple[int, ...] | None = None  # None: activations stay at ``abits``
     proxy: str = "empirical"  # the damage model the ILP minimises
+    # empirical damage measured with every activation site quantized as the plan does
+    # (--a8-damage); off by default: not better on MobileNetV2 (compensation.md)
+    a8_damage: bool = False
     analysis_samples: int = 8  # calibration batches the sensitivity analysis reads
     bisect_steps: int = 6  # --max-drop measurements
     latency_table: Path | None = None  # a backend's measured {layer: {format: ms}}

@@ -120,3 +120,30 @@ def test_the_a8_model_with_float_weights_has_zero_damage():
     assert abs(model.loss({})) < 1e-9
     rebuilt = PerturbableModel.from_spec(model.spec())
     assert abs(rebuilt.loss({})) < 1e-9
+
+
+def test_quantize_a8_damage_prices_the_plan_on_the_a8_model(tiny_cnn_path, tmp_path, monkeypatch):
+    """--a8-damage (SearchOptions.a8_damage) reaches the analysis: another cached report,
+    whose notes say it was measured on top of the quantized activations."""
+    from conftest import TINY_INPUT_SHAPE, random_batches
+
+    import dyadiq
+    from dyadiq.api import SearchOptions
+    from dyadiq.cli import build_parser
+    from dyadiq.cli.allocation import search_options
+    from dyadiq.passes.sensitivity import cache
+
+    monkeypatch.setenv("DYADIQ_CACHE", str(tmp_path / "cache"))
+    batches = random_batches({"x": TINY_INPUT_SHAPE}, 4)
+    made = {}
+    for a8 in (False, True):
+        search = SearchOptions(wbits_candidates=(2, 8), analysis_samples=2, a8_damage=a8)
+        made[a8] = dyadiq.quantize(
+            tiny_cnn_path, batches, budget="avg-wbits=5", search=search, compensate="none"
+        )
+    keys = {a8: m.allocation.info["sensitivity_fingerprint"] for a8, m in made.items()}
+    assert keys[True] != keys[False]
+    report = cache.load(keys[True])
+    assert report is not None and any("A8 baseline loss" in n for n in report.notes)
+    args = build_parser().parse_args(["quantize", "m.onnx", "-o", "OUT", "--a8-damage"])
+    assert search_options(args).a8_damage and not SearchOptions().a8_damage

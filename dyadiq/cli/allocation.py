@@ -72,6 +72,7 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         wbits_candidates=widths(args.wbits_candidates, "--wbits-candidates"),
         abits_candidates=widths(abits, "--abits-candidates") if abits else None,
         proxy=args.proxy,
+        a8_damage=getattr(args, "a8_damage", False),
         analysis_samples=args.analysis_samples,
         bisect_steps=getattr(args, "bisect_steps", SearchOptions.bisect_steps),
         latency_table=Path(latency_table) if latency_table else None,
@@ -127,6 +128,12 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=8,
         help="calibration batches the sensitivity analysis reads (default %(default)s)",
+    )
+    p.add_argument(
+        "--a8-damage",
+        action="store_true",
+        help="measure each layer's empirical damage with every activation quantized as the "
+        "plan will be (on top of the A8 model) instead of with float activations",
     )
     p.add_argument(
         "--max-drop",

@@ -54,6 +54,10 @@ class AllocationOptions:
     act_bits: tuple[int, ...] = (8,)  # candidate activation widths (need activation damage)
     default_act_bits: int = 8  # activations no candidate decides, and the fallback width
     proxy: Proxy = Proxy.EMPIRICAL
+    # the empirical damage measured on top of the plan's activation quantization (A8 damage,
+    # ``analyze(activation_quant=...)``) instead of with float activations; off: not better on
+    # MobileNetV2 at 8 analysis samples (benchmarks/results/compensation.md)
+    a8_damage: bool = False
     pins: tuple[str, ...] = ()  # ID_OR_PATTERN=W8A8[,W4A8]
     exclude: tuple[str, ...] = ()  # layers kept in float
     runs_on: tuple[FormatFilter, ...] = ()  # every backend the plan must run on
