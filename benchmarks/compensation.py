@@ -7,11 +7,14 @@ Per model, all in this process and on the same calibration batches:
   the compensated weights at every width);
 - onnxruntime ``quantize_static`` W8A8 with each of its calibrators (``benchmarks.baseline``'s
   worker), best of them reported;
-- the compensated ILP once more with 5 and 7 bits among its candidates (rows
-  `range,gptq,bias (widths 2-8)`; every width compensated like the others);
-- the ILP plans once more with weights compensated for that plan itself (every layer on its
-  plan width and the plan's own quantized prefix, ``SequentialCompensator.for_plan``);
-- the time compensation takes at all five widths (2, 3, 4, 6, 8) with the best passes.
+- the compensated ILP with 5 and 7 bits among its candidates (rows `range,gptq,bias (widths
+  2-8)`, the tool's default candidates; every width compensated like the others), and once
+  more priced by damage measured on top of the A8 model (rows `... A8 damage`: each layer's
+  loss with every activation site quantized as the plan does, less the A8 model's own);
+- with ``--plan-aware``: the ILP plans once more with weights compensated for that plan itself
+  (every layer on its plan width and the plan's own quantized prefix,
+  ``SequentialCompensator.for_plan``);
+- the time compensation takes at all seven widths (2-8) with the best passes.
 Every QDQ model is scored on the zoo's held-out split by :func:`dyadiq.evaluation.evaluate`,
 whose sessions run with graph optimisation off (exact float simulation, CPU-independent).
 MobileNetV2's ILP, W8A8 and onnxruntime rows are also scored on a 3x larger split of the same
@@ -48,6 +51,7 @@ ALL_WIDTHS = (2, 3, 4, 6, 8)
 # top-1 agreement on the 744-crop split, paired, against the 2/3/4/6/8 candidates)
 FINE_WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 FINE_SUFFIX = " (widths 2-8)"
+A8_SUFFIX = ", A8 damage"  # the analysis measured each layer on top of the A8 model
 SINGLE_PASSES = ("range", "gptq", "bias")
 COMBINED = "range,gptq,bias"
 BUDGETS = ("avg-wbits=4.5", "avg-wbits=4.0")
@@ -57,6 +61,7 @@ PLAN_AWARE = COMBINED + "+plan"  # the ILP plan recompensated on its own prefix
 # `all` would repeat range,gptq,bias), everything else as in the full grid
 REDUCED_SINGLE_WIDTHS = (4,)
 LARGER_SPLIT_MODELS = ("mobilenet_v2",)
+LARGER_SPLIT_W8A8 = ("dyadiq_w8a8_none", f"dyadiq_w8a8_{COMBINED}")
 ANALYSIS_SAMPLES = 8
 QUICK_EVAL = 64
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c")
@@ -145,7 +150,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         settings = CompensationSettings.parse(variant)
         builder = PlanBuilder(raw, calibration, compensation=settings)
         builders[variant] = builder
-        widths = ALL_WIDTHS if variant == COMBINED else UNIFORM_WIDTHS
+        widths = FINE_WIDTHS if variant == COMBINED else UNIFORM_WIDTHS
         if args.grid == "reduced" and variant in SINGLE_PASSES:
             widths = REDUCED_SINGLE_WIDTHS
         load_before = os.getloadavg()[0]
@@ -179,25 +184,41 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
         activations=False,
     )
     analysis: dict[str, Any] = {}
-    for variant, widths in (("none", ALL_WIDTHS), (COMBINED, ALL_WIDTHS), (COMBINED, FINE_WIDTHS)):
+    ilps = (
+        ("none", FINE_WIDTHS, False),
+        (COMBINED, ALL_WIDTHS, False),
+        (COMBINED, FINE_WIDTHS, False),
+        (COMBINED, FINE_WIDTHS, True),
+    )
+    for variant, widths, a8 in ilps:
         builder = builders[variant]
         fine = widths == FINE_WIDTHS
         builder.compensator.ensure(widths)  # 5 and 7 bits: compensated like the others
         config = dataclasses.replace(sensitivity, weight_bits=widths)
         t = time.perf_counter()
         report, cached = analyze_cached(
-            graph, batches, kind, config, weights=builder.compensator.result
+            graph,
+            batches,
+            kind,
+            config,
+            weights=builder.compensator.result,
+            activation_quant=builder.compensator.act_params if a8 else None,
         )
-        analysis[variant + (FINE_SUFFIX if fine else "")] = {
+        analysis[variant + (FINE_SUFFIX if fine else "") + (A8_SUFFIX if a8 else "")] = {
             "seconds": time.perf_counter() - t,
             "cached": cached,
+            "notes": list(report.notes),
         }
         formats = [LayerFormat(b, 8) for b in widths]
         problem = problem_from_report(graph, report, formats, "empirical")
         for budget in BUDGETS:
             allocation = solve(problem, parse_budget(budget, problem))
             plan = PrecisionPlan(dict(allocation.formats), 8)
-            label = f"dyadiq_ilp_{budget.split('=')[1]}_{variant}" + ("_w2-8" if fine else "")
+            label = (
+                f"dyadiq_ilp_{budget.split('=')[1]}_{variant}"
+                + ("_w2-8" if fine else "")
+                + ("_a8" if a8 else "")
+            )
             path = work / f"{label}.onnx"
             onnx.save(builder.build(plan), path)
             runs[label] = {
@@ -205,6 +226,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
                 "budget": budget,
                 "compensation": variant,
                 "candidates": list(widths),
+                "a8_damage": a8,
                 "avg_weight_bits": _avg_bits(plan, params),
                 "bits_histogram": {
                     str(b): sum(1 for f in plan.layers.values() if f.weight_bits == b)
@@ -213,7 +235,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
                 "predicted_damage": allocation.predicted_damage,
             }
             paths[label] = path
-            if variant == COMBINED and not fine:
+            if args.plan_aware and variant == COMBINED and not fine:
                 aware = f"dyadiq_ilp_{budget.split('=')[1]}_{PLAN_AWARE}"
                 runs[aware], paths[aware] = _plan_aware(builder, plan, runs[label], work / aware)
 
@@ -275,7 +297,8 @@ def _larger_split(artifacts: Any, paths: dict[str, Path], runs: dict[str, Any]) 
     chosen = {
         k: p
         for k, p in paths.items()
-        if k.startswith(("ort_", "dyadiq_ilp_")) or k.startswith("dyadiq_w8a8_")
+        # W8A8 without and with the default passes only (the other columns: the zoo split)
+        if k.startswith(("ort_", "dyadiq_ilp_")) or k in LARGER_SPLIT_W8A8
     }
     t = time.perf_counter()
     scores = photo_split.score(Path(artifacts.model_path), chosen)
@@ -376,7 +399,10 @@ def _ilp_table(model: dict[str, Any]) -> list[str]:
 
 def _candidates(run: dict[str, Any]) -> str:
     widths = tuple(run.get("candidates", ALL_WIDTHS))
-    return FINE_SUFFIX if widths == FINE_WIDTHS else ""
+    label = "widths 2-8" if widths == FINE_WIDTHS else ""
+    if run.get("a8_damage"):
+        label = f"{label}{A8_SUFFIX}" if label else A8_SUFFIX.removeprefix(", ")
+    return f" ({label})" if label else ""
 
 
 def _layer_error_summary(model: dict[str, Any]) -> list[str]:
@@ -387,7 +413,7 @@ def _layer_error_summary(model: dict[str, Any]) -> list[str]:
         "|---|" + "---|" * len(stages),
     ]
     layers = model["layer_reports"]["layers"]
-    for bits in ALL_WIDTHS:
+    for bits in FINE_WIDTHS:
         cells = []
         for stage in stages:
             values = [
@@ -396,7 +422,8 @@ def _layer_error_summary(model: dict[str, Any]) -> list[str]:
                 if str(bits) in e and e[str(bits)].get(stage) is not None
             ]
             cells.append(_f(float(np.median(values)), ".3g") if values else "-")
-        lines.append(f"| W{bits} | " + " | ".join(cells) + " |")
+        if any(c != "-" for c in cells):  # older results have no 5- and 7-bit entries
+            lines.append(f"| W{bits} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -550,6 +577,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="full",
         help="reduced: single passes at W4 only, no `all` (for MiniLM on a shared machine)",
     )
+    p.add_argument(
+        "--plan-aware",
+        action="store_true",
+        help="also the ILP plans recompensated for themselves (measured: no gain; slow)",
+    )
     return p.parse_args(argv)
 
 
@@ -588,17 +620,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def merge(parts: list[Path], output: Path, stem: str, notes: list[str]) -> dict[str, Any]:
     """One results file from separate runs: the models of each, every run's own header
-    (command, date, load) kept; a model measured twice keeps its last run."""
+    (command, date, load) kept; a model measured twice keeps its last run. A part that is
+    itself a merged file contributes its own runs; a run none of whose models is kept is
+    dropped."""
     import json
 
-    runs = [json.loads(p.read_text()) for p in parts]
-    data: dict[str, Any] = {
+    runs: list[dict[str, Any]] = []
+    for path in parts:
+        data = json.loads(path.read_text())
+        for run in data.get("parts", [data]):
+            names = run.get("model_names", list(data["models"]))
+            header = {k: v for k, v in run.items() if k not in ("models", "model_names", "parts")}
+            runs.append({**header, "models": {k: data["models"][k] for k in names}})
+    source = {name: i for i, r in enumerate(runs) for name in r["models"]}
+    kept = [(i, r) for i, r in enumerate(runs) if any(source[name] == i for name in r["models"])]
+    data = {
         "parts": [
-            {**{k: v for k, v in r.items() if k != "models"}, "model_names": list(r["models"])}
-            for r in runs
+            {
+                **{k: v for k, v in r.items() if k != "models"},
+                "model_names": [name for name in r["models"] if source[name] == i],
+            }
+            for i, r in kept
         ],
         "compensation_samples": runs[0]["compensation_samples"],
-        "models": {k: v for r in runs for k, v in r["models"].items()},
+        "models": {name: runs[i]["models"][name] for name, i in source.items()},
         "notes": notes,
     }
     common.write_results(data, output, stem, render_markdown)
