@@ -180,10 +180,13 @@ def test_mixed_plan_uses_each_layers_own_width() -> None:
 
 def test_settings_parse() -> None:
     assert CompensationSettings.parse("none").passes == frozenset()
-    assert CompensationSettings.parse("all").passes == frozenset(CompensationPass)
+    # learned rounding is opt-in: not in `all`
+    every = frozenset(CompensationPass) - {CompensationPass.ADAROUND}
+    assert CompensationSettings.parse("all").passes == every
+    assert CompensationSettings.parse("gptq,adaround").label == "gptq,adaround"
     assert CompensationSettings.parse("gptq, bias").label == "gptq,bias"
     with pytest.raises(ConfigError, match="--compensate"):
-        CompensationSettings.parse("gptq,adaround")
+        CompensationSettings.parse("gptq,brecq")
 
 
 def test_layers_too_wide_for_a_bounded_hessian_are_compensated_without_one(monkeypatch) -> None:

@@ -27,6 +27,7 @@ from dyadiq.passes.compensation.bias_correction import bias_correction
 from dyadiq.passes.compensation.gptq import gptq_codes, gptq_factor
 from dyadiq.passes.compensation.input_statistics import InputStatistics, output_error
 from dyadiq.passes.compensation.layer_matrix import LayerGeometry
+from dyadiq.passes.compensation.learned_rounding import learn_rounding
 from dyadiq.passes.compensation.range_search import (
     max_abs_scales,
     round_to_grid,
@@ -140,6 +141,16 @@ def compensate_layer(
             report["passes"].append("refine")
             report["refine_sweeps"] = sweeps
             report["error_after_refine"] = relative_error(codes * scales[..., None])
+    if settings.uses(CompensationPass.ADAROUND):
+        if objective is None:
+            declined["adaround"] = without_statistics
+        else:
+            codes, rows = learn_rounding(
+                w, codes, scales, objective, bits, iterations=settings.adaround_iterations
+            )
+            report["passes"].append("adaround")
+            report["adaround_rows"] = rows
+            report["error_after_adaround"] = relative_error(codes * scales[..., None])
     shift = None
     if settings.uses(CompensationPass.BIAS):
         if statistics is None:
