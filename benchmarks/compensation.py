@@ -144,6 +144,8 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     variants = ["none", *SINGLE_PASSES, COMBINED, "all"]
     if args.grid == "reduced":
         variants.remove("all")  # MiniLM has no Conv: CLE finds no pair, `all` = COMBINED
+    if args.grid == "ilp":
+        variants = ["none", COMBINED]  # the uniform rows' other columns: an earlier run
     builders: dict[str, Any] = {}
     compensation_time: dict[str, Any] = {}
     for variant in variants:
@@ -257,6 +259,7 @@ def benchmark_model(name: str, work: Path, args: argparse.Namespace) -> dict[str
     equalization = builders["all"].equalization if "all" in builders else None
     return {
         "primary_metric": metric,
+        "grid": args.grid,
         "reported_metrics": list(baseline.REPORTED_METRICS[name]),
         "calibration_batches": len(calibration),
         "evaluation_limit": limit,
@@ -438,13 +441,16 @@ def _run_header(data: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{x:.2f}' for x in data['load_avg_end'])} (the machine was shared).  ",
         f"onnxruntime {machine['onnxruntime']}, git {machine['git_commit']}"
         f"{' (dirty)' if machine['git_dirty'] else ''}."
-        + (
-            "  \nGrid: reduced (single passes at W4 only, no `all`: CLE finds no Conv pair in "
-            "MiniLM; `-` where not run)."
-            if data.get("grid") == "reduced"
-            else ""
-        ),
+        + _GRID_NOTES.get(data.get("grid", "full"), ""),
     ]
+
+
+_GRID_NOTES = {
+    "reduced": "  \nGrid: reduced (single passes at W4 only, no `all`: CLE finds no Conv pair "
+    "in MiniLM; `-` where not run).",
+    "ilp": "  \nGrid: ilp (uniform rows without compensation and with range,gptq,bias only, "
+    "every ILP row; single passes and `all` not run: `-`).",
+}
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -532,7 +538,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             reason = item["reason"].split(":")[0]
             declined[reason] = declined.get(reason, 0) + 1
         out += [
-            "CLE (`all`): not run (`--grid reduced`)."
+            f"CLE (`all`): not run (`--grid {model.get('grid', data.get('grid'))}`)."
             if cle is None
             else f"CLE (`all`): {len(cle.get('equalized_pairs', []))} pair(s) equalised; "
             "declined: "
@@ -573,9 +579,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--grid",
-        choices=["full", "reduced"],
+        choices=["full", "reduced", "ilp"],
         default="full",
-        help="reduced: single passes at W4 only, no `all` (for MiniLM on a shared machine)",
+        help="reduced: single passes at W4 only, no `all` (for MiniLM on a shared machine); "
+        "ilp: no single passes and no `all` (the ILP rows and their uniform references)",
     )
     p.add_argument(
         "--plan-aware",
