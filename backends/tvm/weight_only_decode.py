@@ -19,8 +19,9 @@ them.
 :func:`build_decode_library` first fuses each layer's attention over the KV cache into one
 kernel and turns the cache update into an in-place write
 (:mod:`dyadiq.backends.tvm.decode_attention`); everything else (norms, rotary embedding, the
-MLP's activation) is imported by TVM's ONNX frontend, fused by Relax and compiled with the
-default CPU pipeline. It writes ``model.so`` and ``decode.json`` (target, inputs and outputs)
+MLP's activation, with ``Pow`` by 2 or 3 as products: :mod:`dyadiq.backends.tvm.small_powers`)
+is imported by TVM's ONNX frontend, fused by Relax and compiled with the default CPU
+pipeline. It writes ``model.so`` and ``decode.json`` (target, inputs and outputs)
 into a folder; :class:`TvmDecodeStep` runs one decoding step of it, keeping the cache in TVM
 tensors that each step updates in place.
 """
@@ -41,6 +42,7 @@ from onnx import helper, numpy_helper
 from tvm import relax
 
 from dyadiq.backends.tvm import decode_attention
+from dyadiq.backends.tvm.small_powers import powers_as_products
 from dyadiq.backends.tvm.weight_only_kernels import (
     CpuTarget,
     Int4Shape,
@@ -282,10 +284,12 @@ def build_decode_library(
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
     constants = {t.name: t for t in fused.graph.initializer}
-    fusion = decode_attention.fuse_decode_attention(
-        fused,
-        lambda name: numpy_helper.to_array(constants[name]) if name in constants else None,
-    )
+
+    def constant(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(constants[name]) if name in constants else None
+
+    fusion = decode_attention.fuse_decode_attention(fused, constant)
+    products = powers_as_products(fused, constant)
     _drop_dead(fused.graph)  # the initializers only the replaced ops read
     mod = import_kernel_graph(fused)
     executable = compile_prepared(prepare(mod, target), target)
@@ -305,6 +309,7 @@ def build_decode_library(
         "inputs": _input_specs(model),
         "outputs": [o.name for o in model.graph.output],
         "fusion": decode_attention.summarize(fusion),
+        "powers_as_products": products,
         **(extra or {}),
     }
     write_text_atomic(out / METADATA_NAME, json.dumps(info, indent=1) + "\n")
