@@ -102,6 +102,9 @@ class _Lowering(IntOpVisitor[None]):
         self.env: dict[str, relax.Expr] = {}
         self.island_count = 0
         self.constants: dict[str, np.ndarray] = {}  # island outputs known at compile time
+        # hand-written scalar TIR loops (integer square root) where the target is a CPU
+        self.scalar_kernels = True
+        self.sqrt_count = 0
 
     # --- helpers -----------------------------------------------------------------------------
     def value(self, name: str) -> relax.Expr:
@@ -360,7 +363,19 @@ class _Lowering(IntOpVisitor[None]):
 
     def integer_sqrt(self, n: relax.Expr) -> relax.Var:
         """floor(sqrt(n)) of int64 1 <= n < 2^62: the reference's Newton iteration
-        (:func:`dyadiq.reference_interpreter.integer_sqrt`)."""
+        (:func:`dyadiq.reference_interpreter.integer_sqrt`). On CPUs one TIR loop
+        (:mod:`~dyadiq.backends.tvm.integer_sqrt_kernel`: as Relax ops, fused and inlined, the
+        steps' expression grows as 3^steps); GPU targets keep the Relax ops for dlight."""
+        if self.scalar_kernels:
+            from dyadiq.backends.tvm.integer_sqrt_kernel import integer_sqrt_kernel
+
+            shape = tuple(int(d) for d in n.ty.shape)
+            count = int(np.prod(shape))
+            self.sqrt_count += 1
+            gv = self.bb.add_func(integer_sqrt_kernel(count), f"dq_integer_sqrt_{self.sqrt_count}")
+            flat = self.emit(relax.op.reshape(n, (count,)))
+            root = self.emit(relax.call_tir(gv, [flat], relax.TensorType((count,), "int64")))
+            return self.emit(relax.op.reshape(root, shape))
         powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
         wide = self.emit(relax.op.expand_dims(n, axis=-1))
         above = self.emit(relax.op.greater_equal(wide, _int64(powers)))
@@ -581,7 +596,10 @@ def _lowering_for(
 
         if has_vnni(target) or has_avx2(target):
             return X86Lowering(program, bb, vnni=has_vnni(target))
-    return _Lowering(program, bb)
+    lowering = _Lowering(program, bb)
+    # a GPU PrimFunc needs thread bindings, which dlight adds to Relax-op kernels only
+    lowering.scalar_kernels = target is None or target.kind.name == "llvm"
+    return lowering
 
 
 def lower_program(
