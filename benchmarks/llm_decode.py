@@ -34,7 +34,7 @@ float in the TVM build.
 Every variant's generated tokens are compared with ``ort_float``'s (first difference) and,
 for the TVM builds, with onnxruntime on the same quantized decode graph unoptimized (the
 ``dyadiq generate --check`` reference). Built TVM targets are kept under ``--work`` and
-reused when their decode.json is there.
+reused when their decode.json is of the current build format (an older build is rebuilt).
 """
 
 from __future__ import annotations
