@@ -11,11 +11,12 @@ import onnx_graphsurgeon as gs
 from dyadiq.errors import DyadiqError
 from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
-from dyadiq.passes.activation_sites import find_activation_sites
-from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY
+from dyadiq.passes.activation_sites import ActivationSites, find_activation_sites
+from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY, lookup_chain
 from dyadiq.passes.integer_layer_norm import layer_norm_operands
 from dyadiq.passes.masked_softmax import find_masked_softmax
 from dyadiq.plan import PrecisionPlan
+from dyadiq.quantizers import ActQuant
 
 
 def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
@@ -55,8 +56,9 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
 
 def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
     """Node id -> (quantizable, reason) for the rules whose outcome depends on which tensors
-    a plan quantizes (integer LayerNorm, masked softmax): decided as integerize decides, on
-    the activation sites of a uniform 8-bit plan."""
+    a plan quantizes (masked softmax, integer LayerNorm, ops on activation codes, lookup
+    tables): decided as integerize decides, on the activation sites of a uniform 8-bit plan,
+    so that what inspect says is what --integer does."""
     try:
         sites = find_activation_sites(graph, PrecisionPlan.uniform(graph))
     except DyadiqError:
@@ -68,10 +70,29 @@ def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
         why = "with its attention-mask Add, one integer masked softmax (I-BERT exp over the "
         why += "kept positions; it reads the integer mask, the float mask is never computed)"
         rules[match.add.name] = rules[match.softmax.name] = (True, why)
+    for name in masked.absorbed:  # the float mask's own ops (Where, Cast, Sub, Mul ...)
+        rules.setdefault(
+            name,
+            (
+                True,
+                "makes the float attention mask, which the integer masked softmax "
+                "replaces by the integer mask it is made from: not computed",
+            ),
+        )
     for declined in masked.declined:
         node_id, reason = declined.removeprefix("Add ").split(": ", 1)
         rules[node_id] = (False, f"attention-mask Add runs in float ({reason})")
     graph.graph.toposort()
+    _layer_norm_rules(graph, quantized, rules)
+    _operand_rules(graph, sites, quantized, rules)
+    return rules
+
+
+def _layer_norm_rules(
+    graph: QGraph, quantized: set[str], rules: dict[str, tuple[bool, str]]
+) -> None:
+    """Integer LayerNorms in graph order, as integerize plans them; ``quantized`` grows by
+    the outputs they give codes (8-bit or the wide residual stream)."""
     for node in graph.nodes():
         if graph.kind(node) is not OpKind.LAYER_NORM:
             continue
@@ -93,7 +114,84 @@ def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
             why += " over the residual Add, whose two quantized inputs it sums wide"
             rules[add.name] = (True, "residual Add: summed wide inside the integer LayerNorm")
         rules[node.name] = (True, why + "; its output is quantized")
-    return rules
+
+
+def _operand_rules(
+    graph: QGraph,
+    sites: ActivationSites,
+    quantized: set[str],
+    rules: dict[str, tuple[bool, str]],
+) -> None:
+    """The nodes integerize rewrites only when their operands have codes, decided in graph
+    order as it decides: an op on activations needs every data input and its output
+    quantized (the embeddings' Adds read float Gathers: float), and an elementwise chain
+    from one quantized tensor to another (GELU's Div, Erf, Add, Mul, Mul) becomes one lookup
+    table, its Add and Muls included."""
+
+    # lookup_chain reads the quantizers' widths only; a uniform plan's are its groups' bits
+    def bits(tensor: str) -> int:  # a LayerNorm's output (not a site) has 8-bit codes
+        group = sites.group_of.get(tensor)
+        return sites.group_bits[group] if group is not None else 8
+
+    widths = {t: ActQuant(1.0, 0, bits(t), False) for t in quantized}
+    skip = set(sites.fused_activations.values()) | set(sites.fused_biases.values()) | set(rules)
+    for node in graph.nodes():
+        if node.name in skip:
+            continue
+        facts = graph.facts(node)
+        data = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        on_codes = bool(data) and all(t.name in quantized for t in [*data, *node.outputs[:1]])
+        integer_op = (
+            (facts.quantizable or facts.shares_input_scale or facts.unifies_input_scales)
+            and graph.weight(node) is None
+            and graph.kind(node) in _INTEGER_ON_CODES
+        )
+        if integer_op and on_codes:
+            continue  # quantizability's reason holds
+        chain = lookup_chain(graph, node, widths, skip)
+        if chain is not None:
+            why = (
+                "part of an elementwise chain from one quantized tensor to another "
+                f"({' -> '.join(n.op for n in chain.nodes)}): in --integer and --target one "
+                "integer lookup table of its input's codes"
+            )
+            for member in chain.nodes:
+                rules[member.name] = (True, why)
+            skip.update(n.name for n in chain.nodes)
+        elif integer_op:
+            missing = [t.name for t in [*data, *node.outputs[:1]] if t.name not in quantized]
+            why = f"{missing[0]} has no integer codes" if missing else "no activation input"
+            rules[node.name] = (
+                False,
+                f"runs in float between DQ and Q: {why} (an op on activations needs every "
+                "operand quantized)",
+            )
+
+
+# ops integerize rewrites on activation codes (its dispatch table), whose label depends on
+# whether their operands are quantized
+_INTEGER_ON_CODES = frozenset(
+    {
+        OpKind.ADD,
+        OpKind.MUL,
+        OpKind.MATMUL,
+        OpKind.GLOBAL_AVGPOOL,
+        OpKind.HARD_SIGMOID,
+        OpKind.HARD_SWISH,
+        OpKind.SOFTMAX,
+        OpKind.LEAKY_RELU,
+        OpKind.PRELU,
+        OpKind.MAXPOOL,
+        OpKind.CONCAT,
+        OpKind.MAX,
+        OpKind.MIN,
+        OpKind.TRANSPOSE,
+        OpKind.RESHAPE,
+        OpKind.FLATTEN,
+        OpKind.SQUEEZE,
+        OpKind.UNSQUEEZE,
+    }
+)
 
 
 def _integer_island_reason(graph: QGraph, node: gs.Node, weight: gs.Constant) -> str | None:
