@@ -134,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--no-clip-search", action="store_true")
+    p.add_argument("--tag", default="", help="appended to the ILP rows' names")
+    p.add_argument(
+        "--table-methods",
+        default="gptq",
+        help="methods measured for the tied embedding / LM head (gptq, gptq-d<damp>, rtn: "
+        "min-max, rtnclip: the range shrink); per width the ILP gets the one of least damage",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.llm_gptq_ilp " + shlex.join(
@@ -159,6 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     found = hessians(work, source, layers, args.calib_windows)
     prepared = Prepared(source, inventory, LayerQuantizer(settings, found), 0.0, memo=True)
     cache = CachedGptq(work / "gptq", prepared)
+    # the tied table by other methods: GPTQ's compensation serves the LM head's inputs only,
+    # and moves the embedding rows that the same tensor also is
+    table_caches = {"gptq": cache}
+    for method in args.table_methods.split(","):
+        if method in ("rtn", "rtnclip"):
+            rtn = WeightOnlySettings(
+                method=Method.RTN, group_size=args.group_size, clip_search=method == "rtnclip"
+            )
+            rtn_prepared = Prepared(source, inventory, LayerQuantizer(rtn, {}), 0.0)
+            table_caches[method] = CachedGptq(work / f"table_{method}", rtn_prepared)
+        elif method.startswith("gptq-d"):  # more dampening: H + a I also weighs the rows' own
+            # error, which is what the embedding lookup sees
+            damped = WeightOnlySettings(
+                method=Method.GPTQ, group_size=args.group_size, damp=float(method[6:])
+            )
+            damped_prepared = Prepared(source, inventory, LayerQuantizer(damped, found), 0.0)
+            table_caches[method] = CachedGptq(work / f"table_{method}", damped_prepared)
+        elif method != "gptq":
+            raise SystemExit(f"unknown table method {method}")
 
     if "gptq" in stages:
         for bits in _gptq_order([*widths, *table]):
@@ -188,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
             part = kl_damage(_one(fed, layer), lambda x, b: cache.get(x, b).dequantize(), wanted)
             damage.setdefault(layer.id, {}).update(part[layer.id])
             damage_path.write_text(json.dumps(damage, indent=1))
+        for layer in (x for x in layers if x.tied):
+            for method, other in table_caches.items():
+                key = f"{layer.id}#{method}"
+                wanted = [b for b in table if b not in damage.get(key, {})]
+                if method == "gptq" or not wanted:
+                    continue
+                part = kl_damage(
+                    _one(fed, layer), lambda x, b, c=other: c.get(x, b).dequantize(), wanted
+                )
+                damage.setdefault(key, {}).update(part[layer.id])
+                damage_path.write_text(json.dumps(damage, indent=1))
         del fed
         log.info("damage: %.0f s", time.perf_counter() - t0)
 
@@ -196,9 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     window_bytes = [gemma3.window_bytes(w) for w in windows]
     head = next((x.id for x in layers if x.tied), None)
 
+    # per width, the table's method of least measured damage
+    table_method: dict[int, str] = {}
+    ilp_damage = dict(damage)
+    for layer in (x for x in layers if x.tied and x.id in damage):
+        ilp_damage[layer.id] = dict(damage[layer.id])
+        for b in table:
+            options = {
+                m: damage.get(layer.id if m == "gptq" else f"{layer.id}#{m}", {}).get(b)
+                for m in table_caches
+            }
+            measured = {m: v for m, v in options.items() if v is not None}
+            if measured:
+                table_method[b] = min(measured, key=lambda m: measured[m])
+                ilp_damage[layer.id][b] = measured[table_method[b]]
+    log.info("tied table method per width: %s", table_method)
+
     def write_and_score(name: str, bits: Mapping[str, int], **extra: Any) -> None:
         for layer in layers:  # the cached codes, not a second GPTQ run
-            prepared._done[(layer.id, bits[layer.id])] = (cache.get(layer, bits[layer.id]), 0.0)
+            b = bits[layer.id]
+            source_cache = table_caches[table_method.get(b, "gptq")] if layer.tied else cache
+            prepared._done[(layer.id, b)] = (source_cache.get(layer, b), 0.0)
         folder = work / _safe(name)
         report = run(float_path, folder, prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
         rows[name] = {
@@ -207,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "average_code_bits": report["average_code_bits"],
             "stored_weight_bytes": report["stored_weight_bytes"],
             "tied_embedding_bits": bits.get(head) if head else None,
+            "tied_embedding_method": table_method.get(bits[head], "gptq") if head else None,
             "layers_per_width": {
                 str(b): sum(v == b for v in bits.values()) for b in sorted(set(bits.values()))
             },
@@ -220,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if "ilp" in stages:
         by_layer = {x.id: widths_of(x, widths, table) for x in layers}
         for budget in [float(b) for b in args.budgets.split(",") if b]:
-            bits, allocation = allocate_widths(layers, damage, by_layer, f"avg-wbits={budget}")
+            bits, allocation = allocate_widths(layers, ilp_damage, by_layer, f"avg-wbits={budget}")
             write_and_score(
-                f"ILP avg {budget} bits (GPTQ g{args.group_size})",
+                f"ILP avg {budget} bits (GPTQ g{args.group_size}{args.tag})",
                 bits,
                 predicted_damage=allocation.predicted_damage,
                 plan=bits,

@@ -53,12 +53,13 @@ from dyadiq.passes.weight_only.groupwise import (
 )
 from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
 from dyadiq.passes.weight_only.model_file import ModelFile, with_fed_weights
-from dyadiq.passes.weight_only.pipeline import Prepared
+from dyadiq.passes.weight_only.pipeline import MODEL_FILE, Prepared
 from dyadiq.passes.weight_only.quantize import (
     LayerQuantizer,
     Method,
     WeightOnlySettings,
     layer_hessian,
+    quantize_weight,
 )
 from dyadiq.passes.weight_only.sensitivity import log_softmax32
 from dyadiq.zoo import gemma3
@@ -83,17 +84,22 @@ class FedScorer:
         self.windows = gemma3.evaluation_windows(windows)
         self.bytes = sum(gemma3.window_bytes(w) for w in self.windows)
 
-    def perplexity(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
-        nll, tokens = 0.0, 0
+    def perplexity(self, weights: Mapping[str, np.ndarray], session: Any = None) -> dict[str, Any]:
+        """Perplexity, bits per byte and each window's NLL (for paired comparisons);
+        ``session``: another model's session (an exported one) on the same windows."""
+        run = session or self.session
+        output = run.get_outputs()[0].name
+        per_window = []
         for window in self.windows:
-            feeds = {gemma3.INPUT_NAME: window[None, :], **weights}
-            logits = self.session.run([self.output], feeds)[0]
-            log_p = log_softmax32(logits)[:-1]
-            nll -= float(np.sum(log_p[np.arange(len(window) - 1), window[1:]], dtype=np.float64))
-            tokens += len(window) - 1
+            feeds = {gemma3.INPUT_NAME: window[None, :], **(weights if session is None else {})}
+            log_p = log_softmax32(run.run([output], feeds)[0])[:-1]
+            picked = log_p[np.arange(len(window) - 1), window[1:]]
+            per_window.append(-float(np.sum(picked, dtype=np.float64)))
+        nll, tokens = sum(per_window), sum(len(w) - 1 for w in self.windows)
         return {
             "perplexity": math.exp(nll / tokens),
             "bits_per_byte": nll / math.log(2) / self.bytes,
+            "nll_per_window": per_window,
         }
 
 
@@ -222,37 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(x.params for x in layers)
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
+        if variant.startswith("exported="):  # a written model, scored on the same windows
+            path = Path(variant.partition("=")[2])
+            model = ModelFile.load(path / MODEL_FILE if path.is_dir() else path)
+            rows[variant] = scorer.perplexity({}, model.session(model.header))
+            log.info("%s: %s", variant, rows[variant]["perplexity"])
+            continue
+        body_name, _, table_name = variant.partition("+table=")
         found = found64
-        table_bits = 4
-        if variant in ("baseline", "table8"):
-            prepared = Prepared(
-                source, find_weights(source.header), LayerQuantizer(base, found), 0.0
-            )
-            cached = CachedGptq(args.work / "gptq", prepared)
-            if variant == "table8":
-                table_bits = 8
-            quantize: Quantizer = _cached(cached, table_bits)
-        elif variant == "minmax":
-            quantize = settings_quantizer(WeightOnlySettings(method=Method.GPTQ, clip_search=False))
-        elif variant.startswith("damp"):
-            quantize = settings_quantizer(
-                WeightOnlySettings(method=Method.GPTQ, damp=float(variant[4:]))
-            )
-        elif variant == "hclip":
-            quantize = hessian_clip_quantizer(base)
-        elif variant.startswith("salient"):
-            quantize = salient_quantizer(base, float(variant[7:]) / 100)
-        elif variant.startswith("calib"):
-            found = hessians(args.work, source, layers, int(variant[5:]))
-            quantize = settings_quantizer(base)
-        else:
-            raise SystemExit(f"unknown variant {variant}")
+        if body_name.startswith("calib"):
+            found = hessians(args.work, source, layers, int(body_name[5:]))
+        body = _body_quantizer(body_name, base, args.work, source)
+        table = _table_quantizer(table_name, base, args.work, source) if table_name else body
         weights: dict[str, np.ndarray] = {}
         code_bits = 0.0
         for layer in layers:
             w = np.asarray(layer.matrix(source.array(layer.initializer)), np.float32)
             h = layer_hessian(layer, found)
-            deq, b = quantize(layer, w, h)
+            deq, b = (table if layer.tied else body)(layer, w, h)
             weights[layer.initializer] = np.ascontiguousarray(layer.stored(deq))
             code_bits += b * layer.params
         quantize_s = time.perf_counter() - t0
@@ -286,13 +279,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cached_gptq(work: Path, source: ModelFile, bits: int) -> Quantizer:
+    """The default GPTQ's codes, from llm_gptq_ilp's cache (computed there if missing)."""
+    base = WeightOnlySettings(method=Method.GPTQ)
+    found = hessians(work, source, find_weights(source.header).layers, 64)
+    prepared = Prepared(source, find_weights(source.header), LayerQuantizer(base, found), 0.0)
+    return _cached(CachedGptq(work / "gptq", prepared), bits)
+
+
+def _body_quantizer(
+    name: str, base: WeightOnlySettings, work: Path, source: ModelFile
+) -> Quantizer:
+    if name == "baseline":
+        return _cached_gptq(work, source, 4)
+    if name == "rtn":  # dyadiq RTN int4 g128 of llm.md (range shrink on, no Hessian)
+        return settings_quantizer(WeightOnlySettings(method=Method.RTN))
+    if name == "minmax":
+        return settings_quantizer(WeightOnlySettings(method=Method.GPTQ, clip_search=False))
+    if name.startswith("damp"):
+        return settings_quantizer(WeightOnlySettings(method=Method.GPTQ, damp=float(name[4:])))
+    if name == "hclip":
+        return hessian_clip_quantizer(base)
+    if name.startswith("salient"):
+        return salient_quantizer(base, float(name[7:]) / 100)
+    if name.startswith("calib"):
+        return settings_quantizer(base)
+    raise SystemExit(f"unknown variant {name}")
+
+
+def _table_quantizer(
+    name: str, base: WeightOnlySettings, work: Path, source: ModelFile
+) -> Quantizer:
+    """The tied embedding / LM head's options: ``rtn`` / ``rtnclip`` (no GPTQ: its
+    compensation serves the LM head's inputs only, and moves the embedding rows), ``b<bits>``
+    (the default GPTQ at that width), or any body quantizer's name."""
+    if name in ("rtn", "rtnclip"):
+        fmt = base.format(4)
+
+        def rtn(
+            layer: WeightLayer, w: np.ndarray, h: np.ndarray | None
+        ) -> tuple[np.ndarray, float]:
+            q = quantize_weight(w, fmt, method=Method.RTN, clip_search=name == "rtnclip")
+            return q.dequantize(), 4.0
+
+        return rtn
+    if name.startswith("b"):
+        return _cached_gptq(work, source, int(name[1:]))
+    return _body_quantizer(name, base, work, source)
+
+
 def _cached(cached: CachedGptq, table_bits: int) -> Quantizer:
     def quantize(
         layer: WeightLayer, w: np.ndarray, h: np.ndarray | None
     ) -> tuple[np.ndarray, float]:
-        bits = table_bits if layer.tied else 4
-        q: GroupwiseWeight = cached.get(layer, bits)
-        return q.dequantize(), float(bits)
+        q: GroupwiseWeight = cached.get(layer, table_bits)
+        return q.dequantize(), float(table_bits)
 
     return quantize
 
