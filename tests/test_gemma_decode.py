@@ -327,8 +327,9 @@ def test_quantize_weight_only_target_builds_what_generate_runs(
 ) -> None:
     """``dyadiq quantize --weight-only --target x86-64-v3 --decode-graph DECODE`` writes the
     compiled decode step to OUT/x86-avx2 and checks it against onnxruntime on the same
-    quantized decode graph (logits within 1e-4 here); ``dyadiq generate OUT/x86-avx2`` then
-    runs that build as it is (no second build) and agrees with onnxruntime token for token."""
+    quantized decode graph (logits within 1e-4 here, absolute and relative to their scale);
+    ``dyadiq generate OUT/x86-avx2`` then runs that build as it is (no second build) and
+    agrees with onnxruntime token for token."""
     import json
 
     from dyadiq.cli import main
@@ -355,6 +356,7 @@ def test_quantize_weight_only_target_builds_what_generate_runs(
     check = info["check"]
     assert check["positions"] == 8 and check["argmax_agree"] == 8, check
     assert check["max_abs_logit_diff"] <= LOGIT_TOL, check
+    assert check["max_relative_logit_diff"] <= check["relative_tolerance"] == 1e-4, check
     built = (out / "x86-avx2" / "model.so").stat().st_mtime_ns
 
     tokenizer = _word_tokenizer(tmp_path / "tokenizer.json")

@@ -43,9 +43,11 @@ QUANTIZE_TARGET_FOLDERS = {
     "aarch64": "aarch64",
 }
 ZOO_DECODE_GRAPHS = ("gemma3_270m",)  # zoo models whose decode-step graph the zoo exports
-# The build check's tolerance on logits: both sides compute in float32 (summation order
-# differs), and the benchmark's 192-step runs on Gemma 3 270M stay below 4e-4.
-CHECK_LOGIT_TOL = 1e-3
+# The build check's tolerance: the largest logit difference of a step relative to that
+# step's largest |logit|. Both sides compute in float32 in different summation orders, so the
+# absolute difference grows with the logits' scale (Gemma 3 270M: 9.5e-4 at a step whose
+# logits reach 27, i.e. 3.5e-5 relative; 1.8e-4 on 191 steps of ordinary text).
+CHECK_RELATIVE_TOL = 1e-4
 
 
 def host_x86_kind() -> Any:
@@ -184,14 +186,23 @@ def check_decode_target(folder: Path, steps: int) -> dict[str, Any] | None:
     expected = greedy_decode(OnnxruntimeStep(session, shape.layers), shape, prompt, 1)
     got = greedy_decode(TvmDecodeStep(folder), shape, prompt, 1)
     compared = agreement(np.stack(expected.step_logits), got.step_logits)
-    return {"reference": REFERENCE_MODEL, "tolerance": CHECK_LOGIT_TOL, **compared.to_json()}
+    relative = max(
+        float(np.max(np.abs(g - e)) / np.max(np.abs(e)))
+        for e, g in zip(expected.step_logits, got.step_logits, strict=True)
+    )
+    return {
+        "reference": REFERENCE_MODEL,
+        "max_relative_logit_diff": relative,
+        "relative_tolerance": CHECK_RELATIVE_TOL,
+        **compared.to_json(),
+    }
 
 
 def build_quantize_target(out: Path, name: str, decode_graph: Path, check_steps: int) -> Path:
     """``quantize --weight-only --target NAME``: build ``OUT/<folder>`` from the model just
     written to ``OUT`` (what ``dyadiq generate OUT/<folder>`` would build on first use) and
     check it on ``check_steps`` decoding steps where it runs here. A check outside
-    ``CHECK_LOGIT_TOL`` is an error; it is recorded in decode.json either way."""
+    ``CHECK_RELATIVE_TOL`` is an error; it is recorded in decode.json either way."""
     from dyadiq.backends.tvm.weight_only_decode import METADATA_NAME
     from dyadiq.errors import VerificationError
 
@@ -205,13 +216,14 @@ def build_quantize_target(out: Path, name: str, decode_graph: Path, check_steps:
         return folder
     print(
         f"decode target: {folder} ({info['target']}); {check['positions']} steps against "
-        f"onnxruntime on {REFERENCE_MODEL}: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
+        f"onnxruntime on {REFERENCE_MODEL}: max |logit diff| {check['max_abs_logit_diff']:.3g} "
+        f"({check['max_relative_logit_diff']:.2g} of the step's largest |logit|), "
         f"{check['argmax_agree']}/{check['positions']} argmax equal"
     )
-    if check["max_abs_logit_diff"] > CHECK_LOGIT_TOL:
+    if check["max_relative_logit_diff"] > CHECK_RELATIVE_TOL:
         raise VerificationError(
-            f"{folder}: logits differ from onnxruntime's by {check['max_abs_logit_diff']:.3g} "
-            f"(> {CHECK_LOGIT_TOL})"
+            f"{folder}: logits differ from onnxruntime's by "
+            f"{check['max_relative_logit_diff']:.3g} of their scale (> {CHECK_RELATIVE_TOL})"
         )
     return folder
 
