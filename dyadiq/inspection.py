@@ -13,6 +13,7 @@ from dyadiq.graph import QGraph
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites, find_activation_sites
 from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY, lookup_chain
+from dyadiq.passes.integer_embedding import EmbeddingSum, find_embedding_sum, integer_embedding
 from dyadiq.passes.integer_layer_norm import layer_norm_operands
 from dyadiq.passes.masked_softmax import find_masked_softmax
 from dyadiq.plan import PrecisionPlan
@@ -97,12 +98,17 @@ def _layer_norm_rules(
         if graph.kind(node) is not OpKind.LAYER_NORM:
             continue
         out = node.outputs[0]
+        embedding = _embedding_sum(node.inputs[0], quantized)
+        if embedding is not None:  # tentatively, as integerize plans it
+            quantized.add(node.inputs[0].name)
         found = layer_norm_operands(node, quantized, ())
         shared = any(
             graph.facts(c).shares_input_scale and c.outputs and c.outputs[0].name in quantized
             for c in out.outputs
         )
         if isinstance(found, str):
+            if embedding is not None:
+                quantized.discard(node.inputs[0].name)
             rules[node.name] = (False, f"runs in float between DQ and Q: {found}")
             if shared:  # its output gets 8-bit codes for the next LayerNorm (integerize)
                 quantized.add(out.name)
@@ -113,7 +119,25 @@ def _layer_norm_rules(
         if add is not None:
             why += " over the residual Add, whose two quantized inputs it sums wide"
             rules[add.name] = (True, "residual Add: summed wide inside the integer LayerNorm")
+        if embedding is not None:
+            why += " over the token embedding sum, read wide"
+            summed = (
+                "token embedding sum: an int8 table's rows plus the constant rows, summed "
+                "as int32 codes for the integer LayerNorm"
+            )
+            for member in (embedding.gather, *embedding.adds):
+                rules[member.name] = (True, summed)
         rules[node.name] = (True, why + "; its output is quantized")
+
+
+def _embedding_sum(tensor: gs.Tensor, quantized: set[str]) -> EmbeddingSum | None:
+    """A LayerNorm input that integerize computes as an :class:`ip.Embedding`, or None."""
+    if tensor.name in quantized:
+        return None
+    found = find_embedding_sum(tensor)
+    if isinstance(found, str) or isinstance(integer_embedding(found, tensor.name), str):
+        return None
+    return found
 
 
 def _operand_rules(

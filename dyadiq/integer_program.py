@@ -246,6 +246,24 @@ class LayerNorm:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """A token embedding lookup and the constant rows added to it, as wide int32 codes:
+        out[..., :] = table[indices[...]] * 2^shift + offset
+    ``table``: int8 codes of the embedding table (one scale s_t for the whole table);
+    ``offset``: int32 codes of the constants summed onto the looked-up rows (BERT's position
+    and token-type embeddings), broadcast over the output's trailing dims; the output's scale
+    is s_t / 2^shift (``quant[output]``, zero point 0, ``WIDE_BITS``). ``indices`` are the
+    model's own integer ids (ONNX Gather: a negative index counts from the end). It feeds an
+    integer LayerNorm as the residual stream does."""
+
+    output: str
+    indices: str
+    table: np.ndarray  # int8 [V, D]
+    shift: int
+    offset: np.ndarray  # int32, broadcastable to the output
+
+
+@dataclass(frozen=True)
 class MaskedSoftmax:
     """:class:`Softmax` of ``scores + mask`` where the additive mask is 0 at kept positions
     and a large negative number elsewhere (a transformer's attention mask).
@@ -388,6 +406,7 @@ IntOp = (
     | Softmax
     | MaskedSoftmax
     | LayerNorm
+    | Embedding
     | MaxPool
     | Clip
     | Reshape

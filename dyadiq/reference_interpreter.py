@@ -247,6 +247,13 @@ class ReferenceInterpreter(IntOpVisitor[None]):
         if op.wide_output is not None:
             self._store(op.wide_output, acc)
 
+    def visit_Embedding(self, op: ip.Embedding) -> None:
+        ids = np.asarray(self.env[op.indices]).astype(np.int64)
+        rows = op.table.shape[0]
+        ids = np.where(ids < 0, ids + rows, ids)  # ONNX Gather's negative indices
+        looked_up = op.table.astype(np.int64)[ids] << op.shift
+        self._store(op.output, looked_up + op.offset.astype(np.int64))
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         fill = self.program.quant[op.output].qmin
         self._store(op.output, maxpool(self._codes(op.input), op, fill))

@@ -499,6 +499,13 @@ class _Emitter(IntOpVisitor[None]):
     def visit_MaskedSoftmax(self, op: ip.MaskedSoftmax) -> None:
         self.transformer.masked_softmax(op, self.tag)
 
+    def visit_Embedding(self, op: ip.Embedding) -> None:
+        # its output is the wide residual stream, which the C LayerNorm does not take either
+        raise UnsupportedModelError(
+            f"Embedding {op.output}: a wide (int32) embedding sum has no Cortex-M kernel; "
+            "8-bit codes only"
+        )
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         tag = self.tag
         n, c, h, w = self.shape(op.input)

@@ -457,6 +457,17 @@ class _Lowering(_Builder, IntOpVisitor[None]):
     def visit_Min(self, op: ip.Min) -> None:
         self.nodes.append(helper.make_node("Min", list(op.inputs), [op.output], name=op.output))
 
+    def visit_Embedding(self, op: ip.Embedding) -> None:
+        """:class:`ip.Embedding`: Gather of the int8 table (negative ids as ONNX's), widened,
+        shifted and offset in int32 (|codes| < 2^31, integerize checks it)."""
+        rows = self.node(
+            "Gather", [self.const("table", op.table.astype(np.int8)), op.indices], "rows", axis=0
+        )
+        wide = self.cast(rows, TensorProto.INT32)
+        shifted = self.node("Mul", [wide, self.const("scale", np.int32(1 << op.shift))], "shift")
+        offset = self.const("offset", op.offset.astype(np.int32))
+        self.nodes.append(helper.make_node("Add", [shifted, offset], [op.output], name=op.output))
+
     def visit_Lookup(self, op: ip.Lookup) -> None:
         index = self.cast(op.input, TensorProto.INT32)
         offset = self.program.code_offset(op.input)

@@ -422,6 +422,17 @@ class _Lowering(IntOpVisitor[None]):
         if wide is not None:  # |acc| < 2^31 (integerize checks it)
             self.env[wide] = self.emit(relax.op.astype(acc, "int32"))
 
+    def visit_Embedding(self, op: ip.Embedding) -> None:
+        """:class:`ip.Embedding`: ``take`` of the int8 table (``wrap``: a negative id counts
+        from the end, as ONNX Gather's), widened, shifted and offset in int32."""
+        ids = self.emit(relax.op.astype(self.value(op.indices), "int64"))
+        table = relax.const(op.table.astype(np.int8), "int8")
+        rows = self.emit(relax.op.take(table, ids, axis=0, mode="wrap"))
+        wide = self.emit(relax.op.astype(rows, "int32"))
+        shifted = self.emit(relax.op.left_shift(wide, relax.const(np.int32(op.shift), "int32")))
+        offset = relax.const(op.offset.astype(np.int32), "int32")
+        self.env[op.output] = self.emit(relax.op.add(shifted, offset))
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         # TVM pads with the dtype's minimum, the reference with the output's qmin; every
         # window holds at least one real element (ONNX pads < kernel), whose code is >= qmin,

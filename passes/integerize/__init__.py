@@ -19,10 +19,14 @@ Per op (v = q - z, the zero-point-free codes):
 - LayerNormalization: I-BERT's integer LayerNorm over its input's codes or over the residual
   Add before it, summed wide (``integer_layer_norm``); where the simulator keeps the output
   (the residual stream) in float, the op also writes it as int32 codes for the next one;
+- a token embedding sum before a LayerNorm, Gather(table, ids) + constant rows: one Embedding
+  (int8 table codes, the sum as wide int32 codes) that the LayerNorm reads
+  (``integer_embedding``);
 - Softmax(scores + attention mask): one masked softmax that reads the integer mask the float
   mask was made from (``masked_softmax``; declined candidates are listed in the notes).
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
 Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
+
 The rewrite of each kind of op lives in its own module, a mixin of :class:`_Integerizer` over
 the shared :class:`~dyadiq.passes.integerize.state.IntegerizerState`: ``weighted`` (Conv / Gemm /
 MatMul / ConvTranspose and the overflow check), ``elementwise`` (Add, Mul, pools, activations,
@@ -107,6 +111,7 @@ class _Integerizer(WeightedLayers, ElementwiseOps, TransformerOps, CodeMovement,
         self.tabulated.update(masked.absorbed)  # Softmax and mask ops a match replaces
         self.notes.extend(f"masked softmax declined: {reason}" for reason in masked.declined)
         self.wide_of: dict[str, str] = {}  # float tensor -> its wide int32 codes
+        self.embeddings = {}
         self.layer_norms = self._plan_layer_norms()
 
     # --- dispatch ----------------------------------------------------------------------------
@@ -126,6 +131,9 @@ class _Integerizer(WeightedLayers, ElementwiseOps, TransformerOps, CodeMovement,
                 continue  # part of a lookup table (or masked softmax) an earlier node started
             if node.name in self.masked_softmax:
                 self._masked_softmax(self.masked_softmax[node.name])
+                lowered.add(node.name)
+            elif node.name in self.embeddings:
+                self._embedding(node)
                 lowered.add(node.name)
             elif node.name in self.layer_norms:
                 self._layer_norm(node, self.layer_norms[node.name])

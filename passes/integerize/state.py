@@ -89,6 +89,8 @@ class IntegerizerState:
     masked_softmax: dict[str, MaskedSoftmaxMatch]
     wide_of: dict[str, str]
     layer_norms: dict[str, IntegerLayerNorm]
+    # Gather node -> the embedding sum it starts: op, wide quantizer, the sum's tensor name
+    embeddings: dict[str, tuple[ip.Embedding, ActQuant, str]]
 
     # --- tensor availability -----------------------------------------------------------------
     def codes(self, tensor: gs.Tensor) -> str:

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 from dyadiq import integer_program as ip
 from dyadiq.errors import InternalError
 from dyadiq.op_facts import OpKind
+from dyadiq.passes.integer_embedding import EmbeddingSum, find_embedding_sum, integer_embedding
 from dyadiq.passes.integer_layer_norm import (
     IntegerLayerNorm,
     integer_layer_norm,
@@ -92,6 +93,9 @@ class TransformerOps(IntegerizerState):
             if self.graph.kind(node) is not OpKind.LAYER_NORM:
                 continue
             out = node.outputs[0]
+            embedding = self._embedding_sum(node.inputs[0], codes)
+            if embedding is not None:  # tentatively: kept only if the LayerNorm is integer
+                codes[node.inputs[0].name] = (embedding[0].output, embedding[1])
             found = layer_norm_operands(node, codes.keys(), self.tabulated)
             if isinstance(found, str):
                 self.notes.append(f"LayerNormalization {node.name} in float: {found}")
@@ -114,6 +118,10 @@ class TransformerOps(IntegerizerState):
                 self._float_output_codes(out, codes)
                 continue
             planned[node.name] = built
+            if embedding is not None:
+                op, quant, found_sum = embedding
+                self.embeddings[found_sum.gather.name] = (op, quant, node.inputs[0].name)
+                self.tabulated.update(a.name for a in found_sum.adds)
             if add is not None:
                 self.tabulated.add(add.name)
             if out_q is not None:
@@ -122,6 +130,34 @@ class TransformerOps(IntegerizerState):
             if wide:  # the next LayerNorm reads the residual stream wide
                 codes[out.name] = (f"{out.name}_wide", built.wide)
         return planned
+
+    def _embedding_sum(
+        self, tensor: gs.Tensor, codes: dict[str, tuple[str, ActQuant]]
+    ) -> tuple[ip.Embedding, ActQuant, EmbeddingSum] | None:
+        """A LayerNorm input without codes that is a token embedding sum, as an integer op
+        (:mod:`dyadiq.passes.integer_embedding`); None (with a note if it looked like one)."""
+        if tensor.name in codes:
+            return None
+        found = find_embedding_sum(tensor)
+        if isinstance(found, str):
+            return None
+        built = integer_embedding(found, f"{tensor.name}_wide")
+        if isinstance(built, str):
+            self.notes.append(f"embedding sum {tensor.name} in float: {built}")
+            return None
+        return built[0], built[1], found
+
+    def _embedding(self, node: gs.Node) -> None:
+        """The Gather that starts a planned embedding sum: the whole sum as wide codes."""
+        op, quant, total = self.embeddings[node.name]
+        if op.indices not in self.float_ready:
+            raise InternalError(f"{node.name}: the ids {op.indices} are not computed before it")
+        self.quant[op.output] = quant
+        self.shapes[op.output] = self.shapes.get(op.output) or _static_shape(
+            self.graph.tensors()[total]
+        )
+        self.wide_of[total] = op.output
+        self.ops.append(op)
 
     def _float_output_codes(self, out: gs.Tensor, codes: dict[str, tuple[str, ActQuant]]) -> None:
         """A float LayerNorm's output (the embeddings' in a BERT) gets 8-bit codes in its

@@ -1,0 +1,103 @@
+"""BERT's embeddings in integers: ``Gather(table, ids) + constant rows`` before the first
+LayerNorm becomes one :class:`ip.Embedding` (int8 table codes, wide int32 sum) that the
+integer LayerNorm reads as it reads the residual stream. The reference interpreter, integer
+ONNX and the x86 TVM library agree bit for bit; Cortex-M refuses the wide sum with a reason,
+as it refuses the wide residual stream."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from dyadiq import integer_program as ip
+from dyadiq.backends.onnx.integer import export_integer_onnx
+from dyadiq.consistency import bit_exactness
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.frontends.onnx_frontend import load_onnx
+from dyadiq.passes.integerize import integerize
+from dyadiq.pipeline import quantize_graph
+from dyadiq.plan import PrecisionPlan
+from dyadiq.reference_interpreter import ReferenceInterpreter
+from tests.test_inspect_agrees_with_integer import TOKENS, VOCAB, _embeddings_model
+
+
+def _feeds(seed: int, n: int = 6) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    feeds = [{"ids": rng.integers(0, VOCAB, size=(1, TOKENS), dtype=np.int64)} for _ in range(n)]
+    feeds[0]["ids"][0, :2] = [-1, -VOCAB]  # ONNX Gather: negative ids count from the end
+    return feeds
+
+
+@functools.cache
+def _program() -> ip.IntegerProgram:
+    graph = load_onnx(_embeddings_model())
+    plan = PrecisionPlan.uniform(graph)
+    result = quantize_graph(graph, plan, _feeds(1))
+    return integerize(result.graph, plan, result.sites, result.qdq.act_params)
+
+
+def test_embedding_sum_and_layer_norm_are_integer() -> None:
+    program = _program()
+    embeddings = [op for op in program.ops if isinstance(op, ip.Embedding)]
+    assert len(embeddings) == 1
+    (embedding,) = embeddings
+    assert embedding.table.dtype == np.int8 and program.quant[embedding.output].bits == 32
+    norms = [op for op in program.ops if isinstance(op, ip.LayerNorm)]
+    assert len(norms) == 1 and norms[0].inputs == (embedding.output,)
+    assert not program.float_ops, program.float_ops  # the Gather, two Adds, LayerNorm were
+
+
+def test_reference_is_the_float_sum_within_rounding() -> None:
+    """The wide codes are the float embedding sum to within the table's rounding."""
+    program = _program()
+    (embedding,) = [op for op in program.ops if isinstance(op, ip.Embedding)]
+    feeds = _feeds(2)[0]
+    env = ReferenceInterpreter(program).run(feeds)
+    got = env[embedding.output].astype(np.float64) * program.quant[embedding.output].scale
+    model = _embeddings_model()
+    weights = {t.name: t for t in model.graph.initializer}
+    from onnx import numpy_helper
+
+    table = numpy_helper.to_array(weights["table"]).astype(np.float64)
+    want = (
+        table[feeds["ids"]]
+        + numpy_helper.to_array(weights["token_type"])
+        + numpy_helper.to_array(weights["position"])
+    )
+    table_step = np.abs(table).max() / 127
+    assert np.abs(got - want).max() <= table_step / 2 + 1e-3 * table_step
+
+
+def test_integer_onnx_is_bit_exact() -> None:
+    program = _program()
+    report = bit_exactness(program, export_integer_onnx(program), _feeds(3))
+    assert report["tensors"] > 0
+    assert report["exact_tensors"] == report["tensors"], report["mismatches"]
+
+
+def test_x86_tvm_is_bit_exact() -> None:
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+
+    from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
+    from dyadiq.backends.tvm.lower import lower_program, main_output_names
+
+    program = _program()
+    target = target_for("x86")
+    lowered = lower_program(program, target=target, float_islands=True)
+    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, target), target), tvm.cpu())
+    reference = ReferenceInterpreter(program)
+    for feeds in _feeds(4):
+        values = vm["main"](*(tvm.runtime.tensor(feeds[n]) for n in program.inputs))
+        got = dict(zip(main_output_names(program), (v.numpy() for v in values), strict=True))
+        for name, codes in reference.outputs(feeds).items():
+            assert np.array_equal(got[f"{name}_codes"], codes), name
+
+
+def test_cortex_m_refuses_the_wide_sum(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dyadiq.backends.mcu.emit_c import emit_c_project
+
+    with pytest.raises(UnsupportedModelError, match="wide"):
+        emit_c_project(_program(), tmp_path, cpu="cortex-m4")
