@@ -86,6 +86,13 @@ class CachedGptq:
         self.folder = folder
         self.prepared = prepared
         self.seconds: dict[str, float] = {}
+        # codes made with other settings must not be mixed in: the folder records its own
+        settings = json.dumps(repr(prepared.quantizer.settings))
+        stamp = folder / "settings.json"
+        if stamp.exists() and stamp.read_text() != settings:
+            raise SystemExit(f"{folder} holds codes of other settings: {stamp.read_text()}")
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(settings)
 
     def path(self, layer: WeightLayer, bits: int) -> Path:
         return self.folder / f"b{bits}" / f"{_safe(layer.id)}.npz"
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform", default="", help="uniform widths also scored, e.g. 4")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--tied-damp", type=float, default=WeightOnlySettings().tied_damp)
     p.add_argument("--no-clip-search", action="store_true")
     p.add_argument("--tag", default="", help="appended to the ILP rows' names")
     p.add_argument(
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         method=Method.GPTQ,
         group_size=args.group_size,
         damp=args.damp,
+        tied_damp=args.tied_damp,
         clip_search=not args.no_clip_search,
     )
     found = hessians(work, source, layers, args.calib_windows)
@@ -178,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             table_caches[method] = CachedGptq(work / f"table_{method}", rtn_prepared)
         elif method.startswith("gptq-d"):  # more dampening: H + a I also weighs the rows' own
             # error, which is what the embedding lookup sees
+            damp = float(method[6:])
             damped = WeightOnlySettings(
-                method=Method.GPTQ, group_size=args.group_size, damp=float(method[6:])
+                method=Method.GPTQ, group_size=args.group_size, damp=damp, tied_damp=damp
             )
             damped_prepared = Prepared(source, inventory, LayerQuantizer(damped, found), 0.0)
             table_caches[method] = CachedGptq(work / f"table_{method}", damped_prepared)

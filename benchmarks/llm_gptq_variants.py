@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     source = ModelFile.load(zoo.get("gemma3_270m").model_path)
     layers = find_weights(source.header).layers
     found64 = hessians(args.work, source, layers, 64)
-    base = WeightOnlySettings(method=Method.GPTQ)
+    base = WeightOnlySettings(method=Method.GPTQ, tied_damp=0.01)  # the defaults until now
     scorer = FedScorer(source, layers, args.eval_windows)
     out_json = (args.out or args.work) / "llm_gptq_variants.json"
     rows: dict[str, Any] = json.loads(out_json.read_text())["rows"] if out_json.exists() else {}
@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(variant.partition("=")[2])
             model = ModelFile.load(path / MODEL_FILE if path.is_dir() else path)
             rows[variant] = scorer.perplexity({}, model.session(model.header))
+            rows[variant]["command"] = command
             log.info("%s: %s", variant, rows[variant]["perplexity"])
+            _save(out_json, command, args.eval_windows, started, rows)
             continue
         body_name, _, table_name = variant.partition("+table=")
         found = found64
@@ -257,31 +259,34 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - t0, 1),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "load_average": os.getloadavg(),
+            "command": command,
         }
         log.info("%s: %s", variant, rows[variant])
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(
-            json.dumps(
-                {
-                    "command": command,
-                    "commit": commit,
-                    "eval_windows": args.eval_windows,
-                    "seconds": round(time.perf_counter() - started, 1),
-                    "rows": rows,
-                },
-                indent=1,
-            )
-        )
+        _save(out_json, command, args.eval_windows, started, rows)
         del weights
     return 0
 
 
+def _save(
+    path: Path, command: str, eval_windows: int, started: float, rows: Mapping[str, Any]
+) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "command": command,
+        "commit": commit,
+        "eval_windows": eval_windows,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    path.write_text(json.dumps(data, indent=1))
+
+
 def _cached_gptq(work: Path, source: ModelFile, bits: int) -> Quantizer:
     """The default GPTQ's codes, from llm_gptq_ilp's cache (computed there if missing)."""
-    base = WeightOnlySettings(method=Method.GPTQ)
+    base = WeightOnlySettings(method=Method.GPTQ, tied_damp=0.01)
     found = hessians(work, source, find_weights(source.header).layers, 64)
     prepared = Prepared(source, find_weights(source.header), LayerQuantizer(base, found), 0.0)
     return _cached(CachedGptq(work / "gptq", prepared), bits)
@@ -297,7 +302,8 @@ def _body_quantizer(
     if name == "minmax":
         return settings_quantizer(WeightOnlySettings(method=Method.GPTQ, clip_search=False))
     if name.startswith("damp"):
-        return settings_quantizer(WeightOnlySettings(method=Method.GPTQ, damp=float(name[4:])))
+        damp = float(name[4:])
+        return settings_quantizer(WeightOnlySettings(method=Method.GPTQ, damp=damp, tied_damp=damp))
     if name == "hclip":
         return hessian_clip_quantizer(base)
     if name.startswith("salient"):

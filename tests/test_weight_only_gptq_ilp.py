@@ -67,3 +67,21 @@ def test_no_kept_columns_leaves_gptq_unchanged() -> None:
     a = gptq_group_codes(w, gptq_factor(h[None]), scales, zeros, 32, fmt.code_range)
     b = gptq_group_codes(w, gptq_factor(h[None], last=nothing), scales, zeros, 32, fmt.code_range)
     np.testing.assert_array_equal(a, b)
+
+
+def test_tied_table_gets_its_own_dampening() -> None:
+    from dyadiq.passes.weight_only.layers import find_weights
+    from dyadiq.passes.weight_only.quantize import LayerQuantizer, Method, WeightOnlySettings
+    from tests.test_weight_only import tied_lm
+
+    layers = find_weights(tied_lm(np.random.default_rng(0))).by_id()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(512, 256)) * rng.uniform(0.1, 5, size=256)
+    h = x.T @ x / len(x)
+    quantizer = LayerQuantizer(WeightOnlySettings(method=Method.GPTQ), {"d": h, "emb": h})
+    head, up = quantizer.factor(layers["head"]), quantizer.factor(layers["up"])
+    assert head is not None and up is not None
+    np.testing.assert_allclose(head.inverse_factor, gptq_factor(h[None], damp=0.3).inverse_factor)
+    np.testing.assert_allclose(up.inverse_factor, gptq_factor(h[None], damp=0.01).inverse_factor)
+    with pytest.raises(ConfigError, match="tied-table"):
+        WeightOnlySettings(tied_damp=1.0)

@@ -59,6 +59,13 @@ def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
     group.add_argument(
+        "--tied-damp",
+        type=float,
+        default=0.3,
+        help="GPTQ dampening (x mean diag H) of a tied embedding / LM head, whose rows are "
+        "also looked up as embeddings (other weights: 0.01; default %(default)s)",
+    )
+    group.add_argument(
         "--wo-format",
         default=str(WeightOnlyForm.DEQUANTIZE_LINEAR),
         choices=[str(f) for f in WeightOnlyForm],
@@ -181,6 +188,7 @@ def run_weight_only(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         symmetric=args.symmetric,
         act_order=not args.no_act_order,
+        tied_damp=args.tied_damp,
     )
     model_path, batches, _ = _source(args)
     target = getattr(args, "target", None)

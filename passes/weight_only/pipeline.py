@@ -162,6 +162,8 @@ def plan_json(settings: WeightOnlySettings, bits: Mapping[str, int]) -> dict[str
         "group_size": settings.group_size,
         "symmetric": settings.symmetric,
         "act_order": settings.act_order,
+        "damp": settings.damp,
+        "tied_damp": settings.tied_damp,
         "layers": dict(bits),
     }
 
