@@ -47,6 +47,6 @@ def test_bad_compensate_value_is_a_config_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "OUT"
-    assert _quantize(tiny_cnn_path, calib_npz_folder, out, "--compensate", "adaround") == 2
+    assert _quantize(tiny_cnn_path, calib_npz_folder, out, "--compensate", "brecq") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "ConfigError" in err and "--compensate" in err
