@@ -112,7 +112,7 @@ def test_layer_latency_table_is_written_and_feeds_a_latency_budget(
     plan = json.loads((out / "plan.json").read_text())
     table = json.loads((out / "x86" / "layer_latency.json").read_text())["layers"]
     assert set(table) == set(plan["layers"])
-    assert all(len(row) == 10 and min(row.values()) > 0 for row in table.values())
+    assert all(len(row) == 14 and min(row.values()) > 0 for row in table.values())
     # the table is what --latency-table reads: a budget above the all-W8A8 time is met
     w8_sum = sum(row["W8A8"] for row in table.values())
     budget = f"latency={1.5 * w8_sum:.6f}ms"

@@ -192,7 +192,7 @@ class TvmTarget(base.Target[TvmArtifact]):
 
 
 # weight widths x activation widths the allocation can choose from
-LATENCY_TABLE_FORMATS = tuple((w, a) for a in (8, 4) for w in (8, 6, 4, 3, 2))
+LATENCY_TABLE_FORMATS = tuple((w, a) for a in (8, 4) for w in (8, 7, 6, 5, 4, 3, 2))
 
 
 def _program_outputs(coded: Sequence[bool], values: Sequence[np.ndarray]) -> base.ProgramOutputs:
