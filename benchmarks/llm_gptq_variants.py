@@ -5,13 +5,16 @@ Each variant quantizes every weight (the tied embedding / LM head included) at 4
 scored without writing a model: the dequantised weights are fed to one onnxruntime session
 of the float graph in which every weight is an input (the session the sensitivity analysis
 uses), on the same evaluation windows as ``benchmarks.llm`` (perplexity = exp(mean NLL) of
-all 63 predicted tokens of each window). ``baseline`` is checked against the exported,
-scored model of llm.md (57.60).
+all 63 predicted tokens of each window). This path is not the exported one: it gives 57.01
+for ``baseline`` (exported: 57.60) and 84.69 for ``rtn`` (exported: 84.98), so compare its
+rows with each other; ``exported=PATH`` scores a written model on the same windows.
 
 Variants (names for ``--variants``):
 
-- ``baseline``: the default GPTQ (asymmetric, act order, static groups, damp 0.01,
-  per-group range shrink of least squared rounding error);
+- ``baseline``: GPTQ as it was before the tied table had its own dampening (asymmetric,
+  act order, static groups, damp 0.01 everywhere, per-group range shrink of least squared
+  rounding error), from llm_gptq_ilp's cache;
+- ``rtn``: round to nearest (with the range shrink);
 - ``minmax``: the same without the range shrink;
 - ``damp0.1``: dampening 0.1;
 - ``hclip``: the range shrink chosen by the layer's input second moments (diag H weighted
@@ -20,7 +23,8 @@ Variants (names for ``--variants``):
   of the 4-bit grid: swept last (GPTQ pushes every other column's error onto them) and then
   stored at 8 bits (per-row scale, symmetric) as in PB-LLM / PTQ1.61;
 - ``calib256``: Hessians from 256 calibration windows instead of 64;
-- ``table8``: the tied embedding / LM head at 8 bits (the rest the baseline).
+- ``BODY+table=T``: the tied embedding / LM head by ``T`` instead (``rtn``, ``rtnclip``,
+  ``b<bits>``: the cached GPTQ at that width, or any body name).
 
     .venv/bin/python -m benchmarks.llm_gptq_variants --work /tmp/wo6 --variants baseline,salient1
 """
