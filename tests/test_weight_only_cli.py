@@ -121,3 +121,18 @@ def test_dyadiq_quantize_weight_only_reaches_the_weight_only_mode(
     report = json.loads((out / "report.json").read_text())
     assert report["average_code_bits"] == 4
     assert (out / "model.wo.onnx").exists() and not (out / "model.qdq.onnx").exists()
+
+
+def test_budget_without_candidates_offers_three_to_six_bits(
+    model_and_calib: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    # 2 bits broke the additive damage model on Gemma at 3.5 bits (WEIGHT_ONLY_WIDTHS)
+    model, calib = model_and_calib
+    out = tmp_path / "out"
+    argv = [str(model), "-o", str(out), "--calib", str(calib), "--group-size", "32"]
+    assert main([*argv, "--budget", "avg-wbits=3.5", "--analysis-samples", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    measured = {int(b) for widths in report["allocation"]["damage"].values() for b in widths}
+    assert measured == {3, 4, 5, 6}
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["layers"].values()) <= {3, 4, 5, 6}

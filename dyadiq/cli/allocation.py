@@ -69,7 +69,11 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
     latency_table = getattr(args, "latency_table", None)
     memory_plan = getattr(args, "memory_plan", None)
     return SearchOptions(
-        wbits_candidates=widths(args.wbits_candidates, "--wbits-candidates"),
+        wbits_candidates=(
+            widths(args.wbits_candidates, "--wbits-candidates")
+            if args.wbits_candidates
+            else SearchOptions.wbits_candidates
+        ),
         abits_candidates=widths(abits, "--abits-candidates") if abits else None,
         proxy=args.proxy,
         a8_damage=getattr(args, "a8_damage", False),
@@ -114,7 +118,10 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
         "latency=0.7x (or 3ms with --latency-table), flash=256KB, ram=64KB (--memory-plan); "
         "Nx is relative to all-W8A8",
     )
-    p.add_argument("--wbits-candidates", default="2,3,4,5,6,7,8", help="widths the ILP may pick")
+    p.add_argument(
+        "--wbits-candidates",
+        help="widths the ILP may pick (default 2,3,4,5,6,7,8; with --weight-only 3,4,5,6)",
+    )
     p.add_argument(
         "--abits-candidates",
         help="activation widths the ILP may pick, e.g. 4,8 (needs activation damage in the "

@@ -23,6 +23,12 @@ from dyadiq.errors import CalibrationDataError, ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_ONLY_BITS = 4
+# The ILP's widths in weight-only mode unless --wbits-candidates says otherwise: on Gemma 3 270M
+# at avg-wbits=3.5, offering 2 bits put 47 weights there and perplexity rose to 155 (the
+# additive damage model misses their interaction); widths 3-6 gave 59.2 against 84.98 for
+# uniform round-to-nearest int4 (benchmarks/results/llm.md). Budgets near 3 bits do better
+# with 2 offered (97.9 against 103.6 at 3.0): pass --wbits-candidates 2,3,4,5,6 there.
+WEIGHT_ONLY_WIDTHS = "3,4,5,6"
 DEFAULT_CALIBRATION_BATCHES = 32
 
 
@@ -98,7 +104,7 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--plan", help="a weight-only plan.json (layer -> bits)")
     p.add_argument("--budget", help="avg-wbits=3.5 or size=120MB: widths chosen by the ILP")
-    p.add_argument("--wbits-candidates", default="2,3,4,6,8", help="widths the ILP may pick")
+    p.add_argument("--wbits-candidates", help="widths the ILP may pick (default 3,4,5,6)")
     p.add_argument(
         "--analysis-samples", type=int, default=8, help="calibration batches for sensitivity"
     )
@@ -209,7 +215,7 @@ def run_weight_only(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"the plan names layers this model lacks: {unknown[:5]}")
     elif args.budget:
-        widths = _widths(args.wbits_candidates)
+        widths = _widths(args.wbits_candidates or WEIGHT_ONLY_WIDTHS)
         if args.analysis_samples < 1:
             raise ConfigError("--analysis-samples must be at least 1")
         fed = WeightFedModel(prepared.source, layers, list(batches(args.analysis_samples)))
