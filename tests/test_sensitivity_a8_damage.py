@@ -20,15 +20,7 @@ from dyadiq.passes.sensitivity.perturbable_model import (
 )
 from dyadiq.quantizers import ActQuant, activation_quant
 from tests.builders import with_weights
-
-MLP = """
-<ir_version: 8, opset_import: ["" : 17]>
-net (float[8, 6] x) => (float[8, 3] y) {
-    a = Gemm <transB = 1> (x, w1)
-    h = Relu (a)
-    y = Gemm <transB = 1> (h, w2)
-}
-"""
+from tests.test_sensitivity import MLP
 
 CONFIG = SensitivityConfig(
     weight_bits=(2, 4), trace=False, pairs=False, entropy=False, activations=False
