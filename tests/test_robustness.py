@@ -396,6 +396,9 @@ def test_interrupt_mid_run_exits_130_and_leaves_the_folder(
     before = _snapshot(out)
     script = (
         "import os, signal, sys\n"
+        # a user's Ctrl-C: a child inherits an ignored SIGINT, and some test before this one
+        # may have left the pytest process ignoring it
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from dyadiq import pipeline\n"
         "from dyadiq.cli import main\n"
         "real = pipeline.write_qdq\n"
