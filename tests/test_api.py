@@ -17,6 +17,7 @@ from conftest import TINY_INPUT_SHAPE, random_batches
 import dyadiq
 from dyadiq.api import SearchOptions, TargetOptions
 from dyadiq.cli import build_parser, main
+from dyadiq.cli.allocation import search_options
 from dyadiq.cli.quantize import DEFAULT_WBITS
 from dyadiq.errors import ConfigError
 from dyadiq.progress import Mode, configure
@@ -90,7 +91,9 @@ def test_defaults_equal_the_command_line() -> None:
     assert tuple(args.pin) == params["pin"].default == ()
     assert params["evaluate"].default is (not args.no_eval)  # True: no callback, do evaluate
     search, build = SearchOptions(), TargetOptions()
-    assert search.wbits_candidates == tuple(int(b) for b in args.wbits_candidates.split(","))
+    # --wbits-candidates has no parser default either (--weight-only has its own widths)
+    assert args.wbits_candidates is None
+    assert search_options(args).wbits_candidates == search.wbits_candidates == (2, 3, 4, 5, 6, 7, 8)
     assert (search.abits_candidates, search.proxy) == (args.abits_candidates, args.proxy)
     assert (search.analysis_samples, search.bisect_steps) == (
         args.analysis_samples,
