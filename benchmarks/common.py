@@ -63,6 +63,26 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _loads(values: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in values)
+
+
+def results_header(machine: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The lines every timing result opens with: the command, the CPU with its SIMD flags,
+    and the load average around the run (a timing is only read together with these)."""
+    threads = f", {run['threads']} threads" if "threads" in run else ""
+    commit = f", git {machine['git_commit']}" if machine.get("git_commit") else ""
+    date = f" ({run['date']}{commit})" if "date" in run else (f" ({commit[2:]})" if commit else "")
+    load = f"Load average at start {_loads(machine['load_avg_start'])}"
+    if "load_avg_end" in run:
+        load += f", at end {_loads(run['load_avg_end'])}"
+    return [
+        f"Command: `{run['command']}`{date}.  ",
+        f"CPU: {machine['cpu_model']}{threads}; flags {' '.join(machine.get('cpu_flags', []))}.  ",
+        f"{load}.  ",
+    ]
+
+
 def write_results(
     data: dict[str, Any], output_dir: Path, stem: str, render: Callable[[dict[str, Any]], str]
 ) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO, machine_info, write_results
+from benchmarks.common import REPO, machine_info, results_header, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (category, substrings of the PrimFunc name), first match wins; the names are those
@@ -117,9 +117,7 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# One decode step of a TVM decode build, by category (issue 17)",
         "",
-        f"Command: `{r['command']}` ({r['date']}, git {m.get('git_commit')}).  ",
-        f"CPU: {m['cpu_model']}, {r['threads']} TVM threads; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m['load_avg_start'])}.  ",
+        *results_header(m, r),
         f"One step at position {r['position']}, {r['repeats']} repeats; per-call times from the "
         "Relax VM's instrument hook (a Python call around each VM call: times slightly high). "
         "Shares are of the instrumented sum.",
@@ -164,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "builds": [profile(Path(b), args.position, args.repeats) for b in args.builds],
     }
+    data["run"]["load_avg_end"] = list(os.getloadavg())
     write_results(data, Path(args.out), "llm_decode_profile", render)
     print(render(data))
     return 0

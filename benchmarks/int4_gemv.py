@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO, machine_info, write_results
+from benchmarks.common import REPO, machine_info, results_header, write_results
 
 log = logging.getLogger("benchmarks.int4_gemv")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,10 +138,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# One layer's int4 GEMV: TVM kernel vs onnxruntime (issue 17)",
         "",
-        f"Command: `{r['command']}`.  ",
-        f"CPU: {m['cpu_model']}, {r['threads']} threads; flags {' '.join(m['cpu_flags'])}.  ",
-        f"Load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_start'])}, at end "
-        f"{', '.join(f'{x:.2f}' for x in r['load_avg_end'])}. Median of {r['repeat']} calls.",
+        *results_header(m, r),
+        f"Median of {r['repeat']} calls.",
         "",
         "| K x N | group | TVM int4 ms | ORT MatMulNBits ms | ORT float ms | TVM checked |",
         "|---|---|---|---|---|---|",
