@@ -32,6 +32,25 @@ def layer_flash_bytes(weight_count: int, out_channels: int, bits: int) -> int:
     return storage + out_channels * (4 + 4 + 1)
 
 
+def program_weight_flash_bytes(program: ip.IntegerProgram) -> int:
+    """Flash the weighted layers' constants of ``program`` take as :func:`emit_c_project` stores
+    them (its ``McuProject.weight_flash_bytes``): codes, an int32 bias per output channel, and
+    an int32 multiplier and int8 shift per requantization channel. Computed from the program
+    alone, so a model whose weights cannot fit is refused before any C is written."""
+    total = 0
+    for op in program.ops:
+        if isinstance(op, ip.Conv):
+            rows = int(op.weight.shape[0])  # OIHW: one row of taps per output channel
+            length = int(op.weight.size) // rows
+        elif isinstance(op, ip.MatMul) and op.weight is not None:
+            length, rows = (int(d) for d in op.weight.shape)  # [K, N]: a row per column
+        else:
+            continue
+        storage = weight_storage_bytes(rows, length, op.weight_bits)
+        total += storage + 4 * rows + 5 * int(np.size(op.requant.mult))
+    return total
+
+
 def flash_cost_table(
     graph: QGraph, formats: Sequence[LayerFormat]
 ) -> dict[str, dict[LayerFormat, int]]:

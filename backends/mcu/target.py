@@ -18,7 +18,7 @@ import numpy as np
 from dyadiq import integer_program as ip
 from dyadiq.backends import target as base
 from dyadiq.backends.capabilities import MCU_C
-from dyadiq.errors import ConfigError
+from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.io import write_text_atomic
 
 if TYPE_CHECKING:
@@ -60,11 +60,17 @@ class McuTarget(base.Target[McuArtifact]):
         self, program: ip.IntegerProgram, out_dir: Path, options: base.EmitOptions
     ) -> McuArtifact:
         from .build import build_if_toolchain
-        from .costs import allocator_memory_plan
+        from .costs import allocator_memory_plan, program_weight_flash_bytes
         from .emit_c import emit_c_project
         from .float_c import island_report, with_float_shapes
 
         program = with_float_shapes(program)  # the arena plans float island tensors too
+        weights, flash = program_weight_flash_bytes(program), self.board.flash[1]
+        if weights > flash:  # refused now, not after writing and compiling megabytes of C
+            raise UnsupportedModelError(
+                f"does not fit: the weights alone take {weights} bytes > {flash} bytes of "
+                f"flash on {self.name} ({weights / 1024:.0f} KB > {flash / 1024:.0f} KB)"
+            )
         project = emit_c_project(program, out_dir, cpu=self.name)
         memory_plan = out_dir / MEMORY_PLAN_NAME
         plan = allocator_memory_plan(program)
