@@ -57,3 +57,20 @@ def test_weights_larger_than_flash_are_refused_before_writing_c(tmp_path):
         f"cortex-m55 ({need / 1024:.0f} KB > 512 KB)"
     )
     assert not (tmp_path / "m55" / "model.c").exists()
+
+
+def test_a_ram_overflow_is_refused_with_the_sizes_too():
+    """A detector's 320x320 activations can overflow the arena's RAM while its weights fit:
+    the linker's RAM overflow is a refusal with the sizes, like flash, not a failed build."""
+    from dyadiq.backends.mcu.build import _does_not_fit, cpu_preset
+
+    preset = cpu_preset("m4")
+    ram = "ld: region `RAM' overflowed by 300 bytes\nld: region `RAM' overflowed by 500 bytes"
+    assert str(_does_not_fit(ram, preset)) == (
+        f"does not fit: {4 * 2**20 + 500} bytes > {4 * 2**20} bytes of RAM on cortex-m4"
+    )
+    both = "ld: region `FLASH' overflowed by 8 bytes\n" + ram
+    assert str(_does_not_fit(both, preset)) == (
+        f"does not fit: {4 * 2**20 + 8} bytes > {4 * 2**20} bytes of flash and "
+        f"{4 * 2**20 + 500} bytes > {4 * 2**20} bytes of RAM on cortex-m4"
+    )

@@ -209,15 +209,21 @@ def build(project: McuProject, *, jobs: int = 1, profile: bool = False) -> Build
 
 
 def _does_not_fit(linker_output: str, preset: CpuPreset) -> UnsupportedModelError | None:
-    """The linker's "region `FLASH' overflowed by N bytes" as a refusal that says by how much
-    (a model too large for the board is refused, not a failed build)."""
-    over = re.search(r"region .FLASH. overflowed by (\d+) bytes", linker_output)
-    if over is None:
+    """The linker's "region `FLASH' (or `RAM') overflowed by N bytes" as a refusal that says by
+    how much (a model too large for the board is refused, not a failed build)."""
+    overflows: dict[str, int] = {}  # per region, the larger of the two ELFs' (app, size probe)
+    for region, over in re.findall(
+        r"region .(FLASH|RAM). overflowed by (\d+) bytes", linker_output
+    ):
+        overflows[region] = max(overflows.get(region, 0), int(over))
+    if not overflows:
         return None
-    need = preset.flash[1] + int(over.group(1))
-    return UnsupportedModelError(
-        f"does not fit: {need} bytes > {preset.flash[1]} bytes of flash on {preset.name}"
-    )
+    sizes = {"FLASH": (preset.flash[1], "flash"), "RAM": (preset.ram[1], "RAM")}
+    parts = [
+        f"{sizes[region][0] + over} bytes > {sizes[region][0]} bytes of {sizes[region][1]}"
+        for region, over in overflows.items()
+    ]
+    return UnsupportedModelError(f"does not fit: {' and '.join(parts)} on {preset.name}")
 
 
 # What `make` writes: never copied into the scratch build, never left in the project folder.
