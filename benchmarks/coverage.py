@@ -337,6 +337,8 @@ def run_model_stage(
             result.update(status="not run", reason="no quantized model from an earlier stage")
         elif result["status"] == "ok":
             result["eval"] = json.loads(result["stdout"])
+    elif stage == "cortex-m4" and (too_large := _flash_refusal(out_root, stage)) is not None:
+        result = too_large
     else:
         out_dir = out_root / stage
         if out_dir.exists():
@@ -359,6 +361,48 @@ def run_model_stage(
         flush=True,
     )
     return result
+
+
+def _flash_refusal(out_root: Path, stage: str) -> dict[str, Any] | None:
+    """The stage's refusal when the integer stage of this work folder stored more quantized
+    weight bytes than the board has flash: the CLI would quantize the model again only to
+    refuse it (``--target cortex-m*`` checks the weights before writing C), so it is not run.
+    The verdict is written as a log the way ``run_stage`` writes one (exit 2, the error on
+    stderr), so ``--rescore`` reads it back unchanged. None: run the CLI."""
+    from dyadiq.backends.mcu.build import cpu_preset
+
+    report = out_root / "integer" / "report.json"
+    if not report.is_file():
+        return None
+    stored = json.loads(report.read_text()).get("sizes", {}).get("quantized_weight_bytes_packed")
+    flash = cpu_preset(stage).flash[1]
+    if stored is None or stored <= flash:
+        return None
+    reason = (
+        f"error: does not fit in flash ({stored / 1024:.0f} KB > {flash / 1024:.0f} KB): "
+        f"{stored} bytes of quantized weights > {flash} bytes of flash on {stage}, from the "
+        f"integer stage's report.json (sizes.quantized_weight_bytes_packed); CLI not run"
+    )
+    command = f"(not run: {report} says {stored} weight bytes > {flash} bytes of flash)"
+    if (out_root / stage).exists():  # an earlier run's output must not pass for this verdict
+        import shutil
+
+        shutil.rmtree(out_root / stage)
+    log = out_root / f"{stage}.log"
+    log.write_text(f"$ {command}\n# exit 2 after 0.0 s\n--- stdout\n\n--- stderr\n{reason}\n")
+    status, why = classify(2, reason)
+    return {
+        "status": status,
+        "reason": why,
+        "seconds": 0.0,
+        "command": command,
+        "cli_commit": _CLI_COMMIT[0] if _CLI_COMMIT else "working tree",
+        "log": str(log),
+        "written": [],
+        "sized_from": str(report),
+        "quantized_weight_bytes": stored,
+        "flash_bytes_available": flash,
+    }
 
 
 def _eval_candidates(out_root: Path) -> list[Path]:
