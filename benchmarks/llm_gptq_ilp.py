@@ -59,21 +59,31 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def hessians(work: Path, source: ModelFile, layers: Sequence[WeightLayer], windows: int) -> dict:
-    path = work / f"hessians_{windows}.npz"
+def hessians(
+    work: Path,
+    source: ModelFile,
+    layers: Sequence[WeightLayer],
+    windows: int,
+    text: str = gemma3.PLAYS_TEXT,
+) -> dict:
+    """Every MatMul input's H over ``windows`` calibration windows of ``text`` (the plays,
+    or the Britannica tail: :data:`dyadiq.zoo.gemma3.CALIBRATION_TEXTS`), cached in ``work``."""
+    prefix = "" if text == gemma3.PLAYS_TEXT else f"{text}_"
+    path = work / f"hessians_{prefix}{windows}.npz"
     if path.exists():
         with np.load(path) as data:
             names = json.loads(str(data["__names__"]))
             return {name: data[f"h{k}"] for k, name in enumerate(names)}
     t0 = time.perf_counter()
-    found = activation_hessians(source, layers, gemma3.calibration_batches(windows))
+    found = activation_hessians(source, layers, gemma3.calibration_batches(windows, text=text))
     names = sorted(found)
     arrays = {f"h{k}": found[name] for k, name in enumerate(names)}
     np.savez(path, __names__=json.dumps(names), **arrays)
     log.info(
-        "Hessians of %d inputs from %d windows: %.0f s",
+        "Hessians of %d inputs from %d windows of %s: %.0f s",
         len(names),
         windows,
+        text,
         time.perf_counter() - t0,
     )
     return found

@@ -23,8 +23,15 @@ Variants (names for ``--variants``):
   of the 4-bit grid: swept last (GPTQ pushes every other column's error onto them) and then
   stored at 8 bits (per-row scale, symmetric) as in PB-LLM / PTQ1.61;
 - ``calib256``: Hessians from 256 calibration windows instead of 64;
+- ``default``: today's defaults (the tied table at dampening 0.3), computed here;
 - ``BODY+table=T``: the tied embedding / LM head by ``T`` instead (``rtn``, ``rtnclip``,
-  ``b<bits>``: the cached GPTQ at that width, or any body name).
+  ``b<bits>``: the cached GPTQ at that width, ``gptq-d<damp>``: llm_gptq_ilp's cached
+  4-bit table at that dampening, or any body name);
+- ``seq<S>``: sequential GPTQ (today's defaults; S inputs per stage, default 4: each
+  transformer block's Hessians from the quantized prefix);
+- ``VARIANT@TEXTN``: Hessians from ``N`` calibration windows of ``TEXT`` (``plays``, or
+  ``britannica-tail``: the last N windows of the evaluation text, disjoint from the first
+  windows that are scored) instead of the first 64 windows of the plays.
 
     .venv/bin/python -m benchmarks.llm_gptq_variants --work /tmp/wo6 --variants baseline,salient1
 """
@@ -66,6 +73,7 @@ from dyadiq.passes.weight_only.quantize import (
     quantize_weight,
 )
 from dyadiq.passes.weight_only.sensitivity import log_softmax32
+from dyadiq.passes.weight_only.sequential import sequential_quantize
 from dyadiq.zoo import gemma3
 
 log = logging.getLogger("benchmarks.llm_gptq_variants")
@@ -240,15 +248,34 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: %s", variant, rows[variant]["perplexity"])
             _save(out_json, command, args.eval_windows, started, rows)
             continue
-        body_name, _, table_name = variant.partition("+table=")
+        spec, _, calibration = variant.partition("@")
+        body_name, _, table_name = spec.partition("+table=")
         found = found64
         if body_name.startswith("calib"):
             found = hessians(args.work, source, layers, int(body_name[5:]))
-        body = _body_quantizer(body_name, base, args.work, source)
-        table = _table_quantizer(table_name, base, args.work, source) if table_name else body
+        if calibration:  # @plays256, @britannica-tail64: Hessians from that text
+            found = hessians(args.work, source, layers, *reversed(_calibration_text(calibration)))
         weights: dict[str, np.ndarray] = {}
         code_bits = 0.0
-        for layer in layers:
+        if body_name.startswith("seq"):  # seq<stage size>: sequential GPTQ, today's defaults
+            text, windows = _calibration_text(calibration or "plays64")
+            quantizer = LayerQuantizer(WeightOnlySettings(method=Method.GPTQ), found)
+            done = sequential_quantize(
+                source,
+                layers,
+                gemma3.calibration_batches(windows, text=text),
+                {x.id: 4 for x in layers},
+                quantizer.on_hessian,
+                found,
+                stage_size=int(body_name[3:] or 4),
+            )
+            for layer in layers:
+                deq = done[layer.id].dequantize()
+                weights[layer.initializer] = np.ascontiguousarray(layer.stored(deq))
+                code_bits += 4 * layer.params
+        body = _body_quantizer(body_name, base, args.work, source) if not weights else None
+        table = _table_quantizer(table_name, base, args.work, source) if table_name else body
+        for layer in layers if body is not None and table is not None else []:
             w = np.asarray(layer.matrix(source.array(layer.initializer)), np.float32)
             h = layer_hessian(layer, found)
             deq, b = (table if layer.tied else body)(layer, w, h)
@@ -269,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         _save(out_json, command, args.eval_windows, started, rows)
         del weights
     return 0
+
+
+def _calibration_text(spec: str) -> tuple[str, int]:
+    """``plays64`` -> ("plays", 64)."""
+    text = spec.rstrip("0123456789")
+    return text, int(spec[len(text) :])
 
 
 def _save(
@@ -301,6 +334,8 @@ def _body_quantizer(
 ) -> Quantizer:
     if name == "baseline":
         return _cached_gptq(work, source, 4)
+    if name == "default":  # today's defaults (the tied table dampened 0.3), computed here
+        return settings_quantizer(WeightOnlySettings(method=Method.GPTQ))
     if name == "rtn":  # dyadiq RTN int4 g128 of llm.md (range shrink on, no Hessian)
         return settings_quantizer(WeightOnlySettings(method=Method.RTN))
     if name == "minmax":
@@ -335,6 +370,13 @@ def _table_quantizer(
         return rtn
     if name.startswith("b"):
         return _cached_gptq(work, source, int(name[1:]))
+    if name.startswith("gptq-d"):  # llm_gptq_ilp's cached table at that dampening, 4 bits
+        damp = float(name[6:])
+        damped = WeightOnlySettings(method=Method.GPTQ, damp=damp, tied_damp=damp)
+        found = hessians(work, source, find_weights(source.header).layers, 64)
+        inventory = find_weights(source.header)
+        prepared = Prepared(source, inventory, LayerQuantizer(damped, found), 0.0)
+        return _cached(CachedGptq(work / f"table_{name}", prepared), 4)
     return _body_quantizer(name, base, work, source)
 
 

@@ -315,10 +315,41 @@ def evaluation_windows(limit: int | None = None) -> list[np.ndarray]:
     return list(_evaluation_windows(cache_dir())[:limit])
 
 
+# Calibration texts: the plays (another domain than the evaluation text), or the last windows
+# of the Britannica prose itself (in-domain, as a user calibrating on their own text would):
+# evaluation reads windows from the start, so the two stay disjoint while the tail is at most
+# half the windows (1265 windows in all; the tail starts at window 1265 - limit)
+PLAYS_TEXT = "plays"
+BRITANNICA_TAIL = "britannica-tail"
+CALIBRATION_TEXTS = (PLAYS_TEXT, BRITANNICA_TAIL)
+
+
+def britannica_tail_windows(limit: int, *, cache: pathlib.Path | None = None) -> list[np.ndarray]:
+    """The last ``limit`` windows of the Britannica prose, in text order (in-domain
+    calibration, disjoint from the first half of the windows that evaluation reads)."""
+    every = _evaluation_windows(cache or cache_dir())
+    if not 0 < limit <= len(every) // 2:
+        raise ZooError(
+            f"the Britannica tail holds 1..{len(every) // 2} calibration windows (the first half "
+            f"is kept for evaluation), asked for {limit}"
+        )
+    return list(every[len(every) - limit :])
+
+
 def calibration_batches(
-    limit: int | None = None, *, cache: pathlib.Path | None = None
+    limit: int | None = None, *, cache: pathlib.Path | None = None, text: str = PLAYS_TEXT
 ) -> Iterator[dict[str, np.ndarray]]:
-    for window in _calibration_windows(cache or cache_dir())[:limit]:
+    """Calibration windows of ``text`` (:data:`CALIBRATION_TEXTS`; the Britannica tail needs
+    a ``limit``)."""
+    if text == BRITANNICA_TAIL:
+        if limit is None:
+            raise ZooError("in-domain calibration needs a window count (--calib-limit)")
+        chosen = britannica_tail_windows(limit, cache=cache)
+    elif text == PLAYS_TEXT:
+        chosen = list(_calibration_windows(cache or cache_dir())[:limit])
+    else:
+        raise ZooError(f"unknown calibration text {text!r}; choose one of {CALIBRATION_TEXTS}")
+    for window in chosen:
         yield {INPUT_NAME: window[None, :]}
 
 

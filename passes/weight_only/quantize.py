@@ -98,25 +98,33 @@ class LayerQuantizer:
     _factors: dict[tuple[str, ...], GptqFactor | None] = field(default_factory=dict)
 
     def factor(self, layer: WeightLayer) -> GptqFactor | None:
-        if self.settings.method is not Method.GPTQ:
-            return None
         key = (*layer.activations, "tied") if layer.tied else layer.activations
-        damp = self.settings.tied_damp if layer.tied else self.settings.damp
         if key not in self._factors:
-            h = layer_hessian(layer, self.hessians)
-            self._factors[key] = (
-                None
-                if h is None
-                else gptq_factor(h[None], damp=damp, act_order=self.settings.act_order)
-            )
+            self._factors[key] = self._factor_of(layer, layer_hessian(layer, self.hessians))
         return self._factors[key]
 
+    def _factor_of(self, layer: WeightLayer, h: np.ndarray | None) -> GptqFactor | None:
+        if self.settings.method is not Method.GPTQ or h is None:
+            return None
+        damp = self.settings.tied_damp if layer.tied else self.settings.damp
+        return gptq_factor(h[None], damp=damp, act_order=self.settings.act_order)
+
     def __call__(self, layer: WeightLayer, w: np.ndarray, bits: int) -> GroupwiseWeight:
+        return self._quantize(w, bits, self.factor(layer))
+
+    def on_hessian(
+        self, layer: WeightLayer, w: np.ndarray, bits: int, hessian: np.ndarray | None
+    ) -> GroupwiseWeight:
+        """``layer`` at ``bits`` on the given H (sequential GPTQ's, from the quantized
+        prefix) instead of the float model's; nothing cached."""
+        return self._quantize(w, bits, self._factor_of(layer, hessian))
+
+    def _quantize(self, w: np.ndarray, bits: int, factor: GptqFactor | None) -> GroupwiseWeight:
         return quantize_weight(
             w,
             self.settings.format(bits),
             method=self.settings.method,
-            factor=self.factor(layer),
+            factor=factor,
             block=self.settings.block,
             clip_search=self.settings.clip_search,
         )

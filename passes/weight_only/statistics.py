@@ -10,6 +10,7 @@ which is what makes GPTQ affordable on a 163-MatMul language model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,10 +29,21 @@ def activation_hessians(
     if not names:
         return {}
     session = model.session(with_outputs(model.header, names))
+    return accumulate_hessians(session, names, batches)
+
+
+def accumulate_hessians(
+    session: Any,
+    names: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    extra_feeds: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """H of the outputs ``names`` of ``session`` over ``batches`` (each fed together with
+    ``extra_feeds``, e.g. dequantised weights)."""
     sums: dict[str, np.ndarray] = {}
     rows = 0
     for feeds in batches:
-        values = session.run(names, dict(feeds))
+        values = session.run(list(names), {**feeds, **(extra_feeds or {})})
         for name, x in zip(names, values, strict=True):
             flat = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
             if name not in sums:
