@@ -16,6 +16,7 @@ from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY, lookup_chain
 from dyadiq.passes.integer_embedding import EmbeddingSum, find_embedding_sum, integer_embedding
 from dyadiq.passes.integer_layer_norm import layer_norm_operands
 from dyadiq.passes.masked_softmax import find_masked_softmax
+from dyadiq.passes.sentence_pooling import find_sentence_pooling
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ActQuant
 
@@ -85,6 +86,7 @@ def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
         rules[node_id] = (False, f"attention-mask Add runs in float ({reason})")
     graph.graph.toposort()
     _layer_norm_rules(graph, quantized, rules)
+    _pooling_rules(graph, quantized, rules)
     _operand_rules(graph, sites, quantized, rules)
     return rules
 
@@ -128,6 +130,37 @@ def _layer_norm_rules(
             for member in (embedding.gather, *embedding.adds):
                 rules[member.name] = (True, summed)
         rules[node.name] = (True, why + "; its output is quantized")
+
+
+def _pooling_rules(graph: QGraph, quantized: set[str], rules: dict[str, tuple[bool, str]]) -> None:
+    """A sentence embedding's masked mean pooling and L2 normalisation over codes (the last
+    LayerNorm's), as integerize plans them; their outputs join ``quantized``."""
+    found = find_sentence_pooling(graph, quantized)
+    pooled = (
+        "masked mean pooling: one integer op over the codes (exact token sums of the kept "
+        "positions, a rounded division by their count), reading the integer mask"
+    )
+    normed = (
+        "L2 normalisation: one integer op (the integer LayerNorm's square root, a rounded "
+        "division) writing int32 codes"
+    )
+    for matches, why in ((found.pools, pooled), (found.norms, normed)):
+        for match in matches.values():
+            for node in (*match.nodes, match.div):
+                rules[node.name] = (True, why)
+            quantized.add(match.div.outputs[0].name)
+    for name in found.absorbed:  # the float pooling mask's Unsqueeze and Cast
+        rules.setdefault(
+            name,
+            (
+                True,
+                "makes the float pooling mask, which the integer pooling replaces by the "
+                "integer mask it is made from: not computed",
+            ),
+        )
+    for declined in found.declined:
+        node_id, reason = declined.removeprefix("Div ").split(": ", 1)
+        rules[node_id] = (False, f"runs in float between DQ and Q ({reason})")
 
 
 def _embedding_sum(tensor: gs.Tensor, quantized: set[str]) -> EmbeddingSum | None:

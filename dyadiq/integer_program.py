@@ -287,6 +287,56 @@ class MaskedSoftmax:
     requant: Requant
 
 
+# fractional bits a masked mean of 8-bit codes keeps below the input's scale (a wide input
+# keeps its own scale: its codes are fine already)
+MEAN_POOL_FRAC_BITS = 16
+# the L2-normalised output's int32 codes are at scale 2^-L2_NORM_FRAC_BITS (|y| <= 1)
+L2_NORM_FRAC_BITS = 24
+
+
+@dataclass(frozen=True)
+class MaskedMeanPool:
+    """Mean over the tokens (axis 1) of ``input`` [B, T, D] at the positions ``mask`` [B, T]
+    keeps, a sentence embedding's masked mean pooling:
+        v = q - z,  k_bt = (mask_bt != 0),  n_b = max(sum_t k_bt, 1)
+        s_bd = sum_t k_bt v_btd                                   (int64, exact)
+        y_bd = sign(s_bd) floor((|s_bd| 2^(P+1) + n_b) / (2 n_b))  (P = ``frac_bits``)
+    i.e. s 2^P / n rounded half away from zero; every division is of non-negative integers
+    (the same floor in every backend). The output is int32 codes at scale s_x / 2^P, zero
+    point 0 (``WIDE_BITS``). The float graph multiplies by the 0/1 mask cast to float and
+    divides by max(sum mask, eps): the same for a 0/1 mask (the attention-mask convention the
+    masked softmax relies on too), and a row with no kept token is 0 in both.
+    Precondition (integerize checks it): max|v| T 2^(P+1) < 2^62."""
+
+    output: str
+    input: str
+    input_zero_point: int
+    mask: str  # integer or boolean, [B, T]
+    frac_bits: int
+
+
+@dataclass(frozen=True)
+class L2Normalize:
+    """``x / max(||x||_2, eps)`` over the last axis (width N), in integers:
+        v = q - z,  R = max(bits(max_i |v_i|) - B, 0)         (per row; B = ``norm_bits``)
+        r = isqrt(max(sum_i (|v_i| >> R)^2, 1)) 2^R
+        d = max(r, eps_codes)                               (eps_codes = max(ceil(eps / s_x), 1))
+        y_i = sign(v_i) floor((|v_i| 2^(F+1) + d) / (2 d))   (F = ``frac_bits``)
+    y is the normalised value at scale 2^-F rounded half away from zero, int32 codes, zero
+    point 0. The row's shift R keeps B significant bits of its largest |v| (a small row is
+    summed exactly, a large one loses only low bits) and the sum of squares below
+    N 4^B <= 2^61; isqrt is the integer LayerNorm's (:data:`ISQRT_STEPS` Newton steps), bits()
+    the reference's ``bit_length``, and every division is of non-negative integers.
+    Preconditions (integerize checks them): N 4^B <= 2^61, max|v| 2^(F+1) < 2^62."""
+
+    output: str
+    input: str
+    input_zero_point: int
+    norm_bits: int
+    eps_codes: int
+    frac_bits: int
+
+
 @dataclass(frozen=True)
 class MaxPool:
     output: str
@@ -407,6 +457,8 @@ IntOp = (
     | MaskedSoftmax
     | LayerNorm
     | Embedding
+    | MaskedMeanPool
+    | L2Normalize
     | MaxPool
     | Clip
     | Reshape

@@ -254,6 +254,25 @@ class ReferenceInterpreter(IntOpVisitor[None]):
         looked_up = op.table.astype(np.int64)[ids] << op.shift
         self._store(op.output, looked_up + op.offset.astype(np.int64))
 
+    def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:
+        v = self._centered(op.input, op.input_zero_point)  # [B, T, D]
+        keep = (np.asarray(self.env[op.mask]) != 0).astype(np.int64)  # [B, T]
+        total = (v * keep[..., None]).sum(axis=1)
+        count = np.maximum(keep.sum(axis=1), 1)[:, None]
+        magnitude = ((np.abs(total) << (op.frac_bits + 1)) + count) // (2 * count)
+        self._store(op.output, np.sign(total) * magnitude)
+
+    def visit_L2Normalize(self, op: ip.L2Normalize) -> None:
+        v = self._centered(op.input, op.input_zero_point)
+        largest = np.abs(v).max(axis=-1, keepdims=True)
+        shift = np.maximum(bit_length(largest) - op.norm_bits, 0)
+        coarse = np.abs(v) >> shift
+        squares = (coarse * coarse).sum(axis=-1, keepdims=True)
+        norm = integer_sqrt(np.maximum(squares, 1)) << shift
+        divisor = np.maximum(norm, op.eps_codes)
+        magnitude = ((np.abs(v) << (op.frac_bits + 1)) + divisor) // (2 * divisor)
+        self._store(op.output, np.sign(v) * magnitude)
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         fill = self.program.quant[op.output].qmin
         self._store(op.output, maxpool(self._codes(op.input), op, fill))

@@ -13,9 +13,10 @@ one of
   an integer / boolean ``a`` of zeros and ones (the attention-mask convention of BERT exports);
 with m a scalar constant <= -``MASK_MIN_MAGNITUDE``: exp(m + score) is then 0 in float32, so
 the float model excludes the masked positions exactly as the integer op does. From ``cond`` or
-``a`` the match steps back over integer Casts and Unsqueeze / Reshape that only add leading
-unit dims (neither changes which positions are kept), so a mask made from the model's
-``attention_mask`` input reads that input, and its plumbing is no float island.
+``a`` the match steps back over ops that change neither which positions are kept nor how the
+mask broadcasts (integer Casts, an And with an all-True constant, order-keeping reshapes:
+:func:`_peel`), so a mask made from the model's ``attention_mask`` input reads that input,
+and its plumbing is no float island.
 
 Preconditions: the Add's output feeds only that Softmax, over the last axis; the scores and the
 Softmax output are quantized (the QDQ simulator's sites), the mask is not; the mask's shape
@@ -135,20 +136,64 @@ def _keeps_nonzero(cast: gs.Node) -> bool:
     return cast.outputs[0].dtype is not None and not _is_float(cast.outputs[0])
 
 
+# reshapes that keep the row-major element order
+_REORDER_FREE = (OpKind.UNSQUEEZE, OpKind.RESHAPE, OpKind.FLATTEN, OpKind.SQUEEZE)
+
+
+def _identity_gather(node: gs.Node) -> bool:
+    """A Gather of rows 0, 1, ..., n-1 of an n-row tensor, in order: a reshape of it."""
+    data, indices = node.inputs[0], node.inputs[1]
+    rows = (data.shape or [None])[0]
+    if not isinstance(indices, gs.Constant) or not isinstance(rows, int):
+        return False
+    axis = int(node.attrs.get("axis", 0))
+    values = np.asarray(indices.values).reshape(-1)
+    return axis in (0, -len(data.shape)) and np.array_equal(values, np.arange(rows))
+
+
+def _all_true_operand(node: gs.Node) -> gs.Tensor | None:
+    """The other operand of ``And(x, all-True constant)`` (which only broadcasts x)."""
+    if len(node.inputs) != 2:
+        return None
+    fixed = [t for t in node.inputs if isinstance(t, gs.Constant)]
+    data = [t for t in node.inputs if isinstance(t, gs.Variable)]
+    if len(fixed) != 1 or len(data) != 1 or not np.all(np.asarray(fixed[0].values)):
+        return None
+    return data[0]
+
+
 def _peel(keep: gs.Tensor, nodes: tuple[gs.Node, ...]) -> tuple[gs.Tensor, tuple[gs.Node, ...]]:
     """Step back from ``keep`` over ops that change neither which positions are non-zero
-    nor how the mask broadcasts (integer Casts, leading-unit Unsqueeze / Reshape), so that
-    the integer op reads e.g. the ``attention_mask`` input itself."""
-    while (node := _producer(keep)) is not None:
+    nor how the mask broadcasts, so that the integer op reads e.g. the ``attention_mask``
+    input itself: integer Casts; an And with an all-True constant (it only broadcasts; the
+    float mask broadcasts to the scores, so its operand does too); and chains of reshapes
+    that keep the element order (Reshape, Flatten, Squeeze, Unsqueeze, a Gather of rows
+    0..n-1 in order, as transformers export the mask's expansion), accepted where the
+    tensor reached broadcasts as the one the chain started from."""
+    anchor, current, passed = keep, keep, nodes
+    while (node := _producer(current)) is not None:
         kind = QGraph.kind(node)
         source = node.inputs[0] if node.inputs else None
         if source is None or isinstance(source, gs.Constant):
+            source = _all_true_operand(node) if kind is OpKind.AND else None
+            if source is None:
+                break
+        if kind is OpKind.AND:
+            step = _all_true_operand(node)
+            if step is None:
+                break
+            anchor = step  # its own broadcast: the And only widened it
+        elif kind is OpKind.CAST:
+            if not _keeps_nonzero(node):
+                break
+            step = source
+        elif kind in _REORDER_FREE or (kind is OpKind.GATHER and _identity_gather(node)):
+            step = source
+        else:
             break
-        neutral_cast = kind is OpKind.CAST and _keeps_nonzero(node)
-        leading_units = kind in (OpKind.UNSQUEEZE, OpKind.RESHAPE) and _same_broadcast(source, keep)
-        if not (neutral_cast or leading_units):
-            break
-        keep, nodes = source, (*nodes, node)
+        current, passed = step, (*passed, node)
+        if current is anchor or _same_broadcast(current, anchor):
+            keep, nodes = current, passed
     return keep, nodes
 
 
@@ -190,6 +235,8 @@ def _match(
     blocker = scores_blocker(scores[0])
     if blocker is not None:
         return blocker
+    if not _broadcasts(masks[0], scores[0]):
+        return f"the mask's shape {masks[0].shape} does not broadcast to the scores'"
     source = _mask_source(masks[0])
     if isinstance(source, str):
         return source

@@ -506,6 +506,12 @@ class _Emitter(IntOpVisitor[None]):
             "8-bit codes only"
         )
 
+    def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:
+        self.transformer.wide_pooling(op)
+
+    def visit_L2Normalize(self, op: ip.L2Normalize) -> None:
+        self.transformer.wide_pooling(op)
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         tag = self.tag
         n, c, h, w = self.shape(op.input)

@@ -251,6 +251,13 @@ class TransformerKernels:
             f"dq_layer_norm(&{tag}, {tag}_x, {self.ref(op.output)}); }}"
         )
 
+    def wide_pooling(self, op: ip.MaskedMeanPool | ip.L2Normalize) -> None:
+        """A sentence embedding's pooling and L2 normalisation write int32 codes."""
+        raise UnsupportedModelError(
+            f"{type(op).__name__} {op.output}: its int32 codes have no Cortex-M kernel; "
+            "8-bit codes only"
+        )
+
     def mask_size(self, mask: str) -> int:
         """Bytes per element of ``mask``, which a float island computes on the device."""
         for op in self.program.ops:

@@ -468,6 +468,69 @@ class _Lowering(_Builder, IntOpVisitor[None]):
         offset = self.const("offset", op.offset.astype(np.int32))
         self.nodes.append(helper.make_node("Add", [shifted, offset], [op.output], name=op.output))
 
+    def rounded_quotient(self, magnitude: str, frac_bits: int, divisor: str) -> str:
+        """floor((|x| 2^(F+1) + d) / (2 d)) of |x| (``magnitude``) and d > 0: a Div of
+        non-negative int64 (a floor)."""
+        scaled = self.node(
+            "Mul", [magnitude, self.const("up", np.int64(1 << (frac_bits + 1)))], "scaled"
+        )
+        twice = self.node("Mul", [divisor, self.const("two", np.int64(2))], "twice_d")
+        biased = self.node("Add", [scaled, divisor], "biased")
+        return self.node("Div", [biased, twice], "quotient")
+
+    def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:
+        """:class:`ip.MaskedMeanPool`: a 0/1 int64 mask, token sums, rounded division."""
+        v = self.centered(op.input, op.input_zero_point)
+        keep = self.cast(self.cast(op.mask, TensorProto.BOOL), TensorProto.INT64)
+        axis = self.const("axis", np.array([1], np.int64))
+        keep3 = self.node("Unsqueeze", [keep, self.const("axes", np.array([-1], np.int64))], "k3")
+        masked = self.node("Mul", [v, keep3], "masked")
+        total = self.node("ReduceSum", [masked, axis], "token_sum", keepdims=0)
+        count = self.node("ReduceSum", [keep, axis], "count", keepdims=1)
+        count = self.node("Max", [count, self.const("one", np.int64(1))], "count_pos")
+        magnitude = self.node("Abs", [total], "abs_sum")
+        quotient = self.rounded_quotient(magnitude, op.frac_bits, count)
+        signed = self.node("Mul", [quotient, self.node("Sign", [total], "sign")], "mean")
+        self.nodes.append(
+            helper.make_node("Cast", [signed], [op.output], name=op.output, to=TensorProto.INT32)
+        )
+
+    def visit_L2Normalize(self, op: ip.L2Normalize) -> None:
+        """:class:`ip.L2Normalize`: the LayerNorm's integer square root, a rounded division."""
+        v = self.centered(op.input, op.input_zero_point)
+        magnitude = self.node("Abs", [v], "abs_v")
+        powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
+        largest = self.row_reduce("ReduceMax", magnitude, "row_max")
+        wide = self.node(
+            "Unsqueeze", [largest, self.const("axes", np.array([-1], np.int64))], "max_wide"
+        )
+        above = self.node("GreaterOrEqual", [wide, self.const("powers", powers)], "max_above")
+        bits = self.node(
+            "ReduceSum",
+            [self.cast(above, TensorProto.INT64), self.const("axes", np.array([-1], np.int64))],
+            "max_bits",
+            keepdims=0,
+        )
+        shift = self.node(
+            "Max",
+            [
+                self.node("Sub", [bits, self.const("b", np.int64(op.norm_bits))], "extra"),
+                self.const("zero", np.int64(0)),
+            ],
+            "shift",
+        )
+        unit = self.node("Gather", [self.const("pow2", powers), shift], "unit", axis=0)
+        coarse = self.node("Div", [magnitude, unit], "coarse")
+        squares = self.row_reduce("ReduceSum", self.node("Mul", [coarse, coarse], "sq"), "sum_sq")
+        squares = self.node("Max", [squares, self.const("one", np.int64(1))], "sum_sq_pos")
+        norm = self.node("Mul", [self.integer_sqrt(squares), unit], "norm")
+        divisor = self.node("Max", [norm, self.const("eps", np.int64(op.eps_codes))], "divisor")
+        quotient = self.rounded_quotient(magnitude, op.frac_bits, divisor)
+        signed = self.node("Mul", [quotient, self.node("Sign", [v], "sign")], "normalised")
+        self.nodes.append(
+            helper.make_node("Cast", [signed], [op.output], name=op.output, to=TensorProto.INT32)
+        )
+
     def visit_Lookup(self, op: ip.Lookup) -> None:
         index = self.cast(op.input, TensorProto.INT32)
         offset = self.program.code_offset(op.input)

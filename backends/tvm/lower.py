@@ -433,6 +433,55 @@ class _Lowering(IntOpVisitor[None]):
         offset = relax.const(op.offset.astype(np.int32), "int32")
         self.env[op.output] = self.emit(relax.op.add(shifted, offset))
 
+    def rounded_quotient(
+        self, magnitude: relax.Expr, frac_bits: int, divisor: relax.Expr, sign_of: relax.Expr
+    ) -> relax.Var:
+        """sign(x) floor((|x| 2^(F+1) + d) / (2 d)) of int64 ``magnitude`` = |x| and d > 0
+        (a floor division of non-negative values), as int32 codes."""
+        scaled = self.emit(relax.op.left_shift(magnitude, _int64(frac_bits + 1)))
+        biased = self.emit(relax.op.add(scaled, divisor))
+        twice = self.emit(relax.op.left_shift(divisor, _int64(1)))
+        quotient = self.emit(relax.op.floor_divide(biased, twice))
+        negative = self.emit(relax.op.less(sign_of, _int64(0)))
+        signed = self.emit(
+            relax.op.where(negative, self.emit(relax.op.negative(quotient)), quotient)
+        )
+        return self.emit(relax.op.astype(signed, "int32"))
+
+    def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:
+        """:class:`ip.MaskedMeanPool`: token sums of the kept positions, rounded division."""
+        v = self.centered(op.input, op.input_zero_point)
+        mask = self.emit(relax.op.astype(self.value(op.mask), "int64"))
+        keep = self.emit(relax.op.astype(self.emit(relax.op.not_equal(mask, _int64(0))), "int64"))
+        kept = self.emit(relax.op.expand_dims(keep, axis=-1))
+        total = self.emit(relax.op.sum(self.emit(relax.op.multiply(v, kept)), axis=[1]))
+        count = self.emit(relax.op.sum(keep, axis=[1], keepdims=True))
+        count = self.emit(relax.op.maximum(count, _int64(1)))
+        magnitude = self.emit(relax.op.abs(total))
+        self.env[op.output] = self.rounded_quotient(magnitude, op.frac_bits, count, total)
+
+    def visit_L2Normalize(self, op: ip.L2Normalize) -> None:
+        """:class:`ip.L2Normalize`: the LayerNorm's integer square root, a rounded division."""
+        v = self.centered(op.input, op.input_zero_point)
+        magnitude = self.emit(relax.op.abs(v))
+        largest = self.emit(relax.op.max(magnitude, axis=-1, keepdims=True))
+        powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
+        above = self.emit(relax.op.greater_equal(largest, _int64(powers)))  # [..., 63]
+        bits = self.emit(
+            relax.op.sum(self.emit(relax.op.astype(above, "int64")), axis=[-1], keepdims=True)
+        )
+        shift = self.emit(
+            relax.op.maximum(self.emit(relax.op.subtract(bits, _int64(op.norm_bits))), _int64(0))
+        )
+        coarse = self.emit(relax.op.right_shift(magnitude, shift))
+        squares = self.emit(
+            relax.op.sum(self.emit(relax.op.multiply(coarse, coarse)), axis=[-1], keepdims=True)
+        )
+        root = self.integer_sqrt(self.emit(relax.op.maximum(squares, _int64(1))))
+        norm = self.emit(relax.op.left_shift(root, shift))
+        divisor = self.emit(relax.op.maximum(norm, _int64(op.eps_codes)))
+        self.env[op.output] = self.rounded_quotient(magnitude, op.frac_bits, divisor, v)
+
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         # TVM pads with the dtype's minimum, the reference with the output's qmin; every
         # window holds at least one real element (ONNX pads < kernel), whose code is >= qmin,

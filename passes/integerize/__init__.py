@@ -23,15 +23,18 @@ Per op (v = q - z, the zero-point-free codes):
   (int8 table codes, the sum as wide int32 codes) that the LayerNorm reads
   (``integer_embedding``);
 - Softmax(scores + attention mask): one masked softmax that reads the integer mask the float
-  mask was made from (``masked_softmax``; declined candidates are listed in the notes).
+  mask was made from (``masked_softmax``; declined candidates are listed in the notes);
+- a sentence embedding's masked mean pooling and L2 normalisation: one integer op each over
+  the wide codes, reading the integer mask (``sentence_pooling``);
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
 Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
 
 The rewrite of each kind of op lives in its own module, a mixin of :class:`_Integerizer` over
 the shared :class:`~dyadiq.passes.integerize.state.IntegerizerState`: ``weighted`` (Conv / Gemm /
 MatMul / ConvTranspose and the overflow check), ``elementwise`` (Add, Mul, pools, activations,
-lookup tables), ``transformer`` (softmax, masked softmax, LayerNorm), ``code_movement`` (ops on
-codes of one scale) and ``float_islands``; this module dispatches and assembles the program.
+lookup tables), ``transformer`` (softmax, masked softmax, LayerNorm), ``pooling`` (masked mean
+pooling, L2 normalisation), ``code_movement`` (ops on codes of one scale) and
+``float_islands``; this module dispatches and assembles the program.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dyadiq.passes.integerize.elementwise import (
     common_shift_dyadic,
 )
 from dyadiq.passes.integerize.float_islands import FloatIslands, outer_scope_names
+from dyadiq.passes.integerize.pooling import PoolingOps
 from dyadiq.passes.integerize.state import _known_dims, _static_shape
 from dyadiq.passes.integerize.transformer import (
     SOFTMAX_FRAC_BITS,
@@ -81,7 +85,9 @@ __all__ = [
 ]
 
 
-class _Integerizer(WeightedLayers, ElementwiseOps, TransformerOps, CodeMovement, FloatIslands):
+class _Integerizer(
+    WeightedLayers, ElementwiseOps, TransformerOps, PoolingOps, CodeMovement, FloatIslands
+):
     def __init__(
         self,
         graph: QGraph,
@@ -113,6 +119,8 @@ class _Integerizer(WeightedLayers, ElementwiseOps, TransformerOps, CodeMovement,
         self.wide_of: dict[str, str] = {}  # float tensor -> its wide int32 codes
         self.embeddings = {}
         self.layer_norms = self._plan_layer_norms()
+        self.pooling = {}
+        self._plan_pooling()  # after the LayerNorms: it reads their wide outputs
 
     # --- dispatch ----------------------------------------------------------------------------
     def run(self) -> ip.IntegerProgram:
@@ -137,6 +145,9 @@ class _Integerizer(WeightedLayers, ElementwiseOps, TransformerOps, CodeMovement,
                 lowered.add(node.name)
             elif node.name in self.layer_norms:
                 self._layer_norm(node, self.layer_norms[node.name])
+                lowered.add(node.name)
+            elif node.name in self.pooling:
+                self._pooling_op(node)
                 lowered.add(node.name)
             elif self._lower(node):
                 lowered.add(node.name)

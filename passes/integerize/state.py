@@ -91,6 +91,8 @@ class IntegerizerState:
     layer_norms: dict[str, IntegerLayerNorm]
     # Gather node -> the embedding sum it starts: op, wide quantizer, the sum's tensor name
     embeddings: dict[str, tuple[ip.Embedding, ActQuant, str]]
+    # Div node -> the sentence-pooling op it ends: its input tensor, op, output quantizer
+    pooling: dict[str, tuple[gs.Tensor, ip.MaskedMeanPool | ip.L2Normalize, ActQuant]]
 
     # --- tensor availability -----------------------------------------------------------------
     def codes(self, tensor: gs.Tensor) -> str:

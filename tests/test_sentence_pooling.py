@@ -1,0 +1,178 @@
+"""A sentence embedder's head in integers: masked mean pooling (:class:`ip.MaskedMeanPool`) and
+L2 normalisation (:class:`ip.L2Normalize`) over the last LayerNorm's wide codes, and the
+attention mask's expansion read from the integer mask, so that a MiniLM-shaped model has no
+float op from ids and mask to the embedding. The reference interpreter, integer ONNX and the
+x86 TVM library agree bit for bit; inspect labels what integerize does."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from dyadiq import integer_program as ip
+from dyadiq.backends.onnx.integer import export_integer_onnx
+from dyadiq.consistency import bit_exactness
+from dyadiq.errors import UnsupportedModelError
+from dyadiq.frontends.onnx_frontend import load_onnx
+from dyadiq.inspection import describe
+from dyadiq.passes.integerize import integerize
+from dyadiq.pipeline import quantize_graph
+from dyadiq.plan import PrecisionPlan
+from dyadiq.quantizers import ActQuant
+from dyadiq.reference_interpreter import ReferenceInterpreter
+from tests.minilm_shaped import TOKENS, minilm_feeds, minilm_model, minilm_program
+
+
+def _round_half_away(value: Fraction) -> int:
+    magnitude = abs(value)
+    whole = int(magnitude + Fraction(1, 2))  # floor(|v| + 1/2)
+    return whole if value >= 0 else -whole
+
+
+def test_the_model_is_fully_integer_and_reads_the_integer_mask() -> None:
+    program = minilm_program()
+    assert program.float_ops == [], program.float_ops
+    (pool,) = [op for op in program.ops if isinstance(op, ip.MaskedMeanPool)]
+    (norm,) = [op for op in program.ops if isinstance(op, ip.L2Normalize)]
+    (softmax,) = [op for op in program.ops if isinstance(op, ip.MaskedSoftmax)]
+    assert pool.mask == softmax.mask == "attention_mask"  # no Cast / Flatten / Gather / And
+    assert program.quant[pool.input].bits == 32 and pool.frac_bits == 0  # the wide stream
+    assert norm.input == pool.output and program.int_outputs["embedding"] == norm.output
+    assert program.quant[norm.output].scale == 2.0**-ip.L2_NORM_FRAC_BITS
+
+
+def _run_op(op: ip.IntOp, quant: dict[str, ActQuant], env: dict[str, np.ndarray]) -> np.ndarray:
+    shapes = {name: tuple(value.shape) for name, value in env.items()}
+    program = ip.IntegerProgram([op], quant, shapes, {}, [])
+    return ReferenceInterpreter(program).run(env)[op.output]  # type: ignore[union-attr]
+
+
+def test_mean_pool_is_the_rounded_exact_mean_of_kept_tokens() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(2, 5, 4)).astype(np.uint8)
+    mask = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0]], np.int64)  # row 2: no token kept
+    quant = {"x": ActQuant(0.1, 131, 8, False), "y": ActQuant(0.1 / 2**4, 0, 32, True)}
+    op = ip.MaskedMeanPool("y", "x", 131, "m", 4)
+    got = _run_op(op, quant, {"x": x, "m": mask})
+    assert got.dtype == np.int32
+    for b in range(2):
+        kept = [t for t in range(5) if mask[b, t]]
+        for d in range(4):
+            total = sum(int(x[b, t, d]) - 131 for t in kept)
+            want = _round_half_away(Fraction(total * 2**4, max(len(kept), 1)))
+            assert got[b, d] == want, (b, d)
+    ties = _run_op(op, quant, {"x": np.full((1, 2, 1), 130, np.uint8), "m": np.ones((1, 2))})
+    assert ties[0, 0] == -16  # -1 exactly: no tie; and a half rounds away from zero below
+    half = ip.MaskedMeanPool("y", "x", 131, "m", 0)
+    x2 = np.array([[[130], [131]]], np.uint8)  # mean -1/2 -> -1
+    assert _run_op(half, quant, {"x": x2, "m": np.ones((1, 2))})[0, 0] == -1
+
+
+def test_l2_normalize_is_the_float_normalisation_within_its_rounding() -> None:
+    rng = np.random.default_rng(4)
+    v = rng.integers(-(2**30), 2**30, size=(3, 384)).astype(np.int32)
+    v[1] = 0  # the norm is eps: zeros stay zero
+    v[2, :] = 0
+    v[2, 7] = -5
+    quant = {"x": ActQuant(2.0**-20, 0, 32, True), "y": ActQuant(2.0**-24, 0, 32, True)}
+    op = ip.L2Normalize("y", "x", 0, 26, 1, 24)  # 384 4^26 < 2^61
+    got = _run_op(op, quant, {"x": v}).astype(np.float64) * 2.0**-24
+    real = v.astype(np.float64)
+    norms = np.maximum(np.linalg.norm(real, axis=-1, keepdims=True), 1.0)
+    want = real / norms
+    assert np.abs(got[0] - want[0]).max() < 1e-6
+    assert not got[1].any()
+    assert got[2, 7] == -1.0 and np.count_nonzero(got[2]) == 1  # a small row is exact too
+
+
+def test_reference_is_the_float_model_within_quantization() -> None:
+    program = minilm_program()
+    session = ort.InferenceSession(minilm_model().SerializeToString())
+    reference = ReferenceInterpreter(program)
+    for feeds in minilm_feeds(2):
+        if not feeds["attention_mask"].any():
+            continue  # no token kept: the float model's softmax rows are all -inf + x
+        (want,) = session.run(None, feeds)
+        got = reference.run(feeds)["embedding"]
+        cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+        assert cosine > 0.99, cosine
+        assert abs(np.linalg.norm(got) - 1.0) < 1e-5
+
+
+def test_integer_onnx_is_bit_exact() -> None:
+    program = minilm_program()
+    report = bit_exactness(program, export_integer_onnx(program), minilm_feeds(3))
+    assert report["tensors"] > 0
+    assert report["exact_tensors"] == report["tensors"], report["mismatches"]
+
+
+def test_x86_tvm_is_bit_exact() -> None:
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+
+    from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
+    from dyadiq.backends.tvm.lower import lower_program, main_output_names
+
+    program = minilm_program()
+    target = target_for("x86")
+    lowered = lower_program(program, target=target, float_islands=False)
+    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, target), target), tvm.cpu())
+    reference = ReferenceInterpreter(program)
+    for feeds in minilm_feeds(4):
+        values = vm["main"](*(tvm.runtime.tensor(feeds[n]) for n in program.inputs))
+        got = dict(zip(main_output_names(program), (v.numpy() for v in values), strict=True))
+        for name, codes in reference.outputs(feeds).items():
+            assert np.array_equal(got[f"{name}_codes"], codes), name
+
+
+def test_inspect_labels_the_pooling_as_integer() -> None:
+    labels = {layer["id"]: layer for layer in describe(load_onnx(minilm_model()))["layers"]}
+    assert [n for n, layer in labels.items() if not layer["quantizable"]] == []
+    by_op = {layer["op"]: layer["reason"] for layer in labels.values()}
+    assert "masked mean pooling" in by_op["ReduceSum"]
+    assert "L2 normalisation" in by_op["ReduceL2"]
+    assert "not computed" in by_op["Flatten"] and "not computed" in by_op["And"]
+
+
+def _with_clip_max(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The token count's Clip also takes a maximum: no longer the pattern."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    clip = next(n for n in changed.graph.node if n.op_type == "Clip" and n.output[0] == "count")
+    clip.input.append("tiny")
+    return changed
+
+
+def test_a_clip_with_a_maximum_keeps_the_pooling_float_and_says_why() -> None:
+    model = _with_clip_max(minilm_model())
+    graph = load_onnx(model)
+    plan = PrecisionPlan.uniform(graph)
+    feeds = [f for f in minilm_feeds(1, 8) if f["attention_mask"].any()]
+    result = quantize_graph(graph, plan, feeds)
+    program = integerize(result.graph, plan, result.sites, result.qdq.act_params)
+    assert not any(isinstance(op, ip.MaskedMeanPool | ip.L2Normalize) for op in program.ops)
+    assert any("Clip is not a minimum" in note for note in program.notes), program.notes
+    floats = {op.split(" ", 1)[0] for op in program.float_ops}
+    assert {"ReduceSum", "ReduceL2", "Div"} <= floats
+    labels = describe(load_onnx(model))["layers"]
+    marked_float = {layer["id"] for layer in labels if not layer["quantizable"]}
+    assert marked_float == {op.split(" ", 1)[1] for op in program.float_ops}
+
+
+def test_cortex_m_refuses_the_int32_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dyadiq.backends.mcu.emit_c import emit_c_project
+
+    with pytest.raises(UnsupportedModelError, match=r"int32|wide|model input"):
+        emit_c_project(minilm_program(), tmp_path, cpu="cortex-m4")
+
+
+def test_all_tokens_masked_rows_agree_too() -> None:
+    feeds = minilm_feeds(5, n=6)
+    assert not feeds[-1]["attention_mask"].any()
+    env = ReferenceInterpreter(minilm_program()).run(feeds[-1])
+    assert not env["pooled_wide"].any() and not env["embedding_wide"].any()
+    assert feeds[0]["attention_mask"].shape[1] == TOKENS
