@@ -96,3 +96,33 @@ def test_each_weight_gets_the_hessian_of_the_quantized_prefix(
 
 def _tensor(model: ModelFile, name: str) -> object:
     return numpy_helper.from_array(model.array(name), name)
+
+
+def test_pipeline_quantizes_in_sequence(model: ModelFile, tmp_path: pathlib.Path) -> None:
+    import json
+
+    from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+    from dyadiq.passes.weight_only.pipeline import prepare, quantize_layers, run
+
+    path = model.base_dir / "tied.onnx"
+    batches = _batches()
+    settings = WeightOnlySettings(method=Method.GPTQ, group_size=32, sequential=True)
+    prepared = prepare(path, iter(batches), settings)
+    assert len(prepared.calibration) == len(batches)
+    layers = prepared.inventory.layers
+    bits = {x.id: 3 for x in layers}
+    expected = sequential_quantize(
+        model, layers, batches, bits, prepared.quantizer.on_hessian, prepared.quantizer.hessians
+    )
+    got, _ = quantize_layers(prepared, bits)
+    plain, _ = quantize_layers(
+        prepare(path, iter(batches), WeightOnlySettings(group_size=32)), bits
+    )
+    for x in layers:
+        np.testing.assert_array_equal(got[x.id].codes, expected[x.id].codes)
+    # the weight after the first stage sees another H than in the float model
+    down = next(x.id for x in layers if x.initializer == "B2")
+    assert not np.array_equal(got[down].codes, plain[down].codes)
+    report = run(path, tmp_path / "out", prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR)
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["sequential"] is True and report["settings"]["sequential"] is True

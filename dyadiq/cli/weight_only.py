@@ -72,6 +72,12 @@ def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
         "also looked up as embeddings (other weights: 0.01; default %(default)s)",
     )
     group.add_argument(
+        "--sequential",
+        action="store_true",
+        help="GPTQ on the Hessians of the already-quantized prefix (one calibration pass per "
+        "4 MatMul inputs, i.e. per transformer block) instead of the float model's",
+    )
+    group.add_argument(
         "--wo-format",
         default=str(WeightOnlyForm.DEQUANTIZE_LINEAR),
         choices=[str(f) for f in WeightOnlyForm],
@@ -195,6 +201,7 @@ def run_weight_only(args: argparse.Namespace) -> int:
         symmetric=args.symmetric,
         act_order=not args.no_act_order,
         tied_damp=args.tied_damp,
+        sequential=getattr(args, "sequential", False),
     )
     model_path, batches, _ = _source(args)
     target = getattr(args, "target", None)

@@ -312,28 +312,41 @@ def _calibration_windows(cache: pathlib.Path) -> tuple[np.ndarray, ...]:
 
 
 def evaluation_windows(limit: int | None = None) -> list[np.ndarray]:
+    """The first ``limit`` windows of the Britannica text (past :data:`EVALUATION_RESERVED`
+    they may overlap the in-domain calibration windows)."""
     return list(_evaluation_windows(cache_dir())[:limit])
 
 
-# Calibration texts: the plays (another domain than the evaluation text), or the last windows
-# of the Britannica prose itself (in-domain, as a user calibrating on their own text would):
-# evaluation reads windows from the start, so the two stay disjoint while the tail is at most
-# half the windows (1265 windows in all; the tail starts at window 1265 - limit)
+# Calibration texts: the plays (another domain than the evaluation text), or windows of the
+# Britannica article itself (in-domain, as a user calibrating on their own text would), never
+# among the first EVALUATION_RESERVED windows, which evaluation reads from the start (1265
+# windows in all): "britannica-tail" the last ones (the article's bibliography, much of it
+# OCR-damaged book lists), "britannica-spread" evenly spaced over all the others (prose and
+# bibliography in the article's proportions)
 PLAYS_TEXT = "plays"
 BRITANNICA_TAIL = "britannica-tail"
-CALIBRATION_TEXTS = (PLAYS_TEXT, BRITANNICA_TAIL)
+BRITANNICA_SPREAD = "britannica-spread"
+CALIBRATION_TEXTS = (PLAYS_TEXT, BRITANNICA_TAIL, BRITANNICA_SPREAD)
+EVALUATION_RESERVED = 128
 
 
-def britannica_tail_windows(limit: int, *, cache: pathlib.Path | None = None) -> list[np.ndarray]:
-    """The last ``limit`` windows of the Britannica prose, in text order (in-domain
-    calibration, disjoint from the first half of the windows that evaluation reads)."""
+def britannica_calibration_windows(
+    limit: int, *, spread: bool = False, cache: pathlib.Path | None = None
+) -> list[np.ndarray]:
+    """``limit`` windows of the Britannica text after its first :data:`EVALUATION_RESERVED`
+    (in-domain calibration, disjoint from evaluation): the last ones, or with ``spread``
+    evenly spaced over all of them; in text order."""
     every = _evaluation_windows(cache or cache_dir())
-    if not 0 < limit <= len(every) // 2:
+    free = len(every) - EVALUATION_RESERVED
+    if not 0 < limit <= free:
         raise ZooError(
-            f"the Britannica tail holds 1..{len(every) // 2} calibration windows (the first half "
-            f"is kept for evaluation), asked for {limit}"
+            f"the Britannica text holds 1..{free} calibration windows after the "
+            f"{EVALUATION_RESERVED} kept for evaluation, asked for {limit}"
         )
-    return list(every[len(every) - limit :])
+    if not spread:
+        return list(every[len(every) - limit :])
+    picks = np.linspace(EVALUATION_RESERVED, len(every) - 1, limit).round().astype(int)
+    return [every[k] for k in picks]
 
 
 def calibration_batches(
@@ -341,10 +354,12 @@ def calibration_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Calibration windows of ``text`` (:data:`CALIBRATION_TEXTS`; the Britannica tail needs
     a ``limit``)."""
-    if text == BRITANNICA_TAIL:
+    if text in (BRITANNICA_TAIL, BRITANNICA_SPREAD):
         if limit is None:
             raise ZooError("in-domain calibration needs a window count (--calib-limit)")
-        chosen = britannica_tail_windows(limit, cache=cache)
+        chosen = britannica_calibration_windows(
+            limit, spread=text == BRITANNICA_SPREAD, cache=cache
+        )
     elif text == PLAYS_TEXT:
         chosen = list(_calibration_windows(cache or cache_dir())[:limit])
     else:

@@ -37,6 +37,7 @@ from dyadiq.passes.weight_only.quantize import (
     layer_hessian,
     relative_output_error,
 )
+from dyadiq.passes.weight_only.sequential import sequential_quantize
 from dyadiq.passes.weight_only.statistics import activation_hessians
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Prepared:
     # every layer at every width, and the chosen plan then reuses those results
     memo: bool = False
     _done: dict[tuple[str, int], tuple[GroupwiseWeight, float]] = field(default_factory=dict)
+    # the calibration batches, kept for sequential GPTQ's passes over the quantized prefix
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     def weight(self, layer: WeightLayer) -> np.ndarray:
         return np.asarray(layer.matrix(self.source.array(layer.initializer)), np.float32)
@@ -101,13 +104,17 @@ def prepare(
     inventory = WeightInventory(tuple(kept), {**inventory.skipped, **excluded})
     if not inventory.layers:
         raise ConfigError("the model has no MatMul / Gemm / Gather weight to quantize")
+    sequential = settings.method is Method.GPTQ and settings.sequential
+    calibration = [dict(b) for b in batches] if sequential else []
     hessians = (
-        activation_hessians(source, inventory.layers, batches)
+        activation_hessians(source, inventory.layers, calibration or batches)
         if settings.method is Method.GPTQ
         else {}
     )
     quantizer = LayerQuantizer(settings, hessians)
-    return Prepared(source, inventory, quantizer, time.perf_counter() - t0, memo)
+    return Prepared(
+        source, inventory, quantizer, time.perf_counter() - t0, memo, calibration=calibration
+    )
 
 
 def quantize_layers(
@@ -120,10 +127,27 @@ def quantize_layers(
     by_id = prepared.inventory.by_id()
     quantized: dict[str, GroupwiseWeight] = {}
     rows: dict[str, dict[str, Any]] = {}
+    settings = prepared.quantizer.settings
+    in_sequence: dict[str, GroupwiseWeight] = {}
+    if settings.method is Method.GPTQ and settings.sequential:
+        # the plan's own prefix: no per-layer memo (the sensitivity analysis's float-H
+        # results stay what it measured)
+        in_sequence = sequential_quantize(
+            prepared.source,
+            prepared.inventory.layers,
+            prepared.calibration,
+            bits,
+            prepared.quantizer.on_hessian,
+            prepared.quantizer.hessians,
+            stage_size=settings.stage_size,
+        )
     for layer_id, width in bits.items():
         layer = by_id[layer_id]
         w = prepared.weight(layer)
-        q, seconds = prepared.quantize_timed(layer, width, w)
+        if layer_id in in_sequence:
+            q, seconds = in_sequence[layer_id], 0.0
+        else:
+            q, seconds = prepared.quantize_timed(layer, width, w)
         quantized[layer_id] = q
         h = layer_hessian(layer, prepared.quantizer.hessians)
         rows[layer_id] = {
@@ -164,6 +188,8 @@ def plan_json(settings: WeightOnlySettings, bits: Mapping[str, int]) -> dict[str
         "act_order": settings.act_order,
         "damp": settings.damp,
         "tied_damp": settings.tied_damp,
+        "sequential": settings.sequential,
+        "stage_size": settings.stage_size,
         "layers": dict(bits),
     }
 

@@ -49,8 +49,14 @@ class WeightOnlySettings:
     # the same rows are also looked up as embeddings, where every row's own error counts;
     # H + a I weighs both (Gemma 3 270M, llm.md: 0.3 beats 0.01 at 3 and 4 bits)
     tied_damp: float = 0.3
+    # GPTQ on the quantized prefix's Hessians (:mod:`.sequential`), ``stage_size`` MatMul
+    # inputs per pass; else every H from one pass of the float model
+    sequential: bool = False
+    stage_size: int = 4
 
     def __post_init__(self) -> None:
+        if self.stage_size < 1:
+            raise ConfigError(f"sequential GPTQ stage size must be positive, got {self.stage_size}")
         for name, value in (("dampening", self.damp), ("tied-table dampening", self.tied_damp)):
             if not 0 < value < 1:
                 raise ConfigError(f"GPTQ {name} must be in (0, 1), got {value}")
