@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from dyadiq import integer_program as ip
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.integerize import integerize
-from dyadiq.pipeline import quantize_graph
+from dyadiq.pipeline import QuantizeResult, quantize_graph
 from dyadiq.plan import PrecisionPlan
 
 VOCAB, TOKENS, HIDDEN, HEADS, FFN = 40, 8, 16, 2, 32
@@ -149,9 +149,13 @@ def minilm_feeds(seed: int, n: int = 6) -> list[dict[str, np.ndarray]]:
 
 
 @functools.cache
-def minilm_program() -> ip.IntegerProgram:
+def minilm_quantized() -> tuple[QuantizeResult, ip.IntegerProgram]:
     graph = load_onnx(minilm_model())
     plan = PrecisionPlan.uniform(graph)
     calibration = [f for f in minilm_feeds(1, 8) if f["attention_mask"].any()]
     result = quantize_graph(graph, plan, calibration)
-    return integerize(result.graph, plan, result.sites, result.qdq.act_params)
+    return result, integerize(result.graph, plan, result.sites, result.qdq.act_params)
+
+
+def minilm_program() -> ip.IntegerProgram:
+    return minilm_quantized()[1]

@@ -2,7 +2,8 @@
 L2 normalisation (:class:`ip.L2Normalize`) over the last LayerNorm's wide codes, and the
 attention mask's expansion read from the integer mask, so that a MiniLM-shaped model has no
 float op from ids and mask to the embedding. The reference interpreter, integer ONNX and the
-x86 TVM library agree bit for bit; inspect labels what integerize does."""
+x86 TVM library and the Cortex-M C under QEMU agree bit for bit; inspect labels what
+integerize does."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import pytest
 
 from dyadiq import integer_program as ip
 from dyadiq.backends.onnx.integer import export_integer_onnx
-from dyadiq.consistency import bit_exactness
-from dyadiq.errors import UnsupportedModelError
+from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.inspection import describe
 from dyadiq.passes.integerize import integerize
@@ -24,7 +24,13 @@ from dyadiq.pipeline import quantize_graph
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ActQuant
 from dyadiq.reference_interpreter import ReferenceInterpreter
-from tests.minilm_shaped import TOKENS, minilm_feeds, minilm_model, minilm_program
+from tests.minilm_shaped import (
+    TOKENS,
+    minilm_feeds,
+    minilm_model,
+    minilm_program,
+    minilm_quantized,
+)
 
 
 def _round_half_away(value: Fraction) -> int:
@@ -110,6 +116,20 @@ def test_integer_onnx_is_bit_exact() -> None:
     assert report["exact_tensors"] == report["tensors"], report["mismatches"]
 
 
+def test_qdq_agreement_of_the_int32_embedding_is_in_float_units() -> None:
+    """The QDQ model's embedding is float: a difference in 2^-24 LSB of the integer model's
+    int32 codes (hundreds of thousands for 0.03) would read as a failure."""
+    from dyadiq.backends.onnx.qdq import export_qdq
+
+    result, program = minilm_quantized()
+    feeds = [f for f in minilm_feeds(3) if f["attention_mask"].any()]
+    agreement = simulation_agreement(
+        program, export_qdq(result.qdq.graph), export_integer_onnx(program), feeds
+    )
+    assert agreement["max_output_diff_lsb"] is None
+    assert 0.0 < agreement["max_float_output_abs_diff"] < 0.1
+
+
 def test_x86_tvm_is_bit_exact() -> None:
     tvm = pytest.importorskip("tvm")
     from tvm import relax
@@ -163,11 +183,39 @@ def test_a_clip_with_a_maximum_keeps_the_pooling_float_and_says_why() -> None:
     assert marked_float == {op.split(" ", 1)[1] for op in program.float_ops}
 
 
-def test_cortex_m_refuses_the_int32_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cortex_m_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The whole MiniLM-shaped model in C: ids and mask as one raw int64 input buffer, the
+    embedding sum and residual stream as int32 arena buffers, the masked softmax reading the
+    mask input, the pooling and L2 normalisation writing int32 codes (padding masks of every
+    length, none kept included)."""
+    from dyadiq.backends.mcu.build import ToolchainError, build, find_toolchain, run_qemu
     from dyadiq.backends.mcu.emit_c import emit_c_project
 
-    with pytest.raises(UnsupportedModelError, match=r"int32|wide|model input"):
-        emit_c_project(minilm_program(), tmp_path, cpu="cortex-m4")
+    try:
+        find_toolchain(need_qemu=True)
+    except ToolchainError as exc:
+        pytest.skip(str(exc))
+    program = minilm_program()
+    project = emit_c_project(program, tmp_path, cpu="cortex-m4")
+    model_c = (tmp_path / "model.c").read_text()
+    for kernel in ("dq_embedding(", "dq_layer_norm(", "dq_masked_softmax(", "dq_mean_pool("):
+        assert kernel in model_c, kernel
+    assert "dq_l2_norm(" in model_c
+    feeds = minilm_feeds(6)
+    inputs = np.stack(
+        [
+            np.concatenate([f[n].astype(np.float32).reshape(-1) for n in program.inputs])
+            for f in feeds
+        ]
+    )
+    run = run_qemu(project, build(project, jobs=2).app_elf, inputs, timeout_s=300)
+    device = project.decode_outputs(run.outputs)
+    reference = ReferenceInterpreter(program)
+    (spec,) = project.outputs
+    assert spec.dtype == np.int32
+    for i, f in enumerate(feeds):
+        want = reference.outputs(f)["embedding"].reshape(spec.shape)
+        assert np.array_equal(device[spec.name][i], want), i
 
 
 def test_all_tokens_masked_rows_agree_too() -> None:

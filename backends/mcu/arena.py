@@ -79,9 +79,10 @@ def static_shape(program: ip.IntegerProgram, tensor: str) -> tuple[int, ...]:
 
 
 def element_bytes(program: ip.IntegerProgram, tensor: str) -> int:
-    """1 for codes; a float island's tensors and the model's float input by their type."""
+    """1 for 8-bit codes, 4 for wide (int32) ones; a float island's tensors and the model's
+    inputs by their type."""
     if tensor in program.quant:
-        return 1
+        return 4 if program.quant[tensor].bits > 8 else 1  # wide codes are int32
     if tensor in program.inputs:
         return int(np.dtype(program.inputs[tensor][0]).itemsize)
     for op in program.ops:
@@ -114,8 +115,10 @@ def _reads(op: ip.IntOp) -> tuple[str, ...]:
     names.extend(getattr(op, "inputs", ()))
     if isinstance(op, ip.MatMul) and op.weight_input is not None:
         names.append(op.weight_input)
-    if isinstance(op, ip.MaskedSoftmax):
+    if isinstance(op, ip.MaskedSoftmax | ip.MaskedMeanPool):
         names.append(op.mask)
+    if isinstance(op, ip.Embedding):
+        names.append(op.indices)
     return tuple(names)
 
 
@@ -143,7 +146,11 @@ def plan_arena(program: ip.IntegerProgram) -> ArenaPlan:
         elif isinstance(op, ip.Reshape):
             aliases[op.output] = aliases[op.input]
         else:
-            written = op.outputs if isinstance(op, ip.FloatIsland) else (op.output,)
+            written: tuple[str | None, ...] = (
+                op.outputs if isinstance(op, ip.FloatIsland) else (op.output,)
+            )
+            if isinstance(op, ip.LayerNorm):  # its wide acc beside the 8-bit codes
+                written = (op.output, op.wide_output)
             for name in (n for n in written if n is not None):
                 aliases[name] = name
                 first[name] = step

@@ -52,6 +52,7 @@ from .float_c import (
     with_float_shapes,
 )
 from .transformer_c import TransformerKernels
+from .transpose_rank import collapse_transpose
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
@@ -92,6 +93,7 @@ class TensorSpec:
     scale: float
     zero_point: int
     values: str | None = None  # a numpy dtype name: raw values (a float island's), not codes
+    bits: int = 8  # codes wider than 8 bits are int32 (a wide residual stream, an embedding)
 
     @property
     def count(self) -> int:
@@ -101,6 +103,8 @@ class TensorSpec:
     def dtype(self) -> np.dtype:
         if self.values is not None:
             return np.dtype(self.values)
+        if self.bits > 8:
+            return np.dtype(np.int32)
         return np.dtype(np.int8 if self.signed else np.uint8)
 
     @property
@@ -191,6 +195,11 @@ class _Emitter(IntOpVisitor[None]):
         self.layers: list[LayerFlash] = []
         self.scratch = 1
         self.tag = ""
+        self.input_offsets: dict[str, int] = {}  # several raw inputs: one after another
+        offset = 0
+        for name, (dtype, shape) in program.inputs.items() if len(program.inputs) > 1 else ():
+            self.input_offsets[name] = offset
+            offset += _prod([max(d, 1) for d in shape]) * np.dtype(dtype).itemsize
         self.islands = IslandEmitter(program, arena, self.decls, self.calls, self.ref)
         self.transformer = TransformerKernels(program, self.decls, self.calls, self.ref)
 
@@ -207,7 +216,8 @@ class _Emitter(IntOpVisitor[None]):
 
     def ref(self, tensor: str) -> str:
         if tensor in self.arena.external:
-            return "input"
+            offset = self.input_offsets.get(tensor, 0)  # several raw inputs: one buffer
+            return f"(input + {offset})" if offset else "input"
         return f"(dq_arena + {self.arena.offset_of(tensor)})"
 
     # --- constants ---------------------------------------------------------------------------
@@ -500,17 +510,13 @@ class _Emitter(IntOpVisitor[None]):
         self.transformer.masked_softmax(op, self.tag)
 
     def visit_Embedding(self, op: ip.Embedding) -> None:
-        # its output is the wide residual stream, which the C LayerNorm does not take either
-        raise UnsupportedModelError(
-            f"Embedding {op.output}: a wide (int32) embedding sum has no Cortex-M kernel; "
-            "8-bit codes only"
-        )
+        self.transformer.embedding(op, self.tag)
 
     def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:
-        self.transformer.wide_pooling(op)
+        self.transformer.mean_pool(op, self.tag)
 
     def visit_L2Normalize(self, op: ip.L2Normalize) -> None:
-        self.transformer.wide_pooling(op)
+        self.transformer.l2_normalize(op, self.tag)
 
     def visit_MaxPool(self, op: ip.MaxPool) -> None:
         tag = self.tag
@@ -529,12 +535,13 @@ class _Emitter(IntOpVisitor[None]):
 
     def visit_Transpose(self, op: ip.Transpose) -> None:
         tag = self.tag
-        shape = self.shape(op.input)
+        # the same move at the lowest rank: a channel shuffle's 5-d transpose is a 3-d one
+        shape, perm = collapse_transpose(self.shape(op.input), op.perm)
         if len(shape) > 4:
             raise UnsupportedModelError(f"{op.output}: Transpose of rank > 4")
         pad = 4 - len(shape)
         shape4 = (1,) * pad + shape
-        perm4 = list(range(pad)) + [p % len(shape) + pad for p in op.perm]
+        perm4 = list(range(pad)) + [p + pad for p in perm]
         self.decls.append(_c_array("int32_t", f"{tag}_shape", np.array(shape4)))
         self.decls.append(_c_array("int32_t", f"{tag}_perm", np.array(perm4)))
         self.calls.append(
@@ -642,10 +649,12 @@ def emit_c_project(
     for step, op in enumerate(program.ops):
         emitter.emit(step, op)
     source = next((op for op in program.ops if isinstance(op, ip.QuantizeInput)), None)
-    if source is None:  # an input that a float island reads: passed on as its values
-        (name,) = program.inputs
-        project_input = TensorSpec(name, static_shape(program, name), False, 1.0, 0)
-        input_bytes, quantize = raw_input_copy(program, name)
+    if source is None:  # inputs read as their values (by a float island, or token ids)
+        name, *more = program.inputs
+        count = sum(_prod(static_shape(program, n)) for n in program.inputs)
+        shape = static_shape(program, name) if not more else (count,)
+        project_input = TensorSpec(",".join(program.inputs), shape, False, 1.0, 0)
+        input_bytes, quantize = raw_input_copy(program, name, *more)
     else:
         in_q = program.quant[source.output]
         project_input = TensorSpec(
@@ -665,7 +674,8 @@ def emit_c_project(
         code = program.int_outputs.get(name, name)
         if code in program.quant:
             q = program.quant[code]
-            spec = TensorSpec(code, static_shape(program, code), q.signed, q.scale, q.zero_point)
+            shape = static_shape(program, code)
+            spec = TensorSpec(code, shape, q.signed, q.scale, q.zero_point, bits=q.bits)
         else:  # a float island's output, copied out as its values
             values = island_output_dtype(program, code).name
             spec = TensorSpec(code, static_shape(program, code), False, 1.0, 0, values)

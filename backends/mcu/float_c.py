@@ -45,9 +45,18 @@ RAW_INPUT_TYPES = {np.dtype(np.float32): "float", np.dtype(np.int32): "int32_t",
 
 def model_input_problems(program: ip.IntegerProgram) -> list[str]:
     """The device takes one input: float codes quantized on the device, or a float or integer
-    tensor a float island reads directly."""
+    tensor a float island reads directly; or several raw integer inputs of one type (token
+    ids and an attention mask), one after another in one buffer."""
     if len(program.inputs) != 1:
-        return [f"{len(program.inputs)} model inputs (exactly one is supported)"]
+        # several integer inputs (token ids and an attention mask) as one raw buffer
+        kinds = {np.dtype(dtype) for dtype, _ in program.inputs.values()}
+        quantized = any(isinstance(op, ip.QuantizeInput) for op in program.ops)
+        if quantized or len(kinds) != 1 or not kinds <= {np.dtype(np.int32), np.dtype(np.int64)}:
+            return [
+                f"{len(program.inputs)} model inputs (one, or several raw inputs of one "
+                "integer type, are supported)"
+            ]
+        return []
     (name,) = program.inputs
     dtype = np.dtype(program.inputs[name][0])
     if dtype not in RAW_INPUT_TYPES:
@@ -55,12 +64,13 @@ def model_input_problems(program: ip.IntegerProgram) -> list[str]:
     return []
 
 
-def raw_input_copy(program: ip.IntegerProgram, name: str) -> tuple[int, str]:
+def raw_input_copy(program: ip.IntegerProgram, name: str, *more: str) -> tuple[int, str]:
     """(bytes, C body of ``dq_model_quantize_input``) for an input an island reads as it is:
     the harness hands over floats, converted to the input's type (integer inputs such as byte
-    values or token ids are exact in float32 up to 2^24)."""
+    values or token ids are exact in float32 up to 2^24). Several inputs of one type
+    (``more``) follow each other in one buffer, in that order."""
     dtype = np.dtype(program.inputs[name][0])
-    count = int(np.prod(static_shape(program, name), dtype=np.int64))
+    count = sum(int(np.prod(static_shape(program, n), dtype=np.int64)) for n in (name, *more))
     ctype = RAW_INPUT_TYPES[dtype]
     body = (
         f"    {ctype} *values = ({ctype} *)(void *)codes;\n"

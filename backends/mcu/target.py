@@ -82,7 +82,7 @@ class McuTarget(base.Target[McuArtifact]):
             "memory_plan": str(memory_plan),  # feed back with --memory-plan (--budget ram=)
         }
         report.update(island_report(program, [o.name for o in project.outputs]))
-        (input_name,) = list(program.inputs)
+        input_name = ",".join(program.inputs)  # several raw integer inputs: one buffer
         built, why_not = build_if_toolchain(project)
         if built is None:
             report["built"] = f"not built: {why_not}"
@@ -107,7 +107,13 @@ class McuTarget(base.Target[McuArtifact]):
         except ToolchainError as exc:
             return base.CannotRun(str(exc))
         project = artifact.project
-        inputs = np.stack([np.asarray(f[artifact.input_name], np.float32)[0] for f in feeds])
+        names = artifact.input_name.split(",")
+        inputs = np.stack(
+            [
+                np.concatenate([np.asarray(f[n], np.float32).reshape(-1) for n in names])
+                for f in feeds
+            ]
+        )
         run = run_qemu(project, artifact.elf, inputs, count_instructions=True)
         decoded = project.decode_outputs(run.outputs)
         coded = [s.name for s in project.outputs if s.values is None]

@@ -152,6 +152,7 @@ class TransformerOps(IntegerizerState):
         op, quant, total = self.embeddings[node.name]
         if op.indices not in self.float_ready:
             raise InternalError(f"{node.name}: the ids {op.indices} are not computed before it")
+        self.shapes.setdefault(op.indices, _known_dims(self.graph.tensors()[op.indices]))
         self.quant[op.output] = quant
         self.shapes[op.output] = self.shapes.get(op.output) or _static_shape(
             self.graph.tensors()[total]
