@@ -180,9 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stages",
         default="float,dyadiq,rtn,ort",
-        help="which rows to run (float, dyadiq: GPTQ and its ILP, rtn, ilp-rtn: the ILP on "
-        "round-to-nearest weights, ort); separate runs combine with --merge",
+        help="which rows to run (float, dyadiq: GPTQ and its ILP, gptq: GPTQ int4 / int3 "
+        "alone, rtn, ilp-rtn: the ILP on round-to-nearest weights, ort); separate runs "
+        "combine with --merge",
     )
+    p.add_argument(
+        "--calib-text",
+        default=gemma3.PLAYS_TEXT,
+        choices=gemma3.CALIBRATION_TEXTS,
+        help="calibration text: the plays, or Britannica windows disjoint from evaluation",
+    )
+    p.add_argument("--sequential", action="store_true", help="sequential GPTQ (quantized prefix)")
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
     p.add_argument("--note", action="append", default=[], help="a line for the merged file")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -202,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     float_path = artifacts.model_path
     windows = gemma3.evaluation_windows(args.eval_windows)
     window_bytes = [gemma3.window_bytes(w) for w in windows]
-    calib = list(gemma3.calibration_batches(args.calib_windows))
+    calib = list(gemma3.calibration_batches(args.calib_windows, text=args.calib_text))
+    settings = WeightOnlySettings(method=Method.GPTQ, sequential=args.sequential)
     rows: dict[str, dict[str, Any]] = {}
 
     def record(name: str, path: Path, **extra: Any) -> None:
@@ -212,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if "float" in stages:
         record("float", float_path)
+    if "gptq" in stages:  # the uniform GPTQ rows alone (no MatMulNBits check, no ILP)
+        t0 = time.perf_counter()
+        gptq = prepare(float_path, calib, settings)
+        log.info("Hessians from %d windows: %.0f s", len(calib), time.perf_counter() - t0)
+        _quantized(gptq, float_path, "dyadiq GPTQ int4 g128", 4, work, record)
+        _quantized(gptq, float_path, "dyadiq GPTQ int3 g128", 3, work, record)
+        del gptq
     if "dyadiq" in stages:
         t0 = time.perf_counter()
-        gptq = prepare(float_path, calib, WeightOnlySettings(method=Method.GPTQ), memo=True)
+        gptq = prepare(float_path, calib, settings, memo=True)
         log.info("Hessians from %d windows: %.0f s", len(calib), time.perf_counter() - t0)
         _quantized(gptq, float_path, "dyadiq GPTQ int4 g128", 4, work, record)
         nbits = run(
