@@ -52,6 +52,7 @@ from .float_c import (
     with_float_shapes,
 )
 from .transformer_c import TransformerKernels
+from .transpose_rank import collapse_transpose
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_SOURCES = ("dq_kernels.c", "dq_kernels.h", "startup.c", "harness.c", "size_probe.c")
@@ -534,12 +535,13 @@ class _Emitter(IntOpVisitor[None]):
 
     def visit_Transpose(self, op: ip.Transpose) -> None:
         tag = self.tag
-        shape = self.shape(op.input)
+        # the same move at the lowest rank: a channel shuffle's 5-d transpose is a 3-d one
+        shape, perm = collapse_transpose(self.shape(op.input), op.perm)
         if len(shape) > 4:
             raise UnsupportedModelError(f"{op.output}: Transpose of rank > 4")
         pad = 4 - len(shape)
         shape4 = (1,) * pad + shape
-        perm4 = list(range(pad)) + [p % len(shape) + pad for p in op.perm]
+        perm4 = list(range(pad)) + [p + pad for p in perm]
         self.decls.append(_c_array("int32_t", f"{tag}_shape", np.array(shape4)))
         self.decls.append(_c_array("int32_t", f"{tag}_perm", np.array(perm4)))
         self.calls.append(

@@ -236,18 +236,25 @@ def _cast(n: _Node) -> str:
     return _elementwise(n, "{a}")
 
 
+def _clip_bound(n: _Node, i: int, attribute: str, default: float) -> float | str:
+    """Clip's min (``i`` 1) or max (2): a constant, or the C read of a scalar the island
+    computes (openWakeWord's log-mel clips at its own maximum - 80 dB)."""
+    if len(n.node.input) <= i or not n.node.input[i]:
+        return float(n.at.get(attribute, default))  # type: ignore[arg-type]
+    value = n.layout.constants.get(n.node.input[i])
+    if value is None:
+        return f"(float){n.x(i)}[0]"
+    return float(np.asarray(value).reshape(()))
+
+
 def _clip(n: _Node) -> str:
-    lo = float(n.at.get("min", -np.inf))  # type: ignore[arg-type]
-    hi = float(n.at.get("max", np.inf))  # type: ignore[arg-type]
-    if len(n.node.input) > 1 and n.node.input[1]:
-        lo = float(np.asarray(n.const(1)).reshape(()))
-    if len(n.node.input) > 2 and n.node.input[2]:
-        hi = float(np.asarray(n.const(2)).reshape(()))
+    lo = _clip_bound(n, 1, "min", -np.inf)
+    hi = _clip_bound(n, 2, "max", np.inf)
     expr = "{a}"
-    if np.isfinite(lo):
-        expr = f"fmaxf({expr}, {float_literal(lo)})"
-    if np.isfinite(hi):
-        expr = f"fminf({expr}, {float_literal(hi)})"
+    if isinstance(lo, str) or np.isfinite(lo):
+        expr = f"fmaxf({expr}, {lo if isinstance(lo, str) else float_literal(lo)})"
+    if isinstance(hi, str) or np.isfinite(hi):
+        expr = f"fminf({expr}, {hi if isinstance(hi, str) else float_literal(hi)})"
     x = n.node.input[0]
     n.node = helper.make_node("Clip", [x], list(n.node.output))
     return _elementwise(n, expr)
