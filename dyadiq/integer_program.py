@@ -248,18 +248,21 @@ class LayerNorm:
 @dataclass(frozen=True)
 class Embedding:
     """A token embedding lookup and the constant rows added to it, as wide int32 codes:
-        out[..., :] = table[indices[...]] * 2^shift + offset
-    ``table``: int8 codes of the embedding table (one scale s_t for the whole table);
-    ``offset``: int32 codes of the constants summed onto the looked-up rows (BERT's position
-    and token-type embeddings), broadcast over the output's trailing dims; the output's scale
-    is s_t / 2^shift (``quant[output]``, zero point 0, ``WIDE_BITS``). ``indices`` are the
-    model's own integer ids (ONNX Gather: a negative index counts from the end). It feeds an
-    integer LayerNorm as the residual stream does."""
+        out[..., :] = table[i, :] * row_scales[i] + offset        (i = indices[...])
+    ``table``: int8 codes of the embedding table, each row at its own scale s_i;
+    ``row_scales``: the integers s_i / s_o (>= 2^10 for the finest row: the rounding of a
+    row's scale costs at most 2^-11 of it), s_o the output's scale (``quant[output]``, zero
+    point 0, ``WIDE_BITS``); ``offset``: int32 codes of the constants summed onto the
+    looked-up rows (BERT's position and token-type embeddings), broadcast over the output's
+    trailing dims. ``indices`` are the model's own integer ids (ONNX Gather: a negative index
+    counts from the end). It feeds an integer LayerNorm as the residual stream does.
+    Per-row scales: one scale for a whole token table puts the median row (max |t| 0.18 on
+    MiniLM, against 1.05 for the table) on a quarter of the int8 grid."""
 
     output: str
     indices: str
     table: np.ndarray  # int8 [V, D]
-    shift: int
+    row_scales: np.ndarray  # int32 [V]
     offset: np.ndarray  # int32, broadcastable to the output
 
 

@@ -251,7 +251,7 @@ class ReferenceInterpreter(IntOpVisitor[None]):
         ids = np.asarray(self.env[op.indices]).astype(np.int64)
         rows = op.table.shape[0]
         ids = np.where(ids < 0, ids + rows, ids)  # ONNX Gather's negative indices
-        looked_up = op.table.astype(np.int64)[ids] << op.shift
+        looked_up = op.table.astype(np.int64)[ids] * op.row_scales.astype(np.int64)[ids][..., None]
         self._store(op.output, looked_up + op.offset.astype(np.int64))
 
     def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:

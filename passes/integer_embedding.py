@@ -2,11 +2,13 @@
 
 BERT-style embeddings are ``Gather(table, ids)`` plus constant rows (position and token-type
 embeddings, folded to constants by the exporter), summed before a LayerNormalization. The QDQ
-simulator keeps that sum in float. As integers: the table becomes int8 codes at one scale
-s_t = max|table| / 127, the constants are summed and rounded at the finer output scale
-s_t / 2^``EMBEDDING_SHIFT``, and the sum is
+simulator keeps that sum in float. As integers: each row i of the table becomes int8 codes at
+its own scale s_i = max|row_i| / 127 (floored at max_i s_i / 2^``ROW_SCALE_RANGE_BITS``, so
+that a near-zero row cannot make the output scale vanish), the output scale is
+s_o = min_i s_i / 2^``EMBEDDING_SHIFT``, the constants are summed and rounded at s_o, and
 
-    out = table_codes[ids] * 2^shift + offset_codes        (int32, exact)
+    out = table_codes[ids] * row_scales[ids] + offset_codes    (int32, exact;
+                                                                 row_scales = round(s_i / s_o))
 
 which the integer LayerNorm reads as it reads the wide residual stream. The rule applies when
 the LayerNorm's input is exactly such a chain: a Gather on axis 0 of a constant 2-D table by
@@ -23,7 +25,8 @@ import onnx_graphsurgeon as gs
 from dyadiq import integer_program as ip
 from dyadiq.quantizers import ActQuant
 
-EMBEDDING_SHIFT = 10  # bits the constants' rows keep below the table's own scale
+EMBEDDING_SHIFT = 10  # bits the output scale keeps below the finest row's
+ROW_SCALE_RANGE_BITS = 12  # the finest row scale allowed below the coarsest one
 INT32_MARGIN = 2**31 - 1
 
 
@@ -77,12 +80,20 @@ def find_embedding_sum(tensor: gs.Tensor) -> EmbeddingSum | str:
 def integer_embedding(found: EmbeddingSum, output: str) -> tuple[ip.Embedding, ActQuant] | str:
     """The integer op writing ``output`` and its wide quantizer, or why the sum does not fit
     int32 codes."""
-    largest = float(np.abs(found.table).max())
-    table_scale = largest / 127.0 if largest > 0 else 1.0
-    codes = np.clip(np.round(found.table / table_scale), -127, 127).astype(np.int8)
-    scale = table_scale / 2**EMBEDDING_SHIFT
+    largest = np.abs(found.table).max(axis=1) / 127.0
+    coarsest = float(largest.max(initial=0.0))
+    if coarsest <= 0:
+        largest = np.ones_like(largest)
+        coarsest = 1.0
+    row_scale = np.maximum(largest, coarsest / 2**ROW_SCALE_RANGE_BITS)
+    codes = np.clip(np.round(found.table / row_scale[:, None]), -127, 127).astype(np.int8)
+    scale = float(row_scale.min()) / 2**EMBEDDING_SHIFT
+    multipliers = np.round(row_scale / scale).astype(np.int64)
     offset = np.round(found.offset / scale)
-    if 127 * 2**EMBEDDING_SHIFT + float(np.abs(offset).max(initial=0.0)) > INT32_MARGIN:
+    bound = 127 * float(multipliers.max()) + float(np.abs(offset).max(initial=0.0))
+    if bound > INT32_MARGIN:
         return "the embedding constants are too large for int32 codes at the table's scale"
-    op = ip.Embedding(output, found.ids.name, codes, EMBEDDING_SHIFT, offset.astype(np.int32))
+    op = ip.Embedding(
+        output, found.ids.name, codes, multipliers.astype(np.int32), offset.astype(np.int32)
+    )
     return op, ActQuant(scale, 0, ip.WIDE_BITS, True)

@@ -45,8 +45,9 @@ typedef struct {{
 }} dq_layer_norm_params;
 
 typedef struct {{
-    int32_t count, width, rows, shift;
+    int32_t count, width, rows;
     const int8_t *table;
+    const int32_t *row_scale;
     const int32_t *offset; /* broadcast to the output: count * width values */
 }} dq_embedding_params;
 
@@ -219,7 +220,7 @@ static void dq_embedding(const dq_embedding_params *p, const int64_t *ids, int32
         const int8_t *row = p->table + id * p->width;
         for (int32_t d = 0; d < p->width; ++d) {{
             int32_t at = i * p->width + d;
-            y[at] = (int32_t)row[d] * ((int32_t)1 << p->shift) + p->offset[at];
+            y[at] = (int32_t)row[d] * p->row_scale[id] + p->offset[at];
         }}
     }}
 }}
@@ -384,13 +385,14 @@ class TransformerKernels:
         width = shape[-1]
         offset = np.broadcast_to(op.offset.astype(np.int64), shape).reshape(-1)
         self.decls.append(_array("int8_t", f"{tag}_table", op.table))
+        self.decls.append(_array("int32_t", f"{tag}_row_scale", op.row_scales))
         self.decls.append(_array("int32_t", f"{tag}_offset", offset))
         fields: dict[str, object] = {
             "count": int(np.prod(shape[:-1], dtype=np.int64)),
             "width": width,
             "rows": int(op.table.shape[0]),
-            "shift": op.shift,
             "table": f"{tag}_table",
+            "row_scale": f"{tag}_row_scale",
             "offset": f"{tag}_offset",
         }
         self.decls.append(f"static const dq_embedding_params {tag} = {_struct(fields)};\n")

@@ -458,13 +458,22 @@ class _Lowering(_Builder, IntOpVisitor[None]):
         self.nodes.append(helper.make_node("Min", list(op.inputs), [op.output], name=op.output))
 
     def visit_Embedding(self, op: ip.Embedding) -> None:
-        """:class:`ip.Embedding`: Gather of the int8 table (negative ids as ONNX's), widened,
-        shifted and offset in int32 (|codes| < 2^31, integerize checks it)."""
+        """:class:`ip.Embedding`: Gather of the int8 table and the rows' scales (negative ids
+        as ONNX's), widened, scaled and offset in int32 (|codes| < 2^31, integerize checks it)."""
         rows = self.node(
             "Gather", [self.const("table", op.table.astype(np.int8)), op.indices], "rows", axis=0
         )
         wide = self.cast(rows, TensorProto.INT32)
-        shifted = self.node("Mul", [wide, self.const("scale", np.int32(1 << op.shift))], "shift")
+        scales = self.node(
+            "Gather",
+            [self.const("row_scales", op.row_scales.astype(np.int32)), op.indices],
+            "row_scale",
+            axis=0,
+        )
+        scales = self.node(
+            "Unsqueeze", [scales, self.const("axes", np.array([-1], np.int64))], "row_scale_d"
+        )
+        shifted = self.node("Mul", [wide, scales], "scaled_rows")
         offset = self.const("offset", op.offset.astype(np.int32))
         self.nodes.append(helper.make_node("Add", [shifted, offset], [op.output], name=op.output))
 

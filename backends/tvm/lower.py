@@ -423,13 +423,17 @@ class _Lowering(IntOpVisitor[None]):
             self.env[wide] = self.emit(relax.op.astype(acc, "int32"))
 
     def visit_Embedding(self, op: ip.Embedding) -> None:
-        """:class:`ip.Embedding`: ``take`` of the int8 table (``wrap``: a negative id counts
-        from the end, as ONNX Gather's), widened, shifted and offset in int32."""
+        """:class:`ip.Embedding`: ``take`` of the int8 table and the rows' scales (``wrap``: a
+        negative id counts from the end, as ONNX Gather's), widened, scaled and offset in
+        int32."""
         ids = self.emit(relax.op.astype(self.value(op.indices), "int64"))
         table = relax.const(op.table.astype(np.int8), "int8")
         rows = self.emit(relax.op.take(table, ids, axis=0, mode="wrap"))
         wide = self.emit(relax.op.astype(rows, "int32"))
-        shifted = self.emit(relax.op.left_shift(wide, relax.const(np.int32(op.shift), "int32")))
+        row_scales = relax.const(op.row_scales.astype(np.int32), "int32")
+        scales = self.emit(relax.op.take(row_scales, ids, axis=0, mode="wrap"))
+        scales = self.emit(relax.op.expand_dims(scales, axis=-1))
+        shifted = self.emit(relax.op.multiply(wide, scales))
         offset = relax.const(op.offset.astype(np.int32), "int32")
         self.env[op.output] = self.emit(relax.op.add(shifted, offset))
 
