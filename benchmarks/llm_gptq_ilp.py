@@ -99,10 +99,13 @@ class CachedGptq:
         # codes made with other settings must not be mixed in: the folder records its own
         settings = json.dumps(repr(prepared.quantizer.settings))
         stamp = folder / "settings.json"
-        if stamp.exists() and stamp.read_text() != settings:
+        # stamps written before the sequential fields existed match their defaults
+        same = (settings, settings.replace(", sequential=False, stage_size=4", ""))
+        if stamp.exists() and stamp.read_text() not in same:
             raise SystemExit(f"{folder} holds codes of other settings: {stamp.read_text()}")
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(settings)
+        if not stamp.exists():
+            stamp.write_text(settings)
 
     def path(self, layer: WeightLayer, bits: int) -> Path:
         return self.folder / f"b{bits}" / f"{_safe(layer.id)}.npz"

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -56,6 +57,7 @@ import numpy as np
 
 from benchmarks.llm_gptq_ilp import CachedGptq, hessians
 from dyadiq import zoo
+from dyadiq.backends.onnx.weight_only import WeightOnlyForm
 from dyadiq.passes.compensation.gptq import gptq_factor, gptq_group_codes
 from dyadiq.passes.weight_only.groupwise import (
     GroupwiseWeight,
@@ -64,7 +66,7 @@ from dyadiq.passes.weight_only.groupwise import (
 )
 from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
 from dyadiq.passes.weight_only.model_file import ModelFile, with_fed_weights
-from dyadiq.passes.weight_only.pipeline import MODEL_FILE, Prepared
+from dyadiq.passes.weight_only.pipeline import MODEL_FILE, Prepared, run
 from dyadiq.passes.weight_only.quantize import (
     LayerQuantizer,
     Method,
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="baseline")
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--export", action="store_true", help="seq variants: also write and score")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.llm_gptq_variants " + shlex.join(
@@ -259,13 +262,30 @@ def main(argv: list[str] | None = None) -> int:
         code_bits = 0.0
         if body_name.startswith("seq"):  # seq<stage size>: sequential GPTQ, today's defaults
             text, windows = _calibration_text(calibration or "plays64")
-            quantizer = LayerQuantizer(WeightOnlySettings(method=Method.GPTQ), found)
+            settings = WeightOnlySettings(method=Method.GPTQ)
+            quantizer = LayerQuantizer(settings, found)
+            # the tied table comes first on its float H with dampening 0.3: exactly
+            # llm_gptq_ilp's cached gptq-d0.3 codes when calibrated on the plays
+            table_cache = _damped_table(args.work, source, 0.3) if not calibration else None
+
+            def quantize(
+                layer: WeightLayer,
+                w: np.ndarray,
+                bits: int,
+                h: np.ndarray | None,
+                table_cache: CachedGptq | None = table_cache,
+                quantizer: LayerQuantizer = quantizer,
+            ) -> GroupwiseWeight:
+                if layer.tied and table_cache is not None:
+                    return table_cache.get(layer, bits)
+                return quantizer.on_hessian(layer, w, bits, h)
+
             done = sequential_quantize(
                 source,
                 layers,
                 gemma3.calibration_batches(windows, text=text),
                 {x.id: 4 for x in layers},
-                quantizer.on_hessian,
+                quantize,
                 found,
                 stage_size=int(body_name[3:] or 4),
             )
@@ -273,6 +293,29 @@ def main(argv: list[str] | None = None) -> int:
                 deq = done[layer.id].dequantize()
                 weights[layer.initializer] = np.ascontiguousarray(layer.stored(deq))
                 code_bits += 4 * layer.params
+            if args.export:  # the same codes written as blocked DequantizeLinear, scored too
+                inventory = find_weights(source.header)
+                prepared = Prepared(source, inventory, LayerQuantizer(settings, found), 0.0)
+                prepared.memo = True
+                prepared._done.update({(x.id, 4): (done[x.id], 0.0) for x in layers})
+                folder = args.work / re.sub(r"[^A-Za-z0-9_.-]", "_", variant)
+                float_path = zoo.get("gemma3_270m").model_path
+                report = run(
+                    float_path,
+                    folder,
+                    prepared,
+                    {x.id: 4 for x in layers},
+                    WeightOnlyForm.DEQUANTIZE_LINEAR,
+                )
+                model = ModelFile.load(folder / MODEL_FILE)
+                rows[f"{variant} exported"] = {
+                    **scorer.perplexity({}, model.session(model.header)),
+                    "model": str(folder),
+                    "stored_weight_bytes": report["stored_weight_bytes"],
+                    "command": command,
+                }
+                log.info("%s exported: %s", variant, rows[f"{variant} exported"]["perplexity"])
+                _save(out_json, command, args.eval_windows, started, rows)
         body = _body_quantizer(body_name, base, args.work, source) if not weights else None
         table = _table_quantizer(table_name, base, args.work, source) if table_name else body
         for layer in layers if body is not None and table is not None else []:
@@ -371,13 +414,17 @@ def _table_quantizer(
     if name.startswith("b"):
         return _cached_gptq(work, source, int(name[1:]))
     if name.startswith("gptq-d"):  # llm_gptq_ilp's cached table at that dampening, 4 bits
-        damp = float(name[6:])
-        damped = WeightOnlySettings(method=Method.GPTQ, damp=damp, tied_damp=damp)
-        found = hessians(work, source, find_weights(source.header).layers, 64)
-        inventory = find_weights(source.header)
-        prepared = Prepared(source, inventory, LayerQuantizer(damped, found), 0.0)
-        return _cached(CachedGptq(work / f"table_{name}", prepared), 4)
+        return _cached(_damped_table(work, source, float(name[6:])), 4)
     return _body_quantizer(name, base, work, source)
+
+
+def _damped_table(work: Path, source: ModelFile, damp: float) -> CachedGptq:
+    """llm_gptq_ilp's cache of the tied table GPTQ-quantized at dampening ``damp`` (plays)."""
+    damped = WeightOnlySettings(method=Method.GPTQ, damp=damp, tied_damp=damp)
+    found = hessians(work, source, find_weights(source.header).layers, 64)
+    inventory = find_weights(source.header)
+    prepared = Prepared(source, inventory, LayerQuantizer(damped, found), 0.0)
+    return CachedGptq(work / f"table_gptq-d{damp}", prepared)
 
 
 def _cached(cached: CachedGptq, table_bits: int) -> Quantizer:
