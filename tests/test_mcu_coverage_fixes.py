@@ -78,3 +78,69 @@ def test_clip_at_a_bound_the_island_computes_runs_in_c(tmp_path) -> None:  # typ
     assert _device_vs_reference(program, calib, tmp_path)["y_q"] == 0
     model_c = (tmp_path / "m4" / "model.c").read_text()
     assert "fmaxf(" in model_c and "[0])" in model_c  # the bound read at run time
+
+
+def _ort_resize(x: np.ndarray, out_size: int, transform: str, rounding: str) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        "Resize", ["x", "", "", "sizes"], ["y"], mode="nearest",
+        coordinate_transformation_mode=transform, nearest_mode=rounding,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, x.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_size])],
+        [helper.make_tensor("sizes", TensorProto.INT64, [2], [1, out_size])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"x": x[None]})[0][0])
+
+
+def test_nearest_resize_index_tables_are_onnxruntimes() -> None:
+    from dyadiq.backends.mcu.float_ops import nearest_source_index
+
+    transforms = ("asymmetric", "half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                  "align_corners")  # fmt: skip
+    roundings = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+    for in_size, out_size in ((4, 8), (5, 7), (6, 3), (3, 12), (7, 7), (1, 4)):
+        x = np.arange(in_size, dtype=np.float32) * 10
+        for transform, rounding in itertools.product(transforms, roundings):
+            scale = np.float32(out_size) / np.float32(in_size)
+            index = (
+                np.arange(out_size)  # scale 1: onnxruntime copies, as the C kernel does
+                if in_size == out_size
+                else nearest_source_index(out_size, in_size, float(scale), transform, rounding)
+            )
+            want = _ort_resize(x, out_size, transform, rounding)
+            assert np.array_equal(x[index], want), (in_size, out_size, transform, rounding)
+
+
+# YOLOv8 / DBNet / PicoDet's feature-pyramid upsampling: nearest, asymmetric, floor
+RESIZE_NEAREST = """
+    u = Resize <mode = "nearest", coordinate_transformation_mode = "asymmetric",
+                nearest_mode = "floor"> (xf, roi, scales)
+    yf = Relu (u)
+"""
+RESIZE_HALF_PIXEL = """
+    yf = Resize <mode = "nearest"> (xf, roi, scales)
+"""
+
+
+@needs_toolchain
+@pytest.mark.parametrize(
+    ("body", "scales", "out_shape"),
+    [
+        (RESIZE_NEAREST, [1, 1, 2, 2], (1, 2, 6, 8)),
+        (RESIZE_HALF_PIXEL, [1, 1, 1.5, 0.5], (1, 2, 4, 2)),
+    ],
+)
+def test_nearest_resize_in_a_float_island_runs_in_c(tmp_path, body, scales, out_shape) -> None:  # type: ignore[no-untyped-def]
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.array(scales, np.float32)}
+    program = _island_program(body, (1, 2, 3, 4), out_shape, inits, out_scale=1 / 32)
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.uniform(-3.9, 3.9, (1, 2, 3, 4)).astype(np.float32)} for _ in range(2)]
+    assert _device_vs_reference(program, calib, tmp_path)["y_q"] == 0

@@ -612,6 +612,82 @@ def _gemm(n: _Node) -> str:
     return "{\n        const int32_t pa = 0, pb = 0, py = 0;\n        " + inner + "\n    }"
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nearest_source_index(
+    out_size: int, in_size: int, scale: float, transform: str, rounding: str
+) -> np.ndarray:
+    """The input index each output index of a nearest Resize reads along one axis, as the
+    ONNX operator defines it, computed in float32 as onnxruntime does."""
+    o = np.arange(out_size, dtype=np.float32)
+    s = np.float32(scale)
+    if transform == "asymmetric":
+        x = o / s
+    elif transform == "half_pixel":
+        x = (o + np.float32(0.5)) / s - np.float32(0.5)
+    elif transform == "pytorch_half_pixel":
+        x = (o + np.float32(0.5)) / s - np.float32(0.5) if out_size > 1 else o * 0
+    elif transform == "tf_half_pixel_for_nn":
+        x = (o + np.float32(0.5)) / s
+    elif transform == "align_corners":
+        step = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else 0
+        x = o * np.float32(step)
+    else:
+        raise UnsupportedModelError(f"Resize coordinate_transformation_mode {transform} in C")
+    rounded = {
+        "round_prefer_floor": np.ceil(x - np.float32(0.5)),
+        "round_prefer_ceil": np.floor(x + np.float32(0.5)),
+        "floor": np.floor(x),
+        "ceil": np.ceil(x),
+    }
+    if rounding not in rounded:
+        raise UnsupportedModelError(f"Resize nearest_mode {rounding} in C")
+    return np.clip(rounded[rounding], 0, in_size - 1).astype(np.int64)
+
+
+def _resize(n: _Node) -> str:
+    """Nearest Resize as a gather: one index table per resized axis, computed here (the
+    upsampling of YOLO / DBNet / PicoDet feature pyramids)."""
+    mode = _text(n.at.get("mode", "nearest"))
+    if mode != "nearest" or "axes" in n.at:
+        what = f"mode {mode}" if mode != "nearest" else "the axes attribute"
+        raise UnsupportedModelError(f"Resize {n.node.name}: {what} has no Cortex-M C kernel")
+    transform = _text(n.at.get("coordinate_transformation_mode", "half_pixel"))
+    rounding = _text(n.at.get("nearest_mode", "round_prefer_floor"))
+    shape, out = n.shape(0), n.out_shape()
+    scales_at = 1 if len(n.node.input) == 2 else 2  # opset 10: (X, scales)
+    given = None
+    if len(n.node.input) > scales_at and n.node.input[scales_at]:
+        given = np.asarray(n.const(scales_at), np.float32).reshape(-1)
+    if given is None or given.size != len(shape):  # sizes given: the scale is their ratio
+        given = np.array([o / i for o, i in zip(out, shape, strict=True)], np.float32)
+    in_strides = strides(shape)
+    lines = ["{"]
+    reads = []
+    unscaled = bool(np.all(given == 1)) and tuple(out) == tuple(shape)  # onnxruntime copies
+    for a, (o, i, scale) in enumerate(zip(out, shape, given, strict=True)):
+        index = (
+            np.arange(o)
+            if unscaled
+            else nearest_source_index(o, i, float(scale), transform, rounding)
+        )
+        if np.array_equal(index, np.arange(o)):
+            reads.append(f"i{a} * {in_strides[a]}")
+            continue
+        table = ", ".join(str(int(v) * in_strides[a]) for v in index)
+        lines.append(f"    static const int32_t rz{a}[{o}] = {{{table}}};")
+        reads.append(f"rz{a}[i{a}]")
+    lines.append("    int32_t o = 0;")
+    for a, d in enumerate(out):
+        lines.append(f"    for (int32_t i{a} = 0; i{a} < {d}; ++i{a}) {{")
+    lines.append(f"        {n.y()}[o++] = {n.x(0)}[{' + '.join(reads) or '0'}];")
+    lines.append("    " + "}" * len(out))
+    lines.append("}")
+    return "\n    ".join(lines)
+
+
 def _where(n: _Node) -> str:
     return _elementwise(n, "({a} ? {b} : {c})")
 
@@ -622,7 +698,7 @@ WRITERS: dict[str, Callable[[_Node], str]] = {
     "Cast": _cast, "Clip": _clip, "Transpose": _transpose, "Slice": _slice, "Expand": _expand,
     "Concat": _concat, "Gather": _gather, "Pad": _pad, "BatchNormalization": _batch_norm,
     "LayerNormalization": _layer_norm, "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
-    "MatMul": _matmul, "Gemm": _gemm, "Where": _where, "Split": _split,
+    "MatMul": _matmul, "Gemm": _gemm, "Where": _where, "Split": _split, "Resize": _resize,
     **{op: _reduce for op in REDUCE_INIT},
 }  # fmt: skip
 SOFTMAX = ("Softmax", "LogSoftmax")
