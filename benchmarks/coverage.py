@@ -506,7 +506,10 @@ def render(data: dict[str, Any]) -> str:
         "--data HELD_OUT` itself, [its metric choice] then the first output of each model. "
         "Models marked * have dummy "
         "weights (the onnx wheel's test architectures): op coverage only, not counted among the "
-        "real models.",
+        "real models. A cortex-m4 `refused (does not fit in flash ...; CLI not run)` is the "
+        "integer stage's stored weight bytes (its report.json) against the board's flash: "
+        "`--target cortex-m4` refuses such a model itself before writing any C "
+        "(backends/mcu/target.py), so the CLI is not run again only to say so.",
         "",
         "## Counts per stage",
         "",
