@@ -224,6 +224,27 @@ def allocate(
     problem = analysis.model.problem
     budget = parse_budget(budget_text, problem)
     allocation = solve(problem, budget)
+    refinement = None
+    if options.allocation.refine_plan > 0:  # measured moves around the ILP's plan
+        from dyadiq.passes.sensitivity.perturbable_model import OutputKind
+        from dyadiq.plan_refinement import refine_allocation
+
+        builder = builder if builder is not None else plan_builder(model_path, calibration, options)
+        floats = analysis.model.floats
+        with executor_for(options) as executor:
+            allocation, refinement = refine_allocation(
+                model_path,
+                problem,
+                budget,
+                allocation,
+                options.allocation.refine_plan,
+                lambda scorer: plan_measurer(
+                    analysis.graph, scorer, calibration, floats, options, builder, executor
+                ),
+                builder.calibration,
+                options.compensation.samples,
+                OutputKind(analysis.report.output_kind),
+            )
     plan = PrecisionPlan(
         dict(allocation.formats),
         options.act_bits,
@@ -248,6 +269,7 @@ def allocate(
         "sensitivity_fingerprint": analysis.report.fingerprint,
         "compensation": options.compensation.label,
         "layers": layer_table(problem, allocation),
+        **({"refinement": refinement} if refinement is not None else {}),
     }
     return BudgetPlan(plan, info, allocation, analysis)
 

@@ -48,13 +48,15 @@ class Metric:
     meaning: str
     higher_is_better: bool = True
     fraction: bool = True
+    units: str | None = None  # what the value counts, where it is neither case above
 
     def describe(self) -> dict[str, Any]:
+        units = "fraction of 1" if self.fraction else "the callback's own units"
         return {
             "name": self.name,
             "meaning": self.meaning,
             "higher_is_better": self.higher_is_better,
-            "units": "fraction of 1" if self.fraction else "the callback's own units",
+            "units": self.units or units,
         }
 
 
@@ -209,6 +211,50 @@ class CallbackScorer:
                 "score must be finite"
             )
         return float(value)
+
+
+@dataclass(frozen=True)
+class OutputLossScorer:
+    """Each plan's mean loss against the float model's first output on ``batches``: KL of
+    the softmax (logits, probabilities) or 0.5 ||y - y_float||^2 (embeddings), as the
+    sensitivity analysis measures damage (``passes/sensitivity/perturbable_model.row_losses``).
+    Built by :func:`output_loss_scorer`, which runs the float model once."""
+
+    batches: tuple[dict[str, np.ndarray], ...]
+    output: str
+    reference: np.ndarray
+    kind: Any  # passes.sensitivity.perturbable_model.OutputKind
+    metric: Metric = field(
+        default=Metric(
+            "output_loss",
+            "mean KL to the float model's output (0.5 squared distance for embeddings) on "
+            "calibration batches (report.json's refinement.scored_on says which)",
+            higher_is_better=False,
+            fraction=False,
+            units="nats per sample (KL), or squared output units (embeddings)",
+        )
+    )
+
+    def open(self, threads: int) -> Score:
+        return self._score
+
+    def _score(self, path: Path, plan: str) -> float:
+        from dyadiq.passes.sensitivity.perturbable_model import loss
+
+        out = run_outputs(path, self.batches, [self.output])[self.output]
+        return loss(self.reference, out, self.kind)
+
+
+def output_loss_scorer(float_model: Path, batches: Any, kind: Any) -> OutputLossScorer:
+    """An :class:`OutputLossScorer` on ``batches`` with the float model's outputs."""
+    from dyadiq.evaluation import output_names
+
+    held = tuple(dict(b) for b in batches)
+    if not held:
+        raise ConfigError("plan refinement needs at least one calibration batch to score on")
+    output = output_names(float_model)[0]
+    reference = run_outputs(float_model, held, [output])[output]
+    return OutputLossScorer(held, output, reference, kind)
 
 
 def describe_plan(formats: dict[str, LayerFormat]) -> str:

@@ -277,6 +277,7 @@ def mixed_precision_options(
         default_act_bits=abits,
         proxy=Proxy.parse(search.proxy),
         a8_damage=search.a8_damage,
+        refine_plan=search.refine_plan,
         pins=tuple(pin),
         exclude=tuple(exclude),
         runs_on=tuple(runs_on),

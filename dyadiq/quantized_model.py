@@ -24,6 +24,9 @@ class SearchOptions:
     # empirical damage measured with every activation site quantized as the plan does
     # (--a8-damage); off by default: not better on MobileNetV2 (compensation.md)
     a8_damage: bool = False
+    # > 0: the ILP's plan refined by budget-neutral moves, at most this many whole plans
+    # scored by KL to float on calibration batches compensation did not read (--refine-plan)
+    refine_plan: int = 0
     analysis_samples: int = 8  # calibration batches the sensitivity analysis reads
     bisect_steps: int = 6  # --max-drop measurements
     latency_table: Path | None = None  # a backend's measured {layer: {format: ms}}

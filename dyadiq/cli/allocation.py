@@ -77,6 +77,7 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         abits_candidates=widths(abits, "--abits-candidates") if abits else None,
         proxy=args.proxy,
         a8_damage=getattr(args, "a8_damage", False),
+        refine_plan=getattr(args, "refine_plan", SearchOptions.refine_plan),
         analysis_samples=args.analysis_samples,
         bisect_steps=getattr(args, "bisect_steps", SearchOptions.bisect_steps),
         latency_table=Path(latency_table) if latency_table else None,
@@ -141,6 +142,15 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure each layer's empirical damage with every activation quantized as the "
         "plan will be (on top of the A8 model) instead of with float activations",
+    )
+    p.add_argument(
+        "--refine-plan",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--budget: refine the ILP's plan by budget-neutral moves (one layer a width up, "
+        "another down), keeping a move when the whole quantized model's KL to float falls on "
+        "calibration batches compensation did not read; at most N plans scored (default 0: off)",
     )
     p.add_argument(
         "--max-drop",

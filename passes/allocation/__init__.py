@@ -12,7 +12,8 @@ Modules, in the order the data flows:
   :class:`AllocationOptions`;
 - :mod:`.budget`: budget text (``size=2MB,latency=0.7x``) -> :class:`Budget`;
 - :mod:`.ilp`: the MILP (scipy HiGHS), infeasibility diagnosis, brute force for tests;
-- :mod:`.search`: bisection to an accuracy tolerance and the frontier sweep.
+- :mod:`.search`: bisection to an accuracy tolerance and the frontier sweep;
+- :mod:`.refine`: measured local moves around the ILP's plan (``--refine-plan``).
 
 The names below are the package's public API.
 """
@@ -60,6 +61,7 @@ from dyadiq.passes.allocation.problem import (
     totals,
     uniform_w8a8,
 )
+from dyadiq.passes.allocation.refine import RefinementResult, neighbour_moves, refine_plan
 from dyadiq.passes.allocation.search import (
     BisectionResult,
     FrontierPoint,
@@ -96,6 +98,7 @@ __all__ = [
     "Overrides",
     "PairCost",
     "RamModel",
+    "RefinementResult",
     "Resource",
     "activation_ties",
     "apply_overrides",
@@ -109,10 +112,12 @@ __all__ = [
     "load_latency_table",
     "load_memory_plan",
     "model_problem",
+    "neighbour_moves",
     "overrides_from_pins",
     "parse_budget",
     "problem_from_report",
     "ram_model",
+    "refine_plan",
     "report_activation_damage",
     "resource_expressions",
     "shared_weight_ties",

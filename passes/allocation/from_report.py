@@ -58,6 +58,9 @@ class AllocationOptions:
     # ``analyze(activation_quant=...)``) instead of with float activations; off: not better on
     # MobileNetV2 at 8 analysis samples (benchmarks/results/compensation.md)
     a8_damage: bool = False
+    # > 0: refine the ILP's plan by measured local moves, at most this many plans scored as
+    # whole models on calibration batches compensation did not read (``refine.py``)
+    refine_plan: int = 0
     pins: tuple[str, ...] = ()  # ID_OR_PATTERN=W8A8[,W4A8]
     exclude: tuple[str, ...] = ()  # layers kept in float
     runs_on: tuple[FormatFilter, ...] = ()  # every backend the plan must run on
