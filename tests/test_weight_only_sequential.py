@@ -12,9 +12,9 @@ from onnx import numpy_helper
 from dyadiq.io import save_model_atomic
 from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
 from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
-from dyadiq.passes.weight_only.model_file import ModelFile
+from dyadiq.passes.weight_only.model_file import ModelFile, with_fed_weights
 from dyadiq.passes.weight_only.quantize import LayerQuantizer, Method, WeightOnlySettings
-from dyadiq.passes.weight_only.sequential import cut_after, input_stages, sequential_quantize
+from dyadiq.passes.weight_only.sequential import input_stages, segments, sequential_quantize
 from dyadiq.passes.weight_only.statistics import activation_hessians
 from tests.test_weight_only import SEQ, VOCAB, tied_lm
 
@@ -36,15 +36,22 @@ def _gram(x: np.ndarray) -> np.ndarray:
     return flat.T @ flat / flat.shape[0]
 
 
-def test_cut_after_keeps_only_what_the_outputs_need(model: ModelFile) -> None:
-    cut = cut_after(model.header, ["t"])
-    assert [n.name for n in cut.graph.node] == ["embed", "up", "act"]
-    assert {t.name for t in cut.graph.initializer} == {"E", "B"}
-    session = model.session(cut)
-    ids = _batches(1)[0]["ids"]
-    e = model.array("E")
-    expected = np.tanh(e[ids] @ model.array("B"))
-    np.testing.assert_allclose(session.run(["t"], {"ids": ids})[0], expected, rtol=1e-5)
+def test_segments_run_in_order_reproduce_the_graph(model: ModelFile) -> None:
+    layers = find_weights(model.header).layers
+    shapes = {x.initializer: tuple(model.array(x.initializer).shape) for x in layers}
+    header = with_fed_weights(model.header, shapes)
+    parts = segments(header, [["emb"], ["t"]])
+    assert [[n.name for n in p.header.graph.node] for p in parts] == [["embed"], ["up", "act"]]
+    assert parts[0].inputs == ("E", "ids") and parts[1].inputs == ("B", "emb")
+    assert parts[0].outputs == ("emb",) and parts[1].outputs == ("t",)
+    values: dict[str, np.ndarray] = {"ids": _batches(1)[0]["ids"]}
+    values.update({name: model.array(name) for name in shapes})
+    for part in parts:
+        session = model.session(part.header)
+        got = session.run(list(part.outputs), {n: values[n] for n in part.inputs})
+        values.update(zip(part.outputs, got, strict=True))
+    expected = np.tanh(model.array("E")[values["ids"]] @ model.array("B"))
+    np.testing.assert_allclose(values["t"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_stages_follow_the_graph_and_skip_the_tied_table(model: ModelFile) -> None:
