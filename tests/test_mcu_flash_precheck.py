@@ -4,6 +4,8 @@ run for hours to reach the linker's "region FLASH overflowed")."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from dyadiq.backends.target import EmitOptions
 from dyadiq.dyadic import dyadic
 from dyadiq.errors import UnsupportedModelError
 from dyadiq.quantizers import ActQuant
-from tests.test_mcu_backend import synthetic_program
+from tests.test_mcu_backend import needs_toolchain, synthetic_program
 
 
 def _one_matmul(k: int, n: int, bits: int = 8) -> ip.IntegerProgram:
@@ -74,3 +76,29 @@ def test_a_ram_overflow_is_refused_with_the_sizes_too():
         f"does not fit: {4 * 2**20 + 8} bytes > {4 * 2**20} bytes of flash and "
         f"{4 * 2**20 + 500} bytes > {4 * 2**20} bytes of RAM on cortex-m4"
     )
+
+
+@needs_toolchain
+def test_zero_filled_sections_load_in_ram_not_after_the_flash_image(tmp_path: Path) -> None:
+    """YOLOv8n at 320 (3.1 MB of weights, a 2 MB arena) locked up QEMU at reset: .bss and the
+    stack were loaded after .data's copy in flash, and their zeros ran past its end. Every
+    segment that the loader zero-fills must sit in RAM, and each segment in its region."""
+    import subprocess
+
+    from dyadiq.backends.mcu.build import build, cpu_preset
+
+    project = emit_c_project(synthetic_program(), tmp_path / "m4")
+    elf = build(project).app_elf
+    headers = subprocess.run(
+        ["arm-none-eabi-readelf", "-lW", str(elf)], capture_output=True, text=True, check=True
+    ).stdout
+    preset = cpu_preset("m4")
+    loads = [line.split() for line in headers.splitlines() if line.strip().startswith("LOAD")]
+    assert len(loads) >= 2
+    for _, _, _, paddr, filesz, memsz, *_ in loads:
+        start, size, stored = int(paddr, 16), int(memsz, 16), int(filesz, 16)
+        flash_end = preset.flash[0] + preset.flash[1]
+        if start < flash_end:  # in flash: only what the file holds, nothing zero-filled
+            assert size == stored and start + size <= flash_end
+        else:
+            assert preset.ram[0] <= start and start + size <= preset.ram[0] + preset.ram[1]
