@@ -103,7 +103,9 @@ def test_ppocr_classifier_integer_with_hard_swish(tmp_path):
     assert metrics["int"]["accuracy"] >= metrics["qdq"]["accuracy"] - 0.02
 
 
-def test_minilm_linear_layers_integer(tmp_path):
+def test_minilm_fully_integer(tmp_path):
+    """Every op, from token ids and mask to the L2-normalised embedding, is integer: the
+    mask plumbing, embeddings, LayerNorms, masked softmax, GELU table, pooling and L2."""
     artifacts = zoo.get("minilm")
     quantize(
         artifacts.model_path,
@@ -115,8 +117,8 @@ def test_minilm_linear_layers_integer(tmp_path):
     )
     report = _report(tmp_path)
     _exact(report)
-    float_ops = report["integer"]["float_ops"]
-    assert not [op for op in float_ops if op.startswith(("MatMul", "Gemm"))]
+    assert report["integer"]["float_ops"] == []
+    assert report["integer"]["fully_integer"]
     metrics = evaluate(artifacts, {"int": tmp_path / "model.int.onnx"}, limit=64)
     assert metrics["int"]["mean_cosine"] >= 0.9
     assert np.isfinite(metrics["int"]["min_cosine"])
