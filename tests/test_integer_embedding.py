@@ -131,3 +131,18 @@ def test_cortex_m_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-
         for spec in project.outputs:
             want = reference.run(f)[spec.name].reshape(spec.shape)
             assert np.array_equal(device[spec.name][i], want), (spec.name, i)
+
+
+def test_flash_precheck_counts_the_token_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The precheck's flash (from the program) is what the emitter stores, table included."""
+    from dyadiq.backends.mcu.costs import program_weight_flash_bytes
+    from dyadiq.backends.mcu.emit_c import emit_c_project
+
+    program = _program()
+    (embedding,) = [op for op in program.ops if isinstance(op, ip.Embedding)]
+    project = emit_c_project(program, tmp_path, cpu="cortex-m4")
+    table = (
+        embedding.table.size + 4 * embedding.row_scales.size + 4 * TOKENS * embedding.table.shape[1]
+    )
+    assert program_weight_flash_bytes(program) == project.weight_flash_bytes
+    assert table in [layer.total for layer in project.layers]

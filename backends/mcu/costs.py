@@ -17,8 +17,9 @@ from dyadiq import integer_program as ip
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.plan import LayerFormat
 
-from .arena import plan_arena
+from .arena import plan_arena, static_shape
 from .emit_c import PACKED_BITS
+from .transformer_c import embedding_flash_bytes
 
 
 def weight_storage_bytes(rows: int, length: int, bits: int) -> int:
@@ -35,7 +36,8 @@ def layer_flash_bytes(weight_count: int, out_channels: int, bits: int) -> int:
 def program_weight_flash_bytes(program: ip.IntegerProgram) -> int:
     """Flash the weighted layers' constants of ``program`` take as :func:`emit_c_project` stores
     them (its ``McuProject.weight_flash_bytes``): codes, an int32 bias per output channel, and
-    an int32 multiplier and int8 shift per requantization channel. Computed from the program
+    an int32 multiplier and int8 shift per requantization channel; a token embedding's table,
+    row scales and constant rows (:func:`embedding_flash_bytes`). Computed from the program
     alone, so a model whose weights cannot fit is refused before any C is written."""
     total = 0
     for op in program.ops:
@@ -44,6 +46,9 @@ def program_weight_flash_bytes(program: ip.IntegerProgram) -> int:
             length = int(op.weight.size) // rows
         elif isinstance(op, ip.MatMul) and op.weight is not None:
             length, rows = (int(d) for d in op.weight.shape)  # [K, N]: a row per column
+        elif isinstance(op, ip.Embedding):  # a token table: its rows, scales, constant rows
+            total += embedding_flash_bytes(op, static_shape(program, op.output))
+            continue
         else:
             continue
         storage = weight_storage_bytes(rows, length, op.weight_bits)

@@ -51,7 +51,7 @@ from .float_c import (
     raw_input_copy,
     with_float_shapes,
 )
-from .transformer_c import TransformerKernels
+from .transformer_c import TransformerKernels, embedding_flash_bytes
 from .transpose_rank import collapse_transpose
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -511,6 +511,8 @@ class _Emitter(IntOpVisitor[None]):
 
     def visit_Embedding(self, op: ip.Embedding) -> None:
         self.transformer.embedding(op, self.tag)
+        table, total = int(op.table.size), embedding_flash_bytes(op, self.shape(op.output))
+        self.layers.append(LayerFlash(self.tag, 8, table, 0, total - table))
 
     def visit_MaskedMeanPool(self, op: ip.MaskedMeanPool) -> None:
         self.transformer.mean_pool(op, self.tag)

@@ -287,6 +287,13 @@ static void dq_l2_norm(const dq_l2_norm_params *p, const uint8_t *x, int32_t *y)
 """
 
 
+def embedding_flash_bytes(op: ip.Embedding, output_shape: tuple[int, ...]) -> int:
+    """Flash the C embedding keeps: the int8 table, an int32 scale per row, and the int32
+    constant rows broadcast to one inference's output."""
+    offsets = int(np.prod(output_shape, dtype=np.int64))
+    return int(op.table.size) + 4 * int(op.row_scales.size) + 4 * offsets
+
+
 def _struct(fields: dict[str, object]) -> str:
     return "{" + ", ".join(f".{k} = {v}" for k, v in fields.items()) + "}"
 
