@@ -567,6 +567,8 @@ def render(data: dict[str, Any]) -> str:
                 f"| {model} | {st['stage']} | {_cell(st)} | {st['seconds']:.0f} | "
                 f"`{st['command'].split(' quantize ')[-1][:160]}` |"
             )
+    for title, paragraphs in data.get("notes", {}).items():  # follow-ups, kept across merges
+        lines += ["", f"## {title}", "", *(p for para in paragraphs for p in (para, ""))][:-1]
     lines += [
         "",
         "Per-stage logs (command, exit status, full output) are under the work folder "
@@ -688,6 +690,7 @@ def rescore(
             data["commands"] = old.get("commands", [old["command"]])
             continue
         data["commands"] += old.get("commands", [old["command"]])
+        data["notes"] = {**data.get("notes", {}), **old.get("notes", {})}
         data["seconds"] += old.get("seconds", 0.0)
         by_name = {r["model"]: r for r in data["models"]}
         for row in old["models"]:
