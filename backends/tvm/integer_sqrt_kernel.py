@@ -49,3 +49,46 @@ def integer_sqrt_kernel(count: int) -> tvm.tirx.PrimFunc:
                 out[i] = x[0]
 
     return kernel
+
+
+GPU_THREADS = 256  # threads per block: each thread takes one element's whole iteration
+
+
+def integer_sqrt_gpu_kernel(count: int) -> tvm.tirx.PrimFunc:
+    """:func:`integer_sqrt_kernel` for GPU targets: the same per-element loop, one element per
+    thread (``blockIdx.x * GPU_THREADS + threadIdx.x``), the running root in a local
+    register. The Relax-op form would hand the GPU build the same ``3^steps`` expression."""
+    steps = ip.ISQRT_STEPS
+    blocks = (count + GPU_THREADS - 1) // GPU_THREADS
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(
+        n: T.Buffer((count,), "int64"),  # type: ignore[valid-type]
+        out: T.Buffer((count,), "int64"),  # type: ignore[valid-type]
+    ) -> None:
+        T.func_attr({"tir.noalias": True, HAND_SCHEDULED: True, "op_pattern": _OPAQUE})
+        with T.sblock("root"):
+            x = T.alloc_buffer((1,), "int64", scope="local")
+            for block in T.thread_binding(blocks, thread="blockIdx.x"):
+                for thread in T.thread_binding(GPU_THREADS, thread="threadIdx.x"):
+                    if block * GPU_THREADS + thread < count:
+                        x[0] = T.int64(0)
+                        for b in range(_INT64_BITS):
+                            if n[block * GPU_THREADS + thread] >= T.shift_left(
+                                T.int64(1), T.Cast("int64", b)
+                            ):
+                                x[0] = x[0] + T.int64(1)
+                        x[0] = T.shift_left(
+                            T.int64(1), T.shift_right(x[0] + T.int64(1), T.int64(1))
+                        )
+                        for _ in range(steps):
+                            x[0] = T.min(
+                                x[0],
+                                T.shift_right(
+                                    x[0] + T.floordiv(n[block * GPU_THREADS + thread], x[0]),
+                                    T.int64(1),
+                                ),
+                            )
+                        out[block * GPU_THREADS + thread] = x[0]
+
+    return kernel

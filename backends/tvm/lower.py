@@ -365,29 +365,20 @@ class _Lowering(IntOpVisitor[None]):
         """floor(sqrt(n)) of int64 1 <= n < 2^62: the reference's Newton iteration
         (:func:`dyadiq.reference_interpreter.integer_sqrt`). On CPUs one TIR loop
         (:mod:`~dyadiq.backends.tvm.integer_sqrt_kernel`: as Relax ops, fused and inlined, the
-        steps' expression grows as 3^steps); GPU targets keep the Relax ops for dlight."""
-        if self.scalar_kernels:
-            from dyadiq.backends.tvm.integer_sqrt_kernel import integer_sqrt_kernel
+        steps' expression grows as 3^steps); on GPUs the same loop, one element per thread."""
+        from dyadiq.backends.tvm.integer_sqrt_kernel import (
+            integer_sqrt_gpu_kernel,
+            integer_sqrt_kernel,
+        )
 
-            shape = tuple(int(d) for d in n.ty.shape)
-            count = int(np.prod(shape))
-            self.sqrt_count += 1
-            gv = self.bb.add_func(integer_sqrt_kernel(count), f"dq_integer_sqrt_{self.sqrt_count}")
-            flat = self.emit(relax.op.reshape(n, (count,)))
-            root = self.emit(relax.call_tir(gv, [flat], relax.TensorType((count,), "int64")))
-            return self.emit(relax.op.reshape(root, shape))
-        powers = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
-        wide = self.emit(relax.op.expand_dims(n, axis=-1))
-        above = self.emit(relax.op.greater_equal(wide, _int64(powers)))
-        bits = self.emit(relax.op.sum(self.emit(relax.op.astype(above, "int64")), axis=[-1]))
-        half = self.emit(relax.op.right_shift(self.emit(relax.op.add(bits, _int64(1))), _int64(1)))
-        index = self.emit(relax.op.astype(half, "int32"))
-        x: relax.Expr = self.emit(relax.op.take(_int64(powers[:33]), index, axis=0))
-        for _ in range(ip.ISQRT_STEPS):
-            quotient = self.emit(relax.op.floor_divide(n, x))
-            step = self.emit(relax.op.right_shift(self.emit(relax.op.add(x, quotient)), _int64(1)))
-            x = self.emit(relax.op.minimum(x, step))
-        return self.emit(x)
+        shape = tuple(int(d) for d in n.ty.shape)
+        count = int(np.prod(shape))
+        self.sqrt_count += 1
+        kernel = integer_sqrt_kernel if self.scalar_kernels else integer_sqrt_gpu_kernel
+        gv = self.bb.add_func(kernel(count), f"dq_integer_sqrt_{self.sqrt_count}")
+        flat = self.emit(relax.op.reshape(n, (count,)))
+        root = self.emit(relax.call_tir(gv, [flat], relax.TensorType((count,), "int64")))
+        return self.emit(relax.op.reshape(root, shape))
 
     def visit_LayerNorm(self, op: ip.LayerNorm) -> None:
         """:class:`ip.LayerNorm`; its divisions are of non-negative int64 (floors)."""
