@@ -22,10 +22,23 @@ from dyadiq.backends.tvm.x86_kernels import _OPAQUE, _REGISTERS, HAND_SCHEDULED
 _INT64_BITS = 63  # n < 2^62: bits(n) counts the powers 2^0 .. 2^62 that are <= n
 
 
+@T.macro
+def _root_of(n: T.handle, out: T.handle, x: T.handle, i: T.int64) -> None:
+    """out[i] = floor(sqrt(n[i])), with ``x[0]`` as the running value: the bit count of n[i],
+    then the start 2^ceil(bits / 2), then the Newton steps (one body for CPU and GPU)."""
+    x[0] = T.int64(0)
+    for b in range(_INT64_BITS):
+        if n[i] >= T.shift_left(T.int64(1), T.Cast("int64", b)):
+            x[0] = x[0] + T.int64(1)
+    x[0] = T.shift_left(T.int64(1), T.shift_right(x[0] + T.int64(1), T.int64(1)))
+    for _ in range(ip.ISQRT_STEPS):
+        x[0] = T.min(x[0], T.shift_right(x[0] + T.floordiv(n[i], x[0]), T.int64(1)))
+    out[i] = x[0]
+
+
 def integer_sqrt_kernel(count: int) -> tvm.tirx.PrimFunc:
     """``floor(sqrt(n))`` of every element of a flat int64 tensor of ``count`` elements
     (1 <= n < 2^62). Arguments: n, output."""
-    steps = ip.ISQRT_STEPS
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(  # TVMScript buffer annotations are calls, which mypy cannot read
@@ -39,14 +52,7 @@ def integer_sqrt_kernel(count: int) -> tvm.tirx.PrimFunc:
             # x86 kernels' scratch: LLVM keeps it in a register)
             x = T.alloc_buffer((1,), "int64", scope=_REGISTERS)
             for i in range(count):
-                x[0] = T.int64(0)
-                for b in range(_INT64_BITS):
-                    if n[i] >= T.shift_left(T.int64(1), T.Cast("int64", b)):
-                        x[0] = x[0] + T.int64(1)
-                x[0] = T.shift_left(T.int64(1), T.shift_right(x[0] + T.int64(1), T.int64(1)))
-                for _ in range(steps):
-                    x[0] = T.min(x[0], T.shift_right(x[0] + T.floordiv(n[i], x[0]), T.int64(1)))
-                out[i] = x[0]
+                _root_of(n, out, x, i)
 
     return kernel
 
@@ -58,7 +64,6 @@ def integer_sqrt_gpu_kernel(count: int) -> tvm.tirx.PrimFunc:
     """:func:`integer_sqrt_kernel` for GPU targets: the same per-element loop, one element per
     thread (``blockIdx.x * GPU_THREADS + threadIdx.x``), the running root in a local
     register. The Relax-op form would hand the GPU build the same ``3^steps`` expression."""
-    steps = ip.ISQRT_STEPS
     blocks = (count + GPU_THREADS - 1) // GPU_THREADS
 
     @T.prim_func(private=True, s_tir=True)
@@ -72,23 +77,6 @@ def integer_sqrt_gpu_kernel(count: int) -> tvm.tirx.PrimFunc:
             for block in T.thread_binding(blocks, thread="blockIdx.x"):
                 for thread in T.thread_binding(GPU_THREADS, thread="threadIdx.x"):
                     if block * GPU_THREADS + thread < count:
-                        x[0] = T.int64(0)
-                        for b in range(_INT64_BITS):
-                            if n[block * GPU_THREADS + thread] >= T.shift_left(
-                                T.int64(1), T.Cast("int64", b)
-                            ):
-                                x[0] = x[0] + T.int64(1)
-                        x[0] = T.shift_left(
-                            T.int64(1), T.shift_right(x[0] + T.int64(1), T.int64(1))
-                        )
-                        for _ in range(steps):
-                            x[0] = T.min(
-                                x[0],
-                                T.shift_right(
-                                    x[0] + T.floordiv(n[block * GPU_THREADS + thread], x[0]),
-                                    T.int64(1),
-                                ),
-                            )
-                        out[block * GPU_THREADS + thread] = x[0]
+                        _root_of(n, out, x, block * GPU_THREADS + thread)
 
     return kernel
