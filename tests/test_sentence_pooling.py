@@ -218,19 +218,16 @@ def test_cuda_compiles_every_transformer_kernel() -> None:
     """No GPU here: the CUDA build is compiled (device code generated for every op, pooling,
     L2 norm, LayerNorm's integer sqrt and the masked softmax included) but not run. With the
     square root as fused Relax ops this build ran for over ten minutes."""
-    tvm = pytest.importorskip("tvm")
+    pytest.importorskip("tvm")
 
     from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
     from dyadiq.backends.tvm.lower import lower_program
+    from tests.tvm_helpers import cuda_sources
 
     program = minilm_program()
     cuda = target_for("cuda")
     executable = compile_prepared(prepare(lower_program(program, target=cuda), cuda), cuda)
-
-    def tree(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
-        return [module, *(m for child in module.imports for m in tree(child))]
-
-    sources = [m.inspect_source() for m in tree(executable.mod) if m.kind == "cuda"]
+    sources = cuda_sources(executable.mod)
     assert len(sources) == 1 and sources[0].count("__global__") >= 1
     # the LayerNorm's square root is its own per-thread loop, not a 3^steps expression
     assert "dq_integer_sqrt" in sources[0]

@@ -429,19 +429,11 @@ def test_fashion_cnn_compiles_cuda_kernels(fashion_cnn):
     program, _ = fashion_cnn
     cuda = target_for("cuda")
     executable = compile_prepared(prepare(lower_program(program), cuda), cuda)
-    sources = [m.inspect_source() for m in _module_tree(executable.mod) if m.kind == "cuda"]
+    sources = tvm_helpers.cuda_sources(executable.mod)
     assert len(sources) == 1 and "__global__" in sources[0]
     kernels = sources[0].count("__global__")
     layers = sum(isinstance(op, ip.Conv | ip.MatMul) for op in program.ops)
     assert kernels >= layers
-
-
-def _module_tree(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
-    """A runtime module and everything it imports (VM -> host code -> device code)."""
-    found = [module]
-    for child in module.imports:
-        found += _module_tree(child)
-    return found
 
 
 def test_build_writes_metadata_with_quantizers(tmp_path):

@@ -4,6 +4,7 @@ integerized in-process (no files), plus the samples of a feed batch one by one."
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -15,6 +16,9 @@ from dyadiq.passes.integerize import integerize
 from dyadiq.pipeline import quantize_graph
 from dyadiq.plan import LayerFormat, PrecisionPlan
 from tests.builders import with_weights
+
+if TYPE_CHECKING:
+    import tvm
 
 
 def integer_program(
@@ -159,3 +163,10 @@ def float_islands(rng: np.random.Generator) -> onnx.ModelProto:
         w2=rng.normal(size=(4, 4, 1, 1)),
         w3=rng.normal(size=(4, 4, 1, 1)),
     )
+
+
+def cuda_sources(module: tvm.runtime.Module) -> list[str]:
+    """The CUDA device code under a compiled executable's module: the module and everything
+    it imports (VM -> host code -> device code), sources of ``kind == "cuda"`` only."""
+    own = [module.inspect_source()] if module.kind == "cuda" else []
+    return own + [source for child in module.imports for source in cuda_sources(child)]
