@@ -91,22 +91,17 @@ def test_integer_onnx_is_bit_exact() -> None:
 
 
 def test_x86_tvm_is_bit_exact() -> None:
-    tvm = pytest.importorskip("tvm")
-    from tvm import relax
+    pytest.importorskip("tvm")
 
     from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
-    from dyadiq.backends.tvm.lower import lower_program, main_output_names
+    from dyadiq.backends.tvm.lower import lower_program
+    from tests.tvm_helpers import assert_cpu_build_matches_reference
 
     program = _program()
     target = target_for("x86")
     lowered = lower_program(program, target=target, float_islands=True)
-    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, target), target), tvm.cpu())
-    reference = ReferenceInterpreter(program)
-    for feeds in _feeds(4):
-        values = vm["main"](*(tvm.runtime.tensor(feeds[n]) for n in program.inputs))
-        got = dict(zip(main_output_names(program), (v.numpy() for v in values), strict=True))
-        for name, codes in reference.outputs(feeds).items():
-            assert np.array_equal(got[f"{name}_codes"], codes), name
+    executable = compile_prepared(prepare(lowered, target), target)
+    assert_cpu_build_matches_reference(executable, program, _feeds(4))
 
 
 def test_cortex_m_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -145,12 +145,12 @@ def test_every_consumer_has_max_and_min() -> None:
 
 
 def test_x86_tvm_build_is_bit_exact() -> None:
-    tvm = pytest.importorskip("tvm")
-    from tvm import relax
+    pytest.importorskip("tvm")
 
     from dyadiq.backends.tvm import model_runner
     from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
-    from dyadiq.backends.tvm.lower import lower_program, main_output_names
+    from dyadiq.backends.tvm.lower import lower_program
+    from tests.tvm_helpers import assert_cpu_build_matches_reference
 
     if "avx2" not in model_runner.cpu_flags():
         pytest.skip("host CPU lacks AVX2")
@@ -159,13 +159,8 @@ def test_x86_tvm_build_is_bit_exact() -> None:
     lowered = lower_program(program, target=target)
     main = str(lowered["main"])
     assert "R.maximum" in main and "R.minimum" in main
-    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, target), target), tvm.cpu())
-    reference = ReferenceInterpreter(program)
-    for feeds in calib:
-        values = vm["main"](*(tvm.runtime.tensor(feeds[n]) for n in program.inputs))
-        got = dict(zip(main_output_names(program), (v.numpy() for v in values), strict=True))
-        for name, codes in reference.outputs(feeds).items():
-            assert np.array_equal(got[f"{name}_codes"], codes), name
+    executable = compile_prepared(prepare(lowered, target), target)
+    assert_cpu_build_matches_reference(executable, program, calib)
 
 
 @pytest.mark.parametrize("act_signed", [False, True])
