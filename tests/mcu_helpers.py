@@ -13,9 +13,17 @@ from dyadiq.reference_interpreter import ReferenceInterpreter
 
 
 def assert_bit_exact_on_qemu(
-    project: Any, program: Any, calib: Sequence[Mapping[str, np.ndarray]], input_name: str = "x"
+    project: Any,
+    program: Any,
+    calib: Sequence[Mapping[str, np.ndarray]],
+    input_name: str = "x",
+    device_inputs: np.ndarray | None = None,
 ) -> None:
-    inputs = np.stack([feeds[input_name] for feeds in calib])
+    """``device_inputs``: what the device reads for each feed, when it is not ``input_name``'s
+    values as they are (e.g. int64 token ids the harness passes as float32)."""
+    inputs = (
+        device_inputs if device_inputs is not None else np.stack([f[input_name] for f in calib])
+    )
     run = run_qemu(project, build(project, jobs=2).app_elf, inputs, timeout_s=120)
     device = project.decode_outputs(run.outputs)
     reference = ReferenceInterpreter(program)

@@ -107,8 +107,9 @@ def test_x86_tvm_is_bit_exact() -> None:
 def test_cortex_m_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The int64 ids are the device's raw input; the table lookup writes int32 codes that the
     C LayerNorm reads wide."""
-    from dyadiq.backends.mcu.build import ToolchainError, build, find_toolchain, run_qemu
+    from dyadiq.backends.mcu.build import ToolchainError, find_toolchain
     from dyadiq.backends.mcu.emit_c import emit_c_project
+    from tests.mcu_helpers import assert_bit_exact_on_qemu
 
     try:
         find_toolchain(need_qemu=True)
@@ -119,13 +120,7 @@ def test_cortex_m_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-
     assert "dq_embedding(" in (tmp_path / "model.c").read_text()
     feeds = _feeds(5)
     inputs = np.stack([f["ids"].astype(np.float32).reshape(-1) for f in feeds])
-    run = run_qemu(project, build(project, jobs=2).app_elf, inputs, timeout_s=120)
-    device = project.decode_outputs(run.outputs)
-    reference = ReferenceInterpreter(program)
-    for i, f in enumerate(feeds):
-        for spec in project.outputs:
-            want = reference.run(f)[spec.name].reshape(spec.shape)
-            assert np.array_equal(device[spec.name][i], want), (spec.name, i)
+    assert_bit_exact_on_qemu(project, program, feeds, device_inputs=inputs)
 
 
 def test_flash_precheck_counts_the_token_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
