@@ -39,6 +39,7 @@ from dyadiq.passes.allocation.problem import (
     allocation_of,
     smallest_total,
     totals,
+    within_limit,
 )
 from dyadiq.plan import LayerFormat
 
@@ -255,13 +256,10 @@ def infeasibility_message(problem: AllocationProblem, budget: Budget) -> str:
     together, every budget with its smallest value within the others."""
     limits = budget.limits()
 
-    def fits(value: float | None, limit: float) -> bool:
-        return value is not None and value <= limit * (1 + 1e-9)
-
     parts = []
     for resource, limit in limits.items():
         alone = smallest_feasible(problem, resource)
-        if fits(alone, limit):
+        if within_limit(alone, limit):
             continue
         text = f"{resource} budget {_amount(problem, resource, limit)} is infeasible: "
         if alone is None:

@@ -105,6 +105,15 @@ class AllocationProblem:
         raise ConfigError(f"no {resource} table for this problem: cannot budget {resource}")
 
 
+# relative: a total that lands on its limit up to float rounding of the sum stays within it
+BUDGET_SLACK = 1e-9
+
+
+def within_limit(value: float | None, limit: float) -> bool:
+    """Whether a resource total (None: not reachable) stays within a budget limit."""
+    return value is not None and value <= limit * (1 + BUDGET_SLACK)
+
+
 @dataclass(frozen=True)
 class Budget:
     size_bytes: float | None = None

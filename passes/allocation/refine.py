@@ -22,12 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dyadiq.passes.allocation.problem import AllocationProblem, Budget, totals
+from dyadiq.passes.allocation.problem import AllocationProblem, Budget, totals, within_limit
 from dyadiq.plan import LayerFormat
 
 Loss = Callable[[Sequence[dict[str, LayerFormat]]], list[float]]  # plans -> loss, lower better
-
-_SLACK = 1e-9  # relative: a move that lands exactly on the budget stays inside it
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ def _neighbour(
 
 def _fits(problem: AllocationProblem, formats: Mapping[str, LayerFormat], budget: Budget) -> bool:
     used = totals(problem, formats)
-    return all(used[r] <= limit * (1 + _SLACK) for r, limit in budget.limits().items())
+    return all(within_limit(used[r], limit) for r, limit in budget.limits().items())
 
 
 def _damage(problem: AllocationProblem, unit: tuple[str, ...], fmt: LayerFormat) -> float:
