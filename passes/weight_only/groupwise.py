@@ -19,10 +19,12 @@ onnxruntime reproduces :func:`dequantize` exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
 from dyadiq.errors import ConfigError
+from dyadiq.passes.weight_only.salient import SalientColumns
 
 WEIGHT_ONLY_BITS = range(2, 9)
 GROUP_SIZES = (32, 64, 128)
@@ -62,23 +64,31 @@ class GroupwiseFormat:
 @dataclass(frozen=True)
 class GroupwiseWeight:
     """Codes [R, K] (int16 holding the signed or unsigned codes), scales [R, G] float32 and
-    zero points [R, G] (int16; all zero when symmetric)."""
+    zero points [R, G] (int16; all zero when symmetric); optionally ``salient`` input
+    columns stored apart at 8 bits (:mod:`.salient`), whose group-wise codes are then their
+    zero points (exactly 0), so the weight is the sum of the two parts."""
 
     codes: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray
     format: GroupwiseFormat
+    salient: SalientColumns | None = None
 
     def dequantize(self) -> np.ndarray:
-        return dequantize(self.codes, self.scales, self.zero_points, self.format)
+        dense = dequantize(self.codes, self.scales, self.zero_points, self.format)
+        return dense if self.salient is None else self.salient.add_to(dense)
 
     @property
     def storage_bits(self) -> int:
         """Bits this weight takes stored: packed codes, float32 scales and (asymmetric)
-        zero points packed at the code width."""
+        zero points packed at the code width, plus the salient columns' 8-bit copy (their
+        group-wise codes stay stored too)."""
         rows, groups = self.scales.shape
         zero_bits = 0 if self.format.symmetric else rows * groups * self.format.bits
-        return int(self.codes.size * self.format.bits + rows * groups * 32 + zero_bits)
+        salient_bits = 0 if self.salient is None else self.salient.storage_bits
+        return int(
+            self.codes.size * self.format.bits + rows * groups * 32 + zero_bits + salient_bits
+        )
 
 
 def per_column(values: np.ndarray, columns: int, group_size: int) -> np.ndarray:
@@ -145,6 +155,67 @@ def clipped_group_scales(
         best_scales = np.where(better, scales, best_scales)
         best_zeros = np.where(better, zeros, best_zeros)
     return best_scales.astype(np.float32), best_zeros.astype(np.int16)
+
+
+class ClipObjective(StrEnum):
+    """What the per-group range search minimises over the shrink candidates."""
+
+    WEIGHT = "weight"  # the squared rounding error of the group's own weights
+    # the group's output error on the layer's inputs: d H_gg d^T, with d the group's rounding
+    # error and H_gg its block of the input Hessian (GPTQ's objective restricted to the group)
+    HESSIAN = "hessian"
+
+
+def hessian_clipped_group_scales(
+    w: np.ndarray,
+    fmt: GroupwiseFormat,
+    hessian: np.ndarray,
+    shrinks: tuple[float, ...] = CLIP_SHRINKS,
+    row_chunk: int = 8192,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the shrunk range whose round-to-nearest error ``d`` has the least output
+    error ``d H_gg d^T`` (``H_gg``: the group's diagonal block of ``hessian`` [K, K]); min-max
+    (shrink 1) is always a candidate and wins ties, so no group ends worse than min-max on
+    that objective. Inputs that matter more (large H) keep a range that does not clip them,
+    where the plain search (:func:`clipped_group_scales`) weighs every weight alike. Rows
+    are processed ``row_chunk`` at a time (an LM head has 262,144)."""
+    w = np.asarray(w, np.float32)
+    rows, columns = w.shape
+    if hessian.shape != (columns, columns):
+        raise ConfigError(f"Hessian {hessian.shape} does not match {columns} input columns")
+    g = fmt.group_size
+    groups = fmt.groups(columns)
+    pad = groups * g - columns
+    # padded columns get zero rows and columns of H: they never count
+    h = np.zeros((groups * g, groups * g), np.float32)
+    h[:columns, :columns] = hessian
+    blocks = np.stack([h[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(groups)])
+    candidates = (1.0, *(s for s in shrinks if s != 1.0))
+    best_scales = np.empty((rows, groups), np.float32)
+    best_zeros = np.empty((rows, groups), np.int16)
+    for start in range(0, rows, row_chunk):
+        part = w[start : start + row_chunk]
+        lo, hi = _grouped_extremes(part, g)
+        padded = np.pad(part, ((0, 0), (0, pad))) if pad else part
+        chunk_best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        for shrink in candidates:
+            scales, zeros = _grid(lo * np.float32(shrink), hi * np.float32(shrink), fmt)
+            d = dequantize(quantize(padded, scales, zeros, fmt), scales, zeros, fmt) - padded
+            d = d.reshape(len(part), groups, g).transpose(1, 0, 2)  # [G, r, g]
+            error = np.einsum("grb,grb->rg", d @ blocks, d)
+            if chunk_best is None:
+                chunk_best = (error, scales, zeros)
+                continue
+            better = error < chunk_best[0]
+            chunk_best = (
+                np.where(better, error, chunk_best[0]),
+                np.where(better, scales, chunk_best[1]),
+                np.where(better, zeros, chunk_best[2]),
+            )
+        assert chunk_best is not None
+        best_scales[start : start + len(part)] = chunk_best[1]
+        best_zeros[start : start + len(part)] = chunk_best[2]
+    return best_scales, best_zeros
 
 
 def quantize(

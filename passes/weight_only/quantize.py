@@ -21,14 +21,17 @@ import numpy as np
 from dyadiq.errors import ConfigError
 from dyadiq.passes.compensation.gptq import GptqFactor, gptq_factor, gptq_group_codes
 from dyadiq.passes.weight_only.groupwise import (
+    ClipObjective,
     GroupwiseFormat,
     GroupwiseWeight,
     clipped_group_scales,
     dequantize,
     group_scales,
+    hessian_clipped_group_scales,
     quantize,
 )
 from dyadiq.passes.weight_only.layers import WeightLayer
+from dyadiq.passes.weight_only.salient import check_fraction, salient_gptq_codes, salient_mask
 
 
 class Method(StrEnum):
@@ -45,6 +48,9 @@ class WeightOnlySettings:
     damp: float = 0.01
     block: int = 128
     clip_search: bool = True  # per-group range shrink of least rounding error, else min-max
+    # what that shrink minimises: the weights' own squared error, or (GPTQ, which has H) the
+    # group's output error on the layer's (dampened) input Hessian
+    clip_objective: ClipObjective = ClipObjective.WEIGHT
     # dampening of a tied embedding / LM head: its H is the LM head's inputs only, while
     # the same rows are also looked up as embeddings, where every row's own error counts;
     # H + a I weighs both (Gemma 3 270M, llm.md: 0.3 beats 0.01 at 3 and 4 bits)
@@ -53,6 +59,9 @@ class WeightOnlySettings:
     # inputs per pass; else every H from one pass of the float model
     sequential: bool = False
     stage_size: int = 4
+    # GPTQ only: this fraction of each weight's input channels (largest E[x^2]) swept last
+    # and stored at 8 bits beside the group-wise codes (:mod:`.salient`); 0 = none
+    salient_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage_size < 1:
@@ -63,6 +72,9 @@ class WeightOnlySettings:
         if self.block < 1:
             raise ConfigError(f"GPTQ block must be positive, got {self.block}")
         GroupwiseFormat(4, self.group_size, self.symmetric)  # validates the group size
+        check_fraction(self.salient_fraction)
+        if self.salient_fraction and self.method is not Method.GPTQ:
+            raise ConfigError("salient channels are chosen and compensated by GPTQ: use gptq")
 
     def format(self, bits: int) -> GroupwiseFormat:
         return GroupwiseFormat(bits, self.group_size, self.symmetric)
@@ -82,10 +94,24 @@ def quantize_weight(
     factor: GptqFactor | None = None,
     block: int = 128,
     clip_search: bool = False,
+    salient_fraction: float = 0.0,
+    clip_hessian: np.ndarray | None = None,
 ) -> GroupwiseWeight:
     """One weight W [R, K] on ``fmt``'s grid (min-max, or with ``clip_search`` each group's
-    best shrunk range), by ``method`` (GPTQ needs ``factor``)."""
-    scales, zeros = clipped_group_scales(w, fmt) if clip_search else group_scales(w, fmt)
+    best shrunk range: of least output error on ``clip_hessian`` when given, else of least
+    squared rounding error), by ``method`` (GPTQ needs ``factor``)."""
+    if not clip_search:
+        scales, zeros = group_scales(w, fmt)
+    elif clip_hessian is not None:
+        scales, zeros = hessian_clipped_group_scales(w, fmt, clip_hessian)
+    else:
+        scales, zeros = clipped_group_scales(w, fmt)
+    if method is Method.GPTQ and factor is not None and salient_fraction:
+        # ``factor`` swept the salient columns last (LayerQuantizer._factor_of)
+        codes, salient = salient_gptq_codes(
+            w, factor, scales, zeros, fmt.group_size, fmt.code_range, salient_fraction, block=block
+        )
+        return GroupwiseWeight(codes, scales, zeros, fmt, salient)
     if method is Method.GPTQ and factor is not None:
         codes = gptq_group_codes(
             w, factor, scales, zeros, fmt.group_size, fmt.code_range, block=block
@@ -113,19 +139,39 @@ class LayerQuantizer:
         if self.settings.method is not Method.GPTQ or h is None:
             return None
         damp = self.settings.tied_damp if layer.tied else self.settings.damp
-        return gptq_factor(h[None], damp=damp, act_order=self.settings.act_order)
+        fraction = self.settings.salient_fraction
+        last = salient_mask(h, fraction)[None] if fraction else None
+        return gptq_factor(h[None], damp=damp, act_order=self.settings.act_order, last=last)
 
     def __call__(self, layer: WeightLayer, w: np.ndarray, bits: int) -> GroupwiseWeight:
-        return self._quantize(w, bits, self.factor(layer))
+        h = layer_hessian(layer, self.hessians)
+        return self._quantize(w, bits, self.factor(layer), self._clip_hessian(layer, h))
 
     def on_hessian(
         self, layer: WeightLayer, w: np.ndarray, bits: int, hessian: np.ndarray | None
     ) -> GroupwiseWeight:
         """``layer`` at ``bits`` on the given H (sequential GPTQ's, from the quantized
         prefix) instead of the float model's; nothing cached."""
-        return self._quantize(w, bits, self._factor_of(layer, hessian))
+        return self._quantize(
+            w, bits, self._factor_of(layer, hessian), self._clip_hessian(layer, hessian)
+        )
 
-    def _quantize(self, w: np.ndarray, bits: int, factor: GptqFactor | None) -> GroupwiseWeight:
+    def _clip_hessian(self, layer: WeightLayer, h: np.ndarray | None) -> np.ndarray | None:
+        """The H the range search weighs errors with: GPTQ's own, dampened as GPTQ
+        dampens it (a tied table's larger dampening stands for its embedding rows)."""
+        s = self.settings
+        if h is None or s.method is not Method.GPTQ or s.clip_objective is ClipObjective.WEIGHT:
+            return None
+        damp = s.tied_damp if layer.tied else s.damp
+        return h + damp * float(np.mean(np.diag(h))) * np.eye(len(h))
+
+    def _quantize(
+        self,
+        w: np.ndarray,
+        bits: int,
+        factor: GptqFactor | None,
+        clip_hessian: np.ndarray | None = None,
+    ) -> GroupwiseWeight:
         return quantize_weight(
             w,
             self.settings.format(bits),
@@ -133,6 +179,8 @@ class LayerQuantizer:
             factor=factor,
             block=self.settings.block,
             clip_search=self.settings.clip_search,
+            salient_fraction=self.settings.salient_fraction,
+            clip_hessian=clip_hessian,
         )
 
 
@@ -145,7 +193,10 @@ def relative_output_error(
     rows = slice(None, None, step)
     ref = np.asarray(w[rows], np.float64)
     q = quantized
-    delta = ref - dequantize(q.codes[rows], q.scales[rows], q.zero_points[rows], q.format)
+    approx = dequantize(q.codes[rows], q.scales[rows], q.zero_points[rows], q.format)
+    if q.salient is not None:
+        approx[:, q.salient.columns] += q.salient.values()[rows]
+    delta = ref - approx
     num = float(np.sum((delta @ hessian) * delta))  # BLAS; a 3-operand einsum is not
     den = float(np.sum((ref @ hessian) * ref))
     return float(num / den) if den > 0 else 0.0
