@@ -42,7 +42,7 @@ from benchmarks.llm import file_bytes, score
 from dyadiq import zoo
 from dyadiq.backends.onnx.weight_only import WeightOnlyForm
 from dyadiq.passes.weight_only.allocation import allocate_widths
-from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
+from dyadiq.passes.weight_only.groupwise import ClipObjective, GroupwiseWeight
 from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
 from dyadiq.passes.weight_only.model_file import ModelFile
 from dyadiq.passes.weight_only.pipeline import Prepared, run
@@ -99,8 +99,7 @@ class CachedGptq:
         # codes made with other settings must not be mixed in: the folder records its own
         settings = json.dumps(repr(prepared.quantizer.settings))
         stamp = folder / "settings.json"
-        # stamps written before the sequential fields existed match their defaults
-        same = (settings, settings.replace(", sequential=False, stage_size=4", ""))
+        same = _stamps(prepared.quantizer.settings)
         if stamp.exists() and stamp.read_text() not in same:
             raise SystemExit(f"{folder} holds codes of other settings: {stamp.read_text()}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,6 +128,31 @@ class CachedGptq:
         return q
 
 
+# settings fields added after the first caches were written, in the order they were added
+_LATER_FIELDS = ("sequential", "stage_size", "clip_objective", "salient_fraction")
+
+
+def _stamps(settings: WeightOnlySettings) -> set[str]:
+    """The stamps of caches with these settings: today's repr, and the reprs of earlier
+    versions of the settings, which lacked some of the later fields (those at their defaults
+    match: the codes are the same)."""
+    full = repr(settings)
+    defaults = WeightOnlySettings()
+    at_default = [
+        f", {name}={getattr(settings, name)!r}"
+        for name in _LATER_FIELDS
+        if hasattr(settings, name) and getattr(settings, name) == getattr(defaults, name)
+    ]
+    out = set()
+    for mask in range(2 ** len(at_default)):
+        text = full
+        for k, segment in enumerate(at_default):
+            if mask >> k & 1:
+                text = text.replace(segment, "")
+        out.add(json.dumps(text))
+    return out
+
+
 def _gptq_order(widths: Sequence[int]) -> list[int]:
     """4 first (the uniform row), then down, then up: the cheap rows come early."""
     unique = sorted(set(widths))
@@ -155,6 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--tied-damp", type=float, default=WeightOnlySettings().tied_damp)
     p.add_argument("--no-clip-search", action="store_true")
+    p.add_argument(
+        "--clip-objective",
+        default=str(WeightOnlySettings.clip_objective),
+        choices=[str(o) for o in ClipObjective],
+        help="the per-group range search's objective (GPTQ codes of another objective are "
+        "cached in their own folder)",
+    )
+    p.add_argument(
+        "--calib-text",
+        default=gemma3.PLAYS_TEXT,
+        choices=gemma3.CALIBRATION_TEXTS,
+        help="the Hessians' and sensitivity windows' text (codes and damages of a text other "
+        "than the plays are cached under their own names)",
+    )
     p.add_argument("--tag", default="", help="appended to the ILP rows' names")
     p.add_argument(
         "--table-methods",
@@ -184,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         damp=args.damp,
         tied_damp=args.tied_damp,
         clip_search=not args.no_clip_search,
+        clip_objective=ClipObjective(args.clip_objective),
     )
-    found = hessians(work, source, layers, args.calib_windows)
+    found = hessians(work, source, layers, args.calib_windows, args.calib_text)
     prepared = Prepared(source, inventory, LayerQuantizer(settings, found), 0.0, memo=True)
-    cache = CachedGptq(work / "gptq", prepared)
+    # the plays' weight-objective folders keep the names the earlier runs wrote
+    suffix = "" if args.calib_text == gemma3.PLAYS_TEXT else f"_{args.calib_text}"
+    if settings.clip_objective is not ClipObjective.WEIGHT:
+        suffix += f"_clip-{settings.clip_objective}"
+    cache = CachedGptq(work / f"gptq{suffix}", prepared)
     # the tied table by other methods: GPTQ's compensation serves the LM head's inputs only,
     # and moves the embedding rows that the same tensor also is
     table_caches = {"gptq": cache}
@@ -197,15 +240,19 @@ def main(argv: list[str] | None = None) -> int:
                 method=Method.RTN, group_size=args.group_size, clip_search=method == "rtnclip"
             )
             rtn_prepared = Prepared(source, inventory, LayerQuantizer(rtn, {}), 0.0)
-            table_caches[method] = CachedGptq(work / f"table_{method}", rtn_prepared)
+            table_caches[method] = CachedGptq(work / f"table_{method}", rtn_prepared)  # no H
         elif method.startswith("gptq-d"):  # more dampening: H + a I also weighs the rows' own
             # error, which is what the embedding lookup sees
             damp = float(method[6:])
             damped = WeightOnlySettings(
-                method=Method.GPTQ, group_size=args.group_size, damp=damp, tied_damp=damp
+                method=Method.GPTQ,
+                group_size=args.group_size,
+                damp=damp,
+                tied_damp=damp,
+                clip_objective=settings.clip_objective,
             )
             damped_prepared = Prepared(source, inventory, LayerQuantizer(damped, found), 0.0)
-            table_caches[method] = CachedGptq(work / f"table_{method}", damped_prepared)
+            table_caches[method] = CachedGptq(work / f"table_{method}{suffix}", damped_prepared)
         elif method != "gptq":
             raise SystemExit(f"unknown table method {method}")
 
@@ -217,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     cache.get(layer, bits)
             log.info("GPTQ at %d bits: %.0f s", bits, time.perf_counter() - t0)
 
-    damage_path = work / f"damage_{args.sens_windows}.json"
+    damage_path = work / f"damage_{args.sens_windows}{suffix}.json"
     damage: dict[str, dict[int, float]] = {}
     if damage_path.exists():
         damage = {
@@ -226,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     if "damage" in stages:
         t0 = time.perf_counter()
-        batches = list(gemma3.calibration_batches(args.sens_windows))
+        batches = list(gemma3.calibration_batches(args.sens_windows, text=args.calib_text))
         fed = WeightFedModel(source, layers, batches)
         for layer in layers:
             wanted = [

@@ -51,3 +51,20 @@ def test_default_calibration_is_in_domain() -> None:
         with pytest.raises(SystemExit):
             llm.main([])
     assert seen["args"].calib_text == gemma3.BRITANNICA_SPREAD
+
+
+def test_gptq_cache_stamps_match_older_settings_only_at_defaults() -> None:
+    from benchmarks.llm_gptq_ilp import _stamps
+    from dyadiq.passes.weight_only.groupwise import ClipObjective
+    from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
+
+    # the stamp of the first caches (before sequential GPTQ and the clip objective existed)
+    first = (
+        "\"WeightOnlySettings(method=<Method.GPTQ: 'gptq'>, group_size=128, symmetric=False, "
+        'act_order=True, damp=0.01, block=128, clip_search=True, tied_damp=0.01)"'
+    )
+    assert first in _stamps(WeightOnlySettings(method=Method.GPTQ, tied_damp=0.01))
+    hessian = WeightOnlySettings(
+        method=Method.GPTQ, tied_damp=0.01, clip_objective=ClipObjective.HESSIAN
+    )
+    assert first not in _stamps(hessian)  # other codes: never mixed in
