@@ -15,6 +15,17 @@ Two forms of the same codes and scales (:class:`dyadiq.passes.weight_only.groupw
   LM head share one copy). Other weights (other widths, Gemm readers, a Gather over a
   partial last block) fall back to the first form, and the report says which.
 
+Salient input columns (:mod:`dyadiq.passes.weight_only.salient`) add, in both forms, a side
+path per reader; their group-wise codes are zero points (exactly 0), so the group-wise part
+is unchanged in layout and the sum is the weight's value:
+
+- a MatMul reader ``y = x W^T`` becomes ``y_main + Gather(x, columns, axis=-1) @ S^T``;
+- a Gather reader (an embedding) ``y = W[ids]`` becomes ``y_main + S[ids] @ P``, with P
+  [k, K] the one-hot placement of the k columns (a product with ones and zeros: exact);
+
+with S [R, k] = ``DequantizeLinear`` of the int8 codes (per-row scales, axis 0), stored once
+per weight (a tied table's embedding and LM head share it).
+
 The returned header still points at the source model's external data for the tensors it
 did not replace; the caller materialises and saves it (:func:`dyadiq.io.save_model_atomic`).
 """
@@ -49,6 +60,7 @@ class ExportReport:
     as_matmul_nbits: list[str] = field(default_factory=list)
     as_dequantize_linear: list[str] = field(default_factory=list)
     fallbacks: dict[str, str] = field(default_factory=dict)  # layer -> why not MatMulNBits
+    salient: dict[str, int] = field(default_factory=dict)  # layer -> its 8-bit input columns
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -56,6 +68,7 @@ class ExportReport:
             "matmul_nbits": self.as_matmul_nbits,
             "dequantize_linear": self.as_dequantize_linear,
             "fallbacks": self.fallbacks,
+            "salient_columns": self.salient,
         }
 
 
@@ -206,6 +219,77 @@ def _matmul_nbits(
     return inits, replacements
 
 
+def _salient_side(
+    layer: WeightLayer,
+    q: GroupwiseWeight,
+    readers: Mapping[str, list[onnx.NodeProto]],
+) -> tuple[list[TensorProto], list[onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Initializers, nodes of constants (the 8-bit DequantizeLinear and, for MatMul
+    readers, its Transpose) and, per reader, its nodes (``readers``: what replaces it so
+    far) with the main output renamed and the side path added to it."""
+    salient = q.salient
+    assert salient is not None
+    base = f"{layer.initializer}_salient"
+    inits = [
+        numpy_helper.from_array(np.ascontiguousarray(salient.codes, np.int8), f"{base}_q"),
+        numpy_helper.from_array(salient.scales.astype(np.float32), f"{base}_s"),
+        numpy_helper.from_array(salient.columns.astype(np.int64), f"{base}_columns"),
+    ]
+    values = f"{base}_values"  # S [R, k]
+    constants = [
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{base}_q", f"{base}_s"],
+            [values],
+            name=f"{layer.id}/salient_dequantize",
+            axis=0,
+        )
+    ]
+    if any(r.use is Use.MATMUL for r in layer.readers):
+        constants.append(
+            helper.make_node(
+                "Transpose", [values], [f"{values}_t"], name=f"{layer.id}/salient_t", perm=[1, 0]
+            )
+        )
+    if any(r.use is Use.GATHER for r in layer.readers):
+        placement = np.zeros((salient.columns.size, layer.columns), np.float32)
+        placement[np.arange(salient.columns.size), salient.columns] = 1.0
+        inits.append(numpy_helper.from_array(placement, f"{base}_placement"))
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for reader in layer.readers:
+        current = [_copy(n) for n in readers[reader.node]]
+        final = current[-1]  # the node producing the reader's output
+        y = final.output[0]
+        main, side, picked = f"{y}/main", f"{y}/salient", f"{y}/salient_in"
+        final.output[0] = main
+        tag = f"{reader.node}/salient"
+        if reader.use is Use.MATMUL:
+            x = readers[reader.node][-1].input[0]
+            side_nodes = [
+                helper.make_node(
+                    "Gather", [x, f"{base}_columns"], [picked], name=f"{tag}_gather", axis=-1
+                ),
+                helper.make_node("MatMul", [picked, f"{values}_t"], [side], name=f"{tag}_matmul"),
+            ]
+        else:
+            ids = readers[reader.node][-1].input[1]
+            side_nodes = [
+                helper.make_node("Gather", [values, ids], [picked], name=f"{tag}_gather", axis=0),
+                helper.make_node(
+                    "MatMul", [picked, f"{base}_placement"], [side], name=f"{tag}_place"
+                ),
+            ]
+        add = helper.make_node("Add", [main, side], [y], name=f"{tag}_add")
+        out[reader.node] = [*current, *side_nodes, add]
+    return inits, constants, out
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
 def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     for opset in model.opset_import:
         if opset.domain == domain or (domain == "" and opset.domain == "ai.onnx"):
@@ -262,6 +346,13 @@ def export_weight_only(
             report.as_dequantize_linear.append(layer_id)
             if why is not None:
                 report.fallbacks[layer_id] = why
+        if q.salient is not None:
+            layer_readers = {r.node: replaced.get(r.node, [nodes[r.node]]) for r in layer.readers}
+            inits, constants, with_side = _salient_side(layer, q, layer_readers)
+            new_inits += inits
+            dq_nodes += constants
+            replaced.update(with_side)
+            report.salient[layer_id] = int(q.salient.columns.size)
     drop = {by_id[i].initializer for i in quantized}
     kept_inits = [t for t in graph.initializer if t.name not in drop]
     del graph.initializer[:]
