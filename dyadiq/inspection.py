@@ -197,7 +197,11 @@ def _operand_rules(
             continue
         facts = graph.facts(node)
         data = [t for t in node.inputs if isinstance(t, gs.Variable)]
-        on_codes = bool(data) and all(t.name in quantized for t in [*data, *node.outputs[:1]])
+        output = node.outputs[:1]
+        absorbed = sites.fused_activations.get(node.name)
+        if absorbed is not None and graph.kind(node) is OpKind.ADD:  # its codes are the Relu's
+            output = graph.node(absorbed).outputs[:1]
+        on_codes = bool(data) and all(t.name in quantized for t in [*data, *output])
         integer_op = (
             (facts.quantizable or facts.shares_input_scale or facts.unifies_input_scales)
             and graph.weight(node) is None
@@ -216,7 +220,7 @@ def _operand_rules(
                 rules[member.name] = (True, why)
             skip.update(n.name for n in chain.nodes)
         elif integer_op:
-            missing = [t.name for t in [*data, *node.outputs[:1]] if t.name not in quantized]
+            missing = [t.name for t in [*data, *output] if t.name not in quantized]
             why = f"{missing[0]} has no integer codes" if missing else "no activation input"
             rules[node.name] = (
                 False,

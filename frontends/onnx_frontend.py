@@ -37,6 +37,7 @@ from dyadiq.frontends.onnx_validation import (
 from dyadiq.frontends.runtime_validation import validate_and_simplify
 from dyadiq.graph import QGraph, assign_stable_ids
 from dyadiq.op_facts import onnx_op_kind
+from dyadiq.passes.canonicalize_inference_ops import canonicalize_inference_ops
 from dyadiq.passes.fold_static_if import fold_static_if
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ def load_onnx(
         _fix_input_shapes(model, input_shapes)
     folded = fold_static_if(model)  # before onnxsim, which then simplifies an inlined branch
     model, notes = folded.model, [*notes, *folded.notes]
+    notes.extend(canonicalize_inference_ops(model).notes())
     model = validate_and_simplify(model, where, simplify=simplify, notes=notes)
     flattened = flatten_gemm_row_biases(model)
     if flattened:

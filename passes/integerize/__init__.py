@@ -198,6 +198,8 @@ class _Integerizer(
             return self._weighted(node, kind, weight)
         data = [t for t in node.inputs if isinstance(t, gs.Variable)]
         out = node.outputs[0]
+        if kind is OpKind.ADD:  # writes the codes of a Relu / Clip it absorbs (_add_output)
+            out = self._add_output(node)[0]
         if not data or not self._quantized(*data, out):
             return False
         if kind is OpKind.MATMUL and len(data) == 2:

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import dyadic
+from dyadiq.graph import activation_bounds
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.elementwise_lookup import lookup_chain, lookup_table
 from dyadiq.passes.integerize.state import (
@@ -45,7 +46,9 @@ class ElementwiseOps(IntegerizerState):
             return False  # a constant operand: runs in float (bias adds fuse in a later pass)
         qa, qb = self.q(a), self.q(b)
         a_codes, b_codes = self.codes(a), self.codes(b)
-        out_codes, qy = self.define(node.outputs[0])
+        output, (real_lo, real_hi) = self._add_output(node)
+        out_codes, qy = self.define(output)
+        qmin, qmax = _code_bounds(qy, real_lo, real_hi)
         if self.single_rounding_add:
             (ma, mb), k = common_shift_dyadic(qa.scale / qy.scale, qb.scale / qy.scale)
             mults, shifts = (ma, mb), (k, k)
@@ -60,12 +63,22 @@ class ElementwiseOps(IntegerizerState):
                 mults,
                 shifts,
                 qy.zero_point,
-                qy.qmin,
-                qy.qmax,
+                qmin,
+                qmax,
                 single_rounding=self.single_rounding_add,
             )
         )
         return True
+
+    def _add_output(self, node: gs.Node) -> tuple[gs.Tensor, tuple[float, float]]:
+        """The tensor an Add writes codes for, and the real interval they clamp to: a Relu or
+        Clip after it (ResNet's residual Add -> Relu) is absorbed as clip bounds on the codes,
+        as for a weighted layer, since Q(relu(x)) = clip(Q(x), Q(0), qmax)."""
+        act_id = self.sites.fused_activations.get(node.name)
+        if act_id is None:
+            return node.outputs[0], (-np.inf, np.inf)
+        act = self.graph.node(act_id)
+        return act.outputs[0], activation_bounds(act)
 
     def _mul(self, node: gs.Node) -> bool:
         a, b = node.inputs[0], node.inputs[1]
