@@ -187,6 +187,8 @@ def plan_json(settings: WeightOnlySettings, bits: Mapping[str, int]) -> dict[str
         "symmetric": settings.symmetric,
         "act_order": settings.act_order,
         "damp": settings.damp,
+        "clip_search": settings.clip_search,
+        "clip_objective": str(settings.clip_objective),
         "tied_damp": settings.tied_damp,
         "sequential": settings.sequential,
         "stage_size": settings.stage_size,
