@@ -249,6 +249,8 @@ def quantize_graph(
     weights = weights if weights is not None else ROUND_TO_NEAREST
     t = time.perf_counter()
     qdq = insert_qdq(graph, plan, sites, ranges, weights)
+    if qdq.shared_weights.changed:  # report.json lists the layers that read one stored weight
+        graph.rewrites.append(qdq.shared_weights)
     timings["rewrite_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     return QuantizeResult(

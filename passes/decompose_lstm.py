@@ -58,9 +58,15 @@ def _unroll(g: gs.Graph, node: gs.Node) -> None:
     nodes: list[gs.Node] = []
     count = [0]
 
-    def op(kind: str, inputs: list[gs.Tensor], **attrs: object) -> gs.Variable:
+    state_shape = [batch, hidden]
+
+    def op(
+        kind: str, inputs: list[gs.Tensor], shape: list[int] = state_shape, **attrs: object
+    ) -> gs.Variable:
+        """One op of the cell; its output is static (every rewrite after this one, the
+        integer model's requantization among them, reads shapes)."""
         count[0] += 1
-        out = gs.Variable(f"{name}/{kind}_{count[0]}", dtype=np.float32)
+        out = gs.Variable(f"{name}/{kind}_{count[0]}", dtype=np.float32, shape=list(shape))
         nodes.append(gs.Node(kind, f"{name}/{kind}_{count[0]}", attrs, inputs, [out]))
         return out
 
@@ -85,7 +91,7 @@ def _unroll(g: gs.Graph, node: gs.Node) -> None:
     ys = []
     for t in range(steps):
         index = gs.Constant(f"{name}/t{t}", np.array(t, np.int64))
-        x_t = op("Gather", [x, index], axis=0)
+        x_t = op("Gather", [x, index], [batch, int(w.values.shape[2])], axis=0)
         gates = {}
         for gate in GATES:
             w_k, r_k, b_k = weights[gate]
@@ -98,7 +104,7 @@ def _unroll(g: gs.Graph, node: gs.Node) -> None:
     axes01 = gs.Constant(f"{name}/axes01", np.array([0, 1], np.int64))
     axis0 = gs.Constant(f"{name}/axes0", np.array([0], np.int64))
     if y is not None and y.name:
-        parts = [op("Unsqueeze", [h_t, axes01]) for h_t in ys]
+        parts = [op("Unsqueeze", [h_t, axes01], [1, 1, batch, hidden]) for h_t in ys]
         nodes.append(gs.Node("Concat", f"{name}/Y", {"axis": 0}, parts, [y]))
     for state, out in ((h, y_h), (c, y_c)):
         if out is not None and out.name:

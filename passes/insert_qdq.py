@@ -2,7 +2,8 @@
 
 Given a plan, its :class:`ActivationSites` and a calibrated ``(lo, hi)`` per scale group:
 - each planned layer's weight becomes an int8 (or int4, opset 21) initializer of per-channel
-  symmetric codes followed by a per-axis DequantizeLinear;
+  symmetric codes followed by a per-axis DequantizeLinear; layers that read one initializer
+  (tied weights, the steps of an unrolled LSTM) read one such pair (``shared_weights``);
 - its bias becomes int32 at scale ``s_x * s_w[c]`` (what the integer kernels accumulate in);
 - each activation site gets ``Q -> DQ`` with its group's scale and zero point;
 - a fused Relu/Clip whose effect the quantizer's saturation already reproduces exactly
@@ -20,16 +21,18 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from dyadiq.graph import QGraph, activation_bounds, make_constant, weight_channel_axis
+from dyadiq.graph import QGraph, activation_bounds, make_constant
 from dyadiq.passes.activation_sites import ActivationSites
+from dyadiq.passes.shared_weights import SharedWeightQuants, WeightKey, shared_weight_quants
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import (
     ROUND_TO_NEAREST,
     ActQuant,
+    WeightQuant,
     WeightQuantizer,
     activation_quant,
-    with_representable_bias,
 )
+from dyadiq.rewrite_report import RewriteReport
 
 
 @dataclass
@@ -38,6 +41,8 @@ class QDQResult:
     act_params: dict[str, ActQuant]  # tensor -> its quantizer
     removed_activations: list[str] = field(default_factory=list)
     weight_bytes: int = 0  # packed size of the quantized weights (int4 packs two per byte)
+    # the layers that read a weight another layer quantized (stored once; see shared_weights)
+    shared_weights: RewriteReport = field(default_factory=lambda: RewriteReport("share_weights"))
 
 
 def _code_dtype(bits: int, signed: bool) -> np.dtype:
@@ -86,39 +91,34 @@ def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, q: ActQuant) -> 
             graph.outputs[i] = restored
 
 
-def _quantize_weight(
-    graph: gs.Graph,
-    node: gs.Node,
-    index: int,
-    bits: int,
-    weights: WeightQuantizer,
-    bias: tuple[np.ndarray, float] | None = None,
-) -> tuple[gs.Constant, int]:
-    """The weight's DequantizeLinear; ``bias`` (float bias, input scale) raises the scale of
-    channels whose bias code would not fit (:func:`with_representable_bias`)."""
-    weight = node.inputs[index]
-    axis = weight_channel_axis(node) % weight.values.ndim
-    float_weight = np.asarray(weight.values, np.float32)
-    wq = weights.weight_quant(node.name, float_weight, bits, axis)
-    if bias is not None:
-        wq = with_representable_bias(wq, float_weight, *bias)
-    code_dtype = _code_dtype(bits, signed=True)
-    codes = make_constant(f"{weight.name}_quantized", wq.values.astype(code_dtype))
-    scales = gs.Constant(f"{weight.name}_scale", wq.scales)
-    zeros = make_constant(f"{weight.name}_zero_point", np.zeros(wq.scales.shape, code_dtype))
-    restored = gs.Variable(f"{weight.name}_dq", dtype=np.float32, shape=list(weight.shape))
+def _dequantized_weight(
+    graph: gs.Graph, weight: gs.Constant, wq: WeightQuant, name: str
+) -> tuple[gs.Variable, int]:
+    """One stored quantized weight: codes, scales and zero points and the DequantizeLinear
+    every reader of it reads; returns the float tensor and its packed byte count."""
+    code_dtype = _code_dtype(wq.bits, signed=True)
+    codes = make_constant(f"{name}_quantized", wq.values.astype(code_dtype))
+    scales = gs.Constant(f"{name}_scale", wq.scales)
+    zeros = make_constant(f"{name}_zero_point", np.zeros(wq.scales.shape, code_dtype))
+    restored = gs.Variable(f"{name}_dq", dtype=np.float32, shape=list(weight.shape))
     graph.nodes.append(
         gs.Node(
             "DequantizeLinear",
-            f"{node.name}/weight_DQ",
-            attrs={"axis": axis},
+            f"{name}/weight_DQ",
+            attrs={"axis": wq.axis},
             inputs=[codes, scales, zeros],
             outputs=[restored],
         )
     )
-    node.inputs[index] = restored
+    bits = wq.bits
     packed_bytes = (wq.values.size * bits + 7) // 8 if bits <= 4 else wq.values.size
-    return scales, packed_bytes
+    return restored, packed_bytes
+
+
+def _unique(name: str, tensor: gs.Tensor, layer_id: str) -> str:
+    """``name``, made per layer when several layers read ``tensor`` (a bias shared by the
+    steps of an unrolled cell is quantized at each step's own input scale)."""
+    return name if len(tensor.outputs) <= 1 else f"{name}@{layer_id}"
 
 
 def _quantize_bias(
@@ -130,19 +130,20 @@ def _quantize_bias(
     values: np.ndarray,
 ) -> None:
     bias = node.inputs[index]
+    name = _unique(bias.name, bias, node.name)
     scales = (weight_scales * np.float32(input_scale)).astype(np.float32)
     codes = np.round(np.asarray(values, np.float64) / scales).astype(np.int64)
     codes = np.clip(codes, -(2**31), 2**31 - 1).astype(np.int32)
-    restored = gs.Variable(f"{bias.name}_dq", dtype=np.float32, shape=list(bias.shape))
+    restored = gs.Variable(f"{name}_dq", dtype=np.float32, shape=list(bias.shape))
     graph.nodes.append(
         gs.Node(
             "DequantizeLinear",
             f"{node.name}/bias_DQ",
             attrs={"axis": 0},
             inputs=[
-                gs.Constant(f"{bias.name}_quantized", codes),
-                gs.Constant(f"{bias.name}_scale", scales),
-                gs.Constant(f"{bias.name}_zero_point", np.zeros(scales.shape, np.int32)),
+                gs.Constant(f"{name}_quantized", codes),
+                gs.Constant(f"{name}_scale", scales),
+                gs.Constant(f"{name}_zero_point", np.zeros(scales.shape, np.int32)),
             ],
             outputs=[restored],
         )
@@ -150,7 +151,9 @@ def _quantize_bias(
     node.inputs[index] = restored
 
 
-def _correct_fused_bias(add: gs.Node, layer_id: str, bits: int, weights: WeightQuantizer) -> None:
+def _correct_fused_bias(
+    add: gs.Node, layer_id: str, bits: int, weights: SharedWeightQuants
+) -> None:
     """A MatMul's bias lives in the constant of the Add after it (kept in float here; the
     integer model adds it to the accumulator): give that Add the corrected bias."""
     for i, tensor in enumerate(add.inputs):
@@ -158,7 +161,8 @@ def _correct_fused_bias(add: gs.Node, layer_id: str, bits: int, weights: WeightQ
             values = np.asarray(tensor.values, np.float32)
             corrected = weights.bias(layer_id, bits, values)
             if corrected is not values:
-                add.inputs[i] = gs.Constant(f"{tensor.name}_corrected", corrected)
+                name = _unique(f"{tensor.name}_corrected", tensor, layer_id)
+                add.inputs[i] = gs.Constant(name, corrected)
 
 
 def _remove_implied_activation(layer: gs.Node, act: gs.Node, q: ActQuant) -> bool:
@@ -183,7 +187,9 @@ def insert_qdq(
     """Return a quantized copy of ``graph``; ``graph`` itself is left untouched.
 
     ``weights`` gives each planned layer's quantized weights at its width and the float bias
-    to quantize (a compensated quantizer corrects it); round to nearest by default.
+    to quantize (a compensated quantizer corrects it); round to nearest by default. Layers
+    that read one weight initializer read one stored quantized copy of it
+    (:mod:`dyadiq.passes.shared_weights`).
     """
     out = graph.copy()
     g = out.graph
@@ -197,6 +203,8 @@ def insert_qdq(
             removed.append(act_id)
     g.cleanup()
     tensors = out.tensors()
+    shared = shared_weight_quants(out, plan, params, weights)
+    stored: dict[WeightKey, gs.Variable] = {}  # one DequantizeLinear per stored weight
     weight_bytes = 0
     for layer_id, fmt in plan.layers.items():
         node = out.node(layer_id)
@@ -211,25 +219,28 @@ def insert_qdq(
             and isinstance(node.inputs[bias_at], gs.Constant)
             and data.name in params
         )
-        values = None
+        key = shared.key(layer_id)
+        wq = shared.weight_quant(layer_id)
+        if key not in stored:
+            weight = node.inputs[facts.weight_input]
+            name = weight.name
+            if key != _first_key(shared, weight.name):  # a second width of one initializer
+                name = f"{weight.name}_{bits}b"  # (a hand-written plan): a second weight
+            stored[key], nbytes = _dequantized_weight(g, weight, wq, name)
+            weight_bytes += nbytes
+        node.inputs[facts.weight_input] = stored[key]
         if own_bias:
             assert bias_at is not None
-            values = weights.bias(layer_id, bits, np.asarray(node.inputs[bias_at].values))
-        weight_scales, nbytes = _quantize_weight(
-            g,
-            node,
-            facts.weight_input,
-            bits,
-            weights,
-            (values, params[data.name].scale) if values is not None else None,
-        )
-        weight_bytes += nbytes
-        if own_bias and values is not None:
-            assert bias_at is not None
-            _quantize_bias(g, node, bias_at, weight_scales.values, params[data.name].scale, values)
+            values = shared.bias(layer_id, bits, np.asarray(node.inputs[bias_at].values))
+            _quantize_bias(g, node, bias_at, wq.scales, params[data.name].scale, values)
         elif layer_id in sites.fused_biases:
-            _correct_fused_bias(out.node(sites.fused_biases[layer_id]), layer_id, bits, weights)
+            _correct_fused_bias(out.node(sites.fused_biases[layer_id]), layer_id, bits, shared)
     for name in sites.tensors:
         insert_activation_qdq(g, tensors[name], params[name])
     g.cleanup().toposort()
-    return QDQResult(out, params, removed, weight_bytes)
+    return QDQResult(out, params, removed, weight_bytes, shared.report)
+
+
+def _first_key(shared: SharedWeightQuants, weight_name: str) -> WeightKey:
+    """The stored weight of ``weight_name`` that keeps the initializer's own name."""
+    return next(key for key in shared.quants if key[0] == weight_name)

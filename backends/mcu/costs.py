@@ -8,6 +8,7 @@ Sizes follow :func:`dyadiq.backends.mcu.emit_c.emit_c_project`'s storage: codes 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,8 +39,10 @@ def program_weight_flash_bytes(program: ip.IntegerProgram) -> int:
     them (its ``McuProject.weight_flash_bytes``): codes, an int32 bias per output channel, and
     an int32 multiplier and int8 shift per requantization channel; a token embedding's table,
     row scales and constant rows (:func:`embedding_flash_bytes`). Computed from the program
-    alone, so a model whose weights cannot fit is refused before any C is written."""
+    alone, so a model whose weights cannot fit is refused before any C is written. Ops that
+    multiply by the same codes read one stored array (``emit_c``): its bytes count once."""
     total = 0
+    stored: set[tuple[str, tuple[int, ...], int, bytes]] = set()
     for op in program.ops:
         if isinstance(op, ip.Conv):
             rows = int(op.weight.shape[0])  # OIHW: one row of taps per output channel
@@ -51,7 +54,11 @@ def program_weight_flash_bytes(program: ip.IntegerProgram) -> int:
             continue
         else:
             continue
-        storage = weight_storage_bytes(rows, length, op.weight_bits)
+        assert op.weight is not None
+        digest = hashlib.sha256(op.weight.tobytes()).digest()
+        key = (type(op).__name__, op.weight.shape, op.weight_bits, digest)
+        storage = 0 if key in stored else weight_storage_bytes(rows, length, op.weight_bits)
+        stored.add(key)
         total += storage + 4 * rows + 5 * int(np.size(op.requant.mult))
     return total
 

@@ -27,6 +27,7 @@ int32 because there is no padding), and signed inputs are read as ``(b ^ 0x80) -
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -193,6 +194,8 @@ class _Emitter(IntOpVisitor[None]):
         self.decls: list[str] = []
         self.calls: list[str] = []
         self.layers: list[LayerFlash] = []
+        # (C type, shape, digest of the stored bytes) -> the const array that holds them
+        self.weight_arrays: dict[tuple[str, tuple[int, ...], bytes], str] = {}
         self.scratch = 1
         self.tag = ""
         self.input_offsets: dict[str, int] = {}  # several raw inputs: one after another
@@ -251,13 +254,20 @@ class _Emitter(IntOpVisitor[None]):
         packed_layout = bits <= PACKED_BITS and self.pack_int4
         packed = pack_weights(rows, bits if packed_layout else 8)
         ctype = "uint8_t" if packed_layout else "int8_t"
-        self.decls.append(_c_array(ctype, f"{tag}_w", packed))
+        # ops that multiply by the same codes (layers reading one weight initializer, the
+        # steps of an unrolled LSTM) read one const array; its flash is counted once
+        key = (ctype, packed.shape, hashlib.sha256(packed.tobytes()).digest())
+        stored = self.weight_arrays.get(key)
+        if stored is None:
+            stored = self.weight_arrays[key] = f"{tag}_w"
+            self.decls.append(_c_array(ctype, stored, packed))
+        weight_bytes = packed.size if stored == f"{tag}_w" else 0
         self.decls.append(_c_array("int32_t", f"{tag}_b", bias))
         rq_bytes = 5 * int(np.size(rq.mult))  # int32 multiplier + int8 shift each
-        self.layers.append(LayerFlash(tag, bits, packed.size, 4 * bias.size, rq_bytes))
+        self.layers.append(LayerFlash(tag, bits, weight_bytes, 4 * bias.size, rq_bytes))
         if packed_layout:
             self.scratch = max(self.scratch, rows.shape[1])  # an unpacked row
-        return _struct({"data": f"{tag}_w", "bits": 4 if packed_layout else 8})
+        return _struct({"data": stored, "bits": 4 if packed_layout else 8})
 
     def param(self, ctype: str, tag: str, fields: Mapping[str, object]) -> str:
         self.decls.append(f"static const {ctype} {tag} = {_struct(fields)};\n")

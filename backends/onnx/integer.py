@@ -23,6 +23,7 @@ islands. Stock onnxruntime runs the result; it must equal the reference interpre
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,8 @@ class _Builder:
         self.program = program
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        # (signed, shape, digest of the codes) -> stored weight and zero point initializers
+        self.weights: dict[tuple[bool, tuple[int, ...], bytes], tuple[str, str]] = {}
         self.counter = 0
         self.opset = model_opset(program)
 
@@ -123,11 +126,24 @@ class _Builder:
         return len(self.program.shapes[codes])
 
     def weight_operand(self, weight: np.ndarray, activation: str) -> tuple[str, str]:
-        """Constant int8 weight codes in the activation's signedness (module docstring)."""
-        if self.program.quant[activation].signed:
-            return self.const("weight", weight.astype(np.int8)), self.const("wzp", np.int8(0))
-        shifted = (weight.astype(np.int16) + UNSIGNED_SHIFT).astype(np.uint8)
-        return self.const("weight", shifted), self.const("wzp", np.uint8(UNSIGNED_SHIFT))
+        """Constant int8 weight codes in the activation's signedness (module docstring),
+        stored once for every op that multiplies by the same codes (layers that read one
+        weight initializer, the steps of an unrolled LSTM)."""
+        signed = self.program.quant[activation].signed
+        key = (signed, weight.shape, hashlib.sha256(weight.tobytes()).digest())
+        if key not in self.weights:
+            if signed:
+                self.weights[key] = (
+                    self.const("weight", weight.astype(np.int8)),
+                    self.const("wzp", np.int8(0)),
+                )
+            else:
+                shifted = (weight.astype(np.int16) + UNSIGNED_SHIFT).astype(np.uint8)
+                self.weights[key] = (
+                    self.const("weight", shifted),
+                    self.const("wzp", np.uint8(UNSIGNED_SHIFT)),
+                )
+        return self.weights[key]
 
     def same_sign_operand(self, codes: str, like: str) -> tuple[str, str]:
         """Activation ``codes`` (and its zero point) in the signedness of ``like``."""

@@ -28,6 +28,7 @@ Per op (v = q - z, the zero-point-free codes):
   the wide codes, reading the integer mask (``sentence_pooling``);
 Everything else runs in float between Dequantize and Quantize and is listed in ``float_ops``.
 Every weighted layer's accumulator is bounded first; a possible int32 overflow is an error.
+Layers that read one weight initializer share one array of codes (``shared_weights``).
 
 The rewrite of each kind of op lives in its own module, a mixin of :class:`_Integerizer` over
 the shared :class:`~dyadiq.passes.integerize.state.IntegerizerState`: ``weighted`` (Conv / Gemm /
@@ -69,6 +70,7 @@ from dyadiq.passes.integerize.weighted import (
     conv_transpose_blocker,
 )
 from dyadiq.passes.masked_softmax import find_masked_softmax
+from dyadiq.passes.shared_weights import shared_weight_quants
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ROUND_TO_NEAREST, ActQuant, WeightQuantizer
 
@@ -103,6 +105,9 @@ class _Integerizer(
         self.plan = plan
         self.sites = sites
         self.params = dict(params)  # LayerNorm outputs get their consumers' quantizers
+        # from insert_qdq's quantizers (``params`` as given), so that the codes are its codes
+        self.shared = shared_weight_quants(graph, plan, params, weights)
+        self.shared_codes = {}
         self.ops: list[ip.IntOp] = []
         self.quant: dict[str, ActQuant] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -116,6 +121,7 @@ class _Integerizer(
         self.masked_softmax = masked.matches
         self.tabulated.update(masked.absorbed)  # Softmax and mask ops a match replaces
         self.notes.extend(f"masked softmax declined: {reason}" for reason in masked.declined)
+        self.notes.extend(f"{layer} {reason}" for layer, reason in self.shared.report.skipped)
         self.wide_of: dict[str, str] = {}  # float tensor -> its wide int32 codes
         self.embeddings = {}
         self.layer_norms = self._plan_layer_norms()

@@ -15,6 +15,7 @@ from dyadiq.graph import QGraph
 from dyadiq.passes.activation_sites import ActivationSites
 from dyadiq.passes.integer_layer_norm import IntegerLayerNorm
 from dyadiq.passes.masked_softmax import MaskedSoftmaxMatch
+from dyadiq.passes.shared_weights import SharedWeightQuants
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantizers import ActQuant, WeightQuantizer
 
@@ -73,6 +74,8 @@ class IntegerizerState:
 
     graph: QGraph
     weights: WeightQuantizer
+    shared: SharedWeightQuants  # each layer's quantized weight, once per initializer
+    shared_codes: dict[tuple[str, int, int, bool], np.ndarray]  # (weight key, transposed)
     single_rounding_add: bool
     plan: PrecisionPlan
     sites: ActivationSites

@@ -16,7 +16,7 @@ from dyadiq.passes.integerize.state import (
     _requant,
     _static_shape,
 )
-from dyadiq.quantizers import ActQuant, with_representable_bias
+from dyadiq.quantizers import ActQuant
 
 INT32_LIMIT = 2**31 - 1
 
@@ -61,23 +61,26 @@ class WeightedLayers(IntegerizerState):
     def _quantized_weight(
         self, node: gs.Node, weight: gs.Constant, kind: OpKind
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """Codes (one array for every layer that reads the same weight initializer, so that
+        backends store it once), per-channel scales, int32 bias codes and the width; the
+        codes and scales are ``insert_qdq``'s (:mod:`dyadiq.passes.shared_weights`)."""
         bits = self.plan.layers[node.name].weight_bits
-        axis = weight_channel_axis(node) % weight.values.ndim
-        float_weight = np.asarray(weight.values, np.float32)
-        wq = self.weights.weight_quant(node.name, float_weight, bits, axis)
+        wq = self.shared.weight_quant(node.name)
         bias = None
         values = self._bias_values(node)
         if values is not None:
-            values = np.asarray(self.weights.bias(node.name, bits, values), np.float64)
+            values = np.asarray(self.shared.bias(node.name, bits, values), np.float64)
             s_x = self.q(node.inputs[0]).scale
-            if self._has_own_bias(node):  # as insert_qdq does: the QDQ model must agree
-                wq = with_representable_bias(wq, float_weight, values, s_x)
             scales = wq.scales.astype(np.float32) * np.float32(s_x)
             bias = np.round(values / scales).astype(np.int64)
-        codes = wq.values
-        if kind is OpKind.GEMM and weight_channel_axis(node) == 0:
-            codes = codes.T  # stored [N, K] (transB): the integer MatMul wants [K, N]
-        return np.ascontiguousarray(codes), wq.scales, bias, bits
+        transposed = kind is OpKind.GEMM and weight_channel_axis(node) == 0
+        key = (*self.shared.key(node.name), transposed)
+        codes = self.shared_codes.get(key)
+        if codes is None:
+            # stored [N, K] (transB): the integer MatMul wants [K, N]
+            codes = np.ascontiguousarray(wq.values.T if transposed else wq.values)
+            self.shared_codes[key] = codes
+        return codes, wq.scales, bias, bits
 
     def _has_own_bias(self, node: gs.Node) -> bool:
         facts = self.graph.facts(node)
