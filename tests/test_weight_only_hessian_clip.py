@@ -112,3 +112,25 @@ def test_gptq_layer_quantizer_uses_the_hessian_objective() -> None:
     err = {o: q.dequantize() - w for o, q in by_objective.items()}
     out = {o: float(np.sum((e @ h) * e)) for o, e in err.items()}
     assert out[ClipObjective.HESSIAN] < out[ClipObjective.WEIGHT]
+
+
+def test_salient_columns_do_not_steer_the_range_search() -> None:
+    """With salient channels (stored apart at 8 bits) the H-weighted search ignores them:
+    their huge H would otherwise keep every group's range wide for nothing."""
+    from dyadiq.passes.weight_only.layers import Orientation, Reader, Use, WeightLayer
+    from dyadiq.passes.weight_only.quantize import LayerQuantizer, Method, WeightOnlySettings
+
+    rng = np.random.default_rng(5)
+    rows, k = 8, 128
+    x = rng.normal(size=(300, k))
+    x[:, 7] *= 50.0  # the one salient channel at 1%
+    h = x.T @ x / len(x)
+    reader = Reader("mm", Use.MATMUL, "x", "MatMul")
+    layer = WeightLayer("mm", "mm_w", Orientation.TRANSPOSED, rows, k, (reader,))
+    settings = WeightOnlySettings(
+        method=Method.GPTQ, clip_objective=ClipObjective.HESSIAN, salient_fraction=0.01
+    )
+    clip_h = LayerQuantizer(settings, {"x": h})._clip_hessian(layer, h)
+    assert clip_h is not None
+    assert not clip_h[7].any() and not clip_h[:, 7].any()
+    assert clip_h[6, 6] > h[6, 6]  # the others keep their (dampened) H

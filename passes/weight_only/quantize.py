@@ -163,7 +163,12 @@ class LayerQuantizer:
         if h is None or s.method is not Method.GPTQ or s.clip_objective is ClipObjective.WEIGHT:
             return None
         damp = s.tied_damp if layer.tied else s.damp
-        return h + damp * float(np.mean(np.diag(h))) * np.eye(len(h))
+        damped = h + damp * float(np.mean(np.diag(h))) * np.eye(len(h))
+        if s.salient_fraction:  # salient columns are stored apart: their grid error is moot
+            kept = salient_mask(h, s.salient_fraction)
+            damped[kept, :] = 0.0
+            damped[:, kept] = 0.0
+        return damped
 
     def _quantize(
         self,
