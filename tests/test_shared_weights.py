@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -223,3 +225,24 @@ def test_an_unrolled_lstm_stores_its_weights_once():
     assert result.qdq.weight_bytes == 32 * 8 + 32 * 8
     report = bit_exactness(program, integer, calib)
     assert report["tensors"] > 0 and report["exact_tensors"] == report["tensors"]
+
+
+def test_cortex_m_c_emits_a_shared_weight_once_and_runs_bit_exact(tmp_path):
+    from dyadiq.backends.mcu.build import ToolchainError, find_toolchain
+    from dyadiq.backends.mcu.emit_c import emit_c_project
+    from tests.mcu_helpers import assert_bit_exact_on_qemu
+
+    rng = np.random.default_rng(5)
+    calib = calibration((1, 4, 6, 6), rng, n=4)
+    _, program, _, _ = _quantize(_tied_convs(rng), calib)
+    project = emit_c_project(program, tmp_path, cpu="cortex-m4")
+    source = (tmp_path / "model.c").read_text()
+    weight_arrays = re.findall(r"static const int8_t (op\d+_w)\[", source)
+    assert len(weight_arrays) == 1  # both convolutions' params point at it
+    assert source.count(f".data = {weight_arrays[0]}") == 2
+    assert project.weight_flash_bytes == program_weight_flash_bytes(program)
+    try:
+        find_toolchain(need_qemu=True)
+    except ToolchainError as exc:
+        pytest.skip(str(exc))
+    assert_bit_exact_on_qemu(project, program, calib)
