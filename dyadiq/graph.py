@@ -127,6 +127,21 @@ def activation_bounds(node: gs.Node) -> tuple[float, float]:
     return bounds[0], bounds[1]
 
 
+def is_whole_input_average_pool(node: gs.Node) -> bool:
+    """An AveragePool whose window is its whole (static) spatial input and that has no pads:
+    the same numbers as GlobalAveragePool (ResNet-50's final 7x7 pool in older exports)."""
+    if QGraph.kind(node) is not OpKind.AVGPOOL or not node.inputs:
+        return False
+    shape = node.inputs[0].shape or ()
+    spatial = list(shape[2:])
+    kernel = list(node.attrs.get("kernel_shape", []))
+    pads = list(node.attrs.get("pads", [0] * 2 * len(kernel)))
+    static = all(isinstance(d, int) and d > 0 for d in spatial)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return static and kernel == spatial and not any(pads) and auto_pad in ("NOTSET", "VALID")
+
+
 def assign_stable_ids(graph: gs.Graph) -> None:
     """Give every node a unique, non-empty name: its id for the rest of the pipeline.
 

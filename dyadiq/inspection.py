@@ -9,7 +9,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from dyadiq.errors import DyadiqError
-from dyadiq.graph import QGraph
+from dyadiq.graph import QGraph, is_whole_input_average_pool
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.activation_sites import ActivationSites, find_activation_sites
 from dyadiq.passes.elementwise_lookup import ELEMENTWISE, UNARY, lookup_chain
@@ -43,6 +43,11 @@ def quantizability(graph: QGraph, node: gs.Node) -> tuple[bool, str]:
         return True, "inputs and output share one scale: an integer op on their codes"
     if facts.quantizable and graph.kind(node) in UNARY:
         return True, "on a quantized input: an integer lookup table of its 256 codes"
+    if graph.kind(node) is OpKind.AVGPOOL and not is_whole_input_average_pool(node):
+        return True, (
+            "quantized in QDQ; a float island in --integer and --target: only an AveragePool "
+            "over its whole input (a GlobalAveragePool) has an integer kernel"
+        )
     if facts.quantizable:
         return True, "integer op on quantized activations"
     if facts.fusable_activation:
@@ -237,6 +242,7 @@ _INTEGER_ON_CODES = frozenset(
         OpKind.MUL,
         OpKind.MATMUL,
         OpKind.GLOBAL_AVGPOOL,
+        OpKind.AVGPOOL,
         OpKind.HARD_SIGMOID,
         OpKind.HARD_SWISH,
         OpKind.SOFTMAX,

@@ -10,6 +10,7 @@ import pytest
 from dyadiq.backends.onnx.integer import export_integer_onnx
 from dyadiq.consistency import bit_exactness, simulation_agreement
 from dyadiq.frontends.onnx_frontend import load_onnx
+from dyadiq.inspection import describe
 from dyadiq.integer_program import Conv, IntegerProgram
 from dyadiq.passes.integerize import AccumulatorOverflowError, integerize
 from dyadiq.pipeline import build_integer, quantize_graph
@@ -413,3 +414,40 @@ def test_near_zero_channel_with_a_bias_gets_a_scale_its_bias_fits():
     _assert_bit_exact(program, int_model, calib)
     agreement = simulation_agreement(program, export_qdq_model(result), int_model, calib)
     assert agreement["max_output_diff_lsb"] <= 2.0
+
+
+@pytest.mark.parametrize(("kernel", "integer"), [(6, True), (3, False)])
+def test_average_pool_over_its_whole_input_is_an_integer_global_pool(kernel, integer):
+    """ResNet-50's older exports end in AveragePool 7x7 on a 7x7 map: the same numbers as
+    GlobalAveragePool, so the same integer kernel. A smaller window stays a float island, and
+    inspect says which."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 5] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        p = AveragePool <kernel_shape = [{kernel}, {kernel}], strides = [{kernel}, {kernel}]> (r)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, w2, b2)
+    }}
+    """
+    rng = np.random.default_rng(21)
+    features = 4 * (6 // kernel) ** 2
+    model = with_weights(
+        text,
+        w1=rng.normal(size=(4, 3, 3, 3)) / 3,
+        b1=rng.normal(size=4) * 0.1,
+        w2=rng.normal(size=(5, features)) / 2,
+        b2=rng.normal(size=5) * 0.1,
+    )
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    _, program, int_model = _integer(model, calib)
+    pools = [op for op in program.float_ops if op.startswith("AveragePool")]
+    assert (pools == []) is integer, program.float_ops
+    _assert_bit_exact(program, int_model, calib)
+    label = next(
+        layer["reason"]
+        for layer in describe(load_onnx(model))["layers"]
+        if layer["op"] == "AveragePool"
+    )
+    assert ("float island in --integer" in label) is not integer, label

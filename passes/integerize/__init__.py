@@ -214,6 +214,7 @@ class _Integerizer(
             OpKind.ADD: self._add,
             OpKind.MUL: self._mul,
             OpKind.GLOBAL_AVGPOOL: self._gap,
+            OpKind.AVGPOOL: self._whole_input_average_pool,
             OpKind.HARD_SIGMOID: self._hard_sigmoid,
             OpKind.HARD_SWISH: self._hard_swish,
             OpKind.SOFTMAX: self._softmax,

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from dyadiq import integer_program as ip
 from dyadiq.dyadic import dyadic
-from dyadiq.graph import activation_bounds
+from dyadiq.graph import activation_bounds, is_whole_input_average_pool
 from dyadiq.op_facts import OpKind
 from dyadiq.passes.elementwise_lookup import lookup_chain, lookup_table
 from dyadiq.passes.integerize.state import (
@@ -101,6 +101,11 @@ class ElementwiseOps(IntegerizerState):
         rq = _requant(qx.scale / (count * qy.scale), qy)
         self.ops.append(ip.GlobalAvgPool(out_codes, x_codes, qx.zero_point, rq))
         return True
+
+    def _whole_input_average_pool(self, node: gs.Node) -> bool:
+        """An AveragePool over its whole input is a GlobalAveragePool; smaller windows (with
+        their border and padding rules) have no integer kernel and run in float."""
+        return is_whole_input_average_pool(node) and self._gap(node)
 
     def _hard_sigmoid(self, node: gs.Node) -> bool:
         x = node.inputs[0]
