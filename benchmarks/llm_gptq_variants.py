@@ -29,6 +29,11 @@ Variants (names for ``--variants``):
   4-bit table at that dampening, or any body name);
 - ``seq<S>``: sequential GPTQ (today's defaults; S inputs per stage, default 4: each
   transformer block's Hessians from the quantized prefix);
+- ``wo-salient<P>``: the weight-only pipeline proper (``WeightOnlySettings(salient_fraction=
+  P / 100)``, today's other defaults, ``wo-salient0``: none), written as a blocked
+  DequantizeLinear model under ``--work`` and scored as ``benchmarks.llm`` scores a file
+  (onnxruntime's default optimizations); with ``--verify N`` also its first N windows with
+  float compute against the fed path of the same dequantised weights;
 - ``VARIANT@TEXTN``: Hessians from ``N`` calibration windows of ``TEXT`` (``plays``, or
   ``britannica-tail``: the last N windows of the evaluation text, disjoint from the first
   windows that are scored) instead of the first 64 windows of the plays.
@@ -58,6 +63,7 @@ import numpy as np
 from benchmarks.llm_gptq_ilp import CachedGptq, hessians
 from dyadiq import zoo
 from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+from dyadiq.ort_sessions import Kernels
 from dyadiq.passes.compensation.gptq import gptq_factor, gptq_group_codes
 from dyadiq.passes.weight_only.groupwise import (
     GroupwiseWeight,
@@ -65,7 +71,12 @@ from dyadiq.passes.weight_only.groupwise import (
     dequantize,
 )
 from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
-from dyadiq.passes.weight_only.model_file import ModelFile, with_fed_weights
+from dyadiq.passes.weight_only.model_file import (
+    EXTERNAL_FOLDER_KEY,
+    ModelFile,
+    session_options,
+    with_fed_weights,
+)
 from dyadiq.passes.weight_only.pipeline import MODEL_FILE, Prepared, run
 from dyadiq.passes.weight_only.quantize import (
     LayerQuantizer,
@@ -227,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--export", action="store_true", help="seq variants: also write and score")
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        help="wo-salient variants: windows scored both as exported (float compute) and fed",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.llm_gptq_variants " + shlex.join(
@@ -260,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             found = hessians(args.work, source, layers, *reversed(_calibration_text(calibration)))
         weights: dict[str, np.ndarray] = {}
         code_bits = 0.0
+        if body_name.startswith("wo-salient"):
+            rows[variant] = _pipeline_salient(
+                variant, float(body_name[10:]) / 100, found, source, scorer, args
+            )
+            rows[variant]["command"] = command
+            log.info("%s: %s", variant, rows[variant]["perplexity"])
+            _save(out_json, command, args.eval_windows, started, rows)
+            continue
         if body_name.startswith("seq"):  # seq<stage size>: sequential GPTQ, today's defaults
             text, windows = _calibration_text(calibration or "plays64")
             settings = WeightOnlySettings(method=Method.GPTQ)
@@ -339,6 +364,77 @@ def main(argv: list[str] | None = None) -> int:
         _save(out_json, command, args.eval_windows, started, rows)
         del weights
     return 0
+
+
+def _pipeline_salient(
+    variant: str,
+    fraction: float,
+    found: Mapping[str, np.ndarray],
+    source: ModelFile,
+    scorer: FedScorer,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """GPTQ int4 g128 with ``fraction`` salient channels through the weight-only pipeline
+    (``run``: the model file a user gets), scored from the written file."""
+    t0 = time.perf_counter()
+    settings = WeightOnlySettings(method=Method.GPTQ, salient_fraction=fraction)
+    inventory = find_weights(source.header)
+    prepared = Prepared(source, inventory, LayerQuantizer(settings, found), 0.0, memo=True)
+    bits = {x.id: 4 for x in inventory.layers}
+    folder = args.work / re.sub(r"[^A-Za-z0-9_.-]", "_", variant)
+    report = run(
+        zoo.get("gemma3_270m").model_path, folder, prepared, bits, WeightOnlyForm.DEQUANTIZE_LINEAR
+    )
+    quantize_s = time.perf_counter() - t0
+    model = ModelFile.load(folder / MODEL_FILE)
+    row: dict[str, Any] = {
+        **scorer.perplexity({}, model.session(model.header)),
+        "model": str(folder),
+        "salient_fraction": fraction,
+        "quantized_params": report["quantized_params"],
+        "stored_weight_bytes": report["stored_weight_bytes"],
+        "bits_per_weight": 8 * report["stored_weight_bytes"] / report["quantized_params"],
+        "file_bytes": sum(report["files"].values()),
+        "salient_columns": report["export"]["salient_columns"],
+        "quantize_seconds": round(quantize_s, 1),
+    }
+    if args.verify:  # the written file with float compute against the fed dequantised weights
+        windows = scorer.windows
+        scorer.windows = windows[: args.verify]
+        exact = scorer.perplexity({}, _float_compute_session(model))
+        fed = scorer.perplexity(
+            {
+                x.initializer: np.ascontiguousarray(x.stored(prepared.quantize(x, 4).dequantize()))
+                for x in inventory.layers
+            }
+        )
+        scorer.windows = windows
+        row["verify"] = {
+            "windows": args.verify,
+            "exported_float_compute": exact["perplexity"],
+            "fed": fed["perplexity"],
+            "relative_difference": exact["perplexity"] / fed["perplexity"] - 1,
+        }
+    row.update(
+        seconds=round(time.perf_counter() - t0, 1),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        load_average=os.getloadavg(),
+    )
+    return row
+
+
+def _float_compute_session(model: ModelFile) -> Any:
+    """A session of ``model`` with onnxruntime's optimizations, but the MatMulNBits it fuses
+    from DequantizeLinear -> MatMul computed in float (its default, accuracy level 4,
+    quantizes the activations to int8)."""
+    import onnxruntime as ort
+
+    options = session_options(Kernels.RUNTIME)
+    options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(model.base_dir))
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(
+        model.header.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def _calibration_text(spec: str) -> tuple[str, int]:

@@ -3,6 +3,7 @@ beside the group-wise codes, exported as a side product that onnxruntime adds ba
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -204,3 +205,28 @@ def test_salient_needs_gptq_and_a_sane_fraction() -> None:
         WeightOnlySettings(method=Method.RTN, salient_fraction=0.01)
     with pytest.raises(ConfigError, match="salient fraction"):
         WeightOnlySettings(salient_fraction=0.7)
+
+
+def test_cli_salient_fraction(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dyadiq.cli.weight_only import main
+
+    rng = np.random.default_rng(4)
+    save_model_atomic(_tied_lm(rng), tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for k in range(4):
+        np.savez(calib / f"{k}.npz", ids=rng.integers(0, VOCAB, (1, SEQ)).astype(np.int64))
+    argv = [str(tmp_path / "m.onnx"), "--calib", str(calib), "--group-size", "32"]
+    assert main([*argv, "-o", str(tmp_path / "plain"), "--salient-fraction", "0"]) == 0
+    assert main([*argv, "-o", str(tmp_path / "out"), "--salient-fraction", "0.02"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    # 2% of 128 and of 64 input columns: 3 and 1 (at least one)
+    assert report["export"]["salient_columns"] == {"up": 3, "down": 1, "head": 3}
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["salient_fraction"] == 0.02
+    extra = report["stored_weight_bytes"] - plain["stored_weight_bytes"]
+    # 8-bit codes, a float32 scale per row, int64 indices: up 64 rows x 3, down 128 x 1,
+    # the tied table 64 x 3
+    assert extra == (64 * 3 + 64 * 4 + 3 * 8) + (128 * 1 + 128 * 4 + 8) + (64 * 3 + 64 * 4 + 24)
+    with pytest.raises(ConfigError, match="GPTQ"):
+        main([*argv, "-o", str(tmp_path / "r"), "--wo-method", "rtn", "--salient-fraction", "0.01"])

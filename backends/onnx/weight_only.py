@@ -32,7 +32,7 @@ did not replace; the caller materialises and saves it (:func:`dyadiq.io.save_mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -43,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dyadiq.errors import ConfigError
 from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
 from dyadiq.passes.weight_only.layers import Orientation, Use, WeightLayer
+from dyadiq.passes.weight_only.salient import SalientColumns
 
 BLOCKED_DQ_OPSET = 21
 INT4_IR_VERSION = 10
@@ -282,6 +283,21 @@ def _salient_side(
         add = helper.make_node("Add", [main, side], [y], name=f"{tag}_add")
         out[reader.node] = [*current, *side_nodes, add]
     return inits, constants, out
+
+
+def stored_salient_columns(
+    initializers: Mapping[str, TensorProto], array: Callable[[str], np.ndarray], weight: str
+) -> SalientColumns | None:
+    """The salient columns :func:`export_weight_only` wrote for the float initializer
+    ``weight`` (``array(name)`` reads an initializer), or None if it has none."""
+    base = f"{weight}_salient"
+    names = [f"{base}_q", f"{base}_s", f"{base}_columns"]
+    if not all(n in initializers for n in names):
+        return None
+    codes, scales, columns = (array(n) for n in names)
+    return SalientColumns(
+        columns.astype(np.int64), codes.astype(np.int8), scales.astype(np.float32)
+    )
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

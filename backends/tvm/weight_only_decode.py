@@ -11,6 +11,12 @@ into a graph TVM's ONNX importer takes with two extra ops of this module's domai
   looked-up rows read out of the same tiled tensors (a tied embedding and LM head are
   stored once), unpacked and dequantised, ``s (q - z)``, with Relax ops.
 
+A weight with salient input columns (:mod:`dyadiq.passes.weight_only.salient`) keeps them
+as a small float side product added to each reader's output, in standard ops TVM's importer
+takes: ``Gather(x, columns, axis=-1) @ S^T`` for a MatMul reader, ``S[ids] @ P`` (P the
+one-hot placement of the columns) for a Gather reader; S is the 8-bit columns dequantised
+at build time, as the exported model's DequantizeLinear computes them.
+
 Weights wider than 4 bits (or of shapes the kernel refuses: N not a multiple of 8, K not
 one of the group size) have no kernel here: they are dequantised at build time to float
 initializers (``s (q - z)``, exactly what DequantizeLinear computes) and the report lists
@@ -54,6 +60,7 @@ from dyadiq.errors import ConfigError, UnsupportedModelError
 from dyadiq.io import prepare_output_dir, write_text_atomic
 from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
 from dyadiq.passes.weight_only.layers import Use, WeightLayer
+from dyadiq.passes.weight_only.salient import SalientColumns
 
 DOMAIN = "dyadiq.tvm"
 INT4_MATMUL = "Int4MatMul"
@@ -90,7 +97,7 @@ def kernel_graph(
     model.CopyFrom(header)
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
-    replaced: dict[str, onnx.NodeProto] = {}
+    replaced: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
     off_kernel: dict[str, str] = {}
     for layer_id, q in quantized.items():
@@ -120,9 +127,14 @@ def kernel_graph(
                 if reader.use is Use.MATMUL
                 else (INT4_GATHER, old.input[1])
             )
-            replaced[old.name] = helper.make_node(
+            node = helper.make_node(
                 op, [first, *names], list(old.output), name=old.name, domain=DOMAIN, group=group
             )
+            replaced[old.name] = [node]
+            if q.salient is not None:
+                side_inits, side_nodes = _salient_side(layer, q.salient, reader.use, node)
+                new_inits += [t for t in side_inits if t.name not in {i.name for i in new_inits}]
+                replaced[old.name] += side_nodes
     dropped = {by_id[i].initializer for i in quantized}
     kept = []
     for tensor in graph.initializer:
@@ -132,13 +144,51 @@ def kernel_graph(
         kept.append(numpy_helper.from_array(array, tensor.name))
     del graph.initializer[:]
     graph.initializer.extend([*kept, *new_inits])
-    out_nodes = [replaced.get(n.name, n) for n in graph.node]
+    out_nodes = [m for n in graph.node for m in replaced.get(n.name, [n])]
     del graph.node[:]
     graph.node.extend(out_nodes)
     _drop_dead(graph)
     if replaced:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, off_kernel
+
+
+def _salient_side(
+    layer: WeightLayer, salient: SalientColumns, use: Use, node: onnx.NodeProto
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Initializers and nodes adding ``salient``'s columns to ``node``'s output, whose
+    output is renamed (``node``: an Int4MatMul or Int4Gather reader of ``layer``)."""
+    base = f"{layer.initializer}_salient"
+    y = node.output[0]
+    main, picked, side = f"{y}/main", f"{y}/salient_in", f"{y}/salient"
+    node.output[0] = main
+    values = salient.values()  # [R, k]
+    tag = f"{node.name}/salient"
+    if use is Use.MATMUL:
+        inits = [
+            numpy_helper.from_array(salient.columns, f"{base}_columns"),
+            numpy_helper.from_array(np.ascontiguousarray(values.T), f"{base}_t"),
+        ]
+        nodes = [
+            helper.make_node(
+                "Gather", [node.input[0], inits[0].name], [picked], name=f"{tag}_gather", axis=-1
+            ),
+            helper.make_node("MatMul", [picked, inits[1].name], [side], name=f"{tag}_matmul"),
+        ]
+    else:
+        placement = np.zeros((salient.columns.size, layer.columns), np.float32)
+        placement[np.arange(salient.columns.size), salient.columns] = 1.0
+        inits = [
+            numpy_helper.from_array(values, f"{base}_rows"),
+            numpy_helper.from_array(placement, f"{base}_placement"),
+        ]
+        nodes = [
+            helper.make_node(
+                "Gather", [inits[0].name, node.input[0]], [picked], name=f"{tag}_gather", axis=0
+            ),
+            helper.make_node("MatMul", [picked, inits[1].name], [side], name=f"{tag}_place"),
+        ]
+    return inits, [*nodes, helper.make_node("Add", [main, side], [y], name=f"{tag}_add")]
 
 
 def _drop_dead(graph: onnx.GraphProto) -> None:

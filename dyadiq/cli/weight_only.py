@@ -30,6 +30,9 @@ DEFAULT_WEIGHT_ONLY_BITS = 4
 # with 2 offered (97.9 against 103.6 at 3.0): pass --wbits-candidates 2,3,4,5,6 there.
 WEIGHT_ONLY_WIDTHS = "3,4,5,6"
 DEFAULT_CALIBRATION_BATCHES = 32
+# --salient-fraction when not given, for GPTQ (round to nearest has no input statistics to
+# choose channels by): see benchmarks/results/llm_salient.md
+DEFAULT_SALIENT_FRACTION = 0.0
 
 
 def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +79,15 @@ def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="GPTQ on the Hessians of the already-quantized prefix (one calibration pass per "
         "4 MatMul inputs, i.e. per transformer block) instead of the float model's",
+    )
+    group.add_argument(
+        "--salient-fraction",
+        type=float,
+        default=None,
+        help="GPTQ: this fraction of each weight's input channels (largest E[x^2] on the "
+        "calibration text) swept last and stored at 8 bits beside the group-wise codes, "
+        "exported as a small side MatMul (PB-LLM / PTQ1.61; default "
+        f"{DEFAULT_SALIENT_FRACTION}, 0 = none)",
     )
     group.add_argument(
         "--wo-format",
@@ -195,13 +207,18 @@ def run_weight_only(args: argparse.Namespace) -> int:
         raise ConfigError("give --plan or --budget, not both")
     if args.calib_limit is not None and args.calib_limit < 1:
         raise ConfigError(f"--calib-limit must be at least 1 batch, got {args.calib_limit}")
+    method = Method(args.wo_method)
+    salient = getattr(args, "salient_fraction", None)
+    if salient is None:
+        salient = DEFAULT_SALIENT_FRACTION if method is Method.GPTQ else 0.0
     settings = WeightOnlySettings(
-        method=Method(args.wo_method),
+        method=method,
         group_size=args.group_size,
         symmetric=args.symmetric,
         act_order=not args.no_act_order,
         tied_damp=args.tied_damp,
         sequential=getattr(args, "sequential", False),
+        salient_fraction=salient,
     )
     model_path, batches, _ = _source(args)
     target = getattr(args, "target", None)

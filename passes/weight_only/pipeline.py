@@ -191,6 +191,7 @@ def plan_json(settings: WeightOnlySettings, bits: Mapping[str, int]) -> dict[str
         "clip_objective": str(settings.clip_objective),
         "tied_damp": settings.tied_damp,
         "sequential": settings.sequential,
+        "salient_fraction": settings.salient_fraction,
         "stage_size": settings.stage_size,
         "layers": dict(bits),
     }

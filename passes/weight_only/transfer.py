@@ -24,7 +24,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from dyadiq.backends.onnx.weight_only import ExportReport, WeightOnlyForm, export_weight_only
+from dyadiq.backends.onnx.weight_only import (
+    ExportReport,
+    WeightOnlyForm,
+    export_weight_only,
+    stored_salient_columns,
+)
 from dyadiq.errors import ConfigError
 from dyadiq.io import save_model_atomic
 from dyadiq.passes.weight_only.groupwise import GroupwiseFormat, GroupwiseWeight
@@ -96,6 +101,7 @@ def read_groupwise_codes(source: ModelFile) -> dict[str, StoredCodes]:
             np.ascontiguousarray(scales),
             np.ascontiguousarray(zeros),
             fmt,
+            stored_salient_columns(inits, source.array, node.output[0]),
         )
         orientation = Orientation.TRANSPOSED if transposed else Orientation.ROWS
         out[node.output[0]] = StoredCodes(weight, orientation)
