@@ -35,6 +35,11 @@ from dyadiq.passes.calibration.collector import (
 )
 from dyadiq.passes.calibration.data import CalibrationSource, validated_batches
 from dyadiq.passes.calibration.observers import RangeMethod, auto_method, estimate_range
+from dyadiq.passes.calibration.range_search import (
+    ActivationRangeEvaluator,
+    RangeSearchOptions,
+    search_ranges,
+)
 from dyadiq.passes.canonicalize_hard_swish import canonicalize_hard_swish
 from dyadiq.passes.compensation.compensated_weights import CompensatedWeights
 from dyadiq.passes.compensation.cross_layer_equalization import equalize_cross_layer
@@ -56,13 +61,15 @@ INT4_OPSET = 21
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How activation ranges are estimated: the range method (and its percentile), how many
-    batches are read, the image preset for a folder of images, the histogram resolution."""
+    batches are read, the image preset for a folder of images, the histogram resolution, and
+    the end-to-end search that may then change them (``range_search``)."""
 
     method: RangeMethod = RangeMethod.AUTO
     percentile: float = 99.99
     limit: int | None = None  # batches
     image_preset: str | None = None
     bins: int = 2048
+    range_search: RangeSearchOptions = field(default_factory=RangeSearchOptions)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.percentile <= 100.0:  # also false for NaN
@@ -88,6 +95,7 @@ class QuantizeResult:
     timings: dict[str, float] = field(default_factory=dict)
     weights: WeightQuantizer = ROUND_TO_NEAREST  # what insert_qdq quantized the weights with
     compensation: dict[str, Any] | None = None  # its report, when compensated
+    range_search: dict[str, Any] | None = None  # its report, when activation ranges were searched
     qdq_style: QDQStyle = QDQStyle.ORT
 
     def __repr__(self) -> str:
@@ -120,6 +128,30 @@ def calibrated_ranges(
         )
         for name in sites.tensors
     }
+
+
+def searched_ranges(
+    graph: QGraph,
+    sites: ActivationSites,
+    statistics: CalibrationStatistics,
+    ranges: dict[str, tuple[float, float]],
+    calibration: CalibrationSource,
+    config: CalibrationConfig,
+    *,
+    signed: bool,
+) -> tuple[dict[str, tuple[float, float]], dict[str, Any] | None]:
+    """``ranges`` after the end-to-end range search (``config.range_search``) on the leading
+    calibration batches, with its report; unchanged (and no report) when it is off. A
+    calibration reader that cannot be read twice is not searched (the report says so)."""
+    options = config.range_search
+    if not options.enabled:
+        return ranges, None
+    batches = verification_batches(calibration, graph, config.image_preset, options.samples)
+    if not batches:
+        return ranges, {"skipped": "the calibration source can be read only once"}
+    evaluator = ActivationRangeEvaluator(graph, sites, batches, signed=signed)
+    searched, report = search_ranges(evaluator, statistics.histograms, ranges, options.evaluations)
+    return searched, report.to_json()
 
 
 def _origin_op(graph: QGraph, tensor: gs.Tensor) -> str | None:
@@ -230,6 +262,12 @@ def quantize_graph(
     )
     timings["calibrate_s"] = statistics.seconds
     ranges = calibrated_ranges(statistics, sites, config, graph)
+    t = time.perf_counter()
+    ranges, range_search = searched_ranges(
+        graph, sites, statistics, ranges, calibration, config, signed=plan.act_signed
+    )
+    if range_search is not None:
+        timings["range_search_s"] = time.perf_counter() - t
     if qdq_style is QDQStyle.TENSORRT:
         ranges = symmetric_ranges(ranges)
     report = None
@@ -262,6 +300,7 @@ def quantize_graph(
         timings=timings,
         weights=weights,
         compensation=report,
+        range_search=range_search,
         qdq_style=qdq_style,
     )
 
@@ -297,7 +336,12 @@ class PlanBuilder:
             self.graph, request, self.calibration, image_preset=config.image_preset
         )
         self.calibration_s = statistics.seconds
-        self.ranges = calibrated_ranges(statistics, self.sites, config, self.graph)
+        ranges = calibrated_ranges(statistics, self.sites, config, self.graph)
+        t = time.perf_counter()
+        self.ranges, self.range_search = searched_ranges(
+            self.graph, self.sites, statistics, ranges, self.calibration, config, signed=False
+        )
+        self.range_search_s = time.perf_counter() - t
         self.fallbacks = 0
         self.compensation = compensation
         self.compensator = SequentialCompensator(
@@ -561,6 +605,8 @@ def build_report(result: QuantizeResult, float_bytes: int) -> dict[str, Any]:
         "layers": layers,
         "compensation": result.compensation,
     }
+    if result.range_search is not None:  # absent when off: reports stay as they were
+        report["activation_range_search"] = result.range_search
     if result.qdq_style is not QDQStyle.ORT:  # absent for the default: reports stay as they were
         report["qdq_style"] = result.qdq_style.value
     return report

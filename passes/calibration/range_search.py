@@ -1,0 +1,327 @@
+"""Activation ranges chosen by the whole quantized model's output, not per tensor.
+
+The histogram rules (:mod:`observers`) pick each tensor's clipping range from that tensor's
+values alone. What the deployed model pays is different: every 8-bit activation at once,
+measured at the output. This pass starts from the histogram ranges and, one scale group at a
+time, tries a few other ranges for the group and keeps the one that lowers the KL divergence
+of the all-activations-quantized model's output to the float model's (label-free; weights stay
+float, so the result is one set of ranges for every plan), on calibration batches only.
+
+- Evaluator: the float model with a fake quantizer on every activation site, its scale, zero
+  point, code range and an on/off switch per scale group fed as graph inputs, so one
+  onnxruntime session evaluates any set of ranges (``x + on * (dq(q(x)) - x)``; ``Div``,
+  ``Round`` (half to even) and clipping in float32, the same arithmetic as
+  QuantizeLinear/DequantizeLinear). One evaluation is one forward pass over the batches.
+- Order: each group's own damage first (the KL with only that group quantized; one
+  evaluation per group), then coordinate descent over groups from the most damaging down,
+  one candidate range at a time, within a fixed budget of evaluations.
+- Candidates per group (a member's range from its own histogram, the group's the union, as
+  ``group_quantizers`` makes it): percentiles 99.9 / 99.99 / 99.999, min/max, MSE-optimal,
+  and the start range shrunk by :data:`SHRINK_FACTORS`.
+- A candidate is kept only when it lowers the loss, so the search never ends above the start.
+
+Memory: one batch's activations inside onnxruntime, the float reference outputs, and the
+histograms the calibration pass already holds. Cost: ``evaluations`` forward passes over the
+scored batches (:attr:`RangeSearchReport.evaluations`, ``seconds``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from dyadiq.errors import ConfigError
+from dyadiq.graph import QGraph
+from dyadiq.ort_sessions import Kernels, open_session
+from dyadiq.passes.activation_sites import ActivationSites
+from dyadiq.passes.calibration.observers import (
+    RunningHistogram,
+    minmax_range,
+    mse_range,
+    percentile_range,
+)
+from dyadiq.passes.sensitivity.analysis import detect_output_kind
+from dyadiq.passes.sensitivity.perturbable_model import OutputKind, loss
+from dyadiq.quantizers import activation_quant
+
+Range = tuple[float, float]
+
+PERCENTILES = (99.9, 99.99, 99.999)
+SHRINK_FACTORS = (0.9, 0.8, 0.65, 0.5)
+_SWITCHES = ("scale", "low", "high", "on")  # low/high: the code range minus the zero point
+# a candidate must lower the loss by this fraction to be kept: below it, a change is the
+# calibration batches' noise, and keeping it would only fit them
+MIN_RELATIVE_GAIN = 1e-3
+SCREEN_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class RangeSearchOptions:
+    """``evaluations``: forward passes over the scored batches, screening included (0: off).
+    ``samples``: how many leading calibration batches are scored."""
+
+    evaluations: int = 0
+    samples: int = 64
+
+    def __post_init__(self) -> None:
+        if self.evaluations < 0:
+            raise ConfigError(f"--range-search needs a count >= 0, got {self.evaluations}")
+        if self.samples < 1:
+            raise ConfigError(f"range search needs at least 1 batch, got {self.samples}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.evaluations > 0
+
+
+@dataclass
+class GroupChange:
+    tensors: list[str]
+    before: Range
+    after: Range
+    rule: str  # which candidate won
+    own_damage: float
+    loss_after: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tensors": self.tensors,
+            "before": list(self.before),
+            "after": list(self.after),
+            "rule": self.rule,
+            "own_damage": self.own_damage,
+            "loss_after": self.loss_after,
+        }
+
+
+@dataclass
+class RangeSearchReport:
+    """What the search did: the loss (mean KL to float per output row) before and after,
+    evaluations spent, time, and every group whose range changed."""
+
+    loss_before: float
+    loss_after: float
+    evaluations: int  # the descent's, each one forward pass per scored batch
+    forward_passes: int  # screening included
+    groups: int
+    groups_searched: int
+    batches: int
+    seconds: float
+    changes: list[GroupChange] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "evaluations": self.evaluations,
+            "forward_passes": self.forward_passes,
+            "groups": self.groups,
+            "groups_searched": self.groups_searched,
+            "batches": self.batches,
+            "seconds": self.seconds,
+            "changes": [c.to_json() for c in self.changes],
+        }
+
+
+class ActivationRangeEvaluator:
+    """The float model with a switchable fake quantizer per scale group (module docstring);
+    :meth:`loss` scores one set of group ranges on the batches."""
+
+    def __init__(
+        self,
+        graph: QGraph,
+        sites: ActivationSites,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        kind: OutputKind | None = None,
+        *,
+        signed: bool = False,
+        threads: int = 2,
+    ) -> None:
+        self.signed = signed
+        self.groups = sites.groups()
+        self.bits = dict(sites.group_bits)
+        self.batches = [dict(b) for b in batches]
+        model = graph.to_onnx()
+        self.output = model.graph.output[0].name
+        self.quantized_output = self.output
+        added: list[onnx.NodeProto] = []
+        for gid, members in self.groups.items():
+            for s in _SWITCHES:
+                dtype = onnx.TensorProto.BOOL if s == "on" else onnx.TensorProto.FLOAT
+                model.graph.input.append(
+                    onnx.helper.make_tensor_value_info(f"__rs{gid}_{s}", dtype, [])
+                )
+            for tensor in members:
+                nodes, out = _fake_quant_nodes(tensor, f"__rs{gid}")
+                for node in model.graph.node:
+                    for j, name in enumerate(node.input):
+                        if name == tensor:
+                            node.input[j] = out
+                added += nodes
+                if tensor == self.output:
+                    self.quantized_output = out
+        model.graph.node.extend(added)
+        if self.quantized_output != self.output:
+            model.graph.output.append(
+                onnx.helper.make_tensor_value_info(
+                    self.quantized_output, onnx.TensorProto.FLOAT, None
+                )
+            )
+        ordered = gs.import_onnx(model)
+        ordered.toposort()
+        # float ops only (no QDQ pair for onnxruntime to fuse): its optimised kernels are safe
+        self.session = open_session(
+            gs.export_onnx(ordered), kernels=Kernels.RUNTIME, threads=threads
+        )
+        self.evaluations = 0
+        self.forward_passes = 0
+        off = {gid: None for gid in self.groups}
+        self.reference = [self._run(b, off) for b in self.batches]
+        # the loss the sensitivity analysis uses for this output (KL for classes)
+        self.kind = kind if kind is not None else detect_output_kind(self.reference)
+
+    def _switches(self, ranges: Mapping[int, Range | None]) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for gid, r in ranges.items():
+            q = activation_quant(*(r or (0.0, 1.0)), self.bits[gid], signed=self.signed)
+            feeds[f"__rs{gid}_scale"] = np.array(q.scale, np.float32)
+            feeds[f"__rs{gid}_low"] = np.array(q.qmin - q.zero_point, np.float32)
+            feeds[f"__rs{gid}_high"] = np.array(q.qmax - q.zero_point, np.float32)
+            feeds[f"__rs{gid}_on"] = np.array(r is not None)
+        return feeds
+
+    def _run(
+        self, batch: Mapping[str, np.ndarray], ranges: Mapping[int, Range | None]
+    ) -> np.ndarray:
+        (out,) = self.session.run([self.quantized_output], {**batch, **self._switches(ranges)})
+        return np.asarray(out)
+
+    def loss(self, ranges: Mapping[int, Range | None], batches: int | None = None) -> float:
+        """Mean KL to float over the (first ``batches``) batches with each group quantized on
+        its range (None: that group in float)."""
+        count = len(self.batches) if batches is None else min(batches, len(self.batches))
+        self.evaluations += 1
+        self.forward_passes += count
+        values = [
+            loss(ref, self._run(b, ranges), self.kind)
+            for ref, b in zip(self.reference[:count], self.batches[:count], strict=True)
+        ]
+        return float(np.mean(values))
+
+
+def _fake_quant_nodes(tensor: str, switches: str) -> tuple[list[onnx.NodeProto], str]:
+    """``Where(on, Clip(Round(x / s), qmin - z, qmax - z) * s, x)``: QuantizeLinear then
+    DequantizeLinear in five float32 ops (the zero point only shifts the clip bounds)."""
+    make = onnx.helper.make_node
+    p = f"{switches}_{tensor}"
+    s = {k: f"{switches}_{k}" for k in _SWITCHES}
+    nodes = [
+        make("Div", [tensor, s["scale"]], [f"{p}_x"]),
+        make("Round", [f"{p}_x"], [f"{p}_r"]),
+        make("Clip", [f"{p}_r", s["low"], s["high"]], [f"{p}_c"]),
+        make("Mul", [f"{p}_c", s["scale"]], [f"{p}_dq"]),
+        make("Where", [s["on"], f"{p}_dq", tensor], [f"{p}_out"]),
+    ]
+    return nodes, f"{p}_out"
+
+
+def group_range(ranges: Mapping[str, Range], members: Sequence[str]) -> Range:
+    """The range a scale group is quantized on: the union of its members' (as
+    ``group_quantizers`` makes it)."""
+    return min(ranges[t][0] for t in members), max(ranges[t][1] for t in members)
+
+
+def candidate_ranges(
+    histograms: Mapping[str, RunningHistogram], members: Sequence[str], start: Range, bits: int
+) -> dict[str, Range]:
+    """The ranges tried for one scale group, by rule name, the start excluded and near
+    duplicates (both ends within 0.5% of the span) dropped."""
+    rules: dict[str, Range] = {}
+    for p in PERCENTILES:
+        rules[f"percentile {p}"] = _union(percentile_range(histograms[t], p) for t in members)
+    rules["minmax"] = _union(minmax_range(histograms[t]) for t in members)
+    rules["mse"] = _union(mse_range(histograms[t], bits) for t in members)
+    for f in SHRINK_FACTORS:
+        rules[f"start x {f}"] = (start[0] * f, start[1] * f)
+    kept: dict[str, Range] = {}
+    for rule, r in rules.items():
+        seen = [start, *kept.values()]
+        if not any(_close(r, other) for other in seen):
+            kept[rule] = r
+    return kept
+
+
+def _union(ranges: Any) -> Range:
+    ranges = list(ranges)
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+
+def _close(a: Range, b: Range) -> bool:
+    span = max(max(a[1], 0.0) - min(a[0], 0.0), max(b[1], 0.0) - min(b[0], 0.0), 1e-12)
+    # the quantizer always spans zero, so ends on the same side of it are what matter
+    return (
+        abs(min(a[0], 0.0) - min(b[0], 0.0)) <= 0.005 * span
+        and abs(max(a[1], 0.0) - max(b[1], 0.0)) <= 0.005 * span
+    )
+
+
+def search_ranges(
+    evaluator: ActivationRangeEvaluator,
+    histograms: Mapping[str, RunningHistogram],
+    ranges: Mapping[str, Range],
+    evaluations: int,
+) -> tuple[dict[str, Range], RangeSearchReport]:
+    """New per-tensor ranges (members of a changed group all get the group's range) and the
+    report. ``evaluations`` bounds the candidate evaluations of the descent (each one forward
+    pass per batch); the screening adds one evaluation per group on SCREEN_BATCHES batches."""
+    start_time = time.perf_counter()
+    groups = evaluator.groups
+    passes_before = evaluator.forward_passes
+    current: dict[int, Range] = {g: group_range(ranges, m) for g, m in groups.items()}
+    best = loss_before = evaluator.loss(current)
+    # each group's own damage (on the first SCREEN_BATCHES batches: it only orders the
+    # groups), most damaging first
+    off: dict[int, Range | None] = dict.fromkeys(groups)
+    damage = {g: evaluator.loss({**off, g: current[g]}, SCREEN_BATCHES) for g in groups}
+    order = sorted(groups, key=lambda g: -damage[g])
+    spent = searched = 0
+    changes: list[GroupChange] = []
+    for g in order:
+        if spent >= evaluations:
+            break
+        searched += 1
+        start = current[g]
+        chosen: tuple[str, Range] | None = None
+        for rule, r in candidate_ranges(histograms, groups[g], start, evaluator.bits[g]).items():
+            if spent >= evaluations:
+                break
+            value = evaluator.loss({**current, g: r})
+            spent += 1
+            if value < best * (1.0 - MIN_RELATIVE_GAIN):
+                best, chosen = value, (rule, r)
+        if chosen is not None:
+            current[g] = chosen[1]
+            changes.append(
+                GroupChange(list(groups[g]), start, chosen[1], chosen[0], damage[g], best)
+            )
+    out = dict(ranges)
+    for change in changes:
+        out.update(dict.fromkeys(change.tensors, change.after))
+    report = RangeSearchReport(
+        loss_before,
+        best,
+        spent,
+        evaluator.forward_passes - passes_before,
+        len(groups),
+        searched,
+        len(evaluator.batches),
+        time.perf_counter() - start_time,
+        changes,
+    )
+    return out, report

@@ -1,0 +1,124 @@
+"""End-to-end activation range search (passes/calibration/range_search.py): it never ends above
+its start on the calibration KL, clips a tensor whose range an outlier spoils, and its ranges
+are the ones the QDQ model and the integer model are built with (still bit-exact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dyadiq.errors import ConfigError
+from dyadiq.frontends.onnx_frontend import load_onnx
+from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
+from dyadiq.passes.calibration.observers import RangeMethod
+from dyadiq.passes.calibration.range_search import (
+    ActivationRangeEvaluator,
+    RangeSearchOptions,
+    group_range,
+    search_ranges,
+)
+from dyadiq.pipeline import (
+    CalibrationConfig,
+    PlanBuilder,
+    calibrated_ranges,
+    prepare_graph,
+    quantize,
+    quantize_graph,
+)
+from dyadiq.plan import PrecisionPlan
+from dyadiq.quantizers import activation_quant
+from tests.builders import calibration, conv_relu_pool_fc, residual_concat, with_weights
+
+
+def _outlier_mlp() -> object:
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    mlp (float[64, 16] x) => (float[64, 10] y) {
+        h = MatMul (x, w1)
+        r = Relu (h)
+        y = MatMul (r, w2)
+    }
+    """
+    rng = np.random.default_rng(3)
+    return with_weights(text, w1=rng.normal(size=(16, 16)) * 0.3, w2=rng.normal(size=(16, 10)))
+
+
+def _outlier_batches() -> list[dict[str, np.ndarray]]:
+    """Normal rows, and one row of 2048 400x larger: min/max spends the 8-bit grid on it."""
+    rng = np.random.default_rng(4)
+    batches = [{"x": rng.normal(size=(64, 16)).astype(np.float32)} for _ in range(32)]
+    batches[2]["x"][5] *= 400.0
+    return batches
+
+
+MINMAX_SEARCH = CalibrationConfig(
+    method=RangeMethod.MINMAX, range_search=RangeSearchOptions(evaluations=40, samples=8)
+)
+
+
+def test_an_outlier_tensor_gets_a_clipped_range() -> None:
+    graph = load_onnx(_outlier_mlp())
+    batches = _outlier_batches()
+    plain = quantize_graph(
+        graph, PrecisionPlan.uniform(graph), batches, CalibrationConfig(method=RangeMethod.MINMAX)
+    )
+    searched = quantize_graph(graph, PrecisionPlan.uniform(graph), batches, MINMAX_SEARCH)
+    report = searched.range_search
+    assert report is not None
+    assert report["loss_after"] < 0.9 * report["loss_before"], report
+    changed = {t: c for c in report["changes"] for t in c["tensors"]}
+    assert "r" in changed, report["changes"]
+    before, after = changed["r"]["before"], changed["r"]["after"]
+    assert after[1] < 0.5 * before[1]
+    # the QDQ model quantizes r on the searched range (a finer scale than min/max gives)
+    scale = searched.qdq.act_params["r"].scale
+    assert scale == activation_quant(0.0, after[1], 8, signed=False).scale
+    assert scale < 0.5 * plain.qdq.act_params["r"].scale
+
+
+@pytest.mark.parametrize("build", [conv_relu_pool_fc, residual_concat])
+def test_search_never_raises_the_calibration_loss(build) -> None:  # type: ignore[no-untyped-def]
+    model = build(np.random.default_rng(5))
+    graph = prepare_graph(load_onnx(model))
+    shape = tuple(int(d) for d in graph.input_specs()["x"][1])
+    batches = calibration(shape, np.random.default_rng(6), n=8)
+    sites = PlanBuilder(graph, batches).sites
+    statistics = collect_statistics(graph, StatisticsRequest(frozenset(sites.tensors)), batches)
+    ranges = calibrated_ranges(statistics, sites, CalibrationConfig(), graph)
+    evaluator = ActivationRangeEvaluator(graph, sites, batches)
+    new, report = search_ranges(evaluator, statistics.histograms, ranges, evaluations=30)
+    assert report.loss_after <= report.loss_before
+    assert 0 < report.evaluations <= 30
+    # the report's loss is the loss of the ranges returned (the write-back is the search's)
+    fresh = ActivationRangeEvaluator(graph, sites, batches)
+    as_groups = {g: group_range(new, members) for g, members in fresh.groups.items()}
+    assert fresh.loss(as_groups) == pytest.approx(report.loss_after, rel=1e-9)
+    unchanged = {t for t in ranges if all(t not in c.tensors for c in report.changes)}
+    assert all(new[t] == ranges[t] for t in unchanged)
+
+
+def test_off_by_default_and_zero_evaluations_change_nothing() -> None:
+    graph = load_onnx(_outlier_mlp())
+    batches = _outlier_batches()
+    assert not CalibrationConfig().range_search.enabled
+    off = quantize_graph(graph, PrecisionPlan.uniform(graph), batches)
+    assert off.range_search is None
+    with pytest.raises(ConfigError):
+        RangeSearchOptions(evaluations=-1)
+
+
+def test_integer_model_with_searched_ranges_is_bit_exact(tmp_path: Path) -> None:
+    batches = _outlier_batches()
+    result = quantize(_outlier_mlp(), tmp_path / "out", batches, config=MINMAX_SEARCH, integer=True)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    search = report["activation_range_search"]
+    assert search["changes"], search
+    exact = report["integer"]["bit_exact_vs_reference"]
+    assert exact["tensors"] > 0 and exact["exact_tensors"] == exact["tensors"], exact
+    # the integer program's activation quantizers are the searched ones
+    assert result.program is not None
+    lo, hi = next(c["after"] for c in search["changes"] if "r" in c["tensors"])
+    assert result.qdq.act_params["r"].scale == activation_quant(lo, hi, 8, signed=False).scale
