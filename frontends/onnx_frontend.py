@@ -37,6 +37,7 @@ from dyadiq.frontends.onnx_validation import (
 from dyadiq.frontends.runtime_validation import validate_and_simplify
 from dyadiq.graph import QGraph, assign_stable_ids
 from dyadiq.op_facts import onnx_op_kind
+from dyadiq.passes.affine_as_depthwise import per_channel_affine_as_depthwise
 from dyadiq.passes.canonicalize_inference_ops import canonicalize_inference_ops
 from dyadiq.passes.fold_static_if import fold_static_if
 
@@ -239,6 +240,11 @@ def load_onnx(
     _raise_if_unsupported(model, f"{where} after simplification")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = gs.import_onnx(model)
+    depthwise = per_channel_affine_as_depthwise(graph)
+    if depthwise:
+        notes.append(
+            f"rewrote {depthwise} BatchNormalization chain(s) no layer absorbs as depthwise 1x1 Conv"
+        )
     assign_stable_ids(graph)
     return QGraph(graph=graph, opset=opset, source=where, notes=notes)
 
