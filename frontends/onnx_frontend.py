@@ -243,7 +243,8 @@ def load_onnx(
     depthwise = per_channel_affine_as_depthwise(graph)
     if depthwise:
         notes.append(
-            f"rewrote {depthwise} BatchNormalization chain(s) no layer absorbs as depthwise 1x1 Conv"
+            f"rewrote {depthwise} BatchNormalization chain(s) that no layer absorbs "
+            "as depthwise 1x1 Conv"
         )
     assign_stable_ids(graph)
     return QGraph(graph=graph, opset=opset, source=where, notes=notes)

@@ -17,12 +17,15 @@ eps)``, ``b = beta - mean a``; a following ``Mul(., m)`` gives ``a m, b m`` and 
 gives ``b + c``. The float outputs agree with the original ops to float32 rounding (a few ulps;
 tests compare with onnxruntime).
 
-Preconditions: the chain starts at a BatchNormalization (a lone Mul by a constant is left
-alone: hard-swish, GELU and attention scaling are matched as such later); rank-4 NCHW input
-with a static channel count; per-channel (or scalar) constants; every intermediate output read only by the next op of the chain and not a graph
-output; BatchNormalization in inference form (one output). A chain that is the only reader of a
-Conv or Gemm output is left to ``fold_batch_norm``, which folds it into that layer's weights
-instead (Inception v2 feeds one Conv output to three BatchNormalizations: those it cannot fold).
+Preconditions:
+- the chain starts at a BatchNormalization in inference form (one output, constant
+  statistics); a lone Mul by a constant is left alone, since hard-swish, GELU and attention
+  scaling are matched as such later;
+- a rank-4 NCHW input with a static channel count, and per-channel (or scalar) constants;
+- every intermediate output is read only by the next op of the chain and is not a graph output;
+- a chain that is the only reader of a Conv or Gemm output is left to ``fold_batch_norm``,
+  which folds it into that layer's weights instead (Inception v2 feeds one Conv output to
+  three BatchNormalizations: those it cannot fold).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import onnx_graphsurgeon as gs
 
 from dyadiq.op_facts import OpKind, onnx_op_kind
 
-_FOLDED_INTO_LAYER = frozenset({OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM, OpKind.MATMUL})
+_FOLDED_INTO_LAYER: frozenset[OpKind | None] = frozenset(
+    {OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM, OpKind.MATMUL}
+)
 
 
 def _channels(tensor: gs.Tensor) -> int | None:
@@ -105,9 +110,9 @@ def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
         if channels is None:
             continue
         producer = x.inputs[0] if x.inputs else None
-        folds = producer is not None and len(x.outputs) == 1
-        if folds and onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER:
-            continue  # fold_batch_norm folds it into the layer's weights instead
+        if producer is not None and len(x.outputs) == 1:
+            if onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER:
+                continue  # fold_batch_norm folds it into the layer's weights instead
         scale, shift = np.ones(channels), np.zeros(channels)
         chain: list[gs.Node] = []
         node: gs.Node | None = start
