@@ -110,9 +110,13 @@ def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
         if channels is None:
             continue
         producer = x.inputs[0] if x.inputs else None
-        if producer is not None and len(x.outputs) == 1:
-            if onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER:
-                continue  # fold_batch_norm folds it into the layer's weights instead
+        folded_by_layer = (
+            producer is not None
+            and len(x.outputs) == 1
+            and onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER
+        )
+        if folded_by_layer:
+            continue  # fold_batch_norm folds it into the layer's weights instead
         scale, shift = np.ones(channels), np.zeros(channels)
         chain: list[gs.Node] = []
         node: gs.Node | None = start
