@@ -214,6 +214,21 @@ def _operand_rules(
         )
         if integer_op and on_codes:
             continue  # quantizability's reason holds
+        if facts.fusable_activation:  # a Relu / Clip no layer absorbed (those are skipped)
+            rules[node.name] = (
+                (
+                    True,
+                    "activation on quantized codes that no layer absorbs: an integer clip, "
+                    "requantized when its output has its own scale",
+                )
+                if on_codes
+                else (
+                    False,
+                    "activation that no layer absorbs, on a tensor without integer "
+                    "codes: runs in float between DQ and Q",
+                )
+            )
+            continue
         chain = lookup_chain(graph, node, widths, skip)
         if chain is not None:
             why = (

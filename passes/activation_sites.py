@@ -191,6 +191,17 @@ def find_activation_sites(graph: QGraph, plan: PrecisionPlan) -> ActivationSites
         ):
             uf.union(node.outputs[0].name, node.inputs[0].name)
             quantized_outputs.add(node.outputs[0].name)
+        elif (
+            facts.fusable_activation
+            and node.name not in fused.values()
+            and node.inputs
+            and node.inputs[0].name in quantized_outputs
+            and _has_constant_bounds(node)
+            and mark(node.outputs[0])
+        ):
+            # a Relu / Clip no layer absorbs (after a Concat, whose group it would clip): its
+            # own output range, and integerize requantizes and clips the input's codes
+            quantized_outputs.add(node.outputs[0].name)
 
     roots: dict[str, int] = {}
     group_of = {t: roots.setdefault(uf.find(t), len(roots)) for t in order}

@@ -451,3 +451,45 @@ def test_average_pool_over_its_whole_input_is_an_integer_global_pool(kernel, int
         if layer["op"] == "AveragePool"
     )
     assert ("float island in --integer" in label) is not integer, label
+
+
+@pytest.mark.parametrize("activation", ["Relu (cat)", "Clip (cat, lo, hi)"])
+def test_activation_after_a_concat_is_a_requantizing_integer_op(activation):
+    """ShuffleNet's Concat -> Relu: the Relu cannot be a clip of the Concat's scale group (it
+    would clip the Concat's inputs too), so it gets its own output range and integerize
+    requantizes and clips (a Clip with a negative lower bound keeps part of the negative side);
+    the Add that reads it is then integer as well, and inspect labels both as integer ops."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {{
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        c2 = Conv <pads = [1, 1, 1, 1]> (x, w2, b2)
+        cat = Concat <axis = 1> (c1, c2)
+        r = {activation}
+        c3 = Conv (r, w3, b3)
+        s = Add (c3, r)
+        y = Conv (s, w4, b4)
+    }}
+    """
+    rng = np.random.default_rng(23)
+    model = with_weights(
+        text,
+        w1=rng.normal(size=(2, 3, 3, 3)) / 3,
+        b1=rng.normal(size=2) * 0.1,
+        w2=rng.normal(size=(2, 3, 3, 3)) / 3,
+        b2=rng.normal(size=2) * 0.1,
+        w3=rng.normal(size=(4, 4, 1, 1)) / 2,
+        b3=rng.normal(size=4) * 0.1,
+        w4=rng.normal(size=(4, 4, 1, 1)) / 2,
+        b4=rng.normal(size=4) * 0.1,
+        lo=np.array(-0.5),
+        hi=np.array(2.0),
+    )
+    calib = calibration((1, 3, 6, 6), rng, n=6)
+    _, program, int_model = _integer(model, calib)
+    assert program.float_ops == []
+    assert any(op.__class__.__name__ == "LeakyRelu" for op in program.ops)
+    _assert_bit_exact(program, int_model, calib)
+    labels = {layer["op"]: layer for layer in describe(load_onnx(model))["layers"]}
+    for op in ("Add", activation.split()[0]):
+        assert labels[op]["quantizable"], labels[op]

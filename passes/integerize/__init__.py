@@ -229,8 +229,8 @@ class _Integerizer(
             OpKind.FLATTEN: self._reshape,
             OpKind.SQUEEZE: self._reshape,
             OpKind.UNSQUEEZE: self._reshape,
-            OpKind.RELU: self._clip,
-            OpKind.CLIP: self._clip,
+            OpKind.RELU: self._requantized_activation,
+            OpKind.CLIP: self._requantized_activation,
         }.get(kind)
         return lowering(node) if lowering is not None else False
 

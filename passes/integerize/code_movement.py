@@ -1,14 +1,14 @@
 """Ops that move or compare codes of one scale group (MaxPool, Concat, Max / Min, Transpose,
-Reshape-likes, Clip): no requantization."""
+Reshape-likes): no requantization. (A Relu / Clip of one scale group is in ``elementwise``,
+beside its requantizing form.)"""
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
 from dyadiq import integer_program as ip
-from dyadiq.graph import activation_bounds
 from dyadiq.op_facts import OpKind
-from dyadiq.passes.integerize.state import IntegerizerState, _code_bounds, _static_shape
+from dyadiq.passes.integerize.state import IntegerizerState, _static_shape
 
 
 class CodeMovement(IntegerizerState):
@@ -70,14 +70,4 @@ class CodeMovement(IntegerizerState):
     def _reshape(self, node: gs.Node) -> bool:
         x_codes, out_codes = self._moved_codes(node)
         self.ops.append(ip.Reshape(out_codes, x_codes, _static_shape(node.outputs[0])))
-        return True
-
-    def _clip(self, node: gs.Node) -> bool:
-        x, out = node.inputs[0], node.outputs[0]
-        if self.q(x) != self.q(out):
-            return False  # a different output scale needs a requantization: run it in float
-        lo, hi = _code_bounds(self.q(out), *activation_bounds(node))
-        x_codes = self.codes(x)
-        out_codes, _ = self.define(out)
-        self.ops.append(ip.Clip(out_codes, x_codes, lo, hi))
         return True

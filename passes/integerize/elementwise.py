@@ -158,6 +158,29 @@ class ElementwiseOps(IntegerizerState):
         )
         return True
 
+    def _requantized_activation(self, node: gs.Node) -> bool:
+        """A Relu / Clip that no layer absorbs and whose output has its own scale (a Relu
+        after a Concat, whose scale group it would otherwise clip): requantize v = q - z_x and
+        clip, as a LeakyRelu whose negative slope is 0 (a lower bound >= 0 clips the negative
+        part away anyway) or 1 (a lower bound below 0 keeps part of it). One that shares its
+        input's scale is a clip of the codes."""
+        x, out = node.inputs[0], node.outputs[0]
+        real_lo, real_hi = activation_bounds(node)
+        qx = self.q(x)
+        x_codes = self.codes(x)
+        out_codes, qy = self.define(out)
+        bounds = _code_bounds(qy, real_lo, real_hi)
+        if qx == qy:  # one scale group: a clip of the codes
+            self.ops.append(ip.Clip(out_codes, x_codes, *bounds))
+            return True
+        ratio = qx.scale / qy.scale
+        negative_mult, negative_shift = dyadic(np.array([ratio if real_lo < 0 else 0.0]))
+        positive = _requant(ratio, qy, bounds=bounds)
+        self.ops.append(
+            ip.LeakyRelu(out_codes, x_codes, qx.zero_point, positive, negative_mult, negative_shift)
+        )
+        return True
+
     def _lookup(self, node: gs.Node) -> bool:
         """An elementwise float chain from one quantized tensor to another, starting at
         ``node``, as one integer table (:mod:`dyadiq.passes.elementwise_lookup`)."""
