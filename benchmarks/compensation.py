@@ -86,13 +86,18 @@ def _avg_bits(plan: Any, params: dict[str, int]) -> float:
 
 
 def _ort_models(
-    artifacts: Any, name: str, work: Path, timeout: float, calib_limit: int | None
+    artifacts: Any,
+    name: str,
+    work: Path,
+    timeout: float,
+    calib_limit: int | None,
+    calibrators: tuple[str, ...] = baseline.ORT_CALIBRATORS,
 ) -> dict[str, Any]:
     """onnxruntime quantize_static W8A8 with each calibrator (baseline's worker processes)."""
     calib_dir = work / "calibration"
     baseline.materialise_calibration(artifacts, calib_dir)
     runs: dict[str, Any] = {}
-    for calibrator in baseline.ORT_CALIBRATORS:
+    for calibrator in calibrators:
         label = f"ort_w8a8_{calibrator.lower()}"
         if (name, calibrator) in baseline.ORT_SKIPS:
             runs[label] = {"status": baseline.ORT_SKIPS[(name, calibrator)]}

@@ -49,6 +49,7 @@ class MixedPrecisionOptions:
 
     allocation: AllocationOptions
     calibrator: RangeMethod = RangeMethod.AUTO
+    range_search: int = 0  # the activation range search's evaluations (0: off)
     calib_preset: str | None = None  # image preprocessing for a folder of images
     calib_limit: int | None = None  # calibration batches read from a folder
     analysis_samples: int = 8  # calibration batches the sensitivity analysis uses
@@ -120,10 +121,15 @@ def plan_builder(model_path: Path, calibration: Calibration, options: MixedPreci
     the sensitivity analysis prices the weights that the plans it chooses are built with."""
     from dyadiq.frontends.onnx_frontend import load_onnx
     from dyadiq.passes.calibration.data import validated_batches
+    from dyadiq.passes.calibration.range_search import RangeSearchOptions
     from dyadiq.pipeline import CalibrationConfig, PlanBuilder
 
     preset = options.calib_preset
-    config = CalibrationConfig(method=options.calibrator, image_preset=preset)
+    config = CalibrationConfig(
+        method=options.calibrator,
+        image_preset=preset,
+        range_search=RangeSearchOptions(evaluations=options.range_search),
+    )
     graph = load_onnx(model_path)
     if not isinstance(calibration, list):  # a folder: read (at most calib_limit) batches once
         specs = graph.input_specs()
@@ -290,10 +296,13 @@ def plan_measurer(
     All plans share one calibration pass (``PlanBuilder``): they differ in weight bits only.
     ``builder``: one already made (with its compensated quantizer), else a new one.
     """
+    from dyadiq.passes.calibration.range_search import RangeSearchOptions
     from dyadiq.passes.sensitivity.executor import SerialExecutor
     from dyadiq.pipeline import CalibrationConfig, PlanBuilder
 
-    config = CalibrationConfig(method=options.calibrator)
+    config = CalibrationConfig(
+        method=options.calibrator, range_search=RangeSearchOptions(evaluations=options.range_search)
+    )
     excluded = frozenset(floats)
     if builder is None:
         builder = PlanBuilder(

@@ -38,6 +38,7 @@ class QuantizeRun:
         from dyadiq.html_report import write_report_html
         from dyadiq.io import relocated, write_text_atomic
         from dyadiq.passes.calibration.observers import RangeMethod
+        from dyadiq.passes.calibration.range_search import RangeSearchOptions
         from dyadiq.passes.compensation.settings import CompensationSettings
 
         s = self.settings
@@ -46,6 +47,7 @@ class QuantizeRun:
             percentile=s["percentile"],
             limit=s["calib_limit"],
             image_preset=s["calib_preset"],
+            range_search=RangeSearchOptions(evaluations=s["range_search"]),
         )
         compensation = CompensationSettings.parse(s["compensate"])
         plan, allocation, weights = self.plan, None, None
@@ -150,6 +152,7 @@ class QuantizeRun:
             abits=s["abits"],
             act_dtype=s["act_dtype"],
             calibrator=s["calibrator"],
+            range_search=s["range_search"],
             calib_preset=s["calib_preset"],
             calib_limit=s["calib_limit"],
             pin=s["pin"],
@@ -247,6 +250,7 @@ def mixed_precision_options(
     abits: int = 8,
     act_dtype: str = "uint8",
     calibrator: str = "auto",
+    range_search: int = 0,
     calib_preset: str | None = None,
     calib_limit: int | None = None,
     pin: Sequence[str] = (),
@@ -287,6 +291,7 @@ def mixed_precision_options(
     return MixedPrecisionOptions(
         allocation,
         calibrator=RangeMethod(calibrator),
+        range_search=range_search,
         calib_preset=calib_preset,
         calib_limit=calib_limit,
         analysis_samples=search.analysis_samples,

@@ -122,3 +122,19 @@ def test_integer_model_with_searched_ranges_is_bit_exact(tmp_path: Path) -> None
     assert result.program is not None
     lo, hi = next(c["after"] for c in search["changes"] if "r" in c["tensors"])
     assert result.qdq.act_params["r"].scale == activation_quant(lo, hi, 8, signed=False).scale
+
+
+def test_cli_flag_reaches_the_report(
+    tiny_cnn_path: Path, calib_npz_folder: Path, tmp_path: Path
+) -> None:
+    from dyadiq.cli import main
+
+    out = tmp_path / "OUT"
+    argv = ["quantize", str(tiny_cnn_path), "-o", str(out), "--calib", str(calib_npz_folder)]
+    assert main([*argv, "--range-search", "6", "--no-eval"]) == 0
+    search = json.loads((out / "report.json").read_text())["activation_range_search"]
+    assert 0 < search["evaluations"] <= 6
+    assert search["loss_after"] <= search["loss_before"]
+    assert main([*argv, "--range-search", "-1"]) == 2
+    assert main([*argv, "--no-eval"]) == 0  # off by default: no section
+    assert "activation_range_search" not in json.loads((out / "report.json").read_text())
