@@ -246,3 +246,32 @@ def test_cortex_m_c_emits_a_shared_weight_once_and_runs_bit_exact(tmp_path):
     except ToolchainError as exc:
         pytest.skip(str(exc))
     assert_bit_exact_on_qemu(project, program, calib)
+
+
+def test_allocation_counts_a_shared_weight_once_in_size_and_flash():
+    from dyadiq.passes.allocation import parse_budget, problem_from_report, solve
+    from dyadiq.passes.sensitivity.report import LayerSensitivity, SensitivityReport
+    from dyadiq.plan import LayerFormat
+
+    rng = np.random.default_rng(6)
+    graph = load_onnx(_tied_convs(rng), simplify=False)
+    params = 4 * 4 * 3 * 3
+    # a hand-made report: the analysis itself does not take tied weights yet (its perturbed
+    # model defines the shared initializer once per reader)
+    layer = LayerSensitivity(
+        "Conv", params, {4: 1.0, 8: 0.1}, empirical_damage={4: 0.1, 8: 0.01}, snr_db={4: 20.0}
+    )
+    readers = [n.name for n in graph.graph.nodes if n.op == "Conv"]
+    report = SensitivityReport(dict.fromkeys(readers, layer), (), "logits", 0, 0.0, {})
+    problem = problem_from_report(graph, report, [LayerFormat(b, 8) for b in (4, 8)], "empirical")
+    assert [sorted(group) for group in problem.ties] == [sorted(readers)]
+    w8 = LayerFormat(8, 8)
+    # one stored copy of the 144 weights: bytes at W8 over both readers, not twice that
+    assert sum(row[w8] for row in problem.size_bytes.values()) == params
+    assert problem.flash is not None
+    per_channel = problem.flash[readers[0]][w8] - params  # the first reader's own constants
+    assert per_channel > 0
+    assert sum(row[w8] for row in problem.flash.values()) == params + 2 * per_channel
+    allocation = solve(problem, parse_budget("size=100", problem))  # 144 B at W8: too big
+    assert {f.weight_bits for f in allocation.formats.values()} == {4}
+    assert allocation.size_bytes == params / 2

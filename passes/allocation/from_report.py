@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +27,11 @@ from dyadiq.passes.allocation.costs import (
 from dyadiq.passes.allocation.overrides import apply_overrides, overrides_from_pins
 from dyadiq.passes.allocation.problem import AllocationProblem, PairCost
 from dyadiq.passes.allocation.tables import as_cost_table, load_latency_table, load_memory_plan
-from dyadiq.passes.allocation.ties import activation_ties, shared_weight_ties
+from dyadiq.passes.allocation.ties import (
+    activation_ties,
+    shared_weight_ties,
+    weight_stored_once,
+)
 from dyadiq.passes.sensitivity.analysis import (
     Proxy,
     SensitivityReport,
@@ -240,6 +245,11 @@ def problem_from_report(
             row[f] = value
         damage[i] = row
     size = {i: {f: report.layers[i].params * f.weight_bits / 8 for f in allowed[i]} for i in layers}
+    weight_ties = shared_weight_ties(graph, layers)
+    # the estimate's codes, as the C stores them: once per weight (a backend table is as built)
+    codes = {i: {f: float(math.ceil(v)) for f, v in row.items()} for i, row in size.items()}
+    estimate = weight_stored_once(flash_estimate(graph, allowed), weight_ties, codes)
+    size = weight_stored_once(size, weight_ties, size)  # a shared weight is stored once
     macs = {i: layer_macs(graph, i) for i in layers}
     bops = {i: {f: macs[i] * f.weight_bits * f.act_bits for f in allowed[i]} for i in layers}
     pairs: list[PairCost] = []
@@ -255,12 +265,12 @@ def problem_from_report(
         size,
         bops,
         pairs,
-        shared_weight_ties(graph, layers),
+        weight_ties,
         act.ties,
         latency=as_cost_table(latency)
         if latency is not None
         else latency_cost_model(graph, allowed),
-        flash=as_cost_table(flash) if flash is not None else flash_estimate(graph, allowed),
+        flash=as_cost_table(flash) if flash is not None else estimate,
         ram=ram,
         latency_measured=latency is not None,
         latency_source="measured table" if latency is not None else LATENCY_COST_MODEL,

@@ -1,4 +1,5 @@
-"""Which layers' formats are one variable: layers that share a weight take identical formats;
+"""Which layers' formats are one variable: layers that share a weight take identical formats
+(and store that weight once: :func:`weight_stored_once` counts its bytes once);
 layers that read one quantized activation (one tensor feeding two convs, a scale group of
 ``passes/activation_sites.py``) take one activation width. A layer whose input is also read by
 an op outside the plan cannot go below the plan's default width, because
@@ -22,6 +23,23 @@ def shared_weight_ties(graph: QGraph, layers: Sequence[str]) -> list[list[str]]:
         if weight is not None:
             by_weight.setdefault(weight.name, []).append(layer)
     return [group for group in by_weight.values() if len(group) > 1]
+
+
+def weight_stored_once(
+    table: Mapping[str, Mapping[LayerFormat, float]],
+    ties: Sequence[Sequence[str]],
+    weight_bytes: Mapping[str, Mapping[LayerFormat, float]],
+) -> dict[str, dict[LayerFormat, float]]:
+    """``table`` (bytes per layer and format) with the weight bytes of every tied reader but
+    the first removed: the quantized model stores a shared weight once
+    (``passes/shared_weights.py``), and tied readers take one format, so the group's total
+    is one copy of the weight plus each reader's own constants (bias, requantization)."""
+    out = {layer: dict(row) for layer, row in table.items()}
+    for group in ties:
+        for layer in group[1:]:
+            if layer in out:
+                out[layer] = {f: v - weight_bytes[layer][f] for f, v in out[layer].items()}
+    return out
 
 
 @dataclass(frozen=True)
