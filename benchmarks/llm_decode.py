@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO, machine_info, write_results
+from benchmarks.common import REPO, machine_info, results_header, write_results
 
 log = logging.getLogger("benchmarks.llm_decode")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -238,11 +238,7 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Gemma 3 270M decode speed, batch 1 (issue 17)",
         "",
-        f"Command: `{r['command']}` ({r['date']}, git {m.get('git_commit')}).  ",
-        f"CPU: {m['cpu_model']}, {r['threads']} threads; CPU flags: "
-        f"{' '.join(m.get('cpu_flags', []))}.  ",
-        f"Load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_start'])}, at end "
-        f"{', '.join(f'{x:.2f}' for x in r['load_avg_end'])}.  ",
+        *results_header(m, r),
         f"Prompt {r['prompt_tokens']} tokens (fed one at a time through the decode step), then "
         f"{r['new_tokens']} new tokens; float = the Q4_K_M GGUF dequantised to fp32.",
         "",
