@@ -21,12 +21,11 @@ def test_every_consumer_has_layer_norm_and_masked_softmax() -> None:
 
 
 def test_x86_tvm_build_is_bit_exact() -> None:
-    tvm = pytest.importorskip("tvm")
-    from tvm import relax
-
+    pytest.importorskip("tvm")
     from dyadiq.backends.tvm import model_runner
     from dyadiq.backends.tvm.build import compile_prepared, prepare, target_for
-    from dyadiq.backends.tvm.lower import _Lowering, lower_program, main_output_names
+    from dyadiq.backends.tvm.lower import _Lowering, lower_program
+    from tests.tvm_helpers import assert_cpu_build_matches_reference
 
     assert {ip.LayerNorm, ip.MaskedSoftmax} <= _Lowering.supported_ops()
     if "avx2" not in model_runner.cpu_flags():
@@ -37,14 +36,9 @@ def test_x86_tvm_build_is_bit_exact() -> None:
     assert [op.split()[0] for op in program.float_ops] == ["Reshape"]  # of the float input
     assert any(isinstance(op, ip.LayerNorm) and op.wide_output for op in program.ops)
     lowered = lower_program(program, target=target, float_islands=True)
-    vm = relax.VirtualMachine(compile_prepared(prepare(lowered, target), target), tvm.cpu())
-    reference = ReferenceInterpreter(program)
+    executable = compile_prepared(prepare(lowered, target), target)
     feeds_list = [*block.feeds, dict(block.feeds[0], attention_mask=np.zeros((1, 6), np.int64))]
-    for feeds in feeds_list:
-        values = vm["main"](*(tvm.runtime.tensor(feeds[n]) for n in program.inputs))
-        got = dict(zip(main_output_names(program), (v.numpy() for v in values), strict=True))
-        for name, codes in reference.outputs(feeds).items():
-            assert np.array_equal(got[f"{name}_codes"], codes), name
+    assert_cpu_build_matches_reference(executable, program, feeds_list)
 
 
 def test_cortex_m_is_bit_exact_under_qemu(tmp_path) -> None:  # type: ignore[no-untyped-def]
