@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import onnx_graphsurgeon as gs
@@ -77,18 +78,9 @@ def transformer_rules(graph: QGraph) -> dict[str, tuple[bool, str]]:
         why = "with its attention-mask Add, one integer masked softmax (I-BERT exp over the "
         why += "kept positions; it reads the integer mask, the float mask is never computed)"
         rules[match.add.name] = rules[match.softmax.name] = (True, why)
-    for name in masked.absorbed:  # the float mask's own ops (Where, Cast, Sub, Mul ...)
-        rules.setdefault(
-            name,
-            (
-                True,
-                "makes the float attention mask, which the integer masked softmax "
-                "replaces by the integer mask it is made from: not computed",
-            ),
-        )
-    for declined in masked.declined:
-        node_id, reason = declined.removeprefix("Add ").split(": ", 1)
-        rules[node_id] = (False, f"attention-mask Add runs in float ({reason})")
+    # the float mask's own ops (Where, Cast, Sub, Mul ...)
+    _replaced_mask_rules(rules, masked.absorbed, "attention mask", "integer masked softmax")
+    _declined_rules(rules, masked.declined, "Add ", "attention-mask Add runs in float")
     graph.graph.toposort()
     _layer_norm_rules(graph, quantized, rules)
     _pooling_rules(graph, quantized, rules)
@@ -154,18 +146,27 @@ def _pooling_rules(graph: QGraph, quantized: set[str], rules: dict[str, tuple[bo
             for node in (*match.nodes, match.div):
                 rules[node.name] = (True, why)
             quantized.add(match.div.outputs[0].name)
-    for name in found.absorbed:  # the float pooling mask's Unsqueeze and Cast
-        rules.setdefault(
-            name,
-            (
-                True,
-                "makes the float pooling mask, which the integer pooling replaces by the "
-                "integer mask it is made from: not computed",
-            ),
-        )
-    for declined in found.declined:
-        node_id, reason = declined.removeprefix("Div ").split(": ", 1)
-        rules[node_id] = (False, f"runs in float between DQ and Q ({reason})")
+    # the float pooling mask's Unsqueeze and Cast
+    _replaced_mask_rules(rules, found.absorbed, "pooling mask", "integer pooling")
+    _declined_rules(rules, found.declined, "Div ", "runs in float between DQ and Q")
+
+
+def _replaced_mask_rules(
+    rules: dict[str, tuple[bool, str]], absorbed: Iterable[str], mask: str, integer_op: str
+) -> None:
+    """The ops that build a float mask an integer op replaces by the integer mask."""
+    why = f"makes the float {mask}, which the {integer_op} replaces by the integer mask it is "
+    for name in absorbed:
+        rules.setdefault(name, (True, why + "made from: not computed"))
+
+
+def _declined_rules(
+    rules: dict[str, tuple[bool, str]], declined: Iterable[str], op_prefix: str, label: str
+) -> None:
+    """Matches a finder declined, as ``"<op> <node id>: <reason>"``: float, with the reason."""
+    for entry in declined:
+        node_id, reason = entry.removeprefix(op_prefix).split(": ", 1)
+        rules[node_id] = (False, f"{label} ({reason})")
 
 
 def _embedding_sum(tensor: gs.Tensor, quantized: set[str]) -> EmbeddingSum | None:
