@@ -97,6 +97,23 @@ def _only_reader(tensor: gs.Tensor, outputs: set[str]) -> gs.Node | None:
     return tensor.outputs[0]
 
 
+def _folded_into_layer(x: gs.Tensor, channels: int, outputs: set[str]) -> bool:
+    """Whether ``x`` comes, through per-channel Mul / Add ops each read once, from a Conv or
+    Gemm read once: ``fold_batch_norm`` folds that whole chain into the layer."""
+    while len(x.outputs) == 1 and x.inputs and x.name not in outputs:
+        producer = x.inputs[0]
+        if onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER:
+            return True
+        variables = [t for t in producer.inputs if isinstance(t, gs.Variable)]
+        if producer.op not in ("Mul", "Add") or len(variables) != 1:
+            return False
+        step = _step(producer, variables[0], channels)
+        if step is None:
+            return False
+        x = variables[0]
+    return False
+
+
 def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
     """Rewrite every maximal affine chain (see the module docstring) in place; returns how
     many depthwise convolutions replaced them."""
@@ -109,13 +126,7 @@ def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
         channels = _channels(x)
         if channels is None:
             continue
-        producer = x.inputs[0] if x.inputs else None
-        folded_by_layer = (
-            producer is not None
-            and len(x.outputs) == 1
-            and onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER
-        )
-        if folded_by_layer:
+        if _folded_into_layer(x, channels, outputs):
             continue  # fold_batch_norm folds it into the layer's weights instead
         scale, shift = np.ones(channels), np.zeros(channels)
         chain: list[gs.Node] = []

@@ -3,8 +3,9 @@
 For y = BN(conv(x; W, b)) with per-channel gamma, beta, mean mu, variance var and epsilon:
     sigma = sqrt(var + eps),  W' = W * gamma / sigma,  b' = (b - mu) * gamma / sigma + beta.
 The unfused form ``Mul(conv, a) -> Add(., c)`` with per-channel constants a, c folds the same
-way: W' = W * a, b' = b * a + c. Preconditions: the conv output has no other consumer, the
-BN/Mul/Add constants are per output channel, and the layer's weight is a constant.
+way: W' = W * a, b' = b * a + c; a lone ``Add(conv, c)`` is a bias: b' = b + c.
+Preconditions: the conv output has no other consumer, the BN/Mul/Add constants are per output
+channel, and the layer's weight is a constant.
 """
 
 from __future__ import annotations
@@ -114,5 +115,20 @@ def fold_batch_norm(graph: QGraph) -> RewriteReport:
             _bypass(node, layer)
             _bypass(add, layer)
             report.changed.extend([node.name, add.name])
+        elif node.op == "Add" and len(node.inputs) == 2:
+            # Caffe2 exports keep a convolution's bias as a per-channel Add after it
+            # (DenseNet-121: Conv -> Add -> Relu); folded, the Relu fuses into the layer
+            variable, const = sorted(node.inputs, key=lambda t: isinstance(t, gs.Constant))
+            layer = _foldable_layer(graph, variable)
+            if layer is None or not isinstance(const, gs.Constant):
+                continue
+            channels = layer.inputs[1].values.shape[weight_channel_axis(layer)]
+            ndim = len(variable.shape or ()) or 4
+            c = _per_channel(const.values, channels, 1, ndim)
+            if c is None or node.outputs[0] in g.outputs:
+                continue
+            _scale_layer(g, layer, np.ones(channels), c)
+            _bypass(node, layer)
+            report.changed.append(node.name)
     g.cleanup().toposort()
     return report

@@ -222,6 +222,8 @@ def test_bn_after_mul_add_chain_folds_both():
 
 
 # --- must not fire ----------------------------------------------------------------------------
+# 1-D convolutions: on NCHW tensors the frontend already rewrites a BatchNormalization that no
+# layer absorbs as a depthwise Conv (tests/test_affine_as_depthwise.py), so fold never sees it
 def _assert_unchanged(model: onnx.ModelProto) -> RewriteReport:
     _, report, out = _fold(model)
     assert _ops(out) == _ops(model)
@@ -234,14 +236,14 @@ def test_bn_not_folded_when_conv_output_has_second_consumer():
     rng = np.random.default_rng(SEED)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    net (float[1, 3, 5, 5] x) => (float[1, 4, 5, 5] y, float[1, 4, 5, 5] r) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    net (float[1, 3, 5] x) => (float[1, 4, 5] y, float[1, 4, 5] r) {
+        c = Conv <pads = [1, 1]> (x, w, b)
         y = BatchNormalization (c, gamma, beta, mean, var)
         r = Relu (c)
     }
     """
     model = with_weights(
-        text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
+        text, w=rng.normal(size=(4, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
     )
     model.graph.node[1].name = "bn"
     report = _assert_unchanged(model)
@@ -252,13 +254,13 @@ def test_bn_not_folded_when_conv_output_is_a_graph_output():
     rng = np.random.default_rng(SEED)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    net (float[1, 3, 5, 5] x) => (float[1, 4, 5, 5] y, float[1, 4, 5, 5] c) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    net (float[1, 3, 5] x) => (float[1, 4, 5] y, float[1, 4, 5] c) {
+        c = Conv <pads = [1, 1]> (x, w, b)
         y = BatchNormalization (c, gamma, beta, mean, var)
     }
     """
     model = with_weights(
-        text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
+        text, w=rng.normal(size=(4, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
     )
     report = _assert_unchanged(model)
     assert len(report.skipped) == 1
@@ -269,14 +271,14 @@ def _bn_after_relu() -> onnx.ModelProto:
     rng = np.random.default_rng(SEED)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    net (float[1, 3, 5, 5] x) => (float[1, 4, 5, 5] y) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    net (float[1, 3, 5] x) => (float[1, 4, 5] y) {
+        c = Conv <pads = [1, 1]> (x, w, b)
         r = Relu (c)
         y = BatchNormalization (r, gamma, beta, mean, var)
     }
     """
     model = with_weights(
-        text, w=rng.normal(size=(4, 3, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
+        text, w=rng.normal(size=(4, 3, 3)), b=rng.normal(size=4), **_bn_params(rng, 4)
     )
     model.graph.node[2].name = "bn"
     return model
@@ -292,7 +294,7 @@ def test_bn_on_graph_input_is_not_folded():
     rng = np.random.default_rng(SEED)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    net (float[1, 4, 5, 5] x) => (float[1, 4, 5, 5] y) {
+    net (float[1, 4, 5] x) => (float[1, 4, 5] y) {
         y = BatchNormalization (x, gamma, beta, mean, var)
     }
     """
@@ -472,3 +474,31 @@ def test_export_leaves_the_graph_it_exports_untouched():
     exported = graph.to_onnx()
     assert graph.node_ids() == before and len(before) == 2
     assert [node.op_type for node in exported.graph.node] == ["Conv"]
+
+
+@pytest.mark.parametrize(
+    ("shift_shape", "folds"),
+    [((4, 1, 1), True), ((1, 4, 1, 1), True), ((), True), ((4, 6, 6), False)],
+)
+@pytest.mark.parametrize("constant_first", [False, True])
+def test_conv_then_per_channel_add_folds_into_the_bias(shift_shape, folds, constant_first):
+    """Caffe2 exports (DenseNet-121) and paddle2onnx (PP-OCRv4) keep a Conv's bias as an Add
+    after it; a per-channel one folds into the bias, anything else stays an Add."""
+    rng = np.random.default_rng(SEED)
+    operands = "shift, c" if constant_first else "c, shift"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[2, 3, 6, 6] x) => (float[2, 4, 6, 6] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        a = Add ({operands})
+        y = Relu (a)
+    }}
+    """
+    model = with_weights(
+        text, w=rng.normal(size=(4, 3, 3, 3)) * 0.3, shift=rng.normal(size=shift_shape)
+    )
+    model.graph.node[1].name = "add"
+    _, report, out = _fold(model)
+    assert (_ops(out) == ["Conv", "Relu"]) is folds, _ops(out)
+    assert (report.changed == ["add"]) is folds
+    _assert_same_outputs(model, out)
