@@ -275,3 +275,31 @@ def test_allocation_counts_a_shared_weight_once_in_size_and_flash():
     allocation = solve(problem, parse_budget("size=100", problem))  # 144 B at W8: too big
     assert {f.weight_bits for f in allocation.formats.values()} == {4}
     assert allocation.size_bytes == params / 2
+
+
+def test_compensation_computes_a_shared_weight_once_for_its_first_reader():
+    from dyadiq.passes.compensation.settings import CompensationSettings
+
+    rng = np.random.default_rng(7)
+    model = _tied_convs(rng)
+    calib = calibration((1, 4, 6, 6), rng, n=6)
+    graph = load_onnx(model, simplify=False)
+    first, second = [n.name for n in graph.graph.nodes if n.op == "Conv"]
+    plan = PrecisionPlan.uniform(prepare_graph(graph), weight_bits=4)
+    settings = CompensationSettings.parse("range,gptq,bias")
+    result = quantize_graph(graph, plan, calib, compensation=settings)
+    entries = result.weights.layers  # type: ignore[attr-defined]
+    assert entries[(second, 4)].quant is entries[(first, 4)].quant
+    assert entries[(second, 4)].report["shared_with"] == first
+    assert entries[(second, 4)].bias_shift is None
+    assert "gptq" in entries[(first, 4)].report["passes"]
+    shared = next(r for r in result.graph.rewrites if r.name == "share_weights")
+    assert shared.changed == [second] and not shared.skipped  # one set of codes: none dropped
+    program = integerize(
+        result.graph, plan, result.sites, result.qdq.act_params, weights=result.weights
+    )
+    qdq, integer = export_qdq(result.qdq.graph), export_integer_onnx(program)
+    assert len(_stored_weights(qdq)) == 1 and len(_stored_weights(integer)) == 1
+    report = bit_exactness(program, integer, calib)
+    assert report["tensors"] > 0 and report["exact_tensors"] == report["tensors"]
+    assert simulation_agreement(program, qdq, integer, calib)["max_output_diff_lsb"] <= 2.0

@@ -30,7 +30,11 @@ import onnx_graphsurgeon as gs
 
 from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.op_facts import OpKind
-from dyadiq.passes.compensation.compensated_weights import CompensatedWeights, compensate_layer
+from dyadiq.passes.compensation.compensated_weights import (
+    CompensatedWeights,
+    LayerCompensation,
+    compensate_layer,
+)
 from dyadiq.passes.compensation.input_statistics import InputStatistics
 from dyadiq.passes.compensation.layer_matrix import LayerGeometry, bias_constant, layer_geometry
 from dyadiq.passes.compensation.segment_runner import SegmentRunner
@@ -201,6 +205,7 @@ class SequentialCompensator:
         (a layer without a width keeps its float weights in the prefix)."""
         parameters = dict(runner.parameters)
         cache: dict[tuple[str, LayerGeometry], InputStatistics] = {}
+        first_reader: dict[tuple[str, int], str] = {}  # (weight, bits) -> layer compensated
         runner.segments.reset()
         for position, layer in enumerate(runner.layers):
             key = (layer.input_name, layer.geometry)
@@ -210,6 +215,14 @@ class SequentialCompensator:
             inputs = runner.segments.values(position, self.batches, parameters)
             bits = plan_bits.get(layer.node_id)
             if bits is None:
+                continue
+            first = first_reader.setdefault((layer.weight_name, bits), layer.node_id)
+            if first != layer.node_id:
+                # a weight an earlier layer read (an unrolled LSTM's steps): the models store
+                # one copy, the first reader's (passes/shared_weights.py); no own bias shift
+                shared = result.layers[(first, bits)]
+                report = {"bits": bits, "passes": [], "shared_with": first}
+                result.layers[(layer.node_id, bits)] = LayerCompensation(shared.quant, None, report)
                 continue
             if key not in cache and not too_wide:  # siblings reading one tensor share them
                 cache[key] = _layer_statistics(inputs, layer.geometry)
