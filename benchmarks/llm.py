@@ -210,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         help="GPTQ's per-group range search: weights' own squared error, or output error on H",
     )
     p.add_argument("--sequential", action="store_true", help="sequential GPTQ (quantized prefix)")
+    p.add_argument(
+        "--salient-fraction",
+        type=float,
+        default=WeightOnlySettings.salient_fraction,
+        help="GPTQ: this fraction of each weight's input channels (largest E[x^2]) at 8 bits",
+    )
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
     p.add_argument("--note", action="append", default=[], help="a line for the merged file")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         method=Method.GPTQ,
         sequential=args.sequential,
         clip_objective=ClipObjective(args.clip_objective),
+        salient_fraction=args.salient_fraction,
     )
     rows: dict[str, dict[str, Any]] = {}
 
@@ -430,6 +437,7 @@ def _write(
         "calib_windows": args.calib_windows,
         "calib_text": args.calib_text,
         "clip_objective": args.clip_objective,
+        "salient_fraction": args.salient_fraction,
         "sens_windows": args.sens_windows,
         "widths": args.widths,
         "seconds": round(time.perf_counter() - started, 1),

@@ -128,20 +128,25 @@ class CachedGptq:
         return q
 
 
-# settings fields added after the first caches were written, in the order they were added
-_LATER_FIELDS = ("sequential", "stage_size", "clip_objective", "salient_fraction")
+# settings fields added after the first caches were written, with the value every code
+# had before the field existed (not today's default: the clip objective's changed since)
+_LATER_FIELDS: dict[str, object] = {
+    "sequential": False,
+    "stage_size": 4,
+    "clip_objective": ClipObjective.WEIGHT,
+    "salient_fraction": 0.0,
+}
 
 
 def _stamps(settings: WeightOnlySettings) -> set[str]:
     """The stamps of caches with these settings: today's repr, and the reprs of earlier
-    versions of the settings, which lacked some of the later fields (those at their defaults
-    match: the codes are the same)."""
+    versions of the settings, which lacked some of the later fields (they match where the
+    field holds the value codes had before it existed: the codes are the same)."""
     full = repr(settings)
-    defaults = WeightOnlySettings()
     at_default = [
         f", {name}={getattr(settings, name)!r}"
-        for name in _LATER_FIELDS
-        if hasattr(settings, name) and getattr(settings, name) == getattr(defaults, name)
+        for name, before in _LATER_FIELDS.items()
+        if hasattr(settings, name) and getattr(settings, name) == before
     ]
     out = set()
     for mask in range(2 ** len(at_default)):

@@ -63,7 +63,12 @@ def test_gptq_cache_stamps_match_older_settings_only_at_defaults() -> None:
         "\"WeightOnlySettings(method=<Method.GPTQ: 'gptq'>, group_size=128, symmetric=False, "
         'act_order=True, damp=0.01, block=128, clip_search=True, tied_damp=0.01)"'
     )
-    assert first in _stamps(WeightOnlySettings(method=Method.GPTQ, tied_damp=0.01))
+    weight = WeightOnlySettings(
+        method=Method.GPTQ, tied_damp=0.01, clip_objective=ClipObjective.WEIGHT
+    )
+    assert first in _stamps(weight)
+    # today's default objective is not the one those codes were made with
+    assert first not in _stamps(WeightOnlySettings(method=Method.GPTQ, tied_damp=0.01))
     hessian = WeightOnlySettings(
         method=Method.GPTQ, tied_damp=0.01, clip_objective=ClipObjective.HESSIAN
     )
