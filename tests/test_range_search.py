@@ -68,15 +68,15 @@ def test_an_outlier_tensor_gets_a_clipped_range() -> None:
     searched = quantize_graph(graph, PrecisionPlan.uniform(graph), batches, MINMAX_SEARCH)
     report = searched.range_search
     assert report is not None
-    assert report["loss_after"] < 0.9 * report["loss_before"], report
+    assert report["loss_after"] < report["loss_before"], report
     changed = {t: c for c in report["changes"] for t in c["tensors"]}
     assert "r" in changed, report["changes"]
     before, after = changed["r"]["before"], changed["r"]["after"]
-    assert after[1] < 0.5 * before[1]
+    assert after[1] < 0.7 * before[1]
     # the QDQ model quantizes r on the searched range (a finer scale than min/max gives)
     scale = searched.qdq.act_params["r"].scale
     assert scale == activation_quant(0.0, after[1], 8, signed=False).scale
-    assert scale < 0.5 * plain.qdq.act_params["r"].scale
+    assert scale < 0.7 * plain.qdq.act_params["r"].scale
 
 
 @pytest.mark.parametrize("build", [conv_relu_pool_fc, residual_concat])
@@ -98,6 +98,10 @@ def test_search_never_raises_the_calibration_loss(build) -> None:  # type: ignor
     assert fresh.loss(as_groups) == pytest.approx(report.loss_after, rel=1e-9)
     unchanged = {t for t in ranges if all(t not in c.tensors for c in report.changes)}
     assert all(new[t] == ranges[t] for t in unchanged)
+    # the model output's range is the user's: never searched
+    assert evaluator.output_groups
+    outputs = {t for g in evaluator.output_groups for t in evaluator.groups[g]}
+    assert outputs <= unchanged
 
 
 def test_off_by_default_and_zero_evaluations_change_nothing() -> None:

@@ -19,6 +19,8 @@ float, so the result is one set of ranges for every plan), on calibration batche
   ``group_quantizers`` makes it): percentiles 99.9 / 99.99 / 99.999, min/max, MSE-optimal,
   and the start range shrunk by :data:`SHRINK_FACTORS`.
 - A candidate is kept only when it lowers the loss, so the search never ends above the start.
+- A group that holds a model output keeps its range: clipping what the user reads is not a
+  quantization choice (on ppocr_cls the search clipped the output probabilities at 0.65).
 
 Memory: one batch's activations inside onnxruntime, the float reference outputs, and the
 histograms the calibration pass already holds. Cost: ``evaluations`` forward passes over the
@@ -150,6 +152,10 @@ class ActivationRangeEvaluator:
         model = graph.to_onnx()
         self.output = model.graph.output[0].name
         self.quantized_output = self.output
+        outputs = {o.name for o in model.graph.output}
+        # the groups that hold a model output: their range is what the user reads, so the
+        # search leaves it (clipping probabilities at 0.65 lowered ppocr_cls's KL)
+        self.output_groups = {g for g, m in self.groups.items() if outputs & set(m)}
         added: list[onnx.NodeProto] = []
         for gid, members in self.groups.items():
             for s in _SWITCHES:
@@ -289,7 +295,9 @@ def search_ranges(
     # groups), most damaging first
     off: dict[int, Range | None] = dict.fromkeys(groups)
     damage = {g: evaluator.loss({**off, g: current[g]}, SCREEN_BATCHES) for g in groups}
-    order = sorted(groups, key=lambda g: -damage[g])
+    order = sorted(
+        (g for g in groups if g not in evaluator.output_groups), key=lambda g: -damage[g]
+    )
     spent = searched = 0
     changes: list[GroupChange] = []
     for g in order:
