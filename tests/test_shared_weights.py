@@ -277,7 +277,7 @@ def test_allocation_counts_a_shared_weight_once_in_size_and_flash():
     assert allocation.size_bytes == params / 2
 
 
-def test_compensation_computes_a_shared_weight_once_for_its_first_reader():
+def test_compensation_rounds_a_shared_weight_to_nearest_for_every_reader():
     from dyadiq.passes.compensation.settings import CompensationSettings
 
     rng = np.random.default_rng(7)
@@ -289,10 +289,12 @@ def test_compensation_computes_a_shared_weight_once_for_its_first_reader():
     settings = CompensationSettings.parse("range,gptq,bias")
     result = quantize_graph(graph, plan, calib, compensation=settings)
     entries = result.weights.layers  # type: ignore[attr-defined]
-    assert entries[(second, 4)].quant is entries[(first, 4)].quant
-    assert entries[(second, 4)].report["shared_with"] == first
-    assert entries[(second, 4)].bias_shift is None
-    assert "gptq" in entries[(first, 4)].report["passes"]
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    nearest = quantize_weight_per_channel(w, 4, 0)
+    for layer in (first, second):
+        np.testing.assert_array_equal(entries[(layer, 4)].quant.values, nearest.values)
+        assert entries[(layer, 4)].bias_shift is None
+        assert "shared" in entries[(layer, 4)].report["declined"]["all"]
     shared = next(r for r in result.graph.rewrites if r.name == "share_weights")
     assert shared.changed == [second] and not shared.skipped  # one set of codes: none dropped
     program = integerize(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from dyadiq.passes.compensation.layer_matrix import LayerGeometry, bias_constant
 from dyadiq.passes.compensation.segment_runner import SegmentRunner
 from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.insert_qdq import insert_activation_qdq
-from dyadiq.quantizers import ActQuant
+from dyadiq.quantizers import ActQuant, quantize_weight_per_channel
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,11 @@ class SequentialCompensator:
         (a layer without a width keeps its float weights in the prefix)."""
         parameters = dict(runner.parameters)
         cache: dict[tuple[str, LayerGeometry], InputStatistics] = {}
-        first_reader: dict[tuple[str, int], str] = {}  # (weight, bits) -> layer compensated
+        readers = Counter(
+            (layer.weight_name, plan_bits[layer.node_id])
+            for layer in runner.layers
+            if layer.node_id in plan_bits
+        )
         runner.segments.reset()
         for position, layer in enumerate(runner.layers):
             key = (layer.input_name, layer.geometry)
@@ -216,13 +221,16 @@ class SequentialCompensator:
             bits = plan_bits.get(layer.node_id)
             if bits is None:
                 continue
-            first = first_reader.setdefault((layer.weight_name, bits), layer.node_id)
-            if first != layer.node_id:
-                # a weight an earlier layer read (an unrolled LSTM's steps): the models store
-                # one copy, the first reader's (passes/shared_weights.py); no own bias shift
-                shared = result.layers[(first, bits)]
-                report = {"bits": bits, "passes": [], "shared_with": first}
-                result.layers[(layer.node_id, bits)] = LayerCompensation(shared.quant, None, report)
+            if readers[(layer.weight_name, bits)] > 1:
+                # a weight several layers read (an unrolled LSTM's steps): the models store one
+                # copy (passes/shared_weights.py), and codes fitted to one reader's inputs need
+                # not suit the others' (benchmarks/results/coverage.md, captcha_crnn), so it is
+                # rounded to nearest for all of them, with no bias shift
+                quant = quantize_weight_per_channel(layer.weight, bits, layer.axis)
+                declined = "the weight is shared by several layers: rounded to nearest"
+                report = {"bits": bits, "passes": [], "declined": {"all": declined}}
+                result.layers[(layer.node_id, bits)] = LayerCompensation(quant, None, report)
+                parameters[layer.weight_name] = quant.dequantize()
                 continue
             if key not in cache and not too_wide:  # siblings reading one tensor share them
                 cache[key] = _layer_statistics(inputs, layer.geometry)
