@@ -3,8 +3,9 @@ Hessian, on a group-wise grid (:mod:`.groupwise`).
 
 GPTQ (:func:`dyadiq.passes.compensation.gptq.gptq_group_codes`) minimises
 tr((W - Q) H (W - Q)^T) with H = E[x x^T] of the layer's inputs; the grid (per group, the
-min-max range or, by default, the shrunk range of least rounding error) is fixed first,
-act order visits the columns by decreasing H_jj. A weight read by no
+min-max range or, by default, the shrunk range of least output error d H_gg d^T of its
+rounding error; round to nearest: of least squared rounding error) is fixed first, act
+order visits the columns by decreasing H_jj. A weight read by no
 MatMul (an untied embedding) has no H and is rounded to nearest. The inverse-Hessian factor
 depends only on H, so it is computed once per activation and reused for every width and
 for every weight that reads that activation.
