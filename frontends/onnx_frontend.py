@@ -40,10 +40,14 @@ from dyadiq.op_facts import onnx_op_kind
 from dyadiq.passes.affine_as_depthwise import per_channel_affine_as_depthwise
 from dyadiq.passes.canonicalize_inference_ops import canonicalize_inference_ops
 from dyadiq.passes.fold_static_if import fold_static_if
+from dyadiq.passes.fuse_layer_norm import find_decomposed_layer_norms, fuse_layer_norms
 
 log = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
+
+
+LAYER_NORM_OPSET = 17  # the first opset with LayerNormalization
 
 
 def read_model(source: ModelSource) -> tuple[onnx.ModelProto, str]:
@@ -239,7 +243,7 @@ def load_onnx(
         notes.append(f"stored {flattened} Gemm bias(es) of shape 1xN as N (same broadcast)")
     _raise_if_unsupported(model, f"{where} after simplification")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    graph = gs.import_onnx(model)
+    graph, opset = _fuse_layer_norms(model, opset, notes)
     depthwise = per_channel_affine_as_depthwise(graph)
     if depthwise:
         notes.append(
@@ -248,6 +252,30 @@ def load_onnx(
         )
     assign_stable_ids(graph)
     return QGraph(graph=graph, opset=opset, source=where, notes=notes)
+
+
+def _fuse_layer_norms(model: onnx.ModelProto, opset: int, notes: list[str]) -> tuple[gs.Graph, int]:
+    """The model as a graph with every decomposed LayerNorm fused
+    (:mod:`dyadiq.passes.fuse_layer_norm`); converted to opset 17 first when it has one."""
+    graph = gs.import_onnx(model)
+    matches = find_decomposed_layer_norms(graph)
+    if matches and opset < LAYER_NORM_OPSET:
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(model, LAYER_NORM_OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            notes.append(
+                f"kept {len(matches)} decomposed LayerNorm(s) as separate ops: the model does not "
+                f"convert from opset {opset} to {LAYER_NORM_OPSET} ({exc})"
+            )
+            return graph, opset
+        notes.append(f"converted from opset {opset} to {LAYER_NORM_OPSET} for LayerNormalization")
+        graph, opset = gs.import_onnx(converted), LAYER_NORM_OPSET
+        matches = find_decomposed_layer_norms(graph)
+    if fuse_layer_norms(graph, matches):
+        notes.append(f"fused {len(matches)} decomposed LayerNorm(s) into LayerNormalization")
+    return graph, opset
 
 
 def upgrade_opset(graph: QGraph, target: int) -> QGraph:
