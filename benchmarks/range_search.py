@@ -150,7 +150,7 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> dict[str
         paths["ort_w8a8_percentile"] = Path(ort_run["output"])
     metrics = evaluate(artifacts, paths)
     larger: dict[str, Any] | None = None
-    if name == "mobilenet_v2":
+    if name == "mobilenet_v2" and not args.zoo_split_only:
         scores = photo_split.score(Path(artifacts.model_path), paths)
         larger = {}
         for key in paths:
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--evaluations", type=int, default=60, help="the search's candidate budget")
     p.add_argument("--samples", type=int, default=32, help="calibration batches it scores")
     p.add_argument("--recompensate", action="store_true", help="compensate and plan again")
+    p.add_argument("--zoo-split-only", action="store_true", help="no 744-crop MobileNetV2 split")
     p.add_argument("--weights-cache", type=Path, help="pickled compensated weights per model")
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args(argv)
