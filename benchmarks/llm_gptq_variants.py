@@ -7,7 +7,9 @@ of the float graph in which every weight is an input (the session the sensitivit
 uses), on the same evaluation windows as ``benchmarks.llm`` (perplexity = exp(mean NLL) of
 all 63 predicted tokens of each window). This path is not the exported one: it gives 57.01
 for ``baseline`` (exported: 57.60) and 84.69 for ``rtn`` (exported: 84.98), so compare its
-rows with each other; ``exported=PATH`` scores a written model on the same windows.
+rows with each other; ``exported=PATH`` scores a written model on the same windows
+(``exported-float=PATH``: with the MatMulNBits onnxruntime fuses from DequantizeLinear ->
+MatMul computing in float instead of on int8 activations).
 
 Variants (names for ``--variants``):
 
@@ -260,10 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(x.params for x in layers)
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        if variant.startswith("exported="):  # a written model, scored on the same windows
+        if variant.startswith(("exported=", "exported-float=")):  # a written model, scored
             path = Path(variant.partition("=")[2])
             model = ModelFile.load(path / MODEL_FILE if path.is_dir() else path)
-            rows[variant] = scorer.perplexity({}, model.session(model.header))
+            session = (
+                _float_compute_session(model)
+                if variant.startswith("exported-float=")
+                else model.session(model.header)
+            )
+            rows[variant] = scorer.perplexity({}, session)
             rows[variant]["command"] = command
             log.info("%s: %s", variant, rows[variant]["perplexity"])
             _save(out_json, command, args.eval_windows, started, rows)
