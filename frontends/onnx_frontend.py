@@ -271,6 +271,8 @@ def _fuse_layer_norms(model: onnx.ModelProto, opset: int, notes: list[str]) -> t
             )
             return graph, opset
         notes.append(f"converted from opset {opset} to {LAYER_NORM_OPSET} for LayerNormalization")
+        promote_constant_nodes(converted)  # the converter writes Squeeze axes etc. as Constants
+        converted = onnx.shape_inference.infer_shapes(converted, data_prop=True)
         graph, opset = gs.import_onnx(converted), LAYER_NORM_OPSET
         matches = find_decomposed_layer_norms(graph)
     if fuse_layer_norms(graph, matches):

@@ -97,3 +97,19 @@ def test_near_misses_stay_as_written_and_at_their_opset(text: str) -> None:
     assert "LayerNormalization" not in [node.op for node in graph.nodes()]
     assert graph.opset == 12
     _assert_same(model, graph.to_onnx())
+
+
+def test_opset_conversion_leaves_no_constant_nodes() -> None:
+    """Converting opset 12 -> 17 turns Squeeze's axes attribute into a Constant node's output;
+    left as a node, a float island that reads it declared the int64 axes a float input (PP-OCRv4
+    rec's integer build failed), so the frontend promotes them to initializers again."""
+    text = _decomposed().replace(
+        "y = MatMul (y0, w2)",
+        "u = Unsqueeze <axes = [0]> (y0)\n q = Squeeze <axes = [0]> (u)\n y = MatMul (q, w2)",
+    )
+    model = _model(text)
+    graph = load_onnx(model, simplify=False)
+    assert graph.opset == 17
+    ops = [node.op for node in graph.nodes()]
+    assert "LayerNormalization" in ops and "Constant" not in ops, ops
+    _assert_same(model, graph.to_onnx())
