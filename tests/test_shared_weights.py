@@ -256,8 +256,7 @@ def test_allocation_counts_a_shared_weight_once_in_size_and_flash():
     rng = np.random.default_rng(6)
     graph = load_onnx(_tied_convs(rng), simplify=False)
     params = 4 * 4 * 3 * 3
-    # a hand-made report: the analysis itself does not take tied weights yet (its perturbed
-    # model defines the shared initializer once per reader)
+    # a hand-made report, so the test pins the damage values
     layer = LayerSensitivity(
         "Conv", params, {4: 1.0, 8: 0.1}, empirical_damage={4: 0.1, 8: 0.01}, snr_db={4: 20.0}
     )
@@ -305,3 +304,24 @@ def test_compensation_rounds_a_shared_weight_to_nearest_for_every_reader():
     report = bit_exactness(program, integer, calib)
     assert report["tensors"] > 0 and report["exact_tensors"] == report["tensors"]
     assert simulation_agreement(program, qdq, integer, calib)["max_output_diff_lsb"] <= 2.0
+
+
+def test_a_budget_runs_on_a_model_whose_layers_share_a_weight(tmp_path):
+    """The sensitivity analysis feeds each weight as a graph input: two readers of one
+    initializer declared it twice ("Duplicate definition-site" in onnxruntime), so --budget
+    failed on captcha_crnn. Declared once, the analysis runs and the plan gives both readers
+    one width."""
+    from dyadiq import api
+
+    rng = np.random.default_rng(8)
+    calib = calibration((1, 4, 6, 6), rng, n=6)
+    result = api.quantize(
+        _tied_convs(rng),
+        calib,
+        validation=calibration((1, 4, 6, 6), rng, n=4),
+        out=tmp_path / "out",
+        budget="avg-wbits=6",
+        evaluate=False,
+    )
+    widths = {fmt.weight_bits for fmt in result.plan.layers.values()}
+    assert len(widths) == 1, result.plan.layers

@@ -178,8 +178,12 @@ class PerturbableModel:
         kept = [t for t in model.graph.initializer if t.name not in fed]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
+        declared: set[str] = set()  # layers that read one weight (tied, unrolled LSTM) share it
         for arrays, names in ((self.weights, self.weight_input), (self.biases, self.bias_input)):
             for layer_id, name in names.items():
+                if name in declared:
+                    continue
+                declared.add(name)
                 shape = arrays[layer_id].shape
                 model.graph.input.append(
                     onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
