@@ -264,6 +264,9 @@ def test_allocation_counts_a_shared_weight_once_in_size_and_flash():
     report = SensitivityReport(dict.fromkeys(readers, layer), (), "logits", 0, 0.0, {})
     problem = problem_from_report(graph, report, [LayerFormat(b, 8) for b in (4, 8)], "empirical")
     assert [sorted(group) for group in problem.ties] == [sorted(readers)]
+    # each reader's analysis perturbed the one shared weight: the group's damage counts once
+    damages = sorted(problem.damage[r][LayerFormat(4, 8)] for r in readers)
+    assert damages == [0.0, 0.1], damages
     w8 = LayerFormat(8, 8)
     # one stored copy of the 144 weights: bytes at W8 over both readers, not twice that
     assert sum(row[w8] for row in problem.size_bytes.values()) == params

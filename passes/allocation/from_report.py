@@ -232,12 +232,18 @@ def problem_from_report(
             allowed[i] = narrowed
     counted: set[tuple[str, ...]] = set()
     damage: dict[str, dict[LayerFormat, float]] = {}
+    weight_ties = shared_weight_ties(graph, layers)
+    # the analysis perturbs a shared weight for all its readers at once (one input of the
+    # perturbable model), so each reader measured the whole group's damage: count it once
+    later_readers = {reader for group in weight_ties for reader in group[1:]}
     for i in layers:
         own_input = bool(act.inputs[i]) and act.inputs[i] not in counted
         counted.add(act.inputs[i])  # one tensor read by two layers: its damage counts once
         row = {}
         for f in allowed[i]:
-            value = layer_damage(report.layers[i], f.weight_bits, proxy)
+            value = 0.0
+            if i not in later_readers:
+                value = layer_damage(report.layers[i], f.weight_bits, proxy)
             if act_damage is not None and own_input and i in act_damage:
                 if f.act_bits not in act_damage[i]:
                     raise ConfigError(f"no activation damage for layer {i} at A{f.act_bits}")
@@ -245,7 +251,6 @@ def problem_from_report(
             row[f] = value
         damage[i] = row
     size = {i: {f: report.layers[i].params * f.weight_bits / 8 for f in allowed[i]} for i in layers}
-    weight_ties = shared_weight_ties(graph, layers)
     # the estimate's codes, as the C stores them: once per weight (a backend table is as built)
     codes = {i: {f: float(math.ceil(v)) for f, v in row.items()} for i, row in size.items()}
     estimate = weight_stored_once(flash_estimate(graph, allowed), weight_ties, codes)
