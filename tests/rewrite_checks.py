@@ -54,3 +54,17 @@ def assert_same_outputs(
     for e, a in zip(expected, actual, strict=True):
         assert e.shape == a.shape
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+
+
+def assert_integer_end_to_end(graph: QGraph, feeds: list[dict[str, np.ndarray]]) -> Any:
+    """Quantize ``graph`` W8A8 on ``feeds``: the integer program has no float op and every
+    tensor is bit-exact against the reference interpreter. Returns the quantize result."""
+    from dyadiq.pipeline import build_integer, quantize_graph
+    from dyadiq.plan import PrecisionPlan
+
+    result = quantize_graph(graph, PrecisionPlan.uniform(graph), feeds)
+    _, _, report = build_integer(result, feeds)
+    assert report["fully_integer"], report
+    exact = report["bit_exact_vs_reference"]
+    assert exact["exact_tensors"] == exact["tensors"] > 0, exact
+    return result

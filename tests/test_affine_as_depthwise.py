@@ -9,10 +9,8 @@ import numpy as np
 import onnx
 
 from dyadiq.frontends.onnx_frontend import load_onnx
-from dyadiq.pipeline import build_integer, quantize_graph
-from dyadiq.plan import PrecisionPlan
 from tests.builders import with_weights
-from tests.rewrite_checks import run_unoptimized
+from tests.rewrite_checks import assert_integer_end_to_end, run_unoptimized
 
 # rtol/atol: a*x + b against ((x - mean) / sqrt(var + eps)) * gamma + beta, then * m + c: a few
 # float32 ulps of outputs of magnitude ~10; a wrong channel or a dropped term misses by >= 1e-2
@@ -67,11 +65,7 @@ def test_dense_block_is_integer_end_to_end_and_bit_exact() -> None:
     rng = np.random.default_rng(12)
     graph = load_onnx(_dense_block(rng))
     feeds = [{"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)} for _ in range(6)]
-    result = quantize_graph(graph, PrecisionPlan.uniform(graph), feeds)
-    _, _, report = build_integer(result, feeds)
-    assert report["fully_integer"], report
-    exact = report["bit_exact_vs_reference"]
-    assert exact["exact_tensors"] == exact["tensors"] > 0, exact
+    assert_integer_end_to_end(graph, feeds)
 
 
 SHARED_CONV = """

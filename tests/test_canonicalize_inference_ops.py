@@ -11,10 +11,8 @@ import pytest
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.inspection import describe
 from dyadiq.passes.canonicalize_inference_ops import canonicalize_inference_ops
-from dyadiq.pipeline import build_integer, quantize_graph
-from dyadiq.plan import PrecisionPlan
 from tests.builders import with_weights
-from tests.rewrite_checks import op_types, run_unoptimized
+from tests.rewrite_checks import assert_integer_end_to_end, op_types, run_unoptimized
 
 SHAPE = "float[2, 3, 4]"
 
@@ -155,10 +153,6 @@ def test_residual_sum_and_dropout_quantize_to_integer_ops() -> None:
     ]
     assert float_labels == [], labels
     feeds = [{"x": rng.normal(size=(1, 4, 6, 6)).astype(np.float32)} for _ in range(6)]
-    result = quantize_graph(graph, PrecisionPlan.uniform(graph), feeds)
-    _, _, report = build_integer(result, feeds)
-    assert report["fully_integer"], report
-    exact = report["bit_exact_vs_reference"]
-    assert exact["exact_tensors"] == exact["tensors"] > 0, exact
+    result = assert_integer_end_to_end(graph, feeds)
     add = next(op for op in result.sites.fused_activations if op.startswith("s"))
     assert result.sites.fused_activations[add].startswith("Relu")
