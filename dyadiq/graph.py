@@ -103,6 +103,11 @@ class QGraph:
         )
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's version of the default ONNX domain (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def weight_channel_axis(node: gs.Node) -> int:
     """Output-channel axis of a node's weight, resolving attributes such as Gemm's transB."""
     kind = QGraph.kind(node)

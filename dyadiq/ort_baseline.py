@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
+from dyadiq.graph import default_opset
+
 PER_CHANNEL_MIN_OPSET = 13
 
 
@@ -38,10 +40,6 @@ class _ListReader:
         raise NotImplementedError
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def quantize_static_baseline(
     model_path: Path,
     output_path: Path,
@@ -62,7 +60,7 @@ def quantize_static_baseline(
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(model_path)
         model = onnx.load(str(source))
-        if _default_opset(model) < PER_CHANNEL_MIN_OPSET:
+        if default_opset(model) < PER_CHANNEL_MIN_OPSET:
             # quantize_static writes per-axis DequantizeLinear, which needs opset 13, without
             # converting the model itself: an opset-11 model (PP-OCR) comes out invalid.
             model = version_converter.convert_version(model, PER_CHANNEL_MIN_OPSET)

@@ -35,7 +35,7 @@ from dyadiq.frontends.onnx_validation import (
     check_text_fields,
 )
 from dyadiq.frontends.runtime_validation import validate_and_simplify
-from dyadiq.graph import QGraph, assign_stable_ids
+from dyadiq.graph import QGraph, assign_stable_ids, default_opset
 from dyadiq.op_facts import onnx_op_kind
 from dyadiq.passes.affine_as_depthwise import per_channel_affine_as_depthwise
 from dyadiq.passes.canonicalize_inference_ops import canonicalize_inference_ops
@@ -242,7 +242,7 @@ def load_onnx(
     if flattened:
         notes.append(f"stored {flattened} Gemm bias(es) of shape 1xN as N (same broadcast)")
     _raise_if_unsupported(model, f"{where} after simplification")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     graph, opset = _fuse_layer_norms(model, opset, notes)
     depthwise = per_channel_affine_as_depthwise(graph)
     if depthwise:

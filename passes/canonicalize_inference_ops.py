@@ -21,8 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from dyadiq.graph import default_opset
 
 
 @dataclass
@@ -38,10 +41,6 @@ class InferenceOpsRewrite:
         if self.sums_rewritten:
             notes.append(f"rewrote {self.sums_rewritten} Sum node(s) as Add")
         return notes + self.declined
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _dropout_is_identity(node: onnx.NodeProto, opset: int, constants: dict[str, bool]) -> bool:
@@ -64,21 +63,27 @@ def _why_keep_dropout(
     return None
 
 
-def _boolean_constants(model: onnx.ModelProto) -> dict[str, bool]:
-    values = {}
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init)
-        if array.size == 1:
-            values[init.name] = bool(array.reshape(()))
-    return values
+def _training_modes(model: onnx.ModelProto) -> dict[str, bool]:
+    """The constant ``training_mode`` inputs of the Dropout nodes, by name. Only those
+    initializers are converted: a model's weights (a gigabyte for an LLM) are never read."""
+    wanted = {
+        node.input[2]
+        for node in model.graph.node
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]
+    }
+    return {
+        init.name: bool(numpy_helper.to_array(init).reshape(()))
+        for init in model.graph.initializer
+        if init.name in wanted and int(np.prod(init.dims)) == 1
+    }
 
 
 def canonicalize_inference_ops(model: onnx.ModelProto) -> InferenceOpsRewrite:
     """Rewrite ``model``'s main graph in place (the caller's copy); see the module docstring."""
     result = InferenceOpsRewrite()
     graph = model.graph
-    opset = _opset(model)
-    constants = _boolean_constants(model)
+    opset = default_opset(model)
+    constants = _training_modes(model)
     read = {name for node in graph.node for name in node.input}
     graph_outputs = {o.name for o in graph.output}
     read_in_subgraphs = _names_read_in_subgraphs(graph)
