@@ -34,10 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from dyadiq.op_facts import OpKind, onnx_op_kind
-
-_FOLDED_INTO_LAYER: frozenset[OpKind | None] = frozenset(
-    {OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM, OpKind.MATMUL}
-)
+from dyadiq.passes.fold_batch_norm import foldable_layer, per_channel
 
 
 def _channels(tensor: gs.Tensor) -> int | None:
@@ -48,18 +45,11 @@ def _channels(tensor: gs.Tensor) -> int | None:
 
 
 def _per_channel(tensor: gs.Tensor, channels: int) -> np.ndarray | None:
-    """A constant that broadcasts over NCHW per channel, as a (C,) float64 vector."""
+    """A constant that broadcasts over NCHW per channel, as a (C,) vector (the test
+    ``fold_batch_norm`` applies to the same constants)."""
     if not isinstance(tensor, gs.Constant):
         return None
-    values = np.asarray(tensor.values, np.float64)
-    if values.size == 1:
-        return np.full(channels, float(values.reshape(())))
-    shape = list(values.shape)
-    while shape and shape[0] == 1 and len(shape) > 3:
-        shape = shape[1:]
-    if values.size == channels and shape in ([channels, 1, 1], [1, channels, 1, 1]):
-        return values.reshape(channels)
-    return None
+    return per_channel(np.asarray(tensor.values), channels, 1, 4)
 
 
 def _batch_norm(node: gs.Node, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -97,21 +87,22 @@ def _only_reader(tensor: gs.Tensor, outputs: set[str]) -> gs.Node | None:
     return tensor.outputs[0]
 
 
-def _folded_into_layer(x: gs.Tensor, channels: int, outputs: set[str]) -> bool:
-    """Whether ``x`` comes, through per-channel Mul / Add ops each read once, from a Conv or
-    Gemm read once: ``fold_batch_norm`` folds that whole chain into the layer."""
-    while len(x.outputs) == 1 and x.inputs and x.name not in outputs:
+def _folded_into_layer(graph: gs.Graph, x: gs.Tensor, channels: int) -> bool:
+    """Whether ``fold_batch_norm`` folds the op reading ``x`` into a layer: ``x`` is a Conv
+    or Gemm output, possibly through the per-channel Adds and Mul -> Add pairs it folds
+    first (a Mul alone it leaves)."""
+    reached_by_add = False
+    while x.inputs and foldable_layer(graph, x) is None:
         producer = x.inputs[0]
-        if onnx_op_kind(producer.domain or "", producer.op) in _FOLDED_INTO_LAYER:
-            return True
         variables = [t for t in producer.inputs if isinstance(t, gs.Variable)]
-        if producer.op not in ("Mul", "Add") or len(variables) != 1:
+        if len(variables) != 1 or len(x.outputs) != 1 or x in graph.outputs:
             return False
-        step = _step(producer, variables[0], channels)
-        if step is None:
+        folds_with_next = producer.op == "Add" or (producer.op == "Mul" and reached_by_add)
+        if not folds_with_next or _step(producer, variables[0], channels) is None:
             return False
+        reached_by_add = producer.op == "Add"
         x = variables[0]
-    return False
+    return foldable_layer(graph, x) is not None
 
 
 def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
@@ -126,7 +117,7 @@ def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
         channels = _channels(x)
         if channels is None:
             continue
-        if _folded_into_layer(x, channels, outputs):
+        if _folded_into_layer(graph, x, channels):
             continue  # fold_batch_norm folds it into the layer's weights instead
         scale, shift = np.ones(channels), np.zeros(channels)
         chain: list[gs.Node] = []

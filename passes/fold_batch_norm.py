@@ -17,7 +17,7 @@ from dyadiq.graph import QGraph, weight_channel_axis
 from dyadiq.rewrite_report import RewriteReport
 
 
-def _per_channel(values: np.ndarray, channels: int, axis: int, ndim: int) -> np.ndarray | None:
+def per_channel(values: np.ndarray, channels: int, axis: int, ndim: int) -> np.ndarray | None:
     """A constant that broadcasts per output channel, as a flat (C,) vector, or None."""
     v = np.asarray(values, np.float64)
     if v.size == 1:
@@ -57,8 +57,9 @@ def _scale_layer(graph: gs.Graph, layer: gs.Node, scale: np.ndarray, shift: np.n
         layer.inputs.append(b_const)
 
 
-def _foldable_layer(graph: QGraph, tensor: gs.Tensor) -> gs.Node | None:
-    if not tensor.inputs or len(tensor.outputs) != 1 or tensor in graph.graph.outputs:
+def foldable_layer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The Conv or Gemm whose output ``tensor`` is, when an op reading it can fold into it."""
+    if not tensor.inputs or len(tensor.outputs) != 1 or tensor in graph.outputs:
         return None
     layer = tensor.inputs[0]
     if layer.op not in ("Conv", "Gemm") or not isinstance(layer.inputs[1], gs.Constant):
@@ -81,7 +82,7 @@ def fold_batch_norm(graph: QGraph) -> RewriteReport:
     g = graph.graph
     for node in list(g.nodes):
         if node.op == "BatchNormalization":
-            layer = _foldable_layer(graph, node.inputs[0])
+            layer = foldable_layer(g, node.inputs[0])
             params = node.inputs[1:5]
             if layer is None or not all(isinstance(p, gs.Constant) for p in params):
                 report.skip(node.name, "input is not a foldable Conv/Gemm output")
@@ -97,17 +98,17 @@ def fold_batch_norm(graph: QGraph) -> RewriteReport:
             _bypass(node, layer)
             report.changed.append(node.name)
         elif node.op == "Mul":
-            layer = _foldable_layer(graph, node.inputs[0])
+            layer = foldable_layer(g, node.inputs[0])
             const = node.inputs[1] if len(node.inputs) == 2 else None
             if layer is None or not isinstance(const, gs.Constant):
                 continue
             channels = layer.inputs[1].values.shape[weight_channel_axis(layer)]
             ndim = len(node.inputs[0].shape or ()) or 4
-            a = _per_channel(const.values, channels, 1, ndim)
+            a = per_channel(const.values, channels, 1, ndim)
             add = node.outputs[0].outputs[0] if len(node.outputs[0].outputs) == 1 else None
             c = None
             if add is not None and add.op == "Add" and isinstance(add.inputs[1], gs.Constant):
-                c = _per_channel(add.inputs[1].values, channels, 1, ndim)
+                c = per_channel(add.inputs[1].values, channels, 1, ndim)
             if a is None or c is None or add is None or node.outputs[0] in g.outputs:
                 report.skip(node.name, "not a per-channel Mul -> Add after a layer")
                 continue
@@ -119,12 +120,12 @@ def fold_batch_norm(graph: QGraph) -> RewriteReport:
             # Caffe2 exports keep a convolution's bias as a per-channel Add after it
             # (DenseNet-121: Conv -> Add -> Relu); folded, the Relu fuses into the layer
             variable, const = sorted(node.inputs, key=lambda t: isinstance(t, gs.Constant))
-            layer = _foldable_layer(graph, variable)
+            layer = foldable_layer(g, variable)
             if layer is None or not isinstance(const, gs.Constant):
                 continue
             channels = layer.inputs[1].values.shape[weight_channel_axis(layer)]
             ndim = len(variable.shape or ()) or 4
-            c = _per_channel(const.values, channels, 1, ndim)
+            c = per_channel(const.values, channels, 1, ndim)
             if c is None or node.outputs[0] in g.outputs:
                 continue
             _scale_layer(g, layer, np.ones(channels), c)

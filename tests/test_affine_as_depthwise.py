@@ -119,3 +119,34 @@ def test_a_lone_mul_by_a_constant_is_left_alone() -> None:
     """
     graph = load_onnx(with_weights(text, s=np.full((4, 1, 1), 0.5)), simplify=False)
     assert [node.op for node in graph.nodes()] == ["Mul"]
+
+
+def test_a_batch_norm_fold_would_leave_is_rewritten() -> None:
+    """fold_batch_norm folds a Mul into a Conv only as a Mul -> Add pair, so a BN after
+    Conv -> Mul stays unfolded there: this pass (which follows fold's own rules) takes it."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        m = Mul (c, scale)
+        y = BatchNormalization (m, gamma, beta, mean, var)
+    }
+    """
+    rng = np.random.default_rng(14)
+    model = with_weights(
+        text,
+        w1=rng.normal(size=(4, 3, 3, 3)) / 3,
+        b1=rng.normal(size=4) * 0.1,
+        scale=rng.uniform(0.5, 2.0, size=(4, 1, 1)),
+        gamma=rng.uniform(0.5, 1.5, size=4),
+        beta=rng.normal(size=4) * 0.2,
+        mean=rng.normal(size=4) * 0.3,
+        var=rng.uniform(0.5, 2.0, size=4),
+    )
+    graph = load_onnx(model, simplify=False)
+    ops = [node.op for node in graph.nodes()]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 2, ops
+    feeds = {"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)}
+    (want,) = run_unoptimized(model, feeds)
+    (got,) = run_unoptimized(graph.to_onnx(), feeds)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
