@@ -108,6 +108,14 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def sole_reader(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The one node that reads ``tensor``, if no other node reads it and it is not a graph
+    output: the precondition of every rewrite that fuses a chain of ops into one."""
+    if len(tensor.outputs) != 1 or tensor in graph.outputs:
+        return None
+    return tensor.outputs[0]
+
+
 def weight_channel_axis(node: gs.Node) -> int:
     """Output-channel axis of a node's weight, resolving attributes such as Gemm's transB."""
     kind = QGraph.kind(node)

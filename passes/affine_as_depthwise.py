@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from dyadiq.graph import sole_reader
 from dyadiq.op_facts import OpKind, onnx_op_kind
 from dyadiq.passes.fold_batch_norm import foldable_layer, per_channel
 
@@ -81,12 +82,6 @@ def _step(node: gs.Node, x: gs.Tensor, channels: int) -> tuple[np.ndarray, np.nd
     return None
 
 
-def _only_reader(tensor: gs.Tensor, outputs: set[str]) -> gs.Node | None:
-    if len(tensor.outputs) != 1 or tensor.name in outputs:
-        return None
-    return tensor.outputs[0]
-
-
 def _folded_into_layer(graph: gs.Graph, x: gs.Tensor, channels: int) -> bool:
     """Whether ``fold_batch_norm`` folds the op reading ``x`` into a layer: ``x`` is a Conv
     or Gemm output, possibly through the per-channel Adds and Mul -> Add pairs it folds
@@ -95,7 +90,7 @@ def _folded_into_layer(graph: gs.Graph, x: gs.Tensor, channels: int) -> bool:
     while x.inputs and foldable_layer(graph, x) is None:
         producer = x.inputs[0]
         variables = [t for t in producer.inputs if isinstance(t, gs.Variable)]
-        if len(variables) != 1 or len(x.outputs) != 1 or x in graph.outputs:
+        if len(variables) != 1 or sole_reader(x, graph) is None:
             return False
         folds_with_next = producer.op == "Add" or (producer.op == "Mul" and reached_by_add)
         if not folds_with_next or _step(producer, variables[0], channels) is None:
@@ -108,7 +103,6 @@ def _folded_into_layer(graph: gs.Graph, x: gs.Tensor, channels: int) -> bool:
 def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
     """Rewrite every maximal affine chain (see the module docstring) in place; returns how
     many depthwise convolutions replaced them."""
-    outputs = {t.name for t in graph.outputs}
     replaced = 0
     for start in list(graph.nodes):
         if start.op != "BatchNormalization" or not start.inputs or not start.outputs:
@@ -131,7 +125,7 @@ def per_channel_affine_as_depthwise(graph: gs.Graph) -> int:
             scale, shift = scale * a, shift * a + b
             chain.append(node)
             current = node.outputs[0]
-            node = _only_reader(current, outputs)
+            node = sole_reader(current, graph)
         if not chain:
             continue  # not an inference BatchNormalization with constant statistics
         out = chain[-1].outputs[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from dyadiq.graph import QGraph
+from dyadiq.graph import QGraph, sole_reader
 from dyadiq.rewrite_report import RewriteReport
 
 MIN_OPSET = 14
@@ -35,12 +35,6 @@ def _is(tensor: gs.Tensor | None, value: float) -> bool:
     return scalar is not None and abs(scalar - value) <= _TOL
 
 
-def _only_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
-    if len(tensor.outputs) != 1 or tensor in graph.outputs:
-        return None
-    return tensor.outputs[0]
-
-
 def _other(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
     others = [t for t in node.inputs if t is not tensor]
     return others[0] if len(others) == 1 else None
@@ -53,15 +47,15 @@ def _match_clip_form(
     x = next((t for t in add.inputs if _scalar(t) is None), None)
     if x is None or not _is(_other(add, x), 3.0):
         return None
-    clip = _only_consumer(add.outputs[0], graph)
+    clip = sole_reader(add.outputs[0], graph)
     if clip is None or clip.op != "Clip" or len(clip.inputs) < 3:
         return None
     if not (_is(clip.inputs[1], 0.0) and _is(clip.inputs[2], 6.0)):
         return None
-    mul = _only_consumer(clip.outputs[0], graph)
+    mul = sole_reader(clip.outputs[0], graph)
     if mul is None or mul.op != "Mul" or _other(mul, clip.outputs[0]) is not x:
         return None
-    last = _only_consumer(mul.outputs[0], graph)
+    last = sole_reader(mul.outputs[0], graph)
     if last is None:
         return None
     divides = last.op == "Div" and _is(last.inputs[1], 6.0)
@@ -79,7 +73,7 @@ def _match_hard_sigmoid_form(
     if abs(alpha - 1 / 6) > _TOL or abs(beta - 0.5) > _TOL:
         return None
     x = hsig.inputs[0]
-    mul = _only_consumer(hsig.outputs[0], graph)
+    mul = sole_reader(hsig.outputs[0], graph)
     if mul is None or mul.op != "Mul" or _other(mul, hsig.outputs[0]) is not x:
         return None
     return x, [hsig, mul], mul.outputs[0]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from dyadiq.graph import sole_reader
+
 
 @dataclass(frozen=True)
 class DecomposedLayerNorm:
@@ -41,11 +43,9 @@ def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
-def _only_reader(tensor: gs.Tensor, op: str, outputs: set[str]) -> gs.Node | None:
-    if len(tensor.outputs) != 1 or tensor.name in outputs:
-        return None
-    node = tensor.outputs[0]
-    return node if node.op == op else None
+def _only_reader(tensor: gs.Tensor, op: str, graph: gs.Graph) -> gs.Node | None:
+    node = sole_reader(tensor, graph)
+    return node if node is not None and node.op == op else None
 
 
 def _reduces_last_axis(node: gs.Node) -> bool:
@@ -87,29 +87,29 @@ def _vector(values: np.ndarray | None, size: int | None) -> np.ndarray | None:
     return flat if size is None or flat.size == size else None
 
 
-def _match(mean: gs.Node, outputs: set[str]) -> DecomposedLayerNorm | None:
+def _match(mean: gs.Node, graph: gs.Graph) -> DecomposedLayerNorm | None:
     if not _reduces_last_axis(mean):
         return None
     x = mean.inputs[0]
-    sub = _only_reader(mean.outputs[0], "Sub", outputs)
+    sub = _only_reader(mean.outputs[0], "Sub", graph)
     if sub is None or sub.inputs[0] is not x or sub.inputs[1] is not mean.outputs[0]:
         return None
     d = sub.outputs[0]
     readers = list({id(n): n for n in d.outputs}.values())  # Mul(d, d) is listed twice
-    if d.name in outputs or len(readers) != 2:
+    if d in graph.outputs or len(readers) != 2:
         return None
     square = next((n for n in readers if _squares(n, d)), None)
     div = next((n for n in readers if n.op == "Div" and n.inputs[0] is d), None)
     if square is None or div is None:
         return None
-    variance = _only_reader(square.outputs[0], "ReduceMean", outputs)
+    variance = _only_reader(square.outputs[0], "ReduceMean", graph)
     if variance is None or not _reduces_last_axis(variance):
         return None
-    add = _only_reader(variance.outputs[0], "Add", outputs)
+    add = _only_reader(variance.outputs[0], "Add", graph)
     eps = _constant(add.inputs[1]) if add is not None else None
     if add is None or eps is None or eps.size != 1:
         return None
-    sqrt = _only_reader(add.outputs[0], "Sqrt", outputs)
+    sqrt = _only_reader(add.outputs[0], "Sqrt", graph)
     if sqrt is None or div.inputs[1] is not sqrt.outputs[0] or len(sqrt.outputs[0].outputs) != 1:
         return None
     nodes = [mean, sub, square, variance, add, sqrt, div]
@@ -117,13 +117,13 @@ def _match(mean: gs.Node, outputs: set[str]) -> DecomposedLayerNorm | None:
     size = size if isinstance(size, int) and size > 0 else None
     gamma = beta = None
     last = div
-    mul = _only_reader(div.outputs[0], "Mul", outputs)
+    mul = _only_reader(div.outputs[0], "Mul", graph)
     if mul is not None:
         gamma = _vector(_constant(_other(mul, div.outputs[0])), size)
         if gamma is not None:
             nodes.append(mul)
             last = mul
-            bias = _only_reader(mul.outputs[0], "Add", outputs)
+            bias = _only_reader(mul.outputs[0], "Add", graph)
             if bias is not None:
                 beta = _vector(_constant(_other(bias, mul.outputs[0])), size)
             if bias is not None and beta is not None:
@@ -137,11 +137,10 @@ def _match(mean: gs.Node, outputs: set[str]) -> DecomposedLayerNorm | None:
 
 
 def find_decomposed_layer_norms(graph: gs.Graph) -> list[DecomposedLayerNorm]:
-    outputs = {t.name for t in graph.outputs}
     found = []
     for node in graph.nodes:
         if node.op == "ReduceMean":
-            match = _match(node, outputs)
+            match = _match(node, graph)
             if match is not None:
                 found.append(match)
     return found
