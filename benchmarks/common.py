@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -83,12 +84,32 @@ def results_header(machine: dict[str, Any], run: dict[str, Any]) -> list[str]:
     ]
 
 
+# headings of the hand-written sections appended to a results file after its run; a re-run
+# renders the tables afresh but must not delete what people wrote below them
+_FOLLOW_UP_HEADING = re.compile(r"^## (Follow-up|Earlier notes and follow-ups)", re.MULTILINE)
+
+
+def follow_ups(markdown: str) -> str:
+    """The hand-written tail of a results file: from its first follow-up heading to the end
+    ("" when it has none)."""
+    found = _FOLLOW_UP_HEADING.search(markdown)
+    return markdown[found.start() :] if found else ""
+
+
 def write_results(
     data: dict[str, Any], output_dir: Path, stem: str, render: Callable[[dict[str, Any]], str]
 ) -> None:
-    """``STEM.json`` and ``STEM.md``, each written atomically (a crash leaves the old file)."""
+    """``STEM.json`` and ``STEM.md``, each written atomically (a crash leaves the old file).
+
+    The follow-up sections of an existing ``STEM.md`` are kept after the new tables, so a
+    re-run into ``benchmarks/results`` replaces the generated part only."""
     from dyadiq.io import write_text_atomic
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    markdown_path = output_dir / f"{stem}.md"
+    rendered = render(data)
+    kept = follow_ups(markdown_path.read_text()) if markdown_path.exists() else ""
+    if kept and not follow_ups(rendered):
+        rendered = rendered.rstrip("\n") + "\n\n" + kept
     write_text_atomic(output_dir / f"{stem}.json", json.dumps(data, indent=2, default=str) + "\n")
-    write_text_atomic(output_dir / f"{stem}.md", render(data))
+    write_text_atomic(markdown_path, rendered)
