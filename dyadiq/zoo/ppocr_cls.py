@@ -137,9 +137,11 @@ def render_line(rng: np.random.Generator, text: str, *, hard: bool) -> np.ndarra
     return np.clip(arr, 0, 255).astype(np.uint8)[:, :, ::-1].copy()  # RGB -> BGR like cv2
 
 
-def _samples(part: int, seed: int, count: int, hard: bool) -> Iterator[tuple[np.ndarray, int]]:
+def _samples(
+    part: int, seed: int, count: int, hard: bool, start: int = 0
+) -> Iterator[tuple[np.ndarray, int]]:
     sentences = _sentences(part)
-    for i in range(count):
+    for i in range(start, start + count):
         rng = np.random.default_rng([seed, i])
         words = sentences[int(rng.integers(len(sentences)))].rstrip(".").split()
         n = int(rng.integers(1, min(6, len(words)) + 1))
@@ -164,3 +166,15 @@ def evaluation_batches(
     n = EVALUATION_SAMPLES if limit is None else min(limit, EVALUATION_SAMPLES)
     for x, label in _samples(1, EVALUATION_SEED, n, hard=True):
         yield {INPUT_NAME: x}, np.array([label], dtype=np.int64)
+
+
+def more_evaluation_samples(start: int, count: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Evaluation lines ``start .. start + count - 1`` of the same generator as the held-out
+    split (its sentences, seed and hard rendering): from ``start >= EVALUATION_SAMPLES`` they
+    are other lines than the split's, for a larger evaluation when 400 lines cannot resolve a
+    difference. Each line is seeded by its index alone, so any range is reproducible."""
+    if start < EVALUATION_SAMPLES:
+        raise ValueError(
+            f"lines below {EVALUATION_SAMPLES} are the held-out split's; start={start}"
+        )
+    yield from _samples(1, EVALUATION_SEED, count, hard=True, start=start)
