@@ -8,10 +8,14 @@ that every step can be resumed and every later experiment reuses them:
 2. ``gptq``: every weight GPTQ-quantized at each width, one file per layer and width
    (``WORK/gptq/b<bits>/<layer>.npz``: codes, scales, zero points), skipped when present;
 3. ``damage``: per layer and width, the next-token KL to the float model with that layer
-   alone at that width (GPTQ weights from step 2), on ``--sens-windows`` calibration
-   windows, written after every layer (``WORK/damage.json``);
+   alone at that width (GPTQ weights from step 2), on the first ``--sens-windows`` of the
+   calibration windows (as ``benchmarks.llm`` picks them), written after every layer
+   (``WORK/damage_*.json``, with the seconds each measurement took beside it);
 4. ``ilp``: the existing allocation ILP at each ``--budgets`` value; each plan is written as
    blocked DequantizeLinear from the cached codes and scored on the evaluation windows.
+
+``--out`` gets ``llm_gptq_ilp.json`` in the layout of ``benchmarks.llm``'s results, so that
+``python -m benchmarks.llm --merge`` puts its rows into a main table.
 
 Widths: ``--widths`` for every weight; ``--table-widths`` for the tied embedding / LM head
 (62% of the weights: at 5 bits or more it alone exceeds a 3.5-bit budget, so measuring it
@@ -27,6 +31,7 @@ import datetime
 import json
 import logging
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -158,6 +163,21 @@ def _stamps(settings: WeightOnlySettings) -> set[str]:
     return out
 
 
+def sensitivity_batches(text: str, calib_windows: int, sens_windows: int) -> list[dict]:
+    """The first ``sens_windows`` of the ``calib_windows`` calibration windows, as
+    ``benchmarks.llm`` measures its damages (the spread Britannica windows of a smaller count
+    are other windows: ``calibration_batches(2)`` spans the whole article)."""
+    return list(gemma3.calibration_batches(calib_windows, text=text))[:sens_windows]
+
+
+def damage_path(work: Path, text: str, calib_windows: int, sens_windows: int, suffix: str) -> Path:
+    """The damage cache: the plays' keeps the name of the earlier runs (the plays' first
+    windows do not depend on the count asked for); other texts' name their calibration count."""
+    if text == gemma3.PLAYS_TEXT:
+        return work / f"damage_{sens_windows}{suffix}.json"
+    return work / f"damage_{sens_windows}of{calib_windows}{suffix}.json"
+
+
 def _gptq_order(widths: Sequence[int]) -> list[int]:
     """4 first (the uniform row), then down, then up: the cheap rows come early."""
     unique = sorted(set(widths))
@@ -269,37 +289,49 @@ def main(argv: list[str] | None = None) -> int:
                     cache.get(layer, bits)
             log.info("GPTQ at %d bits: %.0f s", bits, time.perf_counter() - t0)
 
-    damage_path = work / f"damage_{args.sens_windows}{suffix}.json"
+    damage_file = damage_path(work, args.calib_text, args.calib_windows, args.sens_windows, suffix)
+    # seconds per measurement, beside the damages (which older readers parse as widths)
+    seconds_file = damage_file.with_suffix(".seconds.json")
     damage: dict[str, dict[int, float]] = {}
-    if damage_path.exists():
+    if damage_file.exists():
         damage = {
             k: {int(b): float(v) for b, v in d.items()}
-            for k, d in json.loads(damage_path.read_text()).items()
+            for k, d in json.loads(damage_file.read_text()).items()
         }
+    damage_seconds: dict[str, float] = (
+        json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+    )
     if "damage" in stages:
         t0 = time.perf_counter()
-        batches = list(gemma3.calibration_batches(args.sens_windows, text=args.calib_text))
+        batches = sensitivity_batches(args.calib_text, args.calib_windows, args.sens_windows)
         fed = WeightFedModel(source, layers, batches)
+
+        def measure(
+            layer: WeightLayer, key: str, source_cache: CachedGptq, wanted: list[int]
+        ) -> None:
+            t = time.perf_counter()
+            part = kl_damage(
+                _one(fed, layer), lambda x, b: source_cache.get(x, b).dequantize(), wanted
+            )
+            damage.setdefault(key, {}).update(part[layer.id])
+            damage_seconds[f"{key}@{','.join(map(str, wanted))}"] = round(
+                time.perf_counter() - t, 1
+            )
+            damage_file.write_text(json.dumps(damage, indent=1))
+            seconds_file.write_text(json.dumps(damage_seconds, indent=1))
+
         for layer in layers:
             wanted = [
                 b for b in widths_of(layer, widths, table) if b not in damage.get(layer.id, {})
             ]
-            if not wanted:
-                continue
-            part = kl_damage(_one(fed, layer), lambda x, b: cache.get(x, b).dequantize(), wanted)
-            damage.setdefault(layer.id, {}).update(part[layer.id])
-            damage_path.write_text(json.dumps(damage, indent=1))
+            if wanted:
+                measure(layer, layer.id, cache, wanted)
         for layer in (x for x in layers if x.tied):
             for method, other in table_caches.items():
                 key = f"{layer.id}#{method}"
                 wanted = [b for b in table if b not in damage.get(key, {})]
-                if method == "gptq" or not wanted:
-                    continue
-                part = kl_damage(
-                    _one(fed, layer), lambda x, b, c=other: c.get(x, b).dequantize(), wanted
-                )
-                damage.setdefault(key, {}).update(part[layer.id])
-                damage_path.write_text(json.dumps(damage, indent=1))
+                if method != "gptq" and wanted:
+                    measure(layer, key, other, wanted)
         del fed
         log.info("damage: %.0f s", time.perf_counter() - t0)
 
@@ -324,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                 ilp_damage[layer.id][b] = measured[table_method[b]]
     log.info("tied table method per width: %s", table_method)
 
-    def write_and_score(name: str, bits: Mapping[str, int], **extra: Any) -> None:
+    def write_and_score(
+        name: str, bits: Mapping[str, int], per_width: bool = True, **extra: Any
+    ) -> None:
         for layer in layers:  # the cached codes, not a second GPTQ run
             b = bits[layer.id]
             source_cache = table_caches[table_method.get(b, "gptq")] if layer.tied else cache
@@ -338,27 +372,47 @@ def main(argv: list[str] | None = None) -> int:
             "stored_weight_bytes": report["stored_weight_bytes"],
             "tied_embedding_bits": bits.get(head) if head else None,
             "tied_embedding_method": table_method.get(bits[head], "gptq") if head else None,
-            "layers_per_width": {
-                str(b): sum(v == b for v in bits.values()) for b in sorted(set(bits.values()))
-            },
             **extra,
         }
+        if per_width:  # benchmarks.llm's table reads it with the ILP's fields below
+            rows[name]["layers_per_width"] = {
+                str(b): sum(v == b for v in bits.values()) for b in sorted(set(bits.values()))
+            }
         log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "plan"})
-        _write(args.out, command, args, rows, started)
+        _write(args.out, command, args, rows, started, partial=True)
 
     for u in [int(b) for b in args.uniform.split(",") if b]:
-        write_and_score(f"GPTQ int{u} g{args.group_size}", {x.id: u for x in layers})
+        write_and_score(
+            f"dyadiq GPTQ int{u} g{args.group_size} (cached codes{args.tag})",
+            {x.id: u for x in layers},
+            per_width=False,
+        )
     if "ilp" in stages:
         by_layer = {x.id: widths_of(x, widths, table) for x in layers}
         for budget in [float(b) for b in args.budgets.split(",") if b]:
             bits, allocation = allocate_widths(layers, ilp_damage, by_layer, f"avg-wbits={budget}")
+            used = [f"{x.id}@{b}" for x in layers for b in by_layer[x.id]] + [
+                f"{x.id}#{m}@{b}" for x in layers if x.tied for m in table_caches for b in table
+            ]
             write_and_score(
-                f"ILP avg {budget} bits (GPTQ g{args.group_size}{args.tag})",
+                f"dyadiq ILP avg {budget} bits (GPTQ g{args.group_size}{args.tag})",
                 bits,
                 predicted_damage=allocation.predicted_damage,
+                # the measurements of the damages this ILP read, whichever run made them
+                sensitivity_seconds=round(
+                    sum(s for k, s in damage_seconds.items() if _covers(k, used)), 1
+                ),
+                sensitivity_windows=args.sens_windows,
                 plan=bits,
             )
+    _write(args.out, command, args, rows, started, partial=False)
     return 0
+
+
+def _covers(measurement: str, used: Sequence[str]) -> bool:
+    """Whether a ``layer@w1,w2`` damage measurement holds one of ``used`` (``layer@w``)."""
+    key, _, widths = measurement.rpartition("@")
+    return any(f"{key}@{w}" in used for w in widths.split(","))
 
 
 def _one(fed: WeightFedModel, layer: WeightLayer) -> WeightFedModel:
@@ -375,23 +429,52 @@ def _write(
     args: argparse.Namespace,
     rows: dict[str, dict[str, Any]],
     started: float,
+    *,
+    partial: bool,
 ) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
+    (out / "llm_gptq_ilp.json").write_text(
+        json.dumps(results(command, args, rows, started, partial=partial), indent=1, default=str)
+    )
+
+
+def results(
+    command: str,
+    args: argparse.Namespace,
+    rows: dict[str, dict[str, Any]],
+    started: float,
+    *,
+    partial: bool,
+) -> dict[str, Any]:
+    """The results file: ``benchmarks.llm``'s layout (its ``--merge`` reads it), plus this
+    script's arguments and commit."""
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    data = {
+    return {
         "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit,
-        "load_average": os.getloadavg(),
+        "partial": partial,
+        "commit": commit,  # empty when run from an exported tree (no .git)
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+        },
+        "eval_windows": args.eval_windows,
+        "calib_windows": args.calib_windows,
+        "calib_text": args.calib_text,
+        "clip_objective": args.clip_objective,
+        "salient_fraction": 0.0,  # this script's quantizer never sets salient channels
+        "sens_windows": args.sens_windows,
+        "widths": args.widths,
+        "table_widths": args.table_widths,
         "args": vars(args) | {"work": str(args.work), "out": str(args.out)},
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
     }
-    (out / "llm_gptq_ilp.json").write_text(json.dumps(data, indent=1, default=str))
 
 
 if __name__ == "__main__":
