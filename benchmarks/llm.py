@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,13 @@ from dyadiq.ort_sessions import Kernels
 from dyadiq.passes.weight_only.allocation import allocate_widths
 from dyadiq.passes.weight_only.groupwise import ClipObjective
 from dyadiq.passes.weight_only.model_file import ModelFile
-from dyadiq.passes.weight_only.pipeline import MODEL_FILE, Prepared, prepare, run
+from dyadiq.passes.weight_only.pipeline import (
+    MODEL_FILE,
+    Prepared,
+    prepare,
+    run,
+    with_input_scaling,
+)
 from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
 from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage, log_softmax32
 from dyadiq.zoo import gemma3
@@ -216,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         default=WeightOnlySettings.salient_fraction,
         help="GPTQ: this fraction of each weight's input channels (largest E[x^2]) at 8 bits",
     )
+    p.add_argument(
+        "--awq",
+        action="store_true",
+        help="--stages gptq: AWQ input scales (searched at each row's width) before GPTQ, "
+        "from the same Hessians",
+    )
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
     p.add_argument("--note", action="append", default=[], help="a line for the merged file")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -260,8 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         gptq = prepare(float_path, calib, settings)
         log.info("Hessians from %d windows: %.0f s", len(calib), time.perf_counter() - t0)
-        _quantized(gptq, float_path, "dyadiq GPTQ int4 g128", 4, work, record)
-        _quantized(gptq, float_path, "dyadiq GPTQ int3 g128", 3, work, record)
+        for bits in (4, 3):
+            if args.awq:  # searched at the row's own width, on the same float Hessians
+                scaled = with_input_scaling(gptq, replace(settings, awq=True, awq_bits=bits))
+                name = f"dyadiq GPTQ+AWQ int{bits} g128"
+                _quantized(scaled, float_path, name, bits, work, record)
+                del scaled
+            else:
+                _quantized(gptq, float_path, f"dyadiq GPTQ int{bits} g128", bits, work, record)
         del gptq
     if "dyadiq" in stages:
         t0 = time.perf_counter()
@@ -401,16 +420,25 @@ def _quantized(
     work: Path,
     record: Callable[..., None],
 ) -> None:
-    folder = work / f"{prepared.quantizer.settings.method}{bits}"
+    awq = prepared.scaling is not None
+    folder = work / f"{prepared.quantizer.settings.method}{'_awq' if awq else ''}{bits}"
     report = run(
         float_path, folder, prepared, _uniform(prepared, bits), WeightOnlyForm.DEQUANTIZE_LINEAR
     )
+    extra: dict[str, Any] = {}
+    if awq:  # per layer: its alpha, and the search quantizer's error without / with scales
+        extra["awq"] = {k: r["awq"] for k, r in report["layers"].items() if "awq" in r}
+        extra["awq_inverse_scale"] = report["input_scaling"]["inverse_scale"]
+        extra["relative_output_error"] = {
+            k: r["relative_output_error"] for k, r in report["layers"].items()
+        }
     record(
         name,
         folder,
         average_code_bits=report["average_code_bits"],
         stored_weight_bytes=report["stored_weight_bytes"],
         quantize_seconds=round(report["seconds"]["quantize"], 1),
+        **extra,
     )
 
 
@@ -438,6 +466,7 @@ def _write(
         "calib_text": args.calib_text,
         "clip_objective": args.clip_objective,
         "salient_fraction": args.salient_fraction,
+        "awq": args.awq,
         "sens_windows": args.sens_windows,
         "widths": args.widths,
         "seconds": round(time.perf_counter() - started, 1),

@@ -92,6 +92,14 @@ def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
         f"{DEFAULT_SALIENT_FRACTION}, 0 = none)",
     )
     group.add_argument(
+        "--awq",
+        action="store_true",
+        help="activation-aware input scaling (AWQ): per input channel s = sqrt(E[x^2])^alpha, "
+        "alpha searched per shared input, weights stored as Q(W diag(s)), inputs divided by s "
+        "(folded into a norm's weight where possible); not with --target, --sequential or "
+        "--salient-fraction",
+    )
+    group.add_argument(
         "--wo-format",
         default=str(WeightOnlyForm.DEQUANTIZE_LINEAR),
         choices=[str(f) for f in WeightOnlyForm],
@@ -221,9 +229,17 @@ def run_weight_only(args: argparse.Namespace) -> int:
         tied_damp=args.tied_damp,
         sequential=getattr(args, "sequential", False),
         salient_fraction=salient,
+        awq=getattr(args, "awq", False),
+        # the search's width: the uniform width, else (a plan or budget) the default
+        awq_bits=args.wbits if args.wbits is not None else DEFAULT_WEIGHT_ONLY_BITS,
     )
     model_path, batches, _ = _source(args)
     target = getattr(args, "target", None)
+    if target and settings.awq:  # before the long part: the decode step cannot take 1/s
+        raise ConfigError(
+            "--awq does not combine with --target: the decode graph would need the same 1/s "
+            "input scales, which the code transfer does not carry"
+        )
     if target:  # checked before the long part: the target's name and its decode graph
         from dyadiq.cli import generate
 

@@ -1,8 +1,9 @@
 """The weight-only run: a float ONNX model and calibration batches in; a weight-only model
 (blocked DequantizeLinear or MatMulNBits), its plan and a report out.
 
-    find weights -> input Hessians (GPTQ only) -> [per-layer KL damage -> ILP] ->
-    quantize each layer at its width -> export -> save (external data when needed)
+    find weights -> input Hessians (GPTQ or AWQ) -> [AWQ input scales] ->
+    [per-layer KL damage -> ILP] -> quantize each layer at its width -> export -> save
+    (external data when needed)
 
 The output folder is all-or-nothing (:func:`dyadiq.io.staged_output_dir`).
 """
@@ -18,10 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from dyadiq.backends.onnx.weight_only import ExportReport, WeightOnlyForm, export_weight_only
 from dyadiq.errors import ConfigError
 from dyadiq.io import save_model_atomic, staged_output_dir, write_text_atomic
+from dyadiq.passes.weight_only.awq import (
+    ScaledInputs,
+    layer_scales,
+    rescale_graph,
+    scale_hessians,
+    search_input_scales,
+)
 from dyadiq.passes.weight_only.groupwise import GroupwiseWeight
 from dyadiq.passes.weight_only.layers import (
     WeightInventory,
@@ -48,6 +57,24 @@ REPORT_FILE = "report.json"
 WEIGHT_ONLY_OUTPUTS = frozenset({MODEL_FILE, MODEL_FILE + ".data", PLAN_FILE, REPORT_FILE})
 
 
+@dataclass(frozen=True)
+class InputScaling:
+    """AWQ's result (:mod:`.awq`): the sets of scaled inputs, the graph with 1/s applied
+    (the weights are stored as W diag(s)), where each 1/s went, and the search's seconds."""
+
+    scalings: tuple[ScaledInputs, ...]
+    header: onnx.ModelProto
+    where: dict[str, str]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sets": [x.to_json() for x in self.scalings],
+            "inverse_scale": self.where,
+            "seconds": round(self.seconds, 1),
+        }
+
+
 @dataclass
 class Prepared:
     """What every width of every layer needs: the source, its weights, the quantizer."""
@@ -62,9 +89,18 @@ class Prepared:
     _done: dict[tuple[str, int], tuple[GroupwiseWeight, float]] = field(default_factory=dict)
     # the calibration batches, kept for sequential GPTQ's passes over the quantized prefix
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    scaling: InputScaling | None = None
 
     def weight(self, layer: WeightLayer) -> np.ndarray:
-        return np.asarray(layer.matrix(self.source.array(layer.initializer)), np.float32)
+        """W [R, K] as quantized: W diag(s) for a weight with AWQ input scales."""
+        w = np.asarray(layer.matrix(self.source.array(layer.initializer)), np.float32)
+        s = self.quantizer.input_scales.get(layer.id)
+        return w if s is None else (w * s[None, :]).astype(np.float32)
+
+    @property
+    def header(self) -> onnx.ModelProto:
+        """The graph the quantized weights go into (with 1/s applied under AWQ)."""
+        return self.source.header if self.scaling is None else self.scaling.header
 
     def quantize(self, layer: WeightLayer, bits: int) -> GroupwiseWeight:
         return self.quantize_timed(layer, bits, self.weight(layer))[0]
@@ -108,12 +144,47 @@ def prepare(
     calibration = [dict(b) for b in batches] if sequential else []
     hessians = (
         activation_hessians(source, inventory.layers, calibration or batches)
-        if settings.method is Method.GPTQ
+        if settings.method is Method.GPTQ or settings.awq
         else {}
     )
     quantizer = LayerQuantizer(settings, hessians)
-    return Prepared(
+    prepared = Prepared(
         source, inventory, quantizer, time.perf_counter() - t0, memo, calibration=calibration
+    )
+    return with_input_scaling(prepared, settings) if settings.awq else prepared
+
+
+def with_input_scaling(prepared: Prepared, settings: WeightOnlySettings) -> Prepared:
+    """``prepared`` (its float Hessians, no scaling yet) with AWQ's input scales searched
+    at ``settings.awq_bits`` and applied: a new :class:`Prepared` quantizing W diag(s) on
+    the scaled Hessians, into the graph with 1/s. The same float Hessians serve several
+    search widths."""
+    if prepared.scaling is not None:
+        raise ConfigError("the prepared model already has AWQ input scales")
+    t0 = time.perf_counter()
+    float_h = prepared.quantizer.hessians
+    layers = prepared.inventory.layers
+    base = prepared.quantizer.settings
+    scalings = search_input_scales(
+        layers,
+        float_h,
+        prepared.weight,
+        settings.format(settings.awq_bits),
+        lambda x: base.tied_damp if x.tied else base.damp,
+    )
+    header, where = rescale_graph(prepared.source.header, layers, scalings, prepared.source.array)
+    quantizer = LayerQuantizer(settings, scale_hessians(float_h, scalings), layer_scales(scalings))
+    seconds = time.perf_counter() - t0
+    for x in scalings:
+        log.info("AWQ %s: alpha %.2f (%d weights)", x.activations[0], x.alpha, len(x.layers))
+    return Prepared(
+        prepared.source,
+        prepared.inventory,
+        quantizer,
+        prepared.seconds + seconds,
+        prepared.memo,
+        calibration=prepared.calibration,
+        scaling=InputScaling(tuple(scalings), header, where, seconds),
     )
 
 
@@ -141,6 +212,7 @@ def quantize_layers(
             prepared.quantizer.hessians,
             stage_size=settings.stage_size,
         )
+    alphas = {k: x for x in prepared.scaling.scalings for k in x.layers} if prepared.scaling else {}
     for layer_id, width in bits.items():
         layer = by_id[layer_id]
         w = prepared.weight(layer)
@@ -160,6 +232,13 @@ def quantize_layers(
             "relative_output_error": None if h is None else relative_output_error(w, q, h),
             "seconds": round(seconds, 3),
         }
+        if layer_id in alphas:  # AWQ: its alpha and what it did to the search's error
+            before, after = alphas[layer_id].errors[layer_id]
+            rows[layer_id]["awq"] = {
+                "alpha": alphas[layer_id].alpha,
+                "rtn_relative_output_error": [before, after],
+                "reduction": 1 - after / before if before else 0.0,
+            }
         if progress is not None:
             progress(layer_id)
     return quantized, rows
@@ -172,9 +251,7 @@ def write_model(
     form: WeightOnlyForm,
 ) -> tuple[list[Path], ExportReport]:
     """Export and save; the data file appears only when the model needs one (> 2 GB)."""
-    header, report = export_weight_only(
-        prepared.source.header, prepared.inventory.layers, quantized, form
-    )
+    header, report = export_weight_only(prepared.header, prepared.inventory.layers, quantized, form)
     model = prepared.source.materialised(header)
     return save_model_atomic(model, path), report
 
@@ -193,6 +270,8 @@ def plan_json(settings: WeightOnlySettings, bits: Mapping[str, int]) -> dict[str
         "sequential": settings.sequential,
         "salient_fraction": settings.salient_fraction,
         "stage_size": settings.stage_size,
+        "awq": settings.awq,
+        "awq_bits": settings.awq_bits if settings.awq else None,
         "layers": dict(bits),
     }
 
@@ -236,6 +315,7 @@ def run(
             "stored_weight_bytes": sum(r["storage_bytes"] for r in rows.values()),
             "float_layers": {name: why for name, why in prepared.inventory.skipped.items()},
             "layers": rows,
+            "input_scaling": None if prepared.scaling is None else prepared.scaling.to_json(),
             "seconds": {"prepare": prepared.seconds, "quantize": time.perf_counter() - t0},
         }
         if extra_report:

@@ -34,6 +34,9 @@ from dyadiq.passes.weight_only.groupwise import (
 from dyadiq.passes.weight_only.layers import WeightLayer
 from dyadiq.passes.weight_only.salient import check_fraction, salient_gptq_codes, salient_mask
 
+# the dampening GPTQ adds to a Hessian already dampened (:meth:`LayerQuantizer.dampened`)
+_PRE_DAMPENED = 1e-9
+
 
 class Method(StrEnum):
     RTN = "rtn"  # round to nearest on the min-max grid
@@ -64,6 +67,11 @@ class WeightOnlySettings:
     # GPTQ only: this fraction of each weight's input channels (largest E[x^2]) swept last
     # and stored at 8 bits beside the group-wise codes (:mod:`.salient`); 0 = none
     salient_fraction: float = 0.0
+    # AWQ (:mod:`.awq`): per input channel a scale s_j = sqrt(E[x_j^2])^alpha, alpha searched
+    # per set of weights sharing an input for round-to-nearest at ``awq_bits``; the weight is
+    # stored as Q(W diag(s)) and its input divided by s
+    awq: bool = False
+    awq_bits: int = 4
 
     def __post_init__(self) -> None:
         if self.stage_size < 1:
@@ -77,6 +85,14 @@ class WeightOnlySettings:
         check_fraction(self.salient_fraction)
         if self.salient_fraction and self.method is not Method.GPTQ:
             raise ConfigError("salient channels are chosen and compensated by GPTQ: use gptq")
+        if self.awq:
+            self.format(self.awq_bits)  # validates the search width
+            # sequential GPTQ reruns the float graph on the float weights; salient columns
+            # with scaled inputs were never measured: refused rather than silently combined
+            if self.sequential:
+                raise ConfigError("AWQ input scaling does not combine with sequential GPTQ")
+            if self.salient_fraction:
+                raise ConfigError("AWQ input scaling does not combine with salient channels")
 
     def format(self, bits: int) -> GroupwiseFormat:
         return GroupwiseFormat(bits, self.group_size, self.symmetric)
@@ -129,6 +145,9 @@ class LayerQuantizer:
 
     settings: WeightOnlySettings
     hessians: Mapping[str, np.ndarray]
+    # layer id -> s of weights stored as W diag(s) (:mod:`.awq`): ``hessians`` are then the
+    # scaled H' = diag(1/s) H diag(1/s) of their inputs
+    input_scales: Mapping[str, np.ndarray] = field(default_factory=dict)
     _factors: dict[tuple[str, ...], GptqFactor | None] = field(default_factory=dict)
 
     def factor(self, layer: WeightLayer) -> GptqFactor | None:
@@ -143,7 +162,22 @@ class LayerQuantizer:
         damp = self.settings.tied_damp if layer.tied else self.settings.damp
         fraction = self.settings.salient_fraction
         last = salient_mask(h, fraction)[None] if fraction else None
+        if layer.id in self.input_scales:  # dampened in the model's own units, then scaled
+            h, damp = self.dampened(layer, h), _PRE_DAMPENED
         return gptq_factor(h[None], damp=damp, act_order=self.settings.act_order, last=last)
+
+    def dampened(self, layer: WeightLayer, h: np.ndarray) -> np.ndarray:
+        """``h`` + GPTQ's dampening (the tied table's for a tied weight). For a weight
+        stored as W diag(s) the dampening d mean(diag H) I is added in the model's units
+        and then scaled, diag(1/s) (H + d I) diag(1/s): a tied table's dampening stands for
+        its embedding rows, whose error counts unweighted by the input scale."""
+        s = self.settings
+        damp = s.tied_damp if layer.tied else s.damp
+        scale = self.input_scales.get(layer.id)
+        if scale is None:
+            return h + damp * float(np.mean(np.diag(h))) * np.eye(len(h))
+        squared = scale.astype(np.float64) ** 2
+        return h + damp * float(np.mean(np.diag(h) * squared)) * np.diag(1.0 / squared)
 
     def __call__(self, layer: WeightLayer, w: np.ndarray, bits: int) -> GroupwiseWeight:
         h = layer_hessian(layer, self.hessians)
@@ -164,8 +198,7 @@ class LayerQuantizer:
         s = self.settings
         if h is None or s.method is not Method.GPTQ or s.clip_objective is ClipObjective.WEIGHT:
             return None
-        damp = s.tied_damp if layer.tied else s.damp
-        damped = h + damp * float(np.mean(np.diag(h))) * np.eye(len(h))
+        damped = self.dampened(layer, h)
         if s.salient_fraction:  # salient columns are stored apart: their grid error is moot
             kept = salient_mask(h, s.salient_fraction)
             damped[kept, :] = 0.0

@@ -32,6 +32,7 @@ from dyadiq.backends.onnx.weight_only import (
 )
 from dyadiq.errors import ConfigError
 from dyadiq.io import save_model_atomic
+from dyadiq.passes.weight_only.awq import has_input_scales
 from dyadiq.passes.weight_only.groupwise import GroupwiseFormat, GroupwiseWeight
 from dyadiq.passes.weight_only.layers import Orientation, WeightLayer, find_weights
 from dyadiq.passes.weight_only.model_file import ModelFile
@@ -62,7 +63,15 @@ def _attribute(node: onnx.NodeProto, name: str) -> int | None:
 
 def read_groupwise_codes(source: ModelFile) -> dict[str, StoredCodes]:
     """Float initializer name -> its codes, for every blocked ``DequantizeLinear`` of a
-    weight-only model (nodes without ``block_size`` are not weight-only and are skipped)."""
+    weight-only model (nodes without ``block_size`` are not weight-only and are skipped).
+    A model quantized with AWQ input scales is refused: its codes are of W diag(s), and the
+    1/s its graph applies would not travel with them to another graph."""
+    if has_input_scales(source.header):
+        raise ConfigError(
+            "the model was quantized with AWQ input scales (--awq): its codes are of "
+            "W diag(s), with 1/s applied in its own graph only, so they cannot be moved to "
+            "another graph (the decode step, --target); quantize without --awq for that"
+        )
     inits = {t.name: t for t in source.header.graph.initializer}
     out: dict[str, StoredCodes] = {}
     problems: list[str] = []
