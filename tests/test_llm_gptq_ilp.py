@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +127,24 @@ def test_sensitivity_windows_are_the_first_calibration_windows(
     chosen = llm_gptq_ilp.sensitivity_batches(gemma3.BRITANNICA_SPREAD, 64, 2)
     assert asked == [(64, gemma3.BRITANNICA_SPREAD)]
     assert chosen == [{"ids": 0}, {"ids": 15}]  # what benchmarks.llm's calib[:2] holds
+
+
+def test_paired_ratio_and_interval() -> None:
+    from benchmarks.llm_paired import compare, paired
+
+    # B 63 nats worse on every window: A's perplexity is e^-1 of B's, on every resample
+    same = paired([100.0, 200.0, 150.0], [163.0, 263.0, 213.0], 63)
+    assert same["perplexity_ratio"] == round(math.exp(-1), 4)
+    assert same["ci95"] == [round(math.exp(-1), 4)] * 2
+    assert same["windows_better"] == 3
+    # one window much worse for A: the ratio is above 1, the interval reaches below it
+    mixed = paired([100.0, 100.0, 100.0, 400.0], [110.0, 110.0, 110.0, 110.0], 63)
+    assert mixed["perplexity_ratio"] > 1
+    assert mixed["ci95"][0] < 1 < mixed["ci95"][1]
+    assert mixed["windows_better"] == 3
+    rows = {
+        "a": {"tokens": 126, "nll_per_window": [1.0, 2.0]},
+        "b": {"tokens": 189, "nll_per_window": [1.0, 2.0, 3.0]},
+    }
+    with pytest.raises(SystemExit):
+        compare(rows, "a", "b")  # other windows: not paired
