@@ -309,7 +309,7 @@ def test_cli_awq(tmp_path: pathlib.Path) -> None:
     calib = tmp_path / "calib"
     calib.mkdir()
     for k, feeds in enumerate(_batches(rng, 4)):
-        np.savez(calib / f"{k}.npz", **feeds)
+        np.savez(calib / f"{k}.npz", ids=feeds["ids"])
     argv = [str(tmp_path / "m.onnx"), "--calib", str(calib), "--group-size", "32"]
     assert main([*argv, "-o", str(tmp_path / "out"), "--awq", "--wbits", "3"]) == 0
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
@@ -320,3 +320,21 @@ def test_cli_awq(tmp_path: pathlib.Path) -> None:
         "rtn_relative_output_error",
         "reduction",
     }
+
+
+def test_cli_awq_refuses_a_compiled_target(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quantize --weight-only --awq --target x86` stops before quantizing: the decode step
+    the target compiles would not divide its inputs by s."""
+    from dyadiq.cli import main
+
+    rng = np.random.default_rng(9)
+    save_model_atomic(_lm(rng), tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "0.npz", ids=_batches(rng, 1)[0]["ids"])
+    argv = ["quantize", str(tmp_path / "m.onnx"), "--weight-only", "--awq", "--target", "x86"]
+    assert main([*argv, "--calib", str(calib), "-o", str(tmp_path / "out")]) == 2
+    assert "--awq does not combine with --target" in capsys.readouterr().err
+    assert not (tmp_path / "out" / MODEL_FILE).exists()
