@@ -84,6 +84,33 @@ def _plans(builder: Any, budgets: list[str]) -> tuple[dict[str, Any], dict[str, 
     return plans, info
 
 
+def _kl_check(builder: Any, default_ranges: Any, batches: list[Any]) -> dict[str, Any]:
+    """The calibration KL (all activations 8-bit, float weights) of the histogram ranges and
+    the searched ones on ``batches``, read after the output's quantizer (the deployed model)
+    and before it: mean, median, and how many samples the search made better or worse."""
+    import numpy as np
+
+    from dyadiq.passes.calibration.range_search import ActivationRangeEvaluator, group_range
+
+    out: dict[str, Any] = {"batches": len(batches)}
+    for where, before in (("after_output_quantizer", False), ("before_output_quantizer", True)):
+        check = ActivationRangeEvaluator(
+            builder.graph, builder.sites, batches, before_output_quantizer=before
+        )
+        rows = {
+            label: check.sample_losses({g: group_range(r, m) for g, m in check.groups.items()})
+            for label, r in (("default", default_ranges), ("searched", builder.ranges))
+        }
+        d, s = rows["default"], rows["searched"]
+        out[where] = {
+            "mean": [float(np.mean(d)), float(np.mean(s))],
+            "median": [float(np.median(d)), float(np.median(s))],
+            "samples_better": int(np.sum(s < d)),
+            "samples_worse": int(np.sum(s > d)),
+        }
+    return out
+
+
 def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import onnx
 
@@ -91,11 +118,7 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> dict[str
     from dyadiq import zoo
     from dyadiq.evaluation import evaluate
     from dyadiq.frontends.onnx_frontend import load_onnx
-    from dyadiq.passes.calibration.range_search import (
-        ActivationRangeEvaluator,
-        RangeSearchOptions,
-        group_range,
-    )
+    from dyadiq.passes.calibration.range_search import Objective, RangeSearchOptions
     from dyadiq.passes.compensation.settings import CompensationSettings
     from dyadiq.passes.insert_qdq import insert_qdq
     from dyadiq.pipeline import CalibrationConfig, PlanBuilder, export_qdq
@@ -107,7 +130,14 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> dict[str
     cache = args.weights_cache
     default = PlanBuilder(raw, calibration, compensation=settings)
     _compensated(default, cache / f"{name}.pkl" if cache else None)
-    options = RangeSearchOptions(evaluations=args.evaluations, samples=args.samples)
+    options = RangeSearchOptions(
+        evaluations=args.evaluations,
+        samples=args.samples,
+        objective=Objective(args.objective),
+        screen_batches=args.screen_batches,
+        race_batches=args.race_batches,
+        before_output_quantizer=args.before_output_quantizer,
+    )
     searched = PlanBuilder(
         raw, calibration, CalibrationConfig(range_search=options), compensation=settings
     )
@@ -115,15 +145,12 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> dict[str
     search_report["seconds_with_setup"] = searched.range_search_s
     # the overfitting check: the same loss on calibration batches the search did not read
     unread = calibration[args.samples : 2 * args.samples]
-    if unread:
-        check = ActivationRangeEvaluator(searched.graph, searched.sites, unread)
-        as_groups = {
-            label: {g: group_range(r, m) for g, m in check.groups.items()}
-            for label, r in (("default", default.ranges), ("searched", searched.ranges))
-        }
-        search_report["unread_batches"] = len(unread)
-        search_report["unread_loss_before"] = check.loss(as_groups["default"])
-        search_report["unread_loss_after"] = check.loss(as_groups["searched"])
+    scored = calibration[: args.samples]
+    search_report["check"] = {
+        label: _kl_check(searched, default.ranges, data)
+        for label, data in (("scored", scored), ("unread", unread))
+        if data
+    }
     if args.recompensate:
         _compensated(searched, cache / f"{name}_searched.pkl" if cache else None)
     else:
@@ -180,6 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     p.add_argument("--evaluations", type=int, default=60, help="the search's candidate budget")
     p.add_argument("--samples", type=int, default=32, help="calibration batches it scores")
+    p.add_argument("--objective", default="mean", help="mean|trimmed|median|relative")
+    p.add_argument("--screen-batches", type=int, default=8, help="batches of the screening")
+    p.add_argument("--race-batches", type=int, default=0, help="a candidate's first test")
+    p.add_argument(
+        "--before-output-quantizer", action="store_true", help="score before the output's quantizer"
+    )
     p.add_argument("--recompensate", action="store_true", help="compensate and plan again")
     p.add_argument("--zoo-split-only", action="store_true", help="no 744-crop MobileNetV2 split")
     p.add_argument("--weights-cache", type=Path, help="pickled compensated weights per model")

@@ -149,8 +149,16 @@ def searched_ranges(
     batches = verification_batches(calibration, graph, config.image_preset, options.samples)
     if not batches:
         return ranges, {"skipped": "the calibration source can be read only once"}
-    evaluator = ActivationRangeEvaluator(graph, sites, batches, signed=signed)
-    searched, report = search_ranges(evaluator, statistics.histograms, ranges, options.evaluations)
+    evaluator = ActivationRangeEvaluator(
+        graph,
+        sites,
+        batches,
+        signed=signed,
+        before_output_quantizer=options.before_output_quantizer,
+    )
+    searched, report = search_ranges(
+        evaluator, statistics.histograms, ranges, options.evaluations, options
+    )
     return searched, report.to_json()
 
 

@@ -29,9 +29,11 @@ scored batches (:attr:`RangeSearchReport.evaluations`, ``seconds``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,7 @@ from dyadiq.passes.calibration.observers import (
     percentile_range,
 )
 from dyadiq.passes.sensitivity.analysis import detect_output_kind
-from dyadiq.passes.sensitivity.perturbable_model import OutputKind, loss
+from dyadiq.passes.sensitivity.perturbable_model import OutputKind, row_losses
 from dyadiq.quantizers import activation_quant
 
 Range = tuple[float, float]
@@ -60,22 +62,59 @@ _SWITCHES = ("scale", "low", "high", "on")  # low/high: the code range minus the
 # a candidate must lower the loss by this fraction to be kept: below it, a change is the
 # calibration batches' noise, and keeping it would only fit them
 MIN_RELATIVE_GAIN = 1e-3
-SCREEN_BATCHES = 8
+
+
+class Objective(StrEnum):
+    """How the per-sample KLs of the scored batches become the one number the search lowers.
+
+    - ``mean``: their mean (the sensitivity analysis' loss). A few samples whose KL is many
+      times the rest decide it, and the search fits those samples (ppocr_cls: the unread
+      batches' KL rose 32%).
+    - ``trimmed``: the mean without the largest :data:`TRIM_FRACTION` of them.
+    - ``median``: their median.
+    - ``relative``: the mean of each sample's KL over its own KL at the start ranges (plus a
+      floor), so every sample's relative improvement counts the same.
+    """
+
+    MEAN = "mean"
+    TRIMMED = "trimmed"
+    MEDIAN = "median"
+    RELATIVE = "relative"
+
+
+TRIM_FRACTION = 0.1
+# the relative objective's floor, a fraction of the start's mean KL: a sample the start
+# already keeps (KL ~ 0) must not turn a tiny absolute change into a huge ratio
+RELATIVE_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
 class RangeSearchOptions:
-    """``evaluations``: forward passes over the scored batches, screening included (0: off).
-    ``samples``: how many leading calibration batches are scored."""
+    """``evaluations``: candidate ranges the descent may score (0: off). ``samples``: how many
+    leading calibration batches are scored. ``objective``: :class:`Objective`.
+    ``screen_batches``: batches of the one-group-at-a-time damage that orders the groups.
+    ``race_batches``: a candidate is first scored on this many batches and dropped unless it
+    beats the current ranges there (0: every candidate on all batches).
+    ``before_output_quantizer``: score the model output before its own quantizer (which the
+    search never changes), not after it."""
 
     evaluations: int = 0
-    samples: int = 64
+    samples: int = 32
+    objective: Objective = Objective.MEAN
+    screen_batches: int = 8
+    race_batches: int = 0
+    before_output_quantizer: bool = False
 
     def __post_init__(self) -> None:
         if self.evaluations < 0:
             raise ConfigError(f"--range-search needs a count >= 0, got {self.evaluations}")
         if self.samples < 1:
             raise ConfigError(f"range search needs at least 1 batch, got {self.samples}")
+        if self.screen_batches < 1 or self.race_batches < 0:
+            raise ConfigError(
+                f"range search: screen_batches >= 1 and race_batches >= 0, got "
+                f"{self.screen_batches} and {self.race_batches}"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -105,7 +144,8 @@ class GroupChange:
 @dataclass
 class RangeSearchReport:
     """What the search did: the loss (mean KL to float per output row) before and after,
-    evaluations spent, time, and every group whose range changed."""
+    the objective it lowered before and after, evaluations spent, time, and every group whose
+    range changed."""
 
     loss_before: float
     loss_after: float
@@ -116,6 +156,9 @@ class RangeSearchReport:
     batches: int
     seconds: float
     changes: list[GroupChange] = field(default_factory=list)
+    objective: str = Objective.MEAN.value
+    objective_before: float = 0.0
+    objective_after: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,6 +170,9 @@ class RangeSearchReport:
             "groups_searched": self.groups_searched,
             "batches": self.batches,
             "seconds": self.seconds,
+            "objective": self.objective,
+            "objective_before": self.objective_before,
+            "objective_after": self.objective_after,
             "changes": [c.to_json() for c in self.changes],
         }
 
@@ -144,8 +190,10 @@ class ActivationRangeEvaluator:
         *,
         signed: bool = False,
         threads: int = 2,
+        before_output_quantizer: bool = False,
     ) -> None:
         self.signed = signed
+        self.before_output_quantizer = before_output_quantizer
         self.groups = sites.groups()
         self.bits = dict(sites.group_bits)
         self.batches = [dict(b) for b in batches]
@@ -191,6 +239,11 @@ class ActivationRangeEvaluator:
         self.reference = [self._run(b, off) for b in self.batches]
         # the loss the sensitivity analysis uses for this output (KL for classes)
         self.kind = kind if kind is not None else detect_output_kind(self.reference)
+        self.rows = [int(np.prod(r.shape[:-1])) for r in self.reference]
+
+    def rows_in(self, batches: int) -> int:
+        """How many output rows (samples) the first ``batches`` batches hold."""
+        return sum(self.rows[:batches])
 
     def _switches(self, ranges: Mapping[int, Range | None]) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
@@ -205,20 +258,30 @@ class ActivationRangeEvaluator:
     def _run(
         self, batch: Mapping[str, np.ndarray], ranges: Mapping[int, Range | None]
     ) -> np.ndarray:
-        (out,) = self.session.run([self.quantized_output], {**batch, **self._switches(ranges)})
+        # the output's own quantizer is never searched: read before it, the loss is what the
+        # searched ranges change, without the output rounding's fixed steps
+        name = self.output if self.before_output_quantizer else self.quantized_output
+        (out,) = self.session.run([name], {**batch, **self._switches(ranges)})
         return np.asarray(out)
 
-    def loss(self, ranges: Mapping[int, Range | None], batches: int | None = None) -> float:
-        """Mean KL to float over the (first ``batches``) batches with each group quantized on
-        its range (None: that group in float)."""
+    def sample_losses(
+        self, ranges: Mapping[int, Range | None], batches: int | None = None
+    ) -> np.ndarray:
+        """Each output row's KL to float over the (first ``batches``) batches, with each
+        group quantized on its range (None: that group in float)."""
         count = len(self.batches) if batches is None else min(batches, len(self.batches))
         self.evaluations += 1
         self.forward_passes += count
-        values = [
-            loss(ref, self._run(b, ranges), self.kind)
+        rows = [
+            row_losses(ref, self._run(b, ranges), self.kind)
             for ref, b in zip(self.reference[:count], self.batches[:count], strict=True)
         ]
-        return float(np.mean(values))
+        return np.concatenate([np.ravel(r) for r in rows])
+
+    def loss(self, ranges: Mapping[int, Range | None], batches: int | None = None) -> float:
+        """The mean of :meth:`sample_losses` (each batch weighs its rows)."""
+        rows = self.sample_losses(ranges, batches)
+        return float(np.mean(rows))
 
 
 def _fake_quant_nodes(tensor: str, switches: str) -> tuple[list[onnx.NodeProto], str]:
@@ -277,53 +340,107 @@ def _close(a: Range, b: Range) -> bool:
     )
 
 
+def aggregate(rows: np.ndarray, start: np.ndarray, objective: Objective) -> float:
+    """One number from per-sample losses ``rows`` (``start``: the same samples' losses at the
+    start ranges, which the relative objective divides by)."""
+    if objective is Objective.MEAN:
+        return float(np.mean(rows))
+    if objective is Objective.MEDIAN:
+        return float(np.median(rows))
+    if objective is Objective.TRIMMED:
+        keep = len(rows) - math.floor(TRIM_FRACTION * len(rows))
+        return float(np.mean(np.sort(rows)[:keep]))
+    floor = RELATIVE_FLOOR * float(np.mean(start)) + 1e-12
+    return float(np.mean((rows + floor) / (start + floor)))
+
+
+@dataclass
+class _Current:
+    """The ranges the descent holds, their per-sample losses and their objective."""
+
+    ranges: dict[int, Range]
+    rows: np.ndarray
+    value: float
+
+
 def search_ranges(
     evaluator: ActivationRangeEvaluator,
     histograms: Mapping[str, RunningHistogram],
     ranges: Mapping[str, Range],
     evaluations: int,
+    options: RangeSearchOptions | None = None,
+    trace: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Range], RangeSearchReport]:
     """New per-tensor ranges (members of a changed group all get the group's range) and the
     report. ``evaluations`` bounds the candidate evaluations of the descent (each one forward
-    pass per batch); the screening adds one evaluation per group on SCREEN_BATCHES batches."""
+    pass per batch, fewer for a candidate dropped by the race); the screening adds one
+    evaluation per group on ``screen_batches`` batches. ``trace``: a list that gets one entry
+    per candidate scored (for benchmarks)."""
+    options = options or RangeSearchOptions(evaluations=evaluations)
+    objective = Objective(options.objective)
     start_time = time.perf_counter()
     groups = evaluator.groups
     passes_before = evaluator.forward_passes
-    current: dict[int, Range] = {g: group_range(ranges, m) for g, m in groups.items()}
-    best = loss_before = evaluator.loss(current)
-    # each group's own damage (on the first SCREEN_BATCHES batches: it only orders the
-    # groups), most damaging first
+    start = {g: group_range(ranges, m) for g, m in groups.items()}
+    start_rows = evaluator.sample_losses(start)
+    now = _Current(dict(start), start_rows, aggregate(start_rows, start_rows, objective))
+    objective_before = now.value
+    # each group's own damage (on the first screen_batches batches: it only orders the
+    # groups), most damaging first, in the objective's terms
+    screen = min(options.screen_batches, len(evaluator.batches))
+    screen_start = start_rows[: evaluator.rows_in(screen)]
     off: dict[int, Range | None] = dict.fromkeys(groups)
-    damage = {g: evaluator.loss({**off, g: current[g]}, SCREEN_BATCHES) for g in groups}
+    damage = {
+        g: aggregate(evaluator.sample_losses({**off, g: start[g]}, screen), screen_start, objective)
+        for g in groups
+    }
     order = sorted(
         (g for g in groups if g not in evaluator.output_groups), key=lambda g: -damage[g]
     )
+    race = options.race_batches if 0 < options.race_batches < len(evaluator.batches) else 0
+    race_rows = evaluator.rows_in(race) if race else 0
     spent = searched = 0
     changes: list[GroupChange] = []
-    for g in order:
+    for rank, g in enumerate(order):
         if spent >= evaluations:
             break
         searched += 1
-        start = current[g]
         chosen: tuple[str, Range] | None = None
-        for rule, r in candidate_ranges(histograms, groups[g], start, evaluator.bits[g]).items():
+        for rule, r in candidate_ranges(histograms, groups[g], start[g], evaluator.bits[g]).items():
             if spent >= evaluations:
                 break
-            value = evaluator.loss({**current, g: r})
             spent += 1
-            if value < best * (1.0 - MIN_RELATIVE_GAIN):
-                best, chosen = value, (rule, r)
+            trial = {**now.ranges, g: r}
+            entry: dict[str, Any] = {"group": g, "rank": rank, "rule": rule}
+            if race:
+                early = evaluator.sample_losses(trial, race)
+                head = aggregate(early, start_rows[:race_rows], objective)
+                bar = aggregate(now.rows[:race_rows], start_rows[:race_rows], objective)
+                entry["race"] = head / max(bar, 1e-30)
+                if not head < bar * (1.0 - MIN_RELATIVE_GAIN):
+                    entry["kept"] = False
+                    if trace is not None:
+                        trace.append(entry)
+                    continue
+            rows = evaluator.sample_losses(trial)
+            value = aggregate(rows, start_rows, objective)
+            kept = value < now.value * (1.0 - MIN_RELATIVE_GAIN)
+            entry.update(value=value / max(now.value, 1e-30), kept=kept)
+            if trace is not None:
+                trace.append(entry)
+            if kept:
+                now = _Current(trial, rows, value)
+                chosen = (rule, r)
         if chosen is not None:
-            current[g] = chosen[1]
             changes.append(
-                GroupChange(list(groups[g]), start, chosen[1], chosen[0], damage[g], best)
+                GroupChange(list(groups[g]), start[g], chosen[1], chosen[0], damage[g], now.value)
             )
     out = dict(ranges)
     for change in changes:
         out.update(dict.fromkeys(change.tensors, change.after))
     report = RangeSearchReport(
-        loss_before,
-        best,
+        float(np.mean(start_rows)),
+        float(np.mean(now.rows)),
         spent,
         evaluator.forward_passes - passes_before,
         len(groups),
@@ -331,5 +448,8 @@ def search_ranges(
         len(evaluator.batches),
         time.perf_counter() - start_time,
         changes,
+        objective=objective.value,
+        objective_before=objective_before,
+        objective_after=now.value,
     )
     return out, report
