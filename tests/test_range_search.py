@@ -16,7 +16,9 @@ from dyadiq.passes.calibration.collector import StatisticsRequest, collect_stati
 from dyadiq.passes.calibration.observers import RangeMethod
 from dyadiq.passes.calibration.range_search import (
     ActivationRangeEvaluator,
+    Objective,
     RangeSearchOptions,
+    aggregate,
     group_range,
     search_ranges,
 )
@@ -142,3 +144,39 @@ def test_cli_flag_reaches_the_report(
     assert main([*argv, "--range-search", "-1"]) == 2
     assert main([*argv, "--no-eval"]) == 0  # off by default: no section
     assert "activation_range_search" not in json.loads((out / "report.json").read_text())
+
+
+def test_robust_objectives_are_not_decided_by_one_sample() -> None:
+    start = np.array([0.01] * 9 + [1.0])
+    # the last sample's KL halves, every other one doubles: the mean calls that a gain
+    candidate = np.array([0.02] * 9 + [0.5])
+    assert aggregate(candidate, start, Objective.MEAN) < aggregate(start, start, Objective.MEAN)
+    for objective in (Objective.TRIMMED, Objective.MEDIAN, Objective.RELATIVE):
+        assert aggregate(candidate, start, objective) > aggregate(start, start, objective)
+    # trimmed: the largest 10% left out; relative: 1 at the start, each sample counts the same
+    assert aggregate(start, start, Objective.TRIMMED) == pytest.approx(0.01)
+    assert aggregate(start, start, Objective.RELATIVE) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_every_objective_never_ends_above_its_start(objective: Objective) -> None:
+    graph = prepare_graph(load_onnx(conv_relu_pool_fc(np.random.default_rng(5))))
+    shape = tuple(int(d) for d in graph.input_specs()["x"][1])
+    batches = calibration(shape, np.random.default_rng(6), n=8)
+    sites = PlanBuilder(graph, batches).sites
+    statistics = collect_statistics(graph, StatisticsRequest(frozenset(sites.tensors)), batches)
+    ranges = calibrated_ranges(statistics, sites, CalibrationConfig(), graph)
+    options = RangeSearchOptions(
+        evaluations=12, objective=objective, screen_batches=2, race_batches=2
+    )
+    evaluator = ActivationRangeEvaluator(graph, sites, batches, before_output_quantizer=True)
+    trace: list[dict[str, object]] = []
+    _, report = search_ranges(evaluator, statistics.histograms, ranges, 12, options, trace)
+    assert report.objective == objective.value
+    assert report.objective_after <= report.objective_before
+    assert len(trace) == report.evaluations <= 12
+    # a candidate dropped by the race costs 2 batches, not 8
+    raced = sum(1 for t in trace if "value" not in t)
+    full = report.evaluations - raced
+    groups = report.groups
+    assert report.forward_passes == 8 + 2 * groups + 2 * report.evaluations + 8 * full
