@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--awq",
         action="store_true",
-        help="--stages gptq: AWQ input scales (searched at each row's width) before GPTQ, "
-        "from the same Hessians",
+        help="AWQ input scales (searched at each row's width): --stages gptq before GPTQ, "
+        "from the same Hessians; --stages rtn before round to nearest",
     )
     p.add_argument("--merge", nargs="+", type=Path, help="llm.json files to combine")
     p.add_argument("--note", action="append", default=[], help="a line for the merged file")
@@ -312,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         _ilp_rows(gptq, "GPTQ", float_path, calib[: args.sens_windows], widths, work, record)
         del gptq
     if "rtn" in stages:
-        rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
-        _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
+        if args.awq:  # AWQ's own setting: its scales need the calibration Hessians
+            awq_rtn = WeightOnlySettings(method=Method.RTN, awq=True, awq_bits=4)
+            rtn = prepare(float_path, calib, awq_rtn)
+            _quantized(rtn, float_path, "dyadiq RTN+AWQ int4 g128", 4, work, record)
+        else:
+            rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN))
+            _quantized(rtn, float_path, "dyadiq RTN int4 g128", 4, work, record)
     if "ilp-rtn" in stages:
         rtn = prepare(float_path, [], WeightOnlySettings(method=Method.RTN), memo=True)
         _ilp_rows(rtn, "RTN", float_path, calib[: args.sens_windows], widths, work, record)
