@@ -140,6 +140,8 @@ _LATER_FIELDS: dict[str, object] = {
     "stage_size": 4,
     "clip_objective": ClipObjective.WEIGHT,
     "salient_fraction": 0.0,
+    "awq": False,
+    "awq_bits": 4,
 }
 
 

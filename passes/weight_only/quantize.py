@@ -14,7 +14,7 @@ for every weight that reads that activation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -97,20 +97,6 @@ class WeightOnlySettings:
 
     def format(self, bits: int) -> GroupwiseFormat:
         return GroupwiseFormat(bits, self.group_size, self.symmetric)
-
-    def __repr__(self) -> str:
-        # without AWQ the AWQ fields are left out: caches stamped with the repr of these
-        # settings (benchmarks.llm_gptq_ilp) hold the same codes as before the fields existed
-        text = _dataclass_repr(self)
-        if not self.awq:
-            text = text.replace(f", awq=False, awq_bits={self.awq_bits!r}", "")
-        return text
-
-
-def _dataclass_repr(value: object) -> str:
-    """What a dataclass's generated ``__repr__`` writes."""
-    parts = ", ".join(f"{f.name}={getattr(value, f.name)!r}" for f in fields(value) if f.repr)  # type: ignore[arg-type]
-    return f"{type(value).__qualname__}({parts})"
 
 
 def layer_hessian(layer: WeightLayer, hessians: Mapping[str, np.ndarray]) -> np.ndarray | None:
