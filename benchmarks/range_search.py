@@ -205,13 +205,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mobilenet_v2", "ppocr_cls", "fashion_cnn"])
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
-    p.add_argument("--evaluations", type=int, default=60, help="the search's candidate budget")
+    p.add_argument("--evaluations", type=int, default=40, help="the search's candidate budget")
     p.add_argument("--samples", type=int, default=32, help="calibration batches it scores")
-    p.add_argument("--objective", default="mean", help="mean|trimmed|median|relative")
-    p.add_argument("--screen-batches", type=int, default=8, help="batches of the screening")
-    p.add_argument("--race-batches", type=int, default=0, help="a candidate's first test")
+    p.add_argument("--objective", default="trimmed", help="mean|trimmed|median|relative")
+    p.add_argument("--screen-batches", type=int, default=2, help="batches of the screening")
+    p.add_argument("--race-batches", type=int, default=8, help="a candidate's first test")
     p.add_argument(
-        "--before-output-quantizer", action="store_true", help="score before the output's quantizer"
+        "--after-output-quantizer",
+        dest="before_output_quantizer",
+        action="store_false",
+        help="score after the output's quantizer (default: before it)",
     )
     p.add_argument("--recompensate", action="store_true", help="compensate and plan again")
     p.add_argument("--zoo-split-only", action="store_true", help="no 744-crop MobileNetV2 split")

@@ -16,6 +16,7 @@ from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
 from dyadiq.passes.calibration.observers import RangeMethod
 from dyadiq.passes.calibration.range_search import (
+    DEFAULT_EVALUATIONS,
     ActivationRangeEvaluator,
     Objective,
     RangeSearchOptions,
@@ -98,7 +99,9 @@ def test_search_never_raises_the_calibration_loss(build) -> None:  # type: ignor
     statistics = collect_statistics(graph, StatisticsRequest(frozenset(sites.tensors)), batches)
     ranges = calibrated_ranges(statistics, sites, CalibrationConfig(), graph)
     evaluator = ActivationRangeEvaluator(graph, sites, batches)
-    new, report = search_ranges(evaluator, statistics.histograms, ranges, evaluations=30)
+    # the mean objective: its guarantee is on the mean loss (the others' on their own number)
+    mean = RangeSearchOptions(evaluations=30, objective=Objective.MEAN, race_batches=0)
+    new, report = search_ranges(evaluator, statistics.histograms, ranges, 30, mean)
     assert report.loss_after <= report.loss_before
     assert 0 < report.evaluations <= 30
     # the report's loss is the loss of the ranges returned (the write-back is the search's)
@@ -113,7 +116,7 @@ def test_search_never_raises_the_calibration_loss(build) -> None:  # type: ignor
     assert outputs <= unchanged
 
 
-def test_off_by_default_and_zero_evaluations_change_nothing() -> None:
+def test_off_in_the_library_config_and_zero_evaluations_change_nothing() -> None:
     graph = load_onnx(_outlier_mlp())
     batches = _outlier_batches()
     assert not CalibrationConfig().range_search.enabled
@@ -187,3 +190,21 @@ def test_every_objective_never_ends_above_its_start(objective: Objective) -> Non
     full = report.evaluations - raced
     groups = report.groups
     assert report.forward_passes == 8 + 2 * groups + 2 * report.evaluations + 8 * full
+
+
+@pytest.mark.realmodel
+def test_fashion_cnn_searched_ranges_stay_bit_exact(tmp_path: Path) -> None:
+    """A real model through the CLI with --range-search N and the options' defaults: the
+    search runs, and the integer model built on its ranges is bit-exact."""
+    from dyadiq.cli import main
+
+    out = tmp_path / "OUT"
+    argv = ["quantize", "--zoo", "fashion_cnn", "-o", str(out), "--integer", "--no-eval"]
+    assert main([*argv, "--range-search", str(DEFAULT_EVALUATIONS)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    search = report["activation_range_search"]
+    assert 0 < search["evaluations"] <= DEFAULT_EVALUATIONS
+    assert search["objective"] == Objective.TRIMMED.value
+    assert search["objective_after"] <= search["objective_before"]
+    exact = report["integer"]["bit_exact_vs_reference"]
+    assert exact["tensors"] > 0 and exact["exact_tensors"] == exact["tensors"], exact
