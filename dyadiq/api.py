@@ -24,6 +24,7 @@ import numpy as np
 
 from dyadiq.backends.onnx.qdq import QDQStyle
 from dyadiq.errors import ConfigError, VerificationError, listed
+from dyadiq.passes.calibration.range_search import DEFAULT_EVALUATIONS
 from dyadiq.passes.compensation.settings import DEFAULT_COMPENSATION
 from dyadiq.plan import PrecisionPlan
 from dyadiq.quantize_run import QuantizeRun, mixed_precision_options
@@ -61,7 +62,7 @@ def quantize(
     qdq_style: str | QDQStyle = "ort",
     calibrator: str = "auto",
     percentile: float = 99.99,
-    range_search: int = 0,
+    range_search: int = DEFAULT_EVALUATIONS,
     calib_preset: str | None = None,
     calib_limit: int | None = None,
     compensate: str = DEFAULT_COMPENSATION,

@@ -34,6 +34,7 @@ from dyadiq.passes.allocation import (
 )
 from dyadiq.passes.allocation.search import Measure, bisect_budget
 from dyadiq.passes.calibration.observers import RangeMethod
+from dyadiq.passes.calibration.range_search import DEFAULT_EVALUATIONS
 from dyadiq.passes.compensation.settings import CompensationSettings
 from dyadiq.passes.sensitivity.analysis import SensitivityReport
 from dyadiq.passes.sensitivity.executor import Executor, make_executor, run_tasks
@@ -49,7 +50,7 @@ class MixedPrecisionOptions:
 
     allocation: AllocationOptions
     calibrator: RangeMethod = RangeMethod.AUTO
-    range_search: int = 0  # the activation range search's evaluations (0: off)
+    range_search: int = DEFAULT_EVALUATIONS  # the activation range search's evaluations (0: off)
     calib_preset: str | None = None  # image preprocessing for a folder of images
     calib_limit: int | None = None  # calibration batches read from a folder
     analysis_samples: int = 8  # calibration batches the sensitivity analysis uses

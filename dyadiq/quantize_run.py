@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dyadiq.backends.onnx.qdq import QDQStyle
+from dyadiq.passes.calibration.range_search import DEFAULT_EVALUATIONS
 from dyadiq.pipeline import QuantizeResult
 from dyadiq.plan import PrecisionPlan
 from dyadiq.progress import stage
@@ -250,7 +251,7 @@ def mixed_precision_options(
     abits: int = 8,
     act_dtype: str = "uint8",
     calibrator: str = "auto",
-    range_search: int = 0,
+    range_search: int = DEFAULT_EVALUATIONS,
     calib_preset: str | None = None,
     calib_limit: int | None = None,
     pin: Sequence[str] = (),

@@ -68,6 +68,7 @@ def test_defaults_equal_the_command_line() -> None:
         "qdq_style": "qdq_style",
         "calibrator": "calibrator",
         "percentile": "percentile",
+        "range_search": "range_search",
         "calib_preset": "calib_preset",
         "calib_limit": "calib_limit",
         "compensate": "compensate",

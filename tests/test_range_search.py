@@ -152,7 +152,10 @@ def test_cli_flag_reaches_the_report(
     assert 0 < search["evaluations"] <= 6
     assert search["loss_after"] <= search["loss_before"]
     assert main([*argv, "--range-search", "-1"]) == 2
-    assert main([*argv, "--no-eval"]) == 0  # off by default: no section
+    assert main([*argv, "--no-eval"]) == 0  # on by default: the section is there
+    default = json.loads((out / "report.json").read_text())["activation_range_search"]
+    assert 0 < default["evaluations"] <= DEFAULT_EVALUATIONS
+    assert main([*argv, "--range-search", "0", "--no-eval"]) == 0  # off: no section
     assert "activation_range_search" not in json.loads((out / "report.json").read_text())
 
 

@@ -23,15 +23,17 @@ from dyadiq.targets import emit_for_target, single_inputs
 def _reference_codes(out: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """Codes of the program the CLI built, recomputed from its written integer model's plan."""
     from dyadiq import zoo
+    from dyadiq.passes.calibration.range_search import DEFAULT_EVALUATIONS, RangeSearchOptions
     from dyadiq.passes.compensation.settings import DEFAULT_COMPENSATION, CompensationSettings
-    from dyadiq.pipeline import quantize
+    from dyadiq.pipeline import CalibrationConfig, quantize
     from dyadiq.plan import PrecisionPlan
 
     artifacts = zoo.get("fashion_cnn")
     plan = PrecisionPlan.load(out / "plan.json")
     calibration = list(artifacts.calibration_batches())
-    # the CLI's default compensation, which the folder under test was made with
+    # the CLI's default compensation and range search, which the folder under test was made with
     compensation = CompensationSettings.parse(DEFAULT_COMPENSATION)
+    config = CalibrationConfig(range_search=RangeSearchOptions(evaluations=DEFAULT_EVALUATIONS))
     result = quantize(
         artifacts.model_path,
         out / "again",
@@ -39,6 +41,7 @@ def _reference_codes(out: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
         plan=plan,
         integer=True,
         compensation=compensation,
+        config=config,
     )
     assert result.program is not None
     codes = ReferenceInterpreter(result.program).outputs(feeds)

@@ -27,6 +27,7 @@ from dyadiq.cli.flags import (
 from dyadiq.cli.summary import print_summary
 from dyadiq.cli.weight_only import add_weight_only_arguments, run_weight_only
 from dyadiq.errors import ConfigError
+from dyadiq.passes.calibration.range_search import DEFAULT_EVALUATIONS
 
 DEFAULT_WBITS = 8
 
@@ -140,11 +141,11 @@ def add_quantize(sub: Any) -> None:
     p.add_argument(
         "--range-search",
         type=int,
-        default=0,
+        default=DEFAULT_EVALUATIONS,
         metavar="N",
         help="then search the activation ranges end to end: up to N candidate ranges scored "
         "by the whole 8-bit model's KL to float (trimmed mean over samples) on 32 calibration "
-        "batches (0: off, the default; 40 costs about 770 forward passes on MobileNetV2)",
+        "batches (default %(default)s, about 770 forward passes on MobileNetV2; 0: off)",
     )
     # no default here: --weight-only has its own (4), the QDQ path DEFAULT_WBITS
     p.add_argument(

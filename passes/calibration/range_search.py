@@ -82,8 +82,10 @@ class Objective(StrEnum):
     RELATIVE = "relative"
 
 
-# the candidate budget measured for the default-flip decision (benchmarks/results/
-# compensation.md, follow-up of 2026-12-07 22:05); the search itself stays opt-in
+# the candidate budget measured for the default (benchmarks/results/compensation.md, follow-up
+# of 2026-12-07 22:05: not worse on MobileNetV2, ppocr_cls and fashion_cnn, 770 forward passes
+# on MobileNetV2); dyadiq.api / the CLI / MixedPrecisionOptions search by default, the
+# lower-level pipeline.CalibrationConfig only when asked
 DEFAULT_EVALUATIONS = 40
 TRIM_FRACTION = 0.1
 # the relative objective's floor, a fraction of the start's mean KL: a sample the start
