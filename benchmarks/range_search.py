@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import photo_split
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
@@ -84,12 +86,21 @@ def _plans(builder: Any, budgets: list[str]) -> tuple[dict[str, Any], dict[str, 
     return plans, info
 
 
+def compare_sample_losses(start: np.ndarray, found: np.ndarray) -> dict[str, Any]:
+    """Per-sample KLs of two sets of ranges on the same samples: mean and median of each
+    (start first), and how many samples the second made better or worse."""
+    return {
+        "mean": [float(np.mean(start)), float(np.mean(found))],
+        "median": [float(np.median(start)), float(np.median(found))],
+        "samples_better": int(np.sum(found < start)),
+        "samples_worse": int(np.sum(found > start)),
+    }
+
+
 def _kl_check(builder: Any, default_ranges: Any, batches: list[Any]) -> dict[str, Any]:
     """The calibration KL (all activations 8-bit, float weights) of the histogram ranges and
     the searched ones on ``batches``, read after the output's quantizer (the deployed model)
     and before it: mean, median, and how many samples the search made better or worse."""
-    import numpy as np
-
     from dyadiq.passes.calibration.range_search import ActivationRangeEvaluator, group_range
 
     out: dict[str, Any] = {"batches": len(batches)}
@@ -101,13 +112,7 @@ def _kl_check(builder: Any, default_ranges: Any, batches: list[Any]) -> dict[str
             label: check.sample_losses({g: group_range(r, m) for g, m in check.groups.items()})
             for label, r in (("default", default_ranges), ("searched", builder.ranges))
         }
-        d, s = rows["default"], rows["searched"]
-        out[where] = {
-            "mean": [float(np.mean(d)), float(np.mean(s))],
-            "median": [float(np.median(d)), float(np.median(s))],
-            "samples_better": int(np.sum(s < d)),
-            "samples_worse": int(np.sum(s > d)),
-        }
+        out[where] = compare_sample_losses(rows["default"], rows["searched"])
     return out
 
 

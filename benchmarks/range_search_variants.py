@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.range_search import compare_sample_losses
+
 
 def _check(
     evaluator: Any, start: Mapping[int, Any], found: Mapping[int, Any], lo: int, hi: int
@@ -34,13 +36,7 @@ def _check(
     out: dict[str, Any] = {}
     for where, before in (("after_output_quantizer", False), ("before_output_quantizer", True)):
         view = _view(evaluator, lo, hi, before)
-        a, b = view.sample_losses(start), view.sample_losses(found)
-        out[where] = {
-            "mean": [float(np.mean(a)), float(np.mean(b))],
-            "median": [float(np.median(a)), float(np.median(b))],
-            "samples_better": int(np.sum(b < a)),
-            "samples_worse": int(np.sum(b > a)),
-        }
+        out[where] = compare_sample_losses(view.sample_losses(start), view.sample_losses(found))
     return out
 
 
