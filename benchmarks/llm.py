@@ -447,6 +447,21 @@ def _quantized(
     )
 
 
+def run_header(command: str, *, partial: bool) -> dict[str, Any]:
+    """What a results file of this layout opens with: the command, when, whether the run
+    finished, and the machine (load included: the seconds in the rows depend on it)."""
+    return {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "partial": partial,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+        },
+    }
+
+
 def _write(
     out: Path,
     command: str,
@@ -458,14 +473,7 @@ def _write(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {
-        "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "partial": partial,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average": os.getloadavg(),
-        },
+        **run_header(command, partial=partial),
         "eval_windows": args.eval_windows,
         "calib_windows": args.calib_windows,
         "calib_text": args.calib_text,

@@ -27,11 +27,9 @@ there would be wasted forward passes).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -43,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.llm import file_bytes, score
+from benchmarks.llm import file_bytes, run_header, score
 from dyadiq import zoo
 from dyadiq.backends.onnx.weight_only import WeightOnlyForm
 from dyadiq.passes.weight_only.allocation import allocate_widths
@@ -456,15 +454,8 @@ def results(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     return {
-        "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "partial": partial,
+        **run_header(command, partial=partial),
         "commit": commit,  # empty when run from an exported tree (no .git)
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average": os.getloadavg(),
-        },
         "eval_windows": args.eval_windows,
         "calib_windows": args.calib_windows,
         "calib_text": args.calib_text,
