@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from dyadiq.errors import ConfigError
 from dyadiq.frontends.onnx_frontend import load_onnx
 from dyadiq.passes.calibration.collector import StatisticsRequest, collect_statistics
-from dyadiq.passes.calibration.observers import RangeMethod
+from dyadiq.passes.calibration.observers import RangeMethod, RunningHistogram
 from dyadiq.passes.calibration.range_search import (
     DEFAULT_EVALUATIONS,
     ActivationRangeEvaluator,
@@ -193,6 +194,52 @@ def test_every_objective_never_ends_above_its_start(objective: Objective) -> Non
     full = report.evaluations - raced
     groups = report.groups
     assert report.forward_passes == 8 + 2 * groups + 2 * report.evaluations + 8 * full
+
+
+class _ScriptedEvaluator:
+    """Ten samples in one batch; clipping group 0 below its start helps nine of them a little
+    and makes the tenth far worse (what the trimmed mean alone cannot see)."""
+
+    def __init__(self, start_high: float) -> None:
+        self.groups = {0: ["a"]}
+        self.output_groups: set[int] = set()
+        self.bits = {0: 8}
+        self.batches: list[dict[str, np.ndarray]] = [{}]
+        self.forward_passes = 0
+        self.start_high = start_high
+
+    def rows_in(self, batches: int) -> int:
+        return 10 * batches
+
+    def sample_losses(self, ranges: dict[int, object], batches: int | None = None) -> np.ndarray:
+        self.forward_passes += 1
+        r = ranges.get(0)
+        if isinstance(r, tuple) and r[1] < 0.99 * self.start_high:
+            return np.array([0.008] * 9 + [5.0])
+        return np.array([0.01] * 9 + [1.0])
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_mean_guard_refuses_a_range_that_trades_few_samples_for_many(guard: bool) -> None:
+    histogram = RunningHistogram()
+    histogram.update(np.random.default_rng(7).normal(size=4096))
+    ranges = {"a": (histogram.minimum, histogram.maximum)}
+    evaluator = _ScriptedEvaluator(histogram.maximum)
+    options = RangeSearchOptions(
+        evaluations=10, objective=Objective.TRIMMED, race_batches=0, mean_guard=guard
+    )
+    new, report = search_ranges(
+        cast(ActivationRangeEvaluator, evaluator), {"a": histogram}, ranges, 10, options
+    )
+    assert report.objective_after <= report.objective_before
+    if guard:
+        # every clipped candidate lowered the trimmed mean and raised the mean: all refused
+        assert new == ranges and not report.changes
+        assert report.refused_by_mean_guard > 0
+        assert report.loss_after == pytest.approx(report.loss_before)
+    else:
+        assert new["a"][1] < ranges["a"][1] and report.refused_by_mean_guard == 0
+        assert report.loss_after > 4 * report.loss_before
 
 
 @pytest.mark.realmodel

@@ -18,7 +18,11 @@ float, so the result is one set of ranges for every plan), on calibration batche
 - Candidates per group (a member's range from its own histogram, the group's the union, as
   ``group_quantizers`` makes it): percentiles 99.9 / 99.99 / 99.999, min/max, MSE-optimal,
   and the start range shrunk by :data:`SHRINK_FACTORS`.
-- A candidate is kept only when it lowers the loss, so the search never ends above the start.
+- A candidate is kept only when it lowers the objective and, under a robust objective, leaves
+  the mean KL at or below the start's (:attr:`RangeSearchOptions.mean_guard`), so the search
+  ends above its start on neither: a trimmed or median objective alone ignores the samples a
+  range makes worse (captcha_crnn: the trimmed mean fell while the mean calibration KL rose 68%
+  and the held-out KL 11%, benchmarks/results/coverage.md).
 - A group that holds a model output keeps its range: clipping what the user reads is not a
   quantization choice (on ppocr_cls the search clipped the output probabilities at 0.65).
 
@@ -101,7 +105,8 @@ class RangeSearchOptions:
     ``race_batches``: a candidate is first scored on this many batches and dropped unless it
     beats the current ranges there (0: every candidate on all batches).
     ``before_output_quantizer``: score the model output before its own quantizer (which the
-    search never changes), not after it."""
+    search never changes), not after it. ``mean_guard``: refuse a candidate that lowers the
+    objective but leaves the mean KL of the scored samples above the start's."""
 
     evaluations: int = 0
     samples: int = 32
@@ -111,6 +116,7 @@ class RangeSearchOptions:
     screen_batches: int = 2
     race_batches: int = 8
     before_output_quantizer: bool = True
+    mean_guard: bool = True
 
     def __post_init__(self) -> None:
         if self.evaluations < 0:
@@ -166,6 +172,8 @@ class RangeSearchReport:
     objective: str = Objective.MEAN.value
     objective_before: float = 0.0
     objective_after: float = 0.0
+    # candidates that lowered the objective but were refused: the mean KL rose above the start
+    refused_by_mean_guard: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,6 +188,7 @@ class RangeSearchReport:
             "objective": self.objective,
             "objective_before": self.objective_before,
             "objective_after": self.objective_after,
+            "refused_by_mean_guard": self.refused_by_mean_guard,
             "changes": [c.to_json() for c in self.changes],
         }
 
@@ -392,6 +401,10 @@ def search_ranges(
     start_rows = evaluator.sample_losses(start)
     now = _Current(dict(start), start_rows, aggregate(start_rows, start_rows, objective))
     objective_before = now.value
+    # the guard's bar: the start's mean, not the current one, so a step that lowers the mean
+    # leaves room for a later one that trades a little of it for a typical sample's gain
+    mean_bar = float(np.mean(start_rows)) if options.mean_guard else math.inf
+    refused = 0
     # each group's own damage (on the first screen_batches batches: it only orders the
     # groups), most damaging first, in the objective's terms
     screen = min(options.screen_batches, len(evaluator.batches))
@@ -431,8 +444,11 @@ def search_ranges(
                     continue
             rows = evaluator.sample_losses(trial)
             value = aggregate(rows, start_rows, objective)
-            kept = value < now.value * (1.0 - MIN_RELATIVE_GAIN)
-            entry.update(value=value / max(now.value, 1e-30), kept=kept)
+            lower = value < now.value * (1.0 - MIN_RELATIVE_GAIN)
+            mean = float(np.mean(rows))
+            kept = lower and mean <= mean_bar
+            refused += int(lower and not kept)
+            entry.update(value=value / max(now.value, 1e-30), mean=mean, kept=kept)
             if trace is not None:
                 trace.append(entry)
             if kept:
@@ -458,5 +474,6 @@ def search_ranges(
         objective=objective.value,
         objective_before=objective_before,
         objective_after=now.value,
+        refused_by_mean_guard=refused,
     )
     return out, report
