@@ -1,8 +1,9 @@
 """``dyadiq quantize --weight-only``: group-wise integer weights, float activations.
 
-:func:`add_weight_only_arguments` adds the flags only this mode has; the mode also reads
-the ``quantize`` flags it shares (``MODEL`` / ``--zoo``, ``-o``, ``--calib``,
-``--calib-limit``, ``--wbits``, ``--exclude``, ``--plan``, ``--budget``,
+:func:`add_weight_only_arguments` adds the flags only this mode has (its settings flags, of
+:data:`SETTINGS_FLAGS`, as :mod:`dyadiq.cli.weight_only_settings` declares them for the
+benchmarks too); the mode also reads the ``quantize`` flags it shares (``MODEL`` / ``--zoo``,
+``-o``, ``--calib``, ``--calib-limit``, ``--wbits``, ``--exclude``, ``--plan``, ``--budget``,
 ``--wbits-candidates``, ``--analysis-samples``), which :func:`add_shared_arguments` declares
 for a parser of its own (tests, or a standalone entry point).
 """
@@ -18,6 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from dyadiq.cli.weight_only_settings import (
+    add_settings_arguments,
+    parse_widths,
+    settings_from_args,
+)
 from dyadiq.errors import CalibrationDataError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,18 +36,23 @@ DEFAULT_WEIGHT_ONLY_BITS = 4
 # with 2 offered (97.9 against 103.6 at 3.0): pass --wbits-candidates 2,3,4,5,6 there.
 WEIGHT_ONLY_WIDTHS = "3,4,5,6"
 DEFAULT_CALIBRATION_BATCHES = 32
-# --salient-fraction when not given, for GPTQ (round to nearest has no input statistics to
-# choose channels by). None: on Gemma 3 270M (GPTQ int4 g128, exported files) 0.5% / 1% / 2%
-# scored within noise of no salient channels for 0.08-0.21 more bits per weight
-# (benchmarks/results/llm_salient.md)
-DEFAULT_SALIENT_FRACTION = 0.0
+# the settings flags this mode offers (dyadiq.cli.weight_only_settings declares them); the
+# clip search and the dampening of other weights keep their defaults here
+SETTINGS_FLAGS = (
+    "group_size",
+    "method",
+    "symmetric",
+    "act_order",
+    "tied_damp",
+    "sequential",
+    "salient_fraction",
+    "awq",
+)
 
 
 def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of weight-only mode (none of them clashes with ``quantize``'s own)."""
     from dyadiq.backends.onnx.weight_only import WeightOnlyForm
-    from dyadiq.passes.weight_only.groupwise import GROUP_SIZES
-    from dyadiq.passes.weight_only.quantize import Method
 
     group = p.add_argument_group("weight-only (language models)")
     group.add_argument(
@@ -50,58 +61,7 @@ def add_weight_only_arguments(p: argparse.ArgumentParser) -> None:
         help="quantize weights only, group-wise (MatMul, Gemm and Gather weights; tied "
         "embeddings stored once); activations stay float",
     )
-    group.add_argument(
-        "--group-size",
-        type=int,
-        default=128,
-        choices=GROUP_SIZES,
-        help="weights per scale along the input dimension (default %(default)s)",
-    )
-    group.add_argument(
-        "--wo-method",
-        default=str(Method.GPTQ),
-        choices=[str(m) for m in Method],
-        help="gptq (act order, on calibration Hessians) or rtn (default %(default)s)",
-    )
-    group.add_argument(
-        "--symmetric",
-        action="store_true",
-        help="signed codes without zero points (default: asymmetric, with zero points)",
-    )
-    group.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
-    group.add_argument(
-        "--tied-damp",
-        type=float,
-        default=0.3,
-        help="GPTQ dampening (x mean diag H) of a tied embedding / LM head, whose rows are "
-        "also looked up as embeddings (other weights: 0.01; default %(default)s)",
-    )
-    group.add_argument(
-        "--sequential",
-        action="store_true",
-        help="GPTQ on the Hessians of the already-quantized prefix (one calibration pass per "
-        "4 MatMul inputs, i.e. per transformer block) instead of the float model's",
-    )
-    group.add_argument(
-        "--salient-fraction",
-        type=float,
-        default=None,
-        help="GPTQ: this fraction of each weight's input channels (largest E[x^2] on the "
-        "calibration text) swept last and stored at 8 bits beside the group-wise codes, "
-        "exported as a small side MatMul (PB-LLM / PTQ1.61; default "
-        f"{DEFAULT_SALIENT_FRACTION}, 0 = none)",
-    )
-    # off by default: on Gemma 3 270M (g128, llm.md) AWQ before GPTQ scored 49.16 vs 48.44 at
-    # int4 (paired 1.015 [0.981, 1.051]) and 88.45 vs 83.89 at int3; before round to nearest
-    # it helps (71.93 vs 84.98, paired 0.846 [0.793, 0.901])
-    group.add_argument(
-        "--awq",
-        action="store_true",
-        help="activation-aware input scaling (AWQ): per input channel s = sqrt(E[x^2])^alpha, "
-        "alpha searched per shared input, weights stored as Q(W diag(s)), inputs divided by s "
-        "(folded into a norm's weight where possible); not with --target, --sequential or "
-        "--salient-fraction",
-    )
+    add_settings_arguments(group, SETTINGS_FLAGS, defaults={"salient_fraction": None})
     group.add_argument(
         "--wo-format",
         default=str(WeightOnlyForm.DEQUANTIZE_LINEAR),
@@ -139,13 +99,6 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--analysis-samples", type=int, default=8, help="calibration batches for sensitivity"
     )
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(sorted({int(b) for b in text.split(",")}))
-    except ValueError as exc:
-        raise ConfigError(f"--wbits-candidates wants widths like 2,3,4,8, got {text!r}") from exc
 
 
 def _numpy_batches(folder: Path, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
@@ -199,8 +152,7 @@ def run_weight_only(args: argparse.Namespace) -> int:
     from dyadiq.backends.onnx.weight_only import WeightOnlyForm
     from dyadiq.passes.weight_only.allocation import allocate_widths
     from dyadiq.passes.weight_only.pipeline import prepare, read_plan, run
-    from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
-    from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage
+    from dyadiq.passes.weight_only.width_plans import measured_damage, uniform_widths
 
     # quantize's flags that mean nothing without integer activations: refused, not ignored
     unsupported = [
@@ -220,19 +172,9 @@ def run_weight_only(args: argparse.Namespace) -> int:
         raise ConfigError("give --plan or --budget, not both")
     if args.calib_limit is not None and args.calib_limit < 1:
         raise ConfigError(f"--calib-limit must be at least 1 batch, got {args.calib_limit}")
-    method = Method(args.wo_method)
-    salient = getattr(args, "salient_fraction", None)
-    if salient is None:
-        salient = DEFAULT_SALIENT_FRACTION if method is Method.GPTQ else 0.0
-    settings = WeightOnlySettings(
-        method=method,
-        group_size=args.group_size,
-        symmetric=args.symmetric,
-        act_order=not args.no_act_order,
-        tied_damp=args.tied_damp,
-        sequential=getattr(args, "sequential", False),
-        salient_fraction=salient,
-        awq=getattr(args, "awq", False),
+    settings = settings_from_args(
+        args,
+        SETTINGS_FLAGS,
         # the search's width: the uniform width, else (a plan or budget) the default
         awq_bits=args.wbits if args.wbits is not None else DEFAULT_WEIGHT_ONLY_BITS,
     )
@@ -260,11 +202,10 @@ def run_weight_only(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"the plan names layers this model lacks: {unknown[:5]}")
     elif args.budget:
-        widths = _widths(args.wbits_candidates or WEIGHT_ONLY_WIDTHS)
+        widths = parse_widths(args.wbits_candidates or WEIGHT_ONLY_WIDTHS)
         if args.analysis_samples < 1:
             raise ConfigError("--analysis-samples must be at least 1")
-        fed = WeightFedModel(prepared.source, layers, list(batches(args.analysis_samples)))
-        damage = kl_damage(fed, lambda layer, b: prepared.quantize(layer, b).dequantize(), widths)
+        damage = measured_damage(prepared, list(batches(args.analysis_samples)), widths)
         bits, allocation = allocate_widths(layers, damage, widths, args.budget)
         extra["allocation"] = {
             "budget": args.budget,
@@ -276,7 +217,7 @@ def run_weight_only(args: argparse.Namespace) -> int:
     else:
         width = args.wbits if args.wbits is not None else DEFAULT_WEIGHT_ONLY_BITS
         settings.format(width)  # validates
-        bits = {layer.id: width for layer in layers}
+        bits = uniform_widths(layers, width)
     report = run(
         model_path,
         Path(args.output),

@@ -10,5 +10,6 @@ Modules, in the order the data flows:
 - :mod:`.quantize`: round to nearest or GPTQ per layer and width;
 - :mod:`.sensitivity`: per-layer, per-width damage as next-token KL to the float model;
 - :mod:`.allocation`: that damage as the existing ILP's problem (``avg-wbits=`` / ``size=``);
+- :mod:`.width_plans`: a plan's widths: uniform, or the damage the ILP chooses from;
 - :mod:`.pipeline`: the whole run, writing ONNX through ``backends/onnx/weight_only.py``.
 """
