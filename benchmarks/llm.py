@@ -53,9 +53,9 @@ import numpy as np
 
 from dyadiq import zoo
 from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+from dyadiq.cli.weight_only_settings import add_settings_arguments, parse_widths, settings_from_args
 from dyadiq.ort_sessions import Kernels
 from dyadiq.passes.weight_only.allocation import allocate_widths
-from dyadiq.passes.weight_only.groupwise import ClipObjective
 from dyadiq.passes.weight_only.model_file import ModelFile
 from dyadiq.passes.weight_only.pipeline import (
     MODEL_FILE,
@@ -65,11 +65,15 @@ from dyadiq.passes.weight_only.pipeline import (
     with_input_scaling,
 )
 from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
-from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage, log_softmax32
+from dyadiq.passes.weight_only.sensitivity import log_softmax32
+from dyadiq.passes.weight_only.width_plans import measured_damage, uniform_widths
 from dyadiq.zoo import gemma3
 
 log = logging.getLogger("benchmarks.llm")
 RESULTS = Path(__file__).resolve().parent / "results"
+# the settings flags this benchmark offers (dyadiq.cli.weight_only_settings declares them);
+# its rows' names fix the method (GPTQ, RTN rows their own) and the group size (g128)
+SETTINGS_FLAGS = ("clip_objective", "sequential", "salient_fraction")
 
 
 def score(path: Path, windows: Sequence[np.ndarray], window_bytes: Sequence[int]) -> dict[str, Any]:
@@ -210,19 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=gemma3.CALIBRATION_TEXTS,
         help="calibration text: Britannica windows disjoint from evaluation, or the plays",
     )
-    p.add_argument(
-        "--clip-objective",
-        default=str(WeightOnlySettings.clip_objective),
-        choices=[str(o) for o in ClipObjective],
-        help="GPTQ's per-group range search: weights' own squared error, or output error on H",
-    )
-    p.add_argument("--sequential", action="store_true", help="sequential GPTQ (quantized prefix)")
-    p.add_argument(
-        "--salient-fraction",
-        type=float,
-        default=WeightOnlySettings.salient_fraction,
-        help="GPTQ: this fraction of each weight's input channels (largest E[x^2]) at 8 bits",
-    )
+    add_settings_arguments(p, SETTINGS_FLAGS)
+    # not the settings' --awq: a switch of the gptq / rtn stages, each searching its own scales
     p.add_argument(
         "--awq",
         action="store_true",
@@ -246,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.llm " + shlex.join(argv if argv is not None else sys.argv[1:])
     work = args.work or Path(tempfile.mkdtemp(prefix="dyadiq-llm-"))
     work.mkdir(parents=True, exist_ok=True)
-    widths = tuple(sorted(int(b) for b in args.widths.split(",")))
+    widths = parse_widths(args.widths, "--widths")
     started = time.perf_counter()
 
     artifacts = zoo.get("gemma3_270m")
@@ -254,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = gemma3.evaluation_windows(args.eval_windows)
     window_bytes = [gemma3.window_bytes(w) for w in windows]
     calib = list(gemma3.calibration_batches(args.calib_windows, text=args.calib_text))
-    settings = WeightOnlySettings(
-        method=Method.GPTQ,
-        sequential=args.sequential,
-        clip_objective=ClipObjective(args.clip_objective),
-        salient_fraction=args.salient_fraction,
-    )
+    settings = settings_from_args(args, SETTINGS_FLAGS, method=Method.GPTQ)
     rows: dict[str, dict[str, Any]] = {}
 
     def record(name: str, path: Path, **extra: Any) -> None:
@@ -288,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Hessians from %d windows: %.0f s", len(calib), time.perf_counter() - t0)
         _quantized(gptq, float_path, "dyadiq GPTQ int4 g128", 4, work, record)
         nbits = run(
-            float_path, work / "gptq4_nbits", gptq, _uniform(gptq, 4), WeightOnlyForm.MATMUL_NBITS
+            float_path,
+            work / "gptq4_nbits",
+            gptq,
+            uniform_widths(gptq.inventory.layers, 4),
+            WeightOnlyForm.MATMUL_NBITS,
         )
         check = score(
             work / "gptq4_nbits" / MODEL_FILE,
@@ -353,16 +345,14 @@ def _ilp_rows(
     """Per-layer KL damage of ``prepared``'s quantizer at ``widths``, then the ILP's plans at
     3.5 and 3.0 average code bits, each quantized, written and scored."""
     t0 = time.perf_counter()
-    fed = WeightFedModel(prepared.source, prepared.inventory.layers, sens_batches)
-    damage = kl_damage(
-        fed,
-        lambda layer, b: prepared.quantize(layer, b).dequantize(),
+    damage = measured_damage(
+        prepared,
+        sens_batches,
         widths,
         progress=lambda done, total: (
             log.info("sensitivity %d / %d", done, total) if done % 25 == 0 else None
         ),
     )
-    del fed
     sens_seconds = time.perf_counter() - t0
     (work / f"damage_{label}.json").write_text(json.dumps(damage, indent=1))
     head = next((layer.id for layer in prepared.inventory.layers if layer.tied), None)
@@ -413,10 +403,6 @@ def _merge(parts: Sequence[Path], out: Path, notes: Sequence[str] = ()) -> int:
     return 0
 
 
-def _uniform(prepared: Prepared, bits: int) -> dict[str, int]:
-    return {layer.id: bits for layer in prepared.inventory.layers}
-
-
 def _quantized(
     prepared: Prepared,
     float_path: Path,
@@ -427,9 +413,8 @@ def _quantized(
 ) -> None:
     awq = prepared.scaling is not None
     folder = work / f"{prepared.quantizer.settings.method}{'_awq' if awq else ''}{bits}"
-    report = run(
-        float_path, folder, prepared, _uniform(prepared, bits), WeightOnlyForm.DEQUANTIZE_LINEAR
-    )
+    bits_of = uniform_widths(prepared.inventory.layers, bits)
+    report = run(float_path, folder, prepared, bits_of, WeightOnlyForm.DEQUANTIZE_LINEAR)
     extra: dict[str, Any] = {}
     if awq:  # per layer: its alpha, and the search quantizer's error without / with scales
         extra["awq"] = {k: r["awq"] for k, r in report["layers"].items() if "awq" in r}
