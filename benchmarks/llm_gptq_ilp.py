@@ -44,6 +44,7 @@ import numpy as np
 from benchmarks.llm import file_bytes, run_header, score
 from dyadiq import zoo
 from dyadiq.backends.onnx.weight_only import WeightOnlyForm
+from dyadiq.cli.weight_only_settings import add_settings_arguments, settings_from_args
 from dyadiq.passes.weight_only.allocation import allocate_widths
 from dyadiq.passes.weight_only.groupwise import ClipObjective, GroupwiseWeight
 from dyadiq.passes.weight_only.layers import WeightLayer, find_weights
@@ -52,10 +53,14 @@ from dyadiq.passes.weight_only.pipeline import Prepared, run
 from dyadiq.passes.weight_only.quantize import LayerQuantizer, Method, WeightOnlySettings
 from dyadiq.passes.weight_only.sensitivity import WeightFedModel, kl_damage
 from dyadiq.passes.weight_only.statistics import activation_hessians
+from dyadiq.passes.weight_only.width_plans import uniform_widths
 from dyadiq.zoo import gemma3
 
 log = logging.getLogger("benchmarks.llm_gptq_ilp")
 RESULTS = Path(__file__).resolve().parent / "results"
+# the settings flags this benchmark offers (dyadiq.cli.weight_only_settings declares them):
+# its cached GPTQ codes are made from these alone, the rest at the settings' defaults
+SETTINGS_FLAGS = ("group_size", "damp", "tied_damp", "clip_search", "clip_objective")
 
 
 def _safe(name: str) -> str:
@@ -200,17 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table-widths", default="2,3,4")
     p.add_argument("--budgets", default="3.5,3.0")
     p.add_argument("--uniform", default="", help="uniform widths also scored, e.g. 4")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--tied-damp", type=float, default=WeightOnlySettings().tied_damp)
-    p.add_argument("--no-clip-search", action="store_true")
-    p.add_argument(
-        "--clip-objective",
-        default=str(WeightOnlySettings.clip_objective),
-        choices=[str(o) for o in ClipObjective],
-        help="the per-group range search's objective (GPTQ codes of another objective are "
-        "cached in their own folder)",
-    )
+    # GPTQ codes of another clip objective or text are cached in their own folder
+    add_settings_arguments(p, SETTINGS_FLAGS)
     p.add_argument(
         "--calib-text",
         default=gemma3.PLAYS_TEXT,
@@ -241,14 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     source = ModelFile.load(float_path)
     inventory = find_weights(source.header)
     layers = inventory.layers
-    settings = WeightOnlySettings(
-        method=Method.GPTQ,
-        group_size=args.group_size,
-        damp=args.damp,
-        tied_damp=args.tied_damp,
-        clip_search=not args.no_clip_search,
-        clip_objective=ClipObjective(args.clip_objective),
-    )
+    settings = settings_from_args(args, SETTINGS_FLAGS, method=Method.GPTQ)
     found = hessians(work, source, layers, args.calib_windows, args.calib_text)
     prepared = Prepared(source, inventory, LayerQuantizer(settings, found), 0.0, memo=True)
     # the plays' weight-objective folders keep the names the earlier runs wrote
@@ -384,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     for u in [int(b) for b in args.uniform.split(",") if b]:
         write_and_score(
             f"dyadiq GPTQ int{u} g{args.group_size} (cached codes{args.tag})",
-            {x.id: u for x in layers},
+            uniform_widths(layers, u),
             per_width=False,
         )
     if "ilp" in stages:

@@ -148,3 +148,40 @@ def test_paired_ratio_and_interval() -> None:
     }
     with pytest.raises(SystemExit):
         compare(rows, "a", "b")  # other windows: not paired
+
+
+def test_settings_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The GPTQ settings of ``benchmarks.llm_gptq_ilp ARGV`` (its cached codes'; no model)."""
+    from types import SimpleNamespace
+
+    from dyadiq.passes.weight_only.groupwise import ClipObjective
+    from dyadiq.passes.weight_only.quantize import Method, WeightOnlySettings
+
+    class SeenError(Exception):
+        """Ends ``main()`` at its first quantizer."""
+
+    def quantizer(settings: WeightOnlySettings, hessians: object) -> None:
+        raise SeenError(settings)
+
+    monkeypatch.setattr(llm_gptq_ilp.zoo, "get", lambda name: SimpleNamespace(model_path=None))
+    monkeypatch.setattr(llm_gptq_ilp.ModelFile, "load", lambda path: SimpleNamespace(header=None))
+    monkeypatch.setattr(llm_gptq_ilp, "find_weights", lambda h: SimpleNamespace(layers=[]))
+    monkeypatch.setattr(llm_gptq_ilp, "hessians", lambda *a, **k: {})
+    monkeypatch.setattr(llm_gptq_ilp, "LayerQuantizer", quantizer)
+
+    def settings(*argv: str) -> WeightOnlySettings:
+        with pytest.raises(SeenError) as seen:
+            llm_gptq_ilp.main(["--work", str(tmp_path), *argv])
+        return seen.value.args[0]
+
+    assert settings() == WeightOnlySettings(method=Method.GPTQ)
+    argv = ["--group-size", "64", "--damp", "0.05", "--tied-damp", "0.1", "--no-clip-search"]
+    assert settings(*argv, "--clip-objective", "weight") == WeightOnlySettings(
+        group_size=64,
+        damp=0.05,
+        tied_damp=0.1,
+        clip_search=False,
+        clip_objective=ClipObjective.WEIGHT,
+    )
+    with pytest.raises(SystemExit):  # its codes are never sequential: no such flag
+        settings("--sequential")
