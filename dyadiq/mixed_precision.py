@@ -15,7 +15,7 @@ typed; printing is the CLI's.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,21 @@ class MixedPrecisionOptions:
     eval_limit: int | None = None  # held-out samples per measured plan
     workers: int | None = None  # > 1: a local Ray with this many workers (None/1: serial)
     ray_address: str | None = None  # an existing Ray cluster
+    # --input-shape: the analysis must see the graph the output is built from (static shapes
+    # fold more: captcha_crnn's first LSTM step loses a Gemm on h0 = 0, and a plan naming it
+    # was refused after the whole analysis)
+    input_shapes: Mapping[str, Sequence[int]] | None = None
 
     @property
     def act_bits(self) -> int:
         return self.allocation.default_act_bits
+
+    @property
+    def shapes(self) -> dict[str, list[int]] | None:
+        """``input_shapes`` as the frontend takes them."""
+        if not self.input_shapes:
+            return None
+        return {name: list(dims) for name, dims in self.input_shapes.items()}
 
 
 def executor_for(options: MixedPrecisionOptions) -> Executor:
@@ -131,7 +142,7 @@ def plan_builder(model_path: Path, calibration: Calibration, options: MixedPreci
         image_preset=preset,
         range_search=RangeSearchOptions(evaluations=options.range_search),
     )
-    graph = load_onnx(model_path)
+    graph = load_onnx(model_path, input_shapes=options.shapes)
     if not isinstance(calibration, list):  # a folder: read (at most calib_limit) batches once
         specs = graph.input_specs()
         calibration = list(
@@ -186,7 +197,10 @@ def analyzed_problem(
     from dyadiq.passes.sensitivity.analysis import analyze_cached, output_kind_of
     from dyadiq.pipeline import prepare_graph
 
-    graph = builder.graph if builder is not None else prepare_graph(load_onnx(model_path))
+    if builder is not None:
+        graph = builder.graph
+    else:
+        graph = prepare_graph(load_onnx(model_path, input_shapes=options.shapes))
     weights = candidate_weights(builder, options) if builder is not None else None
     batches = list(
         validated_batches(

@@ -5,7 +5,7 @@ evaluate, and write report.json and report.html. :func:`dyadiq.quantize` orders 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,7 @@ class QuantizeRun:
             integer=s["integer"],
             target=s["target"],
             eval_limit=s["eval_limit"],
+            input_shapes=s["input_shapes"],
         )
 
     def _build_target(self, result: QuantizeResult, config: Any, staged: Path) -> Any:
@@ -259,6 +260,7 @@ def mixed_precision_options(
     integer: bool = False,
     target: str | None = None,
     eval_limit: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Any:
     """The one place a run's options become :class:`~dyadiq.mixed_precision.MixedPrecisionOptions`
     (``quantize --budget`` / ``--max-drop`` and ``frontier``). The plan must run on the QDQ
@@ -301,4 +303,5 @@ def mixed_precision_options(
         eval_limit=eval_limit,
         workers=search.workers,
         ray_address=search.ray_address,
+        input_shapes=input_shapes,
     )

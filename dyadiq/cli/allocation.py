@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from dyadiq.cli import output
-from dyadiq.cli.flags import CALIBRATORS, add_compensate
+from dyadiq.cli.flags import CALIBRATORS, add_compensate, parse_shapes
 from dyadiq.errors import ConfigError
 from dyadiq.passes.sensitivity.proxy import ALLOCATION_PROXIES
 
@@ -107,6 +107,7 @@ def mixed_precision_options(
         integer=getattr(args, "integer", False),
         target=getattr(args, "target", None),
         eval_limit=getattr(args, "eval_limit", None),
+        input_shapes=parse_shapes(getattr(args, "input_shape", None) or ()) or None,
     )
     return options
 
