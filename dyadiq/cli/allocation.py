@@ -142,7 +142,10 @@ def add_allocation_flags(p: argparse.ArgumentParser) -> None:
         "--a8-damage",
         action="store_true",
         help="measure each layer's empirical damage with every activation quantized as the "
-        "plan will be (on top of the A8 model) instead of with float activations",
+        "plan will be (on top of the A8 model) instead of with float activations. "
+        "Experimental, measured worse: bias correction makes most such damages negative, "
+        "which the ILP takes as free (ppocr_cls at avg-wbits=4.5: accuracy 0.688 against "
+        "0.887; benchmarks/results/compensation.md)",
     )
     p.add_argument(
         "--refine-plan",
