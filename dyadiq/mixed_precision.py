@@ -68,13 +68,6 @@ class MixedPrecisionOptions:
     def act_bits(self) -> int:
         return self.allocation.default_act_bits
 
-    @property
-    def shapes(self) -> dict[str, list[int]] | None:
-        """``input_shapes`` as the frontend takes them."""
-        if not self.input_shapes:
-            return None
-        return {name: list(dims) for name, dims in self.input_shapes.items()}
-
 
 def executor_for(options: MixedPrecisionOptions) -> Executor:
     """The executor the options ask for (serial by default); the caller closes it."""
@@ -142,7 +135,7 @@ def plan_builder(model_path: Path, calibration: Calibration, options: MixedPreci
         image_preset=preset,
         range_search=RangeSearchOptions(evaluations=options.range_search),
     )
-    graph = load_onnx(model_path, input_shapes=options.shapes)
+    graph = load_onnx(model_path, input_shapes=options.input_shapes)
     if not isinstance(calibration, list):  # a folder: read (at most calib_limit) batches once
         specs = graph.input_specs()
         calibration = list(
@@ -200,7 +193,7 @@ def analyzed_problem(
     if builder is not None:
         graph = builder.graph
     else:
-        graph = prepare_graph(load_onnx(model_path, input_shapes=options.shapes))
+        graph = prepare_graph(load_onnx(model_path, input_shapes=options.input_shapes))
     weights = candidate_weights(builder, options) if builder is not None else None
     batches = list(
         validated_batches(

@@ -217,8 +217,7 @@ def resolve_layers(
     node ids; every entry, and every ``pin`` pattern, must match a weighted layer."""
     from dyadiq.frontends.onnx_frontend import load_onnx
 
-    shapes = {k: list(v) for k, v in input_shapes.items()} if input_shapes else None
-    graph = load_onnx(model_path, input_shapes=shapes)
+    graph = load_onnx(model_path, input_shapes=input_shapes)
     layers = {node.name: node.op for node in graph.weighted_layers()}
     ids: set[str] = set()
     for entry in exclude:

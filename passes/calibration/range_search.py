@@ -21,8 +21,8 @@ float, so the result is one set of ranges for every plan), on calibration batche
 - A candidate is kept only when it lowers the objective and, under a robust objective, leaves
   the mean KL at or below the start's (:attr:`RangeSearchOptions.mean_guard`), so the search
   ends above its start on neither: a trimmed or median objective alone ignores the samples a
-  range makes worse (captcha_crnn: the trimmed mean fell while the mean calibration KL rose 68%
-  and the held-out KL 11%, benchmarks/results/coverage.md).
+  range makes worse (captcha_crnn: the trimmed mean fell while the mean calibration KL rose
+  68%; with the guard it falls 25%, benchmarks/results/coverage.md).
 - A group that holds a model output keeps its range: clipping what the user reads is not a
   quantization choice (on ppocr_cls the search clipped the output probabilities at 0.65).
 
